@@ -1,0 +1,402 @@
+//! The `gup` binary: parses the command line, merges it over the config file, and runs a role.
+//! This is the binary's edge: errors become one line on stderr and an exit code
+//! (0 ok, 1 runtime failure, 2 bad usage or bad config).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use gup::config::{self, ConfigError, LogFormat, ManagerConfig, NodeConfig, Role};
+
+#[derive(Parser)]
+#[command(
+    name = "gup",
+    version,
+    about = "gup, the Group Update Provider: a caching branch-office node for endpoint-security \
+             content and policies, the management server it mirrors, and tools around them.",
+    after_help = "Exit codes: 0 ok, 1 runtime failure, 2 bad usage or bad config.\n\
+                  Logs go to stderr; verbosity from RUST_LOG (default info)."
+)]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormat>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the management server (default port 8014).
+    Manager(ManagerArgs),
+    /// Run a branch-office node (default port 2967) mirroring an upstream list.
+    Node(NodeArgs),
+    /// Call a manager's admin API.
+    Admin(AdminArgs),
+    /// Check a config file (role inferred from its sections); exit 2 naming a bad key.
+    CheckConfig {
+        /// The TOML file.
+        file: PathBuf,
+    },
+    /// A manager and a node on 127.0.0.1 in one process, with a sample package.
+    Demo(DemoArgs),
+}
+
+#[derive(Args)]
+struct ManagerArgs {
+    /// TOML config file (see config/manager.toml); flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Address to listen on [default: 0.0.0.0:8014].
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Data directory [default: gup-data/manager].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Admin API bearer token.
+    #[arg(long, env = "GUP_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// File holding the admin token.
+    #[arg(long)]
+    admin_token_file: Option<PathBuf>,
+    /// Token nodes must present on /v1/sync.
+    #[arg(long, env = "GUP_NODE_TOKEN", hide_env_values = true)]
+    node_token: Option<String>,
+    /// File holding the node token.
+    #[arg(long)]
+    node_token_file: Option<PathBuf>,
+    /// Print the admin token (made at first start if needed) and exit.
+    #[arg(long)]
+    print_admin_token: bool,
+    /// Print the node token (made at first start if needed) and exit.
+    #[arg(long)]
+    print_node_token: bool,
+}
+
+#[derive(Args)]
+struct NodeArgs {
+    /// TOML config file (see config/node.toml); flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Address to listen on [default: 0.0.0.0:2967].
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Data directory [default: gup-data/node].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Upstream URL, repeatable, highest priority first [default: http://127.0.0.1:8014].
+    #[arg(long = "upstream")]
+    upstream: Vec<String>,
+    /// Node token presented to the upstream.
+    #[arg(long, env = "GUP_UPSTREAM_TOKEN", hide_env_values = true)]
+    upstream_token: Option<String>,
+    /// File holding the upstream token.
+    #[arg(long)]
+    upstream_token_file: Option<PathBuf>,
+    /// Token downstream nodes must present (when this node is an upstream).
+    #[arg(long, env = "GUP_NODE_TOKEN", hide_env_values = true)]
+    node_token: Option<String>,
+    /// File holding the node token.
+    #[arg(long)]
+    node_token_file: Option<PathBuf>,
+    /// Print this node's node token (made at first start if needed) and exit.
+    #[arg(long)]
+    print_node_token: bool,
+}
+
+#[derive(Args)]
+struct AdminArgs {
+    /// Manager base URL, e.g. http://127.0.0.1:8014.
+    #[arg(long)]
+    manager: String,
+    /// Admin token.
+    #[arg(long, env = "GUP_ADMIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// File holding the admin token.
+    #[arg(long, conflicts_with = "token")]
+    token_file: Option<PathBuf>,
+    #[command(subcommand)]
+    command: AdminCommand,
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Publish a file as content (streamed; any size).
+    Publish {
+        file: PathBuf,
+        /// Package name.
+        #[arg(long)]
+        name: String,
+        /// Version [default: the first 12 hex digits of the SHA-256].
+        #[arg(long)]
+        version: Option<String>,
+        /// Skip download randomization for this item.
+        #[arg(long)]
+        urgent: bool,
+    },
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Where the demo keeps its data.
+    #[arg(long, default_value = "gup-demo")]
+    data_dir: PathBuf,
+}
+
+/// A failure with its exit code.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+fn usage(message: impl Into<String>) -> Failure {
+    Failure {
+        code: 2,
+        message: message.into(),
+    }
+}
+
+fn runtime(e: impl std::fmt::Display) -> Failure {
+    Failure {
+        code: 1,
+        message: e.to_string(),
+    }
+}
+
+fn config_failure(e: ConfigError) -> Failure {
+    usage(format!("config: {e}"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("gup: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+fn runtime_env() -> Result<tokio::runtime::Runtime, Failure> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(runtime)
+}
+
+/// Runs `fut` on a new runtime with SIGTERM/SIGINT wired to a shutdown signal.
+fn with_shutdown<F, Fut, E>(f: F) -> Result<(), Failure>
+where
+    F: FnOnce(gup::server::Shutdown) -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let rt = runtime_env()?;
+    rt.block_on(async move {
+        let (trigger, shutdown) = gup::server::shutdown_pair();
+        tokio::spawn(async move {
+            gup::server::signal().await;
+            trigger.trigger();
+        });
+        f(shutdown).await.map_err(runtime)
+    })
+}
+
+fn non_empty(s: Option<String>) -> Option<String> {
+    s.filter(|s| !s.is_empty())
+}
+
+fn path_string(p: Option<PathBuf>) -> Option<String> {
+    p.map(|p| p.display().to_string())
+}
+
+fn run(cli: Cli) -> Result<(), Failure> {
+    match cli.command {
+        Command::CheckConfig { file } => check_config(&file),
+        Command::Manager(args) => {
+            let mut cfg: ManagerConfig = match &args.config {
+                Some(p) => config::load(p).map_err(config_failure)?,
+                None => ManagerConfig::default(),
+            };
+            let m = &mut cfg.manager;
+            if let Some(v) = args.listen {
+                m.listen = v;
+            }
+            if let Some(v) = args.data_dir {
+                m.data_dir = v;
+            }
+            if let Some(v) = non_empty(args.admin_token) {
+                m.admin_token = v;
+            }
+            if let Some(v) = path_string(args.admin_token_file) {
+                m.admin_token_file = v;
+            }
+            if let Some(v) = non_empty(args.node_token) {
+                m.node_token = v;
+            }
+            if let Some(v) = path_string(args.node_token_file) {
+                m.node_token_file = v;
+            }
+            if let Some(f) = cli.log_format {
+                cfg.log.format = f;
+            }
+            cfg.validate().map_err(config_failure)?;
+            if args.print_admin_token || args.print_node_token {
+                let (admin, node) = gup::manager::tokens(&cfg).map_err(runtime)?;
+                if args.print_admin_token {
+                    println!("{}", admin.secret());
+                }
+                if args.print_node_token {
+                    println!("{}", node.secret());
+                }
+                return Ok(());
+            }
+            init_logging(cfg.log.format);
+            gup::server::raise_open_file_limit();
+            let listen = cfg.manager.listen;
+            with_shutdown(|shutdown| async move {
+                let manager = gup::manager::Manager::open(&cfg).map_err(|e| e.to_string())?;
+                let listener = tokio::net::TcpListener::bind(listen)
+                    .await
+                    .map_err(|e| format!("binding {listen}: {e}"))?;
+                manager
+                    .run(listener, shutdown)
+                    .await
+                    .map_err(|e| e.to_string())
+            })
+        }
+        Command::Node(args) => {
+            let mut cfg: NodeConfig = match &args.config {
+                Some(p) => config::load(p).map_err(config_failure)?,
+                None => NodeConfig::default(),
+            };
+            if let Some(v) = args.listen {
+                cfg.node.listen = v;
+            }
+            if let Some(v) = args.data_dir {
+                cfg.node.data_dir = v;
+            }
+            if !args.upstream.is_empty() {
+                for (i, u) in args.upstream.iter().enumerate() {
+                    config::validate_url(u)
+                        .map_err(|m| usage(format!("--upstream #{}: {m}", i + 1)))?;
+                }
+                cfg.upstream.servers = args.upstream;
+            }
+            if let Some(v) = non_empty(args.upstream_token) {
+                cfg.upstream.token = v;
+            }
+            if let Some(v) = path_string(args.upstream_token_file) {
+                cfg.upstream.token_file = v;
+            }
+            if let Some(v) = non_empty(args.node_token) {
+                cfg.node.node_token = v;
+            }
+            if let Some(v) = path_string(args.node_token_file) {
+                cfg.node.node_token_file = v;
+            }
+            if let Some(f) = cli.log_format {
+                cfg.log.format = f;
+            }
+            cfg.validate().map_err(config_failure)?;
+            if args.print_node_token {
+                let token = gup::auth::resolve(
+                    Some(&cfg.node.node_token),
+                    (!cfg.node.node_token_file.is_empty())
+                        .then(|| Path::new(&cfg.node.node_token_file)),
+                    &cfg.node.data_dir,
+                    "node",
+                )
+                .map_err(runtime)?;
+                println!("{}", token.secret());
+                return Ok(());
+            }
+            init_logging(cfg.log.format);
+            gup::server::raise_open_file_limit();
+            let listen = cfg.node.listen;
+            with_shutdown(|shutdown| async move {
+                let node = gup::node::Node::open(&cfg).map_err(|e| e.to_string())?;
+                let listener = tokio::net::TcpListener::bind(listen)
+                    .await
+                    .map_err(|e| format!("binding {listen}: {e}"))?;
+                node.run(listener, shutdown)
+                    .await
+                    .map_err(|e| e.to_string())
+            })
+        }
+        Command::Admin(args) => admin(args, cli.log_format.unwrap_or_default()),
+        Command::Demo(args) => {
+            init_logging(cli.log_format.unwrap_or_default());
+            gup::server::raise_open_file_limit();
+            with_shutdown(|shutdown| async move { gup::demo::run(&args.data_dir, shutdown).await })
+        }
+    }
+}
+
+fn check_config(file: &Path) -> Result<(), Failure> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| usage(format!("cannot read {}: {e}", file.display())))?;
+    let role = config::infer_role(&text).map_err(config_failure)?;
+    match role {
+        Role::Manager => config::parse::<ManagerConfig>(&text)
+            .and_then(|c| c.validate())
+            .map_err(config_failure)?,
+        Role::Node => config::parse::<NodeConfig>(&text)
+            .and_then(|c| c.validate())
+            .map_err(config_failure)?,
+    }
+    println!("{}: valid {role} config", file.display());
+    Ok(())
+}
+
+fn admin(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure> {
+    init_logging(log_format);
+    let token = match (non_empty(args.token), args.token_file) {
+        (Some(t), _) => gup::auth::Token::new(t),
+        (None, Some(f)) => gup::auth::read_token_file(&f).map_err(|e| usage(e.to_string()))?,
+        (None, None) => {
+            return Err(usage(
+                "admin needs a token: --token, --token-file or GUP_ADMIN_TOKEN",
+            ))
+        }
+    };
+    let client =
+        gup::admin::AdminClient::new(&args.manager, token).map_err(|e| usage(e.to_string()))?;
+    let rt = runtime_env()?;
+    match args.command {
+        AdminCommand::Publish {
+            file,
+            name,
+            version,
+            urgent,
+        } => {
+            let (status, r) = rt
+                .block_on(client.publish(&file, &name, version.as_deref(), urgent))
+                .map_err(runtime)?;
+            let what = if status == 201 {
+                "published"
+            } else {
+                "already published"
+            };
+            println!(
+                "{what}: {} {} sha256={} size={} revision={}",
+                r.name, r.version, r.sha256, r.size, r.revision
+            );
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,89 @@
+//! Prometheus metrics of one server (manager or node), rendered at `GET /metrics`.
+//!
+//! Owns the metric names of the contract and their registry. It must never hold logic: modules
+//! increment what they did, this file only counts and renders.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// The counters and gauges of one server.
+pub struct Metrics {
+    registry: Registry,
+    /// Blob fetches started upstream.
+    pub upstream_fetches: Counter,
+    pub upstream_bytes: Counter,
+    pub served_bytes: Counter,
+    pub cache_hits: Counter,
+    pub cache_misses: Counter,
+    /// Bytes of blobs in the store.
+    pub cache_bytes: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let upstream_fetches = Counter::default();
+        let upstream_bytes = Counter::default();
+        let served_bytes = Counter::default();
+        let cache_hits = Counter::default();
+        let cache_misses = Counter::default();
+        let cache_bytes = Gauge::default();
+        // prometheus-client appends `_total` to counters itself.
+        registry.register(
+            "gup_upstream_fetches",
+            "Blob fetches started upstream",
+            upstream_fetches.clone(),
+        );
+        registry.register(
+            "gup_upstream_bytes",
+            "Bytes received from upstream",
+            upstream_bytes.clone(),
+        );
+        registry.register(
+            "gup_served_bytes",
+            "Content bytes sent to clients",
+            served_bytes.clone(),
+        );
+        registry.register(
+            "gup_cache_hits",
+            "Content requests answered from the store",
+            cache_hits.clone(),
+        );
+        registry.register(
+            "gup_cache_misses",
+            "Content requests that needed an upstream fetch",
+            cache_misses.clone(),
+        );
+        registry.register(
+            "gup_cache_bytes",
+            "Bytes of blobs in the store",
+            cache_bytes.clone(),
+        );
+        Metrics {
+            registry,
+            upstream_fetches,
+            upstream_bytes,
+            served_bytes,
+            cache_hits,
+            cache_misses,
+            cache_bytes,
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}

@@ -1,0 +1,469 @@
+//! Answers clients: the read side of the client API that manager and node share.
+//!
+//! Owns `GET /v1/catalog`, `GET|HEAD /v1/content/{sha256}` with RFC 9110 semantics (strong
+//! ETag = the SHA-256, single ranges, suffix ranges, 416, If-None-Match, If-Range), plus
+//! `/healthz`, `/readyz` and `/metrics`. It reads blobs from `store` only; when a blob in the
+//! catalog is missing it asks the role's [`Fetcher`] (a node's upstream) to bring it into the
+//! store first. It must never write to the store or talk to an upstream itself, and never
+//! serve a digest that is not in a retained catalog revision.
+
+use std::io::SeekFrom;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use futures_util::future::BoxFuture;
+use futures_util::StreamExt;
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio_util::io::ReaderStream;
+
+use crate::api::ApiError;
+use crate::catalog::CatalogHistory;
+use crate::digest::Digest;
+use crate::metrics::Metrics;
+use crate::store::Store;
+
+/// Read size for streaming a blob to a client.
+const READ_CHUNK: usize = 256 * 1024;
+
+/// Brings a blob that is in the catalog but not in the store into the store (a node's
+/// upstream). Concurrent calls for one digest share one fetch.
+pub trait Fetcher: Send + Sync + 'static {
+    fn ensure(&self, digest: Digest, size: u64) -> BoxFuture<'static, Result<(), ApiError>>;
+}
+
+/// Whether this server has synced and whether its view is stale.
+#[derive(Default)]
+pub struct Readiness {
+    synced: AtomicBool,
+    stale_since: Mutex<Option<DateTime<Utc>>>,
+}
+
+impl Readiness {
+    /// Ready from the start (the manager is its own source of truth).
+    pub fn ready() -> Readiness {
+        let r = Readiness::default();
+        r.synced.store(true, Ordering::Relaxed);
+        r
+    }
+
+    /// An upstream answered: ready and fresh.
+    pub fn mark_synced(&self) {
+        self.synced.store(true, Ordering::Relaxed);
+        if let Ok(mut s) = self.stale_since.lock() {
+            *s = None;
+        }
+    }
+
+    /// Has a mirror from an earlier run (ready), not yet confirmed by an upstream.
+    pub fn mark_restored(&self, since: DateTime<Utc>) {
+        self.synced.store(true, Ordering::Relaxed);
+        self.mark_stale(since);
+    }
+
+    /// No upstream answered: keeps the first moment it went stale.
+    pub fn mark_stale(&self, now: DateTime<Utc>) {
+        if let Ok(mut s) = self.stale_since.lock() {
+            s.get_or_insert(now);
+        }
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.synced.load(Ordering::Relaxed)
+    }
+
+    pub fn stale_since(&self) -> Option<DateTime<Utc>> {
+        self.stale_since.lock().ok().and_then(|s| *s)
+    }
+}
+
+/// What the shared client routes read.
+pub struct Served {
+    pub store: Store,
+    pub catalog: Arc<RwLock<CatalogHistory>>,
+    pub metrics: Arc<Metrics>,
+    /// None on the manager: what is in its catalog is in its store.
+    pub fetcher: Option<Arc<dyn Fetcher>>,
+    pub readiness: Arc<Readiness>,
+}
+
+/// The routes every role serves to clients.
+pub fn client_router(served: Arc<Served>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/catalog", get(catalog))
+        .route("/v1/content/{sha256}", get(content))
+        .with_state(served)
+}
+
+/// JSON 404 / 405 for every router of a role.
+pub fn finish_router(router: Router) -> Router {
+    router
+        .fallback(|| async { ApiError::not_found("no such endpoint") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this endpoint does not take that method",
+            )
+        })
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+#[derive(Serialize)]
+struct ReadyBody {
+    ready: bool,
+    stale_since: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<&'static str>,
+}
+
+async fn readyz(State(s): State<Arc<Served>>) -> Response {
+    let ready = s.readiness.is_ready();
+    let body = ReadyBody {
+        ready,
+        stale_since: s.readiness.stale_since(),
+        error: (!ready).then_some("not_ready"),
+        message: (!ready).then_some("not synced with an upstream yet"),
+    };
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
+}
+
+async fn metrics(State(s): State<Arc<Served>>) -> Response {
+    s.metrics.cache_bytes.set(s.store.total_bytes() as i64);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.render(),
+    )
+        .into_response()
+}
+
+/// A JSON body with a strong ETag, or 304 when the client has it.
+pub fn json_with_etag<T: Serialize>(headers: &HeaderMap, etag: &str, value: &T) -> Response {
+    if if_none_match(headers, etag) {
+        return not_modified(etag);
+    }
+    let body = match serde_json::to_vec(value) {
+        Ok(b) => b,
+        Err(e) => return ApiError::internal(format!("encoding response: {e}")).into_response(),
+    };
+    let mut resp = (StatusCode::OK, body).into_response();
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let Ok(v) = HeaderValue::from_str(etag) {
+        h.insert(header::ETAG, v);
+    }
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp
+}
+
+fn not_modified(etag: &str) -> Response {
+    let mut resp = StatusCode::NOT_MODIFIED.into_response();
+    if let Ok(v) = HeaderValue::from_str(etag) {
+        resp.headers_mut().insert(header::ETAG, v);
+    }
+    resp
+}
+
+async fn catalog(State(s): State<Arc<Served>>, headers: HeaderMap) -> Response {
+    let (etag, current) = match s.catalog.read() {
+        Ok(c) => (c.etag(), c.current()),
+        Err(_) => return ApiError::internal("catalog lock poisoned").into_response(),
+    };
+    json_with_etag(&headers, &etag, &current)
+}
+
+async fn content(
+    State(s): State<Arc<Served>>,
+    Path(sha256): Path<String>,
+    method: Method,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let digest: Digest = sha256
+        .parse()
+        .map_err(|e| ApiError::bad_request("bad_digest", format!("{sha256:?}: {e}")))?;
+    let size = {
+        let catalog = s
+            .catalog
+            .read()
+            .map_err(|_| ApiError::internal("catalog lock poisoned"))?;
+        match catalog.find(&digest) {
+            Some((_, item)) => item.size,
+            None => {
+                return Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "not_in_catalog",
+                    format!("{digest} is not in the catalog"),
+                ))
+            }
+        }
+    };
+    let etag = format!("\"{digest}\"");
+    // Conditionals are decided before any byte is fetched: a client that has it needs nothing.
+    if if_none_match(&headers, &etag) {
+        return Ok(not_modified(&etag));
+    }
+    let opened = s
+        .store
+        .open_blob(&digest)
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let (file, meta) = match opened {
+        Some(found) => {
+            s.metrics.cache_hits.inc();
+            found
+        }
+        None => {
+            let Some(fetcher) = &s.fetcher else {
+                return Err(ApiError::internal(format!(
+                    "{digest} is in the catalog but not in the store"
+                )));
+            };
+            s.metrics.cache_misses.inc();
+            fetcher.ensure(digest, size).await?;
+            s.store
+                .open_blob(&digest)
+                .await
+                .map_err(|e| ApiError::internal(e.to_string()))?
+                .ok_or_else(|| ApiError::unavailable(format!("{digest} could not be fetched")))?
+        }
+    };
+    blob_response(&s.metrics, file, meta.size, &etag, &method, &headers).await
+}
+
+/// What a request asks of a representation of `len` bytes.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RangeDecision {
+    /// The whole representation (no Range, an ignored Range, or several ranges).
+    Full,
+    /// Bytes `start..=end`.
+    Partial { start: u64, end: u64 },
+    /// 416.
+    Unsatisfiable,
+}
+
+/// RFC 9110 §14.2 and §13.1.5: decides between 200, 206 and 416 for one representation.
+pub fn decide_range(headers: &HeaderMap, etag: &str, len: u64) -> RangeDecision {
+    let Some(range) = headers.get(header::RANGE).and_then(|v| v.to_str().ok()) else {
+        return RangeDecision::Full;
+    };
+    // If-Range: the range applies only when the validator matches strongly. A date never
+    // matches: blobs carry no Last-Modified.
+    if let Some(if_range) = headers.get(header::IF_RANGE) {
+        let matches = if_range.to_str().map(|v| v.trim() == etag).unwrap_or(false);
+        if !matches {
+            return RangeDecision::Full;
+        }
+    }
+    use http_range_header::{EndPosition, RangeUnsatisfiableError, StartPosition};
+    let parsed = match http_range_header::parse_range_header(range) {
+        Ok(p) => p,
+        // "bytes=-0" is well-formed but selects nothing.
+        Err(RangeUnsatisfiableError::ZeroSuffix) => return RangeDecision::Unsatisfiable,
+        // A Range the server cannot parse is ignored (§14.2).
+        Err(_) => return RangeDecision::Full,
+    };
+    if parsed.ranges.len() != 1 {
+        return RangeDecision::Full;
+    }
+    let r = parsed.ranges[0];
+    match r.start {
+        StartPosition::Index(start) => {
+            let end = match r.end {
+                EndPosition::Index(end) if end < start => return RangeDecision::Full,
+                EndPosition::Index(end) => end,
+                EndPosition::LastByte => u64::MAX,
+            };
+            if start >= len {
+                return RangeDecision::Unsatisfiable;
+            }
+            RangeDecision::Partial {
+                start,
+                end: end.min(len - 1),
+            }
+        }
+        StartPosition::FromLast(n) => {
+            if len == 0 || n == 0 {
+                return RangeDecision::Unsatisfiable;
+            }
+            // A suffix longer than the representation selects all of it (§14.1.3).
+            RangeDecision::Partial {
+                start: len - n.min(len),
+                end: len - 1,
+            }
+        }
+    }
+}
+
+/// RFC 9110 §13.1.2: weak comparison against our one strong ETag; `*` matches.
+pub fn if_none_match(headers: &HeaderMap, etag: &str) -> bool {
+    let bare = etag.trim_start_matches("W/");
+    headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .any(|t| t == "*" || t.trim_start_matches("W/") == bare)
+}
+
+/// Streams `len` bytes of an open blob with the headers of the content API.
+pub async fn blob_response(
+    metrics: &Arc<Metrics>,
+    mut file: tokio::fs::File,
+    len: u64,
+    etag: &str,
+    method: &Method,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    let decision = decide_range(headers, etag, len);
+    let mut builder = Response::builder()
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(header::ETAG, etag)
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header(header::CACHE_CONTROL, "public, max-age=31536000, immutable");
+    let (status, start, count) = match decision {
+        RangeDecision::Full => (StatusCode::OK, 0, len),
+        RangeDecision::Partial { start, end } => {
+            builder = builder.header(header::CONTENT_RANGE, format!("bytes {start}-{end}/{len}"));
+            (StatusCode::PARTIAL_CONTENT, start, end - start + 1)
+        }
+        RangeDecision::Unsatisfiable => {
+            return Err(ApiError::new(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                "range_not_satisfiable",
+                format!("the blob has {len} bytes"),
+            )
+            .with_header("content-range", format!("bytes */{len}")));
+        }
+    };
+    builder = builder.status(status).header(header::CONTENT_LENGTH, count);
+    let body = if method == Method::HEAD {
+        Body::empty()
+    } else {
+        if start > 0 {
+            file.seek(SeekFrom::Start(start))
+                .await
+                .map_err(|e| ApiError::internal(format!("seeking blob: {e}")))?;
+        }
+        let served = metrics.served_bytes.clone();
+        let stream = ReaderStream::with_capacity(file.take(count), READ_CHUNK).map(move |chunk| {
+            if let Ok(c) = &chunk {
+                served.inc_by(c.len() as u64);
+            }
+            chunk
+        });
+        Body::from_stream(stream)
+    };
+    builder
+        .body(body)
+        .map_err(|e| ApiError::internal(format!("building response: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        for (k, v) in pairs {
+            m.append(*k, v.parse().unwrap());
+        }
+        m
+    }
+
+    const E: &str = "\"abc\"";
+
+    #[test]
+    fn ranges() {
+        use RangeDecision::*;
+        assert_eq!(decide_range(&h(&[]), E, 100), Full);
+        assert_eq!(
+            decide_range(&h(&[("range", "bytes=0-9")]), E, 100),
+            Partial { start: 0, end: 9 }
+        );
+        assert_eq!(
+            decide_range(&h(&[("range", "bytes=90-")]), E, 100),
+            Partial { start: 90, end: 99 }
+        );
+        assert_eq!(
+            decide_range(&h(&[("range", "bytes=90-500")]), E, 100),
+            Partial { start: 90, end: 99 }
+        );
+        assert_eq!(
+            decide_range(&h(&[("range", "bytes=-10")]), E, 100),
+            Partial { start: 90, end: 99 }
+        );
+        assert_eq!(
+            decide_range(&h(&[("range", "bytes=-500")]), E, 100),
+            Partial { start: 0, end: 99 }
+        );
+        assert_eq!(
+            decide_range(&h(&[("range", "bytes=100-")]), E, 100),
+            Unsatisfiable
+        );
+        assert_eq!(
+            decide_range(&h(&[("range", "bytes=-0")]), E, 100),
+            Unsatisfiable
+        );
+        assert_eq!(
+            decide_range(&h(&[("range", "bytes=0-0")]), E, 0),
+            Unsatisfiable
+        );
+        assert_eq!(decide_range(&h(&[("range", "bytes=5-3")]), E, 100), Full);
+        assert_eq!(decide_range(&h(&[("range", "items=0-3")]), E, 100), Full);
+        assert_eq!(
+            decide_range(&h(&[("range", "bytes=0-1,5-6")]), E, 100),
+            Full
+        );
+    }
+
+    #[test]
+    fn if_range_and_if_none_match() {
+        use RangeDecision::*;
+        let r = [("range", "bytes=0-9"), ("if-range", E)];
+        assert_eq!(decide_range(&h(&r), E, 100), Partial { start: 0, end: 9 });
+        let r = [("range", "bytes=0-9"), ("if-range", "\"other\"")];
+        assert_eq!(decide_range(&h(&r), E, 100), Full);
+        let r = [("range", "bytes=0-9"), ("if-range", "W/\"abc\"")];
+        assert_eq!(decide_range(&h(&r), E, 100), Full);
+        let r = [
+            ("range", "bytes=0-9"),
+            ("if-range", "Tue, 15 Nov 1994 08:12:31 GMT"),
+        ];
+        assert_eq!(decide_range(&h(&r), E, 100), Full);
+        assert!(if_none_match(&h(&[("if-none-match", E)]), E));
+        assert!(if_none_match(
+            &h(&[("if-none-match", "\"x\", W/\"abc\"")]),
+            E
+        ));
+        assert!(if_none_match(&h(&[("if-none-match", "*")]), E));
+        assert!(!if_none_match(&h(&[("if-none-match", "\"x\"")]), E));
+        assert!(!if_none_match(&h(&[]), E));
+    }
+}

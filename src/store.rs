@@ -1,0 +1,728 @@
+//! The content store: immutable blobs on disk named by SHA-256, plus the one sled database.
+//!
+//! Owns every file under `data_dir/blobs` and `data_dir/tmp`, and every sled call in the crate
+//! (other modules persist their state through the narrow [`Kv`] interface, so the engine could
+//! change in this one file). A blob becomes visible only after its bytes were written to a temp
+//! file, hashed while written, fsynced, checked against the expected digest, renamed into
+//! place and the directory fsynced: a crash at any point never leaves a visible blob whose
+//! bytes do not match its name. This module must never talk to the network or decide what is
+//! in a catalog; it stores and reads bytes and records.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use chrono::{DateTime, Utc};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+use crate::digest::Digest;
+
+/// Size of the buffer a [`BlobWriter`] fills before hashing and writing it in one blocking step.
+const WRITE_BUFFER: usize = 1 << 20;
+
+/// How stale a blob's persisted last-access time may get before a read writes it back.
+const ACCESS_PERSIST_SECS: i64 = 60;
+
+/// What can go wrong in the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("database: {0}")]
+    Db(#[from] sled::Error),
+    #[error("digest mismatch: expected {expected}, got {actual}")]
+    DigestMismatch { expected: Digest, actual: Digest },
+    #[error("size mismatch: expected {expected} bytes, got {actual}")]
+    SizeMismatch { expected: u64, actual: u64 },
+    #[error("record {key:?} is not valid: {source}")]
+    Decode {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("background task failed: {0}")]
+    Join(String),
+}
+
+fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> StoreError {
+    let context = context.into();
+    move |source| StoreError::Io { context, source }
+}
+
+/// What the index knows of a stored blob.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BlobMeta {
+    pub size: u64,
+    pub stored_at: DateTime<Utc>,
+    /// Last time a client read it; eviction picks the least recent first.
+    pub last_access: DateTime<Utc>,
+}
+
+/// The blob store and database of one role's data directory. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    blobs_dir: PathBuf,
+    tmp_dir: PathBuf,
+    db: sled::Db,
+    index: sled::Tree,
+    /// The index in memory, so that the serving hot path never decodes a sled record.
+    /// `persisted_access` is the last-access time last written to sled.
+    memory: RwLock<HashMap<Digest, (BlobMeta, DateTime<Utc>)>>,
+    bytes: AtomicU64,
+}
+
+impl Store {
+    /// Opens (creating if needed) the store under `data_dir`, removes temp files a crash left
+    /// behind, and reconciles the index with the blob files.
+    pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
+        let blobs_dir = data_dir.join("blobs");
+        let tmp_dir = data_dir.join("tmp");
+        for dir in [data_dir, &blobs_dir, &tmp_dir] {
+            std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+        }
+        let removed = clean_dir(&tmp_dir)?;
+        if removed > 0 {
+            tracing::info!(removed, dir = %tmp_dir.display(), "removed temp files left by an earlier run");
+        }
+        let db = sled::Config::new()
+            .path(data_dir.join("db"))
+            .flush_every_ms(Some(500))
+            .open()?;
+        let index = db.open_tree("blobs")?;
+        let store = Store {
+            inner: Arc::new(Inner {
+                blobs_dir,
+                tmp_dir,
+                db,
+                index,
+                memory: RwLock::new(HashMap::new()),
+                bytes: AtomicU64::new(0),
+            }),
+        };
+        store.reconcile()?;
+        Ok(store)
+    }
+
+    /// Loads the index into memory, drops entries whose file is gone, and indexes blob files
+    /// that were renamed into place just before a crash (their name was verified before the
+    /// rename, so they are good).
+    fn reconcile(&self) -> Result<(), StoreError> {
+        let mut memory = HashMap::new();
+        for entry in self.inner.index.iter() {
+            let (key, value) = entry?;
+            let Ok(digest) = std::str::from_utf8(&key).unwrap_or("").parse::<Digest>() else {
+                self.inner.index.remove(&key)?;
+                continue;
+            };
+            let meta: BlobMeta = match serde_json::from_slice(&value) {
+                Ok(m) => m,
+                Err(_) => {
+                    self.inner.index.remove(&key)?;
+                    continue;
+                }
+            };
+            let path = self.blob_path(&digest);
+            match std::fs::metadata(&path) {
+                Ok(md) if md.len() == meta.size => {
+                    memory.insert(digest, (meta, meta.last_access));
+                }
+                _ => {
+                    tracing::warn!(%digest, "index entry without a matching blob file; dropped");
+                    self.inner.index.remove(&key)?;
+                }
+            }
+        }
+        for (digest, size) in scan_blob_files(&self.inner.blobs_dir)? {
+            if memory.contains_key(&digest) {
+                continue;
+            }
+            let now = Utc::now();
+            let meta = BlobMeta {
+                size,
+                stored_at: now,
+                last_access: now,
+            };
+            self.put_index(&digest, &meta)?;
+            memory.insert(digest, (meta, now));
+            tracing::info!(%digest, "indexed a blob file that was stored just before a crash");
+        }
+        let total = memory.values().map(|(m, _)| m.size).sum();
+        self.inner.bytes.store(total, Ordering::Relaxed);
+        if let Ok(mut guard) = self.inner.memory.write() {
+            *guard = memory;
+        }
+        self.inner.index.flush()?;
+        Ok(())
+    }
+
+    fn put_index(&self, digest: &Digest, meta: &BlobMeta) -> Result<(), StoreError> {
+        let value = serde_json::to_vec(meta).map_err(|source| StoreError::Decode {
+            key: digest.to_hex(),
+            source,
+        })?;
+        self.inner.index.insert(digest.to_hex().as_bytes(), value)?;
+        Ok(())
+    }
+
+    /// Where the blob named `digest` lives: `blobs/<byte0>/<byte1>/<hex>`.
+    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
+        let hex = digest.to_hex();
+        self.inner
+            .blobs_dir
+            .join(&hex[0..2])
+            .join(&hex[2..4])
+            .join(hex)
+    }
+
+    /// The index entry of a stored blob.
+    pub fn get(&self, digest: &Digest) -> Option<BlobMeta> {
+        let guard = self.inner.memory.read().ok()?;
+        guard.get(digest).map(|(m, _)| *m)
+    }
+
+    pub fn contains(&self, digest: &Digest) -> bool {
+        self.get(digest).is_some()
+    }
+
+    /// Total bytes of stored blobs.
+    pub fn total_bytes(&self) -> u64 {
+        self.inner.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Every stored blob with its index entry.
+    pub fn list(&self) -> Vec<(Digest, BlobMeta)> {
+        match self.inner.memory.read() {
+            Ok(g) => g.iter().map(|(d, (m, _))| (*d, *m)).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// Opens a stored blob for reading and records the access.
+    pub async fn open_blob(
+        &self,
+        digest: &Digest,
+    ) -> Result<Option<(tokio::fs::File, BlobMeta)>, StoreError> {
+        let Some(meta) = self.touch(digest)? else {
+            return Ok(None);
+        };
+        match tokio::fs::File::open(self.blob_path(digest)).await {
+            Ok(f) => Ok(Some((f, meta))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                tracing::error!(%digest, "indexed blob file is missing; dropping the entry");
+                self.forget(digest)?;
+                Ok(None)
+            }
+            Err(e) => Err(io(format!("opening blob {digest}"))(e)),
+        }
+    }
+
+    /// Marks a blob as read now; writes the time to sled at most once a minute per blob.
+    fn touch(&self, digest: &Digest) -> Result<Option<BlobMeta>, StoreError> {
+        let now = Utc::now();
+        let persist = {
+            let Ok(mut guard) = self.inner.memory.write() else {
+                return Ok(None);
+            };
+            let Some((meta, persisted)) = guard.get_mut(digest) else {
+                return Ok(None);
+            };
+            meta.last_access = now;
+            if (now - *persisted).num_seconds() >= ACCESS_PERSIST_SECS {
+                *persisted = now;
+                Some(*meta)
+            } else {
+                None
+            }
+        };
+        if let Some(meta) = persist {
+            self.put_index(digest, &meta)?;
+        }
+        Ok(self.get(digest))
+    }
+
+    fn forget(&self, digest: &Digest) -> Result<Option<BlobMeta>, StoreError> {
+        let removed = match self.inner.memory.write() {
+            Ok(mut g) => g.remove(digest).map(|(m, _)| m),
+            Err(_) => None,
+        };
+        if let Some(m) = removed {
+            self.inner.bytes.fetch_sub(m.size, Ordering::Relaxed);
+        }
+        self.inner.index.remove(digest.to_hex().as_bytes())?;
+        Ok(removed)
+    }
+
+    /// Removes a blob from the index and the disk.
+    pub async fn remove(&self, digest: &Digest) -> Result<(), StoreError> {
+        self.forget(digest)?;
+        match tokio::fs::remove_file(self.blob_path(digest)).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(format!("removing blob {digest}"))(e)),
+        }
+        self.inner.index.flush_async().await?;
+        Ok(())
+    }
+
+    /// Starts writing a new blob into a temp file.
+    pub async fn writer(&self) -> Result<BlobWriter, StoreError> {
+        let name = format!(
+            "{:016x}{:016x}.part",
+            rand::random::<u64>(),
+            rand::random::<u64>()
+        );
+        let tmp_path = self.inner.tmp_dir.join(name);
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp_path)
+            .map_err(io(format!("creating {}", tmp_path.display())))?;
+        Ok(BlobWriter {
+            store: self.clone(),
+            tmp_path,
+            state: Some((file, Sha256::new())),
+            buffer: Vec::with_capacity(WRITE_BUFFER),
+            written: 0,
+        })
+    }
+
+    /// A named key-value tree for another module's records.
+    pub fn kv(&self, name: &str) -> Result<Kv, StoreError> {
+        Ok(Kv {
+            tree: self.inner.db.open_tree(name)?,
+        })
+    }
+
+    /// Makes every database write so far durable.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.inner.db.flush_async().await?;
+        Ok(())
+    }
+}
+
+/// Removes every entry of `dir`; returns how many.
+fn clean_dir(dir: &Path) -> Result<usize, StoreError> {
+    let mut removed = 0;
+    for entry in std::fs::read_dir(dir).map_err(io(format!("reading {}", dir.display())))? {
+        let entry = entry.map_err(io(format!("reading {}", dir.display())))?;
+        let path = entry.path();
+        let result = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        result.map_err(io(format!("removing {}", path.display())))?;
+        removed += 1;
+    }
+    Ok(removed)
+}
+
+/// Every well-named blob file under the two-level fan-out, with its size.
+fn scan_blob_files(blobs_dir: &Path) -> Result<Vec<(Digest, u64)>, StoreError> {
+    let mut out = Vec::new();
+    let read = |p: &Path| std::fs::read_dir(p).map_err(io(format!("reading {}", p.display())));
+    for l1 in read(blobs_dir)? {
+        let l1 = l1.map_err(io("reading blob fan-out"))?.path();
+        if !l1.is_dir() {
+            continue;
+        }
+        for l2 in read(&l1)? {
+            let l2 = l2.map_err(io("reading blob fan-out"))?.path();
+            if !l2.is_dir() {
+                continue;
+            }
+            for f in read(&l2)? {
+                let f = f.map_err(io("reading blob fan-out"))?;
+                let name = f.file_name();
+                let Some(digest) = name.to_str().and_then(|s| s.parse::<Digest>().ok()) else {
+                    continue;
+                };
+                let len = f.metadata().map_err(io("reading blob metadata"))?.len();
+                out.push((digest, len));
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(format!("fsync of directory {}", dir.display())))
+}
+
+/// A blob being written. Dropped before [`BlobWriter::finish`], it removes its temp file.
+pub struct BlobWriter {
+    store: Store,
+    tmp_path: PathBuf,
+    /// The temp file and the running hash; `None` only while a blocking write holds them.
+    state: Option<(std::fs::File, Sha256)>,
+    buffer: Vec<u8>,
+    written: u64,
+}
+
+impl BlobWriter {
+    /// Appends bytes. They are hashed and written in large blocks off the async threads.
+    pub async fn write(&mut self, chunk: &[u8]) -> Result<(), StoreError> {
+        self.buffer.extend_from_slice(chunk);
+        if self.buffer.len() >= WRITE_BUFFER {
+            self.drain().await?;
+        }
+        Ok(())
+    }
+
+    /// Bytes accepted so far.
+    pub fn len(&self) -> u64 {
+        self.written + self.buffer.len() as u64
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The temp file being written (readers may follow it while it grows).
+    pub fn tmp_path(&self) -> &Path {
+        &self.tmp_path
+    }
+
+    async fn drain(&mut self) -> Result<(), StoreError> {
+        if self.buffer.is_empty() {
+            return Ok(());
+        }
+        let Some((mut file, mut hasher)) = self.state.take() else {
+            return Err(StoreError::Join("writer used after a failed write".into()));
+        };
+        let buf = std::mem::replace(&mut self.buffer, Vec::with_capacity(WRITE_BUFFER));
+        let (file, hasher, buf, result) = tokio::task::spawn_blocking(move || {
+            hasher.update(&buf);
+            let r = file.write_all(&buf);
+            (file, hasher, buf, r)
+        })
+        .await
+        .map_err(|e| StoreError::Join(e.to_string()))?;
+        result.map_err(io(format!("writing {}", self.tmp_path.display())))?;
+        self.written += buf.len() as u64;
+        self.state = Some((file, hasher));
+        Ok(())
+    }
+
+    /// Finishes the blob: fsyncs it, checks it against `expected` (digest and size when
+    /// given), renames it into place, fsyncs the directory and records it in the index.
+    /// The same bytes stored before are simply found again.
+    pub async fn finish(
+        mut self,
+        expected: Option<(&Digest, Option<u64>)>,
+    ) -> Result<(Digest, BlobMeta), StoreError> {
+        self.drain().await?;
+        let Some((file, hasher)) = self.state.take() else {
+            return Err(StoreError::Join("writer used after a failed write".into()));
+        };
+        let tmp = self.tmp_path.clone();
+        let (digest, result) = tokio::task::spawn_blocking(move || {
+            let r = file.sync_all();
+            (Digest::from_hasher(hasher), r)
+        })
+        .await
+        .map_err(|e| StoreError::Join(e.to_string()))?;
+        result.map_err(io(format!("fsync of {}", tmp.display())))?;
+        let size = self.written;
+        if let Some((want, want_size)) = expected {
+            if *want != digest {
+                return Err(StoreError::DigestMismatch {
+                    expected: *want,
+                    actual: digest,
+                });
+            }
+            if let Some(want_size) = want_size {
+                if want_size != size {
+                    return Err(StoreError::SizeMismatch {
+                        expected: want_size,
+                        actual: size,
+                    });
+                }
+            }
+        }
+        if let Some(meta) = self.store.get(&digest) {
+            // Already stored: the temp file is removed when `self` drops.
+            return Ok((digest, meta));
+        }
+        let dest = self.store.blob_path(&digest);
+        let store = self.store.clone();
+        let tmp = self.tmp_path.clone();
+        let dest2 = dest.clone();
+        tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
+            let dir = dest2.parent().unwrap_or(Path::new("."));
+            std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+            std::fs::rename(&tmp, &dest2)
+                .map_err(io(format!("renaming into {}", dest2.display())))?;
+            fsync_dir(dir)?;
+            if let Some(up) = dir.parent() {
+                fsync_dir(up)?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| StoreError::Join(e.to_string()))??;
+        // The temp file is gone now; make Drop a no-op.
+        self.tmp_path = PathBuf::new();
+        let now = Utc::now();
+        let meta = BlobMeta {
+            size,
+            stored_at: now,
+            last_access: now,
+        };
+        store.put_index(&digest, &meta)?;
+        store.inner.index.flush_async().await?;
+        if let Ok(mut g) = store.inner.memory.write() {
+            if g.insert(digest, (meta, now)).is_none() {
+                store.inner.bytes.fetch_add(size, Ordering::Relaxed);
+            }
+        }
+        Ok((digest, meta))
+    }
+}
+
+impl Drop for BlobWriter {
+    fn drop(&mut self) {
+        if !self.tmp_path.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&self.tmp_path);
+        }
+    }
+}
+
+/// A named tree of JSON records: the narrow database interface the rest of the crate uses.
+#[derive(Clone)]
+pub struct Kv {
+    tree: sled::Tree,
+}
+
+impl Kv {
+    pub fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
+        match self.tree.get(key.as_bytes())? {
+            None => Ok(None),
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|source| StoreError::Decode {
+                    key: key.to_string(),
+                    source,
+                }),
+        }
+    }
+
+    pub fn put<T: Serialize>(&self, key: &str, value: &T) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(value).map_err(|source| StoreError::Decode {
+            key: key.to_string(),
+            source,
+        })?;
+        self.tree.insert(key.as_bytes(), bytes)?;
+        Ok(())
+    }
+
+    /// Stores `value` only if `key` is absent; returns whether it stored it.
+    pub fn put_if_absent<T: Serialize>(&self, key: &str, value: &T) -> Result<bool, StoreError> {
+        let bytes = serde_json::to_vec(value).map_err(|source| StoreError::Decode {
+            key: key.to_string(),
+            source,
+        })?;
+        Ok(self
+            .tree
+            .compare_and_swap(key.as_bytes(), None as Option<&[u8]>, Some(bytes))?
+            .is_ok())
+    }
+
+    pub fn remove(&self, key: &str) -> Result<(), StoreError> {
+        self.tree.remove(key.as_bytes())?;
+        Ok(())
+    }
+
+    /// Every record whose key starts with `prefix`, in key order.
+    pub fn scan<T: DeserializeOwned>(&self, prefix: &str) -> Result<Vec<(String, T)>, StoreError> {
+        let mut out = Vec::new();
+        for entry in self.tree.scan_prefix(prefix.as_bytes()) {
+            let (k, v) = entry?;
+            let key = String::from_utf8_lossy(&k).into_owned();
+            let value = serde_json::from_slice(&v).map_err(|source| StoreError::Decode {
+                key: key.clone(),
+                source,
+            })?;
+            out.push((key, value));
+        }
+        Ok(out)
+    }
+
+    pub fn len(&self) -> usize {
+        self.tree.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tree.is_empty()
+    }
+
+    /// Makes this tree's writes durable before the caller acknowledges them.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.tree.flush_async().await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn ingest(
+        store: &Store,
+        bytes: &[u8],
+        expected: Option<&Digest>,
+    ) -> Result<Digest, StoreError> {
+        let mut w = store.writer().await?;
+        for chunk in bytes.chunks(7000) {
+            w.write(chunk).await?;
+        }
+        w.finish(expected.map(|d| (d, Some(bytes.len() as u64))))
+            .await
+            .map(|(d, _)| d)
+    }
+
+    fn tmp_entries(dir: &Path) -> usize {
+        std::fs::read_dir(dir.join("tmp")).unwrap().count()
+    }
+
+    #[tokio::test]
+    async fn stores_under_two_level_fanout_and_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let d = ingest(&store, &data, Some(&Digest::of(&data)))
+            .await
+            .unwrap();
+        let hex = d.to_hex();
+        let path = dir
+            .path()
+            .join("blobs")
+            .join(&hex[..2])
+            .join(&hex[2..4])
+            .join(&hex);
+        assert_eq!(std::fs::read(&path).unwrap(), data);
+        assert_eq!(store.get(&d).unwrap().size, data.len() as u64);
+        assert_eq!(store.total_bytes(), data.len() as u64);
+        assert_eq!(tmp_entries(dir.path()), 0);
+    }
+
+    #[tokio::test]
+    async fn digest_mismatch_is_rejected_and_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let wrong = Digest::of(b"something else");
+        let err = ingest(&store, b"the real bytes", Some(&wrong))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::DigestMismatch { .. }), "{err}");
+        assert!(!store.contains(&Digest::of(b"the real bytes")));
+        assert!(!store.contains(&wrong));
+        assert_eq!(tmp_entries(dir.path()), 0);
+        assert!(scan_blob_files(&dir.path().join("blobs"))
+            .unwrap()
+            .is_empty());
+        assert_eq!(store.total_bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn dropped_writer_removes_its_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut w = store.writer().await.unwrap();
+        w.write(&[1u8; 3 << 20]).await.unwrap();
+        assert_eq!(tmp_entries(dir.path()), 1);
+        drop(w);
+        assert_eq!(tmp_entries(dir.path()), 0);
+    }
+
+    #[tokio::test]
+    async fn crash_leftovers_are_cleaned_and_index_reopens() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = {
+            let store = Store::open(dir.path()).unwrap();
+            let d = ingest(&store, b"persisted blob", None).await.unwrap();
+            store.kv("meta").unwrap().put("answer", &42u32).unwrap();
+            store.flush().await.unwrap();
+            // A crash mid-write leaves a temp file behind (forget skips Drop).
+            let mut w = store.writer().await.unwrap();
+            w.write(b"half written").await.unwrap();
+            w.drain().await.unwrap();
+            std::mem::forget(w);
+            d
+        };
+        assert_eq!(tmp_entries(dir.path()), 1);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(tmp_entries(dir.path()), 0);
+        let meta = store.get(&d).unwrap();
+        assert_eq!(meta.size, b"persisted blob".len() as u64);
+        let v: Option<u32> = store.kv("meta").unwrap().get("answer").unwrap();
+        assert_eq!(v, Some(42));
+        let (mut f, _) = store.open_blob(&d).await.unwrap().unwrap();
+        let mut s = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut f, &mut s)
+            .await
+            .unwrap();
+        assert_eq!(s, "persisted blob");
+    }
+
+    #[tokio::test]
+    async fn a_blob_renamed_before_indexing_is_indexed_and_a_lost_file_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let (kept, lost) = {
+            let store = Store::open(dir.path()).unwrap();
+            let kept = ingest(&store, b"kept", None).await.unwrap();
+            let lost = ingest(&store, b"lost", None).await.unwrap();
+            store.flush().await.unwrap();
+            // Simulate: the index entry for `kept` never made it, the file for `lost` is gone.
+            store.inner.index.remove(kept.to_hex().as_bytes()).unwrap();
+            std::fs::remove_file(store.blob_path(&lost)).unwrap();
+            store.flush().await.unwrap();
+            (kept, lost)
+        };
+        let store = Store::open(dir.path()).unwrap();
+        assert!(store.contains(&kept));
+        assert!(!store.contains(&lost));
+        assert_eq!(store.total_bytes(), 4);
+    }
+
+    #[tokio::test]
+    async fn same_bytes_twice_are_stored_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let a = ingest(&store, b"same", None).await.unwrap();
+        let b = ingest(&store, b"same", None).await.unwrap();
+        assert_eq!(a, b);
+        assert_eq!(store.list().len(), 1);
+        assert_eq!(store.total_bytes(), 4);
+        store.remove(&a).await.unwrap();
+        assert_eq!(store.total_bytes(), 0);
+        assert!(!store.blob_path(&a).exists());
+    }
+
+    #[tokio::test]
+    async fn kv_put_if_absent_and_scan() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let kv = store.kv("t").unwrap();
+        assert!(kv.put_if_absent("a/1", &1u8).unwrap());
+        assert!(!kv.put_if_absent("a/1", &2u8).unwrap());
+        kv.put("a/2", &3u8).unwrap();
+        kv.put("b/1", &4u8).unwrap();
+        let got: Vec<(String, u8)> = kv.scan("a/").unwrap();
+        assert_eq!(got, vec![("a/1".into(), 1), ("a/2".into(), 3)]);
+    }
+}

@@ -1,0 +1,249 @@
+//! The node's side of the WAN: the upstream list, snapshots, and blob fetches into the store.
+//!
+//! Owns the HTTP client to the upstreams (manager or another node), the order they are tried
+//! in (priority = list order, first that answers wins), and fetching a blob into `store` with
+//! its digest verified before it becomes visible. Concurrent requests for one blob share one
+//! fetch. It must never answer clients: it fills the store, and `serve` reads from there.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::future::{BoxFuture, FutureExt, Shared};
+use futures_util::StreamExt;
+use reqwest::StatusCode;
+
+use crate::api::ApiError;
+use crate::auth::Token;
+use crate::digest::Digest;
+use crate::metrics::Metrics;
+use crate::mirror::Snapshot;
+use crate::serve::Fetcher;
+use crate::store::{Store, StoreError};
+
+/// What can go wrong talking to an upstream.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("{server}: {source}")]
+    Http {
+        server: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("{server}: answered {status}")]
+    Status { server: String, status: StatusCode },
+    #[error("{server}: no byte for {secs} s")]
+    Idle { server: String, secs: u64 },
+    #[error("{server}: {source}")]
+    Store {
+        server: String,
+        #[source]
+        source: StoreError,
+    },
+    #[error("no upstream answered: {}", .0.join("; "))]
+    AllFailed(Vec<String>),
+    #[error("building the HTTP client: {0}")]
+    Client(reqwest::Error),
+}
+
+type SharedFetch = Shared<BoxFuture<'static, Result<(), Arc<UpstreamError>>>>;
+
+/// The upstream list and the in-flight fetches.
+pub struct Upstream {
+    servers: Vec<url::Url>,
+    token: Option<Token>,
+    http: reqwest::Client,
+    idle_timeout: Duration,
+    store: Store,
+    metrics: Arc<Metrics>,
+    /// One entry per blob being fetched; later askers attach to it.
+    inflight: Mutex<HashMap<Digest, SharedFetch>>,
+}
+
+impl Upstream {
+    pub fn new(
+        servers: Vec<url::Url>,
+        token: Option<Token>,
+        idle_timeout: Duration,
+        store: Store,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Upstream>, UpstreamError> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .read_timeout(idle_timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("gup-node/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(UpstreamError::Client)?;
+        Ok(Arc::new(Upstream {
+            servers,
+            token,
+            http,
+            idle_timeout,
+            store,
+            metrics,
+            inflight: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    pub fn servers(&self) -> &[url::Url] {
+        &self.servers
+    }
+
+    fn url(server: &url::Url, path: &str) -> String {
+        format!("{}{}", server.as_str().trim_end_matches('/'), path)
+    }
+
+    fn get(&self, url: &str) -> reqwest::RequestBuilder {
+        let req = self.http.get(url);
+        match &self.token {
+            Some(t) => req.bearer_auth(t.secret()),
+            None => req,
+        }
+    }
+
+    /// The snapshot of the first upstream that answers, in priority order, with its index.
+    pub async fn snapshot(&self) -> Result<(usize, Snapshot), UpstreamError> {
+        let mut failures = Vec::new();
+        for (i, server) in self.servers.iter().enumerate() {
+            match self.snapshot_from(server).await {
+                Ok(s) => return Ok((i, s)),
+                Err(e) => failures.push(e.to_string()),
+            }
+        }
+        Err(UpstreamError::AllFailed(failures))
+    }
+
+    async fn snapshot_from(&self, server: &url::Url) -> Result<Snapshot, UpstreamError> {
+        let name = server.to_string();
+        let http = |source| UpstreamError::Http {
+            server: name.clone(),
+            source,
+        };
+        let resp = self
+            .get(&Self::url(server, "/v1/sync"))
+            .timeout(self.idle_timeout)
+            .send()
+            .await
+            .map_err(http)?;
+        if !resp.status().is_success() {
+            return Err(UpstreamError::Status {
+                server: name.clone(),
+                status: resp.status(),
+            });
+        }
+        resp.json::<Snapshot>().await.map_err(http)
+    }
+
+    /// Brings `digest` into the store, sharing the fetch with everyone asking at once.
+    pub fn fetch(self: &Arc<Self>, digest: Digest, size: u64) -> SharedFetch {
+        let Ok(mut inflight) = self.inflight.lock() else {
+            let err = Arc::new(UpstreamError::AllFailed(vec!["lock poisoned".into()]));
+            return futures_util::future::ready(Err(err)).boxed().shared();
+        };
+        if let Some(f) = inflight.get(&digest) {
+            return f.clone();
+        }
+        let me = self.clone();
+        let fut = async move {
+            let result = me.fetch_any(digest, size).await.map_err(Arc::new);
+            if let Ok(mut inflight) = me.inflight.lock() {
+                inflight.remove(&digest);
+            }
+            result
+        }
+        .boxed()
+        .shared();
+        inflight.insert(digest, fut.clone());
+        // Drive it even if every asker goes away: the bytes are wanted anyway.
+        tokio::spawn(fut.clone());
+        fut
+    }
+
+    async fn fetch_any(&self, digest: Digest, size: u64) -> Result<(), UpstreamError> {
+        if self.store.contains(&digest) {
+            return Ok(());
+        }
+        let mut failures = Vec::new();
+        for server in &self.servers {
+            self.metrics.upstream_fetches.inc();
+            match self.fetch_from(server, digest, size).await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::warn!(%digest, error = %e, "blob fetch failed; trying the next upstream");
+                    failures.push(e.to_string());
+                }
+            }
+        }
+        Err(UpstreamError::AllFailed(failures))
+    }
+
+    async fn fetch_from(
+        &self,
+        server: &url::Url,
+        digest: Digest,
+        size: u64,
+    ) -> Result<(), UpstreamError> {
+        let name = server.to_string();
+        let resp = self
+            .get(&Self::url(server, &format!("/v1/content/{digest}")))
+            .send()
+            .await
+            .map_err(|source| UpstreamError::Http {
+                server: name.clone(),
+                source,
+            })?;
+        if resp.status() != StatusCode::OK {
+            return Err(UpstreamError::Status {
+                server: name,
+                status: resp.status(),
+            });
+        }
+        let store_err = |source| UpstreamError::Store {
+            server: name.clone(),
+            source,
+        };
+        let mut writer = self.store.writer().await.map_err(store_err)?;
+        let mut body = resp.bytes_stream();
+        loop {
+            let next = tokio::time::timeout(self.idle_timeout, body.next())
+                .await
+                .map_err(|_| UpstreamError::Idle {
+                    server: name.clone(),
+                    secs: self.idle_timeout.as_secs(),
+                })?;
+            let Some(chunk) = next else { break };
+            let chunk = chunk.map_err(|source| UpstreamError::Http {
+                server: name.clone(),
+                source,
+            })?;
+            self.metrics.upstream_bytes.inc_by(chunk.len() as u64);
+            writer.write(&chunk).await.map_err(store_err)?;
+        }
+        writer
+            .finish(Some((&digest, Some(size))))
+            .await
+            .map_err(store_err)?;
+        tracing::info!(%digest, size, server = %name, "blob fetched and verified");
+        Ok(())
+    }
+}
+
+/// The upstream as the `serve` module sees it.
+pub struct UpstreamFetcher(pub Arc<Upstream>);
+
+impl Fetcher for UpstreamFetcher {
+    fn ensure(&self, digest: Digest, size: u64) -> BoxFuture<'static, Result<(), ApiError>> {
+        let fetch = self.0.fetch(digest, size);
+        async move {
+            fetch.await.map_err(|e| {
+                ApiError::new(
+                    axum::http::StatusCode::BAD_GATEWAY,
+                    "upstream_failed",
+                    format!("fetching {digest}: {e}"),
+                )
+            })
+        }
+        .boxed()
+    }
+}
