@@ -1,0 +1,248 @@
+//! Shared harness for end-to-end tests: real `gup` processes on 127.0.0.1 ephemeral ports,
+//! real data dirs in temp dirs. Each process listens on port 0 and the harness reads the bound
+//! address from its log, so tests never race for ports.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+pub const NODE_TOKEN: &str = "test-node-token";
+
+pub fn gup() -> &'static str {
+    env!("CARGO_BIN_EXE_gup")
+}
+
+/// A running `gup` process.
+pub struct Proc {
+    child: Option<Child>,
+    pub url: String,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// Starts `gup ARGS` with stderr to `log`, waits for its "listening" line and /healthz.
+    pub fn start(args: &[&str], log: PathBuf) -> Proc {
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(gup())
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("spawn gup");
+        let mut p = Proc {
+            child: Some(child),
+            url: String::new(),
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let text = std::fs::read_to_string(&p.log).unwrap_or_default();
+            if let Some(addr) = text
+                .lines()
+                .find(|l| l.contains("listening"))
+                .and_then(|l| l.split("addr=").nth(1))
+                .and_then(|r| r.split_whitespace().next())
+            {
+                p.url = format!("http://{addr}");
+                break;
+            }
+            if let Some(status) = p.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("gup {args:?} exited with {status} before listening:\n{text}");
+            }
+            assert!(Instant::now() < deadline, "gup {args:?} did not listen:\n{text}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        p
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
+    }
+
+    /// SIGTERM, then waits; returns the exit code.
+    pub fn stop(mut self) -> Option<i32> {
+        let mut child = self.child.take()?;
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("process did not stop on SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL: a crash.
+    pub fn kill9(mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A manager on 127.0.0.1:0 with the test tokens.
+pub fn start_manager(data_dir: &Path, extra: &[&str]) -> Proc {
+    let dd = data_dir.to_str().unwrap();
+    let mut args = vec![
+        "manager",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        dd,
+        "--admin-token",
+        ADMIN_TOKEN,
+        "--node-token",
+        NODE_TOKEN,
+    ];
+    args.extend_from_slice(extra);
+    Proc::start(&args, data_dir.with_extension("log"))
+}
+
+/// Writes a node config with a short sync interval and returns its path.
+pub fn node_config(data_dir: &Path, extra_toml: &str) -> PathBuf {
+    let path = data_dir.with_extension("toml");
+    let mut f = std::fs::File::create(&path).unwrap();
+    writeln!(f, "[upstream]\nsync_interval_s = 1\n{extra_toml}").unwrap();
+    path
+}
+
+/// A node on 127.0.0.1:0 using `upstreams` in order, with a 1 s sync interval.
+pub fn start_node(data_dir: &Path, upstreams: &[&str], extra: &[&str]) -> Proc {
+    let config = node_config(data_dir, "");
+    let dd = data_dir.to_str().unwrap().to_string();
+    let cfg = config.to_str().unwrap().to_string();
+    let mut args: Vec<String> = vec![
+        "node".into(),
+        "--config".into(),
+        cfg,
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--data-dir".into(),
+        dd,
+        "--upstream-token".into(),
+        NODE_TOKEN.into(),
+        "--node-token".into(),
+        NODE_TOKEN.into(),
+    ];
+    for u in upstreams {
+        args.push("--upstream".into());
+        args.push((*u).into());
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    Proc::start(&refs, data_dir.with_extension("log"))
+}
+
+/// Runs `gup admin ... publish FILE --name NAME --version V`; returns (exit code, stdout).
+pub fn publish(manager: &str, file: &Path, name: &str, version: &str) -> (i32, String) {
+    let out = Command::new(gup())
+        .args([
+            "admin",
+            "--manager",
+            manager,
+            "--token",
+            ADMIN_TOKEN,
+            "publish",
+            file.to_str().unwrap(),
+            "--name",
+            name,
+            "--version",
+            version,
+        ])
+        .output()
+        .expect("run gup admin");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+/// Pseudo-random bytes from a seed (xorshift), cheap and reproducible.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    gup::digest::Digest::of(bytes).to_hex()
+}
+
+/// Polls `f` every 50 ms until it returns Some, or panics after `secs`.
+pub async fn wait_for<T, F, Fut>(secs: u64, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The node's catalog contains `sha256`.
+pub async fn catalog_has(client: &reqwest::Client, base: &str, sha256: &str) -> bool {
+    let Ok(resp) = client.get(format!("{base}/v1/catalog")).send().await else {
+        return false;
+    };
+    let Ok(v) = resp.json::<serde_json::Value>().await else {
+        return false;
+    };
+    v["items"]
+        .as_array()
+        .map(|items| items.iter().any(|i| i["sha256"] == sha256))
+        .unwrap_or(false)
+}
+
+/// A metric's value from `/metrics`.
+pub async fn metric(client: &reqwest::Client, base: &str, name: &str) -> f64 {
+    let text = client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("metric {name} not found in:\n{text}"))
+}
