@@ -110,3 +110,24 @@ pub fn from_rejection(status: StatusCode, text: String) -> ApiError {
     };
     ApiError::new(status, code, text)
 }
+
+/// A JSON request body whose rejections (bad JSON, wrong types, too large) answer with our
+/// JSON error instead of axum's plain text.
+pub struct JsonBody<T>(pub T);
+
+impl<T, S> axum::extract::FromRequest<S> for JsonBody<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|e| from_rejection(e.status(), e.body_text()))?;
+        serde_json::from_slice(&bytes)
+            .map(JsonBody)
+            .map_err(|e| ApiError::bad_request("bad_json", format!("request body: {e}")))
+    }
+}

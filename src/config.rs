@@ -148,7 +148,10 @@ pub struct UpstreamSection {
     /// The node token this node presents upstream.
     pub token: String,
     pub token_file: String,
-    /// Seconds between re-syncs with the upstream.
+    /// `push`: hold one `/v1/stream` to the upstream and re-sync on each event; `pull`: re-sync
+    /// every `sync_interval_s`.
+    pub mode: crate::settings::ConnectionMode,
+    /// Seconds between re-syncs in pull mode, and between heartbeat batches relayed upstream.
     pub sync_interval_s: u64,
     /// An upstream fetch that receives no byte for this long is abandoned.
     pub idle_timeout_s: u64,
@@ -160,6 +163,7 @@ impl Default for UpstreamSection {
             servers: Vec::new(),
             token: String::new(),
             token_file: String::new(),
+            mode: crate::settings::ConnectionMode::Push,
             sync_interval_s: 10,
             idle_timeout_s: 30,
         }

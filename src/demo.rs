@@ -71,18 +71,17 @@ pub async fn run(data_dir: &Path, shutdown: Shutdown) -> Result<(), DemoError> {
     mc.manager.listen = manager_listener.local_addr()?;
     mc.manager.data_dir = data_dir.join("manager");
     let (admin_token, node_token) = manager::tokens(&mc).map_err(ManagerError::from)?;
-    let manager = Manager::open(&mc)?;
+    let manager = Manager::open(&mc, shutdown.clone())?;
 
     let mut nc = NodeConfig::default();
     nc.node.listen = node_listener.local_addr()?;
     nc.node.data_dir = data_dir.join("node");
     nc.upstream.servers = vec![manager_url.clone()];
     nc.upstream.token = node_token.secret().to_string();
-    nc.upstream.sync_interval_s = 1;
-    let node = Node::open(&nc)?;
+    let node = Node::open(&nc, shutdown.clone())?;
 
-    let m_task = tokio::spawn(manager.run(manager_listener, shutdown.clone()));
-    let n_task = tokio::spawn(node.run(node_listener, shutdown.clone()));
+    let m_task = tokio::spawn(manager.run(manager_listener));
+    let n_task = tokio::spawn(node.run(node_listener));
 
     println!("gup demo: a management server and a branch-office node on this machine");
     println!(

@@ -270,14 +270,12 @@ fn run(cli: Cli) -> Result<(), Failure> {
             gup::server::raise_open_file_limit();
             let listen = cfg.manager.listen;
             with_shutdown(|shutdown| async move {
-                let manager = gup::manager::Manager::open(&cfg).map_err(|e| e.to_string())?;
+                let manager =
+                    gup::manager::Manager::open(&cfg, shutdown).map_err(|e| e.to_string())?;
                 let listener = tokio::net::TcpListener::bind(listen)
                     .await
                     .map_err(|e| format!("binding {listen}: {e}"))?;
-                manager
-                    .run(listener, shutdown)
-                    .await
-                    .map_err(|e| e.to_string())
+                manager.run(listener).await.map_err(|e| e.to_string())
             })
         }
         Command::Node(args) => {
@@ -330,13 +328,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
             gup::server::raise_open_file_limit();
             let listen = cfg.node.listen;
             with_shutdown(|shutdown| async move {
-                let node = gup::node::Node::open(&cfg).map_err(|e| e.to_string())?;
+                let node = gup::node::Node::open(&cfg, shutdown).map_err(|e| e.to_string())?;
                 let listener = tokio::net::TcpListener::bind(listen)
                     .await
                     .map_err(|e| format!("binding {listen}: {e}"))?;
-                node.run(listener, shutdown)
-                    .await
-                    .map_err(|e| e.to_string())
+                node.run(listener).await.map_err(|e| e.to_string())
             })
         }
         Command::Admin(args) => admin(args, cli.log_format.unwrap_or_default()),

@@ -10,26 +10,34 @@ use std::sync::{Arc, RwLock};
 
 use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use chrono::Utc;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
-use crate::api::{self, ApiError};
+use crate::api::{self, ApiError, JsonBody};
 use crate::auth::{self, Token, TokenError};
 use crate::catalog::{CatalogError, CatalogHistory};
+use crate::clients::{self, ClientsError, Heartbeat, Registry};
 use crate::config::ManagerConfig;
 use crate::digest::Digest;
 use crate::metrics::Metrics;
 use crate::mirror::Snapshot;
 use crate::serve::{self, Readiness, Served};
 use crate::server;
+use crate::settings::{Directory, PutOutcome, SettingsError};
 use crate::store::{Kv, Store, StoreError};
+use crate::stream::{Change, Changes};
+
+/// Largest JSON body of the client and admin API.
+pub const BODY_LIMIT: usize = 1 << 20;
+/// Largest batch a node may send on its node-token endpoints.
+pub const BATCH_LIMIT: usize = 16 << 20;
 
 /// Why the manager could not start or run.
 #[derive(Debug, thiserror::Error)]
@@ -40,18 +48,26 @@ pub enum ManagerError {
     Token(#[from] TokenError),
     #[error("serving: {0}")]
     Io(#[from] std::io::Error),
+    #[error("clients: {0}")]
+    Clients(#[from] ClientsError),
 }
 
 const CATALOG_KEY: &str = "history";
+const DIRECTORY_KEY: &str = "directory";
 
 /// A running manager's state.
 pub struct Manager {
     served: Arc<Served>,
     catalog_kv: Kv,
+    directory_kv: Kv,
+    registry: Registry,
     admin_token: Token,
     node_token: Token,
     /// Serializes catalog changes with their persistence, so revisions hit disk in order.
     publish_lock: tokio::sync::Mutex<()>,
+    /// Serializes directory changes with their persistence.
+    admin_lock: tokio::sync::Mutex<()>,
+    shutdown: server::Shutdown,
 }
 
 /// Tokens a manager uses, resolved from config, files, or its data dir.
@@ -75,7 +91,10 @@ pub fn tokens(config: &ManagerConfig) -> Result<(Token, Token), TokenError> {
 
 impl Manager {
     /// Opens the data dir: store, catalog, tokens.
-    pub fn open(config: &ManagerConfig) -> Result<Arc<Manager>, ManagerError> {
+    pub fn open(
+        config: &ManagerConfig,
+        shutdown: server::Shutdown,
+    ) -> Result<Arc<Manager>, ManagerError> {
         let store = Store::open(&config.manager.data_dir)?;
         let (admin_token, node_token) = tokens(config)?;
         let catalog_kv = store.kv("catalog")?;
@@ -83,47 +102,84 @@ impl Manager {
             .get(CATALOG_KEY)?
             .unwrap_or_else(|| CatalogHistory::new(config.manager.retain_revisions));
         history.set_retain(config.manager.retain_revisions);
+        let directory_kv = store.kv("settings")?;
+        let directory: Directory = directory_kv.get(DIRECTORY_KEY)?.unwrap_or_default();
+        let registry = Registry::open(&store)?;
         tracing::info!(
             revision = history.revision(),
             blobs = store.list().len(),
+            groups = directory.groups.len(),
             "manager state loaded"
         );
+        let metrics = Arc::new(Metrics::new());
         let served = Arc::new(Served {
             store,
             catalog: Arc::new(RwLock::new(history)),
-            metrics: Arc::new(Metrics::new()),
+            changes: Arc::new(Changes::new(metrics.stream_clients.clone())),
+            metrics,
             fetcher: None,
             readiness: Arc::new(Readiness::ready()),
+            directory: Arc::new(RwLock::new(directory)),
         });
         Ok(Arc::new(Manager {
             served,
             catalog_kv,
+            directory_kv,
+            registry,
             admin_token,
             node_token,
             publish_lock: tokio::sync::Mutex::new(()),
+            admin_lock: tokio::sync::Mutex::new(()),
+            shutdown,
         }))
     }
 
     /// All routes of the manager.
     pub fn router(self: &Arc<Self>) -> Router {
-        let admin = Router::new()
+        let publishing = Router::new()
             .route("/v1/admin/content", post(publish))
-            .route("/v1/admin/content/{name}", delete(unpublish))
-            .route("/v1/sync", get(sync))
             .with_state(self.clone());
-        serve::finish_router(serve::client_router(self.served.clone()).merge(admin))
+        let batches = Router::new()
+            .route("/v1/node/heartbeats", post(node_heartbeats))
+            .layer(DefaultBodyLimit::max(BATCH_LIMIT))
+            .with_state(self.clone());
+        let rest = Router::new()
+            .route("/v1/admin/content/{name}", delete(unpublish))
+            .route("/v1/admin/site", put(put_site).get(get_site))
+            .route("/v1/admin/groups", get(list_groups))
+            .route(
+                "/v1/admin/groups/{group}",
+                put(put_group).delete(delete_group),
+            )
+            .route(
+                "/v1/admin/groups/{group}/settings",
+                put(put_settings).get(get_admin_settings),
+            )
+            .route("/v1/admin/groups/{group}/policy", put(put_policy))
+            .route("/v1/admin/clients", get(list_clients))
+            .route("/v1/admin/clients/{id}", delete(delete_client))
+            .route("/v1/admin/clients/{id}/move", post(move_client))
+            .route("/v1/admin/users/{user}", put(put_user))
+            .route("/v1/heartbeat", post(heartbeat))
+            .route("/v1/stream", get(stream))
+            .route("/v1/sync", get(sync))
+            .layer(DefaultBodyLimit::max(BODY_LIMIT))
+            .with_state(self.clone());
+        serve::finish_router(
+            serve::client_router(self.served.clone())
+                .merge(publishing)
+                .merge(batches)
+                .merge(rest),
+        )
     }
 
     /// Serves until `shutdown`, then flushes the store.
-    pub async fn run(
-        self: Arc<Self>,
-        listener: TcpListener,
-        shutdown: server::Shutdown,
-    ) -> Result<(), ManagerError> {
+    pub async fn run(self: Arc<Self>, listener: TcpListener) -> Result<(), ManagerError> {
         let addr = listener.local_addr()?;
         tracing::info!(%addr, "manager listening");
-        server::run(listener, self.router(), shutdown.wait()).await?;
+        server::run(listener, self.router(), self.shutdown.clone().wait()).await?;
         self.served.store.flush().await?;
+        self.registry.flush().await?;
         tracing::info!("manager stopped");
         Ok(())
     }
@@ -135,7 +191,44 @@ impl Manager {
             .read()
             .map_err(|_| ApiError::internal("catalog lock poisoned"))?
             .current();
-        Ok(Snapshot { catalog })
+        let directory = self.directory()?.clone();
+        Ok(Snapshot { directory, catalog })
+    }
+
+    fn directory(&self) -> Result<std::sync::RwLockReadGuard<'_, Directory>, ApiError> {
+        self.served
+            .directory
+            .read()
+            .map_err(|_| ApiError::internal("directory lock poisoned"))
+    }
+
+    /// Applies `f` to the directory, persists the result durably, then pushes the changes
+    /// `f` reports. Nothing changes when `f` fails.
+    async fn change_directory<T>(
+        &self,
+        f: impl FnOnce(&mut Directory) -> Result<(T, Vec<Change>), ApiError>,
+    ) -> Result<T, ApiError> {
+        let _guard = self.admin_lock.lock().await;
+        let (out, changes, copy) = {
+            let mut dir = self
+                .served
+                .directory
+                .write()
+                .map_err(|_| ApiError::internal("directory lock poisoned"))?;
+            let mut draft = dir.clone();
+            let (out, changes) = f(&mut draft)?;
+            *dir = draft.clone();
+            (out, changes, draft)
+        };
+        self.directory_kv
+            .put(DIRECTORY_KEY, &copy)
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        self.directory_kv
+            .flush()
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        self.served.changes.send_all(changes);
+        Ok(out)
     }
 
     async fn persist_catalog(&self) -> Result<(), ApiError> {
@@ -260,6 +353,9 @@ async fn publish(
     };
     if published.created {
         m.persist_catalog().await?;
+        m.served.changes.send(Change::Catalog {
+            revision: published.revision,
+        });
     }
     let version = q
         .version
@@ -298,6 +394,7 @@ async fn unpublish(
         .unpublish(&name, Utc::now())
         .map_err(catalog_error)?;
     m.persist_catalog().await?;
+    m.served.changes.send(Change::Catalog { revision });
     tracing::info!(%name, revision, "unpublished");
     Ok(Json(
         serde_json::json!({"name": name, "revision": revision}),
@@ -306,6 +403,443 @@ async fn unpublish(
 
 async fn sync(State(m): State<Arc<Manager>>, headers: HeaderMap) -> Result<Response, ApiError> {
     m.node_token.check(&headers, "node")?;
-    let snapshot = m.snapshot()?;
-    Ok(serve::json_with_etag(&headers, &snapshot.etag(), &snapshot))
+    let (etag, bytes) = m
+        .snapshot()?
+        .encode()
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(serve::json_bytes_with_etag(&headers, &etag, bytes))
+}
+
+// === settings and groups ===
+
+/// A settings error on the wire: 400 naming the key, 404, or 409.
+pub fn settings_error(e: SettingsError) -> ApiError {
+    let message = e.to_string();
+    match e {
+        SettingsError::BadRequest { .. } => ApiError::bad_request("bad_setting", message),
+        SettingsError::NotFound(_) => ApiError::not_found(message),
+        SettingsError::Conflict(_) => ApiError::conflict(message),
+    }
+}
+
+fn clients_error(e: ClientsError) -> ApiError {
+    let message = e.to_string();
+    match e {
+        ClientsError::Invalid { .. } => ApiError::bad_request("bad_request", message),
+        ClientsError::UnknownClient(_) | ClientsError::UnknownGroup(_) => {
+            ApiError::not_found(message)
+        }
+        ClientsError::Store(_) => ApiError::internal(message),
+    }
+}
+
+/// Settings changes for `groups`, as pushed to streams.
+fn settings_changes(dir: &Directory, groups: &[String]) -> Vec<Change> {
+    groups
+        .iter()
+        .map(|g| Change::Settings {
+            group: g.clone(),
+            serial: dir.settings_serial(g),
+        })
+        .collect()
+}
+
+/// Every group's current settings and policy serial (what an anonymous stream starts with).
+fn all_state(dir: &Directory, revision: u64) -> Vec<Change> {
+    let mut out = Vec::new();
+    for g in dir.groups.keys() {
+        out.push(Change::Settings {
+            group: g.clone(),
+            serial: dir.settings_serial(g),
+        });
+        out.push(Change::Policy {
+            group: g.clone(),
+            serial: clients::policy_serial(dir, g),
+        });
+    }
+    out.push(Change::Catalog { revision });
+    out
+}
+
+async fn get_site(
+    State(m): State<Arc<Manager>>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    m.admin_token.check(&headers, "admin")?;
+    let site = m.directory()?.site.clone();
+    Ok(Json(serde_json::to_value(site).unwrap_or_default()))
+}
+
+async fn put_site(
+    State(m): State<Arc<Manager>>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<serde_json::Value>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    m.admin_token.check(&headers, "admin")?;
+    let site = m
+        .change_directory(|d| {
+            let before = d.site.clone();
+            d.put_site(&body).map_err(settings_error)?;
+            // learn_applications depends on the site switch: every group's settings change.
+            let changes = if d.site != before {
+                let all: Vec<String> = d.groups.keys().cloned().collect();
+                settings_changes(d, &all)
+            } else {
+                Vec::new()
+            };
+            Ok((d.site.clone(), changes))
+        })
+        .await?;
+    Ok(Json(serde_json::to_value(site).unwrap_or_default()))
+}
+
+async fn list_groups(
+    State(m): State<Arc<Manager>>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    m.admin_token.check(&headers, "admin")?;
+    let groups = m.directory()?.groups_list();
+    Ok(Json(serde_json::json!({ "groups": groups })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ParentBody {
+    parent: Option<String>,
+}
+
+async fn put_group(
+    State(m): State<Arc<Manager>>,
+    headers: HeaderMap,
+    Path(group): Path<String>,
+    JsonBody(body): JsonBody<ParentBody>,
+) -> Result<Response, ApiError> {
+    m.admin_token.check(&headers, "admin")?;
+    let parent = body
+        .parent
+        .unwrap_or_else(|| crate::settings::DEFAULT_GROUP.to_string());
+    let outcome = m
+        .change_directory(|d| {
+            let o = d.put_group(&group, &parent).map_err(settings_error)?;
+            let changes = if o == PutOutcome::Unchanged {
+                Vec::new()
+            } else {
+                let mut c = settings_changes(d, &d.descendants(&group));
+                c.extend(d.descendants(&group).into_iter().map(|g| Change::Policy {
+                    serial: clients::policy_serial(d, &g),
+                    group: g,
+                }));
+                c
+            };
+            Ok((o, changes))
+        })
+        .await?;
+    let status = if outcome == PutOutcome::Created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((
+        status,
+        Json(serde_json::json!({"group": group, "parent": parent})),
+    )
+        .into_response())
+}
+
+async fn delete_group(
+    State(m): State<Arc<Manager>>,
+    headers: HeaderMap,
+    Path(group): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    m.admin_token.check(&headers, "admin")?;
+    let has_clients = m.registry.has_clients(&group).map_err(clients_error)?;
+    m.change_directory(|d| {
+        d.delete_group(&group, has_clients)
+            .map_err(settings_error)?;
+        Ok(((), Vec::new()))
+    })
+    .await?;
+    Ok(Json(serde_json::json!({"deleted": group})))
+}
+
+#[derive(Deserialize)]
+struct LocationQuery {
+    location: Option<String>,
+}
+
+async fn put_settings(
+    State(m): State<Arc<Manager>>,
+    headers: HeaderMap,
+    Path(group): Path<String>,
+    query: Result<Query<LocationQuery>, QueryRejection>,
+    JsonBody(body): JsonBody<serde_json::Value>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    m.admin_token.check(&headers, "admin")?;
+    let Query(q) = query.map_err(|e| api::from_rejection(e.status(), e.body_text()))?;
+    let location = q.location.filter(|l| !l.is_empty());
+    let effective = m
+        .change_directory(|d| {
+            let changed = d
+                .put_settings(&group, location.as_deref(), &body)
+                .map_err(settings_error)?;
+            let changes = settings_changes(d, &changed);
+            Ok((
+                clients::settings_json(d, &group, location.as_deref()),
+                changes,
+            ))
+        })
+        .await?;
+    Ok(Json(effective))
+}
+
+async fn get_admin_settings(
+    State(m): State<Arc<Manager>>,
+    headers: HeaderMap,
+    Path(group): Path<String>,
+    query: Result<Query<LocationQuery>, QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    m.admin_token.check(&headers, "admin")?;
+    let Query(q) = query.map_err(|e| api::from_rejection(e.status(), e.body_text()))?;
+    let location = q.location.filter(|l| !l.is_empty());
+    let dir = m.directory()?;
+    let Some(g) = dir.groups.get(&group) else {
+        return Err(ApiError::not_found(format!("no group {group:?}")));
+    };
+    let own = g.own.to_nested();
+    let location_override = location
+        .as_deref()
+        .and_then(|l| g.locations.get(l))
+        .map(|o| o.to_nested());
+    Ok(Json(serde_json::json!({
+        "group": group,
+        "location": location,
+        "own": own,
+        "location_override": location_override,
+        "effective": clients::settings_json(&dir, &group, location.as_deref()),
+    })))
+}
+
+async fn put_policy(
+    State(m): State<Arc<Manager>>,
+    headers: HeaderMap,
+    Path(group): Path<String>,
+    JsonBody(body): JsonBody<serde_json::Value>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    m.admin_token.check(&headers, "admin")?;
+    let serial = m
+        .change_directory(|d| {
+            let serial = d.put_policy(&group, body).map_err(settings_error)?;
+            // Every descendant whose effective policy is now this one hears of it.
+            let changes = d
+                .descendants(&group)
+                .into_iter()
+                .filter(|g| clients::policy_serial(d, g) == serial)
+                .map(|g| Change::Policy { group: g, serial })
+                .collect();
+            Ok((serial, changes))
+        })
+        .await?;
+    Ok(Json(serde_json::json!({"group": group, "serial": serial})))
+}
+
+// === clients ===
+
+async fn heartbeat(
+    State(m): State<Arc<Manager>>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+    JsonBody(hb): JsonBody<Heartbeat>,
+) -> Result<Json<clients::HeartbeatReply>, ApiError> {
+    hb.validate().map_err(clients_error)?;
+    let revision = m
+        .served
+        .catalog
+        .read()
+        .map_err(|_| ApiError::internal("catalog lock poisoned"))?
+        .revision();
+    let dir = m.directory()?.clone();
+    let record = m
+        .registry
+        .heartbeat(&dir, &hb, Some(peer.ip().to_string()), Utc::now())
+        .map_err(clients_error)?;
+    Ok(Json(clients::reply(
+        &dir,
+        &hb,
+        &record.group,
+        revision,
+        None,
+    )))
+}
+
+/// One heartbeat relayed by a node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RelayedHeartbeat {
+    pub heartbeat: Heartbeat,
+    /// The client's address as the node saw it.
+    pub address: Option<String>,
+}
+
+/// `POST /v1/node/heartbeats` body.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct HeartbeatBatch {
+    pub heartbeats: Vec<RelayedHeartbeat>,
+}
+
+/// The group the manager placed a relayed client in.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Assignment {
+    pub client_id: String,
+    pub group: String,
+}
+
+/// `POST /v1/node/heartbeats` answer.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct BatchReply {
+    pub assignments: Vec<Assignment>,
+    /// Heartbeats refused as invalid, by client id, with the reason.
+    pub rejected: Vec<(String, String)>,
+}
+
+async fn node_heartbeats(
+    State(m): State<Arc<Manager>>,
+    headers: HeaderMap,
+    JsonBody(batch): JsonBody<HeartbeatBatch>,
+) -> Result<Json<BatchReply>, ApiError> {
+    m.node_token.check(&headers, "node")?;
+    let dir = m.directory()?.clone();
+    let now = Utc::now();
+    let mut reply = BatchReply::default();
+    for item in batch.heartbeats {
+        match m
+            .registry
+            .heartbeat(&dir, &item.heartbeat, item.address, now)
+        {
+            Ok(r) => reply.assignments.push(Assignment {
+                client_id: r.client_id,
+                group: r.group,
+            }),
+            Err(ClientsError::Invalid { field, reason }) => reply
+                .rejected
+                .push((item.heartbeat.client_id, format!("{field}: {reason}"))),
+            Err(e) => return Err(clients_error(e)),
+        }
+    }
+    Ok(Json(reply))
+}
+
+async fn list_clients(
+    State(m): State<Arc<Manager>>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    m.admin_token.check(&headers, "admin")?;
+    let clients = m.registry.list(Utc::now()).map_err(clients_error)?;
+    Ok(Json(serde_json::json!({ "clients": clients })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GroupBody {
+    group: String,
+}
+
+async fn move_client(
+    State(m): State<Arc<Manager>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<GroupBody>,
+) -> Result<Json<clients::ClientRecord>, ApiError> {
+    m.admin_token.check(&headers, "admin")?;
+    let dir = m.directory()?.clone();
+    let record = m
+        .registry
+        .move_client(&dir, &id, &body.group)
+        .map_err(clients_error)?;
+    m.registry.flush().await.map_err(clients_error)?;
+    // A pushed client hears of its new group's settings at once.
+    m.served.changes.send(Change::Settings {
+        group: record.group.clone(),
+        serial: dir.settings_serial(&record.group),
+    });
+    Ok(Json(record))
+}
+
+async fn delete_client(
+    State(m): State<Arc<Manager>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    m.admin_token.check(&headers, "admin")?;
+    m.registry.delete(&id).map_err(clients_error)?;
+    m.registry.flush().await.map_err(clients_error)?;
+    Ok(Json(serde_json::json!({"deleted": id})))
+}
+
+async fn put_user(
+    State(m): State<Arc<Manager>>,
+    headers: HeaderMap,
+    Path(user): Path<String>,
+    JsonBody(body): JsonBody<GroupBody>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    m.admin_token.check(&headers, "admin")?;
+    let dir = m.directory()?.clone();
+    m.registry
+        .set_user(&dir, &user, &body.group)
+        .map_err(clients_error)?;
+    m.registry.flush().await.map_err(clients_error)?;
+    Ok(Json(serde_json::json!({"user": user, "group": body.group})))
+}
+
+#[derive(Deserialize)]
+struct StreamQuery {
+    client_id: Option<String>,
+}
+
+async fn stream(
+    State(m): State<Arc<Manager>>,
+    query: Result<Query<StreamQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = query.map_err(|e| api::from_rejection(e.status(), e.body_text()))?;
+    let client = q.client_id.filter(|c| !c.is_empty());
+    let current = {
+        let m = m.clone();
+        let client = client.clone();
+        move || {
+            let revision = m.served.catalog.read().map(|c| c.revision()).unwrap_or(0);
+            let Ok(dir) = m.served.directory.read() else {
+                return Vec::new();
+            };
+            match &client {
+                None => all_state(&dir, revision),
+                Some(id) => {
+                    let group = m
+                        .registry
+                        .group_of(id)
+                        .unwrap_or_else(|| crate::settings::DEFAULT_GROUP.to_string());
+                    vec![
+                        Change::Settings {
+                            serial: dir.settings_serial(&group),
+                            group: group.clone(),
+                        },
+                        Change::Policy {
+                            serial: clients::policy_serial(&dir, &group),
+                            group,
+                        },
+                        Change::Catalog { revision },
+                    ]
+                }
+            }
+        }
+    };
+    let registry = m.registry.clone();
+    let filter = move |c: &Change| match (&client, c.group()) {
+        (None, _) | (_, None) => true,
+        (Some(id), Some(g)) => {
+            registry
+                .group_of(id)
+                .unwrap_or_else(|| crate::settings::DEFAULT_GROUP.to_string())
+                == g
+        }
+    };
+    Ok(m.served
+        .changes
+        .respond(current, filter, m.shutdown.clone()))
 }

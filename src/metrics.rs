@@ -19,6 +19,8 @@ pub struct Metrics {
     pub cache_misses: Counter,
     /// Bytes of blobs in the store.
     pub cache_bytes: Gauge,
+    /// Open push connections.
+    pub stream_clients: Gauge,
 }
 
 impl Default for Metrics {
@@ -36,6 +38,7 @@ impl Metrics {
         let cache_hits = Counter::default();
         let cache_misses = Counter::default();
         let cache_bytes = Gauge::default();
+        let stream_clients = Gauge::default();
         // prometheus-client appends `_total` to counters itself.
         registry.register(
             "gup_upstream_fetches",
@@ -67,8 +70,14 @@ impl Metrics {
             "Bytes of blobs in the store",
             cache_bytes.clone(),
         );
+        registry.register(
+            "gup_stream_clients",
+            "Open push (server-sent events) connections",
+            stream_clients.clone(),
+        );
         Metrics {
             registry,
+            stream_clients,
             upstream_fetches,
             upstream_bytes,
             served_bytes,

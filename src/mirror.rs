@@ -7,16 +7,22 @@
 use serde::{Deserialize, Serialize};
 
 use crate::catalog::Catalog;
+use crate::settings::Directory;
 
-/// What `GET /v1/sync` returns.
+/// What `GET /v1/sync` returns: the group tree with each group's own keys, location
+/// overrides and policy, the site settings, and the current catalog.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Snapshot {
+    pub directory: Directory,
     pub catalog: Catalog,
 }
 
 impl Snapshot {
-    /// Strong ETag: changes whenever anything in the snapshot changes.
-    pub fn etag(&self) -> String {
-        format!("\"sync-{}\"", self.catalog.revision)
+    /// Serializes the snapshot with a strong ETag derived from its bytes, so any change,
+    /// including a deleted group, changes the tag.
+    pub fn encode(&self) -> Result<(String, Vec<u8>), serde_json::Error> {
+        let bytes = serde_json::to_vec(self)?;
+        let digest = crate::digest::Digest::of(&bytes).to_hex();
+        Ok((format!("\"sync-{}\"", &digest[..16]), bytes))
     }
 }

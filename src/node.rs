@@ -1,32 +1,44 @@
 //! The node: a branch office's Group Update Provider.
 //!
-//! Owns the node's wiring and its mirror loop: it keeps the mirrored catalog (persisted, so a
-//! restart serves what it had), re-syncs with the first upstream that answers, prefetches new
-//! content through `upstream`, and serves clients through `serve`. It must never answer a
-//! client with bytes that did not come through the store, and never ask an upstream for a
-//! digest that is not in its mirrored catalog.
+//! Owns the node's wiring and its mirror: the catalog and the settings directory of its
+//! upstream (persisted, so a restart serves what it had), kept fresh by one push stream to
+//! the upstream (or polling in pull mode); prefetching through `upstream`; answering client
+//! heartbeats from the mirror and relaying them upstream in batches; its own push stream for
+//! its clients. Group resolution stays the manager's: known clients get the manager's answer,
+//! new ones their install group until it arrives. It must never answer a client with bytes
+//! that did not come through the store, and never ask an upstream for a digest that is not in
+//! its mirrored catalog.
 
-use std::sync::{Arc, RwLock};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use axum::extract::State;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Query, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
-use axum::routing::get;
-use axum::Router;
+use axum::routing::{get, post};
+use axum::{Json, Router};
 use chrono::Utc;
+use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
-use crate::api::ApiError;
+use crate::api::{self, ApiError, JsonBody};
 use crate::auth::{self, Token, TokenError};
 use crate::catalog::CatalogHistory;
+use crate::clients::{self, Heartbeat, HeartbeatReply};
 use crate::config::NodeConfig;
+use crate::manager::{
+    Assignment, BatchReply, HeartbeatBatch, RelayedHeartbeat, BATCH_LIMIT, BODY_LIMIT,
+};
 use crate::metrics::Metrics;
 use crate::mirror::Snapshot;
 use crate::serve::{self, Readiness, Served};
 use crate::server::{self, Shutdown};
+use crate::settings::{ConnectionMode, Directory};
 use crate::store::{Kv, Store, StoreError};
+use crate::stream::{Change, Changes};
 use crate::upstream::{Upstream, UpstreamError, UpstreamFetcher};
 
 /// Why the node could not start or run.
@@ -40,28 +52,40 @@ pub enum NodeError {
     Upstream(#[from] UpstreamError),
     #[error("upstream.servers: {0}")]
     BadUpstream(String),
+    #[error("upstream sent an invalid directory: {0}")]
+    BadDirectory(String),
     #[error("serving: {0}")]
     Io(#[from] std::io::Error),
 }
 
 const CATALOG_KEY: &str = "history";
+const DIRECTORY_KEY: &str = "directory";
 
 /// A node's state.
 pub struct Node {
     served: Arc<Served>,
     upstream: Arc<Upstream>,
     catalog_kv: Kv,
-    /// Checked on `/v1/sync` when another node uses this one as its upstream.
+    directory_kv: Kv,
+    /// client id -> the group the manager placed it in.
+    assignments: Kv,
+    /// Heartbeats waiting to be relayed upstream, the latest per client.
+    relay: Mutex<HashMap<String, RelayedHeartbeat>>,
+    /// Checked on `/v1/sync` and batches when another node uses this one as its upstream.
     node_token: Token,
+    mode: ConnectionMode,
     sync_interval: Duration,
     prefetch: bool,
     /// Wakes the prefetch worker when the mirrored catalog changed.
     catalog_changed: Notify,
+    /// Wakes the mirror loop when the upstream pushed an event.
+    upstream_event: Notify,
+    shutdown: Shutdown,
 }
 
 impl Node {
     /// Opens the data dir and restores the mirror of an earlier run.
-    pub fn open(config: &NodeConfig) -> Result<Arc<Node>, NodeError> {
+    pub fn open(config: &NodeConfig, shutdown: Shutdown) -> Result<Arc<Node>, NodeError> {
         let n = &config.node;
         let store = Store::open(&n.data_dir)?;
         let file = |f: &str| (!f.is_empty()).then(|| std::path::PathBuf::from(f));
@@ -89,6 +113,8 @@ impl Node {
             .get(CATALOG_KEY)?
             .unwrap_or_else(|| CatalogHistory::new(config.cache.retain_revisions));
         history.set_retain(config.cache.retain_revisions);
+        let directory_kv = store.kv("settings")?;
+        let directory: Directory = directory_kv.get(DIRECTORY_KEY)?.unwrap_or_default();
         let readiness = Arc::new(Readiness::default());
         if history.revisions().next().is_some() {
             // Ready from what we had; stale until an upstream confirms it.
@@ -102,38 +128,54 @@ impl Node {
             store.clone(),
             metrics.clone(),
         )?;
+        let assignments = store.kv("assignments")?;
         let served = Arc::new(Served {
             store,
             catalog: Arc::new(RwLock::new(history)),
+            changes: Arc::new(Changes::new(metrics.stream_clients.clone())),
             metrics,
             fetcher: Some(Arc::new(UpstreamFetcher(upstream.clone()))),
             readiness,
+            directory: Arc::new(RwLock::new(directory)),
         });
         Ok(Arc::new(Node {
             served,
             upstream,
             catalog_kv,
+            directory_kv,
+            assignments,
+            relay: Mutex::new(HashMap::new()),
             node_token,
+            mode: config.upstream.mode,
             sync_interval: Duration::from_secs(config.upstream.sync_interval_s),
             prefetch: config.cache.prefetch,
             catalog_changed: Notify::new(),
+            upstream_event: Notify::new(),
+            shutdown,
         }))
     }
 
     /// All routes of the node.
     pub fn router(self: &Arc<Self>) -> Router {
+        let batches = Router::new()
+            .route("/v1/node/heartbeats", post(node_heartbeats))
+            .layer(DefaultBodyLimit::max(BATCH_LIMIT))
+            .with_state(self.clone());
         let own = Router::new()
             .route("/v1/sync", get(sync))
+            .route("/v1/heartbeat", post(heartbeat))
+            .route("/v1/stream", get(stream))
+            .layer(DefaultBodyLimit::max(BODY_LIMIT))
             .with_state(self.clone());
-        serve::finish_router(serve::client_router(self.served.clone()).merge(own))
+        serve::finish_router(
+            serve::client_router(self.served.clone())
+                .merge(batches)
+                .merge(own),
+        )
     }
 
     /// Serves and mirrors until `shutdown`.
-    pub async fn run(
-        self: Arc<Self>,
-        listener: TcpListener,
-        shutdown: Shutdown,
-    ) -> Result<(), NodeError> {
+    pub async fn run(self: Arc<Self>, listener: TcpListener) -> Result<(), NodeError> {
         let addr = listener.local_addr()?;
         let upstreams: Vec<String> = self
             .upstream
@@ -141,20 +183,35 @@ impl Node {
             .iter()
             .map(|u| u.to_string())
             .collect();
-        tracing::info!(%addr, ?upstreams, "node listening");
-        let mirror = tokio::spawn(self.clone().mirror_loop(shutdown.clone()));
-        let prefetch = tokio::spawn(self.clone().prefetch_loop(shutdown.clone()));
+        tracing::info!(%addr, ?upstreams, mode = ?self.mode, "node listening");
+        let shutdown = self.shutdown.clone();
+        let mut tasks = vec![
+            tokio::spawn(self.clone().mirror_loop()),
+            tokio::spawn(self.clone().prefetch_loop()),
+            tokio::spawn(self.clone().relay_loop()),
+        ];
+        if self.mode == ConnectionMode::Push {
+            tasks.push(tokio::spawn(self.clone().push_loop()));
+        }
         server::run(listener, self.router(), shutdown.wait()).await?;
-        mirror.abort();
-        prefetch.abort();
+        // One last relay so heartbeats received just before shutdown are not lost.
+        self.relay_once().await;
+        for t in tasks {
+            t.abort();
+        }
         self.served.store.flush().await?;
         tracing::info!("node stopped");
         Ok(())
     }
 
-    /// Syncs with the upstream list every `sync_interval`.
-    async fn mirror_loop(self: Arc<Self>, shutdown: Shutdown) {
+    /// Syncs at start, then on each upstream event (push) or every `sync_interval` (pull).
+    async fn mirror_loop(self: Arc<Self>) {
         let mut last_ok: Option<bool> = None;
+        // In push mode a resync also happens now and then, in case an event was missed.
+        let period = match self.mode {
+            ConnectionMode::Pull => self.sync_interval,
+            ConnectionMode::Push => self.sync_interval.max(Duration::from_secs(300)),
+        };
         loop {
             match self.sync_once().await {
                 Ok(server) => {
@@ -172,44 +229,109 @@ impl Node {
                 }
             }
             tokio::select! {
-                _ = tokio::time::sleep(self.sync_interval) => {}
-                _ = shutdown.clone().wait() => return,
+                _ = tokio::time::sleep(period) => {}
+                _ = self.upstream_event.notified() => {}
+                _ = self.shutdown.clone().wait() => return,
             }
         }
     }
 
-    /// One sync: fetch the snapshot, mirror it, persist it. Returns the server that answered.
+    /// Holds the upstream push stream; reconnects with jittered backoff.
+    async fn push_loop(self: Arc<Self>) {
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            let me = self.clone();
+            let on_event = move |_event: &str| me.upstream_event.notify_one();
+            let result = tokio::select! {
+                r = self.upstream.follow_stream(&on_event) => r,
+                _ = self.shutdown.clone().wait() => return,
+            };
+            match result {
+                Ok(server) => {
+                    tracing::info!(%server, "upstream push stream ended; reconnecting");
+                    backoff = Duration::from_millis(500);
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "upstream push stream unavailable");
+                    // Let the mirror loop notice the outage too.
+                    self.upstream_event.notify_one();
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+            let jitter = rand::random_range(0.5..1.0);
+            tokio::select! {
+                _ = tokio::time::sleep(backoff.mul_f64(jitter)) => {}
+                _ = self.shutdown.clone().wait() => return,
+            }
+        }
+    }
+
+    /// One sync: fetch the snapshot, mirror it, persist it, push what changed to our own
+    /// streams. Returns the server that answered.
     pub async fn sync_once(&self) -> Result<String, NodeError> {
         let (index, snapshot) = self.upstream.snapshot().await?;
-        let changed = {
+        snapshot
+            .directory
+            .check()
+            .map_err(|e| NodeError::BadDirectory(e.to_string()))?;
+        let mut changes = Vec::new();
+        let new_history = {
             let mut history = self
                 .served
                 .catalog
                 .write()
                 .map_err(|_| NodeError::BadUpstream("catalog lock poisoned".into()))?;
             match history.mirror(snapshot.catalog, Utc::now()) {
-                Ok(changed) => changed.then(|| history.clone()),
+                Ok(true) => {
+                    changes.push(Change::Catalog {
+                        revision: history.revision(),
+                    });
+                    Some(history.clone())
+                }
+                Ok(false) => None,
                 Err(e) => {
                     tracing::warn!(error = %e, "upstream catalog refused");
                     None
                 }
             }
         };
-        if let Some(history) = changed {
-            self.catalog_kv.put(CATALOG_KEY, &history)?;
-            self.catalog_kv.flush().await?;
+        let new_directory = {
+            let mut dir = self
+                .served
+                .directory
+                .write()
+                .map_err(|_| NodeError::BadUpstream("directory lock poisoned".into()))?;
+            if *dir == snapshot.directory {
+                None
+            } else {
+                changes.extend(directory_changes(&dir, &snapshot.directory));
+                *dir = snapshot.directory;
+                Some(dir.clone())
+            }
+        };
+        if let Some(history) = &new_history {
+            self.catalog_kv.put(CATALOG_KEY, history)?;
+        }
+        if let Some(dir) = &new_directory {
+            self.directory_kv.put(DIRECTORY_KEY, dir)?;
+        }
+        if new_history.is_some() || new_directory.is_some() {
+            self.served.store.flush().await?;
+        }
+        if let Some(history) = new_history {
             tracing::info!(
                 revision = history.revision(),
                 "mirrored a new catalog revision"
             );
             self.catalog_changed.notify_one();
         }
+        self.served.changes.send_all(changes);
         self.served.readiness.mark_synced();
         Ok(self.upstream.servers()[index].to_string())
     }
 
     /// Fetches every item of the current catalog the store lacks, whenever it changes.
-    async fn prefetch_loop(self: Arc<Self>, shutdown: Shutdown) {
+    async fn prefetch_loop(self: Arc<Self>) {
         if !self.prefetch {
             return;
         }
@@ -225,26 +347,120 @@ impl Node {
             };
             for item in wanted {
                 if let Err(e) = self.upstream.fetch(item.sha256, item.size).await {
-                    tracing::warn!(name = %item.name, sha256 = %item.sha256, error = %e, "prefetch failed; will retry at the next sync");
+                    tracing::warn!(name = %item.name, sha256 = %item.sha256, error = %e, "prefetch failed; will retry");
                 }
             }
             tokio::select! {
                 _ = self.catalog_changed.notified() => {}
                 _ = tokio::time::sleep(self.sync_interval) => {}
-                _ = shutdown.clone().wait() => return,
+                _ = self.shutdown.clone().wait() => return,
             }
         }
     }
 
-    fn snapshot(&self) -> Result<Snapshot, ApiError> {
-        let catalog = self
+    /// Relays queued heartbeats upstream every `sync_interval`.
+    async fn relay_loop(self: Arc<Self>) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(self.sync_interval) => {}
+                _ = self.shutdown.clone().wait() => return,
+            }
+            self.relay_once().await;
+        }
+    }
+
+    async fn relay_once(&self) {
+        let batch: Vec<RelayedHeartbeat> = match self.relay.lock() {
+            Ok(mut q) => q.drain().map(|(_, v)| v).collect(),
+            Err(_) => return,
+        };
+        if batch.is_empty() {
+            return;
+        }
+        let batch = HeartbeatBatch { heartbeats: batch };
+        match self.upstream.relay_heartbeats(&batch).await {
+            Ok(reply) => {
+                for Assignment { client_id, group } in reply.assignments {
+                    if let Err(e) = self.assignments.put(&client_id, &group) {
+                        tracing::warn!(error = %e, "could not record a client's group");
+                    }
+                }
+                for (client, why) in reply.rejected {
+                    tracing::warn!(%client, %why, "upstream refused a relayed heartbeat");
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "heartbeat relay failed; keeping them for the next try");
+                if let Ok(mut q) = self.relay.lock() {
+                    for hb in batch.heartbeats {
+                        // A newer heartbeat of the same client wins.
+                        q.entry(hb.heartbeat.client_id.clone()).or_insert(hb);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The group a client is in as far as this node knows: the manager's last answer, else
+    /// its install group.
+    fn group_of(&self, dir: &Directory, client_id: &str, install_group: Option<&str>) -> String {
+        match self.assignments.get::<String>(client_id).ok().flatten() {
+            Some(g) => dir.resolve_group(&g).to_string(),
+            None => dir.resolve_group(install_group.unwrap_or("")).to_string(),
+        }
+    }
+
+    /// Answers a heartbeat from the mirror and queues it for the upstream.
+    fn answer(&self, hb: Heartbeat, address: Option<String>) -> Result<HeartbeatReply, ApiError> {
+        hb.validate()
+            .map_err(|e| ApiError::bad_request("bad_request", e.to_string()))?;
+        let revision = self
             .served
             .catalog
             .read()
             .map_err(|_| ApiError::internal("catalog lock poisoned"))?
-            .current();
-        Ok(Snapshot { catalog })
+            .revision();
+        let dir = self
+            .served
+            .directory
+            .read()
+            .map_err(|_| ApiError::internal("directory lock poisoned"))?;
+        let group = self.group_of(&dir, &hb.client_id, hb.install_group.as_deref());
+        let reply = clients::reply(&dir, &hb, &group, revision, None);
+        if let Ok(mut q) = self.relay.lock() {
+            q.insert(
+                hb.client_id.clone(),
+                RelayedHeartbeat {
+                    heartbeat: hb,
+                    address,
+                },
+            );
+        }
+        Ok(reply)
     }
+}
+
+/// What changed between two directories, as stream events.
+fn directory_changes(old: &Directory, new: &Directory) -> Vec<Change> {
+    let mut out = Vec::new();
+    for g in new.groups.keys() {
+        let known = old.groups.contains_key(g);
+        let serial = new.settings_serial(g);
+        if !known || old.settings_serial(g) != serial || old.site != new.site {
+            out.push(Change::Settings {
+                group: g.clone(),
+                serial,
+            });
+        }
+        let policy = clients::policy_serial(new, g);
+        if !known || clients::policy_serial(old, g) != policy {
+            out.push(Change::Policy {
+                group: g.clone(),
+                serial: policy,
+            });
+        }
+    }
+    out
 }
 
 async fn sync(State(n): State<Arc<Node>>, headers: HeaderMap) -> Result<Response, ApiError> {
@@ -254,6 +470,101 @@ async fn sync(State(n): State<Arc<Node>>, headers: HeaderMap) -> Result<Response
             "this node has not synced with its upstream yet",
         ));
     }
-    let snapshot = n.snapshot()?;
-    Ok(serve::json_with_etag(&headers, &snapshot.etag(), &snapshot))
+    let catalog = n
+        .served
+        .catalog
+        .read()
+        .map_err(|_| ApiError::internal("catalog lock poisoned"))?
+        .current();
+    let directory = n
+        .served
+        .directory
+        .read()
+        .map_err(|_| ApiError::internal("directory lock poisoned"))?
+        .clone();
+    let (etag, bytes) = Snapshot { directory, catalog }
+        .encode()
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(serve::json_bytes_with_etag(&headers, &etag, bytes))
+}
+
+async fn heartbeat(
+    State(n): State<Arc<Node>>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+    JsonBody(hb): JsonBody<Heartbeat>,
+) -> Result<Json<HeartbeatReply>, ApiError> {
+    n.answer(hb, Some(peer.ip().to_string())).map(Json)
+}
+
+/// A downstream node relays its clients' heartbeats here (chaining): answered from our mirror
+/// and relayed further up with ours.
+async fn node_heartbeats(
+    State(n): State<Arc<Node>>,
+    headers: HeaderMap,
+    JsonBody(batch): JsonBody<HeartbeatBatch>,
+) -> Result<Json<BatchReply>, ApiError> {
+    n.node_token.check(&headers, "node")?;
+    let mut reply = BatchReply::default();
+    for item in batch.heartbeats {
+        let id = item.heartbeat.client_id.clone();
+        match n.answer(item.heartbeat, item.address) {
+            Ok(r) => reply.assignments.push(Assignment {
+                client_id: id,
+                group: r.group,
+            }),
+            Err(e) => reply.rejected.push((id, e.message)),
+        }
+    }
+    Ok(Json(reply))
+}
+
+#[derive(Deserialize)]
+struct StreamQuery {
+    client_id: Option<String>,
+}
+
+async fn stream(
+    State(n): State<Arc<Node>>,
+    query: Result<Query<StreamQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = query.map_err(|e| api::from_rejection(e.status(), e.body_text()))?;
+    let client = q.client_id.filter(|c| !c.is_empty());
+    let current = {
+        let n = n.clone();
+        let client = client.clone();
+        move || {
+            let revision = n.served.catalog.read().map(|c| c.revision()).unwrap_or(0);
+            let Ok(dir) = n.served.directory.read() else {
+                return Vec::new();
+            };
+            let groups: Vec<String> = match &client {
+                None => dir.groups.keys().cloned().collect(),
+                Some(id) => vec![n.group_of(&dir, id, None)],
+            };
+            let mut out = Vec::new();
+            for g in groups {
+                out.push(Change::Settings {
+                    serial: dir.settings_serial(&g),
+                    group: g.clone(),
+                });
+                out.push(Change::Policy {
+                    serial: clients::policy_serial(&dir, &g),
+                    group: g,
+                });
+            }
+            out.push(Change::Catalog { revision });
+            out
+        }
+    };
+    let me = n.clone();
+    let filter = move |c: &Change| match (&client, c.group()) {
+        (None, _) | (_, None) => true,
+        (Some(id), Some(g)) => match me.served.directory.read() {
+            Ok(dir) => me.group_of(&dir, id, None) == g,
+            Err(_) => true,
+        },
+    };
+    Ok(n.served
+        .changes
+        .respond(current, filter, n.shutdown.clone()))
 }

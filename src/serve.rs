@@ -28,7 +28,9 @@ use crate::api::ApiError;
 use crate::catalog::CatalogHistory;
 use crate::digest::Digest;
 use crate::metrics::Metrics;
+use crate::settings::Directory;
 use crate::store::Store;
+use crate::stream::Changes;
 
 /// Read size for streaming a blob to a client.
 const READ_CHUNK: usize = 256 * 1024;
@@ -92,6 +94,10 @@ pub struct Served {
     /// None on the manager: what is in its catalog is in its store.
     pub fetcher: Option<Arc<dyn Fetcher>>,
     pub readiness: Arc<Readiness>,
+    /// Groups, settings and policies (the manager's own, or a node's mirror).
+    pub directory: Arc<RwLock<Directory>>,
+    /// Push notifications of this server.
+    pub changes: Arc<Changes>,
 }
 
 /// The routes every role serves to clients.
@@ -102,6 +108,8 @@ pub fn client_router(served: Arc<Served>) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/catalog", get(catalog))
         .route("/v1/content/{sha256}", get(content))
+        .route("/v1/groups/{group}/settings", get(group_settings))
+        .route("/v1/groups/{group}/policy", get(group_policy))
         .with_state(served)
 }
 
@@ -165,10 +173,17 @@ pub fn json_with_etag<T: Serialize>(headers: &HeaderMap, etag: &str, value: &T) 
     if if_none_match(headers, etag) {
         return not_modified(etag);
     }
-    let body = match serde_json::to_vec(value) {
-        Ok(b) => b,
-        Err(e) => return ApiError::internal(format!("encoding response: {e}")).into_response(),
-    };
+    match serde_json::to_vec(value) {
+        Ok(body) => json_bytes_with_etag(headers, etag, body),
+        Err(e) => ApiError::internal(format!("encoding response: {e}")).into_response(),
+    }
+}
+
+/// Serialized JSON with a strong ETag, or 304 when the client has it.
+pub fn json_bytes_with_etag(headers: &HeaderMap, etag: &str, body: Vec<u8>) -> Response {
+    if if_none_match(headers, etag) {
+        return not_modified(etag);
+    }
     let mut resp = (StatusCode::OK, body).into_response();
     let h = resp.headers_mut();
     h.insert(
@@ -196,6 +211,53 @@ async fn catalog(State(s): State<Arc<Served>>, headers: HeaderMap) -> Response {
         Err(_) => return ApiError::internal("catalog lock poisoned").into_response(),
     };
     json_with_etag(&headers, &etag, &current)
+}
+
+#[derive(serde::Deserialize)]
+struct LocationQuery {
+    location: Option<String>,
+}
+
+async fn group_settings(
+    State(s): State<Arc<Served>>,
+    Path(group): Path<String>,
+    query: Result<axum::extract::Query<LocationQuery>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let axum::extract::Query(q) =
+        query.map_err(|e| crate::api::from_rejection(e.status(), e.body_text()))?;
+    let location = q.location.as_deref().filter(|l| !l.is_empty());
+    let dir = s
+        .directory
+        .read()
+        .map_err(|_| ApiError::internal("directory lock poisoned"))?;
+    if !dir.groups.contains_key(&group) {
+        return Err(ApiError::not_found(format!("no group {group:?}")));
+    }
+    let etag = dir.settings_etag(&group, location);
+    let body = crate::clients::settings_json(&dir, &group, location);
+    Ok(json_with_etag(&headers, &etag, &body))
+}
+
+async fn group_policy(
+    State(s): State<Arc<Served>>,
+    Path(group): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let dir = s
+        .directory
+        .read()
+        .map_err(|_| ApiError::internal("directory lock poisoned"))?;
+    if !dir.groups.contains_key(&group) {
+        return Err(ApiError::not_found(format!("no group {group:?}")));
+    }
+    let (serial, document) = match dir.policy(&group) {
+        Some((_, p)) => (p.serial, p.document.clone()),
+        None => (0, serde_json::Value::Null),
+    };
+    let etag = format!("\"policy-{serial}-{group}\"");
+    let body = serde_json::json!({"group": group, "serial": serial, "policy": document});
+    Ok(json_with_etag(&headers, &etag, &body))
 }
 
 async fn content(

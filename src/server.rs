@@ -67,7 +67,8 @@ pub async fn run(
         tokio::time::sleep(DRAIN).await;
         let _ = drain_tx.send(());
     });
-    let serve = axum::serve(listener, router).with_graceful_shutdown(async {
+    let app = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let serve = axum::serve(listener, app).with_graceful_shutdown(async {
         let _ = stop_rx.await;
     });
     tokio::select! {

@@ -1340,8 +1340,13 @@ pub fn resolve_client_group(
             let mapped = user_group(u).filter(|g| exists(g));
             let previous = prior.and_then(|p| p.last_user.as_deref());
             if previous == Some(u) {
-                // Same user as before: the user's group if mapped (stable), else current.
-                mapped.unwrap_or(current)
+                // Same user as before: a client that keeps its heartbeats stays where it is
+                // (an admin's move sticks); after a reconnect it follows its user's mapping.
+                if hb.reconnect {
+                    mapped.unwrap_or(current)
+                } else {
+                    current
+                }
             } else {
                 // A new user (or the first one): moves the client to the user's group, unless
                 // `use_last_mode` is on for the current group (read on the group from steps
@@ -2449,6 +2454,18 @@ mod tests {
                 &d,
                 Some(&p),
                 &user_hb("b", Os::Windows, false, "carol"),
+                users
+            ),
+            "c"
+        );
+        // Same user, moved by an admin, still heartbeating: the move sticks.
+        let mut p = hist("b", "c");
+        p.last_user = Some("alice".into());
+        assert_eq!(
+            resolve_client_group(
+                &d,
+                Some(&p),
+                &user_hb("b", Os::Windows, false, "alice"),
                 users
             ),
             "c"

@@ -135,6 +135,100 @@ impl Upstream {
         resp.json::<Snapshot>().await.map_err(http)
     }
 
+    /// Relays a batch of client heartbeats to the first upstream that accepts it.
+    pub async fn relay_heartbeats(
+        &self,
+        batch: &crate::manager::HeartbeatBatch,
+    ) -> Result<crate::manager::BatchReply, UpstreamError> {
+        let mut failures = Vec::new();
+        for server in &self.servers {
+            let name = server.to_string();
+            let mut req = self
+                .http
+                .post(Self::url(server, "/v1/node/heartbeats"))
+                .timeout(self.idle_timeout)
+                .json(batch);
+            if let Some(t) = &self.token {
+                req = req.bearer_auth(t.secret());
+            }
+            let result = async {
+                let resp = req.send().await.map_err(|source| UpstreamError::Http {
+                    server: name.clone(),
+                    source,
+                })?;
+                if !resp.status().is_success() {
+                    return Err(UpstreamError::Status {
+                        server: name.clone(),
+                        status: resp.status(),
+                    });
+                }
+                resp.json::<crate::manager::BatchReply>()
+                    .await
+                    .map_err(|source| UpstreamError::Http {
+                        server: name.clone(),
+                        source,
+                    })
+            }
+            .await;
+            match result {
+                Ok(r) => return Ok(r),
+                Err(e) => failures.push(e.to_string()),
+            }
+        }
+        Err(UpstreamError::AllFailed(failures))
+    }
+
+    /// Holds `/v1/stream` to the first upstream that answers and calls `on_event` for every
+    /// event; returns when the stream ends or fails (the caller reconnects).
+    pub async fn follow_stream(
+        &self,
+        on_event: &(dyn Fn(&str) + Send + Sync),
+    ) -> Result<String, UpstreamError> {
+        let mut failures = Vec::new();
+        for server in &self.servers {
+            let name = server.to_string();
+            let resp = match self.get(&Self::url(server, "/v1/stream")).send().await {
+                Ok(r) if r.status().is_success() => r,
+                Ok(r) => {
+                    failures.push(format!("{name}: answered {}", r.status()));
+                    continue;
+                }
+                Err(e) => {
+                    failures.push(format!("{name}: {e}"));
+                    continue;
+                }
+            };
+            tracing::info!(server = %name, "holding the upstream push stream");
+            let mut parser = crate::stream::EventParser::default();
+            let mut body = resp.bytes_stream();
+            // The upstream sends a keep-alive at least every 15 s: silence means it is gone.
+            let idle = crate::stream::KEEP_ALIVE * 3;
+            loop {
+                match tokio::time::timeout(idle, body.next()).await {
+                    Ok(Some(Ok(chunk))) => {
+                        for (event, _data) in parser.feed(&chunk) {
+                            on_event(&event);
+                        }
+                    }
+                    Ok(Some(Err(e))) => {
+                        return Err(UpstreamError::Http {
+                            server: name,
+                            source: e,
+                        })
+                    }
+                    Ok(None) => return Ok(name),
+                    Err(_) => {
+                        return Err(UpstreamError::Idle {
+                            server: name,
+                            secs: idle.as_secs(),
+                        })
+                    }
+                }
+            }
+        }
+        Err(UpstreamError::AllFailed(failures))
+    }
+
     /// Brings `digest` into the store, sharing the fetch with everyone asking at once.
     pub fn fetch(self: &Arc<Self>, digest: Digest, size: u64) -> SharedFetch {
         let Ok(mut inflight) = self.inflight.lock() else {

@@ -84,7 +84,11 @@ async fn publish_then_read_through_node_and_again_after_restart() {
 
     // The node alone serves what it mirrored, before any upstream answers.
     let node = start_node(&n_dir, &["http://127.0.0.1:9"], &[]);
-    let r = client.get(format!("{}/readyz", node.url)).send().await.unwrap();
+    let r = client
+        .get(format!("{}/readyz", node.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let v: serde_json::Value = r.json().await.unwrap();
     assert!(v["stale_since"].is_string(), "{v}");
@@ -176,7 +180,10 @@ async fn catalog_etag_and_admin_auth() {
         .unwrap();
     assert_eq!(r.status(), 400);
     let r = client
-        .post(format!("{}/v1/admin/content?name=x&urgent=true", manager.url))
+        .post(format!(
+            "{}/v1/admin/content?name=x&urgent=true",
+            manager.url
+        ))
         .bearer_auth(ADMIN_TOKEN)
         .body("bytes")
         .send()
@@ -196,7 +203,11 @@ async fn catalog_etag_and_admin_auth() {
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["items"][0]["urgent"], true);
     // /v1/sync needs the node token.
-    let r = client.get(format!("{}/v1/sync", manager.url)).send().await.unwrap();
+    let r = client
+        .get(format!("{}/v1/sync", manager.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
     let r = client
         .delete(format!("{}/v1/admin/content/x", manager.url))
@@ -212,7 +223,11 @@ async fn catalog_etag_and_admin_auth() {
         .await
         .unwrap();
     assert_eq!(r.status(), 404);
-    let r = client.get(format!("{}/nope", manager.url)).send().await.unwrap();
+    let r = client
+        .get(format!("{}/nope", manager.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 404);
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["error"], "not_found");
@@ -229,7 +244,11 @@ fn check_config_exit_codes() {
             .unwrap();
         assert_eq!(out.status.code(), Some(0), "{f}");
         let stdout = String::from_utf8_lossy(&out.stdout);
-        let role = if f.contains("manager") { "manager" } else { "node" };
+        let role = if f.contains("manager") {
+            "manager"
+        } else {
+            "node"
+        };
         assert!(stdout.contains(&format!("valid {role} config")), "{stdout}");
     }
     let bad = dir.path().join("bad.toml");

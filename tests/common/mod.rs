@@ -53,7 +53,10 @@ impl Proc {
             if let Some(status) = p.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 panic!("gup {args:?} exited with {status} before listening:\n{text}");
             }
-            assert!(Instant::now() < deadline, "gup {args:?} did not listen:\n{text}");
+            assert!(
+                Instant::now() < deadline,
+                "gup {args:?} did not listen:\n{text}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         p
@@ -177,8 +180,7 @@ pub fn publish(manager: &str, file: &Path, name: &str, version: &str) -> (i32, S
         .expect("run gup admin");
     (
         out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned()
-            + &String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
     )
 }
 
