@@ -65,6 +65,25 @@ impl AdminClient {
         })
     }
 
+    /// Calls `method path` with an optional JSON body; returns the JSON answer.
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        query: &[(&str, &str)],
+        body: Option<&serde_json::Value>,
+    ) -> Result<serde_json::Value, AdminError> {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .query(query)
+            .bearer_auth(self.token.secret());
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        Self::decode(req.send().await?).await.map(|(_, v)| v)
+    }
+
     /// Publishes the file at `path`, streamed from disk. Returns the HTTP status (201 new,
     /// 200 already published) and the manager's answer.
     pub async fn publish(
@@ -110,5 +129,46 @@ impl AdminClient {
             .send()
             .await?;
         Self::decode(resp).await
+    }
+}
+
+/// Parses `KEY=VALUE` arguments into a settings body with dotted keys. A value is read as
+/// JSON when it parses (numbers, booleans, null, lists), else as a string.
+pub fn parse_assignments(pairs: &[String]) -> Result<serde_json::Value, String> {
+    let mut map = serde_json::Map::new();
+    for p in pairs {
+        let Some((k, v)) = p.split_once('=') else {
+            return Err(format!("{p:?} is not KEY=VALUE"));
+        };
+        let k = k.trim();
+        if k.is_empty() {
+            return Err(format!("{p:?} has an empty key"));
+        }
+        let value = serde_json::from_str(v).unwrap_or_else(|_| serde_json::Value::String(v.into()));
+        map.insert(k.to_string(), value);
+    }
+    Ok(serde_json::Value::Object(map))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn assignments() {
+        let v = parse_assignments(&[
+            "mode=push".into(),
+            "randomization.window_s=60".into(),
+            "learn_applications=true".into(),
+            "heartbeat_interval_s=null".into(),
+        ])
+        .unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"mode": "push", "randomization.window_s": 60,
+                "learn_applications": true, "heartbeat_interval_s": null})
+        );
+        assert!(parse_assignments(&["novalue".into()]).is_err());
+        assert!(parse_assignments(&["=1".into()]).is_err());
     }
 }

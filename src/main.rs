@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use gup::config::{self, ConfigError, LogFormat, ManagerConfig, NodeConfig, Role};
+use reqwest::Method;
 
 #[derive(Parser)]
 #[command(
@@ -134,6 +135,110 @@ enum AdminCommand {
         /// Skip download randomization for this item.
         #[arg(long)]
         urgent: bool,
+    },
+    /// Communications settings of a group (or of one of its locations).
+    Settings {
+        #[command(subcommand)]
+        command: SettingsCommand,
+    },
+    /// Policies.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+    /// Groups.
+    Group {
+        #[command(subcommand)]
+        command: GroupCommand,
+    },
+    /// Clients.
+    Client {
+        #[command(subcommand)]
+        command: ClientCommand,
+    },
+    /// Map a user to a group (user mode): `user set USER GROUP`.
+    User {
+        #[command(subcommand)]
+        command: UserCommand,
+    },
+    /// Site-wide settings: `site set application_learning=true`.
+    Site {
+        #[command(subcommand)]
+        command: SiteCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum SettingsCommand {
+    /// Show a group's own keys and its effective settings.
+    Get {
+        group: String,
+        #[arg(long)]
+        location: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set keys: KEY=VALUE (dotted paths, e.g. randomization.window_s=600; VALUE null inherits).
+    Set {
+        group: String,
+        #[arg(long)]
+        location: Option<String>,
+        #[arg(required = true)]
+        assignments: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Set a group's policy from a JSON file (a new serial).
+    Set { group: String, file: PathBuf },
+}
+
+#[derive(Subcommand)]
+enum GroupCommand {
+    /// Create a group or change its parent.
+    Set {
+        group: String,
+        #[arg(long, default_value = "default")]
+        parent: String,
+    },
+    /// List groups.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a group (refused while it has children or clients).
+    Delete { group: String },
+}
+
+#[derive(Subcommand)]
+enum ClientCommand {
+    /// Move a client to a group.
+    Move { id: String, group: String },
+    /// List clients with group, last seen and whether overdue.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a client (its history is kept for a reconnect).
+    Delete { id: String },
+}
+
+#[derive(Subcommand)]
+enum UserCommand {
+    /// The group USER's clients belong to in user mode.
+    Set { user: String, group: String },
+}
+
+#[derive(Subcommand)]
+enum SiteCommand {
+    /// Set site keys: application_learning=true, notification_damper_s=3600.
+    Set {
+        #[arg(required = true)]
+        assignments: Vec<String>,
     },
 }
 
@@ -395,5 +500,296 @@ fn admin(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure> {
             );
             Ok(())
         }
+        AdminCommand::Settings { command } => match command {
+            SettingsCommand::Get {
+                group,
+                location,
+                json,
+            } => {
+                let q: Vec<(&str, &str)> =
+                    location.iter().map(|l| ("location", l.as_str())).collect();
+                let v = rt
+                    .block_on(client.call(
+                        Method::GET,
+                        &format!("/v1/admin/groups/{group}/settings"),
+                        &q,
+                        None,
+                    ))
+                    .map_err(runtime)?;
+                if json {
+                    print_json(&v);
+                } else {
+                    print_settings(&v["effective"], &v["own"], &v["location_override"]);
+                }
+                Ok(())
+            }
+            SettingsCommand::Set {
+                group,
+                location,
+                assignments,
+                json,
+            } => {
+                let body = gup::admin::parse_assignments(&assignments).map_err(usage)?;
+                let q: Vec<(&str, &str)> =
+                    location.iter().map(|l| ("location", l.as_str())).collect();
+                let v = rt
+                    .block_on(client.call(
+                        Method::PUT,
+                        &format!("/v1/admin/groups/{group}/settings"),
+                        &q,
+                        Some(&body),
+                    ))
+                    .map_err(runtime)?;
+                if json {
+                    print_json(&v);
+                } else {
+                    print_settings(&v, &body, &serde_json::Value::Null);
+                }
+                Ok(())
+            }
+        },
+        AdminCommand::Policy {
+            command: PolicyCommand::Set { group, file },
+        } => {
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| usage(format!("{}: {e}", file.display())))?;
+            let doc: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| usage(format!("{}: not JSON: {e}", file.display())))?;
+            let v = rt
+                .block_on(client.call(
+                    Method::PUT,
+                    &format!("/v1/admin/groups/{group}/policy"),
+                    &[],
+                    Some(&doc),
+                ))
+                .map_err(runtime)?;
+            println!("policy of {group} set: serial {}", v["serial"]);
+            Ok(())
+        }
+        AdminCommand::Group { command } => match command {
+            GroupCommand::Set { group, parent } => {
+                let body = serde_json::json!({ "parent": parent });
+                rt.block_on(client.call(
+                    Method::PUT,
+                    &format!("/v1/admin/groups/{group}"),
+                    &[],
+                    Some(&body),
+                ))
+                .map_err(runtime)?;
+                println!("group {group} (parent {parent})");
+                Ok(())
+            }
+            GroupCommand::List { json } => {
+                let v = rt
+                    .block_on(client.call(Method::GET, "/v1/admin/groups", &[], None))
+                    .map_err(runtime)?;
+                if json {
+                    print_json(&v);
+                    return Ok(());
+                }
+                let rows: Vec<Vec<String>> = v["groups"]
+                    .as_array()
+                    .map(|gs| {
+                        gs.iter()
+                            .map(|g| {
+                                vec![
+                                    text(&g["name"]),
+                                    text(&g["parent"]),
+                                    text(&g["children"]),
+                                    g["settings"].to_string(),
+                                    text(&g["policy_serial"]),
+                                ]
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                print_table(
+                    &["GROUP", "PARENT", "CHILDREN", "OWN SETTINGS", "POLICY"],
+                    &rows,
+                );
+                Ok(())
+            }
+            GroupCommand::Delete { group } => {
+                rt.block_on(client.call(
+                    Method::DELETE,
+                    &format!("/v1/admin/groups/{group}"),
+                    &[],
+                    None,
+                ))
+                .map_err(runtime)?;
+                println!("group {group} deleted");
+                Ok(())
+            }
+        },
+        AdminCommand::Client { command } => match command {
+            ClientCommand::Move { id, group } => {
+                let body = serde_json::json!({ "group": group });
+                rt.block_on(client.call(
+                    Method::POST,
+                    &format!("/v1/admin/clients/{id}/move"),
+                    &[],
+                    Some(&body),
+                ))
+                .map_err(runtime)?;
+                println!("client {id} moved to {group}");
+                Ok(())
+            }
+            ClientCommand::Delete { id } => {
+                rt.block_on(client.call(
+                    Method::DELETE,
+                    &format!("/v1/admin/clients/{id}"),
+                    &[],
+                    None,
+                ))
+                .map_err(runtime)?;
+                println!("client {id} deleted");
+                Ok(())
+            }
+            ClientCommand::List { json } => {
+                let v = rt
+                    .block_on(client.call(Method::GET, "/v1/admin/clients", &[], None))
+                    .map_err(runtime)?;
+                if json {
+                    print_json(&v);
+                    return Ok(());
+                }
+                let rows: Vec<Vec<String>> = v["clients"]
+                    .as_array()
+                    .map(|cs| {
+                        cs.iter()
+                            .map(|c| {
+                                vec![
+                                    text(&c["client_id"]),
+                                    text(&c["group"]),
+                                    text(&c["install_group"]),
+                                    text(&c["os"]),
+                                    text(&c["last_seen"]),
+                                    if c["overdue"] == true {
+                                        "yes".into()
+                                    } else {
+                                        "no".into()
+                                    },
+                                ]
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                print_table(
+                    &[
+                        "CLIENT",
+                        "GROUP",
+                        "INSTALL GROUP",
+                        "OS",
+                        "LAST SEEN",
+                        "OVERDUE",
+                    ],
+                    &rows,
+                );
+                Ok(())
+            }
+        },
+        AdminCommand::User {
+            command: UserCommand::Set { user, group },
+        } => {
+            let body = serde_json::json!({ "group": group });
+            rt.block_on(client.call(
+                Method::PUT,
+                &format!("/v1/admin/users/{user}"),
+                &[],
+                Some(&body),
+            ))
+            .map_err(runtime)?;
+            println!("user {user} -> group {group}");
+            Ok(())
+        }
+        AdminCommand::Site {
+            command: SiteCommand::Set { assignments },
+        } => {
+            let body = gup::admin::parse_assignments(&assignments).map_err(usage)?;
+            let v = rt
+                .block_on(client.call(Method::PUT, "/v1/admin/site", &[], Some(&body)))
+                .map_err(runtime)?;
+            print_json(&v);
+            Ok(())
+        }
     }
+}
+
+fn print_json(v: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+/// A JSON value as a table cell: strings bare, null as "-".
+fn text(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+fn print_table(headers: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let parts: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(headers.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        line(r.clone());
+    }
+}
+
+/// Effective settings as KEY / VALUE / WHERE rows ("own" when the group or location sets it).
+fn print_settings(
+    effective: &serde_json::Value,
+    own: &serde_json::Value,
+    location: &serde_json::Value,
+) {
+    fn flatten(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, serde_json::Value)>) {
+        match v {
+            serde_json::Value::Object(m) if prefix.is_empty() || !m.contains_key("url") => {
+                for (k, v) in m {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    flatten(&key, v, out);
+                }
+            }
+            other => out.push((prefix.to_string(), other.clone())),
+        }
+    }
+    let mut eff = Vec::new();
+    flatten("", effective, &mut eff);
+    let mut own_keys = Vec::new();
+    flatten("", own, &mut own_keys);
+    let mut loc_keys = Vec::new();
+    flatten("", location, &mut loc_keys);
+    let rows: Vec<Vec<String>> = eff
+        .into_iter()
+        .map(|(k, v)| {
+            let source = if loc_keys.iter().any(|(lk, _)| *lk == k) {
+                "location"
+            } else if own_keys.iter().any(|(ok, _)| *ok == k) {
+                "group"
+            } else if k == "serial" {
+                ""
+            } else {
+                "inherited"
+            };
+            vec![k, text(&v), source.to_string()]
+        })
+        .collect();
+    print_table(&["KEY", "VALUE", "SET BY"], &rows);
 }

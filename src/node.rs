@@ -426,6 +426,11 @@ impl Node {
             .read()
             .map_err(|_| ApiError::internal("directory lock poisoned"))?;
         let group = self.group_of(&dir, &hb.client_id, hb.install_group.as_deref());
+        // Until the manager's answer arrives, the install group is this node's answer; the
+        // stream filter and later heartbeats read it from here.
+        if let Ok(None) = self.assignments.get::<String>(&hb.client_id) {
+            let _ = self.assignments.put(&hb.client_id, &group);
+        }
         let reply = clients::reply(&dir, &hb, &group, revision, None);
         if let Ok(mut q) = self.relay.lock() {
             q.insert(

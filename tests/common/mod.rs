@@ -129,7 +129,12 @@ pub fn start_manager(data_dir: &Path, extra: &[&str]) -> Proc {
 pub fn node_config(data_dir: &Path, extra_toml: &str) -> PathBuf {
     let path = data_dir.with_extension("toml");
     let mut f = std::fs::File::create(&path).unwrap();
-    writeln!(f, "[upstream]\nsync_interval_s = 1\n{extra_toml}").unwrap();
+    let interval = if extra_toml.contains("sync_interval_s") {
+        ""
+    } else {
+        "sync_interval_s = 1\n"
+    };
+    writeln!(f, "[upstream]\n{interval}{extra_toml}").unwrap();
     path
 }
 
