@@ -114,7 +114,16 @@ pub struct NodeConfig {
     pub node: NodeSection,
     pub upstream: UpstreamSection,
     pub cache: CacheSection,
+    pub serve: ServeSection,
     pub log: LogSection,
+}
+
+/// `[serve]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServeSection {
+    /// LAN budget shared by all clients' downloads, bytes per second; 0 = unlimited.
+    pub max_bytes_per_sec: u64,
 }
 
 /// `[node]`
@@ -155,6 +164,8 @@ pub struct UpstreamSection {
     pub sync_interval_s: u64,
     /// An upstream fetch that receives no byte for this long is abandoned.
     pub idle_timeout_s: u64,
+    /// WAN budget for blob fetches, bytes per second; 0 = unlimited.
+    pub max_bytes_per_sec: u64,
 }
 
 impl Default for UpstreamSection {
@@ -166,6 +177,7 @@ impl Default for UpstreamSection {
             mode: crate::settings::ConnectionMode::Push,
             sync_interval_s: 10,
             idle_timeout_s: 30,
+            max_bytes_per_sec: 0,
         }
     }
 }
@@ -263,7 +275,7 @@ impl std::fmt::Display for Role {
 pub fn infer_role(text: &str) -> Result<Role, ConfigError> {
     let table: toml::Table = toml::from_str(text).map_err(|e| toml_error(text, &e))?;
     let manager = table.contains_key("manager");
-    let node = ["node", "upstream", "cache"]
+    let node = ["node", "upstream", "cache", "serve"]
         .iter()
         .any(|k| table.contains_key(*k));
     match (manager, node) {

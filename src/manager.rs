@@ -120,6 +120,7 @@ impl Manager {
             fetcher: None,
             readiness: Arc::new(Readiness::ready()),
             directory: Arc::new(RwLock::new(directory)),
+            lan: crate::limit::ByteLimiter::new(0),
         });
         Ok(Arc::new(Manager {
             served,

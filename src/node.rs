@@ -125,6 +125,7 @@ impl Node {
             servers,
             upstream_token,
             Duration::from_secs(config.upstream.idle_timeout_s),
+            config.upstream.max_bytes_per_sec,
             store.clone(),
             metrics.clone(),
         )?;
@@ -137,6 +138,7 @@ impl Node {
             fetcher: Some(Arc::new(UpstreamFetcher(upstream.clone()))),
             readiness,
             directory: Arc::new(RwLock::new(directory)),
+            lan: crate::limit::ByteLimiter::new(config.serve.max_bytes_per_sec),
         });
         Ok(Arc::new(Node {
             served,

@@ -35,10 +35,33 @@ use crate::stream::Changes;
 /// Read size for streaming a blob to a client.
 const READ_CHUNK: usize = 256 * 1024;
 
+/// How far a fetch into a temp file has come.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// This many bytes are in the temp file; none of them verified yet.
+    Running(u64),
+    /// The whole blob arrived and its digest checked.
+    Verified,
+    /// The fetch failed (or its digest did not match): every reader must cut its response.
+    Failed,
+}
+
+/// Where a missing blob can be read from while it is fetched.
+pub enum Attached {
+    /// Already complete in the store.
+    Stored,
+    /// Growing in a temp file: read what `progress` says is there.
+    Growing {
+        file: tokio::fs::File,
+        progress: tokio::sync::watch::Receiver<Progress>,
+    },
+}
+
 /// Brings a blob that is in the catalog but not in the store into the store (a node's
-/// upstream). Concurrent calls for one digest share one fetch.
+/// upstream). Concurrent calls for one digest share one fetch, and each caller can read the
+/// bytes as they arrive.
 pub trait Fetcher: Send + Sync + 'static {
-    fn ensure(&self, digest: Digest, size: u64) -> BoxFuture<'static, Result<(), ApiError>>;
+    fn attach(&self, digest: Digest, size: u64) -> BoxFuture<'static, Result<Attached, ApiError>>;
 }
 
 /// Whether this server has synced and whether its view is stale.
@@ -98,6 +121,8 @@ pub struct Served {
     pub directory: Arc<RwLock<Directory>>,
     /// Push notifications of this server.
     pub changes: Arc<Changes>,
+    /// The budget all content responses share (`serve.max_bytes_per_sec`).
+    pub lan: crate::limit::ByteLimiter,
 }
 
 /// The routes every role serves to clients.
@@ -307,15 +332,85 @@ async fn content(
                 )));
             };
             s.metrics.cache_misses.inc();
-            fetcher.ensure(digest, size).await?;
-            s.store
-                .open_blob(&digest)
-                .await
-                .map_err(|e| ApiError::internal(e.to_string()))?
-                .ok_or_else(|| ApiError::unavailable(format!("{digest} could not be fetched")))?
+            match fetcher.attach(digest, size).await? {
+                Attached::Stored => s
+                    .store
+                    .open_blob(&digest)
+                    .await
+                    .map_err(|e| ApiError::internal(e.to_string()))?
+                    .ok_or_else(|| {
+                        ApiError::unavailable(format!("{digest} could not be fetched"))
+                    })?,
+                Attached::Growing { file, progress } => {
+                    let source = Source::Growing { file, progress };
+                    return blob_response(&s, source, size, &etag, &method, &headers).await;
+                }
+            }
         }
     };
-    blob_response(&s.metrics, file, meta.size, &etag, &method, &headers).await
+    let source = Source::Stored(file);
+    blob_response(&s, source, meta.size, &etag, &method, &headers).await
+}
+
+/// The bytes behind a content response.
+pub enum Source {
+    /// A verified blob of the store.
+    Stored(tokio::fs::File),
+    /// A temp file still being fetched: its last byte is withheld until the digest checks,
+    /// and the response is cut if it fails.
+    Growing {
+        file: tokio::fs::File,
+        progress: tokio::sync::watch::Receiver<Progress>,
+    },
+}
+
+struct GrowingRead {
+    file: tokio::fs::File,
+    progress: tokio::sync::watch::Receiver<Progress>,
+    pos: u64,
+    end: u64,
+    len: u64,
+    served: prometheus_client::metrics::counter::Counter,
+    by: Arc<Served>,
+}
+
+fn cut(why: &str) -> std::io::Error {
+    std::io::Error::other(why.to_string())
+}
+
+/// Streams `[start, start+count)` of a growing temp file of a blob of `len` bytes.
+fn growing_body(g: GrowingRead) -> Body {
+    let stream = futures_util::stream::unfold(Some(g), |state| async move {
+        let mut g = state?;
+        loop {
+            if g.pos >= g.end {
+                return None;
+            }
+            let available = match *g.progress.borrow() {
+                Progress::Verified => g.len,
+                // The last byte waits for the digest: no client ever holds a complete
+                // response of unverified bytes.
+                Progress::Running(n) => n.min(g.len.saturating_sub(1)),
+                Progress::Failed => return Some((Err(cut("upstream fetch failed")), None)),
+            };
+            let limit = available.min(g.end);
+            if g.pos < limit {
+                let want = (limit - g.pos).min(READ_CHUNK as u64) as usize;
+                let mut buf = vec![0u8; want];
+                if let Err(e) = g.file.read_exact(&mut buf).await {
+                    return Some((Err(e), None));
+                }
+                g.pos += want as u64;
+                g.by.lan.take(want).await;
+                g.served.inc_by(want as u64);
+                return Some((Ok(bytes::Bytes::from(buf)), Some(g)));
+            }
+            if g.progress.changed().await.is_err() && *g.progress.borrow() != Progress::Verified {
+                return Some((Err(cut("upstream fetch ended")), None));
+            }
+        }
+    });
+    Body::from_stream(stream)
 }
 
 /// What a request asks of a representation of `len` bytes.
@@ -396,8 +491,8 @@ pub fn if_none_match(headers: &HeaderMap, etag: &str) -> bool {
 
 /// Streams `len` bytes of an open blob with the headers of the content API.
 pub async fn blob_response(
-    metrics: &Arc<Metrics>,
-    mut file: tokio::fs::File,
+    served_by: &Arc<Served>,
+    source: Source,
     len: u64,
     etag: &str,
     method: &Method,
@@ -428,19 +523,53 @@ pub async fn blob_response(
     let body = if method == Method::HEAD {
         Body::empty()
     } else {
+        let (mut file, progress) = match source {
+            Source::Stored(f) => (f, None),
+            Source::Growing { file, progress } => (file, Some(progress)),
+        };
         if start > 0 {
             file.seek(SeekFrom::Start(start))
                 .await
                 .map_err(|e| ApiError::internal(format!("seeking blob: {e}")))?;
         }
-        let served = metrics.served_bytes.clone();
-        let stream = ReaderStream::with_capacity(file.take(count), READ_CHUNK).map(move |chunk| {
-            if let Ok(c) = &chunk {
-                served.inc_by(c.len() as u64);
+        let served = served_by.metrics.served_bytes.clone();
+        match progress {
+            Some(progress) => growing_body(GrowingRead {
+                file,
+                progress,
+                pos: start,
+                end: start + count,
+                len,
+                served,
+                by: served_by.clone(),
+            }),
+            None if served_by.lan.is_unlimited() => {
+                let stream =
+                    ReaderStream::with_capacity(file.take(count), READ_CHUNK).map(move |chunk| {
+                        if let Ok(c) = &chunk {
+                            served.inc_by(c.len() as u64);
+                        }
+                        chunk
+                    });
+                Body::from_stream(stream)
             }
-            chunk
-        });
-        Body::from_stream(stream)
+            None => {
+                let by = served_by.clone();
+                let stream =
+                    ReaderStream::with_capacity(file.take(count), READ_CHUNK).then(move |chunk| {
+                        let by = by.clone();
+                        let served = served.clone();
+                        async move {
+                            if let Ok(c) = &chunk {
+                                by.lan.take(c.len()).await;
+                                served.inc_by(c.len() as u64);
+                            }
+                            chunk
+                        }
+                    });
+                Body::from_stream(stream)
+            }
+        }
     };
     builder
         .body(body)

@@ -392,6 +392,11 @@ impl BlobWriter {
         self.len() == 0
     }
 
+    /// Bytes already in the temp file (readers of the temp file may read this far).
+    pub fn on_disk(&self) -> u64 {
+        self.written
+    }
+
     /// The temp file being written (readers may follow it while it grows).
     pub fn tmp_path(&self) -> &Path {
         &self.tmp_path

@@ -18,7 +18,7 @@ use crate::auth::Token;
 use crate::digest::Digest;
 use crate::metrics::Metrics;
 use crate::mirror::Snapshot;
-use crate::serve::Fetcher;
+use crate::serve::{Attached, Fetcher, Progress};
 use crate::store::{Store, StoreError};
 
 /// What can go wrong talking to an upstream.
@@ -56,8 +56,13 @@ pub struct Upstream {
     idle_timeout: Duration,
     store: Store,
     metrics: Arc<Metrics>,
+    /// The WAN budget all blob fetches share.
+    wan: crate::limit::ByteLimiter,
     /// One entry per blob being fetched; later askers attach to it.
     inflight: Mutex<HashMap<Digest, SharedFetch>>,
+    /// The temp file and progress of the attempt now running for a blob, for readers that
+    /// stream it while it arrives.
+    attempts: Mutex<HashMap<Digest, (std::path::PathBuf, tokio::sync::watch::Receiver<Progress>)>>,
 }
 
 impl Upstream {
@@ -65,6 +70,7 @@ impl Upstream {
         servers: Vec<url::Url>,
         token: Option<Token>,
         idle_timeout: Duration,
+        max_bytes_per_sec: u64,
         store: Store,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Upstream>, UpstreamError> {
@@ -82,7 +88,9 @@ impl Upstream {
             idle_timeout,
             store,
             metrics,
+            wan: crate::limit::ByteLimiter::new(max_bytes_per_sec),
             inflight: Mutex::new(HashMap::new()),
+            attempts: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -298,6 +306,48 @@ impl Upstream {
             source,
         };
         let mut writer = self.store.writer().await.map_err(store_err)?;
+        let (tx, rx) = tokio::sync::watch::channel(Progress::Running(0));
+        if let Ok(mut a) = self.attempts.lock() {
+            a.insert(digest, (writer.tmp_path().to_path_buf(), rx));
+        }
+        let result = self.receive(&name, &mut writer, resp, &tx).await;
+        let result = match result {
+            Ok(()) => writer
+                .finish(Some((&digest, Some(size))))
+                .await
+                .map(|_| ())
+                .map_err(store_err),
+            Err(e) => Err(e),
+        };
+        if let Ok(mut a) = self.attempts.lock() {
+            a.remove(&digest);
+        }
+        match result {
+            Ok(()) => {
+                let _ = tx.send(Progress::Verified);
+                tracing::info!(%digest, size, server = %name, "blob fetched and verified");
+                Ok(())
+            }
+            Err(e) => {
+                let _ = tx.send(Progress::Failed);
+                Err(e)
+            }
+        }
+    }
+
+    /// Receives a blob body into `writer`, telling readers how far it got.
+    async fn receive(
+        &self,
+        name: &str,
+        writer: &mut crate::store::BlobWriter,
+        resp: reqwest::Response,
+        tx: &tokio::sync::watch::Sender<Progress>,
+    ) -> Result<(), UpstreamError> {
+        let name = name.to_string();
+        let store_err = |source| UpstreamError::Store {
+            server: name.clone(),
+            source,
+        };
         let mut body = resp.bytes_stream();
         loop {
             let next = tokio::time::timeout(self.idle_timeout, body.next())
@@ -311,15 +361,23 @@ impl Upstream {
                 server: name.clone(),
                 source,
             })?;
+            self.wan.take(chunk.len()).await;
             self.metrics.upstream_bytes.inc_by(chunk.len() as u64);
+            let before = writer.on_disk();
             writer.write(&chunk).await.map_err(store_err)?;
+            if writer.on_disk() != before {
+                let _ = tx.send(Progress::Running(writer.on_disk()));
+            }
         }
-        writer
-            .finish(Some((&digest, Some(size))))
-            .await
-            .map_err(store_err)?;
-        tracing::info!(%digest, size, server = %name, "blob fetched and verified");
         Ok(())
+    }
+
+    /// The temp file of the attempt now running for `digest`, opened for reading.
+    async fn open_attempt(&self, digest: &Digest) -> Option<Attached> {
+        let (path, progress) = self.attempts.lock().ok()?.get(digest).cloned()?;
+        // The file may have been renamed into the store (or removed) since: then None.
+        let file = tokio::fs::File::open(&path).await.ok()?;
+        Some(Attached::Growing { file, progress })
     }
 }
 
@@ -327,16 +385,32 @@ impl Upstream {
 pub struct UpstreamFetcher(pub Arc<Upstream>);
 
 impl Fetcher for UpstreamFetcher {
-    fn ensure(&self, digest: Digest, size: u64) -> BoxFuture<'static, Result<(), ApiError>> {
-        let fetch = self.0.fetch(digest, size);
+    fn attach(&self, digest: Digest, size: u64) -> BoxFuture<'static, Result<Attached, ApiError>> {
+        let up = self.0.clone();
+        let mut fetch = up.fetch(digest, size);
         async move {
-            fetch.await.map_err(|e| {
-                ApiError::new(
-                    axum::http::StatusCode::BAD_GATEWAY,
-                    "upstream_failed",
-                    format!("fetching {digest}: {e}"),
-                )
-            })
+            loop {
+                if up.store.contains(&digest) {
+                    return Ok(Attached::Stored);
+                }
+                if let Some(growing) = up.open_attempt(&digest).await {
+                    return Ok(growing);
+                }
+                // Between attempts, or before the first response arrived: wait a moment or
+                // for the whole fetch to end.
+                tokio::select! {
+                    r = &mut fetch => {
+                        return r.map(|()| Attached::Stored).map_err(|e| {
+                            ApiError::new(
+                                axum::http::StatusCode::BAD_GATEWAY,
+                                "upstream_failed",
+                                format!("fetching {digest}: {e}"),
+                            )
+                        });
+                    }
+                    _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+                }
+            }
         }
         .boxed()
     }
