@@ -26,26 +26,11 @@ async fn fifty_clients_one_fetch_streamed_while_it_arrives() {
 
     // A slow WAN (16 MiB/s: about 4 s for the blob) and no prefetch: the first client's
     // request starts the fetch.
-    let n_dir = dir.path().join("n");
-    let cfg = node_config(
-        &n_dir,
+    let node = start_node_toml(
+        &dir.path().join("n"),
+        &[&manager.url],
         "max_bytes_per_sec = 16777216\n[cache]\nprefetch = false\n",
-    );
-    let node = Proc::start(
-        &[
-            "node",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            n_dir.to_str().unwrap(),
-            "--upstream",
-            &manager.url,
-            "--upstream-token",
-            NODE_TOKEN,
-        ],
-        n_dir.with_extension("log"),
+        &[],
     );
     let client = reqwest::Client::new();
     let (nu, s2) = (node.url.clone(), sha.clone());
@@ -172,25 +157,14 @@ async fn corrupted_bytes_are_never_served_complete_and_the_next_upstream_is_used
     let bad = corrupting_upstream(manager.url.clone()).await;
 
     // The corrupting upstream has the highest priority; pull mode (it has no stream).
-    let n_dir = dir.path().join("n");
-    let cfg = node_config(&n_dir, "mode = \"pull\"\n[cache]\nprefetch = false\n");
-    let node = Proc::start(
-        &[
-            "node",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            n_dir.to_str().unwrap(),
-            "--upstream",
-            &bad,
-            "--upstream",
-            &manager.url,
-            "--upstream-token",
-            NODE_TOKEN,
-        ],
-        n_dir.with_extension("log"),
+    let node = start_node_toml(
+        &dir.path().join("n"),
+        &[&bad, &manager.url],
+        "mode = \"pull\"
+[cache]
+prefetch = false
+",
+        &[],
     );
     let client = reqwest::Client::new();
     let (nu, s2) = (node.url.clone(), sha.clone());

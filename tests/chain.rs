@@ -73,25 +73,5 @@ async fn three_level_chain_mirrors_content_settings_and_relays_heartbeats() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let mu = manager.url.clone();
-    wait_for(30, "the manager registers the chained client", || {
-        let (c, u) = (client.clone(), mu.clone());
-        async move {
-            let v: Value = c
-                .get(format!("{u}/v1/admin/clients"))
-                .bearer_auth(ADMIN_TOKEN)
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
-            v["clients"]
-                .as_array()?
-                .iter()
-                .any(|c| c["client_id"] == "far-away")
-                .then_some(())
-        }
-    })
-    .await;
+    wait_registered(&manager.url, "far-away", None).await;
 }

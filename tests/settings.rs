@@ -458,23 +458,13 @@ async fn push_reaches_node_and_stream_clients_pull_waits_for_heartbeat() {
 
     // In push mode the node re-polls only every 300 s (a safety net): within this test only
     // its push stream can bring changes. It relays heartbeats every 2 s.
-    let n_dir = dir.path().join("n");
-    let cfg = node_config(&n_dir, "mode = \"push\"\nsync_interval_s = 2\n");
-    let node = Proc::start(
-        &[
-            "node",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            n_dir.to_str().unwrap(),
-            "--upstream",
-            &manager.url,
-            "--upstream-token",
-            NODE_TOKEN,
-        ],
-        n_dir.with_extension("log"),
+    let node = start_node_toml(
+        &dir.path().join("n"),
+        &[&manager.url],
+        "mode = \"push\"
+sync_interval_s = 2
+",
+        &[],
     );
     let napi = Api::new(&node.url);
     wait_for(20, "node ready", || {
@@ -541,28 +531,7 @@ async fn push_reaches_node_and_stream_clients_pull_waits_for_heartbeat() {
     assert!(next["settings"]["serial"].as_u64() > Some(serial0));
 
     // The node relays its clients' heartbeats: the manager's registry knows pc-9.
-    let api2 = Api::new(&manager.url);
-    wait_for(30, "the manager registers the relayed client", || {
-        let c = api2.c.clone();
-        let u = manager.url.clone();
-        async move {
-            let v: Value = c
-                .get(format!("{u}/v1/admin/clients"))
-                .bearer_auth(ADMIN_TOKEN)
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
-            v["clients"]
-                .as_array()?
-                .iter()
-                .any(|c| c["client_id"] == "pc-9" && c["group"] == "branch")
-                .then_some(())
-        }
-    })
-    .await;
+    wait_registered(&manager.url, "pc-9", Some("branch")).await;
 
     // With the manager gone, the node still answers heartbeats from its mirror.
     drop(body);

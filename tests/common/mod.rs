@@ -140,7 +140,13 @@ pub fn node_config(data_dir: &Path, extra_toml: &str) -> PathBuf {
 
 /// A node on 127.0.0.1:0 using `upstreams` in order, with a 1 s sync interval.
 pub fn start_node(data_dir: &Path, upstreams: &[&str], extra: &[&str]) -> Proc {
-    let config = node_config(data_dir, "");
+    start_node_toml(data_dir, upstreams, "", extra)
+}
+
+/// A node whose config file's `[upstream]` section gets `toml` appended (which may open
+/// further sections).
+pub fn start_node_toml(data_dir: &Path, upstreams: &[&str], toml: &str, extra: &[&str]) -> Proc {
+    let config = node_config(data_dir, toml);
     let dd = data_dir.to_str().unwrap().to_string();
     let cfg = config.to_str().unwrap().to_string();
     let mut args: Vec<String> = vec![
@@ -252,4 +258,29 @@ pub async fn metric(client: &reqwest::Client, base: &str, name: &str) -> f64 {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("metric {name} not found in:\n{text}"))
+}
+
+/// Waits until the manager's registry lists `client_id` (optionally in `group`).
+pub async fn wait_registered(manager: &str, client_id: &str, group: Option<&str>) {
+    let client = reqwest::Client::new();
+    wait_for(30, "the manager registers the client", || {
+        let (c, u) = (client.clone(), manager.to_string());
+        async move {
+            let v: serde_json::Value = c
+                .get(format!("{u}/v1/admin/clients"))
+                .bearer_auth(ADMIN_TOKEN)
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            v["clients"]
+                .as_array()?
+                .iter()
+                .any(|c| c["client_id"] == client_id && group.is_none_or(|g| c["group"] == g))
+                .then_some(())
+        }
+    })
+    .await;
 }
