@@ -19,8 +19,13 @@ limit_mib=100
 
 work=""
 manager_pid=""
+publish_pid=""
 cleanup() {
     local rc=$?
+    if [[ -n "$publish_pid" ]] && kill -0 "$publish_pid" 2>/dev/null; then
+        kill -TERM "$publish_pid" 2>/dev/null || true
+        wait "$publish_pid" 2>/dev/null || true
+    fi
     if [[ -n "$manager_pid" ]] && kill -0 "$manager_pid" 2>/dev/null; then
         kill -TERM "$manager_pid" 2>/dev/null || true
         for _ in $(seq 50); do
@@ -49,6 +54,7 @@ bytes=$(stat -c %s "$file")
 
 port=$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')
 url="http://127.0.0.1:$port"
+: >"$work/manager.log"
 RUST_LOG=info NO_COLOR=1 "$gup" manager --listen "127.0.0.1:$port" --data-dir "$work/data" \
     --admin-token "$token" 2>"$work/manager.log" &
 manager_pid=$!
@@ -74,8 +80,11 @@ kib() { awk -v k="$1" '$1 == k":" { print $2 }' "/proc/$manager_pid/status"; }
 echo "manager pid $manager_pid on $url; before publishing: VmRSS $(($(kib VmRSS) / 1024)) MiB, VmHWM $(($(kib VmHWM) / 1024)) MiB"
 
 start=$(date +%s.%N)
-if ! timeout 600 "$gup" admin --manager "$url" --token "$token" \
-    publish "$file" --name big --version 1; then
+# In the background so that a signal interrupts `wait` at once and the trap cleans up.
+timeout 600 "$gup" admin --manager "$url" --token "$token" \
+    publish "$file" --name big --version 1 &
+publish_pid=$!
+if ! wait "$publish_pid"; then
     echo "publish failed; manager log:" >&2
     tail -n 20 "$work/manager.log" >&2
     exit 1
