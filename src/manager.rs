@@ -445,17 +445,22 @@ fn settings_changes(dir: &Directory, groups: &[String]) -> Vec<Change> {
         .collect()
 }
 
-/// Every group's current settings and policy serial (what an anonymous stream starts with).
-fn all_state(dir: &Directory, revision: u64) -> Vec<Change> {
+/// The current settings and policy serials of `groups` and the catalog revision: what a
+/// stream starts with (manager and node alike).
+pub fn state_changes(
+    dir: &Directory,
+    groups: impl IntoIterator<Item = String>,
+    revision: u64,
+) -> Vec<Change> {
     let mut out = Vec::new();
-    for g in dir.groups.keys() {
+    for g in groups {
         out.push(Change::Settings {
+            serial: dir.settings_serial(&g),
             group: g.clone(),
-            serial: dir.settings_serial(g),
         });
         out.push(Change::Policy {
-            group: g.clone(),
-            serial: clients::policy_serial(dir, g),
+            serial: clients::policy_serial(dir, &g),
+            group: g,
         });
     }
     out.push(Change::Catalog { revision });
@@ -808,26 +813,14 @@ async fn stream(
             let Ok(dir) = m.served.directory.read() else {
                 return Vec::new();
             };
-            match &client {
-                None => all_state(&dir, revision),
-                Some(id) => {
-                    let group = m
-                        .registry
-                        .group_of(id)
-                        .unwrap_or_else(|| crate::settings::DEFAULT_GROUP.to_string());
-                    vec![
-                        Change::Settings {
-                            serial: dir.settings_serial(&group),
-                            group: group.clone(),
-                        },
-                        Change::Policy {
-                            serial: clients::policy_serial(&dir, &group),
-                            group,
-                        },
-                        Change::Catalog { revision },
-                    ]
-                }
-            }
+            let groups: Vec<String> = match &client {
+                None => dir.groups.keys().cloned().collect(),
+                Some(id) => vec![m
+                    .registry
+                    .group_of(id)
+                    .unwrap_or_else(|| crate::settings::DEFAULT_GROUP.to_string())],
+            };
+            state_changes(&dir, groups, revision)
         }
     };
     let registry = m.registry.clone();

@@ -548,19 +548,7 @@ async fn stream(
                 None => dir.groups.keys().cloned().collect(),
                 Some(id) => vec![n.group_of(&dir, id, None)],
             };
-            let mut out = Vec::new();
-            for g in groups {
-                out.push(Change::Settings {
-                    serial: dir.settings_serial(&g),
-                    group: g.clone(),
-                });
-                out.push(Change::Policy {
-                    serial: clients::policy_serial(&dir, &g),
-                    group: g,
-                });
-            }
-            out.push(Change::Catalog { revision });
-            out
+            crate::manager::state_changes(&dir, groups, revision)
         }
     };
     let me = n.clone();
