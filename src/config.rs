@@ -190,6 +190,8 @@ pub struct CacheSection {
     pub prefetch: bool,
     /// How many mirrored catalog revisions count as "in the catalog".
     pub retain_revisions: usize,
+    /// Disk budget for blobs, in bytes.
+    pub max_bytes: u64,
 }
 
 impl Default for CacheSection {
@@ -197,6 +199,7 @@ impl Default for CacheSection {
         CacheSection {
             prefetch: true,
             retain_revisions: 3,
+            max_bytes: 10 << 30,
         }
     }
 }
@@ -229,6 +232,15 @@ impl NodeConfig {
             return Err(bad(
                 "upstream.idle_timeout_s",
                 format!("must be 1 to 86400 seconds (got {})", u.idle_timeout_s),
+            ));
+        }
+        if self.cache.max_bytes < 1 << 20 {
+            return Err(bad(
+                "cache.max_bytes",
+                format!(
+                    "must be at least 1048576 (1 MiB), got {}",
+                    self.cache.max_bytes
+                ),
             ));
         }
         if !(1..=1000).contains(&self.cache.retain_revisions) {

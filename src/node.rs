@@ -76,8 +76,10 @@ pub struct Node {
     mode: ConnectionMode,
     sync_interval: Duration,
     prefetch: bool,
+    /// `cache.max_bytes`.
+    max_bytes: u64,
     /// Wakes the prefetch worker when the mirrored catalog changed.
-    catalog_changed: Notify,
+    catalog_changed: tokio::sync::watch::Sender<u64>,
     /// Wakes the mirror loop when the upstream pushed an event.
     upstream_event: Notify,
     shutdown: Shutdown,
@@ -151,7 +153,8 @@ impl Node {
             mode: config.upstream.mode,
             sync_interval: Duration::from_secs(config.upstream.sync_interval_s),
             prefetch: config.cache.prefetch,
-            catalog_changed: Notify::new(),
+            max_bytes: config.cache.max_bytes,
+            catalog_changed: tokio::sync::watch::channel(0).0,
             upstream_event: Notify::new(),
             shutdown,
         }))
@@ -191,6 +194,7 @@ impl Node {
             tokio::spawn(self.clone().mirror_loop()),
             tokio::spawn(self.clone().prefetch_loop()),
             tokio::spawn(self.clone().relay_loop()),
+            tokio::spawn(self.clone().evict_loop()),
         ];
         if self.mode == ConnectionMode::Push {
             tasks.push(tokio::spawn(self.clone().push_loop()));
@@ -325,7 +329,7 @@ impl Node {
                 revision = history.revision(),
                 "mirrored a new catalog revision"
             );
-            self.catalog_changed.notify_one();
+            self.catalog_changed.send_replace(history.revision());
         }
         self.served.changes.send_all(changes);
         self.served.readiness.mark_synced();
@@ -337,6 +341,7 @@ impl Node {
         if !self.prefetch {
             return;
         }
+        let mut changed = self.catalog_changed.subscribe();
         loop {
             let wanted: Vec<_> = match self.served.catalog.read() {
                 Ok(c) => c
@@ -348,16 +353,64 @@ impl Node {
                 Err(_) => Vec::new(),
             };
             for item in wanted {
+                tracing::debug!(sha256 = %item.sha256, "prefetching");
+                self.enforce_budget(item.size).await;
                 if let Err(e) = self.upstream.fetch(item.sha256, item.size).await {
                     tracing::warn!(name = %item.name, sha256 = %item.sha256, error = %e, "prefetch failed; will retry");
                 }
             }
             tokio::select! {
-                _ = self.catalog_changed.notified() => {}
+                _ = changed.changed() => {}
                 _ = tokio::time::sleep(self.sync_interval) => {}
                 _ = self.shutdown.clone().wait() => return,
             }
         }
+    }
+
+    /// Keeps the store within `cache.max_bytes` after every stored blob and catalog change.
+    async fn evict_loop(self: Arc<Self>) {
+        let mut changed = self.catalog_changed.subscribe();
+        loop {
+            self.enforce_budget(0).await;
+            tokio::select! {
+                _ = self.upstream.stored.notified() => {}
+                _ = changed.changed() => {}
+                _ = tokio::time::sleep(self.sync_interval) => {}
+                _ = self.shutdown.clone().wait() => return,
+            }
+        }
+    }
+
+    /// Evicts what `evict::plan` names so that `reserve` more bytes fit in the budget.
+    async fn enforce_budget(&self, reserve: u64) {
+        let store = &self.served.store;
+        let victims = match self.served.catalog.read() {
+            Ok(history) => crate::evict::plan(
+                &store.list(),
+                &history,
+                &store.in_use(),
+                self.max_bytes,
+                reserve,
+            ),
+            Err(_) => return,
+        };
+        for digest in victims {
+            match store.remove(&digest).await {
+                Ok(()) => tracing::info!(%digest, "evicted to stay within cache.max_bytes"),
+                Err(e) => tracing::warn!(%digest, error = %e, "eviction failed"),
+            }
+        }
+        if store.total_bytes() > self.max_bytes {
+            tracing::warn!(
+                bytes = store.total_bytes(),
+                max_bytes = self.max_bytes,
+                "over cache.max_bytes: the current catalog revision alone is larger"
+            );
+        }
+        self.served
+            .metrics
+            .cache_bytes
+            .set(store.total_bytes() as i64);
     }
 
     /// Relays queued heartbeats upstream every `sync_interval`.

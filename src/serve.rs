@@ -320,7 +320,7 @@ async fn content(
         .open_blob(&digest)
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?;
-    let (file, meta) = match opened {
+    let open = match opened {
         Some(found) => {
             s.metrics.cache_hits.inc();
             found
@@ -348,14 +348,31 @@ async fn content(
             }
         }
     };
-    let source = Source::Stored(file);
-    blob_response(&s, source, meta.size, &etag, &method, &headers).await
+    let size = open.meta.size;
+    let source = Source::Stored(open.file, open.guard);
+    blob_response(&s, source, size, &etag, &method, &headers).await
+}
+
+/// A blob reader that keeps its blob marked in use (safe from eviction) while it lives.
+struct Guarded {
+    inner: tokio::io::Take<tokio::fs::File>,
+    _guard: Option<crate::store::ReadGuard>,
+}
+
+impl tokio::io::AsyncRead for Guarded {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
 }
 
 /// The bytes behind a content response.
 pub enum Source {
-    /// A verified blob of the store.
-    Stored(tokio::fs::File),
+    /// A verified blob of the store, with the guard that keeps it from eviction while read.
+    Stored(tokio::fs::File, crate::store::ReadGuard),
     /// A temp file still being fetched: its last byte is withheld until the digest checks,
     /// and the response is cut if it fails.
     Growing {
@@ -523,9 +540,9 @@ pub async fn blob_response(
     let body = if method == Method::HEAD {
         Body::empty()
     } else {
-        let (mut file, progress) = match source {
-            Source::Stored(f) => (f, None),
-            Source::Growing { file, progress } => (file, Some(progress)),
+        let (mut file, progress, guard) = match source {
+            Source::Stored(f, guard) => (f, None, Some(guard)),
+            Source::Growing { file, progress } => (file, Some(progress), None),
         };
         if start > 0 {
             file.seek(SeekFrom::Start(start))
@@ -544,29 +561,35 @@ pub async fn blob_response(
                 by: served_by.clone(),
             }),
             None if served_by.lan.is_unlimited() => {
-                let stream =
-                    ReaderStream::with_capacity(file.take(count), READ_CHUNK).map(move |chunk| {
-                        if let Ok(c) = &chunk {
-                            served.inc_by(c.len() as u64);
-                        }
-                        chunk
-                    });
+                let reader = Guarded {
+                    inner: file.take(count),
+                    _guard: guard,
+                };
+                let stream = ReaderStream::with_capacity(reader, READ_CHUNK).map(move |chunk| {
+                    if let Ok(c) = &chunk {
+                        served.inc_by(c.len() as u64);
+                    }
+                    chunk
+                });
                 Body::from_stream(stream)
             }
             None => {
                 let by = served_by.clone();
-                let stream =
-                    ReaderStream::with_capacity(file.take(count), READ_CHUNK).then(move |chunk| {
-                        let by = by.clone();
-                        let served = served.clone();
-                        async move {
-                            if let Ok(c) = &chunk {
-                                by.lan.take(c.len()).await;
-                                served.inc_by(c.len() as u64);
-                            }
-                            chunk
+                let reader = Guarded {
+                    inner: file.take(count),
+                    _guard: guard,
+                };
+                let stream = ReaderStream::with_capacity(reader, READ_CHUNK).then(move |chunk| {
+                    let by = by.clone();
+                    let served = served.clone();
+                    async move {
+                        if let Ok(c) = &chunk {
+                            by.lan.take(c.len()).await;
+                            served.inc_by(c.len() as u64);
                         }
-                    });
+                        chunk
+                    }
+                });
                 Body::from_stream(stream)
             }
         }

@@ -81,6 +81,34 @@ struct Inner {
     /// `persisted_access` is the last-access time last written to sled.
     memory: RwLock<HashMap<Digest, (BlobMeta, DateTime<Utc>)>>,
     bytes: AtomicU64,
+    /// How many responses are reading each blob now; eviction never removes those.
+    readers: std::sync::Mutex<HashMap<Digest, usize>>,
+}
+
+/// A blob open for reading. While it lives, the blob counts as in use.
+pub struct OpenBlob {
+    pub file: tokio::fs::File,
+    pub meta: BlobMeta,
+    pub guard: ReadGuard,
+}
+
+/// Marks a blob as being read; dropping it ends the read.
+pub struct ReadGuard {
+    store: Store,
+    digest: Digest,
+}
+
+impl Drop for ReadGuard {
+    fn drop(&mut self) {
+        if let Ok(mut r) = self.store.inner.readers.lock() {
+            if let Some(n) = r.get_mut(&self.digest) {
+                *n -= 1;
+                if *n == 0 {
+                    r.remove(&self.digest);
+                }
+            }
+        }
+    }
 }
 
 impl Store {
@@ -109,6 +137,7 @@ impl Store {
                 index,
                 memory: RwLock::new(HashMap::new()),
                 bytes: AtomicU64::new(0),
+                readers: std::sync::Mutex::new(HashMap::new()),
             }),
         };
         store.reconcile()?;
@@ -209,16 +238,32 @@ impl Store {
         }
     }
 
-    /// Opens a stored blob for reading and records the access.
-    pub async fn open_blob(
-        &self,
-        digest: &Digest,
-    ) -> Result<Option<(tokio::fs::File, BlobMeta)>, StoreError> {
+    /// The blobs some response is reading now.
+    pub fn in_use(&self) -> std::collections::HashSet<Digest> {
+        match self.inner.readers.lock() {
+            Ok(r) => r.keys().copied().collect(),
+            Err(_) => Default::default(),
+        }
+    }
+
+    /// Opens a stored blob for reading and records the access. The blob counts as in use
+    /// (never evicted) until the returned guard drops.
+    pub async fn open_blob(&self, digest: &Digest) -> Result<Option<OpenBlob>, StoreError> {
+        let guard = {
+            let Ok(mut r) = self.inner.readers.lock() else {
+                return Err(StoreError::Join("reader lock poisoned".into()));
+            };
+            *r.entry(*digest).or_insert(0) += 1;
+            ReadGuard {
+                store: self.clone(),
+                digest: *digest,
+            }
+        };
         let Some(meta) = self.touch(digest)? else {
             return Ok(None);
         };
         match tokio::fs::File::open(self.blob_path(digest)).await {
-            Ok(f) => Ok(Some((f, meta))),
+            Ok(file) => Ok(Some(OpenBlob { file, meta, guard })),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 tracing::error!(%digest, "indexed blob file is missing; dropping the entry");
                 self.forget(digest)?;

@@ -58,6 +58,8 @@ pub struct Upstream {
     metrics: Arc<Metrics>,
     /// The WAN budget all blob fetches share.
     wan: crate::limit::ByteLimiter,
+    /// Notified after each blob is stored (the node then checks its disk budget).
+    pub stored: tokio::sync::Notify,
     /// One entry per blob being fetched; later askers attach to it.
     inflight: Mutex<HashMap<Digest, SharedFetch>>,
     /// The temp file and progress of the attempt now running for a blob, for readers that
@@ -89,6 +91,7 @@ impl Upstream {
             store,
             metrics,
             wan: crate::limit::ByteLimiter::new(max_bytes_per_sec),
+            stored: tokio::sync::Notify::new(),
             inflight: Mutex::new(HashMap::new()),
             attempts: Mutex::new(HashMap::new()),
         }))
@@ -325,6 +328,7 @@ impl Upstream {
         match result {
             Ok(()) => {
                 let _ = tx.send(Progress::Verified);
+                self.stored.notify_one();
                 tracing::info!(%digest, size, server = %name, "blob fetched and verified");
                 Ok(())
             }

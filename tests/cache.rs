@@ -216,3 +216,59 @@ prefetch = false
     );
     tokio::time::sleep(Duration::from_millis(10)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eviction_keeps_the_store_within_max_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let manager = start_manager(&dir.path().join("m"), &[]);
+    // 8 MiB of disk, three retained revisions, five 3 MiB releases.
+    let node = start_node_toml(
+        &dir.path().join("n"),
+        &[&manager.url],
+        "[cache]\nmax_bytes = 8388608\nretain_revisions = 3\n",
+        &[],
+    );
+    let client = reqwest::Client::new();
+    let mut shas = Vec::new();
+    for v in 1..=5u64 {
+        let data = random_bytes(3 << 20, 1000 + 2 * v);
+        let sha = sha256_hex(&data);
+        let file = dir.path().join(format!("defs-{v}.bin"));
+        std::fs::write(&file, &data).unwrap();
+        let (code, out) = publish(&manager.url, &file, "defs", &v.to_string());
+        assert_eq!(code, 0, "{out}");
+        let (nu, s2) = (node.url.clone(), sha.clone());
+        wait_for(30, "the node stores the new release", || {
+            let (c, u, s) = (client.clone(), nu.clone(), s2.clone());
+            async move {
+                let r = c.head(format!("{u}/v1/content/{s}")).send().await.ok()?;
+                (r.status() == 200
+                    && metric(&c, &u, "gup_upstream_fetches_total").await >= v as f64)
+                    .then_some(())
+            }
+        })
+        .await;
+        shas.push(sha);
+    }
+    let nu = node.url.clone();
+    wait_for(30, "the store shrinks within max_bytes", || {
+        let (c, u) = (client.clone(), nu.clone());
+        async move { (metric(&c, &u, "gup_cache_bytes").await <= 8388608.0).then_some(()) }
+    })
+    .await;
+    // The current release is served; one that left the retained revisions is not in the
+    // catalog any more.
+    let r = client
+        .get(format!("{}/v1/content/{}", node.url, shas[4]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = client
+        .get(format!("{}/v1/content/{}", node.url, shas[0]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert!(node.log_text().contains("evicted"), "{}", node.log_text());
+}

@@ -28,7 +28,10 @@ impl Proc {
         let file = std::fs::File::create(&log).expect("log file");
         let child = Command::new(gup())
             .args(args)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("GUP_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()
@@ -197,7 +200,8 @@ pub fn publish(manager: &str, file: &Path, name: &str, version: &str) -> (i32, S
 
 /// Pseudo-random bytes from a seed (xorshift), cheap and reproducible.
 pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
+    // Spread the seed so that neighbouring seeds give different streams (seed | 1 would not).
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut out = Vec::with_capacity(len + 8);
     while out.len() < len {
         x ^= x << 13;
