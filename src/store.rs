@@ -729,12 +729,15 @@ mod tests {
         assert_eq!(meta.size, b"persisted blob".len() as u64);
         let v: Option<u32> = store.kv("meta").unwrap().get("answer").unwrap();
         assert_eq!(v, Some(42));
-        let (mut f, _) = store.open_blob(&d).await.unwrap().unwrap();
+        let mut open = store.open_blob(&d).await.unwrap().unwrap();
+        assert!(store.in_use().contains(&d), "an open blob is in use");
         let mut s = String::new();
-        tokio::io::AsyncReadExt::read_to_string(&mut f, &mut s)
+        tokio::io::AsyncReadExt::read_to_string(&mut open.file, &mut s)
             .await
             .unwrap();
         assert_eq!(s, "persisted blob");
+        drop(open);
+        assert!(store.in_use().is_empty());
     }
 
     #[tokio::test]
