@@ -5,6 +5,7 @@
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
@@ -21,6 +22,8 @@ pub struct Metrics {
     pub cache_bytes: Gauge,
     /// Open push connections.
     pub stream_clients: Gauge,
+    /// Per upstream server: 1 when its last call succeeded, 0 when it failed.
+    upstream_up: Family<Vec<(String, String)>, Gauge>,
 }
 
 impl Default for Metrics {
@@ -39,6 +42,12 @@ impl Metrics {
         let cache_misses = Counter::default();
         let cache_bytes = Gauge::default();
         let stream_clients = Gauge::default();
+        let upstream_up = Family::<Vec<(String, String)>, Gauge>::default();
+        registry.register(
+            "gup_upstream_up",
+            "Per upstream server: 1 if its last call succeeded, else 0",
+            upstream_up.clone(),
+        );
         // prometheus-client appends `_total` to counters itself.
         registry.register(
             "gup_upstream_fetches",
@@ -78,6 +87,7 @@ impl Metrics {
         Metrics {
             registry,
             stream_clients,
+            upstream_up,
             upstream_fetches,
             upstream_bytes,
             served_bytes,
@@ -85,6 +95,13 @@ impl Metrics {
             cache_misses,
             cache_bytes,
         }
+    }
+
+    /// The `gup_upstream_up` gauge of one server.
+    pub fn upstream_up(&self, server: &str) -> Gauge {
+        self.upstream_up
+            .get_or_create(&vec![("server".to_string(), server.to_string())])
+            .clone()
     }
 
     /// The Prometheus text exposition.

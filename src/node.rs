@@ -127,6 +127,7 @@ impl Node {
             servers,
             upstream_token,
             Duration::from_secs(config.upstream.idle_timeout_s),
+            Duration::from_secs(config.upstream.sync_interval_s),
             config.upstream.max_bytes_per_sec,
             store.clone(),
             metrics.clone(),

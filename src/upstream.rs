@@ -48,6 +48,24 @@ pub enum UpstreamError {
 
 type SharedFetch = Shared<BoxFuture<'static, Result<(), Arc<UpstreamError>>>>;
 
+/// What the node knows of one upstream's health.
+struct Health {
+    /// Delays before the next try after each consecutive failure (jittered, 0.5 s to 30 s).
+    backoff: backon::ExponentialBackoff,
+    /// Skip this server until then (another in the list is tried meanwhile).
+    retry_at: Option<tokio::time::Instant>,
+}
+
+fn new_backoff() -> backon::ExponentialBackoff {
+    use backon::BackoffBuilder;
+    backon::ExponentialBuilder::new()
+        .with_min_delay(Duration::from_millis(500))
+        .with_max_delay(Duration::from_secs(30))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
 /// The upstream list and the in-flight fetches.
 pub struct Upstream {
     servers: Vec<url::Url>,
@@ -56,6 +74,10 @@ pub struct Upstream {
     idle_timeout: Duration,
     store: Store,
     metrics: Arc<Metrics>,
+    /// Per server, in list order: backoff after failures.
+    health: Mutex<Vec<Health>>,
+    /// How often a node held to a lower-priority upstream checks whether a higher one is back.
+    probe_interval: Duration,
     /// The WAN budget all blob fetches share.
     wan: crate::limit::ByteLimiter,
     /// Notified after each blob is stored (the node then checks its disk budget).
@@ -72,10 +94,21 @@ impl Upstream {
         servers: Vec<url::Url>,
         token: Option<Token>,
         idle_timeout: Duration,
+        probe_interval: Duration,
         max_bytes_per_sec: u64,
         store: Store,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Upstream>, UpstreamError> {
+        let health = servers
+            .iter()
+            .map(|_| Health {
+                backoff: new_backoff(),
+                retry_at: None,
+            })
+            .collect();
+        for s in &servers {
+            metrics.upstream_up(s.as_str()).set(0);
+        }
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .read_timeout(idle_timeout)
@@ -90,6 +123,8 @@ impl Upstream {
             idle_timeout,
             store,
             metrics,
+            health: Mutex::new(health),
+            probe_interval,
             wan: crate::limit::ByteLimiter::new(max_bytes_per_sec),
             stored: tokio::sync::Notify::new(),
             inflight: Mutex::new(HashMap::new()),
@@ -113,16 +148,69 @@ impl Upstream {
         }
     }
 
-    /// The snapshot of the first upstream that answers, in priority order, with its index.
-    pub async fn snapshot(&self) -> Result<(usize, Snapshot), UpstreamError> {
+    /// The servers to try now, by priority: those not backing off first; when every one is
+    /// backing off, all of them (an outage is retried at the caller's pace).
+    fn order(&self) -> Vec<usize> {
+        let now = tokio::time::Instant::now();
+        let Ok(health) = self.health.lock() else {
+            return (0..self.servers.len()).collect();
+        };
+        let ready: Vec<usize> = (0..self.servers.len())
+            .filter(|i| health[*i].retry_at.is_none_or(|t| t <= now))
+            .collect();
+        if ready.is_empty() {
+            (0..self.servers.len()).collect()
+        } else {
+            ready
+        }
+    }
+
+    /// Records how a call to server `i` went: success resets its backoff, failure pushes its
+    /// next try out.
+    fn mark(&self, i: usize, ok: bool) {
+        if let Ok(mut health) = self.health.lock() {
+            let h = &mut health[i];
+            if ok {
+                h.backoff = new_backoff();
+                h.retry_at = None;
+            } else {
+                let delay = h.backoff.next().unwrap_or(Duration::from_secs(30));
+                h.retry_at = Some(tokio::time::Instant::now() + delay);
+            }
+        }
+        self.metrics
+            .upstream_up(self.servers[i].as_str())
+            .set(i64::from(ok));
+    }
+
+    /// Calls `op` on each server in [`Self::order`] until one succeeds.
+    async fn first_that_answers<T, F, Fut>(&self, op: F) -> Result<(usize, T), UpstreamError>
+    where
+        F: Fn(usize) -> Fut,
+        Fut: std::future::Future<Output = Result<T, UpstreamError>>,
+    {
         let mut failures = Vec::new();
-        for (i, server) in self.servers.iter().enumerate() {
-            match self.snapshot_from(server).await {
-                Ok(s) => return Ok((i, s)),
-                Err(e) => failures.push(e.to_string()),
+        for i in self.order() {
+            match op(i).await {
+                Ok(v) => {
+                    self.mark(i, true);
+                    return Ok((i, v));
+                }
+                Err(e) => {
+                    // A blob that fails its digest is the blob's fault as much as the
+                    // server's; either way the next server is tried.
+                    self.mark(i, false);
+                    failures.push(e.to_string());
+                }
             }
         }
         Err(UpstreamError::AllFailed(failures))
+    }
+
+    /// The snapshot of the first upstream that answers, in priority order, with its index.
+    pub async fn snapshot(&self) -> Result<(usize, Snapshot), UpstreamError> {
+        self.first_that_answers(|i| self.snapshot_from(&self.servers[i]))
+            .await
     }
 
     async fn snapshot_from(&self, server: &url::Url) -> Result<Snapshot, UpstreamError> {
@@ -151,8 +239,8 @@ impl Upstream {
         &self,
         batch: &crate::manager::HeartbeatBatch,
     ) -> Result<crate::manager::BatchReply, UpstreamError> {
-        let mut failures = Vec::new();
-        for server in &self.servers {
+        self.first_that_answers(|i| async move {
+            let server = &self.servers[i];
             let name = server.to_string();
             let mut req = self
                 .http
@@ -162,82 +250,108 @@ impl Upstream {
             if let Some(t) = &self.token {
                 req = req.bearer_auth(t.secret());
             }
-            let result = async {
-                let resp = req.send().await.map_err(|source| UpstreamError::Http {
+            let resp = req.send().await.map_err(|source| UpstreamError::Http {
+                server: name.clone(),
+                source,
+            })?;
+            if !resp.status().is_success() {
+                return Err(UpstreamError::Status {
+                    server: name.clone(),
+                    status: resp.status(),
+                });
+            }
+            resp.json::<crate::manager::BatchReply>()
+                .await
+                .map_err(|source| UpstreamError::Http {
                     server: name.clone(),
                     source,
-                })?;
-                if !resp.status().is_success() {
-                    return Err(UpstreamError::Status {
-                        server: name.clone(),
-                        status: resp.status(),
-                    });
-                }
-                resp.json::<crate::manager::BatchReply>()
-                    .await
-                    .map_err(|source| UpstreamError::Http {
-                        server: name.clone(),
-                        source,
-                    })
-            }
-            .await;
-            match result {
-                Ok(r) => return Ok(r),
-                Err(e) => failures.push(e.to_string()),
-            }
-        }
-        Err(UpstreamError::AllFailed(failures))
+                })
+        })
+        .await
+        .map(|(_, r)| r)
     }
 
     /// Holds `/v1/stream` to the first upstream that answers and calls `on_event` for every
-    /// event; returns when the stream ends or fails (the caller reconnects).
+    /// event; returns when the stream ends or fails, or when a higher-priority upstream
+    /// answers again (the caller reconnects, in priority order).
     pub async fn follow_stream(
         &self,
         on_event: &(dyn Fn(&str) + Send + Sync),
     ) -> Result<String, UpstreamError> {
-        let mut failures = Vec::new();
-        for server in &self.servers {
-            let name = server.to_string();
-            let resp = match self.get(&Self::url(server, "/v1/stream")).send().await {
-                Ok(r) if r.status().is_success() => r,
-                Ok(r) => {
-                    failures.push(format!("{name}: answered {}", r.status()));
-                    continue;
+        let (index, resp) = self
+            .first_that_answers(|i| async move {
+                let server = &self.servers[i];
+                let name = server.to_string();
+                let resp = self
+                    .get(&Self::url(server, "/v1/stream"))
+                    .send()
+                    .await
+                    .map_err(|source| UpstreamError::Http {
+                        server: name.clone(),
+                        source,
+                    })?;
+                if !resp.status().is_success() {
+                    return Err(UpstreamError::Status {
+                        server: name,
+                        status: resp.status(),
+                    });
                 }
-                Err(e) => {
-                    failures.push(format!("{name}: {e}"));
-                    continue;
-                }
-            };
-            tracing::info!(server = %name, "holding the upstream push stream");
-            let mut parser = crate::stream::EventParser::default();
-            let mut body = resp.bytes_stream();
-            // The upstream sends a keep-alive at least every 15 s: silence means it is gone.
-            let idle = crate::stream::KEEP_ALIVE * 3;
-            loop {
-                match tokio::time::timeout(idle, body.next()).await {
+                Ok(resp)
+            })
+            .await?;
+        let name = self.servers[index].to_string();
+        tracing::info!(server = %name, "holding the upstream push stream");
+        let mut parser = crate::stream::EventParser::default();
+        let mut body = resp.bytes_stream();
+        // The upstream sends a keep-alive at least every 15 s: silence means it is gone.
+        let idle = crate::stream::KEEP_ALIVE * 3;
+        let mut probe = tokio::time::interval(self.probe_interval);
+        probe.tick().await;
+        loop {
+            tokio::select! {
+                next = tokio::time::timeout(idle, body.next()) => match next {
                     Ok(Some(Ok(chunk))) => {
                         for (event, _data) in parser.feed(&chunk) {
                             on_event(&event);
                         }
                     }
                     Ok(Some(Err(e))) => {
-                        return Err(UpstreamError::Http {
-                            server: name,
-                            source: e,
-                        })
+                        self.mark(index, false);
+                        return Err(UpstreamError::Http { server: name, source: e });
                     }
                     Ok(None) => return Ok(name),
                     Err(_) => {
-                        return Err(UpstreamError::Idle {
-                            server: name,
-                            secs: idle.as_secs(),
-                        })
+                        self.mark(index, false);
+                        return Err(UpstreamError::Idle { server: name, secs: idle.as_secs() });
+                    }
+                },
+                _ = probe.tick(), if index > 0 => {
+                    if let Some(better) = self.higher_priority_answering(index).await {
+                        tracing::info!(from = %name, to = %better, "a higher-priority upstream answers again; moving back");
+                        return Ok(name);
                     }
                 }
             }
         }
-        Err(UpstreamError::AllFailed(failures))
+    }
+
+    /// The first server above `index` whose `/readyz` answers 200 now.
+    async fn higher_priority_answering(&self, index: usize) -> Option<String> {
+        for (i, server) in self.servers.iter().enumerate().take(index) {
+            let ok = self
+                .http
+                .get(Self::url(server, "/readyz"))
+                .timeout(Duration::from_secs(5))
+                .send()
+                .await
+                .map(|r| r.status().is_success())
+                .unwrap_or(false);
+            if ok {
+                self.mark(i, true);
+                return Some(server.to_string());
+            }
+        }
+        None
     }
 
     /// Brings `digest` into the store, sharing the fetch with everyone asking at once.
@@ -269,18 +383,18 @@ impl Upstream {
         if self.store.contains(&digest) {
             return Ok(());
         }
-        let mut failures = Vec::new();
-        for server in &self.servers {
+        self.first_that_answers(|i| {
             self.metrics.upstream_fetches.inc();
-            match self.fetch_from(server, digest, size).await {
-                Ok(()) => return Ok(()),
-                Err(e) => {
+            async move {
+                let r = self.fetch_from(&self.servers[i], digest, size).await;
+                if let Err(e) = &r {
                     tracing::warn!(%digest, error = %e, "blob fetch failed; trying the next upstream");
-                    failures.push(e.to_string());
                 }
+                r
             }
-        }
-        Err(UpstreamError::AllFailed(failures))
+        })
+        .await
+        .map(|_| ())
     }
 
     async fn fetch_from(

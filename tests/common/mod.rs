@@ -112,11 +112,25 @@ impl Drop for Proc {
 
 /// A manager on 127.0.0.1:0 with the test tokens.
 pub fn start_manager(data_dir: &Path, extra: &[&str]) -> Proc {
+    start_manager_on(data_dir, "127.0.0.1:0", extra)
+}
+
+/// A free loopback port (for a server that must come back on the same address).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A manager on `listen` with the test tokens.
+pub fn start_manager_on(data_dir: &Path, listen: &str, extra: &[&str]) -> Proc {
     let dd = data_dir.to_str().unwrap();
     let mut args = vec![
         "manager",
         "--listen",
-        "127.0.0.1:0",
+        listen,
         "--data-dir",
         dd,
         "--admin-token",
@@ -149,6 +163,17 @@ pub fn start_node(data_dir: &Path, upstreams: &[&str], extra: &[&str]) -> Proc {
 /// A node whose config file's `[upstream]` section gets `toml` appended (which may open
 /// further sections).
 pub fn start_node_toml(data_dir: &Path, upstreams: &[&str], toml: &str, extra: &[&str]) -> Proc {
+    start_node_on(data_dir, "127.0.0.1:0", upstreams, toml, extra)
+}
+
+/// A node on `listen`.
+pub fn start_node_on(
+    data_dir: &Path,
+    listen: &str,
+    upstreams: &[&str],
+    toml: &str,
+    extra: &[&str],
+) -> Proc {
     let config = node_config(data_dir, toml);
     let dd = data_dir.to_str().unwrap().to_string();
     let cfg = config.to_str().unwrap().to_string();
@@ -157,7 +182,7 @@ pub fn start_node_toml(data_dir: &Path, upstreams: &[&str], toml: &str, extra: &
         "--config".into(),
         cfg,
         "--listen".into(),
-        "127.0.0.1:0".into(),
+        listen.into(),
         "--data-dir".into(),
         dd,
         "--upstream-token".into(),
@@ -245,6 +270,26 @@ pub async fn catalog_has(client: &reqwest::Client, base: &str, sha256: &str) -> 
         .as_array()
         .map(|items| items.iter().any(|i| i["sha256"] == sha256))
         .unwrap_or(false)
+}
+
+/// `gup_upstream_up` of one upstream as a node reports it (None before it was tried).
+pub async fn upstream_up(client: &reqwest::Client, node: &str, upstream: &str) -> Option<f64> {
+    let text = client
+        .get(format!("{node}/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    let key = format!(
+        "gup_upstream_up{{server=\"{}/\"}}",
+        upstream.trim_end_matches('/')
+    );
+    text.lines()
+        .find(|l| l.starts_with(&key))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
 }
 
 /// A metric's value from `/metrics`.
