@@ -16,6 +16,8 @@ pub struct ApiError {
     pub message: String,
     /// Extra headers (`Retry-After`, `Content-Range` on 416, `WWW-Authenticate` on 401).
     pub headers: Vec<(&'static str, String)>,
+    /// Extra JSON fields of the body (e.g. `not_before` on a 429).
+    pub extra: Option<serde_json::Value>,
 }
 
 #[derive(Serialize)]
@@ -31,6 +33,7 @@ impl ApiError {
             code,
             message: message.into(),
             headers: Vec::new(),
+            extra: None,
         }
     }
 
@@ -74,11 +77,17 @@ impl std::fmt::Display for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = serde_json::to_vec(&Body {
+        let mut value = serde_json::json!(Body {
             error: self.code,
             message: &self.message,
-        })
-        .unwrap_or_else(|_| b"{\"error\":\"internal\",\"message\":\"\"}".to_vec());
+        });
+        if let (Some(obj), Some(serde_json::Value::Object(extra))) =
+            (value.as_object_mut(), self.extra)
+        {
+            obj.extend(extra);
+        }
+        let body = serde_json::to_vec(&value)
+            .unwrap_or_else(|_| b"{\"error\":\"internal\",\"message\":\"\"}".to_vec());
         let mut resp = (self.status, body).into_response();
         let h = resp.headers_mut();
         h.insert(

@@ -374,6 +374,16 @@ impl Registry {
     }
 }
 
+impl crate::serve::Placements for Registry {
+    /// A live client's group and location; an unknown client counts as `default`.
+    fn placement(&self, client_id: &str) -> (String, Option<String>) {
+        match self.clients.get::<ClientRecord>(client_id).ok().flatten() {
+            Some(r) if !r.deleted => (r.group, r.location),
+            _ => (crate::settings::DEFAULT_GROUP.to_string(), None),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

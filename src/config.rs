@@ -124,6 +124,8 @@ pub struct NodeConfig {
 pub struct ServeSection {
     /// LAN budget shared by all clients' downloads, bytes per second; 0 = unlimited.
     pub max_bytes_per_sec: u64,
+    /// Content downloads answered at once; beyond, 503 with a short Retry-After. 0 = unlimited.
+    pub max_concurrent_downloads: usize,
 }
 
 /// `[node]`

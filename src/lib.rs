@@ -23,6 +23,7 @@ pub mod node;
 pub mod serve;
 pub mod server;
 pub mod settings;
+pub mod slots;
 pub mod store;
 pub mod stream;
 pub mod upstream;

@@ -105,6 +105,7 @@ impl Manager {
         let directory_kv = store.kv("settings")?;
         let directory: Directory = directory_kv.get(DIRECTORY_KEY)?.unwrap_or_default();
         let registry = Registry::open(&store)?;
+        let store_slots = store.kv("slots")?;
         tracing::info!(
             revision = history.revision(),
             blobs = store.list().len(),
@@ -121,6 +122,9 @@ impl Manager {
             readiness: Arc::new(Readiness::ready()),
             directory: Arc::new(RwLock::new(directory)),
             lan: crate::limit::ByteLimiter::new(0),
+            slots: crate::slots::Slots::new(store_slots),
+            placements: Arc::new(registry.clone()),
+            downloads: None,
         });
         Ok(Arc::new(Manager {
             served,

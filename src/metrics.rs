@@ -22,6 +22,8 @@ pub struct Metrics {
     pub cache_bytes: Gauge,
     /// Open push connections.
     pub stream_clients: Gauge,
+    /// 429s sent to named clients asking before their slot.
+    pub slot_deferrals: Counter,
     /// Per upstream server: 1 when its last call succeeded, 0 when it failed.
     upstream_up: Family<Vec<(String, String)>, Gauge>,
 }
@@ -42,6 +44,12 @@ impl Metrics {
         let cache_misses = Counter::default();
         let cache_bytes = Gauge::default();
         let stream_clients = Gauge::default();
+        let slot_deferrals = Counter::default();
+        registry.register(
+            "gup_slot_deferrals",
+            "429s sent to clients asking before their download slot",
+            slot_deferrals.clone(),
+        );
         let upstream_up = Family::<Vec<(String, String)>, Gauge>::default();
         registry.register(
             "gup_upstream_up",
@@ -87,6 +95,7 @@ impl Metrics {
         Metrics {
             registry,
             stream_clients,
+            slot_deferrals,
             upstream_up,
             upstream_fetches,
             upstream_bytes,

@@ -69,6 +69,8 @@ pub struct Node {
     directory_kv: Kv,
     /// client id -> the group the manager placed it in.
     assignments: Kv,
+    /// Group and location of clients, for slot checks.
+    placements: Arc<NodePlacements>,
     /// Heartbeats waiting to be relayed upstream, the latest per client.
     relay: Mutex<HashMap<String, RelayedHeartbeat>>,
     /// Checked on `/v1/sync` and batches when another node uses this one as its upstream.
@@ -133,6 +135,14 @@ impl Node {
             metrics.clone(),
         )?;
         let assignments = store.kv("assignments")?;
+        let locations = store.kv("locations")?;
+        let slots = crate::slots::Slots::new(store.kv("slots")?);
+        let directory = Arc::new(RwLock::new(directory));
+        let placements = Arc::new(NodePlacements {
+            assignments: assignments.clone(),
+            locations: locations.clone(),
+            directory: directory.clone(),
+        });
         let served = Arc::new(Served {
             store,
             catalog: Arc::new(RwLock::new(history)),
@@ -140,8 +150,15 @@ impl Node {
             metrics,
             fetcher: Some(Arc::new(UpstreamFetcher(upstream.clone()))),
             readiness,
-            directory: Arc::new(RwLock::new(directory)),
+            directory,
             lan: crate::limit::ByteLimiter::new(config.serve.max_bytes_per_sec),
+            slots,
+            placements: placements.clone(),
+            downloads: (config.serve.max_concurrent_downloads > 0).then(|| {
+                Arc::new(tokio::sync::Semaphore::new(
+                    config.serve.max_concurrent_downloads,
+                ))
+            }),
         });
         Ok(Arc::new(Node {
             served,
@@ -149,6 +166,7 @@ impl Node {
             catalog_kv,
             directory_kv,
             assignments,
+            placements,
             relay: Mutex::new(HashMap::new()),
             node_token,
             mode: config.upstream.mode,
@@ -460,10 +478,7 @@ impl Node {
     /// The group a client is in as far as this node knows: the manager's last answer, else
     /// its install group.
     fn group_of(&self, dir: &Directory, client_id: &str, install_group: Option<&str>) -> String {
-        match self.assignments.get::<String>(client_id).ok().flatten() {
-            Some(g) => dir.resolve_group(&g).to_string(),
-            None => dir.resolve_group(install_group.unwrap_or("")).to_string(),
-        }
+        self.placements.group_of(dir, client_id, install_group)
     }
 
     /// Answers a heartbeat from the mirror and queues it for the upstream.
@@ -487,7 +502,22 @@ impl Node {
         if let Ok(None) = self.assignments.get::<String>(&hb.client_id) {
             let _ = self.assignments.put(&hb.client_id, &group);
         }
-        let reply = clients::reply(&dir, &hb, &group, revision, None);
+        self.placements
+            .remember_location(&hb.client_id, hb.location());
+        drop(dir);
+        let slot = self.served.download_slot(
+            &hb.client_id,
+            hb.catalog_revision,
+            &group,
+            hb.location(),
+            Utc::now(),
+        );
+        let dir = self
+            .served
+            .directory
+            .read()
+            .map_err(|_| ApiError::internal("directory lock poisoned"))?;
+        let reply = clients::reply(&dir, &hb, &group, revision, slot);
         if let Ok(mut q) = self.relay.lock() {
             q.insert(
                 hb.client_id.clone(),
@@ -498,6 +528,47 @@ impl Node {
             );
         }
         Ok(reply)
+    }
+}
+
+/// Where a node's clients belong: the manager's answer (or the install group until it
+/// arrives) and the location of their last heartbeat.
+pub struct NodePlacements {
+    assignments: Kv,
+    locations: Kv,
+    directory: Arc<RwLock<Directory>>,
+}
+
+impl NodePlacements {
+    fn group_of(&self, dir: &Directory, client_id: &str, install_group: Option<&str>) -> String {
+        match self.assignments.get::<String>(client_id).ok().flatten() {
+            Some(g) => dir.resolve_group(&g).to_string(),
+            None => dir.resolve_group(install_group.unwrap_or("")).to_string(),
+        }
+    }
+
+    /// Records a client's location when it changed (its window may depend on it).
+    fn remember_location(&self, client_id: &str, location: Option<&str>) {
+        let known: Option<String> = self.locations.get(client_id).ok().flatten();
+        if known.as_deref() != location {
+            let r = match location {
+                Some(l) => self.locations.put(client_id, &l.to_string()),
+                None => self.locations.remove(client_id),
+            };
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "could not record a client's location");
+            }
+        }
+    }
+}
+
+impl crate::serve::Placements for NodePlacements {
+    fn placement(&self, client_id: &str) -> (String, Option<String>) {
+        let group = match self.directory.read() {
+            Ok(dir) => self.group_of(&dir, client_id, None),
+            Err(_) => crate::settings::DEFAULT_GROUP.to_string(),
+        };
+        (group, self.locations.get(client_id).ok().flatten())
     }
 }
 

@@ -123,6 +123,134 @@ pub struct Served {
     pub changes: Arc<Changes>,
     /// The budget all content responses share (`serve.max_bytes_per_sec`).
     pub lan: crate::limit::ByteLimiter,
+    /// Download slots of this server.
+    pub slots: crate::slots::Slots,
+    /// Where a named client belongs (its settings decide its window).
+    pub placements: Arc<dyn Placements>,
+    /// `serve.max_concurrent_downloads` (None: unlimited).
+    pub downloads: Option<Arc<tokio::sync::Semaphore>>,
+}
+
+/// Where a client belongs as this server knows it: (group, location).
+pub trait Placements: Send + Sync {
+    fn placement(&self, client_id: &str) -> (String, Option<String>);
+}
+
+impl Served {
+    /// The `download_slot` of a heartbeat reply: the slot for the current revision when the
+    /// client has not got it yet, randomization is on, some new item is not urgent, and the
+    /// window has not passed.
+    pub fn download_slot(
+        &self,
+        client_id: &str,
+        reported_revision: Option<u64>,
+        group: &str,
+        location: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Option<crate::clients::DownloadSlot> {
+        let settings = self.directory.read().ok()?.effective(group, location);
+        let window_s = settings.randomization.window_s;
+        if !settings.randomization.enabled || window_s == 0 {
+            return None;
+        }
+        let (revision, available_at) = {
+            let history = self.catalog.read().ok()?;
+            let current = history.revisions().last()?;
+            if reported_revision == Some(current.catalog.revision) {
+                return None;
+            }
+            let known: std::collections::HashSet<Digest> = history
+                .revisions()
+                .find(|r| Some(r.catalog.revision) == reported_revision)
+                .map(|r| r.catalog.items.iter().map(|i| i.sha256).collect())
+                .unwrap_or_default();
+            let waits = current
+                .catalog
+                .items
+                .iter()
+                .any(|i| !known.contains(&i.sha256) && !i.urgent);
+            if !waits {
+                return None;
+            }
+            (current.catalog.revision, current.available_at)
+        };
+        let slot = match self
+            .slots
+            .slot(client_id, revision, available_at, window_s, now)
+        {
+            Ok(s) => s?,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not record a download slot");
+                return None;
+            }
+        };
+        Some(crate::clients::DownloadSlot {
+            catalog_revision: revision,
+            not_before: slot,
+            delay_s: crate::slots::secs_until(slot, now),
+            window_s,
+        })
+    }
+
+    /// 429 for a named client asking for `digest` before its slot. A blob in several retained
+    /// revisions uses the earliest one's slot; an urgent item never waits.
+    fn check_slot(
+        &self,
+        client_id: &str,
+        digest: &Digest,
+        now: DateTime<Utc>,
+    ) -> Result<(), ApiError> {
+        let (revision, available_at, urgent) = {
+            let history = self
+                .catalog
+                .read()
+                .map_err(|_| ApiError::internal("catalog lock poisoned"))?;
+            match history.find(digest) {
+                Some((rev, item)) => (rev.catalog.revision, rev.available_at, item.urgent),
+                None => return Ok(()),
+            }
+        };
+        if urgent {
+            return Ok(());
+        }
+        let (group, location) = self.placements.placement(client_id);
+        let settings = self
+            .directory
+            .read()
+            .map_err(|_| ApiError::internal("directory lock poisoned"))?
+            .effective(&group, location.as_deref());
+        if !settings.randomization.enabled {
+            return Ok(());
+        }
+        let slot = self
+            .slots
+            .slot(
+                client_id,
+                revision,
+                available_at,
+                settings.randomization.window_s,
+                now,
+            )
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        match slot {
+            Some(t) if t > now => {
+                self.metrics.slot_deferrals.inc();
+                let wait = crate::slots::secs_until(t, now).max(1);
+                let mut e = ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "before_slot",
+                    format!(
+                        "client {client_id:?} may download catalog revision {revision} from {}",
+                        t.to_rfc3339()
+                    ),
+                )
+                .with_header("retry-after", wait.to_string());
+                e.extra = Some(serde_json::json!({ "not_before": t }));
+                Err(e)
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 /// The routes every role serves to clients.
@@ -315,6 +443,24 @@ async fn content(
     if if_none_match(&headers, &etag) {
         return Ok(not_modified(&etag));
     }
+    if let Some(client) = headers.get("x-gup-client-id").and_then(|v| v.to_str().ok()) {
+        if !client.is_empty() && method == Method::GET {
+            s.check_slot(client, &digest, Utc::now())?;
+        }
+    }
+    let permit = match (&s.downloads, method == Method::GET) {
+        (Some(sem), true) => match sem.clone().try_acquire_owned() {
+            Ok(p) => Some(p),
+            Err(_) => {
+                let wait = rand::random_range(1..=5u32);
+                return Err(ApiError::unavailable(
+                    "this server is at serve.max_concurrent_downloads; retry shortly",
+                )
+                .with_header("retry-after", wait.to_string()));
+            }
+        },
+        _ => None,
+    };
     let opened = s
         .store
         .open_blob(&digest)
@@ -342,14 +488,18 @@ async fn content(
                         ApiError::unavailable(format!("{digest} could not be fetched"))
                     })?,
                 Attached::Growing { file, progress } => {
-                    let source = Source::Growing { file, progress };
+                    let source = Source::Growing {
+                        file,
+                        progress,
+                        permit,
+                    };
                     return blob_response(&s, source, size, &etag, &method, &headers).await;
                 }
             }
         }
     };
     let size = open.meta.size;
-    let source = Source::Stored(open.file, open.guard);
+    let source = Source::Stored(open.file, open.guard, permit);
     blob_response(&s, source, size, &etag, &method, &headers).await
 }
 
@@ -357,6 +507,7 @@ async fn content(
 struct Guarded {
     inner: tokio::io::Take<tokio::fs::File>,
     _guard: Option<crate::store::ReadGuard>,
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl tokio::io::AsyncRead for Guarded {
@@ -371,17 +522,24 @@ impl tokio::io::AsyncRead for Guarded {
 
 /// The bytes behind a content response.
 pub enum Source {
-    /// A verified blob of the store, with the guard that keeps it from eviction while read.
-    Stored(tokio::fs::File, crate::store::ReadGuard),
+    /// A verified blob of the store, with the guard that keeps it from eviction while read
+    /// and the download permit it holds.
+    Stored(
+        tokio::fs::File,
+        crate::store::ReadGuard,
+        Option<tokio::sync::OwnedSemaphorePermit>,
+    ),
     /// A temp file still being fetched: its last byte is withheld until the digest checks,
     /// and the response is cut if it fails.
     Growing {
         file: tokio::fs::File,
         progress: tokio::sync::watch::Receiver<Progress>,
+        permit: Option<tokio::sync::OwnedSemaphorePermit>,
     },
 }
 
 struct GrowingRead {
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
     file: tokio::fs::File,
     progress: tokio::sync::watch::Receiver<Progress>,
     pos: u64,
@@ -540,9 +698,13 @@ pub async fn blob_response(
     let body = if method == Method::HEAD {
         Body::empty()
     } else {
-        let (mut file, progress, guard) = match source {
-            Source::Stored(f, guard) => (f, None, Some(guard)),
-            Source::Growing { file, progress } => (file, Some(progress), None),
+        let (mut file, progress, guard, permit) = match source {
+            Source::Stored(f, guard, permit) => (f, None, Some(guard), permit),
+            Source::Growing {
+                file,
+                progress,
+                permit,
+            } => (file, Some(progress), None, permit),
         };
         if start > 0 {
             file.seek(SeekFrom::Start(start))
@@ -552,6 +714,7 @@ pub async fn blob_response(
         let served = served_by.metrics.served_bytes.clone();
         match progress {
             Some(progress) => growing_body(GrowingRead {
+                _permit: permit,
                 file,
                 progress,
                 pos: start,
@@ -564,6 +727,7 @@ pub async fn blob_response(
                 let reader = Guarded {
                     inner: file.take(count),
                     _guard: guard,
+                    _permit: permit,
                 };
                 let stream = ReaderStream::with_capacity(reader, READ_CHUNK).map(move |chunk| {
                     if let Ok(c) = &chunk {
@@ -578,6 +742,7 @@ pub async fn blob_response(
                 let reader = Guarded {
                     inner: file.take(count),
                     _guard: guard,
+                    _permit: permit,
                 };
                 let stream = ReaderStream::with_capacity(reader, READ_CHUNK).then(move |chunk| {
                     let by = by.clone();
