@@ -846,3 +846,152 @@ mod tests {
         assert!(!if_none_match(&h(&[]), E));
     }
 }
+
+#[cfg(test)]
+mod slot_tests {
+    //! Slots in heartbeats and at the content door, with paused tokio time.
+    use super::*;
+    use crate::settings::Directory;
+
+    struct Fixed;
+    impl Placements for Fixed {
+        fn placement(&self, _: &str) -> (String, Option<String>) {
+            ("default".into(), None)
+        }
+    }
+
+    fn served(dir: &std::path::Path) -> Served {
+        let store = Store::open(dir).unwrap();
+        let slots = crate::slots::Slots::new(store.kv("slots").unwrap());
+        let metrics = Arc::new(Metrics::new());
+        Served {
+            store,
+            catalog: Arc::new(RwLock::new(CatalogHistory::new(3))),
+            changes: Arc::new(Changes::new(metrics.stream_clients.clone())),
+            metrics,
+            fetcher: None,
+            readiness: Arc::new(Readiness::ready()),
+            directory: Arc::new(RwLock::new(Directory::default())),
+            lan: crate::limit::ByteLimiter::new(0),
+            slots,
+            placements: Arc::new(Fixed),
+            downloads: None,
+        }
+    }
+
+    /// Wall time from tokio's paused clock.
+    fn now(origin: DateTime<Utc>, start: tokio::time::Instant) -> DateTime<Utc> {
+        origin + chrono::Duration::from_std(tokio::time::Instant::now() - start).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn heartbeat_slots_urgent_bypass_and_randomization_off() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = served(tmp.path());
+        let origin = Utc::now();
+        let t0 = tokio::time::Instant::now();
+        s.directory
+            .write()
+            .unwrap()
+            .put_settings(
+                "default",
+                None,
+                &serde_json::json!({"randomization.window_s": 60}),
+            )
+            .unwrap();
+        // Nothing published: nothing to download, no slot.
+        assert!(s
+            .download_slot("c", Some(0), "default", None, now(origin, t0))
+            .is_none());
+        let defs = Digest::of(b"defs");
+        s.catalog
+            .write()
+            .unwrap()
+            .publish("defs", Some("1"), defs, 4, false, origin)
+            .unwrap();
+        let slot = s
+            .download_slot("c", Some(0), "default", None, now(origin, t0))
+            .unwrap();
+        assert_eq!(slot.catalog_revision, 1);
+        assert_eq!(slot.window_s, 60);
+        assert!(
+            slot.not_before >= origin && slot.not_before < origin + chrono::Duration::seconds(60)
+        );
+        // Stable at the next heartbeat, and the delay shrinks as time passes.
+        tokio::time::advance(std::time::Duration::from_secs(1)).await;
+        let again = s
+            .download_slot("c", Some(0), "default", None, now(origin, t0))
+            .unwrap();
+        assert_eq!(again.not_before, slot.not_before);
+        // A client already at the current revision has nothing to wait for.
+        assert!(s
+            .download_slot("c", Some(1), "default", None, now(origin, t0))
+            .is_none());
+
+        // At the door: before the slot, 429 with Retry-After and not_before; after, allowed.
+        let many: Vec<String> = (0..50).map(|i| format!("w{i}")).collect();
+        let waiting = many
+            .iter()
+            .find(|c| {
+                let t = now(origin, t0);
+                s.download_slot(c, Some(0), "default", None, t)
+                    .unwrap()
+                    .not_before
+                    > t + chrono::Duration::seconds(2)
+            })
+            .unwrap();
+        let e = s.check_slot(waiting, &defs, now(origin, t0)).unwrap_err();
+        assert_eq!(e.status, StatusCode::TOO_MANY_REQUESTS);
+        let retry: u64 = e
+            .headers
+            .iter()
+            .find(|(k, _)| *k == "retry-after")
+            .unwrap()
+            .1
+            .parse()
+            .unwrap();
+        assert!((1..=60).contains(&retry));
+        assert!(e.extra.unwrap()["not_before"].is_string());
+        assert_eq!(s.metrics.slot_deferrals.get(), 1);
+        tokio::time::advance(std::time::Duration::from_secs(60)).await;
+        assert!(s.check_slot(waiting, &defs, now(origin, t0)).is_ok());
+        // After the window: no slot for a newcomer, downloads at once.
+        assert!(s
+            .download_slot("newcomer", Some(0), "default", None, now(origin, t0))
+            .is_none());
+
+        // An urgent release never waits.
+        let fix = Digest::of(b"outbreak fix");
+        let t = now(origin, t0);
+        s.catalog
+            .write()
+            .unwrap()
+            .publish("fix", Some("1"), fix, 4, true, t)
+            .unwrap();
+        assert!(s.check_slot("w-late", &fix, t).is_ok());
+        // ...and a client that only lacks urgent items gets no slot.
+        assert!(s
+            .download_slot("w-late", Some(2), "default", None, t)
+            .is_none());
+
+        // Randomization off: no slot and no wait.
+        let plain = Digest::of(b"plain");
+        s.catalog
+            .write()
+            .unwrap()
+            .publish("plain", Some("1"), plain, 4, false, t)
+            .unwrap();
+        assert!(s.download_slot("x", Some(2), "default", None, t).is_some());
+        s.directory
+            .write()
+            .unwrap()
+            .put_settings(
+                "default",
+                None,
+                &serde_json::json!({"randomization": {"enabled": false}}),
+            )
+            .unwrap();
+        assert!(s.download_slot("y", Some(2), "default", None, t).is_none());
+        assert!(s.check_slot("y", &plain, t).is_ok());
+    }
+}
