@@ -56,7 +56,16 @@ pub struct LogSection {
 #[serde(deny_unknown_fields, default)]
 pub struct ManagerConfig {
     pub manager: ManagerSection,
+    pub notifications: NotificationsSection,
     pub log: LogSection,
+}
+
+/// `[notifications]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct NotificationsSection {
+    /// Where new admin notifications are POSTed as JSON (empty: none), retried with backoff.
+    pub webhook_url: String,
 }
 
 /// `[manager]`
@@ -100,6 +109,10 @@ impl ManagerConfig {
                 "manager.retain_revisions",
                 format!("must be 1 to 1000 (got {})", m.retain_revisions),
             ));
+        }
+        let hook = &self.notifications.webhook_url;
+        if !hook.is_empty() {
+            validate_url(hook).map_err(|e| bad("notifications.webhook_url", e))?;
         }
         Ok(())
     }
@@ -288,7 +301,7 @@ impl std::fmt::Display for Role {
 /// Infers the role from the file's sections: `[manager]` or `[node]`/`[upstream]`/`[cache]`.
 pub fn infer_role(text: &str) -> Result<Role, ConfigError> {
     let table: toml::Table = toml::from_str(text).map_err(|e| toml_error(text, &e))?;
-    let manager = table.contains_key("manager");
+    let manager = table.contains_key("manager") || table.contains_key("notifications");
     let node = ["node", "upstream", "cache", "serve"]
         .iter()
         .any(|k| table.contains_key(*k));

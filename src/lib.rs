@@ -14,6 +14,7 @@ pub mod clients;
 pub mod config;
 pub mod demo;
 pub mod digest;
+pub mod events;
 pub mod evict;
 pub mod limit;
 pub mod manager;

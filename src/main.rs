@@ -166,6 +166,46 @@ enum AdminCommand {
         #[command(subcommand)]
         command: SiteCommand,
     },
+    /// Events clients uploaded, newest last, filtered and paginated.
+    Events {
+        #[arg(long)]
+        kind: Option<String>,
+        #[arg(long)]
+        client: Option<String>,
+        #[arg(long)]
+        group: Option<String>,
+        /// RFC 3339 time: events whose time is at or after it.
+        #[arg(long)]
+        since: Option<String>,
+        /// Page size (1 to 10000).
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+        /// Cursor from a previous page's `next`.
+        #[arg(long)]
+        after: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Admin notifications raised by critical events.
+    Notifications {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Learned applications: `apps search TEXT`.
+    Apps {
+        #[command(subcommand)]
+        command: AppsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AppsCommand {
+    /// Applications whose name or path contains TEXT (case-insensitive).
+    Search {
+        text: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -700,6 +740,126 @@ fn admin(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure> {
             ))
             .map_err(runtime)?;
             println!("user {user} -> group {group}");
+            Ok(())
+        }
+        AdminCommand::Events {
+            kind,
+            client: who,
+            group,
+            since,
+            limit,
+            after,
+            json,
+        } => {
+            let limit_s = limit.to_string();
+            let after_s = after.map(|a| a.to_string());
+            let mut q: Vec<(&str, &str)> = vec![("limit", &limit_s)];
+            for (k, v) in [
+                ("kind", &kind),
+                ("client", &who),
+                ("group", &group),
+                ("since", &since),
+                ("after", &after_s),
+            ] {
+                if let Some(v) = v {
+                    q.push((k, v));
+                }
+            }
+            let v = rt
+                .block_on(client.call(Method::GET, "/v1/admin/events", &q, None))
+                .map_err(runtime)?;
+            if json {
+                print_json(&v);
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = v["events"]
+                .as_array()
+                .map(|es| {
+                    es.iter()
+                        .map(|e| {
+                            vec![
+                                text(&e["time"]),
+                                text(&e["client_id"]),
+                                text(&e["group"]),
+                                text(&e["kind"]),
+                                text(&e["subkind"]),
+                                text(&e["id"]),
+                            ]
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            print_table(&["TIME", "CLIENT", "GROUP", "KIND", "SUBKIND", "ID"], &rows);
+            if !v["next"].is_null() {
+                println!("more: --after {}", v["next"]);
+            }
+            Ok(())
+        }
+        AdminCommand::Notifications { json } => {
+            let v = rt
+                .block_on(client.call(Method::GET, "/v1/admin/notifications", &[], None))
+                .map_err(runtime)?;
+            if json {
+                print_json(&v);
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = v["notifications"]
+                .as_array()
+                .map(|ns| {
+                    ns.iter()
+                        .map(|n| {
+                            vec![
+                                text(&n["first_at"]),
+                                text(&n["group"]),
+                                text(&n["kind"]),
+                                text(&n["count"]),
+                                text(&n["last_at"]),
+                            ]
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            print_table(&["FIRST", "GROUP", "KIND", "COUNT", "LAST"], &rows);
+            Ok(())
+        }
+        AdminCommand::Apps {
+            command: AppsCommand::Search { text: q, json },
+        } => {
+            let v = rt
+                .block_on(client.call(Method::GET, "/v1/admin/applications", &[("q", &q)], None))
+                .map_err(runtime)?;
+            if json {
+                print_json(&v);
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = v["applications"]
+                .as_array()
+                .map(|apps| {
+                    apps.iter()
+                        .map(|a| {
+                            vec![
+                                text(&a["name"]),
+                                text(&a["version"]),
+                                text(&a["path"]),
+                                a["clients"].as_object().map_or(0, |c| c.len()).to_string(),
+                                text(&a["first_seen"]),
+                                text(&a["last_seen"]),
+                            ]
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            print_table(
+                &[
+                    "NAME",
+                    "VERSION",
+                    "PATH",
+                    "CLIENTS",
+                    "FIRST SEEN",
+                    "LAST SEEN",
+                ],
+                &rows,
+            );
             Ok(())
         }
         AdminCommand::Site {

@@ -26,8 +26,13 @@ use crate::catalog::{CatalogError, CatalogHistory};
 use crate::clients::{self, ClientsError, Heartbeat, Registry};
 use crate::config::ManagerConfig;
 use crate::digest::Digest;
+use crate::events::{
+    ApplicationUpload, EventQuery, EventStore, EventUpload, EventsError, Origin, Upload,
+    UploadBatch,
+};
 use crate::metrics::Metrics;
 use crate::mirror::Snapshot;
+use crate::serve::Placements;
 use crate::serve::{self, Readiness, Served};
 use crate::server;
 use crate::settings::{Directory, PutOutcome, SettingsError};
@@ -50,6 +55,8 @@ pub enum ManagerError {
     Io(#[from] std::io::Error),
     #[error("clients: {0}")]
     Clients(#[from] ClientsError),
+    #[error("events: {0}")]
+    Events(#[from] EventsError),
 }
 
 const CATALOG_KEY: &str = "history";
@@ -61,6 +68,9 @@ pub struct Manager {
     catalog_kv: Kv,
     directory_kv: Kv,
     registry: Registry,
+    events: EventStore,
+    http: reqwest::Client,
+    webhook: Option<String>,
     admin_token: Token,
     node_token: Token,
     /// Serializes catalog changes with their persistence, so revisions hit disk in order.
@@ -106,6 +116,7 @@ impl Manager {
         let directory: Directory = directory_kv.get(DIRECTORY_KEY)?.unwrap_or_default();
         let registry = Registry::open(&store)?;
         let store_slots = store.kv("slots")?;
+        let events = EventStore::open(&store)?;
         tracing::info!(
             revision = history.revision(),
             blobs = store.list().len(),
@@ -131,6 +142,10 @@ impl Manager {
             catalog_kv,
             directory_kv,
             registry,
+            events,
+            http: reqwest::Client::new(),
+            webhook: (!config.notifications.webhook_url.is_empty())
+                .then(|| config.notifications.webhook_url.clone()),
             admin_token,
             node_token,
             publish_lock: tokio::sync::Mutex::new(()),
@@ -146,6 +161,7 @@ impl Manager {
             .with_state(self.clone());
         let batches = Router::new()
             .route("/v1/node/heartbeats", post(node_heartbeats))
+            .route("/v1/node/events", post(node_events))
             .layer(DefaultBodyLimit::max(BATCH_LIMIT))
             .with_state(self.clone());
         let rest = Router::new()
@@ -166,6 +182,11 @@ impl Manager {
             .route("/v1/admin/clients/{id}/move", post(move_client))
             .route("/v1/admin/users/{user}", put(put_user))
             .route("/v1/heartbeat", post(heartbeat))
+            .route("/v1/events", post(post_events))
+            .route("/v1/applications", post(post_applications))
+            .route("/v1/admin/events", get(admin_events))
+            .route("/v1/admin/notifications", get(admin_notifications))
+            .route("/v1/admin/applications", get(admin_applications))
             .route("/v1/stream", get(stream))
             .route("/v1/sync", get(sync))
             .layer(DefaultBodyLimit::max(BODY_LIMIT))
@@ -840,4 +861,181 @@ async fn stream(
     Ok(m.served
         .changes
         .respond(current, filter, m.shutdown.clone()))
+}
+
+// === events, notifications, applications ===
+
+/// An events error on the wire: 400 naming the field.
+pub fn events_error(e: EventsError) -> ApiError {
+    match e {
+        EventsError::Invalid { .. } => ApiError::bad_request("bad_request", e.to_string()),
+        EventsError::Store(_) => ApiError::internal(e.to_string()),
+    }
+}
+
+/// Why learning is refused for a client, if it is.
+pub fn learning_refusal(dir: &Directory, group: &str, location: Option<&str>) -> Option<String> {
+    if !dir.site.application_learning {
+        return Some("application learning is off for the site (application_learning)".into());
+    }
+    if !dir.effective(group, location).learn_applications {
+        return Some(format!(
+            "application learning is off for group {group:?} (learn_applications)"
+        ));
+    }
+    None
+}
+
+impl Manager {
+    /// Stores uploads (from a client or a node), raises notifications, makes them durable.
+    async fn accept(&self, uploads: &[Upload]) -> Result<(), ApiError> {
+        let now = Utc::now();
+        let damper = self.directory()?.site.notification_damper_s;
+        let mut created = Vec::new();
+        for upload in uploads {
+            match upload {
+                Upload::Events(u) => {
+                    let (group, location) = self.registry.placement(&u.client_id);
+                    let stored = self
+                        .events
+                        .add_events(u, &Origin { group, location }, now)
+                        .map_err(events_error)?;
+                    created.extend(
+                        self.events
+                            .notify(&stored, damper, now)
+                            .map_err(events_error)?,
+                    );
+                }
+                Upload::Applications(u) => {
+                    self.events.add_applications(u, now).map_err(events_error)?
+                }
+            }
+        }
+        self.events.flush().await.map_err(events_error)?;
+        for n in created {
+            tracing::warn!(group = %n.group, kind = %n.kind, client = %n.client_id, "critical event: admin notification raised");
+            if let Some(url) = &self.webhook {
+                tokio::spawn(deliver_webhook(self.http.clone(), url.clone(), n));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// POSTs a notification to the webhook, retrying with backoff (5 tries).
+async fn deliver_webhook(http: reqwest::Client, url: String, n: crate::events::Notification) {
+    use backon::{ExponentialBuilder, Retryable};
+    let send = || async {
+        http.post(&url)
+            .timeout(std::time::Duration::from_secs(10))
+            .json(&n)
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+    };
+    let result = send
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(std::time::Duration::from_millis(500))
+                .with_max_times(5)
+                .with_jitter(),
+        )
+        .sleep(tokio::time::sleep)
+        .await;
+    if let Err(e) = result {
+        tracing::warn!(error = %e, %url, "notification webhook failed after retries");
+    }
+}
+
+async fn post_events(
+    State(m): State<Arc<Manager>>,
+    JsonBody(upload): JsonBody<EventUpload>,
+) -> Result<Response, ApiError> {
+    upload.validate().map_err(events_error)?;
+    let accepted = upload.events.len();
+    m.accept(&[Upload::Events(upload)]).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({ "accepted": accepted })),
+    )
+        .into_response())
+}
+
+async fn post_applications(
+    State(m): State<Arc<Manager>>,
+    JsonBody(upload): JsonBody<ApplicationUpload>,
+) -> Result<Response, ApiError> {
+    upload.validate().map_err(events_error)?;
+    let (group, location) = m.registry.placement(&upload.client_id);
+    let refusal = learning_refusal(&*m.directory()?, &group, location.as_deref());
+    if let Some(why) = refusal {
+        return Err(ApiError::new(StatusCode::FORBIDDEN, "learning_off", why));
+    }
+    let accepted = upload.applications.len();
+    m.accept(&[Upload::Applications(upload)]).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({ "accepted": accepted })),
+    )
+        .into_response())
+}
+
+async fn node_events(
+    State(m): State<Arc<Manager>>,
+    headers: HeaderMap,
+    JsonBody(batch): JsonBody<UploadBatch>,
+) -> Result<Response, ApiError> {
+    m.node_token.check(&headers, "node")?;
+    for u in &batch.uploads {
+        match u {
+            Upload::Events(e) => e.validate().map_err(events_error)?,
+            Upload::Applications(a) => a.validate().map_err(events_error)?,
+        }
+    }
+    let accepted: usize = batch.uploads.iter().map(Upload::count).sum();
+    m.accept(&batch.uploads).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({ "accepted": accepted })),
+    )
+        .into_response())
+}
+
+async fn admin_events(
+    State(m): State<Arc<Manager>>,
+    headers: HeaderMap,
+    query: Result<Query<EventQuery>, QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    m.admin_token.check(&headers, "admin")?;
+    let Query(q) = query.map_err(|e| api::from_rejection(e.status(), e.body_text()))?;
+    let (events, next) = m.events.query(&q).map_err(events_error)?;
+    Ok(Json(serde_json::json!({ "events": events, "next": next })))
+}
+
+async fn admin_notifications(
+    State(m): State<Arc<Manager>>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    m.admin_token.check(&headers, "admin")?;
+    let notifications = m.events.notifications().map_err(events_error)?;
+    Ok(Json(serde_json::json!({ "notifications": notifications })))
+}
+
+#[derive(Deserialize)]
+struct AppQuery {
+    q: Option<String>,
+}
+
+async fn admin_applications(
+    State(m): State<Arc<Manager>>,
+    headers: HeaderMap,
+    query: Result<Query<AppQuery>, QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    m.admin_token.check(&headers, "admin")?;
+    let Query(q) = query.map_err(|e| api::from_rejection(e.status(), e.body_text()))?;
+    let apps = m
+        .events
+        .search_applications(q.q.as_deref().unwrap_or(""))
+        .map_err(events_error)?;
+    Ok(Json(serde_json::json!({ "applications": apps })))
 }

@@ -24,6 +24,10 @@ pub struct Metrics {
     pub stream_clients: Gauge,
     /// 429s sent to named clients asking before their slot.
     pub slot_deferrals: Counter,
+    /// Events (and applications) accepted by a node and not yet accepted upstream.
+    pub events_queued: Gauge,
+    /// Events (and applications) a node forwarded and its upstream accepted.
+    pub events_forwarded: Counter,
     /// Per upstream server: 1 when its last call succeeded, 0 when it failed.
     upstream_up: Family<Vec<(String, String)>, Gauge>,
 }
@@ -45,6 +49,18 @@ impl Metrics {
         let cache_bytes = Gauge::default();
         let stream_clients = Gauge::default();
         let slot_deferrals = Counter::default();
+        let events_queued = Gauge::default();
+        let events_forwarded = Counter::default();
+        registry.register(
+            "gup_events_queued",
+            "Events accepted and not yet forwarded upstream",
+            events_queued.clone(),
+        );
+        registry.register(
+            "gup_events_forwarded",
+            "Events forwarded upstream and accepted there",
+            events_forwarded.clone(),
+        );
         registry.register(
             "gup_slot_deferrals",
             "429s sent to clients asking before their download slot",
@@ -96,6 +112,8 @@ impl Metrics {
             registry,
             stream_clients,
             slot_deferrals,
+            events_queued,
+            events_forwarded,
             upstream_up,
             upstream_fetches,
             upstream_bytes,

@@ -29,6 +29,7 @@ use crate::auth::{self, Token, TokenError};
 use crate::catalog::CatalogHistory;
 use crate::clients::{self, Heartbeat, HeartbeatReply};
 use crate::config::NodeConfig;
+use crate::events::{ApplicationUpload, EventUpload, EventsError, Outbox, Upload, UploadBatch};
 use crate::manager::{
     Assignment, BatchReply, HeartbeatBatch, RelayedHeartbeat, BATCH_LIMIT, BODY_LIMIT,
 };
@@ -56,7 +57,12 @@ pub enum NodeError {
     BadDirectory(String),
     #[error("serving: {0}")]
     Io(#[from] std::io::Error),
+    #[error("events: {0}")]
+    Events(#[from] EventsError),
 }
+
+/// Largest batch of uploads forwarded upstream at once (upstreams accept 16 MiB).
+const FORWARD_BATCH: usize = 8 << 20;
 
 const CATALOG_KEY: &str = "history";
 const DIRECTORY_KEY: &str = "directory";
@@ -71,6 +77,10 @@ pub struct Node {
     assignments: Kv,
     /// Group and location of clients, for slot checks.
     placements: Arc<NodePlacements>,
+    /// Events and applications accepted, durable, waiting for an upstream to accept them.
+    outbox: Outbox,
+    /// Wakes the forwarder when a critical event arrives.
+    critical: Notify,
     /// Heartbeats waiting to be relayed upstream, the latest per client.
     relay: Mutex<HashMap<String, RelayedHeartbeat>>,
     /// Checked on `/v1/sync` and batches when another node uses this one as its upstream.
@@ -135,6 +145,7 @@ impl Node {
             metrics.clone(),
         )?;
         let assignments = store.kv("assignments")?;
+        let outbox = Outbox::open(&store)?;
         let locations = store.kv("locations")?;
         let slots = crate::slots::Slots::new(store.kv("slots")?);
         let directory = Arc::new(RwLock::new(directory));
@@ -167,6 +178,8 @@ impl Node {
             directory_kv,
             assignments,
             placements,
+            outbox,
+            critical: Notify::new(),
             relay: Mutex::new(HashMap::new()),
             node_token,
             mode: config.upstream.mode,
@@ -183,11 +196,14 @@ impl Node {
     pub fn router(self: &Arc<Self>) -> Router {
         let batches = Router::new()
             .route("/v1/node/heartbeats", post(node_heartbeats))
+            .route("/v1/node/events", post(node_events))
             .layer(DefaultBodyLimit::max(BATCH_LIMIT))
             .with_state(self.clone());
         let own = Router::new()
             .route("/v1/sync", get(sync))
             .route("/v1/heartbeat", post(heartbeat))
+            .route("/v1/events", post(post_events))
+            .route("/v1/applications", post(post_applications))
             .route("/v1/stream", get(stream))
             .layer(DefaultBodyLimit::max(BODY_LIMIT))
             .with_state(self.clone());
@@ -214,13 +230,17 @@ impl Node {
             tokio::spawn(self.clone().prefetch_loop()),
             tokio::spawn(self.clone().relay_loop()),
             tokio::spawn(self.clone().evict_loop()),
+            tokio::spawn(self.clone().critical_loop()),
         ];
+        self.update_queued();
         if self.mode == ConnectionMode::Push {
             tasks.push(tokio::spawn(self.clone().push_loop()));
         }
         server::run(listener, self.router(), shutdown.wait()).await?;
-        // One last relay so heartbeats received just before shutdown are not lost.
+        // One last relay so heartbeats received just before shutdown are not lost (events
+        // are durable in the outbox and go at the next start if not now).
         self.relay_once().await;
+        self.forward(false).await;
         for t in tasks {
             t.abort();
         }
@@ -432,7 +452,8 @@ impl Node {
             .set(store.total_bytes() as i64);
     }
 
-    /// Relays queued heartbeats upstream every `sync_interval`.
+    /// Relays queued heartbeats upstream every `sync_interval`, and with them every queued
+    /// event and application.
     async fn relay_loop(self: Arc<Self>) {
         loop {
             tokio::select! {
@@ -440,7 +461,107 @@ impl Node {
                 _ = self.shutdown.clone().wait() => return,
             }
             self.relay_once().await;
+            self.forward(false).await;
         }
+    }
+
+    /// Forwards critical events at once: on each arrival, and again with backoff until an
+    /// upstream accepts them.
+    async fn critical_loop(self: Arc<Self>) {
+        let mut backoff = Duration::from_millis(250);
+        loop {
+            let pending = self.outbox.has_critical().unwrap_or(false);
+            if pending && !self.forward(true).await {
+                let jitter = rand::random_range(0.5..1.0);
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff.mul_f64(jitter)) => {}
+                    _ = self.critical.notified() => {}
+                    _ = self.shutdown.clone().wait() => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+                continue;
+            }
+            backoff = Duration::from_millis(250);
+            tokio::select! {
+                _ = self.critical.notified() => {}
+                _ = self.shutdown.clone().wait() => return,
+            }
+        }
+    }
+
+    /// Sends what the outbox holds (only uploads with critical events when `only_critical`)
+    /// in batches of at most 8 MiB; removes each batch once an upstream accepted it. Returns
+    /// false when an upstream could not be reached.
+    async fn forward(&self, only_critical: bool) -> bool {
+        let mut sent_keys: std::collections::HashSet<String> = Default::default();
+        loop {
+            let page = match self.outbox.peek(FORWARD_BATCH * 4) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!(error = %e, "reading the event outbox");
+                    return false;
+                }
+            };
+            let mut keys = Vec::new();
+            let mut uploads = Vec::new();
+            let mut bytes = 0;
+            for (k, u) in page {
+                if sent_keys.contains(&k) || (only_critical && !u.is_critical()) {
+                    continue;
+                }
+                let size = serde_json::to_vec(&u).map(|v| v.len()).unwrap_or(0);
+                if !uploads.is_empty() && bytes + size > FORWARD_BATCH {
+                    break;
+                }
+                bytes += size;
+                keys.push(k);
+                uploads.push(u);
+            }
+            if uploads.is_empty() {
+                self.update_queued();
+                return true;
+            }
+            let count: usize = uploads.iter().map(Upload::count).sum();
+            let batch = UploadBatch { uploads };
+            match self.upstream.forward_uploads(&batch).await {
+                Ok(()) => {
+                    if let Err(e) = self.outbox.remove(&keys).await {
+                        tracing::error!(error = %e, "could not drop forwarded events from the outbox");
+                        return false;
+                    }
+                    self.served.metrics.events_forwarded.inc_by(count as u64);
+                    sent_keys.extend(keys);
+                    self.update_queued();
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "forwarding events failed; they stay queued");
+                    return false;
+                }
+            }
+        }
+    }
+
+    fn update_queued(&self) {
+        if let Ok(n) = self.outbox.queued() {
+            self.served.metrics.events_queued.set(n as i64);
+        }
+    }
+
+    /// Queues an upload durably (before its 202) and wakes the forwarder for critical events.
+    async fn enqueue(&self, upload: Upload) -> Result<(), ApiError> {
+        let critical = upload.is_critical();
+        self.outbox
+            .push(&upload)
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        self.served
+            .metrics
+            .events_queued
+            .inc_by(upload.count() as i64);
+        if critical {
+            self.critical.notify_one();
+        }
+        Ok(())
     }
 
     async fn relay_once(&self) {
@@ -648,6 +769,70 @@ async fn node_heartbeats(
         }
     }
     Ok(Json(reply))
+}
+
+async fn post_events(
+    State(n): State<Arc<Node>>,
+    JsonBody(upload): JsonBody<EventUpload>,
+) -> Result<Response, ApiError> {
+    upload.validate().map_err(crate::manager::events_error)?;
+    let accepted = upload.events.len();
+    n.enqueue(Upload::Events(upload)).await?;
+    Ok(accepted_response(accepted))
+}
+
+fn accepted_response(accepted: usize) -> Response {
+    use axum::response::IntoResponse;
+    (
+        axum::http::StatusCode::ACCEPTED,
+        Json(serde_json::json!({ "accepted": accepted })),
+    )
+        .into_response()
+}
+
+async fn post_applications(
+    State(n): State<Arc<Node>>,
+    JsonBody(upload): JsonBody<ApplicationUpload>,
+) -> Result<Response, ApiError> {
+    upload.validate().map_err(crate::manager::events_error)?;
+    let (group, location) = crate::serve::Placements::placement(&*n.placements, &upload.client_id);
+    let refusal = {
+        let dir = n
+            .served
+            .directory
+            .read()
+            .map_err(|_| ApiError::internal("directory lock poisoned"))?;
+        crate::manager::learning_refusal(&dir, &group, location.as_deref())
+    };
+    if let Some(why) = refusal {
+        return Err(ApiError::new(
+            axum::http::StatusCode::FORBIDDEN,
+            "learning_off",
+            why,
+        ));
+    }
+    let accepted = upload.applications.len();
+    n.enqueue(Upload::Applications(upload)).await?;
+    Ok(accepted_response(accepted))
+}
+
+/// A downstream node forwards its queue here (chaining): queued and forwarded further up.
+async fn node_events(
+    State(n): State<Arc<Node>>,
+    headers: HeaderMap,
+    JsonBody(batch): JsonBody<UploadBatch>,
+) -> Result<Response, ApiError> {
+    n.node_token.check(&headers, "node")?;
+    let mut accepted = 0;
+    for u in batch.uploads {
+        match &u {
+            Upload::Events(e) => e.validate().map_err(crate::manager::events_error)?,
+            Upload::Applications(a) => a.validate().map_err(crate::manager::events_error)?,
+        }
+        accepted += u.count();
+        n.enqueue(u).await?;
+    }
+    Ok(accepted_response(accepted))
 }
 
 #[derive(Deserialize)]

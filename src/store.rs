@@ -623,6 +623,24 @@ impl Kv {
         Ok(out)
     }
 
+    /// Records whose key is `from` or after it, in key order.
+    pub fn scan_from<T: DeserializeOwned>(
+        &self,
+        from: &str,
+    ) -> Result<Vec<(String, T)>, StoreError> {
+        let mut out = Vec::new();
+        for entry in self.tree.range(from.as_bytes()..) {
+            let (k, v) = entry?;
+            let key = String::from_utf8_lossy(&k).into_owned();
+            let value = serde_json::from_slice(&v).map_err(|source| StoreError::Decode {
+                key: key.clone(),
+                source,
+            })?;
+            out.push((key, value));
+        }
+        Ok(out)
+    }
+
     pub fn len(&self) -> usize {
         self.tree.len()
     }

@@ -271,6 +271,38 @@ impl Upstream {
         .map(|(_, r)| r)
     }
 
+    /// Forwards queued uploads (events, applications) to the first upstream that accepts them.
+    pub async fn forward_uploads(
+        &self,
+        batch: &crate::events::UploadBatch,
+    ) -> Result<(), UpstreamError> {
+        self.first_that_answers(|i| async move {
+            let server = &self.servers[i];
+            let name = server.to_string();
+            let mut req = self
+                .http
+                .post(Self::url(server, "/v1/node/events"))
+                .timeout(self.idle_timeout)
+                .json(batch);
+            if let Some(t) = &self.token {
+                req = req.bearer_auth(t.secret());
+            }
+            let resp = req.send().await.map_err(|source| UpstreamError::Http {
+                server: name.clone(),
+                source,
+            })?;
+            if !resp.status().is_success() {
+                return Err(UpstreamError::Status {
+                    server: name,
+                    status: resp.status(),
+                });
+            }
+            Ok(())
+        })
+        .await
+        .map(|_| ())
+    }
+
     /// Holds `/v1/stream` to the first upstream that answers and calls `on_event` for every
     /// event; returns when the stream ends or fails, or when a higher-priority upstream
     /// answers again (the caller reconnects, in priority order).
