@@ -1,12 +1,14 @@
 //! `gup demo`: a branch office on one machine, for a first look.
 //!
 //! Owns the embedded defaults of the demo: a manager and a node in one process on 127.0.0.1
-//! (ports 8014 and 2967 when free, else ephemeral ones), data under one directory, a sample
-//! package published and downloaded through the node with its digest verified. It must never
-//! listen on anything but loopback, and it reuses the real roles: nothing here is a stand-in.
+//! (ports 8014 and 2967 when free, else ephemeral ones), data under one directory, push mode
+//! and a short randomization window, a new sample package published, and `--clients`
+//! simulated clients (the real `loadtest` clients) downloading it through the node at their
+//! slots; then the spread, WAN against LAN bytes and latencies. It must never listen on or
+//! send to anything but loopback, and it reuses the real roles: nothing here is a stand-in.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
@@ -20,6 +22,9 @@ use crate::server::Shutdown;
 
 /// Size of the sample package.
 const SAMPLE_BYTES: usize = 4 << 20;
+
+/// Heartbeat interval of the demo's clients: short, so the demo ends soon after the window.
+const DEMO_HEARTBEAT_S: u64 = 5;
 
 /// Why the demo stopped.
 #[derive(Debug, thiserror::Error)]
@@ -46,9 +51,18 @@ async fn bind_loopback(port: u16) -> std::io::Result<TcpListener> {
     }
 }
 
-/// Deterministic pseudo-random bytes (xorshift), so a second run republishes the same package.
+/// What the demo runs.
+pub struct DemoOptions {
+    pub data_dir: PathBuf,
+    /// Simulated clients behind the node.
+    pub clients: usize,
+    /// Randomization window in seconds.
+    pub window_s: u64,
+}
+
+/// A new sample package for this run (so each run is a new release that spreads).
 fn sample_package() -> Vec<u8> {
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut x: u64 = rand::random::<u64>() | 1;
     let mut out = Vec::with_capacity(SAMPLE_BYTES);
     while out.len() < SAMPLE_BYTES {
         x ^= x << 13;
@@ -60,7 +74,8 @@ fn sample_package() -> Vec<u8> {
 }
 
 /// Runs the demo until `shutdown`; prints what happens on stdout.
-pub async fn run(data_dir: &Path, shutdown: Shutdown) -> Result<(), DemoError> {
+pub async fn run(opts: &DemoOptions, shutdown: Shutdown) -> Result<(), DemoError> {
+    let data_dir = &opts.data_dir;
     std::fs::create_dir_all(data_dir)?;
     let manager_listener = bind_loopback(MANAGER_PORT).await?;
     let node_listener = bind_loopback(NODE_PORT).await?;
@@ -78,12 +93,14 @@ pub async fn run(data_dir: &Path, shutdown: Shutdown) -> Result<(), DemoError> {
     nc.node.data_dir = data_dir.join("node");
     nc.upstream.servers = vec![manager_url.clone()];
     nc.upstream.token = node_token.secret().to_string();
+    // Relay heartbeats and events every 2 s, so the manager's view is fresh in a short demo.
+    nc.upstream.sync_interval_s = 2;
     let node = Node::open(&nc, shutdown.clone())?;
 
     let m_task = tokio::spawn(manager.run(manager_listener));
     let n_task = tokio::spawn(node.run(node_listener));
 
-    println!("gup demo: a management server and a branch-office node on this machine");
+    println!("gup demo: a management server, a branch-office node and {} simulated clients on this machine", opts.clients);
     println!(
         "  manager  {manager_url}   data {}",
         mc.manager.data_dir.display()
@@ -97,7 +114,7 @@ pub async fn run(data_dir: &Path, shutdown: Shutdown) -> Result<(), DemoError> {
         crate::auth::token_path(&mc.manager.data_dir, "admin").display()
     );
 
-    let outcome = showcase(&manager_url, &node_url, admin_token, data_dir).await;
+    let outcome = showcase(opts, &manager_url, &node_url, admin_token).await;
     match &outcome {
         Ok(()) => {
             println!("try:  curl -s {node_url}/v1/catalog");
@@ -113,32 +130,55 @@ pub async fn run(data_dir: &Path, shutdown: Shutdown) -> Result<(), DemoError> {
     outcome
 }
 
+/// A metric of a server's `/metrics` (0 when absent).
+async fn metric(http: &reqwest::Client, base: &str, name: &str) -> Result<f64, DemoError> {
+    let text = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    Ok(text
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0))
+}
+
 async fn showcase(
+    opts: &DemoOptions,
     manager_url: &str,
     node_url: &str,
     admin_token: crate::auth::Token,
-    data_dir: &Path,
 ) -> Result<(), DemoError> {
+    let admin = AdminClient::new(manager_url, admin_token)?;
+    let window = opts.window_s;
+    admin
+        .call(
+            reqwest::Method::PUT,
+            "/v1/admin/groups/default/settings",
+            &[],
+            Some(&serde_json::json!({
+                "mode": "push",
+                "heartbeat_interval_s": DEMO_HEARTBEAT_S,
+                "randomization": {"enabled": true, "window_s": window},
+            })),
+        )
+        .await?;
+    println!("settings: push mode, heartbeat every {DEMO_HEARTBEAT_S} s, randomization window {window} s");
+
     let bytes = sample_package();
     let digest = Digest::of(&bytes);
-    let file: PathBuf = data_dir.join("sample-definitions.bin");
+    let file: PathBuf = opts.data_dir.join("sample-definitions.bin");
     tokio::fs::write(&file, &bytes).await?;
-    let admin = AdminClient::new(manager_url, admin_token)?;
-    let (status, published) = admin
-        .publish(&file, "sample-definitions", Some("2026.11.24"), false)
+    let version = chrono::Utc::now().format("%Y%m%d.%H%M%S").to_string();
+    let (_, published) = admin
+        .publish(&file, "sample-definitions", Some(&version), false)
         .await?;
     println!(
-        "published {} {} ({} bytes, sha256 {}) as catalog revision {}{}",
-        published.name,
-        published.version,
-        published.size,
-        published.sha256,
-        published.revision,
-        if status == 200 {
-            " (already there from an earlier run)"
-        } else {
-            ""
-        }
+        "published {} {} ({} bytes, sha256 {}) as catalog revision {}",
+        published.name, published.version, published.size, published.sha256, published.revision
     );
 
     let http = reqwest::Client::new();
@@ -152,7 +192,7 @@ async fn showcase(
             .await?;
         if catalog.items.iter().any(|i| i.sha256 == digest) {
             println!(
-                "node mirrored catalog revision {} after {} ms",
+                "node mirrored catalog revision {} after {} ms (pushed)",
                 catalog.revision,
                 start.elapsed().as_millis()
             );
@@ -163,26 +203,46 @@ async fn showcase(
                 "the node did not mirror the catalog in 30 s".into(),
             ));
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    let start = Instant::now();
-    let resp = http
-        .get(format!("{node_url}/v1/content/{digest}"))
-        .send()
-        .await?
-        .error_for_status()?;
-    let body = resp.bytes().await?;
-    let got = Digest::of(&body);
-    if got != digest {
+    println!(
+        "{} clients connect to the node and each downloads the release at its slot in the {window} s window...",
+        opts.clients
+    );
+    let mut lt = crate::loadtest::Options::new(node_url, opts.clients);
+    lt.mode = crate::loadtest::Mode::Push;
+    // The run ends one heartbeat interval after every client is done, or at this cap.
+    lt.duration = Duration::from_secs(window + 4 * DEMO_HEARTBEAT_S);
+    lt.id_prefix = format!("demo-{version}-");
+    lt.progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let report = crate::loadtest::run(lt)
+        .await
+        .map_err(|e| DemoError::Failed(format!("simulated clients: {e}")))?;
+    println!("{}", report.summary());
+    println!("{}", report.histogram_text());
+
+    let wan = metric(&http, node_url, "gup_upstream_bytes_total").await?;
+    let lan = metric(&http, node_url, "gup_served_bytes_total").await?;
+    let fetches = metric(&http, node_url, "gup_upstream_fetches_total").await?;
+    println!(
+        "WAN (node <- manager): {:.1} MiB in {fetches} fetches;  LAN (node -> clients): {:.1} MiB",
+        wan / 1048576.0,
+        lan / 1048576.0
+    );
+    println!(
+        "download starts peak/mean {:.2} over the window; request latency p50 {:.1} ms, p99 {:.1} ms",
+        report.peak_to_mean, report.latency_ms.p50, report.latency_ms.p99
+    );
+    if report.downloads_ok < opts.clients as u64 || report.digest_mismatches > 0 {
         return Err(DemoError::Failed(format!(
-            "downloaded bytes hash to {got}, expected {digest}"
+            "{} of {} clients verified the release ({} digest mismatches)",
+            report.downloads_ok, opts.clients, report.digest_mismatches
         )));
     }
     println!(
-        "downloaded through the node: {} bytes in {} ms, sha256 verified",
-        body.len(),
-        start.elapsed().as_millis()
+        "all {} clients downloaded the release through the node, every sha256 verified",
+        opts.clients
     );
     Ok(())
 }

@@ -17,6 +17,7 @@ pub mod digest;
 pub mod events;
 pub mod evict;
 pub mod limit;
+pub mod loadtest;
 pub mod manager;
 pub mod metrics;
 pub mod mirror;

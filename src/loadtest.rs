@@ -452,6 +452,27 @@ fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<f64> {
     (s.is_finite() && s >= 0.0).then_some(s)
 }
 
+/// How long to wait for a slot. `delay_s` is whole seconds; `not_before` is precise, so it
+/// is used when this host's clock agrees with it (within 1.5 s of `delay_s`), plus 20 ms so
+/// as not to arrive a hair early; `delay_s` otherwise (a skewed clock).
+fn slot_delay(slot: &DownloadSlot, now: chrono::DateTime<chrono::Utc>) -> Duration {
+    let coarse = if slot.delay_s.is_finite() {
+        slot.delay_s.clamp(0.0, 86_400.0 * 365.0)
+    } else {
+        0.0
+    };
+    let precise = slot
+        .not_before
+        .as_deref()
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| (t.with_timezone(&chrono::Utc) - now).num_milliseconds() as f64 / 1000.0)
+        .filter(|p| (p - coarse).abs() <= 1.5);
+    match precise {
+        Some(p) => Duration::from_secs_f64(p.max(0.0) + 0.02),
+        None => Duration::from_secs_f64(coarse),
+    }
+}
+
 /// Checks and normalizes the target: http(s), a host, no query; no trailing slash.
 fn normalize_target(url: &str) -> Result<String, LoadtestError> {
     let bad = |reason: &str| LoadtestError::BadTarget {
@@ -502,6 +523,8 @@ struct HeartbeatReply {
 
 #[derive(Deserialize)]
 struct DownloadSlot {
+    #[serde(default)]
+    not_before: Option<String>,
     #[serde(default)]
     delay_s: f64,
     #[serde(default)]
@@ -973,12 +996,7 @@ impl Client {
             if entry.window_s.is_none() {
                 entry.window_s = slot.window_s;
             }
-            let delay = if slot.delay_s.is_finite() {
-                slot.delay_s.clamp(0.0, 86_400.0 * 365.0)
-            } else {
-                0.0
-            };
-            now + Duration::from_secs_f64(delay)
+            now + slot_delay(slot, chrono::Utc::now())
         });
         let task = download_job(
             self.sh.clone(),
@@ -1685,6 +1703,27 @@ mod tests {
         // Bucket width scales.
         let h = bucketize(&[0.0, 59.9, 60.0, 3599.0], 60.0, 60);
         assert_eq!((h[0], h[1], h[59]), (2, 1, 1));
+    }
+
+    #[test]
+    fn slot_delay_prefers_a_consistent_not_before() {
+        let now = chrono::DateTime::parse_from_rfc3339("2030-01-01T00:00:00Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        let slot = |nb: Option<&str>, delay_s: f64| DownloadSlot {
+            not_before: nb.map(str::to_string),
+            delay_s,
+            window_s: Some(20),
+        };
+        let precise = slot(Some("2030-01-01T00:00:15.250Z"), 16.0);
+        assert_eq!(slot_delay(&precise, now), Duration::from_millis(15_270));
+        // A skewed clock: not_before far from delay_s, so delay_s wins.
+        let skewed = slot(Some("2030-01-01T01:00:00Z"), 16.0);
+        assert_eq!(slot_delay(&skewed, now), Duration::from_secs(16));
+        assert_eq!(slot_delay(&slot(None, 3.0), now), Duration::from_secs(3));
+        assert_eq!(slot_delay(&slot(Some("junk"), 0.0), now), Duration::ZERO);
+        let past = slot(Some("2029-12-31T23:59:59.500Z"), 0.0);
+        assert_eq!(slot_delay(&past, now), Duration::from_millis(20));
     }
 
     #[test]

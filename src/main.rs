@@ -40,8 +40,47 @@ enum Command {
         /// The TOML file.
         file: PathBuf,
     },
-    /// A manager and a node on 127.0.0.1 in one process, with a sample package.
+    /// A branch office on 127.0.0.1 in one process: manager, node and simulated clients.
     Demo(DemoArgs),
+    /// Simulated clients against a node or manager; prints a summary and histogram.
+    Loadtest(LoadtestArgs),
+}
+
+#[derive(Args)]
+struct LoadtestArgs {
+    /// Base URL of the node (or manager) under test.
+    #[arg(long)]
+    target: String,
+    /// How many simulated clients.
+    #[arg(long)]
+    clients: usize,
+    /// install_group the clients send.
+    #[arg(long)]
+    group: Option<String>,
+    /// push: hold /v1/stream; pull: learn at heartbeats.
+    #[arg(long, default_value = "pull")]
+    mode: gup::loadtest::Mode,
+    /// Run time in seconds (ends earlier when every client is done).
+    #[arg(long, default_value_t = 60)]
+    duration: u64,
+    /// Write the contract's JSON report here.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// windows, mac or linux.
+    #[arg(long, default_value = "windows")]
+    os: String,
+    /// Client version sent in heartbeats.
+    #[arg(long, default_value = "12.1.5")]
+    client_version: String,
+    /// Divides the heartbeat interval (10 = ten times as often); slots are never scaled.
+    #[arg(long, default_value_t = 1.0)]
+    time_scale: f64,
+    /// Prefix of client ids.
+    #[arg(long, default_value = "lt-")]
+    id_prefix: String,
+    /// Events each client uploads (one critical).
+    #[arg(long, default_value_t = 2)]
+    events: usize,
 }
 
 #[derive(Args)]
@@ -287,6 +326,12 @@ struct DemoArgs {
     /// Where the demo keeps its data.
     #[arg(long, default_value = "gup-demo")]
     data_dir: PathBuf,
+    /// Simulated clients behind the node.
+    #[arg(long, default_value_t = 200)]
+    clients: usize,
+    /// Randomization window in seconds over which the release spreads.
+    #[arg(long, default_value_t = 30)]
+    window: u64,
 }
 
 /// A failure with its exit code.
@@ -482,11 +527,58 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Admin(args) => admin(args, cli.log_format.unwrap_or_default()),
         Command::Demo(args) => {
+            if args.clients == 0 || args.clients > 20_000 {
+                return Err(usage("--clients must be 1 to 20000"));
+            }
+            if args.window > 3600 {
+                return Err(usage("--window must be 0 to 3600 seconds"));
+            }
             init_logging(cli.log_format.unwrap_or_default());
             gup::server::raise_open_file_limit();
-            with_shutdown(|shutdown| async move { gup::demo::run(&args.data_dir, shutdown).await })
+            let opts = gup::demo::DemoOptions {
+                data_dir: args.data_dir,
+                clients: args.clients,
+                window_s: args.window,
+            };
+            with_shutdown(|shutdown| async move { gup::demo::run(&opts, shutdown).await })
         }
+        Command::Loadtest(args) => loadtest(args, cli.log_format.unwrap_or_default()),
     }
+}
+
+fn loadtest(args: LoadtestArgs, log_format: LogFormat) -> Result<(), Failure> {
+    init_logging(log_format);
+    let limit = gup::server::raise_open_file_limit();
+    if (limit as usize) < args.clients + 256 {
+        eprintln!(
+            "gup: warning: the open-file limit is {limit}; {} clients may run out of sockets",
+            args.clients
+        );
+    }
+    let mut opts = gup::loadtest::Options::new(args.target, args.clients);
+    opts.group = args.group;
+    opts.mode = args.mode;
+    opts.duration = std::time::Duration::from_secs(args.duration);
+    opts.os = args.os;
+    opts.client_version = args.client_version;
+    opts.time_scale = args.time_scale;
+    opts.id_prefix = args.id_prefix;
+    opts.events_per_client = args.events;
+    opts.progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let rt = runtime_env()?;
+    let report = rt.block_on(gup::loadtest::run(opts)).map_err(|e| match e {
+        gup::loadtest::LoadtestError::BadOption { .. }
+        | gup::loadtest::LoadtestError::BadTarget { .. } => usage(e.to_string()),
+        other => runtime(other),
+    })?;
+    println!("{}", report.summary());
+    println!("{}", report.histogram_text());
+    if let Some(path) = args.report {
+        let json = serde_json::to_vec_pretty(&report).map_err(runtime)?;
+        std::fs::write(&path, json).map_err(|e| runtime(format!("{}: {e}", path.display())))?;
+        println!("report written to {}", path.display());
+    }
+    Ok(())
 }
 
 fn check_config(file: &Path) -> Result<(), Failure> {

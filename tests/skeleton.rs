@@ -286,7 +286,7 @@ fn demo_publishes_and_verifies_through_the_node() {
     use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(gup())
-        .args(["demo", "--data-dir"])
+        .args(["demo", "--clients", "20", "--window", "3", "--data-dir"])
         .arg(dir.path().join("demo"))
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
@@ -320,7 +320,8 @@ fn demo_publishes_and_verifies_through_the_node() {
         }
     }
     let text = seen.join("\n");
-    assert!(text.contains("sha256 verified"), "{text}");
+    assert!(text.contains("every sha256 verified"), "{text}");
+    assert!(text.contains("peak/mean"), "{text}");
     assert!(text.contains("manager  http://127.0.0.1:"), "{text}");
     assert!(text.contains("node     http://127.0.0.1:"), "{text}");
     unsafe {
