@@ -325,3 +325,53 @@ async fn damper_learning_gate_and_validation() {
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"], "body_too_large");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifications_are_posted_to_the_webhook_with_retries() {
+    use axum::routing::post;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    // A receiver that fails the first delivery, then records.
+    let calls = Arc::new(AtomicUsize::new(0));
+    let got = Arc::new(tokio::sync::Mutex::new(Vec::<Value>::new()));
+    let (c2, g2) = (calls.clone(), got.clone());
+    let app = axum::Router::new().route(
+        "/hook",
+        post(move |axum::Json(v): axum::Json<Value>| {
+            let (calls, got) = (c2.clone(), g2.clone());
+            async move {
+                if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                    return axum::http::StatusCode::SERVICE_UNAVAILABLE;
+                }
+                got.lock().await.push(v);
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("manager.toml");
+    std::fs::write(&cfg, format!("[notifications]\nwebhook_url = \"{hook}\"\n")).unwrap();
+    let manager = start_manager(&dir.path().join("m"), &["--config", cfg.to_str().unwrap()]);
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/events", manager.url))
+        .json(&json!({"client_id": "pc-1", "events": [event("i1", "intrusion", "portscan")]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let delivered = wait_for(20, "the webhook receives the notification", || {
+        let g = got.clone();
+        async move { g.lock().await.first().cloned() }
+    })
+    .await;
+    assert_eq!(delivered["kind"], "intrusion");
+    assert_eq!(delivered["group"], "default");
+    assert!(
+        calls.load(Ordering::SeqCst) >= 2,
+        "the first failure was retried"
+    );
+}
