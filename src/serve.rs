@@ -193,45 +193,58 @@ impl Served {
     }
 
     /// 429 for a named client asking for `digest` before its slot. A blob in several retained
-    /// revisions uses the earliest one's slot; an urgent item never waits.
-    fn check_slot(
-        &self,
-        client_id: &str,
-        digest: &Digest,
-        now: DateTime<Utc>,
-    ) -> Result<(), ApiError> {
-        let (revision, available_at, urgent) = {
-            let history = self
-                .catalog
-                .read()
-                .map_err(|_| ApiError::internal("catalog lock poisoned"))?;
-            match history.find(digest) {
-                Some((rev, item)) => (rev.catalog.revision, rev.available_at, item.urgent),
-                None => return Ok(()),
-            }
-        };
-        if urgent {
-            return Ok(());
-        }
+    /// revisions uses the earliest one's slot the client holds (a client that was given a
+    /// slot for an older revision keeps it; one that heard of the blob only with a newer
+    /// revision downloads it at that revision's slot, as its heartbeat said); a client that
+    /// holds none (it never sent a heartbeat) gets one for the earliest revision on its first
+    /// request. An urgent item never waits.
+    fn check_slot(&self, client_id: &str, digest: &Digest, now: DateTime<Utc>) -> Result<(), ApiError> {
         let (group, location) = self.placements.placement(client_id);
         let settings = self
             .directory
             .read()
             .map_err(|_| ApiError::internal("directory lock poisoned"))?
             .effective(&group, location.as_deref());
-        if !settings.randomization.enabled {
+        let window_s = settings.randomization.window_s;
+        if !settings.randomization.enabled || window_s == 0 {
             return Ok(());
         }
-        let slot = self
-            .slots
-            .slot(
-                client_id,
-                revision,
-                available_at,
-                settings.randomization.window_s,
-                now,
-            )
-            .map_err(|e| ApiError::internal(e.to_string()))?;
+        // (revision, available_at) of every retained revision holding the blob, oldest first.
+        let holding: Vec<(u64, DateTime<Utc>)> = {
+            let history = self
+                .catalog
+                .read()
+                .map_err(|_| ApiError::internal("catalog lock poisoned"))?;
+            let mut holding = Vec::new();
+            for rev in history.revisions() {
+                if let Some(item) = rev.catalog.items.iter().find(|i| &i.sha256 == digest) {
+                    if item.urgent {
+                        return Ok(());
+                    }
+                    holding.push((rev.catalog.revision, rev.available_at));
+                }
+            }
+            holding
+        };
+        let Some(&(first_rev, first_at)) = holding.first() else {
+            return Ok(());
+        };
+        let store_err = |e: crate::store::StoreError| ApiError::internal(e.to_string());
+        let mut slot = None;
+        let mut revision = first_rev;
+        for (rev, at) in &holding {
+            if let Some(t) = self.slots.held(client_id, *rev, *at, window_s).map_err(store_err)? {
+                slot = Some(t);
+                revision = *rev;
+                break;
+            }
+        }
+        if slot.is_none() {
+            slot = self
+                .slots
+                .slot(client_id, first_rev, first_at, window_s, now)
+                .map_err(store_err)?;
+        }
         match slot {
             Some(t) if t > now => {
                 self.metrics.slot_deferrals.inc();

@@ -103,6 +103,30 @@ impl Slots {
         Ok(book)
     }
 
+    /// The slot `client` already holds for `revision`, if any (never assigns one).
+    pub fn held(
+        &self,
+        client: &str,
+        revision: u64,
+        available_at: DateTime<Utc>,
+        window_s: u64,
+    ) -> Result<Option<DateTime<Utc>>, StoreError> {
+        if window_s == 0 {
+            return Ok(None);
+        }
+        let Ok(mut books) = self.books.lock() else {
+            return Err(StoreError::Join("slot book lock poisoned".into()));
+        };
+        let book = match books.entry((revision, window_s)) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(self.load(revision, window_s)?),
+        };
+        Ok(book
+            .assigned
+            .get(client)
+            .map(|offset| available_at + Duration::milliseconds(*offset as i64)))
+    }
+
     /// The moment `client` may start downloading `revision`, which became available at this
     /// server at `available_at` with a randomization window of `window_s`. None: no wait
     /// (window 0, or the client first asks after the window).
