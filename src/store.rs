@@ -347,6 +347,7 @@ impl Store {
     pub fn kv(&self, name: &str) -> Result<Kv, StoreError> {
         Ok(Kv {
             tree: self.inner.db.open_tree(name)?,
+            commit: Arc::new(GroupCommit::default()),
         })
     }
 
@@ -567,6 +568,18 @@ impl Drop for BlobWriter {
 #[derive(Clone)]
 pub struct Kv {
     tree: sled::Tree,
+    /// Group commit: concurrent `flush` calls share one disk flush.
+    commit: Arc<GroupCommit>,
+}
+
+/// Counts writes and flushes so that a flush that started after a write covers it.
+#[derive(Default)]
+struct GroupCommit {
+    /// Bumped by every `flush` call before it waits (its write is done by then).
+    requested: AtomicU64,
+    /// The highest request number a finished flush covers.
+    flushed: AtomicU64,
+    lock: tokio::sync::Mutex<()>,
 }
 
 impl Kv {
@@ -649,9 +662,19 @@ impl Kv {
         self.tree.is_empty()
     }
 
-    /// Makes this tree's writes durable before the caller acknowledges them.
+    /// Makes this tree's writes so far durable before the caller acknowledges them.
+    /// Concurrent callers share flushes: one that waited while another flushed after its
+    /// write returns without flushing again (group commit).
     pub async fn flush(&self) -> Result<(), StoreError> {
+        let mine = self.commit.requested.fetch_add(1, Ordering::SeqCst) + 1;
+        let _turn = self.commit.lock.lock().await;
+        if self.commit.flushed.load(Ordering::SeqCst) >= mine {
+            return Ok(());
+        }
+        // Every request numbered up to here wrote before asking: this flush covers them all.
+        let covers = self.commit.requested.load(Ordering::SeqCst);
         self.tree.flush_async().await?;
+        self.commit.flushed.fetch_max(covers, Ordering::SeqCst);
         Ok(())
     }
 }
@@ -790,6 +813,28 @@ mod tests {
         store.remove(&a).await.unwrap();
         assert_eq!(store.total_bytes(), 0);
         assert!(!store.blob_path(&a).exists());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_flushes_all_complete_and_persist() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let kv = store.kv("q").unwrap();
+            let mut tasks = Vec::new();
+            for i in 0..200u32 {
+                let kv = kv.clone();
+                tasks.push(tokio::spawn(async move {
+                    kv.put(&format!("{i:04}"), &i).unwrap();
+                    kv.flush().await.unwrap();
+                }));
+            }
+            for t in tasks {
+                t.await.unwrap();
+            }
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.kv("q").unwrap().scan::<u32>("").unwrap().len(), 200);
     }
 
     #[tokio::test]
