@@ -198,7 +198,12 @@ impl Served {
     /// revision downloads it at that revision's slot, as its heartbeat said); a client that
     /// holds none (it never sent a heartbeat) gets one for the earliest revision on its first
     /// request. An urgent item never waits.
-    fn check_slot(&self, client_id: &str, digest: &Digest, now: DateTime<Utc>) -> Result<(), ApiError> {
+    fn check_slot(
+        &self,
+        client_id: &str,
+        digest: &Digest,
+        now: DateTime<Utc>,
+    ) -> Result<(), ApiError> {
         let (group, location) = self.placements.placement(client_id);
         let settings = self
             .directory
@@ -233,7 +238,11 @@ impl Served {
         let mut slot = None;
         let mut revision = first_rev;
         for (rev, at) in &holding {
-            if let Some(t) = self.slots.held(client_id, *rev, *at, window_s).map_err(store_err)? {
+            if let Some(t) = self
+                .slots
+                .held(client_id, *rev, *at, window_s)
+                .map_err(store_err)?
+            {
                 slot = Some(t);
                 revision = *rev;
                 break;

@@ -119,7 +119,9 @@ impl Slots {
         };
         let book = match books.entry((revision, window_s)) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => e.insert(self.load(revision, window_s)?),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(self.load(revision, window_s)?)
+            }
         };
         Ok(book
             .assigned
