@@ -719,22 +719,15 @@ fn admin(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure> {
                     print_json(&v);
                     return Ok(());
                 }
-                let rows: Vec<Vec<String>> = v["groups"]
-                    .as_array()
-                    .map(|gs| {
-                        gs.iter()
-                            .map(|g| {
-                                vec![
-                                    text(&g["name"]),
-                                    text(&g["parent"]),
-                                    text(&g["children"]),
-                                    g["settings"].to_string(),
-                                    text(&g["policy_serial"]),
-                                ]
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                let rows = table_rows(&v["groups"], |g| {
+                    vec![
+                        text(&g["name"]),
+                        text(&g["parent"]),
+                        text(&g["children"]),
+                        g["settings"].to_string(),
+                        text(&g["policy_serial"]),
+                    ]
+                });
                 print_table(
                     &["GROUP", "PARENT", "CHILDREN", "OWN SETTINGS", "POLICY"],
                     &rows,
@@ -785,27 +778,20 @@ fn admin(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure> {
                     print_json(&v);
                     return Ok(());
                 }
-                let rows: Vec<Vec<String>> = v["clients"]
-                    .as_array()
-                    .map(|cs| {
-                        cs.iter()
-                            .map(|c| {
-                                vec![
-                                    text(&c["client_id"]),
-                                    text(&c["group"]),
-                                    text(&c["install_group"]),
-                                    text(&c["os"]),
-                                    text(&c["last_seen"]),
-                                    if c["overdue"] == true {
-                                        "yes".into()
-                                    } else {
-                                        "no".into()
-                                    },
-                                ]
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                let rows = table_rows(&v["clients"], |c| {
+                    vec![
+                        text(&c["client_id"]),
+                        text(&c["group"]),
+                        text(&c["install_group"]),
+                        text(&c["os"]),
+                        text(&c["last_seen"]),
+                        if c["overdue"] == true {
+                            "yes".into()
+                        } else {
+                            "no".into()
+                        },
+                    ]
+                });
                 print_table(
                     &[
                         "CLIENT",
@@ -864,23 +850,16 @@ fn admin(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure> {
                 print_json(&v);
                 return Ok(());
             }
-            let rows: Vec<Vec<String>> = v["events"]
-                .as_array()
-                .map(|es| {
-                    es.iter()
-                        .map(|e| {
-                            vec![
-                                text(&e["time"]),
-                                text(&e["client_id"]),
-                                text(&e["group"]),
-                                text(&e["kind"]),
-                                text(&e["subkind"]),
-                                text(&e["id"]),
-                            ]
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
+            let rows = table_rows(&v["events"], |e| {
+                vec![
+                    text(&e["time"]),
+                    text(&e["client_id"]),
+                    text(&e["group"]),
+                    text(&e["kind"]),
+                    text(&e["subkind"]),
+                    text(&e["id"]),
+                ]
+            });
             print_table(&["TIME", "CLIENT", "GROUP", "KIND", "SUBKIND", "ID"], &rows);
             if !v["next"].is_null() {
                 println!("more: --after {}", v["next"]);
@@ -895,22 +874,15 @@ fn admin(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure> {
                 print_json(&v);
                 return Ok(());
             }
-            let rows: Vec<Vec<String>> = v["notifications"]
-                .as_array()
-                .map(|ns| {
-                    ns.iter()
-                        .map(|n| {
-                            vec![
-                                text(&n["first_at"]),
-                                text(&n["group"]),
-                                text(&n["kind"]),
-                                text(&n["count"]),
-                                text(&n["last_at"]),
-                            ]
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
+            let rows = table_rows(&v["notifications"], |n| {
+                vec![
+                    text(&n["first_at"]),
+                    text(&n["group"]),
+                    text(&n["kind"]),
+                    text(&n["count"]),
+                    text(&n["last_at"]),
+                ]
+            });
             print_table(&["FIRST", "GROUP", "KIND", "COUNT", "LAST"], &rows);
             Ok(())
         }
@@ -924,23 +896,16 @@ fn admin(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure> {
                 print_json(&v);
                 return Ok(());
             }
-            let rows: Vec<Vec<String>> = v["applications"]
-                .as_array()
-                .map(|apps| {
-                    apps.iter()
-                        .map(|a| {
-                            vec![
-                                text(&a["name"]),
-                                text(&a["version"]),
-                                text(&a["path"]),
-                                a["clients"].as_object().map_or(0, |c| c.len()).to_string(),
-                                text(&a["first_seen"]),
-                                text(&a["last_seen"]),
-                            ]
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
+            let rows = table_rows(&v["applications"], |a| {
+                vec![
+                    text(&a["name"]),
+                    text(&a["version"]),
+                    text(&a["path"]),
+                    a["clients"].as_object().map_or(0, |c| c.len()).to_string(),
+                    text(&a["first_seen"]),
+                    text(&a["last_seen"]),
+                ]
+            });
             print_table(
                 &[
                     "NAME",
@@ -978,6 +943,16 @@ fn text(v: &serde_json::Value) -> String {
         serde_json::Value::Null => "-".into(),
         other => other.to_string(),
     }
+}
+
+/// One table row per element of a JSON array (none when it is not an array).
+fn table_rows(
+    list: &serde_json::Value,
+    row: impl Fn(&serde_json::Value) -> Vec<String>,
+) -> Vec<Vec<String>> {
+    list.as_array()
+        .map(|items| items.iter().map(row).collect())
+        .unwrap_or_default()
 }
 
 fn print_table(headers: &[&str], rows: &[Vec<String>]) {

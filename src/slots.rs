@@ -103,6 +103,21 @@ impl Slots {
         Ok(book)
     }
 
+    /// The book of (revision, window), loaded from disk the first time.
+    fn book<'a>(
+        &self,
+        books: &'a mut HashMap<(u64, u64), Book>,
+        revision: u64,
+        window_s: u64,
+    ) -> Result<&'a mut Book, StoreError> {
+        Ok(match books.entry((revision, window_s)) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(self.load(revision, window_s)?)
+            }
+        })
+    }
+
     /// The slot `client` already holds for `revision`, if any (never assigns one).
     pub fn held(
         &self,
@@ -114,15 +129,11 @@ impl Slots {
         if window_s == 0 {
             return Ok(None);
         }
-        let Ok(mut books) = self.books.lock() else {
-            return Err(StoreError::Join("slot book lock poisoned".into()));
-        };
-        let book = match books.entry((revision, window_s)) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => {
-                e.insert(self.load(revision, window_s)?)
-            }
-        };
+        let mut books = self
+            .books
+            .lock()
+            .map_err(|_| StoreError::Join("slot book lock poisoned".into()))?;
+        let book = self.book(&mut books, revision, window_s)?;
         Ok(book
             .assigned
             .get(client)
@@ -143,15 +154,11 @@ impl Slots {
         if window_s == 0 {
             return Ok(None);
         }
-        let Ok(mut books) = self.books.lock() else {
-            return Err(StoreError::Join("slot book lock poisoned".into()));
-        };
-        let book = match books.entry((revision, window_s)) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => {
-                e.insert(self.load(revision, window_s)?)
-            }
-        };
+        let mut books = self
+            .books
+            .lock()
+            .map_err(|_| StoreError::Join("slot book lock poisoned".into()))?;
+        let book = self.book(&mut books, revision, window_s)?;
         if let Some(offset) = book.assigned.get(client) {
             return Ok(Some(available_at + Duration::milliseconds(*offset as i64)));
         }

@@ -564,6 +564,21 @@ impl Drop for BlobWriter {
     }
 }
 
+/// Decodes the JSON records of a sled iterator.
+fn decode_all<T: DeserializeOwned>(iter: sled::Iter) -> Result<Vec<(String, T)>, StoreError> {
+    let mut out = Vec::new();
+    for entry in iter {
+        let (k, v) = entry?;
+        let key = String::from_utf8_lossy(&k).into_owned();
+        let value = serde_json::from_slice(&v).map_err(|source| StoreError::Decode {
+            key: key.clone(),
+            source,
+        })?;
+        out.push((key, value));
+    }
+    Ok(out)
+}
+
 /// A named tree of JSON records: the narrow database interface the rest of the crate uses.
 #[derive(Clone)]
 pub struct Kv {
@@ -623,17 +638,7 @@ impl Kv {
 
     /// Every record whose key starts with `prefix`, in key order.
     pub fn scan<T: DeserializeOwned>(&self, prefix: &str) -> Result<Vec<(String, T)>, StoreError> {
-        let mut out = Vec::new();
-        for entry in self.tree.scan_prefix(prefix.as_bytes()) {
-            let (k, v) = entry?;
-            let key = String::from_utf8_lossy(&k).into_owned();
-            let value = serde_json::from_slice(&v).map_err(|source| StoreError::Decode {
-                key: key.clone(),
-                source,
-            })?;
-            out.push((key, value));
-        }
-        Ok(out)
+        decode_all(self.tree.scan_prefix(prefix.as_bytes()))
     }
 
     /// Records whose key is `from` or after it, in key order.
@@ -641,17 +646,7 @@ impl Kv {
         &self,
         from: &str,
     ) -> Result<Vec<(String, T)>, StoreError> {
-        let mut out = Vec::new();
-        for entry in self.tree.range(from.as_bytes()..) {
-            let (k, v) = entry?;
-            let key = String::from_utf8_lossy(&k).into_owned();
-            let value = serde_json::from_slice(&v).map_err(|source| StoreError::Decode {
-                key: key.clone(),
-                source,
-            })?;
-            out.push((key, value));
-        }
-        Ok(out)
+        decode_all(self.tree.range(from.as_bytes()..))
     }
 
     pub fn len(&self) -> usize {

@@ -234,36 +234,48 @@ impl Upstream {
         resp.json::<Snapshot>().await.map_err(http)
     }
 
+    /// POSTs `body` as JSON with the node token to `path` on server `i`; a non-2xx answer is
+    /// an error.
+    async fn post_json<B: serde::Serialize + ?Sized>(
+        &self,
+        i: usize,
+        path: &str,
+        body: &B,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let server = &self.servers[i];
+        let name = server.to_string();
+        let mut req = self
+            .http
+            .post(Self::url(server, path))
+            .timeout(self.idle_timeout)
+            .json(body);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t.secret());
+        }
+        let resp = req.send().await.map_err(|source| UpstreamError::Http {
+            server: name.clone(),
+            source,
+        })?;
+        if !resp.status().is_success() {
+            return Err(UpstreamError::Status {
+                server: name,
+                status: resp.status(),
+            });
+        }
+        Ok(resp)
+    }
+
     /// Relays a batch of client heartbeats to the first upstream that accepts it.
     pub async fn relay_heartbeats(
         &self,
         batch: &crate::manager::HeartbeatBatch,
     ) -> Result<crate::manager::BatchReply, UpstreamError> {
         self.first_that_answers(|i| async move {
-            let server = &self.servers[i];
-            let name = server.to_string();
-            let mut req = self
-                .http
-                .post(Self::url(server, "/v1/node/heartbeats"))
-                .timeout(self.idle_timeout)
-                .json(batch);
-            if let Some(t) = &self.token {
-                req = req.bearer_auth(t.secret());
-            }
-            let resp = req.send().await.map_err(|source| UpstreamError::Http {
-                server: name.clone(),
-                source,
-            })?;
-            if !resp.status().is_success() {
-                return Err(UpstreamError::Status {
-                    server: name.clone(),
-                    status: resp.status(),
-                });
-            }
+            let resp = self.post_json(i, "/v1/node/heartbeats", batch).await?;
             resp.json::<crate::manager::BatchReply>()
                 .await
                 .map_err(|source| UpstreamError::Http {
-                    server: name.clone(),
+                    server: self.servers[i].to_string(),
                     source,
                 })
         })
@@ -277,27 +289,9 @@ impl Upstream {
         batch: &crate::events::UploadBatch,
     ) -> Result<(), UpstreamError> {
         self.first_that_answers(|i| async move {
-            let server = &self.servers[i];
-            let name = server.to_string();
-            let mut req = self
-                .http
-                .post(Self::url(server, "/v1/node/events"))
-                .timeout(self.idle_timeout)
-                .json(batch);
-            if let Some(t) = &self.token {
-                req = req.bearer_auth(t.secret());
-            }
-            let resp = req.send().await.map_err(|source| UpstreamError::Http {
-                server: name.clone(),
-                source,
-            })?;
-            if !resp.status().is_success() {
-                return Err(UpstreamError::Status {
-                    server: name,
-                    status: resp.status(),
-                });
-            }
-            Ok(())
+            self.post_json(i, "/v1/node/events", batch)
+                .await
+                .map(|_| ())
         })
         .await
         .map(|_| ())
