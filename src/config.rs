@@ -41,6 +41,79 @@ pub enum LogFormat {
     Json,
 }
 
+/// `[limits]` (both roles)
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSection {
+    /// Largest request head in bytes (request line and headers); beyond it, 431.
+    pub max_header_bytes: usize,
+    /// Seconds a client gets to send a whole request head; then the connection is closed.
+    pub header_read_timeout_s: u64,
+    /// Connections at once; 0 derives it from the open-file limit (raised to the hard limit
+    /// at start-up) less 256 kept for files and upstream connections.
+    pub max_connections: usize,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        LimitsSection {
+            max_header_bytes: 16 * 1024,
+            header_read_timeout_s: 10,
+            max_connections: 0,
+        }
+    }
+}
+
+impl LimitsSection {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(1024..=1 << 20).contains(&self.max_header_bytes) {
+            return Err(bad(
+                "limits.max_header_bytes",
+                format!("must be 1024 to 1048576 (got {})", self.max_header_bytes),
+            ));
+        }
+        if !(1..=3600).contains(&self.header_read_timeout_s) {
+            return Err(bad(
+                "limits.header_read_timeout_s",
+                format!(
+                    "must be 1 to 3600 seconds (got {})",
+                    self.header_read_timeout_s
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The limits in force, given the open-file limit.
+    pub fn resolve(&self, open_files: u64) -> crate::server::Limits {
+        let derived = (open_files.saturating_sub(256) as usize).max(64);
+        crate::server::Limits {
+            max_header_bytes: self.max_header_bytes,
+            header_read_timeout: std::time::Duration::from_secs(self.header_read_timeout_s),
+            max_connections: if self.max_connections == 0 {
+                derived
+            } else {
+                self.max_connections
+            },
+        }
+    }
+}
+
+/// Checks that TLS is configured with both files or neither.
+fn validate_tls(section: &str, cert: &str, key: &str) -> Result<(), ConfigError> {
+    match (cert.is_empty(), key.is_empty()) {
+        (true, true) | (false, false) => Ok(()),
+        (false, true) => Err(bad(
+            &format!("{section}.tls_key"),
+            "is needed with tls_cert",
+        )),
+        (true, false) => Err(bad(
+            &format!("{section}.tls_cert"),
+            "is needed with tls_key",
+        )),
+    }
+}
+
 /// `[log]`
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -57,6 +130,7 @@ pub struct LogSection {
 pub struct ManagerConfig {
     pub manager: ManagerSection,
     pub notifications: NotificationsSection,
+    pub limits: LimitsSection,
     pub log: LogSection,
 }
 
@@ -82,6 +156,9 @@ pub struct ManagerSection {
     pub node_token_file: String,
     /// How many catalog revisions count as "in the catalog".
     pub retain_revisions: usize,
+    /// PEM certificate chain and private key: with both, the port speaks only TLS.
+    pub tls_cert: String,
+    pub tls_key: String,
 }
 
 impl Default for ManagerSection {
@@ -94,6 +171,8 @@ impl Default for ManagerSection {
             node_token: String::new(),
             node_token_file: String::new(),
             retain_revisions: 3,
+            tls_cert: String::new(),
+            tls_key: String::new(),
         }
     }
 }
@@ -110,6 +189,8 @@ impl ManagerConfig {
                 format!("must be 1 to 1000 (got {})", m.retain_revisions),
             ));
         }
+        validate_tls("manager", &m.tls_cert, &m.tls_key)?;
+        self.limits.validate()?;
         let hook = &self.notifications.webhook_url;
         if !hook.is_empty() {
             validate_url(hook).map_err(|e| bad("notifications.webhook_url", e))?;
@@ -128,6 +209,7 @@ pub struct NodeConfig {
     pub upstream: UpstreamSection,
     pub cache: CacheSection,
     pub serve: ServeSection,
+    pub limits: LimitsSection,
     pub log: LogSection,
 }
 
@@ -150,6 +232,9 @@ pub struct NodeSection {
     /// What a downstream node must present when this node is its upstream (chaining).
     pub node_token: String,
     pub node_token_file: String,
+    /// PEM certificate chain and private key: with both, the port speaks only TLS.
+    pub tls_cert: String,
+    pub tls_key: String,
 }
 
 impl Default for NodeSection {
@@ -159,6 +244,8 @@ impl Default for NodeSection {
             data_dir: PathBuf::from("gup-data/node"),
             node_token: String::new(),
             node_token_file: String::new(),
+            tls_cert: String::new(),
+            tls_key: String::new(),
         }
     }
 }
@@ -181,6 +268,8 @@ pub struct UpstreamSection {
     pub idle_timeout_s: u64,
     /// WAN budget for blob fetches, bytes per second; 0 = unlimited.
     pub max_bytes_per_sec: u64,
+    /// PEM file of CA certificates trusted for https upstreams (added to the system roots).
+    pub ca_file: String,
 }
 
 impl Default for UpstreamSection {
@@ -193,6 +282,7 @@ impl Default for UpstreamSection {
             sync_interval_s: 10,
             idle_timeout_s: 30,
             max_bytes_per_sec: 0,
+            ca_file: String::new(),
         }
     }
 }
@@ -249,6 +339,8 @@ impl NodeConfig {
                 format!("must be 1 to 86400 seconds (got {})", u.idle_timeout_s),
             ));
         }
+        validate_tls("node", &self.node.tls_cert, &self.node.tls_key)?;
+        self.limits.validate()?;
         if self.cache.max_bytes < 1 << 20 {
             return Err(bad(
                 "cache.max_bytes",
@@ -302,6 +394,7 @@ impl std::fmt::Display for Role {
 pub fn infer_role(text: &str) -> Result<Role, ConfigError> {
     let table: toml::Table = toml::from_str(text).map_err(|e| toml_error(text, &e))?;
     let manager = table.contains_key("manager") || table.contains_key("notifications");
+    // `[limits]` and `[log]` belong to both roles and decide nothing.
     let node = ["node", "upstream", "cache", "serve"]
         .iter()
         .any(|k| table.contains_key(*k));

@@ -106,6 +106,12 @@ struct ManagerArgs {
     /// File holding the node token.
     #[arg(long)]
     node_token_file: Option<PathBuf>,
+    /// PEM certificate chain: with --tls-key, this port speaks only TLS.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Print the admin token (made at first start if needed) and exit.
     #[arg(long)]
     print_admin_token: bool,
@@ -140,6 +146,15 @@ struct NodeArgs {
     /// File holding the node token.
     #[arg(long)]
     node_token_file: Option<PathBuf>,
+    /// PEM certificate chain: with --tls-key, this port speaks only TLS.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA certificates trusted for https upstreams (besides the system roots).
+    #[arg(long)]
+    upstream_ca: Option<PathBuf>,
     /// Print this node's node token (made at first start if needed) and exit.
     #[arg(long)]
     print_node_token: bool,
@@ -442,6 +457,12 @@ fn run(cli: Cli) -> Result<(), Failure> {
             if let Some(v) = path_string(args.node_token_file) {
                 m.node_token_file = v;
             }
+            if let Some(v) = path_string(args.tls_cert) {
+                m.tls_cert = v;
+            }
+            if let Some(v) = path_string(args.tls_key) {
+                m.tls_key = v;
+            }
             if let Some(f) = cli.log_format {
                 cfg.log.format = f;
             }
@@ -497,6 +518,15 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
             if let Some(v) = path_string(args.node_token_file) {
                 cfg.node.node_token_file = v;
+            }
+            if let Some(v) = path_string(args.tls_cert) {
+                cfg.node.tls_cert = v;
+            }
+            if let Some(v) = path_string(args.tls_key) {
+                cfg.node.tls_key = v;
+            }
+            if let Some(v) = path_string(args.upstream_ca) {
+                cfg.upstream.ca_file = v;
             }
             if let Some(f) = cli.log_format {
                 cfg.log.format = f;

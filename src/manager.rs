@@ -57,6 +57,8 @@ pub enum ManagerError {
     Clients(#[from] ClientsError),
     #[error("events: {0}")]
     Events(#[from] EventsError),
+    #[error("tls: {0}")]
+    Tls(#[from] server::TlsError),
 }
 
 const CATALOG_KEY: &str = "history";
@@ -78,6 +80,8 @@ pub struct Manager {
     /// Serializes directory changes with their persistence.
     admin_lock: tokio::sync::Mutex<()>,
     shutdown: server::Shutdown,
+    limits: server::Limits,
+    tls: Option<server::Tls>,
 }
 
 /// Tokens a manager uses, resolved from config, files, or its data dir.
@@ -117,6 +121,16 @@ impl Manager {
         let registry = Registry::open(&store)?;
         let store_slots = store.kv("slots")?;
         let events = EventStore::open(&store)?;
+        let m = &config.manager;
+        let tls = if m.tls_cert.is_empty() {
+            None
+        } else {
+            Some(server::tls_acceptor(
+                std::path::Path::new(&m.tls_cert),
+                std::path::Path::new(&m.tls_key),
+            )?)
+        };
+        let limits = config.limits.resolve(server::open_file_limit());
         tracing::info!(
             revision = history.revision(),
             blobs = store.list().len(),
@@ -151,6 +165,8 @@ impl Manager {
             publish_lock: tokio::sync::Mutex::new(()),
             admin_lock: tokio::sync::Mutex::new(()),
             shutdown,
+            limits,
+            tls,
         }))
     }
 
@@ -202,8 +218,15 @@ impl Manager {
     /// Serves until `shutdown`, then flushes the store.
     pub async fn run(self: Arc<Self>, listener: TcpListener) -> Result<(), ManagerError> {
         let addr = listener.local_addr()?;
-        tracing::info!(%addr, "manager listening");
-        server::run(listener, self.router(), self.shutdown.clone().wait()).await?;
+        tracing::info!(%addr, tls = self.tls.is_some(), max_connections = self.limits.max_connections, "manager listening");
+        server::run(
+            listener,
+            self.router(),
+            self.shutdown.clone().wait(),
+            self.limits.clone(),
+            self.tls.clone(),
+        )
+        .await?;
         self.served.store.flush().await?;
         self.registry.flush().await?;
         tracing::info!("manager stopped");

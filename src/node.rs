@@ -59,6 +59,8 @@ pub enum NodeError {
     Io(#[from] std::io::Error),
     #[error("events: {0}")]
     Events(#[from] EventsError),
+    #[error("tls: {0}")]
+    Tls(#[from] server::TlsError),
 }
 
 /// Largest batch of uploads forwarded upstream at once (upstreams accept 16 MiB).
@@ -95,6 +97,8 @@ pub struct Node {
     /// Wakes the mirror loop when the upstream pushed an event.
     upstream_event: Notify,
     shutdown: Shutdown,
+    limits: server::Limits,
+    tls: Option<server::Tls>,
 }
 
 impl Node {
@@ -134,10 +138,22 @@ impl Node {
             // Ready from what we had; stale until an upstream confirms it.
             readiness.mark_restored(Utc::now());
         }
+        let tls = if n.tls_cert.is_empty() {
+            None
+        } else {
+            Some(server::tls_acceptor(
+                std::path::Path::new(&n.tls_cert),
+                std::path::Path::new(&n.tls_key),
+            )?)
+        };
+        let limits = config.limits.resolve(server::open_file_limit());
+        let upstream_ca = (!config.upstream.ca_file.is_empty())
+            .then(|| std::path::PathBuf::from(&config.upstream.ca_file));
         let metrics = Arc::new(Metrics::new());
         let upstream = Upstream::new(
             servers,
             upstream_token,
+            upstream_ca.as_deref(),
             Duration::from_secs(config.upstream.idle_timeout_s),
             Duration::from_secs(config.upstream.sync_interval_s),
             config.upstream.max_bytes_per_sec,
@@ -189,6 +205,8 @@ impl Node {
             catalog_changed: tokio::sync::watch::channel(0).0,
             upstream_event: Notify::new(),
             shutdown,
+            limits,
+            tls,
         }))
     }
 
@@ -223,7 +241,7 @@ impl Node {
             .iter()
             .map(|u| u.to_string())
             .collect();
-        tracing::info!(%addr, ?upstreams, mode = ?self.mode, "node listening");
+        tracing::info!(%addr, ?upstreams, mode = ?self.mode, tls = self.tls.is_some(), max_connections = self.limits.max_connections, "node listening");
         let shutdown = self.shutdown.clone();
         let mut tasks = vec![
             tokio::spawn(self.clone().mirror_loop()),
@@ -236,7 +254,14 @@ impl Node {
         if self.mode == ConnectionMode::Push {
             tasks.push(tokio::spawn(self.clone().push_loop()));
         }
-        server::run(listener, self.router(), shutdown.wait()).await?;
+        server::run(
+            listener,
+            self.router(),
+            shutdown.wait(),
+            self.limits.clone(),
+            self.tls.clone(),
+        )
+        .await?;
         // One last relay so heartbeats received just before shutdown are not lost (events
         // are durable in the outbox and go at the next start if not now).
         self.relay_once().await;

@@ -53,30 +53,196 @@ impl Shutdown {
     }
 }
 
-/// Serves `router` on `listener` until `shutdown`, then drains for at most [`DRAIN`].
+/// Connection limits of a server (`[limits]` in the config files).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest request head (request line and headers); beyond it, 431.
+    pub max_header_bytes: usize,
+    /// A client that has not sent a whole request head this long after it connected (or
+    /// after its previous response) is disconnected: half-open connections do not pile up.
+    pub header_read_timeout: Duration,
+    /// Connections beyond this many are closed at once, while the others carry on.
+    pub max_connections: usize,
+}
+
+/// TLS for a listener: the port then speaks only TLS.
+pub type Tls = tokio_rustls::TlsAcceptor;
+
+/// Why TLS could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{path}: {reason}")]
+    File { path: String, reason: String },
+    #[error("certificate and key do not fit together: {0}")]
+    Config(String),
+}
+
+/// A TLS acceptor from PEM files (certificate chain, private key).
+pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<Tls, TlsError> {
+    let file_err = |p: &std::path::Path, reason: String| TlsError::File {
+        path: p.display().to_string(),
+        reason,
+    };
+    let cert_pem = std::fs::read(cert).map_err(|e| file_err(cert, e.to_string()))?;
+    let key_pem = std::fs::read(key).map_err(|e| file_err(key, e.to_string()))?;
+    let certs = rustls_pemfile::certs(&mut cert_pem.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| file_err(cert, e.to_string()))?;
+    if certs.is_empty() {
+        return Err(file_err(cert, "no PEM certificate in it".into()));
+    }
+    let key_der = rustls_pemfile::private_key(&mut key_pem.as_slice())
+        .map_err(|e| file_err(key, e.to_string()))?
+        .ok_or_else(|| file_err(key, "no PEM private key in it".into()))?;
+    let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        tokio_rustls::rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| TlsError::Config(e.to_string()))?
+    .with_no_client_auth()
+    .with_single_cert(certs, key_der)
+    .map_err(|e| TlsError::Config(e.to_string()))?;
+    Ok(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config)))
+}
+
+/// Serves `router` on `listener` until `shutdown`, then drains for at most [`DRAIN`]:
+/// each connection is served by hyper with the given limits (and TLS when given), its peer
+/// address available to handlers as `ConnectInfo<SocketAddr>`.
 pub async fn run(
     listener: TcpListener,
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
+    limits: Limits,
+    tls: Option<Tls>,
 ) -> std::io::Result<()> {
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
+    use std::sync::Arc;
+    let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
-        let _ = stop_tx.send(());
-        tokio::time::sleep(DRAIN).await;
-        let _ = drain_tx.send(());
+        let _ = stop_tx.send(true);
     });
-    let app = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
-    let serve = axum::serve(listener, app).with_graceful_shutdown(async {
-        let _ = stop_rx.await;
-    });
-    tokio::select! {
-        r = serve => r,
-        _ = drain_rx => {
-            tracing::warn!("responses still running after {DRAIN:?}; cutting them");
-            Ok(())
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let mut stop = stop_rx.clone();
+    let mut refused_logged = false;
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => break,
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            // Refused cleanly: closed at once; the connections already open carry on.
+            if !refused_logged {
+                tracing::warn!(
+                    max = limits.max_connections,
+                    "at limits.max_connections; refusing new connections"
+                );
+                refused_logged = true;
+            }
+            drop(stream);
+            continue;
+        };
+        refused_logged = false;
+        let _ = stream.set_nodelay(true);
+        let router = router.clone();
+        let limits = limits.clone();
+        let tls = tls.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let svc = tower::ServiceBuilder::new()
+                .map_request(
+                    move |mut req: axum::extract::Request<hyper::body::Incoming>| {
+                        req.extensions_mut()
+                            .insert(axum::extract::ConnectInfo(peer));
+                        req
+                    },
+                )
+                .service(router);
+            let svc = hyper_util::service::TowerToHyperService::new(svc);
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout)
+                .max_buf_size(limits.max_header_bytes.max(8192));
+            match tls {
+                Some(acceptor) => {
+                    let accepted =
+                        tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream))
+                            .await;
+                    let Ok(Ok(tls_stream)) = accepted else {
+                        return;
+                    };
+                    let conn =
+                        builder.serve_connection(hyper_util::rt::TokioIo::new(tls_stream), svc);
+                    drive(conn, &mut stop).await;
+                }
+                None => {
+                    let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+                    drive(conn, &mut stop).await;
+                }
+            }
+        });
+    }
+    // Stop accepting (the listener drops here), then wait for connections to finish.
+    drop(listener);
+    let all = limits.max_connections.max(1) as u32;
+    match tokio::time::timeout(DRAIN, slots.acquire_many(all)).await {
+        Ok(_) => {}
+        Err(_) => tracing::warn!("responses still running after {DRAIN:?}; cutting them"),
+    }
+    Ok(())
+}
+
+/// Serves one connection; at shutdown lets its in-flight response finish, then closes it.
+async fn drive<C>(conn: C, stop: &mut watch::Receiver<bool>)
+where
+    C: Future<Output = Result<(), hyper::Error>> + GracefulConnection,
+{
+    tokio::pin!(conn);
+    let mut stopping = *stop.borrow();
+    if stopping {
+        conn.as_mut().shutdown_gracefully();
+    }
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            changed = stop.changed(), if !stopping => {
+                stopping = true;
+                if changed.is_ok() {
+                    conn.as_mut().shutdown_gracefully();
+                }
+            }
         }
+    }
+}
+
+/// hyper's per-connection graceful shutdown, behind one name for plain and TLS streams.
+trait GracefulConnection {
+    fn shutdown_gracefully(self: std::pin::Pin<&mut Self>);
+}
+
+impl<I, S> GracefulConnection for hyper::server::conn::http1::Connection<I, S>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming>,
+    S::ResBody: 'static,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
+{
+    fn shutdown_gracefully(self: std::pin::Pin<&mut Self>) {
+        self.graceful_shutdown();
     }
 }
 
@@ -102,6 +268,26 @@ pub async fn signal() {
         let _ = tokio::signal::ctrl_c().await;
     }
     tracing::info!("shutdown requested");
+}
+
+/// The open-file (soft) limit now in force.
+pub fn open_file_limit() -> u64 {
+    #[cfg(unix)]
+    {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit only writes the struct we pass.
+        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+            return lim.rlim_cur;
+        }
+        1024
+    }
+    #[cfg(not(unix))]
+    {
+        1024
+    }
 }
 
 /// Raises the soft open-file limit to the hard one, so that many push streams fit.

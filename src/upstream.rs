@@ -44,6 +44,8 @@ pub enum UpstreamError {
     AllFailed(Vec<String>),
     #[error("building the HTTP client: {0}")]
     Client(reqwest::Error),
+    #[error("upstream CA file {path}: {reason}")]
+    Ca { path: String, reason: String },
 }
 
 type SharedFetch = Shared<BoxFuture<'static, Result<(), Arc<UpstreamError>>>>;
@@ -93,6 +95,7 @@ impl Upstream {
     pub fn new(
         servers: Vec<url::Url>,
         token: Option<Token>,
+        ca_file: Option<&std::path::Path>,
         idle_timeout: Duration,
         probe_interval: Duration,
         max_bytes_per_sec: u64,
@@ -109,7 +112,23 @@ impl Upstream {
         for s in &servers {
             metrics.upstream_up(s.as_str()).set(0);
         }
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder();
+        if let Some(path) = ca_file {
+            let ca_err = |reason: String| UpstreamError::Ca {
+                path: path.display().to_string(),
+                reason,
+            };
+            let pem = std::fs::read(path).map_err(|e| ca_err(e.to_string()))?;
+            let certs =
+                reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| ca_err(e.to_string()))?;
+            if certs.is_empty() {
+                return Err(ca_err("no PEM certificate in it".into()));
+            }
+            for c in certs {
+                builder = builder.add_root_certificate(c);
+            }
+        }
+        let http = builder
             .connect_timeout(Duration::from_secs(10))
             .read_timeout(idle_timeout)
             .redirect(reqwest::redirect::Policy::none())
