@@ -151,12 +151,14 @@ impl Node {
             .then(|| std::path::PathBuf::from(&config.upstream.ca_file));
         let metrics = Arc::new(Metrics::new());
         let upstream = Upstream::new(
-            servers,
-            upstream_token,
-            upstream_ca.as_deref(),
-            Duration::from_secs(config.upstream.idle_timeout_s),
-            Duration::from_secs(config.upstream.sync_interval_s),
-            config.upstream.max_bytes_per_sec,
+            crate::upstream::UpstreamOptions {
+                servers,
+                token: upstream_token,
+                ca_file: upstream_ca,
+                idle_timeout: Duration::from_secs(config.upstream.idle_timeout_s),
+                probe_interval: Duration::from_secs(config.upstream.sync_interval_s),
+                max_bytes_per_sec: config.upstream.max_bytes_per_sec,
+            },
             store.clone(),
             metrics.clone(),
         )?;

@@ -91,17 +91,36 @@ pub struct Upstream {
     attempts: Mutex<HashMap<Digest, (std::path::PathBuf, tokio::sync::watch::Receiver<Progress>)>>,
 }
 
+/// How a node talks to its upstreams (from `[upstream]`).
+pub struct UpstreamOptions {
+    /// Highest priority first.
+    pub servers: Vec<url::Url>,
+    /// The node token presented upstream.
+    pub token: Option<Token>,
+    /// CA certificates trusted for https upstreams besides the system roots.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// A call or blob fetch that receives no byte this long is abandoned.
+    pub idle_timeout: Duration,
+    /// How often a stream held to a lower-priority upstream probes the higher ones.
+    pub probe_interval: Duration,
+    /// WAN budget, 0 = unlimited.
+    pub max_bytes_per_sec: u64,
+}
+
 impl Upstream {
     pub fn new(
-        servers: Vec<url::Url>,
-        token: Option<Token>,
-        ca_file: Option<&std::path::Path>,
-        idle_timeout: Duration,
-        probe_interval: Duration,
-        max_bytes_per_sec: u64,
+        opts: UpstreamOptions,
         store: Store,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Upstream>, UpstreamError> {
+        let UpstreamOptions {
+            servers,
+            token,
+            ca_file,
+            idle_timeout,
+            probe_interval,
+            max_bytes_per_sec,
+        } = opts;
         let health = servers
             .iter()
             .map(|_| Health {
@@ -113,7 +132,7 @@ impl Upstream {
             metrics.upstream_up(s.as_str()).set(0);
         }
         let mut builder = reqwest::Client::builder();
-        if let Some(path) = ca_file {
+        if let Some(path) = ca_file.as_deref() {
             let ca_err = |reason: String| UpstreamError::Ca {
                 path: path.display().to_string(),
                 reason,
