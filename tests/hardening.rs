@@ -1,0 +1,194 @@
+//! End to end through real processes: connection limits and TLS.
+//! - a request head over `limits.max_header_bytes` gets 431 and the server carries on;
+//! - a client that does not finish its request head within `limits.header_read_timeout_s`
+//!   is disconnected;
+//! - beyond `limits.max_connections` new connections are closed at once while the open ones
+//!   carry on;
+//! - `--tls-cert/--tls-key`: the manager's port speaks only TLS, and a node trusting the
+//!   certificate through `--upstream-ca` mirrors and serves its content (certificates made
+//!   here with rcgen; no key is committed).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn manager_with(dir: &std::path::Path, toml: &str, extra: &[&str]) -> Proc {
+    let cfg = dir.join("manager.toml");
+    std::fs::write(&cfg, toml).unwrap();
+    let mut args = vec!["--config", cfg.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    start_manager(&dir.join("m"), &args)
+}
+
+fn addr(url: &str) -> String {
+    url.trim_start_matches("http://")
+        .trim_start_matches("https://")
+        .to_string()
+}
+
+/// Sends one keep-alive GET /healthz on `s` and reads the response head and body.
+fn healthz(s: &mut TcpStream) -> String {
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    let n = s.read(&mut buf).unwrap();
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[test]
+fn header_size_read_timeout_and_max_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let manager = manager_with(
+        dir.path(),
+        "[manager]\n[limits]\nmax_header_bytes = 4096\nheader_read_timeout_s = 1\nmax_connections = 3\n",
+        &[],
+    );
+    let a = addr(&manager.url);
+
+    // 431 for a head over the limit; the server is fine afterwards.
+    let mut s = TcpStream::connect(&a).unwrap();
+    let big = "x".repeat(20_000);
+    let req = format!("GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n");
+    let _ = s.write_all(req.as_bytes());
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let head = String::from_utf8_lossy(&buf);
+    assert!(head.starts_with("HTTP/1.1 431"), "{head}");
+
+    // A half-sent head is cut after the read timeout.
+    let mut slow = TcpStream::connect(&a).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    let _ = slow.read_to_end(&mut rest);
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "closed by the header timeout"
+    );
+    drop(slow);
+
+    // Three connections fit; a fourth is closed at once while the three carry on.
+    let mut open: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(&a).unwrap()).collect();
+    for s in open.iter_mut() {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        assert!(healthz(s).starts_with("HTTP/1.1 200"));
+    }
+    let mut extra = TcpStream::connect(&a).unwrap();
+    extra
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let _ = extra.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+    let mut buf = [0u8; 64];
+    let n = extra.read(&mut buf).unwrap_or(0);
+    assert_eq!(
+        n, 0,
+        "the connection over the limit is closed without an answer"
+    );
+    for s in open.iter_mut() {
+        assert!(
+            healthz(s).starts_with("HTTP/1.1 200"),
+            "open connections carry on"
+        );
+    }
+    drop(open);
+    // Room again once they close.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut s = TcpStream::connect(&a).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let _ = s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+        let mut buf = [0u8; 64];
+        if s.read(&mut buf).unwrap_or(0) > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "room comes back when connections close"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(manager.stop(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_manager_and_a_node_that_trusts_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let cert_pem = dir.path().join("cert.pem");
+    let key_pem = dir.path().join("key.pem");
+    std::fs::write(&cert_pem, cert.cert.pem()).unwrap();
+    std::fs::write(&key_pem, cert.key_pair.serialize_pem()).unwrap();
+
+    let manager = start_manager(
+        &dir.path().join("m"),
+        &[
+            "--tls-cert",
+            cert_pem.to_str().unwrap(),
+            "--tls-key",
+            key_pem.to_str().unwrap(),
+        ],
+    );
+    let port = manager.url.rsplit(':').next().unwrap().to_string();
+    let https = format!("https://localhost:{port}");
+
+    // Plain HTTP to the TLS port gets no HTTP answer.
+    let plain = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}/healthz"))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await;
+    assert!(plain.is_err() || plain.unwrap().status() != 200);
+
+    let ca = reqwest::Certificate::from_pem(cert.cert.pem().as_bytes()).unwrap();
+    let client = reqwest::Client::builder()
+        .add_root_certificate(ca)
+        .resolve("localhost", format!("127.0.0.1:{port}").parse().unwrap())
+        .build()
+        .unwrap();
+    let data = random_bytes(500_000, 5);
+    let sha = sha256_hex(&data);
+    let r = client
+        .post(format!("{https}/v1/admin/content?name=defs&version=1"))
+        .bearer_auth(ADMIN_TOKEN)
+        .body(data.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+
+    // A node without the CA refuses the upstream; with it, it mirrors and serves.
+    let untrusting = start_node(&dir.path().join("n0"), &[&https], &[]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let r = reqwest::get(format!("{}/readyz", untrusting.url))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503, "an untrusted certificate is refused");
+    let node = start_node(
+        &dir.path().join("n"),
+        &[&https],
+        &["--upstream-ca", cert_pem.to_str().unwrap()],
+    );
+    let plain = reqwest::Client::new();
+    let (nu, s2) = (node.url.clone(), sha.clone());
+    wait_for(20, "the node mirrors over TLS", || {
+        let (c, u, s) = (plain.clone(), nu.clone(), s2.clone());
+        async move { catalog_has(&c, &u, &s).await.then_some(()) }
+    })
+    .await;
+    let body = plain
+        .get(format!("{}/v1/content/{sha}", node.url))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert!(body[..] == data[..]);
+}
