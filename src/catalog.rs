@@ -57,6 +57,9 @@ pub struct Revision {
     pub catalog: Catalog,
     /// When this revision became available at this server (the start of its slot window).
     pub available_at: DateTime<Utc>,
+    /// The manager's ed25519 signature of the catalog's wire bytes (hex), passed on by nodes.
+    #[serde(default)]
+    pub signature: Option<String>,
 }
 
 /// What a publish did.
@@ -166,6 +169,7 @@ impl CatalogHistory {
         self.revisions.push_back(Revision {
             catalog: Catalog { revision, items },
             available_at: now,
+            signature: None,
         });
         self.trim();
         revision
@@ -249,7 +253,12 @@ impl CatalogHistory {
 
     /// Takes an upstream's catalog as the new current revision (node only). Returns whether
     /// it was new. The upstream's catalog is checked first: names unique, sizes plausible.
-    pub fn mirror(&mut self, catalog: Catalog, now: DateTime<Utc>) -> Result<bool, CatalogError> {
+    pub fn mirror(
+        &mut self,
+        catalog: Catalog,
+        signature: Option<String>,
+        now: DateTime<Utc>,
+    ) -> Result<bool, CatalogError> {
         validate_catalog(&catalog)?;
         let have = self.revision();
         if catalog.revision == have && !self.revisions.is_empty() {
@@ -265,9 +274,24 @@ impl CatalogHistory {
         self.revisions.push_back(Revision {
             catalog,
             available_at: now,
+            signature,
         });
         self.trim();
         Ok(true)
+    }
+
+    /// The current revision's signature.
+    pub fn signature(&self) -> Option<&str> {
+        self.revisions.back().and_then(|r| r.signature.as_deref())
+    }
+
+    /// Signs the current revision if it is not signed yet (manager).
+    pub fn sign_current(&mut self, sign: impl FnOnce(&Catalog) -> String) {
+        if let Some(r) = self.revisions.back_mut() {
+            if r.signature.is_none() {
+                r.signature = Some(sign(&r.catalog));
+            }
+        }
     }
 
     /// The strong entity tag of the current catalog.
@@ -379,14 +403,14 @@ mod tests {
             revision: 5,
             items: vec![item("a")],
         };
-        assert!(h.mirror(c.clone(), now).unwrap());
-        assert!(!h.mirror(c, now).unwrap());
+        assert!(h.mirror(c.clone(), None, now).unwrap());
+        assert!(!h.mirror(c, None, now).unwrap());
         let dup = Catalog {
             revision: 6,
             items: vec![item("a"), item("a")],
         };
         assert!(matches!(
-            h.mirror(dup, now),
+            h.mirror(dup, None, now),
             Err(CatalogError::Invalid { .. })
         ));
         let old = Catalog {
@@ -394,7 +418,7 @@ mod tests {
             items: vec![],
         };
         assert!(matches!(
-            h.mirror(old, now),
+            h.mirror(old, None, now),
             Err(CatalogError::Backwards { .. })
         ));
         assert_eq!(h.revision(), 5);

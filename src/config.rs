@@ -270,6 +270,9 @@ pub struct UpstreamSection {
     pub max_bytes_per_sec: u64,
     /// PEM file of CA certificates trusted for https upstreams (added to the system roots).
     pub ca_file: String,
+    /// The manager's catalog public key (hex); when set, unsigned or wrongly signed catalogs
+    /// are refused.
+    pub catalog_public_key: String,
 }
 
 impl Default for UpstreamSection {
@@ -283,6 +286,7 @@ impl Default for UpstreamSection {
             idle_timeout_s: 30,
             max_bytes_per_sec: 0,
             ca_file: String::new(),
+            catalog_public_key: String::new(),
         }
     }
 }
@@ -340,6 +344,10 @@ impl NodeConfig {
             ));
         }
         validate_tls("node", &self.node.tls_cert, &self.node.tls_key)?;
+        if !u.catalog_public_key.is_empty() {
+            crate::signing::PublicKey::parse(&u.catalog_public_key)
+                .map_err(|e| bad("upstream.catalog_public_key", e.to_string()))?;
+        }
         self.limits.validate()?;
         if self.cache.max_bytes < 1 << 20 {
             return Err(bad(

@@ -25,6 +25,7 @@ pub mod node;
 pub mod serve;
 pub mod server;
 pub mod settings;
+pub mod signing;
 pub mod slots;
 pub mod store;
 pub mod stream;

@@ -115,6 +115,9 @@ struct ManagerArgs {
     /// Print the admin token (made at first start if needed) and exit.
     #[arg(long)]
     print_admin_token: bool,
+    /// Print the catalog signing public key (made at first start if needed) and exit.
+    #[arg(long)]
+    print_public_key: bool,
     /// Print the node token (made at first start if needed) and exit.
     #[arg(long)]
     print_node_token: bool,
@@ -155,6 +158,9 @@ struct NodeArgs {
     /// PEM CA certificates trusted for https upstreams (besides the system roots).
     #[arg(long)]
     upstream_ca: Option<PathBuf>,
+    /// The manager's catalog public key: refuse unsigned or wrongly signed catalogs.
+    #[arg(long)]
+    catalog_public_key: Option<String>,
     /// Print this node's node token (made at first start if needed) and exit.
     #[arg(long)]
     print_node_token: bool,
@@ -467,6 +473,12 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 cfg.log.format = f;
             }
             cfg.validate().map_err(config_failure)?;
+            if args.print_public_key {
+                let key = gup::signing::CatalogKey::load_or_create(&cfg.manager.data_dir)
+                    .map_err(runtime)?;
+                println!("{}", key.public_hex());
+                return Ok(());
+            }
             if args.print_admin_token || args.print_node_token {
                 let (admin, node) = gup::manager::tokens(&cfg).map_err(runtime)?;
                 if args.print_admin_token {
@@ -527,6 +539,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
             if let Some(v) = path_string(args.upstream_ca) {
                 cfg.upstream.ca_file = v;
+            }
+            if let Some(v) = non_empty(args.catalog_public_key) {
+                cfg.upstream.catalog_public_key = v;
             }
             if let Some(f) = cli.log_format {
                 cfg.log.format = f;

@@ -59,6 +59,8 @@ pub enum ManagerError {
     Events(#[from] EventsError),
     #[error("tls: {0}")]
     Tls(#[from] server::TlsError),
+    #[error("{0}")]
+    Signing(#[from] crate::signing::SignError),
 }
 
 const CATALOG_KEY: &str = "history";
@@ -77,6 +79,8 @@ pub struct Manager {
     node_token: Token,
     /// Serializes catalog changes with their persistence, so revisions hit disk in order.
     publish_lock: tokio::sync::Mutex<()>,
+    /// Signs each catalog revision.
+    catalog_key: crate::signing::CatalogKey,
     /// Serializes directory changes with their persistence.
     admin_lock: tokio::sync::Mutex<()>,
     shutdown: server::Shutdown,
@@ -116,6 +120,8 @@ impl Manager {
             .get(CATALOG_KEY)?
             .unwrap_or_else(|| CatalogHistory::new(config.manager.retain_revisions));
         history.set_retain(config.manager.retain_revisions);
+        let catalog_key = crate::signing::CatalogKey::load_or_create(&config.manager.data_dir)?;
+        history.sign_current(|c| catalog_key.sign(c));
         let directory_kv = store.kv("settings")?;
         let directory: Directory = directory_kv.get(DIRECTORY_KEY)?.unwrap_or_default();
         let registry = Registry::open(&store)?;
@@ -163,6 +169,7 @@ impl Manager {
             admin_token,
             node_token,
             publish_lock: tokio::sync::Mutex::new(()),
+            catalog_key,
             admin_lock: tokio::sync::Mutex::new(()),
             shutdown,
             limits,
@@ -234,14 +241,25 @@ impl Manager {
     }
 
     fn snapshot(&self) -> Result<Snapshot, ApiError> {
-        let catalog = self
-            .served
-            .catalog
-            .read()
-            .map_err(|_| ApiError::internal("catalog lock poisoned"))?
-            .current();
+        let (catalog, catalog_signature) = {
+            let history = self
+                .served
+                .catalog
+                .read()
+                .map_err(|_| ApiError::internal("catalog lock poisoned"))?;
+            (history.current(), history.signature().map(str::to_string))
+        };
         let directory = self.directory()?.clone();
-        Ok(Snapshot { directory, catalog })
+        Ok(Snapshot {
+            directory,
+            catalog,
+            catalog_signature,
+        })
+    }
+
+    /// The public half of the catalog signing key (hex).
+    pub fn catalog_public_key(&self) -> String {
+        self.catalog_key.public_hex()
     }
 
     fn directory(&self) -> Result<std::sync::RwLockReadGuard<'_, Directory>, ApiError> {
@@ -376,14 +394,16 @@ async fn publish(
             .catalog
             .write()
             .map_err(|_| ApiError::internal("catalog lock poisoned"))?;
-        catalog.publish(
+        let r = catalog.publish(
             &name,
             q.version.as_deref(),
             digest,
             meta.size,
             urgent,
             Utc::now(),
-        )
+        );
+        catalog.sign_current(|c| m.catalog_key.sign(c));
+        r
     };
     let published = match outcome {
         Ok(p) => p,
@@ -435,13 +455,18 @@ async fn unpublish(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     m.admin_token.check(&headers, "admin")?;
     let _guard = m.publish_lock.lock().await;
-    let revision = m
-        .served
-        .catalog
-        .write()
-        .map_err(|_| ApiError::internal("catalog lock poisoned"))?
-        .unpublish(&name, Utc::now())
-        .map_err(catalog_error)?;
+    let revision = {
+        let mut catalog = m
+            .served
+            .catalog
+            .write()
+            .map_err(|_| ApiError::internal("catalog lock poisoned"))?;
+        let r = catalog
+            .unpublish(&name, Utc::now())
+            .map_err(catalog_error)?;
+        catalog.sign_current(|c| m.catalog_key.sign(c));
+        r
+    };
     m.persist_catalog().await?;
     m.served.changes.send(Change::Catalog { revision });
     tracing::info!(%name, revision, "unpublished");

@@ -15,6 +15,9 @@ use crate::settings::Directory;
 pub struct Snapshot {
     pub directory: Directory,
     pub catalog: Catalog,
+    /// The manager's signature of `catalog` (hex ed25519 over its wire bytes).
+    #[serde(default)]
+    pub catalog_signature: Option<String>,
 }
 
 impl Snapshot {

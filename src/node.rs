@@ -149,6 +149,13 @@ impl Node {
         let limits = config.limits.resolve(server::open_file_limit());
         let upstream_ca = (!config.upstream.ca_file.is_empty())
             .then(|| std::path::PathBuf::from(&config.upstream.ca_file));
+        let catalog_key = match config.upstream.catalog_public_key.as_str() {
+            "" => None,
+            key => Some(
+                crate::signing::PublicKey::parse(key)
+                    .map_err(|e| NodeError::BadUpstream(format!("catalog_public_key: {e}")))?,
+            ),
+        };
         let metrics = Arc::new(Metrics::new());
         let upstream = Upstream::new(
             crate::upstream::UpstreamOptions {
@@ -158,6 +165,7 @@ impl Node {
                 idle_timeout: Duration::from_secs(config.upstream.idle_timeout_s),
                 probe_interval: Duration::from_secs(config.upstream.sync_interval_s),
                 max_bytes_per_sec: config.upstream.max_bytes_per_sec,
+                catalog_key,
             },
             store.clone(),
             metrics.clone(),
@@ -353,7 +361,7 @@ impl Node {
                 .catalog
                 .write()
                 .map_err(|_| NodeError::BadUpstream("catalog lock poisoned".into()))?;
-            match history.mirror(snapshot.catalog, Utc::now()) {
+            match history.mirror(snapshot.catalog, snapshot.catalog_signature, Utc::now()) {
                 Ok(true) => {
                     changes.push(Change::Catalog {
                         revision: history.revision(),
@@ -750,21 +758,27 @@ async fn sync(State(n): State<Arc<Node>>, headers: HeaderMap) -> Result<Response
             "this node has not synced with its upstream yet",
         ));
     }
-    let catalog = n
-        .served
-        .catalog
-        .read()
-        .map_err(|_| ApiError::internal("catalog lock poisoned"))?
-        .current();
+    let (catalog, catalog_signature) = {
+        let history = n
+            .served
+            .catalog
+            .read()
+            .map_err(|_| ApiError::internal("catalog lock poisoned"))?;
+        (history.current(), history.signature().map(str::to_string))
+    };
     let directory = n
         .served
         .directory
         .read()
         .map_err(|_| ApiError::internal("directory lock poisoned"))?
         .clone();
-    let (etag, bytes) = Snapshot { directory, catalog }
-        .encode()
-        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let (etag, bytes) = Snapshot {
+        directory,
+        catalog,
+        catalog_signature,
+    }
+    .encode()
+    .map_err(|e| ApiError::internal(e.to_string()))?;
     Ok(serve::json_bytes_with_etag(&headers, &etag, bytes))
 }
 

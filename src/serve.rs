@@ -381,11 +381,16 @@ fn not_modified(etag: &str) -> Response {
 }
 
 async fn catalog(State(s): State<Arc<Served>>, headers: HeaderMap) -> Response {
-    let (etag, current) = match s.catalog.read() {
-        Ok(c) => (c.etag(), c.current()),
+    let (etag, current, signature) = match s.catalog.read() {
+        Ok(c) => (c.etag(), c.current(), c.signature().map(str::to_string)),
         Err(_) => return ApiError::internal("catalog lock poisoned").into_response(),
     };
-    json_with_etag(&headers, &etag, &current)
+    let mut resp = json_bytes_with_etag(&headers, &etag, crate::signing::catalog_bytes(&current));
+    // The signature covers exactly these bytes; clients can check a node did not invent them.
+    if let Some(v) = signature.and_then(|sig| HeaderValue::from_str(&sig).ok()) {
+        resp.headers_mut().insert("x-gup-catalog-signature", v);
+    }
+    resp
 }
 
 #[derive(serde::Deserialize)]

@@ -46,6 +46,8 @@ pub enum UpstreamError {
     Client(reqwest::Error),
     #[error("upstream CA file {path}: {reason}")]
     Ca { path: String, reason: String },
+    #[error("{server}: catalog refused: {reason}")]
+    Signature { server: String, reason: String },
 }
 
 type SharedFetch = Shared<BoxFuture<'static, Result<(), Arc<UpstreamError>>>>;
@@ -78,6 +80,8 @@ pub struct Upstream {
     metrics: Arc<Metrics>,
     /// Per server, in list order: backoff after failures.
     health: Mutex<Vec<Health>>,
+    /// Verifies catalog signatures when configured.
+    catalog_key: Option<crate::signing::PublicKey>,
     /// How often a node held to a lower-priority upstream checks whether a higher one is back.
     probe_interval: Duration,
     /// The WAN budget all blob fetches share.
@@ -105,6 +109,8 @@ pub struct UpstreamOptions {
     pub probe_interval: Duration,
     /// WAN budget, 0 = unlimited.
     pub max_bytes_per_sec: u64,
+    /// When set, a snapshot whose catalog is unsigned or wrongly signed is refused.
+    pub catalog_key: Option<crate::signing::PublicKey>,
 }
 
 impl Upstream {
@@ -120,6 +126,7 @@ impl Upstream {
             idle_timeout,
             probe_interval,
             max_bytes_per_sec,
+            catalog_key,
         } = opts;
         let health = servers
             .iter()
@@ -162,6 +169,7 @@ impl Upstream {
             store,
             metrics,
             health: Mutex::new(health),
+            catalog_key,
             probe_interval,
             wan: crate::limit::ByteLimiter::new(max_bytes_per_sec),
             stored: tokio::sync::Notify::new(),
@@ -269,7 +277,17 @@ impl Upstream {
                 status: resp.status(),
             });
         }
-        resp.json::<Snapshot>().await.map_err(http)
+        let snapshot = resp.json::<Snapshot>().await.map_err(http)?;
+        if let Some(key) = &self.catalog_key {
+            if let Err(e) = key.verify(&snapshot.catalog, snapshot.catalog_signature.as_deref()) {
+                tracing::warn!(server = %name, error = %e, "refusing a catalog whose signature does not verify");
+                return Err(UpstreamError::Signature {
+                    server: name,
+                    reason: e.to_string(),
+                });
+            }
+        }
+        Ok(snapshot)
     }
 
     /// POSTs `body` as JSON with the node token to `path` on server `i`; a non-2xx answer is

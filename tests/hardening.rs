@@ -192,3 +192,117 @@ async fn tls_manager_and_a_node_that_trusts_it() {
         .unwrap();
     assert!(body[..] == data[..]);
 }
+
+/// An upstream that relays the manager's snapshot but changes one item's digest, keeping the
+/// manager's signature: what a compromised node in the chain would try.
+async fn forging_upstream(manager: String) -> String {
+    use axum::extract::State;
+    use axum::routing::get;
+    let app = axum::Router::new()
+        .route(
+            "/v1/sync",
+            get(|State(m): State<String>| async move {
+                let mut v: serde_json::Value = reqwest::Client::new()
+                    .get(format!("{m}/v1/sync"))
+                    .bearer_auth(NODE_TOKEN)
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                if let Some(item) = v["catalog"]["items"].get_mut(0) {
+                    item["sha256"] = serde_json::json!(sha256_hex(b"invented content"));
+                }
+                axum::Json(v)
+            }),
+        )
+        .with_state(manager);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signed_catalog_is_verified_passed_on_and_forgeries_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let m_dir = dir.path().join("m");
+    let manager = start_manager(&m_dir, &[]);
+    let out = std::process::Command::new(gup())
+        .args([
+            "manager",
+            "--data-dir",
+            m_dir.to_str().unwrap(),
+            "--print-public-key",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let key = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert_eq!(key.len(), 64);
+
+    let data = random_bytes(100_000, 9);
+    let sha = sha256_hex(&data);
+    let file = dir.path().join("defs.bin");
+    std::fs::write(&file, &data).unwrap();
+    let (code, out) = publish(&manager.url, &file, "defs", "1");
+    assert_eq!(code, 0, "{out}");
+
+    // The forging upstream comes first; the node refuses it and mirrors from the manager.
+    let forger = forging_upstream(manager.url.clone()).await;
+    let node = start_node_toml(
+        &dir.path().join("n"),
+        &[&forger, &manager.url],
+        "mode = \"pull\"\n",
+        &["--catalog-public-key", &key],
+    );
+    let client = reqwest::Client::new();
+    let (nu, s2) = (node.url.clone(), sha.clone());
+    wait_for(20, "the node mirrors the genuine catalog", || {
+        let (c, u, s) = (client.clone(), nu.clone(), s2.clone());
+        async move { catalog_has(&c, &u, &s).await.then_some(()) }
+    })
+    .await;
+    assert!(
+        node.log_text().contains("signature does not verify"),
+        "{}",
+        node.log_text()
+    );
+    assert!(!catalog_has(&client, &node.url, &sha256_hex(b"invented content")).await);
+
+    // The node passes the signature on: it verifies over the exact body it serves.
+    let r = client
+        .get(format!("{}/v1/catalog", node.url))
+        .send()
+        .await
+        .unwrap();
+    let sig = r.headers()["x-gup-catalog-signature"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let body = r.bytes().await.unwrap();
+    let catalog: gup::catalog::Catalog = serde_json::from_slice(&body).unwrap();
+    assert_eq!(gup::signing::catalog_bytes(&catalog), body.to_vec());
+    let public = gup::signing::PublicKey::parse(&key).unwrap();
+    assert!(public.verify(&catalog, Some(&sig)).is_ok());
+
+    // A node holding another key refuses every catalog and never becomes ready.
+    let other = tempfile::tempdir().unwrap();
+    let wrong = gup::signing::CatalogKey::load_or_create(other.path())
+        .unwrap()
+        .public_hex();
+    let doubting = start_node(
+        &dir.path().join("n2"),
+        &[&manager.url],
+        &["--catalog-public-key", &wrong],
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let r = client
+        .get(format!("{}/readyz", doubting.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(!catalog_has(&client, &doubting.url, &sha).await);
+}
