@@ -48,7 +48,14 @@ pub enum UpstreamError {
     Ca { path: String, reason: String },
     #[error("{server}: catalog refused: {reason}")]
     Signature { server: String, reason: String },
+    #[error("{server}: refused: {reason}")]
+    Refused { server: String, reason: String },
 }
+
+/// Largest `/v1/sync` answer a node accepts.
+const MAX_SNAPSHOT_BYTES: usize = 64 << 20;
+/// Most items a mirrored catalog may hold.
+const MAX_CATALOG_ITEMS: usize = 100_000;
 
 type SharedFetch = Shared<BoxFuture<'static, Result<(), Arc<UpstreamError>>>>;
 
@@ -58,6 +65,8 @@ struct Health {
     backoff: backon::ExponentialBackoff,
     /// Skip this server until then (another in the list is tried meanwhile).
     retry_at: Option<tokio::time::Instant>,
+    /// How its last call went (None: not tried yet); failures are logged on a change.
+    last_ok: Option<bool>,
 }
 
 fn new_backoff() -> backon::ExponentialBackoff {
@@ -133,6 +142,7 @@ impl Upstream {
             .map(|_| Health {
                 backoff: new_backoff(),
                 retry_at: None,
+                last_ok: None,
             })
             .collect();
         for s in &servers {
@@ -213,9 +223,13 @@ impl Upstream {
 
     /// Records how a call to server `i` went: success resets its backoff, failure pushes its
     /// next try out.
-    fn mark(&self, i: usize, ok: bool) {
+    /// Returns true when this changed the server's state (so callers log a change once).
+    fn mark(&self, i: usize, ok: bool) -> bool {
+        let mut changed = false;
         if let Ok(mut health) = self.health.lock() {
             let h = &mut health[i];
+            changed = h.last_ok != Some(ok);
+            h.last_ok = Some(ok);
             if ok {
                 h.backoff = new_backoff();
                 h.retry_at = None;
@@ -227,6 +241,7 @@ impl Upstream {
         self.metrics
             .upstream_up(self.servers[i].as_str())
             .set(i64::from(ok));
+        changed
     }
 
     /// Calls `op` on each server in [`Self::order`] until one succeeds.
@@ -245,7 +260,9 @@ impl Upstream {
                 Err(e) => {
                     // A blob that fails its digest is the blob's fault as much as the
                     // server's; either way the next server is tried.
-                    self.mark(i, false);
+                    if self.mark(i, false) {
+                        tracing::warn!(server = %self.servers[i], error = %e, "upstream failed; trying the next one");
+                    }
                     failures.push(e.to_string());
                 }
             }
@@ -277,7 +294,34 @@ impl Upstream {
                 status: resp.status(),
             });
         }
-        let snapshot = resp.json::<Snapshot>().await.map_err(http)?;
+        // A snapshot is read with a size cap: a huge or endless answer is refused, not
+        // buffered without bound.
+        let mut body = resp.bytes_stream();
+        let mut bytes = Vec::new();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(http)?;
+            if bytes.len() + chunk.len() > MAX_SNAPSHOT_BYTES {
+                return Err(UpstreamError::Refused {
+                    server: name,
+                    reason: format!("snapshot larger than {MAX_SNAPSHOT_BYTES} bytes"),
+                });
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        let refused = |reason: String| UpstreamError::Refused {
+            server: name.clone(),
+            reason,
+        };
+        let snapshot: Snapshot = serde_json::from_slice(&bytes)
+            .map_err(|e| refused(format!("invalid snapshot: {e}")))?;
+        if snapshot.catalog.items.len() > MAX_CATALOG_ITEMS {
+            return Err(refused(format!(
+                "catalog of {} items (at most {MAX_CATALOG_ITEMS})",
+                snapshot.catalog.items.len()
+            )));
+        }
+        crate::catalog::validate_catalog(&snapshot.catalog)
+            .map_err(|e| refused(format!("invalid catalog: {e}")))?;
         if let Some(key) = &self.catalog_key {
             if let Err(e) = key.verify(&snapshot.catalog, snapshot.catalog_signature.as_deref()) {
                 tracing::warn!(server = %name, error = %e, "refusing a catalog whose signature does not verify");
