@@ -86,6 +86,12 @@ pub fn validate_label(field: &'static str, value: &str) -> Result<(), CatalogErr
             reason: "must be 1 to 128 characters".into(),
         });
     }
+    if value.chars().all(|c| c == '.') {
+        return Err(CatalogError::Invalid {
+            field,
+            reason: "must not be only dots".into(),
+        });
+    }
     if let Some(c) = value
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '+')))
@@ -430,5 +436,7 @@ mod tests {
         assert!(validate_label("name", "").is_err());
         assert!(validate_label("name", "../etc").is_err());
         assert!(validate_label("name", "a b").is_err());
+        assert!(validate_label("version", "..").is_err());
+        assert!(validate_label("version", "1.2.3").is_ok());
     }
 }

@@ -407,6 +407,10 @@ async fn group_settings(
     let axum::extract::Query(q) =
         query.map_err(|e| crate::api::from_rejection(e.status(), e.body_text()))?;
     let location = q.location.as_deref().filter(|l| !l.is_empty());
+    if let Some(l) = location {
+        crate::settings::validate_name("location", l)
+            .map_err(|e| ApiError::bad_request("bad_request", e.to_string()))?;
+    }
     let dir = s
         .directory
         .read()
