@@ -1,7 +1,7 @@
 //! End to end through real processes: connection limits and TLS.
 //! - a request head over `limits.max_header_bytes` gets 431 and the server carries on;
 //! - a client that does not finish its request head within `limits.header_read_timeout_s`
-//!   is disconnected;
+//!   is disconnected, and so is a kept-alive connection idle that long;
 //! - beyond `limits.max_connections` new connections are closed at once while the open ones
 //!   carry on;
 //! - `--tls-cert/--tls-key`: the manager's port speaks only TLS, and a node trusting the
@@ -73,6 +73,20 @@ fn header_size_read_timeout_and_max_connections() {
         "closed by the header timeout"
     );
     drop(slow);
+
+    // An idle kept-alive connection is closed by the same timeout.
+    let mut idle = TcpStream::connect(&a).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    assert!(healthz(&mut idle).starts_with("HTTP/1.1 200"));
+    let started = Instant::now();
+    let mut buf = [0u8; 64];
+    assert_eq!(
+        idle.read(&mut buf).unwrap_or(0),
+        0,
+        "the idle connection is closed"
+    );
+    assert!(started.elapsed() < Duration::from_secs(8));
 
     // Three connections fit; a fourth is closed at once while the three carry on.
     let mut open: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(&a).unwrap()).collect();
