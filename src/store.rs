@@ -524,14 +524,24 @@ impl BlobWriter {
         let store = self.store.clone();
         let tmp = self.tmp_path.clone();
         let dest2 = dest.clone();
+        let store_root = self.store.inner.blobs_dir.clone();
         tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
             let dir = dest2.parent().unwrap_or(Path::new("."));
+            // The fan-out directories are made once; their parents need an fsync only then.
+            let created = !dir.exists();
             std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
             std::fs::rename(&tmp, &dest2)
                 .map_err(io(format!("renaming into {}", dest2.display())))?;
             fsync_dir(dir)?;
-            if let Some(up) = dir.parent() {
-                fsync_dir(up)?;
+            if created {
+                let mut up = dir.parent();
+                while let Some(d) = up {
+                    fsync_dir(d)?;
+                    if d == store_root.as_path() {
+                        break;
+                    }
+                    up = d.parent();
+                }
             }
             Ok(())
         })
@@ -545,8 +555,10 @@ impl BlobWriter {
             stored_at: now,
             last_access: now,
         };
+        // The blob is durable now (file and directory fsynced). Its index entry is flushed by
+        // sled in the background: if a crash loses it, start-up indexes the file again
+        // (`reconcile`), so no fsync of the index is needed on this path.
         store.put_index(&digest, &meta)?;
-        store.inner.index.flush_async().await?;
         if let Ok(mut g) = store.inner.memory.write() {
             if g.insert(digest, (meta, now)).is_none() {
                 store.inner.bytes.fetch_add(size, Ordering::Relaxed);

@@ -1,0 +1,178 @@
+#!/usr/bin/env bash
+# Serving comparison: gup's node against nginx (sendfile on and off) and Varnish (malloc) on
+# the same bytes, in one run, loopback only, every load bounded in time.
+#
+#   bash benches/compare.sh            # all workloads (about 4 minutes)
+#   DURATION=5 bash benches/compare.sh # shorter wrk runs
+#
+# Installs nginx, varnish, wrk and curl with apt when missing (idempotent), builds gup in
+# release mode, publishes identical files to a manager, waits until the node has them, serves
+# the same files from nginx (and Varnish in front of nginx, warmed), then runs each workload
+# against each server and prints a table with the ratio of gup to the best peer.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=${DURATION:-10}
+need=()
+for tool in nginx varnishd wrk curl; do
+  command -v "$tool" >/dev/null 2>&1 || need+=("$tool")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  pkgs=()
+  for t in "${need[@]}"; do case "$t" in varnishd) pkgs+=(varnish);; *) pkgs+=("$t");; esac; done
+  echo "installing ${pkgs[*]}" >&2
+  apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pkgs[@]}" >/dev/null
+fi
+cargo build --release -q
+GUP=$PWD/target/release/gup
+
+WORK=$(mktemp -d /tmp/gup-compare.XXXXXX)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  sleep 0.5
+  for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT INT TERM
+
+free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
+PM=$(free_port); PN=$(free_port); PX=$(free_port); PY=$(free_port); PV=$(free_port)
+M=http://127.0.0.1:$PM; N=http://127.0.0.1:$PN
+
+"$GUP" manager --listen 127.0.0.1:$PM --data-dir "$WORK/m" --admin-token a --node-token n 2>"$WORK/m.log" & PIDS+=($!)
+"$GUP" node --listen 127.0.0.1:$PN --data-dir "$WORK/n" --upstream $M --upstream-token n 2>"$WORK/n.log" & PIDS+=($!)
+NODE_PID=$!
+for _ in $(seq 100); do curl -sf $N/healthz >/dev/null && curl -sf $M/healthz >/dev/null && break; sleep 0.1; done
+
+mkdir -p "$WORK/www/v1/content"
+declare -A SHA
+for spec in 1k:1024 1m:1048576 256m:268435456; do
+  name=${spec%%:*}; size=${spec##*:}
+  head -c "$size" /dev/urandom > "$WORK/$name.bin"
+  sha=$(sha256sum "$WORK/$name.bin" | cut -c1-64)
+  SHA[$name]=$sha
+  cp "$WORK/$name.bin" "$WORK/www/v1/content/$sha"
+  "$GUP" admin --manager $M --token a publish "$WORK/$name.bin" --name "$name" --version 1 >/dev/null
+done
+for name in 1k 1m 256m; do
+  for _ in $(seq 600); do
+    [ "$(curl -s -o /dev/null -w '%{http_code}' -I $N/v1/content/${SHA[$name]})" = 200 ] && \
+      [ -f "$WORK/n/blobs/${SHA[$name]:0:2}/${SHA[$name]:2:2}/${SHA[$name]}" ] && break
+    sleep 0.1
+  done
+done
+
+nginx_conf() { # port sendfile
+  cat > "$WORK/nginx-$1.conf" <<NGINX
+worker_processes auto;
+daemon off;
+pid $WORK/nginx-$1.pid;
+error_log $WORK/nginx-$1.err;
+events { worker_connections 8192; }
+http {
+  access_log off;
+  sendfile $2;
+  tcp_nopush on;
+  keepalive_requests 100000;
+  types { }
+  default_type application/octet-stream;
+  server { listen 127.0.0.1:$1 backlog=4096; root $WORK/www; }
+}
+NGINX
+}
+nginx_conf $PX on; nginx_conf $PY off
+nginx -c "$WORK/nginx-$PX.conf" -p "$WORK" & PIDS+=($!)
+nginx -c "$WORK/nginx-$PY.conf" -p "$WORK" & PIDS+=($!)
+varnishd -F -a 127.0.0.1:$PV -b 127.0.0.1:$PX -s malloc,1G -n "$WORK/varnish" -p default_ttl=3600 >/dev/null 2>&1 & PIDS+=($!)
+for port in $PX $PY $PV; do
+  for _ in $(seq 100); do curl -sf -o /dev/null http://127.0.0.1:$port/v1/content/${SHA[1k]} && break; sleep 0.1; done
+done
+for name in 1k 1m 256m; do curl -s -o /dev/null http://127.0.0.1:$PV/v1/content/${SHA[$name]}; done
+
+declare -A SERVERS=([gup]=$PN [nginx-sendfile]=$PX [nginx-nosendfile]=$PY [varnish]=$PV)
+ORDER=(gup nginx-sendfile nginx-nosendfile varnish)
+
+wrk_run() { # port path conns -> "req/s MiB/s p99ms"
+  wrk -t2 -c"$3" -d"${DURATION}s" --latency "http://127.0.0.1:$1$2" 2>/dev/null | awk '
+    /Requests\/sec/ {rps=$2}
+    /Transfer\/sec/ {v=$2; if (v ~ /GB/) {sub("GB","",v); mb=v*1024} else if (v ~ /MB/) {sub("MB","",v); mb=v} else if (v ~ /KB/) {sub("KB","",v); mb=v/1024} else {mb=v/1048576}}
+    /^ +99%/ {l=$2; if (l ~ /ms/) {sub("ms","",l); p=l} else if (l ~ /us/) {sub("us","",l); p=l/1000} else if (l ~ /s/) {sub("s","",l); p=l*1000}}
+    END {printf "%.0f %.0f %.2f\n", rps, mb, p}'
+}
+
+curl8() { # port path -> MiB/s for 8 concurrent downloads
+  local start end
+  start=$(date +%s.%N)
+  for _ in $(seq 8); do curl -s -o /dev/null "http://127.0.0.1:$1$2" & done
+  wait $(jobs -p | tail -8) 2>/dev/null || true
+  end=$(date +%s.%N)
+  python3 -c "print(round(8*256/($end-$start)))"
+}
+
+printf '\n%-34s' "workload"; for s in "${ORDER[@]}"; do printf '%18s' "$s"; done; printf '%12s\n' "gup/best"
+row() { # label values...
+  local label=$1; shift
+  printf '%-34s' "$label"
+  local best=0 gup=$1
+  for v in "$@"; do printf '%18s' "$v"; done
+  for v in "${@:2}"; do best=$(python3 -c "print(max($best, $v))"); done
+  printf '%12s\n' "$(python3 -c "print('%.2fx' % ($gup / $best) if $best else '-')")"
+}
+
+for spec in "1k:1000:req/s" "1k:50:req/s" "1m:50:MiB/s"; do
+  name=${spec%%:*}; rest=${spec#*:}; conns=${rest%%:*}; unit=${rest#*:}
+  vals=(); p99s=()
+  for s in "${ORDER[@]}"; do
+    read -r rps mib p99 < <(wrk_run ${SERVERS[$s]} /v1/content/${SHA[$name]} $conns)
+    if [ "$unit" = "req/s" ]; then vals+=("$rps"); else vals+=("$mib"); fi
+    p99s+=("$p99")
+  done
+  row "$name, $conns conns ($unit)" "${vals[@]}"
+  if [ "$conns" = 1000 ]; then
+    printf '%-34s' "  p99 latency (ms)"; for v in "${p99s[@]}"; do printf '%18s' "$v"; done; printf '\n'
+  fi
+done
+
+vals=()
+for s in "${ORDER[@]}"; do vals+=("$(curl8 ${SERVERS[$s]} /v1/content/${SHA[256m]})"); done
+row "256m, 8 concurrent curl (MiB/s)" "${vals[@]}"
+
+# Cold miss: a fresh node with prefetch off; 200 clients ask for the 256 MiB blob at once.
+PC=$(free_port)
+printf '[upstream]\nsync_interval_s = 1\n[cache]\nprefetch = false\n' > "$WORK/cold.toml"
+"$GUP" node --config "$WORK/cold.toml" --listen 127.0.0.1:$PC --data-dir "$WORK/cold" --upstream $M --upstream-token n 2>"$WORK/cold.log" & PIDS+=($!)
+for _ in $(seq 100); do curl -sf http://127.0.0.1:$PC/v1/catalog | grep -q "${SHA[256m]}" && break; sleep 0.1; done
+one_start=$(date +%s.%N); curl -s -o /dev/null $M/v1/content/${SHA[256m]}; one_end=$(date +%s.%N)
+cached_start=$(date +%s.%N); curl -s -o /dev/null $N/v1/content/${SHA[256m]}; cached_end=$(date +%s.%N)
+start=$(date +%s.%N)
+for _ in $(seq 200); do curl -s -o /dev/null http://127.0.0.1:$PC/v1/content/${SHA[256m]} & done
+wait $(jobs -p | tail -200) 2>/dev/null || true
+end=$(date +%s.%N)
+fetches=$(curl -s http://127.0.0.1:$PC/metrics | awk '/^gup_upstream_fetches_total/ {print $2}')
+python3 - "$start" "$end" "$one_start" "$one_end" "$cached_start" "$cached_end" "$fetches" <<'PY'
+import sys
+s, e, os_, oe, cs, ce, f = map(float, sys.argv[1:])
+last, upstream, cached = e - s, oe - os_, ce - cs
+print(f"\ncold miss, 256 MiB, 200 clients at once: last byte after {last:.2f} s, upstream fetches {f:.0f}")
+print(f"  one cached download {cached:.2f} s + one upstream transfer {upstream:.2f} s = {cached + upstream:.2f} s; "
+      f"ratio {last / (cached + upstream):.2f} (target <= 1.2)")
+PY
+
+# Idle push streams: node memory per stream.
+rss() { awk '/VmRSS/ {print $2}' /proc/$1/status; }
+before=$(rss $NODE_PID)
+"$GUP" loadtest --target $N --clients 10000 --mode push --duration 40 --events 0 > "$WORK/lt.out" 2>&1 &
+LT=$!; PIDS+=($LT)
+for _ in $(seq 300); do
+  n=$(curl -s $N/metrics | awk '/^gup_stream_clients/ {print $2}')
+  [ "${n:-0}" -ge 10000 ] && break; sleep 0.1
+done
+sleep 2
+after=$(rss $NODE_PID)
+streams=$(curl -s $N/metrics | awk '/^gup_stream_clients/ {print $2}')
+python3 -c "print(f'\n{int($streams)} idle push streams: node RSS {$before/1024:.0f} MiB -> {$after/1024:.0f} MiB, {($after-$before)/max(1,$streams):.1f} KiB per stream (target <= 10)')"
+kill $LT 2>/dev/null || true
+echo
+echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r); nginx $(nginx -v 2>&1 | sed 's/.*\///'), $(varnishd -V 2>&1 | head -1 | sed 's/varnishd //')"
