@@ -460,22 +460,30 @@ impl EventStore {
             return Err(invalid("limit", format!("must be 1 to {MAX_LIMIT}")));
         }
         let start = q.after.map_or(0, |a| a + 1);
-        let mut out = Vec::new();
-        for (_, e) in self.events.scan_from::<StoredEvent>(&seq_key(start))? {
-            let keep = q.kind.as_ref().is_none_or(|k| *k == e.kind)
-                && q.client.as_ref().is_none_or(|c| *c == e.client_id)
-                && q.group.as_ref().is_none_or(|g| *g == e.group)
-                && q.since.is_none_or(|s| e.time >= s);
-            if !keep {
-                continue;
-            }
-            if out.len() == limit {
-                let next = out.last().map(|e: &StoredEvent| e.seq);
-                return Ok((out, next));
-            }
-            out.push(e);
-        }
-        Ok((out, None))
+        let mut out: Vec<StoredEvent> = Vec::new();
+        let mut more = false;
+        self.events
+            .visit_from::<StoredEvent>(&seq_key(start), |_, e| {
+                let keep = q.kind.as_ref().is_none_or(|k| *k == e.kind)
+                    && q.client.as_ref().is_none_or(|c| *c == e.client_id)
+                    && q.group.as_ref().is_none_or(|g| *g == e.group)
+                    && q.since.is_none_or(|s| e.time >= s);
+                if !keep {
+                    return true;
+                }
+                if out.len() == limit {
+                    more = true;
+                    return false;
+                }
+                out.push(e);
+                true
+            })?;
+        let next = if more {
+            out.last().map(|e| e.seq)
+        } else {
+            None
+        };
+        Ok((out, next))
     }
 
     /// Records what a client reports it runs.

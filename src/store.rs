@@ -653,12 +653,25 @@ impl Kv {
         decode_all(self.tree.scan_prefix(prefix.as_bytes()))
     }
 
-    /// Records whose key is `from` or after it, in key order.
-    pub fn scan_from<T: DeserializeOwned>(
+    /// Visits the records whose key is `from` or after it, in key order, one at a time,
+    /// until `visit` returns false: a page of a large tree never loads the rest of it.
+    pub fn visit_from<T: DeserializeOwned>(
         &self,
         from: &str,
-    ) -> Result<Vec<(String, T)>, StoreError> {
-        decode_all(self.tree.range(from.as_bytes()..))
+        mut visit: impl FnMut(String, T) -> bool,
+    ) -> Result<(), StoreError> {
+        for entry in self.tree.range(from.as_bytes()..) {
+            let (k, v) = entry?;
+            let key = String::from_utf8_lossy(&k).into_owned();
+            let value = serde_json::from_slice(&v).map_err(|source| StoreError::Decode {
+                key: key.clone(),
+                source,
+            })?;
+            if !visit(key, value) {
+                break;
+            }
+        }
+        Ok(())
     }
 
     pub fn len(&self) -> usize {
