@@ -184,6 +184,10 @@ pub struct Outbox {
     kv: Kv,
     /// The next sequence number (keys sort by it).
     next: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Queued uploads holding a critical event, and queued events and applications: kept
+    /// in memory so that neither question scans the queue.
+    critical: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    queued: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 fn seq_key(n: u64) -> String {
@@ -193,14 +197,18 @@ fn seq_key(n: u64) -> String {
 impl Outbox {
     pub fn open(store: &Store) -> Result<Outbox, EventsError> {
         let kv = store.kv("outbox")?;
-        let last = kv
-            .scan::<Upload>("")?
+        let all = kv.scan::<Upload>("")?;
+        let last = all
             .last()
             .and_then(|(k, _)| k.parse::<u64>().ok())
             .unwrap_or(0);
+        let critical = all.iter().filter(|(_, u)| u.is_critical()).count();
+        let queued = all.iter().map(|(_, u)| u.count()).sum();
         Ok(Outbox {
             kv,
             next: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(last + 1)),
+            critical: std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(critical)),
+            queued: std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(queued)),
         })
     }
 
@@ -209,6 +217,12 @@ impl Outbox {
         let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.kv.put(&seq_key(n), upload)?;
         self.kv.flush().await?;
+        self.queued
+            .fetch_add(upload.count(), std::sync::atomic::Ordering::Relaxed);
+        if upload.is_critical() {
+            self.critical
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         Ok(())
     }
 
@@ -229,30 +243,36 @@ impl Outbox {
 
     /// Whether any queued upload holds a critical event.
     pub fn has_critical(&self) -> Result<bool, EventsError> {
-        Ok(self
-            .kv
-            .scan::<Upload>("")?
-            .iter()
-            .any(|(_, u)| u.is_critical()))
+        Ok(self.critical.load(std::sync::atomic::Ordering::Relaxed) > 0)
     }
 
     /// Removes what an upstream accepted, durably.
     pub async fn remove(&self, keys: &[String]) -> Result<(), EventsError> {
+        let mut critical = 0;
+        let mut count = 0;
         for k in keys {
-            self.kv.remove(k)?;
+            // Two forwarders may race for a key: only the one that takes it counts it.
+            if let Some(u) = self.kv.take::<Upload>(k)? {
+                critical += usize::from(u.is_critical());
+                count += u.count();
+            }
         }
         self.kv.flush().await?;
+        let sub = |a: &std::sync::atomic::AtomicUsize, n: usize| {
+            let _ = a.fetch_update(
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+                |v| Some(v.saturating_sub(n)),
+            );
+        };
+        sub(&self.critical, critical);
+        sub(&self.queued, count);
         Ok(())
     }
 
     /// Events (and applications) queued.
     pub fn queued(&self) -> Result<usize, EventsError> {
-        Ok(self
-            .kv
-            .scan::<Upload>("")?
-            .iter()
-            .map(|(_, u)| u.count())
-            .sum())
+        Ok(self.queued.load(std::sync::atomic::Ordering::Relaxed))
     }
 }
 

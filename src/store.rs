@@ -648,6 +648,19 @@ impl Kv {
         Ok(())
     }
 
+    /// Removes a record and returns it, atomically (None when it was not there).
+    pub fn take<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
+        match self.tree.remove(key.as_bytes())? {
+            None => Ok(None),
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|source| StoreError::Decode {
+                    key: key.to_string(),
+                    source,
+                }),
+        }
+    }
+
     /// Every record whose key starts with `prefix`, in key order.
     pub fn scan<T: DeserializeOwned>(&self, prefix: &str) -> Result<Vec<(String, T)>, StoreError> {
         decode_all(self.tree.scan_prefix(prefix.as_bytes()))
