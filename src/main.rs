@@ -760,22 +760,20 @@ fn admin(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure> {
                 let v = rt
                     .block_on(client.call(Method::GET, "/v1/admin/groups", &[], None))
                     .map_err(runtime)?;
-                if json {
-                    print_json(&v);
-                    return Ok(());
-                }
-                let rows = table_rows(&v["groups"], |g| {
-                    vec![
-                        text(&g["name"]),
-                        text(&g["parent"]),
-                        text(&g["children"]),
-                        g["settings"].to_string(),
-                        text(&g["policy_serial"]),
-                    ]
-                });
-                print_table(
+                show_list(
+                    &v,
+                    json,
+                    "groups",
                     &["GROUP", "PARENT", "CHILDREN", "OWN SETTINGS", "POLICY"],
-                    &rows,
+                    |g| {
+                        vec![
+                            text(&g["name"]),
+                            text(&g["parent"]),
+                            text(&g["children"]),
+                            g["settings"].to_string(),
+                            text(&g["policy_serial"]),
+                        ]
+                    },
                 );
                 Ok(())
             }
@@ -819,25 +817,10 @@ fn admin(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure> {
                 let v = rt
                     .block_on(client.call(Method::GET, "/v1/admin/clients", &[], None))
                     .map_err(runtime)?;
-                if json {
-                    print_json(&v);
-                    return Ok(());
-                }
-                let rows = table_rows(&v["clients"], |c| {
-                    vec![
-                        text(&c["client_id"]),
-                        text(&c["group"]),
-                        text(&c["install_group"]),
-                        text(&c["os"]),
-                        text(&c["last_seen"]),
-                        if c["overdue"] == true {
-                            "yes".into()
-                        } else {
-                            "no".into()
-                        },
-                    ]
-                });
-                print_table(
+                show_list(
+                    &v,
+                    json,
+                    "clients",
                     &[
                         "CLIENT",
                         "GROUP",
@@ -846,7 +829,20 @@ fn admin(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure> {
                         "LAST SEEN",
                         "OVERDUE",
                     ],
-                    &rows,
+                    |c| {
+                        vec![
+                            text(&c["client_id"]),
+                            text(&c["group"]),
+                            text(&c["install_group"]),
+                            text(&c["os"]),
+                            text(&c["last_seen"]),
+                            if c["overdue"] == true {
+                                "yes".into()
+                            } else {
+                                "no".into()
+                            },
+                        ]
+                    },
                 );
                 Ok(())
             }
@@ -891,22 +887,23 @@ fn admin(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure> {
             let v = rt
                 .block_on(client.call(Method::GET, "/v1/admin/events", &q, None))
                 .map_err(runtime)?;
-            if json {
-                print_json(&v);
-                return Ok(());
-            }
-            let rows = table_rows(&v["events"], |e| {
-                vec![
-                    text(&e["time"]),
-                    text(&e["client_id"]),
-                    text(&e["group"]),
-                    text(&e["kind"]),
-                    text(&e["subkind"]),
-                    text(&e["id"]),
-                ]
-            });
-            print_table(&["TIME", "CLIENT", "GROUP", "KIND", "SUBKIND", "ID"], &rows);
-            if !v["next"].is_null() {
+            show_list(
+                &v,
+                json,
+                "events",
+                &["TIME", "CLIENT", "GROUP", "KIND", "SUBKIND", "ID"],
+                |e| {
+                    vec![
+                        text(&e["time"]),
+                        text(&e["client_id"]),
+                        text(&e["group"]),
+                        text(&e["kind"]),
+                        text(&e["subkind"]),
+                        text(&e["id"]),
+                    ]
+                },
+            );
+            if !json && !v["next"].is_null() {
                 println!("more: --after {}", v["next"]);
             }
             Ok(())
@@ -915,20 +912,21 @@ fn admin(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure> {
             let v = rt
                 .block_on(client.call(Method::GET, "/v1/admin/notifications", &[], None))
                 .map_err(runtime)?;
-            if json {
-                print_json(&v);
-                return Ok(());
-            }
-            let rows = table_rows(&v["notifications"], |n| {
-                vec![
-                    text(&n["first_at"]),
-                    text(&n["group"]),
-                    text(&n["kind"]),
-                    text(&n["count"]),
-                    text(&n["last_at"]),
-                ]
-            });
-            print_table(&["FIRST", "GROUP", "KIND", "COUNT", "LAST"], &rows);
+            show_list(
+                &v,
+                json,
+                "notifications",
+                &["FIRST", "GROUP", "KIND", "COUNT", "LAST"],
+                |n| {
+                    vec![
+                        text(&n["first_at"]),
+                        text(&n["group"]),
+                        text(&n["kind"]),
+                        text(&n["count"]),
+                        text(&n["last_at"]),
+                    ]
+                },
+            );
             Ok(())
         }
         AdminCommand::Apps {
@@ -937,21 +935,10 @@ fn admin(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure> {
             let v = rt
                 .block_on(client.call(Method::GET, "/v1/admin/applications", &[("q", &q)], None))
                 .map_err(runtime)?;
-            if json {
-                print_json(&v);
-                return Ok(());
-            }
-            let rows = table_rows(&v["applications"], |a| {
-                vec![
-                    text(&a["name"]),
-                    text(&a["version"]),
-                    text(&a["path"]),
-                    a["clients"].as_object().map_or(0, |c| c.len()).to_string(),
-                    text(&a["first_seen"]),
-                    text(&a["last_seen"]),
-                ]
-            });
-            print_table(
+            show_list(
+                &v,
+                json,
+                "applications",
                 &[
                     "NAME",
                     "VERSION",
@@ -960,7 +947,16 @@ fn admin(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure> {
                     "FIRST SEEN",
                     "LAST SEEN",
                 ],
-                &rows,
+                |a| {
+                    vec![
+                        text(&a["name"]),
+                        text(&a["version"]),
+                        text(&a["path"]),
+                        a["clients"].as_object().map_or(0, |c| c.len()).to_string(),
+                        text(&a["first_seen"]),
+                        text(&a["last_seen"]),
+                    ]
+                },
             );
             Ok(())
         }
@@ -987,6 +983,21 @@ fn text(v: &serde_json::Value) -> String {
         serde_json::Value::String(s) => s.clone(),
         serde_json::Value::Null => "-".into(),
         other => other.to_string(),
+    }
+}
+
+/// Prints `v` as JSON, or its array `key` as a table.
+fn show_list(
+    v: &serde_json::Value,
+    json: bool,
+    key: &str,
+    headers: &[&str],
+    row: impl Fn(&serde_json::Value) -> Vec<String>,
+) {
+    if json {
+        print_json(v);
+    } else {
+        print_table(headers, &table_rows(&v[key], row));
     }
 }
 
