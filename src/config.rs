@@ -455,7 +455,8 @@ fn toml_error(text: &str, e: &toml::de::Error) -> ConfigError {
     // serde names unknown fields itself: "unknown field `x`, expected ...".
     let unknown = message
         .strip_prefix("unknown field `")
-        .and_then(|r| r.split('`').next());
+        .and_then(|r| r.split('`').next())
+        .filter(|k| !k.is_empty());
     let key = unknown.or(key);
     let full = match (section, key) {
         (Some(s), Some(k)) => format!("{s}.{k}"),
@@ -510,5 +511,8 @@ mod tests {
         assert_eq!(n.validate().unwrap_err().key, "upstream.servers[0]");
         let e = infer_role("[log]\nformat = \"json\"\n").unwrap_err();
         assert_eq!(e.key, "(file)");
+        // Found by fuzzing: an empty quoted key still gets a non-empty name in the error.
+        let e = parse::<NodeConfig>("\"\"=9").unwrap_err();
+        assert!(!e.key.is_empty(), "{e}");
     }
 }
