@@ -464,6 +464,12 @@ fn toml_error(text: &str, e: &toml::de::Error) -> ConfigError {
         (Some(s), None) => s,
         (None, None) => "(file)".to_string(),
     };
+    // A header like `[]` or a quoted empty key names nothing: point at the file.
+    let full = if full.trim_matches('.').is_empty() {
+        "(file)".to_string()
+    } else {
+        full
+    };
     bad(&full, format!("{message} (line {line_no})"))
 }
 
@@ -514,5 +520,14 @@ mod tests {
         // Found by fuzzing: an empty quoted key still gets a non-empty name in the error.
         let e = parse::<NodeConfig>("\"\"=9").unwrap_err();
         assert!(!e.key.is_empty(), "{e}");
+        let e = parse::<NodeConfig>("[]\n''=\n").unwrap_err();
+        assert!(!e.key.is_empty(), "{e}");
+        let fuzzed = "1=['''=J1=33\n'=J\r\n''=\r\n''=\r\n[3#5#\r\n[31=33\n1=3\r\n''=\r\n\"\"\"1''=\r\n[]\0\0\03\r\n''=\r\n''=\r\n[3#5#\r\n[3#6#\r\n";
+        for e in [
+            parse::<NodeConfig>(fuzzed).unwrap_err(),
+            parse::<ManagerConfig>(fuzzed).unwrap_err(),
+        ] {
+            assert!(!e.key.is_empty() && !e.to_string().contains('\n'), "{e}");
+        }
     }
 }
