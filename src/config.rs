@@ -522,7 +522,7 @@ mod tests {
         assert!(!e.key.is_empty(), "{e}");
         let e = parse::<NodeConfig>("[]\n''=\n").unwrap_err();
         assert!(!e.key.is_empty(), "{e}");
-        let fuzzed = "1=['''=J1=33\n'=J\r\n''=\r\n''=\r\n[3#5#\r\n[31=33\n1=3\r\n''=\r\n\"\"\"1''=\r\n[]\0\0\03\r\n''=\r\n''=\r\n[3#5#\r\n[3#6#\r\n";
+        let fuzzed = "1=['''=J1=33\n'=J\r\n''=\r\n''=\r\n[3#5#\r\n[31=33\n1=3\r\n''=\r\n\"\"\"1''=\r\n[]\x00\x00\x003\r\n''=\r\n''=\r\n[3#5#\r\n[3#6#\r\n";
         for e in [
             parse::<NodeConfig>(fuzzed).unwrap_err(),
             parse::<ManagerConfig>(fuzzed).unwrap_err(),
