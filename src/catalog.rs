@@ -286,6 +286,11 @@ impl CatalogHistory {
         Ok(true)
     }
 
+    /// The oldest retained revision number (0 when there is none).
+    pub fn oldest_revision(&self) -> u64 {
+        self.revisions.front().map_or(0, |r| r.catalog.revision)
+    }
+
     /// The current revision's signature.
     pub fn signature(&self) -> Option<&str> {
         self.revisions.back().and_then(|r| r.signature.as_deref())

@@ -308,6 +308,10 @@ impl Manager {
         self.catalog_kv
             .put(CATALOG_KEY, &history)
             .map_err(|e| ApiError::internal(e.to_string()))?;
+        // Slots of revisions no longer retained are not needed any more.
+        if let Err(e) = self.served.slots.prune(history.oldest_revision()) {
+            tracing::warn!(error = %e, "could not prune old download slots");
+        }
         self.catalog_kv
             .flush()
             .await

@@ -404,6 +404,10 @@ impl Node {
                 "mirrored a new catalog revision"
             );
             self.catalog_changed.send_replace(history.revision());
+            // Slots of revisions no longer retained are not needed any more.
+            if let Err(e) = self.served.slots.prune(history.oldest_revision()) {
+                tracing::warn!(error = %e, "could not prune old download slots");
+            }
         }
         self.served.changes.send_all(changes);
         self.served.readiness.mark_synced();

@@ -321,6 +321,18 @@ mod tests {
         assert!(p <= 1.15, "peak/mean {p}");
     }
 
+    #[tokio::test]
+    async fn prune_forgets_old_revisions() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, slots) = open(dir.path());
+        let t = Utc::now();
+        slots.slot("a", 1, t, 60, t).unwrap();
+        slots.slot("a", 2, t, 60, t).unwrap();
+        slots.prune(2).unwrap();
+        assert_eq!(slots.held("a", 1, t, 60).unwrap(), None);
+        assert!(slots.held("a", 2, t, 60).unwrap().is_some());
+    }
+
     #[test]
     fn rounding() {
         let t = Utc::now();
