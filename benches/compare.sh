@@ -47,6 +47,8 @@ NODE_PID=$!
 for _ in $(seq 100); do curl -sf $N/healthz >/dev/null && curl -sf $M/healthz >/dev/null && break; sleep 0.1; done
 
 mkdir -p "$WORK/www/v1/content"
+# nginx workers run as an unprivileged user: they must be able to read the files.
+chmod 755 "$WORK"
 declare -A SHA
 for spec in 1k:1024 1m:1048576 256m:268435456; do
   name=${spec%%:*}; size=${spec##*:}
@@ -82,6 +84,7 @@ http {
 }
 NGINX
 }
+chmod -R a+rX "$WORK/www"
 nginx_conf $PX on; nginx_conf $PY off
 nginx -c "$WORK/nginx-$PX.conf" -p "$WORK" & PIDS+=($!)
 nginx -c "$WORK/nginx-$PY.conf" -p "$WORK" & PIDS+=($!)
@@ -90,6 +93,15 @@ for port in $PX $PY $PV; do
   for _ in $(seq 100); do curl -sf -o /dev/null http://127.0.0.1:$port/v1/content/${SHA[1k]} && break; sleep 0.1; done
 done
 for name in 1k 1m 256m; do curl -s -o /dev/null http://127.0.0.1:$PV/v1/content/${SHA[$name]}; done
+for port in $PN $PX $PY $PV; do
+  for name in 1k 1m; do
+    got=$(curl -s http://127.0.0.1:$port/v1/content/${SHA[$name]} | sha256sum | cut -c1-64)
+    if [ "$got" != "${SHA[$name]}" ]; then
+      echo "server on port $port does not serve $name correctly; not measuring" >&2
+      exit 1
+    fi
+  done
+done
 
 declare -A SERVERS=([gup]=$PN [nginx-sendfile]=$PX [nginx-nosendfile]=$PY [varnish]=$PV)
 ORDER=(gup nginx-sendfile nginx-nosendfile varnish)
