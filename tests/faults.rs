@@ -270,7 +270,16 @@ async fn disk_full_during_fetch_fails_cleanly_and_recovers() {
     })
     .await;
     assert!(!blob_exists(&nd, &big_sha));
-    assert_eq!(tmp_files(&nd), 0, "the failed fetch left no temp file");
+    // The node retries the fetch every second, so a new attempt's temp file may exist at any
+    // moment; a failed attempt's file must be gone, so the directory empties between tries.
+    // (A leaked temp file would never leave: this waits for zero, it does not accept one.)
+    let nd2 = nd.clone();
+    wait_for(20, "the failed fetch left no temp file", || {
+        let nd = nd2.clone();
+        async move { (tmp_files(&nd) == 0).then_some(()) }
+    })
+    .await;
+    assert!(!blob_exists(&nd, &big_sha));
     // Serving continues.
     let got = client
         .get(format!("{}/v1/content/{small_sha}", node.url))
