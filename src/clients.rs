@@ -358,16 +358,6 @@ impl Registry {
             .any(|(_, r)| !r.deleted && r.group == group))
     }
 
-    /// Current group of a live client.
-    pub fn group_of(&self, client_id: &str) -> Option<String> {
-        self.clients
-            .get::<ClientRecord>(client_id)
-            .ok()
-            .flatten()
-            .filter(|r| !r.deleted)
-            .map(|r| r.group)
-    }
-
     pub async fn flush(&self) -> Result<(), ClientsError> {
         self.clients.flush().await?;
         Ok(())

@@ -31,7 +31,6 @@ use crate::events::{
     UploadBatch,
 };
 use crate::metrics::Metrics;
-use crate::mirror::Snapshot;
 use crate::serve::Placements;
 use crate::serve::{self, Readiness, Served};
 use crate::server;
@@ -238,23 +237,6 @@ impl Manager {
         self.registry.flush().await?;
         tracing::info!("manager stopped");
         Ok(())
-    }
-
-    fn snapshot(&self) -> Result<Snapshot, ApiError> {
-        let (catalog, catalog_signature) = {
-            let history = self
-                .served
-                .catalog
-                .read()
-                .map_err(|_| ApiError::internal("catalog lock poisoned"))?;
-            (history.current(), history.signature().map(str::to_string))
-        };
-        let directory = self.directory()?.clone();
-        Ok(Snapshot {
-            directory,
-            catalog,
-            catalog_signature,
-        })
     }
 
     /// The public half of the catalog signing key (hex).
@@ -481,11 +463,7 @@ async fn unpublish(
 
 async fn sync(State(m): State<Arc<Manager>>, headers: HeaderMap) -> Result<Response, ApiError> {
     m.node_token.check(&headers, "node")?;
-    let (etag, bytes) = m
-        .snapshot()?
-        .encode()
-        .map_err(|e| ApiError::internal(e.to_string()))?;
-    Ok(serve::json_bytes_with_etag(&headers, &etag, bytes))
+    m.served.sync_response(&headers)
 }
 
 // === settings and groups ===
@@ -892,10 +870,7 @@ async fn stream(
             };
             let groups: Vec<String> = match &client {
                 None => dir.groups.keys().cloned().collect(),
-                Some(id) => vec![m
-                    .registry
-                    .group_of(id)
-                    .unwrap_or_else(|| crate::settings::DEFAULT_GROUP.to_string())],
+                Some(id) => vec![m.registry.placement(id).0],
             };
             state_changes(&dir, groups, revision)
         }
@@ -903,12 +878,7 @@ async fn stream(
     let registry = m.registry.clone();
     let filter = move |c: &Change| match (&client, c.group()) {
         (None, _) | (_, None) => true,
-        (Some(id), Some(g)) => {
-            registry
-                .group_of(id)
-                .unwrap_or_else(|| crate::settings::DEFAULT_GROUP.to_string())
-                == g
-        }
+        (Some(id), Some(g)) => registry.placement(id).0 == g,
     };
     Ok(m.served
         .changes

@@ -34,7 +34,6 @@ use crate::manager::{
     Assignment, BatchReply, HeartbeatBatch, RelayedHeartbeat, BATCH_LIMIT, BODY_LIMIT,
 };
 use crate::metrics::Metrics;
-use crate::mirror::Snapshot;
 use crate::serve::{self, Readiness, Served};
 use crate::server::{self, Shutdown};
 use crate::settings::{ConnectionMode, Directory};
@@ -762,28 +761,7 @@ async fn sync(State(n): State<Arc<Node>>, headers: HeaderMap) -> Result<Response
             "this node has not synced with its upstream yet",
         ));
     }
-    let (catalog, catalog_signature) = {
-        let history = n
-            .served
-            .catalog
-            .read()
-            .map_err(|_| ApiError::internal("catalog lock poisoned"))?;
-        (history.current(), history.signature().map(str::to_string))
-    };
-    let directory = n
-        .served
-        .directory
-        .read()
-        .map_err(|_| ApiError::internal("directory lock poisoned"))?
-        .clone();
-    let (etag, bytes) = Snapshot {
-        directory,
-        catalog,
-        catalog_signature,
-    }
-    .encode()
-    .map_err(|e| ApiError::internal(e.to_string()))?;
-    Ok(serve::json_bytes_with_etag(&headers, &etag, bytes))
+    n.served.sync_response(&headers)
 }
 
 async fn heartbeat(

@@ -137,6 +137,31 @@ pub trait Placements: Send + Sync {
 }
 
 impl Served {
+    /// `GET /v1/sync`: everything this server holds that a node mirrors, with its ETag.
+    /// The caller checks the node token first.
+    pub fn sync_response(&self, headers: &HeaderMap) -> Result<Response, ApiError> {
+        let (catalog, catalog_signature) = {
+            let history = self
+                .catalog
+                .read()
+                .map_err(|_| ApiError::internal("catalog lock poisoned"))?;
+            (history.current(), history.signature().map(str::to_string))
+        };
+        let directory = self
+            .directory
+            .read()
+            .map_err(|_| ApiError::internal("directory lock poisoned"))?
+            .clone();
+        let (etag, bytes) = crate::mirror::Snapshot {
+            directory,
+            catalog,
+            catalog_signature,
+        }
+        .encode()
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+        Ok(json_bytes_with_etag(headers, &etag, bytes))
+    }
+
     /// The `download_slot` of a heartbeat reply: the slot for the current revision when the
     /// client has not got it yet, randomization is on, some new item is not urgent, and the
     /// window has not passed.
