@@ -291,6 +291,11 @@ impl Default for UpstreamSection {
     }
 }
 
+/// Default `cache.memory_bytes` (the manager uses it too).
+pub const DEFAULT_MEMORY_BYTES: u64 = 256 << 20;
+/// Default `cache.memory_item_max_bytes` (the manager uses it too).
+pub const DEFAULT_MEMORY_ITEM_MAX_BYTES: u64 = 4 << 20;
+
 /// `[cache]`
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
@@ -301,6 +306,10 @@ pub struct CacheSection {
     pub retain_revisions: usize,
     /// Disk budget for blobs, in bytes.
     pub max_bytes: u64,
+    /// Memory budget for copies of small, often-read blobs, in bytes (0: off).
+    pub memory_bytes: u64,
+    /// Largest blob kept in memory, in bytes.
+    pub memory_item_max_bytes: u64,
 }
 
 impl Default for CacheSection {
@@ -309,6 +318,8 @@ impl Default for CacheSection {
             prefetch: true,
             retain_revisions: 3,
             max_bytes: 10 << 30,
+            memory_bytes: DEFAULT_MEMORY_BYTES,
+            memory_item_max_bytes: DEFAULT_MEMORY_ITEM_MAX_BYTES,
         }
     }
 }
@@ -355,6 +366,25 @@ impl NodeConfig {
                 format!(
                     "must be at least 1048576 (1 MiB), got {}",
                     self.cache.max_bytes
+                ),
+            ));
+        }
+        if self.cache.memory_item_max_bytes > self.cache.memory_bytes && self.cache.memory_bytes > 0
+        {
+            return Err(bad(
+                "cache.memory_item_max_bytes",
+                format!(
+                    "must not exceed cache.memory_bytes ({}), got {}",
+                    self.cache.memory_bytes, self.cache.memory_item_max_bytes
+                ),
+            ));
+        }
+        if self.cache.memory_item_max_bytes > 1 << 30 {
+            return Err(bad(
+                "cache.memory_item_max_bytes",
+                format!(
+                    "must be at most 1073741824 (1 GiB), got {}",
+                    self.cache.memory_item_max_bytes
                 ),
             ));
         }

@@ -16,6 +16,7 @@ pub mod demo;
 pub mod digest;
 pub mod events;
 pub mod evict;
+pub mod hot;
 pub mod limit;
 pub mod loadtest;
 pub mod manager;

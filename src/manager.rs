@@ -155,6 +155,10 @@ impl Manager {
             slots: crate::slots::Slots::new(store_slots),
             placements: Arc::new(registry.clone()),
             downloads: None,
+            hot: Arc::new(crate::hot::HotBlobs::new(
+                crate::config::DEFAULT_MEMORY_BYTES,
+                crate::config::DEFAULT_MEMORY_ITEM_MAX_BYTES,
+            )),
         });
         Ok(Arc::new(Manager {
             served,

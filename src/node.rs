@@ -195,6 +195,10 @@ impl Node {
                     config.serve.max_concurrent_downloads,
                 ))
             }),
+            hot: Arc::new(crate::hot::HotBlobs::new(
+                config.cache.memory_bytes,
+                config.cache.memory_item_max_bytes,
+            )),
         });
         Ok(Arc::new(Node {
             served,

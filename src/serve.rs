@@ -19,10 +19,8 @@ use axum::routing::get;
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use futures_util::future::BoxFuture;
-use futures_util::StreamExt;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
-use tokio_util::io::ReaderStream;
 
 use crate::api::ApiError;
 use crate::catalog::CatalogHistory;
@@ -32,8 +30,15 @@ use crate::settings::Directory;
 use crate::store::Store;
 use crate::stream::Changes;
 
-/// Read size for streaming a blob to a client.
+/// Read size for streaming a blob still arriving to a client.
 const READ_CHUNK: usize = 256 * 1024;
+
+/// Frame size for sending a stored blob: the unit of LAN pacing and of the served-bytes count.
+const FRAME: usize = 1 << 20;
+
+/// Stored blobs up to this size are read into memory even when the hot-blob cache is off or
+/// admits less; larger ones are mapped.
+const READ_INTO_MEMORY: u64 = 256 << 10;
 
 /// How far a fetch into a temp file has come.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,6 +134,8 @@ pub struct Served {
     pub placements: Arc<dyn Placements>,
     /// `serve.max_concurrent_downloads` (None: unlimited).
     pub downloads: Option<Arc<tokio::sync::Semaphore>>,
+    /// Small, often-read blobs in memory (`cache.memory_bytes`).
+    pub hot: Arc<crate::hot::HotBlobs>,
 }
 
 /// Where a client belongs as this server knows it: (group, location).
@@ -517,9 +524,24 @@ async fn content(
         },
         _ => None,
     };
+    if let Some(body) = s.hot.get(&digest) {
+        s.metrics.cache_hits.inc();
+        // The eviction order still learns of the read; a failure here costs nothing served.
+        let _ = s.store.mark_read(&digest);
+        return blob_response(
+            &s,
+            Source::Stored(body, permit),
+            size,
+            &etag,
+            &method,
+            &headers,
+        )
+        .await;
+    }
+    let read_max = s.hot.item_max().max(READ_INTO_MEMORY);
     let opened = s
         .store
-        .open_blob(&digest)
+        .open_blob(&digest, read_max)
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?;
     let open = match opened {
@@ -537,7 +559,7 @@ async fn content(
             match fetcher.attach(digest, size).await? {
                 Attached::Stored => s
                     .store
-                    .open_blob(&digest)
+                    .open_blob(&digest, read_max)
                     .await
                     .map_err(|e| ApiError::internal(e.to_string()))?
                     .ok_or_else(|| {
@@ -554,37 +576,17 @@ async fn content(
             }
         }
     };
+    s.hot.offer(digest, &open.bytes);
     let size = open.meta.size;
-    let source = Source::Stored(open.file, open.guard, permit);
+    let source = Source::Stored(open.bytes, permit);
     blob_response(&s, source, size, &etag, &method, &headers).await
-}
-
-/// A blob reader that keeps its blob marked in use (safe from eviction) while it lives.
-struct Guarded {
-    inner: tokio::io::Take<tokio::fs::File>,
-    _guard: Option<crate::store::ReadGuard>,
-    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
-}
-
-impl tokio::io::AsyncRead for Guarded {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
 }
 
 /// The bytes behind a content response.
 pub enum Source {
-    /// A verified blob of the store, with the guard that keeps it from eviction while read
-    /// and the download permit it holds.
-    Stored(
-        tokio::fs::File,
-        crate::store::ReadGuard,
-        Option<tokio::sync::OwnedSemaphorePermit>,
-    ),
+    /// The bytes of a verified blob (in memory or mapped; a mapping keeps the blob from
+    /// eviction while any slice of it lives), and the download permit the response holds.
+    Stored(bytes::Bytes, Option<tokio::sync::OwnedSemaphorePermit>),
     /// A temp file still being fetched: its last byte is withheld until the digest checks,
     /// and the response is cut if it fails.
     Growing {
@@ -754,70 +756,72 @@ pub async fn blob_response(
     let body = if method == Method::HEAD {
         Body::empty()
     } else {
-        let (mut file, progress, guard, permit) = match source {
-            Source::Stored(f, guard, permit) => (f, None, Some(guard), permit),
+        let served = served_by.metrics.served_bytes.clone();
+        match source {
+            Source::Stored(bytes, permit) => {
+                let range = bytes.slice(start as usize..(start + count) as usize);
+                stored_body(range, permit, served, served_by)
+            }
             Source::Growing {
-                file,
+                mut file,
                 progress,
                 permit,
-            } => (file, Some(progress), None, permit),
-        };
-        if start > 0 {
-            file.seek(SeekFrom::Start(start))
-                .await
-                .map_err(|e| ApiError::internal(format!("seeking blob: {e}")))?;
-        }
-        let served = served_by.metrics.served_bytes.clone();
-        match progress {
-            Some(progress) => growing_body(GrowingRead {
-                _permit: permit,
-                file,
-                progress,
-                pos: start,
-                end: start + count,
-                len,
-                served,
-                by: served_by.clone(),
-            }),
-            None if served_by.lan.is_unlimited() => {
-                let reader = Guarded {
-                    inner: file.take(count),
-                    _guard: guard,
+            } => {
+                if start > 0 {
+                    file.seek(SeekFrom::Start(start))
+                        .await
+                        .map_err(|e| ApiError::internal(format!("seeking blob: {e}")))?;
+                }
+                growing_body(GrowingRead {
                     _permit: permit,
-                };
-                let stream = ReaderStream::with_capacity(reader, READ_CHUNK).map(move |chunk| {
-                    if let Ok(c) = &chunk {
-                        served.inc_by(c.len() as u64);
-                    }
-                    chunk
-                });
-                Body::from_stream(stream)
-            }
-            None => {
-                let by = served_by.clone();
-                let reader = Guarded {
-                    inner: file.take(count),
-                    _guard: guard,
-                    _permit: permit,
-                };
-                let stream = ReaderStream::with_capacity(reader, READ_CHUNK).then(move |chunk| {
-                    let by = by.clone();
-                    let served = served.clone();
-                    async move {
-                        if let Ok(c) = &chunk {
-                            by.lan.take(c.len()).await;
-                            served.inc_by(c.len() as u64);
-                        }
-                        chunk
-                    }
-                });
-                Body::from_stream(stream)
+                    file,
+                    progress,
+                    pos: start,
+                    end: start + count,
+                    len,
+                    served,
+                    by: served_by.clone(),
+                })
             }
         }
     };
     builder
         .body(body)
         .map_err(|e| ApiError::internal(format!("building response: {e}")))
+}
+
+/// The body of a stored blob's selected bytes. Without a LAN budget or a download permit to
+/// hold, a body up to [`FRAME`] is one frame that hyper writes with the head in one call;
+/// otherwise it goes out in frames of [`FRAME`] bytes, each paced by the LAN budget. Either
+/// way the bytes are slices of one buffer (or mapping): nothing is copied in user space.
+fn stored_body(
+    bytes: bytes::Bytes,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    served: prometheus_client::metrics::counter::Counter,
+    by: &Arc<Served>,
+) -> Body {
+    let unlimited = by.lan.is_unlimited();
+    if unlimited && permit.is_none() && bytes.len() <= FRAME {
+        served.inc_by(bytes.len() as u64);
+        return Body::from(bytes);
+    }
+    let by = by.clone();
+    let frames = futures_util::stream::unfold((bytes, permit), move |(mut rest, permit)| {
+        let by = by.clone();
+        let served = served.clone();
+        async move {
+            if rest.is_empty() {
+                return None;
+            }
+            let frame = rest.split_to(rest.len().min(FRAME));
+            if !unlimited {
+                by.lan.take(frame.len()).await;
+            }
+            served.inc_by(frame.len() as u64);
+            Some((Ok::<_, std::io::Error>(frame), (rest, permit)))
+        }
+    });
+    Body::from_stream(frames)
 }
 
 #[cfg(test)]
@@ -932,6 +936,7 @@ mod slot_tests {
             slots,
             placements: Arc::new(Fixed),
             downloads: None,
+            hot: Arc::new(crate::hot::HotBlobs::new(0, 0)),
         }
     }
 
