@@ -52,6 +52,8 @@ pub struct LimitsSection {
     /// Connections at once; 0 derives it from the open-file limit (raised to the hard limit
     /// at start-up) less 256 kept for files and upstream connections.
     pub max_connections: usize,
+    /// Serving threads, each with its own runtime; 0 means one per CPU core.
+    pub threads: usize,
 }
 
 impl Default for LimitsSection {
@@ -60,6 +62,7 @@ impl Default for LimitsSection {
             max_header_bytes: 16 * 1024,
             header_read_timeout_s: 10,
             max_connections: 0,
+            threads: 0,
         }
     }
 }
@@ -81,6 +84,12 @@ impl LimitsSection {
                 ),
             ));
         }
+        if self.threads > 1024 {
+            return Err(bad(
+                "limits.threads",
+                format!("must be 0 (one per core) to 1024 (got {})", self.threads),
+            ));
+        }
         Ok(())
     }
 
@@ -94,6 +103,13 @@ impl LimitsSection {
                 derived
             } else {
                 self.max_connections
+            },
+            threads: if self.threads == 0 {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+            } else {
+                self.threads
             },
         }
     }
@@ -545,6 +561,20 @@ mod tests {
         n = NodeConfig::default();
         n.upstream.servers = vec!["ftp://x".into()];
         assert_eq!(n.validate().unwrap_err().key, "upstream.servers[0]");
+        n = NodeConfig::default();
+        n.limits.threads = 5000;
+        assert_eq!(n.validate().unwrap_err().key, "limits.threads");
+        n = NodeConfig::default();
+        n.cache.memory_bytes = 1 << 20;
+        n.cache.memory_item_max_bytes = 2 << 20;
+        assert_eq!(n.validate().unwrap_err().key, "cache.memory_item_max_bytes");
+        // 0 turns the memory cache off, whatever the item limit.
+        n.cache.memory_bytes = 0;
+        n.validate().unwrap();
+        assert!(
+            n.limits.resolve(1024).threads >= 1,
+            "0 threads means one per core"
+        );
         let e = infer_role("[log]\nformat = \"json\"\n").unwrap_err();
         assert_eq!(e.key, "(file)");
         // Found by fuzzing: an empty quoted key still gets a non-empty name in the error.
