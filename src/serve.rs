@@ -7,7 +7,6 @@
 //! store first. It must never write to the store or talk to an upstream itself, and never
 //! serve a digest that is not in a retained catalog revision.
 
-use std::io::SeekFrom;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -20,7 +19,6 @@ use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use futures_util::future::BoxFuture;
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use crate::api::ApiError;
 use crate::catalog::CatalogHistory;
@@ -30,10 +28,8 @@ use crate::settings::Directory;
 use crate::store::Store;
 use crate::stream::Changes;
 
-/// Read size for streaming a blob still arriving to a client.
-const READ_CHUNK: usize = 256 * 1024;
-
-/// Frame size for sending a stored blob: the unit of LAN pacing and of the served-bytes count.
+/// Frame size for sending a blob (stored or arriving): the unit of LAN pacing and of the
+/// served-bytes count.
 const FRAME: usize = 1 << 20;
 
 /// Stored blobs up to this size are read into memory even when the hot-blob cache is off or
@@ -598,7 +594,7 @@ pub enum Source {
 
 struct GrowingRead {
     _permit: Option<tokio::sync::OwnedSemaphorePermit>,
-    file: tokio::fs::File,
+    file: std::fs::File,
     progress: tokio::sync::watch::Receiver<Progress>,
     pos: u64,
     end: u64,
@@ -628,15 +624,16 @@ fn growing_body(g: GrowingRead) -> Body {
             };
             let limit = available.min(g.end);
             if g.pos < limit {
-                let want = (limit - g.pos).min(READ_CHUNK as u64) as usize;
-                let mut buf = vec![0u8; want];
-                if let Err(e) = g.file.read_exact(&mut buf).await {
-                    return Some((Err(e), None));
-                }
+                let want = (limit - g.pos).min(FRAME as u64) as usize;
+                // Only bytes the fetch has written are mapped: nothing here can fault.
+                let frame = match crate::store::map_range(&g.file, g.pos, want) {
+                    Ok(f) => f,
+                    Err(e) => return Some((Err(e), None)),
+                };
                 g.pos += want as u64;
                 g.by.lan.take(want).await;
                 g.served.inc_by(want as u64);
-                return Some((Ok(bytes::Bytes::from(buf)), Some(g)));
+                return Some((Ok(frame), Some(g)));
             }
             if g.progress.changed().await.is_err() && *g.progress.borrow() != Progress::Verified {
                 return Some((Err(cut("upstream fetch ended")), None));
@@ -763,15 +760,11 @@ pub async fn blob_response(
                 stored_body(range, permit, served, served_by)
             }
             Source::Growing {
-                mut file,
+                file,
                 progress,
                 permit,
             } => {
-                if start > 0 {
-                    file.seek(SeekFrom::Start(start))
-                        .await
-                        .map_err(|e| ApiError::internal(format!("seeking blob: {e}")))?;
-                }
+                let file = file.into_std().await;
                 growing_body(GrowingRead {
                     _permit: permit,
                     file,

@@ -423,6 +423,29 @@ fn load_blob(
     Ok(bytes::Bytes::from_owner(Mapped { map, _guard: guard }))
 }
 
+/// Maps `len` bytes at `offset` of a blob file or of a temp file of a fetch, for sending
+/// without a copy. The caller guarantees those bytes are already written: temp files only
+/// grow while fetched, and neither they nor blob files are ever truncated (a fetch that
+/// fails unlinks its temp file, which leaves mappings intact).
+pub fn map_range(file: &std::fs::File, offset: u64, len: usize) -> std::io::Result<bytes::Bytes> {
+    /// Mapping offsets must be page-aligned; 64 KiB is a multiple of every page size in use.
+    const ALIGN: u64 = 64 << 10;
+    if len == 0 {
+        return Ok(bytes::Bytes::new());
+    }
+    let start = offset - offset % ALIGN;
+    let skip = (offset - start) as usize;
+    // SAFETY: see above: the mapped bytes are written and are never changed again.
+    let map = unsafe {
+        memmap2::MmapOptions::new()
+            .offset(start)
+            .len(skip + len)
+            .map(file)?
+    };
+    let _ = map.advise(memmap2::Advice::Sequential);
+    Ok(bytes::Bytes::from_owner(map).slice(skip..))
+}
+
 fn clean_dir(dir: &Path) -> Result<usize, StoreError> {
     let mut removed = 0;
     for entry in std::fs::read_dir(dir).map_err(io(format!("reading {}", dir.display())))? {
