@@ -76,6 +76,36 @@ pub struct CatalogHistory {
     revisions: VecDeque<Revision>,
     /// How many revisions count as "in the catalog".
     retain: usize,
+    /// Where each digest first appears, built on the first lookup after a change: serving
+    /// asks on every content request, and a scan of every item of every revision would make
+    /// that cost grow with the catalog.
+    #[serde(skip)]
+    index: FindIndex,
+}
+
+/// digest -> (revision number, position of the item in it) of its earliest revision.
+#[derive(Default)]
+struct FindIndex(std::sync::OnceLock<std::collections::HashMap<Digest, (u64, usize)>>);
+
+impl Clone for FindIndex {
+    fn clone(&self) -> Self {
+        FindIndex::default()
+    }
+}
+
+impl PartialEq for FindIndex {
+    /// A cache of the revisions: never part of what a history is.
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for FindIndex {}
+
+impl std::fmt::Debug for FindIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FindIndex")
+    }
 }
 
 /// Names and versions are printable, short, and safe in a header or a file name.
@@ -110,6 +140,7 @@ impl CatalogHistory {
         CatalogHistory {
             revisions: VecDeque::new(),
             retain: retain.max(1),
+            index: FindIndex::default(),
         }
     }
 
@@ -119,10 +150,13 @@ impl CatalogHistory {
         self.trim();
     }
 
+    /// Drops revisions beyond `retain`. Every change of the revisions ends here, so this is
+    /// also where the lookup index is invalidated.
     fn trim(&mut self) {
         while self.revisions.len() > self.retain {
             self.revisions.pop_front();
         }
+        self.index = FindIndex::default();
     }
 
     /// The current revision's catalog (revision 0 and no items before the first publish).
@@ -149,13 +183,21 @@ impl CatalogHistory {
 
     /// The earliest retained revision holding `digest`, with the item.
     pub fn find(&self, digest: &Digest) -> Option<(&Revision, &CatalogItem)> {
-        self.revisions.iter().find_map(|r| {
-            r.catalog
-                .items
-                .iter()
-                .find(|i| &i.sha256 == digest)
-                .map(|i| (r, i))
-        })
+        let index = self.index.0.get_or_init(|| {
+            let mut index = std::collections::HashMap::new();
+            for r in &self.revisions {
+                for (at, item) in r.catalog.items.iter().enumerate() {
+                    index.entry(item.sha256).or_insert((r.catalog.revision, at));
+                }
+            }
+            index
+        });
+        let (revision, at) = *index.get(digest)?;
+        let r = self
+            .revisions
+            .iter()
+            .find(|r| r.catalog.revision == revision)?;
+        r.catalog.items.get(at).map(|i| (r, i))
     }
 
     /// Every digest in any retained revision.
@@ -375,6 +417,36 @@ mod tests {
         assert_eq!(h.current().items[0].name, "defs");
         assert_eq!(h.current().items[1].version, d("e").to_hex()[..12]);
         assert!(h.current().items[1].urgent);
+    }
+
+    #[test]
+    fn find_answers_the_earliest_revision_and_follows_every_change() {
+        let now = Utc::now();
+        let mut h = CatalogHistory::new(2);
+        h.publish("x", Some("1"), d("1"), 1, false, now).unwrap();
+        assert_eq!(h.find(&d("1")).map(|(r, _)| r.catalog.revision), Some(1));
+        // Asked before and after each change: the index must not answer from a stale view.
+        h.publish("y", Some("1"), d("2"), 7, false, now).unwrap();
+        let (r, item) = h.find(&d("1")).unwrap();
+        assert_eq!((r.catalog.revision, item.name.as_str()), (1, "x"));
+        assert_eq!(
+            h.find(&d("2")).map(|(r, i)| (r.catalog.revision, i.size)),
+            Some((2, 7))
+        );
+        h.publish("z", Some("1"), d("3"), 1, false, now).unwrap();
+        // Revision 1 is gone; d("1") is still in revisions 2 and 3.
+        assert_eq!(h.find(&d("1")).map(|(r, _)| r.catalog.revision), Some(2));
+        h.unpublish("x", now).unwrap();
+        h.unpublish("y", now).unwrap();
+        // Retained now: 4 (y, z) and 5 (z).
+        assert!(h.find(&d("1")).is_none());
+        assert_eq!(h.find(&d("2")).map(|(r, _)| r.catalog.revision), Some(4));
+        assert_eq!(h.find(&d("3")).map(|(r, _)| r.catalog.revision), Some(4));
+        // A round trip through serde rebuilds the index.
+        let back: CatalogHistory =
+            serde_json::from_str(&serde_json::to_string(&h).unwrap()).unwrap();
+        assert_eq!(back, h);
+        assert_eq!(back.find(&d("3")).map(|(r, _)| r.catalog.revision), Some(4));
     }
 
     #[test]

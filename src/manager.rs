@@ -159,6 +159,7 @@ impl Manager {
                 crate::config::DEFAULT_MEMORY_BYTES,
                 crate::config::DEFAULT_MEMORY_ITEM_MAX_BYTES,
             )),
+            catalog_body: RwLock::new(None),
         });
         Ok(Arc::new(Manager {
             served,

@@ -199,6 +199,7 @@ impl Node {
                 config.cache.memory_bytes,
                 config.cache.memory_item_max_bytes,
             )),
+            catalog_body: RwLock::new(None),
         });
         Ok(Arc::new(Node {
             served,

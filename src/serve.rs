@@ -132,6 +132,8 @@ pub struct Served {
     pub downloads: Option<Arc<tokio::sync::Semaphore>>,
     /// Small, often-read blobs in memory (`cache.memory_bytes`).
     pub hot: Arc<crate::hot::HotBlobs>,
+    /// The current catalog's wire bytes and their ETag, serialized once per revision.
+    pub catalog_body: RwLock<Option<(String, bytes::Bytes)>>,
 }
 
 /// Where a client belongs as this server knows it: (group, location).
@@ -140,6 +142,29 @@ pub trait Placements: Send + Sync {
 }
 
 impl Served {
+    /// The current catalog as served: ETag, wire bytes (serialized once per revision) and
+    /// the manager's signature of exactly those bytes.
+    fn catalog_body(&self) -> Result<(String, bytes::Bytes, Option<String>), ApiError> {
+        let history = self
+            .catalog
+            .read()
+            .map_err(|_| ApiError::internal("catalog lock poisoned"))?;
+        let etag = history.etag();
+        let signature = history.signature().map(str::to_string);
+        if let Ok(cached) = self.catalog_body.read() {
+            if let Some((tag, body)) = cached.as_ref() {
+                if *tag == etag {
+                    return Ok((etag, body.clone(), signature));
+                }
+            }
+        }
+        let body = bytes::Bytes::from(crate::signing::catalog_bytes(&history.current()));
+        if let Ok(mut cached) = self.catalog_body.write() {
+            *cached = Some((etag.clone(), body.clone()));
+        }
+        Ok((etag, body, signature))
+    }
+
     /// `GET /v1/sync`: everything this server holds that a node mirrors, with its ETag.
     /// The caller checks the node token first.
     pub fn sync_response(&self, headers: &HeaderMap) -> Result<Response, ApiError> {
@@ -383,7 +408,7 @@ pub fn json_with_etag<T: Serialize>(headers: &HeaderMap, etag: &str, value: &T) 
 }
 
 /// Serialized JSON with a strong ETag, or 304 when the client has it.
-pub fn json_bytes_with_etag(headers: &HeaderMap, etag: &str, body: Vec<u8>) -> Response {
+pub fn json_bytes_with_etag(headers: &HeaderMap, etag: &str, body: impl IntoResponse) -> Response {
     if if_none_match(headers, etag) {
         return not_modified(etag);
     }
@@ -409,11 +434,11 @@ fn not_modified(etag: &str) -> Response {
 }
 
 async fn catalog(State(s): State<Arc<Served>>, headers: HeaderMap) -> Response {
-    let (etag, current, signature) = match s.catalog.read() {
-        Ok(c) => (c.etag(), c.current(), c.signature().map(str::to_string)),
-        Err(_) => return ApiError::internal("catalog lock poisoned").into_response(),
+    let (etag, body, signature) = match s.catalog_body() {
+        Ok(found) => found,
+        Err(e) => return e.into_response(),
     };
-    let mut resp = json_bytes_with_etag(&headers, &etag, crate::signing::catalog_bytes(&current));
+    let mut resp = json_bytes_with_etag(&headers, &etag, body);
     // The signature covers exactly these bytes; clients can check a node did not invent them.
     if let Some(v) = signature.and_then(|sig| HeaderValue::from_str(&sig).ok()) {
         resp.headers_mut().insert("x-gup-catalog-signature", v);
@@ -729,11 +754,18 @@ pub async fn blob_response(
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
     let decision = decide_range(headers, etag, len);
+    // Static values are not parsed again on every response.
     let mut builder = Response::builder()
-        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        )
         .header(header::ETAG, etag)
-        .header(header::ACCEPT_RANGES, "bytes")
-        .header(header::CACHE_CONTROL, "public, max-age=31536000, immutable");
+        .header(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"))
+        .header(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("public, max-age=31536000, immutable"),
+        );
     let (status, start, count) = match decision {
         RangeDecision::Full => (StatusCode::OK, 0, len),
         RangeDecision::Partial { start, end } => {
@@ -930,6 +962,7 @@ mod slot_tests {
             placements: Arc::new(Fixed),
             downloads: None,
             hot: Arc::new(crate::hot::HotBlobs::new(0, 0)),
+            catalog_body: RwLock::new(None),
         }
     }
 
