@@ -1,5 +1,6 @@
-//! Hot blobs: in-memory copies of small, often-read verified blobs, so that a request for one
-//! costs no file open, no read and no thread hand-off.
+//! Hot blobs: often-read verified blobs kept ready to send, so that a request for one costs no
+//! file open, no read and no thread hand-off. Small ones are copies in memory; larger ones
+//! are read-only mappings (page cache, sent with sendfile by `zerocopy`).
 //!
 //! Owns a cache bounded by bytes (`cache.memory_bytes`), admitting blobs up to
 //! `cache.memory_item_max_bytes`, least-recently/frequently used out first (quick_cache's
@@ -63,6 +64,13 @@ impl HotBlobs {
             if body.len() as u64 <= self.item_max {
                 cache.insert(digest, body.clone());
             }
+        }
+    }
+
+    /// Forgets `digest` (its blob left the store).
+    pub fn remove(&self, digest: &Digest) {
+        if let Some(cache) = &self.cache {
+            cache.remove(digest);
         }
     }
 

@@ -31,3 +31,4 @@ pub mod slots;
 pub mod store;
 pub mod stream;
 pub mod upstream;
+pub mod zerocopy;

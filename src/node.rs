@@ -478,7 +478,11 @@ impl Node {
         };
         for digest in victims {
             match store.remove(&digest).await {
-                Ok(()) => tracing::info!(%digest, "evicted to stay within cache.max_bytes"),
+                Ok(()) => {
+                    // A cached mapping would keep the unlinked file's space until dropped.
+                    self.served.hot.remove(&digest);
+                    tracing::info!(%digest, "evicted to stay within cache.max_bytes")
+                }
                 Err(e) => tracing::warn!(%digest, error = %e, "eviction failed"),
             }
         }

@@ -32,9 +32,10 @@ use crate::stream::Changes;
 /// served-bytes count.
 const FRAME: usize = 1 << 20;
 
-/// Stored blobs up to this size are read into memory even when the hot-blob cache is off or
-/// admits less; larger ones are mapped.
-const READ_INTO_MEMORY: u64 = 256 << 10;
+/// Stored blobs up to this size are read into memory (their body then goes out in one write
+/// with the head); larger ones are mapped, and a plain-HTTP connection sends them from the
+/// page cache with sendfile (`zerocopy`).
+const READ_INTO_MEMORY: u64 = 64 << 10;
 
 /// How far a fetch into a temp file has come.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -559,10 +560,12 @@ async fn content(
         )
         .await;
     }
-    let read_max = s.hot.item_max().max(READ_INTO_MEMORY);
+    // A blob the hot cache may keep is opened without holding it in use: the cache entry
+    // must not pin it against eviction (the node drops evicted blobs from the cache).
+    let keep = size <= s.hot.item_max();
     let opened = s
         .store
-        .open_blob(&digest, read_max)
+        .open_blob(&digest, READ_INTO_MEMORY, !keep)
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?;
     let open = match opened {
@@ -580,7 +583,7 @@ async fn content(
             match fetcher.attach(digest, size).await? {
                 Attached::Stored => s
                     .store
-                    .open_blob(&digest, read_max)
+                    .open_blob(&digest, READ_INTO_MEMORY, !keep)
                     .await
                     .map_err(|e| ApiError::internal(e.to_string()))?
                     .ok_or_else(|| {
@@ -597,7 +600,9 @@ async fn content(
             }
         }
     };
-    s.hot.offer(digest, &open.bytes);
+    if keep {
+        s.hot.offer(digest, &open.bytes);
+    }
     let size = open.meta.size;
     let source = Source::Stored(open.bytes, permit);
     blob_response(&s, source, size, &etag, &method, &headers).await
@@ -619,7 +624,7 @@ pub enum Source {
 
 struct GrowingRead {
     _permit: Option<tokio::sync::OwnedSemaphorePermit>,
-    file: std::fs::File,
+    file: Arc<std::fs::File>,
     progress: tokio::sync::watch::Receiver<Progress>,
     pos: u64,
     end: u64,
@@ -651,7 +656,9 @@ fn growing_body(g: GrowingRead) -> Body {
             if g.pos < limit {
                 let want = (limit - g.pos).min(FRAME as u64) as usize;
                 // Only bytes the fetch has written are mapped: nothing here can fault.
-                let frame = match crate::store::map_range(&g.file, g.pos, want) {
+                let zero_copy = g.len <= crate::zerocopy::SENDFILE_MAX_BYTES;
+                let frame = match crate::zerocopy::map(g.file.clone(), g.pos, want, None, zero_copy)
+                {
                     Ok(f) => f,
                     Err(e) => return Some((Err(e), None)),
                 };
@@ -796,7 +803,7 @@ pub async fn blob_response(
                 progress,
                 permit,
             } => {
-                let file = file.into_std().await;
+                let file = Arc::new(file.into_std().await);
                 growing_body(GrowingRead {
                     _permit: permit,
                     file,

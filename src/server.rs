@@ -268,6 +268,8 @@ impl Worker {
                         drive(conn, &mut stop).await;
                     }
                     None => {
+                        // Plain TCP: mapped blob bytes go out with sendfile.
+                        let stream = crate::zerocopy::Stream::new(stream);
                         let conn =
                             builder.serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
                         drive(conn, &mut stop).await;

@@ -92,18 +92,6 @@ pub struct OpenBlob {
     pub meta: BlobMeta,
 }
 
-/// A read-only mapping of a blob file that keeps the blob marked in use while it lives.
-struct Mapped {
-    map: memmap2::Mmap,
-    _guard: ReadGuard,
-}
-
-impl AsRef<[u8]> for Mapped {
-    fn as_ref(&self) -> &[u8] {
-        &self.map
-    }
-}
-
 /// Marks a blob as being read; dropping it ends the read.
 pub struct ReadGuard {
     store: Store,
@@ -266,10 +254,16 @@ impl Store {
     /// nothing in gup writes or truncates it again, and eviction unlinks it, which leaves an
     /// existing mapping intact. (A disk read error under a mapping raises SIGBUS instead of
     /// an error; that is the price of not copying, the same one Varnish's file storage pays.)
+    ///
+    /// With `hold`, a mapping keeps the blob marked in use (safe from eviction) while any
+    /// slice of it lives, as a response needs. Without, eviction may unlink the file while it
+    /// is mapped; the bytes stay readable and the disk space returns when the mapping goes,
+    /// as a long-lived cache entry needs (the evicting node drops the entry too).
     pub async fn open_blob(
         &self,
         digest: &Digest,
         read_max: u64,
+        hold: bool,
     ) -> Result<Option<OpenBlob>, StoreError> {
         let guard = {
             let Ok(mut r) = self.inner.readers.lock() else {
@@ -285,10 +279,11 @@ impl Store {
             return Ok(None);
         };
         let path = self.blob_path(digest);
-        let loaded =
-            tokio::task::spawn_blocking(move || load_blob(&path, meta.size, read_max, guard))
-                .await
-                .map_err(|e| StoreError::Join(e.to_string()))?;
+        let loaded = tokio::task::spawn_blocking(move || {
+            load_blob(&path, meta.size, read_max, hold.then_some(guard))
+        })
+        .await
+        .map_err(|e| StoreError::Join(e.to_string()))?;
         match loaded {
             Ok(bytes) => Ok(Some(OpenBlob { bytes, meta })),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -397,7 +392,7 @@ fn load_blob(
     path: &Path,
     size: u64,
     read_max: u64,
-    guard: ReadGuard,
+    guard: Option<ReadGuard>,
 ) -> std::io::Result<bytes::Bytes> {
     use std::io::Read;
     let file = std::fs::File::open(path)?;
@@ -415,35 +410,11 @@ fn load_blob(
         }
         return Ok(bytes::Bytes::from(buf));
     }
-    // SAFETY: blob files are never written after they are renamed into place (see
-    // `Store::open_blob`), so the mapped bytes cannot change under the mapping.
-    let map = unsafe { memmap2::Mmap::map(&file)? };
-    // Readahead for the sequential read a download is; failure only loses the hint.
-    let _ = map.advise(memmap2::Advice::Sequential);
-    Ok(bytes::Bytes::from_owner(Mapped { map, _guard: guard }))
-}
-
-/// Maps `len` bytes at `offset` of a blob file or of a temp file of a fetch, for sending
-/// without a copy. The caller guarantees those bytes are already written: temp files only
-/// grow while fetched, and neither they nor blob files are ever truncated (a fetch that
-/// fails unlinks its temp file, which leaves mappings intact).
-pub fn map_range(file: &std::fs::File, offset: u64, len: usize) -> std::io::Result<bytes::Bytes> {
-    /// Mapping offsets must be page-aligned; 64 KiB is a multiple of every page size in use.
-    const ALIGN: u64 = 64 << 10;
-    if len == 0 {
-        return Ok(bytes::Bytes::new());
-    }
-    let start = offset - offset % ALIGN;
-    let skip = (offset - start) as usize;
-    // SAFETY: see above: the mapped bytes are written and are never changed again.
-    let map = unsafe {
-        memmap2::MmapOptions::new()
-            .offset(start)
-            .len(skip + len)
-            .map(file)?
-    };
-    let _ = map.advise(memmap2::Advice::Sequential);
-    Ok(bytes::Bytes::from_owner(map).slice(skip..))
+    // Blob files are never written after they are renamed into place (see
+    // `Store::open_blob`): the contract of `zerocopy::map`.
+    let hold = guard.map(|g| Box::new(g) as Box<dyn Send>);
+    let zero_copy = size <= crate::zerocopy::SENDFILE_MAX_BYTES;
+    crate::zerocopy::map(std::sync::Arc::new(file), 0, size as usize, hold, zero_copy)
 }
 
 fn clean_dir(dir: &Path) -> Result<usize, StoreError> {
@@ -891,17 +862,21 @@ mod tests {
         let v: Option<u32> = store.kv("meta").unwrap().get("answer").unwrap();
         assert_eq!(v, Some(42));
         // Small: read into memory; nothing stays in use once read.
-        let read = store.open_blob(&d, 1 << 20).await.unwrap().unwrap();
+        let read = store.open_blob(&d, 1 << 20, true).await.unwrap().unwrap();
         assert_eq!(&read.bytes[..], b"persisted blob");
         assert!(store.in_use().is_empty());
         // Large (here: anything over 0 bytes): mapped, in use while any slice of it lives.
-        let mapped = store.open_blob(&d, 0).await.unwrap().unwrap();
+        let mapped = store.open_blob(&d, 0, true).await.unwrap().unwrap();
         assert_eq!(&mapped.bytes[..], b"persisted blob");
         let tail = mapped.bytes.slice(10..);
         drop(mapped);
         assert!(store.in_use().contains(&d), "a mapped blob is in use");
         assert_eq!(&tail[..], b"blob");
         drop(tail);
+        assert!(store.in_use().is_empty());
+        // Mapped without holding it (a cache entry): readable, not in use.
+        let unheld = store.open_blob(&d, 0, false).await.unwrap().unwrap();
+        assert_eq!(&unheld.bytes[..], b"persisted blob");
         assert!(store.in_use().is_empty());
     }
 
