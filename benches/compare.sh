@@ -182,7 +182,8 @@ print(f"  the same 200 downloads from a warm node {warm:.2f} s + one upstream tr
 PY
 
 # Idle push streams: node memory per stream.
-rss() { awk '/VmRSS/ {print $2}' /proc/$1/status; }
+# Private memory (RssAnon): mapped blob files would count in VmRSS as page cache.
+rss() { awk '/RssAnon/ {print $2}' /proc/$1/status; }
 before=$(rss $NODE_PID)
 "$GUP" loadtest --target $N --clients 10000 --mode push --duration 40 --events 0 > "$WORK/lt.out" 2>&1 &
 LT=$!; PIDS+=($LT)
@@ -193,7 +194,7 @@ done
 sleep 2
 after=$(rss $NODE_PID)
 streams=$(curl -s $N/metrics | awk '/^gup_stream_clients/ {print $2}')
-python3 -c "print(f'\n{int($streams)} idle push streams: node RSS {$before/1024:.0f} MiB -> {$after/1024:.0f} MiB, {($after-$before)/max(1,$streams):.1f} KiB per stream (target <= 10)')"
+python3 -c "print(f'\n{int($streams)} idle push streams: node private memory {$before/1024:.0f} MiB -> {$after/1024:.0f} MiB, {($after-$before)/max(1,$streams):.1f} KiB per stream (target <= 10)')"
 kill $LT 2>/dev/null || true
 echo
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r); nginx $(nginx -v 2>&1 | sed 's/.*\///'), $(varnishd -V 2>&1 | head -1 | sed 's/varnishd //')"

@@ -5,6 +5,7 @@
 //! the shutdown signal (SIGTERM/SIGINT) of the binary. It must never know routes or roles.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -133,8 +134,10 @@ pub async fn run(
     });
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
     let listener = listener.into_std()?;
+    let threads = limits.threads.max(1);
+    let load: Arc<[AtomicUsize]> = (0..threads).map(|_| AtomicUsize::new(0)).collect();
     let mut done = Vec::new();
-    for i in 0..limits.threads.max(1) {
+    for i in 0..threads {
         let listener = listener.try_clone()?;
         let worker = Worker {
             router: router.clone(),
@@ -142,6 +145,8 @@ pub async fn run(
             tls: tls.clone(),
             slots: slots.clone(),
             stop: stop_rx.clone(),
+            load: load.clone(),
+            me: i,
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
         std::thread::Builder::new()
@@ -179,6 +184,25 @@ struct Worker {
     /// Connection slots all workers share (`limits.max_connections`).
     slots: std::sync::Arc<tokio::sync::Semaphore>,
     stop: watch::Receiver<bool>,
+    /// Open connections per thread, and which one is this thread's.
+    load: std::sync::Arc<[AtomicUsize]>,
+    me: usize,
+}
+
+/// How long a thread ahead of the others in connections leaves a new connection to them
+/// before taking it itself (they may all be busy).
+const BALANCE_WAIT: Duration = Duration::from_millis(2);
+
+/// Counts a connection against its thread while it lives.
+struct Open {
+    load: std::sync::Arc<[AtomicUsize]>,
+    me: usize,
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.load[self.me].fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Worker {
@@ -200,10 +224,30 @@ impl Worker {
             tls,
             slots,
             stop: stop_rx,
+            load,
+            me,
         } = self;
         let mut stop = stop_rx.clone();
         let mut refused_logged = false;
         loop {
+            // Balance: every thread is woken by a new connection and the first to call accept
+            // takes it, so a burst of connects could all land on one thread while the others
+            // idle. A thread ahead by more than one connection gives the others a moment.
+            let ahead = |load: &[AtomicUsize]| {
+                let mine = load[me].load(Ordering::Relaxed);
+                let least = (0..load.len())
+                    .filter(|i| *i != me)
+                    .map(|i| load[i].load(Ordering::Relaxed))
+                    .min()
+                    .unwrap_or(mine);
+                mine > least + 1
+            };
+            if ahead(&load) {
+                tokio::select! {
+                    _ = tokio::time::sleep(BALANCE_WAIT) => {}
+                    _ = stop.changed() => break,
+                }
+            }
             let (stream, peer) = tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok(a) => a,
@@ -231,6 +275,11 @@ impl Worker {
                 continue;
             };
             refused_logged = false;
+            load[me].fetch_add(1, Ordering::Relaxed);
+            let open = Open {
+                load: load.clone(),
+                me,
+            };
             let _ = stream.set_nodelay(true);
             let router = router.clone();
             let limits = limits.clone();
@@ -238,6 +287,7 @@ impl Worker {
             let mut stop = stop_rx.clone();
             tokio::spawn(async move {
                 let _permit = permit;
+                let _open = open;
                 let svc = tower::ServiceBuilder::new()
                     .map_request(
                         move |mut req: axum::extract::Request<hyper::body::Incoming>| {
