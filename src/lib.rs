@@ -23,6 +23,7 @@ pub mod manager;
 pub mod metrics;
 pub mod mirror;
 pub mod node;
+pub mod pushconn;
 pub mod serve;
 pub mod server;
 pub mod settings;

@@ -230,8 +230,22 @@ pub struct Report {
     /// Push streams opened (reconnects included).
     #[serde(default)]
     pub stream_connects: u64,
+    /// Per catalog revision: when push clients first heard of it on their stream (on
+    /// connect, or pushed to an open stream), by the clients' own clocks.
+    #[serde(default)]
+    pub push_heard: Vec<Heard>,
     #[serde(default)]
     pub latency_samples: u64,
+}
+
+/// How many push clients heard of a catalog revision, and when the first and the last did
+/// (Unix time in milliseconds, read by each client as the event arrived).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Heard {
+    pub revision: u64,
+    pub clients: u64,
+    pub first_unix_ms: u64,
+    pub last_unix_ms: u64,
 }
 
 impl Report {
@@ -276,6 +290,18 @@ impl Report {
         row("deferrals (429)", self.deferrals.to_string());
         row("events sent", self.events_sent.to_string());
         row("stream connects", self.stream_connects.to_string());
+        for h in &self.push_heard {
+            row(
+                "push heard",
+                format!(
+                    "revision {}: {} clients, first to last {} ms (last at unix ms {})",
+                    h.revision,
+                    h.clients,
+                    h.last_unix_ms.saturating_sub(h.first_unix_ms),
+                    h.last_unix_ms
+                ),
+            );
+        }
         row(
             "latency ms",
             format!(
@@ -626,6 +652,8 @@ struct Stats {
     deferrals: AtomicU64,
     events_sent: AtomicU64,
     stream_connects: AtomicU64,
+    /// revision -> (clients, first, last heard in Unix ms).
+    heard: Mutex<BTreeMap<u64, (u64, u64, u64)>>,
     errors: Mutex<BTreeMap<String, u64>>,
     /// Microseconds to response headers.
     latency: Mutex<Histogram<u64>>,
@@ -641,6 +669,20 @@ struct Stats {
 }
 
 impl Stats {
+    /// A client heard of `revision` for the first time, now.
+    fn heard(&self, revision: u64) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        if let Ok(mut h) = self.heard.lock() {
+            let e = h.entry(revision).or_insert((0, now, now));
+            e.0 += 1;
+            e.1 = e.1.min(now);
+            e.2 = e.2.max(now);
+        }
+    }
+
     fn new(clients: usize) -> Result<Stats, LoadtestError> {
         let latency = Histogram::new_with_bounds(1, 3_600_000_000, 3)
             .map_err(|e| LoadtestError::Http(format!("histogram: {e}")))?;
@@ -653,6 +695,7 @@ impl Stats {
             deferrals: AtomicU64::new(0),
             events_sent: AtomicU64::new(0),
             stream_connects: AtomicU64::new(0),
+            heard: Mutex::new(BTreeMap::new()),
             errors: Mutex::new(BTreeMap::new()),
             latency: Mutex::new(latency),
             starts: Mutex::new(Vec::new()),
@@ -720,6 +763,9 @@ fn backoff(failures: u32) -> Duration {
 
 struct Shared {
     http: reqwest::Client,
+    /// For push streams: a connection of its own each, never one pooled after other
+    /// requests, as an agent holds its long-lived stream (and never pooled afterwards).
+    stream_http: reqwest::Client,
     base: String,
     group: Option<String>,
     os: String,
@@ -1326,7 +1372,7 @@ async fn stream_task(sh: Arc<Shared>, id: String, tx: watch::Sender<u64>) {
     while Instant::now() < sh.deadline {
         let sent = timeout(
             REQUEST_TIMEOUT,
-            sh.http
+            sh.stream_http
                 .get(&url)
                 .query(&[("client_id", id.as_str())])
                 .header(reqwest::header::ACCEPT, "text/event-stream")
@@ -1346,13 +1392,16 @@ async fn stream_task(sh: Arc<Shared>, id: String, tx: watch::Sender<u64>) {
                                     continue;
                                 }
                                 if let Ok(ev) = serde_json::from_str::<CatalogEvent>(&data) {
-                                    tx.send_if_modified(|cur| {
+                                    let newer = tx.send_if_modified(|cur| {
                                         let newer = ev.revision > *cur;
                                         if newer {
                                             *cur = ev.revision;
                                         }
                                         newer
                                     });
+                                    if newer {
+                                        sh.stats.heard(ev.revision);
+                                    }
                                 }
                             }
                         }
@@ -1434,6 +1483,15 @@ pub async fn run(opts: Options) -> Result<Report, LoadtestError> {
         .user_agent("gup-loadtest")
         .build()
         .map_err(|e| LoadtestError::Http(e.to_string()))?;
+    let stream_http = reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(Duration::from_secs(10))
+        .pool_max_idle_per_host(0)
+        .tcp_nodelay(true)
+        .user_agent("gup-loadtest")
+        .build()
+        .map_err(|e| LoadtestError::Http(e.to_string()))?;
     let unreachable = |reason: String| LoadtestError::Unreachable {
         url: base.clone(),
         reason,
@@ -1457,6 +1515,7 @@ pub async fn run(opts: Options) -> Result<Report, LoadtestError> {
     let deadline = start + opts.duration;
     let sh = Arc::new(Shared {
         http,
+        stream_http,
         base: base.clone(),
         group: opts.group.clone(),
         os: opts.os.clone(),
@@ -1623,6 +1682,20 @@ fn build_report(
         deferrals: Stats::get(&st.deferrals),
         events_sent: Stats::get(&st.events_sent),
         stream_connects: Stats::get(&st.stream_connects),
+        push_heard: st
+            .heard
+            .lock()
+            .map(|h| {
+                h.iter()
+                    .map(|(revision, (clients, first, last))| Heard {
+                        revision: *revision,
+                        clients: *clients,
+                        first_unix_ms: *first,
+                        last_unix_ms: *last,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
         latency_samples: latency.len(),
     }
 }

@@ -288,21 +288,8 @@ impl Worker {
             tokio::spawn(async move {
                 let _permit = permit;
                 let _open = open;
-                let svc = tower::ServiceBuilder::new()
-                    .map_request(
-                        move |mut req: axum::extract::Request<hyper::body::Incoming>| {
-                            req.extensions_mut()
-                                .insert(axum::extract::ConnectInfo(peer));
-                            req
-                        },
-                    )
-                    .service(router);
-                let svc = hyper_util::service::TowerToHyperService::new(svc);
-                let mut builder = hyper::server::conn::http1::Builder::new();
-                builder
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(limits.header_read_timeout)
-                    .max_buf_size(limits.max_header_bytes.max(8192));
+                // Each way of serving is boxed: the task of an idle connection is as small as
+                // the way it is served, not as large as the largest.
                 match tls {
                     Some(acceptor) => {
                         let accepted = tokio::time::timeout(
@@ -313,16 +300,44 @@ impl Worker {
                         let Ok(Ok(tls_stream)) = accepted else {
                             return;
                         };
-                        let conn =
-                            builder.serve_connection(hyper_util::rt::TokioIo::new(tls_stream), svc);
-                        drive(conn, &mut stop).await;
+                        Box::pin(serve_hyper(tls_stream, peer, router, &limits, &mut stop)).await;
                     }
                     None => {
-                        // Plain TCP: mapped blob bytes go out with sendfile.
-                        let stream = crate::zerocopy::Stream::new(stream);
-                        let conn =
-                            builder.serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
-                        drive(conn, &mut stop).await;
+                        // A push stream is served without hyper's per-connection buffers.
+                        let mut first = [0u8; crate::pushconn::PEEK];
+                        let peeked = tokio::time::timeout(
+                            limits.header_read_timeout,
+                            stream.peek(&mut first),
+                        )
+                        .await;
+                        match peeked {
+                            Ok(Ok(n)) if crate::pushconn::is_stream_request(&first[..n]) => {
+                                let serve = Box::pin(crate::pushconn::serve(
+                                    stream,
+                                    peer,
+                                    router,
+                                    limits.max_header_bytes,
+                                    limits.header_read_timeout,
+                                ));
+                                // The stream's body ends at shutdown; this bounds the rest.
+                                let drained = async {
+                                    let _ = stop.wait_for(|s| *s).await;
+                                    tokio::time::sleep(DRAIN).await
+                                };
+                                tokio::select! {
+                                    _ = serve => {}
+                                    _ = drained => {}
+                                }
+                            }
+                            Ok(Ok(_)) => {
+                                // Plain TCP: mapped blob bytes go out with sendfile.
+                                let stream = crate::zerocopy::Stream::new(stream);
+                                Box::pin(serve_hyper(stream, peer, router, &limits, &mut stop))
+                                    .await;
+                            }
+                            // Nothing sent in time, or the peer is gone.
+                            _ => {}
+                        }
                     }
                 }
             });
@@ -341,6 +356,36 @@ impl Worker {
         }
         Ok(())
     }
+}
+
+/// Serves a connection with hyper, the router's handlers seeing the peer address as
+/// `ConnectInfo<SocketAddr>`.
+async fn serve_hyper<I>(
+    io: I,
+    peer: std::net::SocketAddr,
+    router: Router,
+    limits: &Limits,
+    stop: &mut watch::Receiver<bool>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = tower::ServiceBuilder::new()
+        .map_request(
+            move |mut req: axum::extract::Request<hyper::body::Incoming>| {
+                req.extensions_mut()
+                    .insert(axum::extract::ConnectInfo(peer));
+                req
+            },
+        )
+        .service(router);
+    let svc = hyper_util::service::TowerToHyperService::new(svc);
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192));
+    let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(io), svc);
+    drive(conn, stop).await;
 }
 
 /// Serves one connection; at shutdown lets its in-flight response finish, then closes it.

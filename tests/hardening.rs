@@ -6,7 +6,9 @@
 //!   carry on;
 //! - `--tls-cert/--tls-key`: the manager's port speaks only TLS, and a node trusting the
 //!   certificate through `--upstream-ca` mirrors and serves its content (certificates made
-//!   here with rcgen; no key is committed).
+//!   here with rcgen; no key is committed);
+//! - push connections (`GET /v1/stream` served without hyper) keep the same answers and
+//!   limits, and end at once when the client hangs up.
 
 mod common;
 
@@ -319,4 +321,90 @@ async fn signed_catalog_is_verified_passed_on_and_forgeries_refused() {
         .unwrap();
     assert_eq!(r.status(), 503);
     assert!(!catalog_has(&client, &doubting.url, &sha).await);
+}
+
+/// `GET /v1/stream` on a fresh connection is served without hyper (`pushconn`): the same
+/// answer as any request (SSE, or the router's JSON error), its limits, and a prompt end when
+/// the client hangs up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_connections_keep_the_contract_and_the_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let manager = manager_with(
+        dir.path(),
+        "[manager]\n[limits]\nmax_header_bytes = 4096\nheader_read_timeout_s = 1\n",
+        &[],
+    );
+    let a = addr(&manager.url);
+    let http = reqwest::Client::new();
+    let read_until = |s: &mut TcpStream, end: &str| {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        while !String::from_utf8_lossy(&got).contains(end) {
+            let n = s.read(&mut buf).unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&got).into_owned()
+    };
+
+    // The stream: chunked SSE with the current state first, then closed after the one
+    // response.
+    let mut s = TcpStream::connect(&a).unwrap();
+    s.write_all(b"GET /v1/stream?client_id=pc-1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let got = read_until(&mut s, "event: catalog");
+    assert!(got.starts_with("HTTP/1.1 200 OK\r\n"), "{got}");
+    assert!(got.contains("content-type: text/event-stream"), "{got}");
+    assert!(got.contains("transfer-encoding: chunked"), "{got}");
+    assert!(got.contains("connection: close"), "{got}");
+    assert!(got.contains("event: catalog"), "{got}");
+    let open = |http: reqwest::Client, url: String| async move {
+        metric(&http, &url, "gup_stream_clients").await
+    };
+    wait_for(10, "the stream counted", || {
+        let (http, url) = (http.clone(), manager.url.clone());
+        async move { (open(http, url).await == 1.0).then_some(()) }
+    })
+    .await;
+    // The client hangs up: the stream ends at once, not at the next keep-alive (15 s).
+    drop(s);
+    wait_for(5, "the stream gone", || {
+        let (http, url) = (http.clone(), manager.url.clone());
+        async move { (open(http, url).await == 0.0).then_some(()) }
+    })
+    .await;
+
+    // The router's own errors come through: a bad query is the same JSON 400.
+    let mut s = TcpStream::connect(&a).unwrap();
+    s.write_all(b"GET /v1/stream?client_id=a&client_id=b HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let got = read_until(&mut s, "}");
+    assert!(got.starts_with("HTTP/1.1 400"), "{got}");
+    assert!(got.contains("content-length: "), "{got}");
+    assert!(got.contains("\"error\""), "{got}");
+
+    // Limits: a head over max_header_bytes gets 431 JSON, a malformed head 400, a head not
+    // finished within header_read_timeout is cut; the server carries on.
+    let mut s = TcpStream::connect(&a).unwrap();
+    let big = "x".repeat(8_000);
+    let _ = s.write_all(format!("GET /v1/stream?a=b HTTP/1.1\r\nX-Big: {big}\r\n\r\n").as_bytes());
+    let got = read_until(&mut s, "}");
+    assert!(got.starts_with("HTTP/1.1 431"), "{got}");
+    let mut s = TcpStream::connect(&a).unwrap();
+    s.write_all(b"GET /v1/stream?a=b HTTP/1.1\r\nBad Header\r\n\r\n")
+        .unwrap();
+    let got = read_until(&mut s, "}");
+    assert!(got.starts_with("HTTP/1.1 400"), "{got}");
+    let mut s = TcpStream::connect(&a).unwrap();
+    s.write_all(b"GET /v1/stream?client_id=slow HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    let started = Instant::now();
+    let got = read_until(&mut s, "never");
+    assert!(got.is_empty(), "{got}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let mut s = TcpStream::connect(&a).unwrap();
+    assert!(healthz(&mut s).starts_with("HTTP/1.1 200"));
 }
