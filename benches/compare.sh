@@ -2,7 +2,7 @@
 # Serving comparison: gup's node against nginx (sendfile on and off) and Varnish (malloc) on
 # the same bytes, in one run, loopback only, every load bounded in time.
 #
-#   bash benches/compare.sh            # all workloads (about 4 minutes)
+#   bash benches/compare.sh            # all workloads (about 8 minutes, benches/push.sh included)
 #   DURATION=5 bash benches/compare.sh # shorter wrk runs
 #
 # Installs nginx, varnish, wrk and curl with apt when missing (idempotent), builds gup in
@@ -43,7 +43,6 @@ M=http://127.0.0.1:$PM; N=http://127.0.0.1:$PN
 
 "$GUP" manager --listen 127.0.0.1:$PM --data-dir "$WORK/m" --admin-token a --node-token n 2>"$WORK/m.log" & PIDS+=($!)
 "$GUP" node --listen 127.0.0.1:$PN --data-dir "$WORK/n" --upstream $M --upstream-token n 2>"$WORK/n.log" & PIDS+=($!)
-NODE_PID=$!
 for _ in $(seq 100); do curl -sf $N/healthz >/dev/null && curl -sf $M/healthz >/dev/null && break; sleep 0.1; done
 
 mkdir -p "$WORK/www/v1/content"
@@ -181,20 +180,10 @@ print(f"  the same 200 downloads from a warm node {warm:.2f} s + one upstream tr
       f" = {warm + upstream:.2f} s; ratio {last / (warm + upstream):.2f}")
 PY
 
-# Idle push streams: node memory per stream.
-# Private memory (RssAnon): mapped blob files would count in VmRSS as page cache.
-rss() { awk '/RssAnon/ {print $2}' /proc/$1/status; }
-before=$(rss $NODE_PID)
-"$GUP" loadtest --target $N --clients 10000 --mode push --duration 40 --events 0 > "$WORK/lt.out" 2>&1 &
-LT=$!; PIDS+=($LT)
-for _ in $(seq 300); do
-  n=$(curl -s $N/metrics | awk '/^gup_stream_clients/ {print $2}')
-  [ "${n:-0}" -ge 10000 ] && break; sleep 0.1
-done
-sleep 2
-after=$(rss $NODE_PID)
-streams=$(curl -s $N/metrics | awk '/^gup_stream_clients/ {print $2}')
-python3 -c "print(f'\n{int($streams)} idle push streams: node private memory {$before/1024:.0f} MiB -> {$after/1024:.0f} MiB, {($after-$before)/max(1,$streams):.1f} KiB per stream (target <= 10)')"
-kill $LT 2>/dev/null || true
+# Push streams (memory per idle stream, publish to the last stream hearing of it) have their
+# own harness, run here on a fresh manager and node so that the blobs above do not interfere.
+for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+echo
+bash benches/push.sh
 echo
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r); nginx $(nginx -v 2>&1 | sed 's/.*\///'), $(varnishd -V 2>&1 | head -1 | sed 's/varnishd //')"

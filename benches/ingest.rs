@@ -13,8 +13,12 @@
 //! - `sha256_only`: `sha2::Sha256` over the buffer, no I/O; compare it with
 //!   `openssl speed -evp sha256 -bytes 16384`.
 //!
+//! - then, outside criterion, the issue's yardstick: the store's ingest of a 256 MiB file
+//!   against `openssl dgst -sha256` on the same file, best of five each, with the ratio.
+//!
 //! Run with `cargo bench --bench ingest` (about a minute on 2 cores). The temp directory is
-//! made by `tempfile::tempdir()`, so set `TMPDIR` to measure another disk.
+//! made by `tempfile::tempdir()`, so set `TMPDIR` to measure another disk: `TMPDIR=/dev/shm`
+//! (tmpfs, where fsync costs nothing) shows what hashing costs on its own.
 
 use std::io::Write;
 use std::path::Path;
@@ -136,6 +140,61 @@ fn ingest(c: &mut Criterion) {
         });
 
     group.finish();
+    versus_openssl(&rt, &store, dir.path());
+}
+
+/// The issue's yardstick: store ingest against `openssl dgst -sha256` on the same file (256
+/// MiB, in the page cache, so that openssl's start-up is noise), best of five each. Printed
+/// after criterion's groups; skipped when openssl is missing.
+fn versus_openssl(rt: &tokio::runtime::Runtime, store: &Store, dir: &Path) {
+    const BIG: usize = 256 << 20;
+    let mut buf = pseudo_random(BIG);
+    let file = dir.join("openssl-input");
+    std::fs::write(&file, &buf).expect("write the input file");
+    let mut openssl = Duration::MAX;
+    for _ in 0..5 {
+        let start = Instant::now();
+        let out = std::process::Command::new("openssl")
+            .args(["dgst", "-sha256"])
+            .arg(&file)
+            .output();
+        match out {
+            Ok(o) if o.status.success() => openssl = openssl.min(start.elapsed()),
+            _ => {
+                println!("ingest vs openssl: openssl not available; skipped");
+                return;
+            }
+        }
+    }
+    let mut counter = 1u64 << 40;
+    let mut ingest = Duration::MAX;
+    for _ in 0..5 {
+        stamp(&mut buf, &mut counter);
+        let digest = Digest::of(&buf);
+        let elapsed = rt.block_on(async {
+            let start = Instant::now();
+            let mut writer = store.writer().await.expect("writer");
+            for chunk in buf.chunks(CHUNK) {
+                writer.write(chunk).await.expect("write");
+            }
+            writer
+                .finish(Some((&digest, Some(BIG as u64))))
+                .await
+                .expect("finish");
+            let elapsed = start.elapsed();
+            store.remove(&digest).await.expect("remove");
+            elapsed
+        });
+        ingest = ingest.min(elapsed);
+    }
+    let rate = |d: Duration| BIG as f64 / (1 << 20) as f64 / d.as_secs_f64();
+    println!(
+        "ingest vs openssl dgst -sha256, same 256 MiB, best of 5: store ingest {:.0} MiB/s, \
+         openssl {:.0} MiB/s, ratio {:.2} (target >= 0.9)",
+        rate(ingest),
+        rate(openssl),
+        openssl.as_secs_f64() / ingest.as_secs_f64()
+    );
 }
 
 criterion_group!(benches, ingest);

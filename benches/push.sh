@@ -58,7 +58,6 @@ for _ in $(seq $(( DURATION * 5 ))); do
   sleep 0.2
 done
 sleep 2
-echo "connections to the node: $(ss -Htn state established "( sport = :$PN )" | wc -l)" >&2
 after=$(rss $NODE_PID)
 streams=$(metric gup_stream_clients)
 publish_ms=$(python3 -c 'import time; print(int(time.time()*1000))')
