@@ -21,8 +21,12 @@ use sha2::{Digest as _, Sha256};
 
 use crate::digest::Digest;
 
-/// Size of the buffer a [`BlobWriter`] fills before hashing and writing it in one blocking step.
+/// Size of the blocks a [`BlobWriter`] fills before handing them to its hashing and writing
+/// stages.
 const WRITE_BUFFER: usize = 1 << 20;
+
+/// How many blocks each stage of a [`BlobWriter`] may have queued.
+const PIPELINE_DEPTH: usize = 4;
 
 /// How stale a blob's persisted last-access time may get before a read writes it back.
 const ACCESS_PERSIST_SECS: i64 = 60;
@@ -362,12 +366,14 @@ impl Store {
             .create_new(true)
             .open(&tmp_path)
             .map_err(io(format!("creating {}", tmp_path.display())))?;
+        let on_disk = Arc::new(AtomicU64::new(0));
         Ok(BlobWriter {
             store: self.clone(),
             tmp_path,
-            state: Some((file, Sha256::new())),
+            stages: Some(Stages::start(file, on_disk.clone())),
             buffer: Vec::with_capacity(WRITE_BUFFER),
-            written: 0,
+            accepted: 0,
+            on_disk,
         })
     }
 
@@ -492,13 +498,80 @@ fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
 }
 
 /// A blob being written. Dropped before [`BlobWriter::finish`], it removes its temp file.
+///
+/// Bytes flow through two stages that run side by side on blocking threads, each fed by its
+/// own bounded queue of [`WRITE_BUFFER`]-sized blocks: one hashes, one writes (and starts the
+/// block's writeback). Neither waits for the other block by block, so ingest runs at the speed
+/// of the slower stage, not of their sum or of lock-step rounds; at most [`PIPELINE_DEPTH`]
+/// blocks per stage are in flight, which bounds the memory one ingest holds.
 pub struct BlobWriter {
     store: Store,
     tmp_path: PathBuf,
-    /// The temp file and the running hash; `None` only while a blocking write holds them.
-    state: Option<(std::fs::File, Sha256)>,
+    /// The two stages; `None` once [`BlobWriter::finish`] took them.
+    stages: Option<Stages>,
     buffer: Vec<u8>,
-    written: u64,
+    /// Bytes handed to the stages so far.
+    accepted: u64,
+    /// Bytes the writing stage has put into the temp file.
+    on_disk: Arc<AtomicU64>,
+}
+
+/// The hashing and writing stages of one [`BlobWriter`].
+struct Stages {
+    to_hash: tokio::sync::mpsc::Sender<bytes::Bytes>,
+    to_write: tokio::sync::mpsc::Sender<bytes::Bytes>,
+    hashing: tokio::task::JoinHandle<Sha256>,
+    writing: tokio::task::JoinHandle<(std::fs::File, std::io::Result<()>)>,
+}
+
+impl Stages {
+    fn start(file: std::fs::File, on_disk: Arc<AtomicU64>) -> Stages {
+        let (to_hash, mut hash_rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(PIPELINE_DEPTH);
+        let (to_write, mut write_rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(PIPELINE_DEPTH);
+        let hashing = tokio::task::spawn_blocking(move || {
+            let mut hasher = Sha256::new();
+            while let Some(block) = hash_rx.blocking_recv() {
+                hasher.update(&block[..]);
+            }
+            hasher
+        });
+        let writing = tokio::task::spawn_blocking(move || {
+            let mut file = file;
+            let mut offset = 0u64;
+            while let Some(block) = write_rx.blocking_recv() {
+                if let Err(e) = file.write_all(&block[..]) {
+                    // Dropping the queue makes the next send fail; `finish` reports this.
+                    return (file, Err(e));
+                }
+                start_writeback(&file, offset, block.len() as u64);
+                offset += block.len() as u64;
+                on_disk.store(offset, Ordering::Release);
+            }
+            (file, Ok(()))
+        });
+        Stages {
+            to_hash,
+            to_write,
+            hashing,
+            writing,
+        }
+    }
+
+    /// Closes both queues and waits for both stages to finish what they were given.
+    async fn join(self) -> Result<(std::fs::File, std::io::Result<()>, Sha256), StoreError> {
+        let Stages {
+            to_hash,
+            to_write,
+            hashing,
+            writing,
+        } = self;
+        drop(to_hash);
+        drop(to_write);
+        let (hashed, written) = tokio::join!(hashing, writing);
+        let hasher = hashed.map_err(|e| StoreError::Join(e.to_string()))?;
+        let (file, result) = written.map_err(|e| StoreError::Join(e.to_string()))?;
+        Ok((file, result, hasher))
+    }
 }
 
 impl BlobWriter {
@@ -513,7 +586,7 @@ impl BlobWriter {
 
     /// Bytes accepted so far.
     pub fn len(&self) -> u64 {
-        self.written + self.buffer.len() as u64
+        self.accepted + self.buffer.len() as u64
     }
 
     pub fn is_empty(&self) -> bool {
@@ -522,7 +595,7 @@ impl BlobWriter {
 
     /// Bytes already in the temp file (readers of the temp file may read this far).
     pub fn on_disk(&self) -> u64 {
-        self.written
+        self.on_disk.load(Ordering::Acquire)
     }
 
     /// The temp file being written (readers may follow it while it grows).
@@ -530,39 +603,33 @@ impl BlobWriter {
         &self.tmp_path
     }
 
+    /// Hands the filled buffer to both stages, waiting only while a queue is full.
     async fn drain(&mut self) -> Result<(), StoreError> {
         if self.buffer.is_empty() {
             return Ok(());
         }
-        let Some((mut file, mut hasher)) = self.state.take() else {
-            return Err(StoreError::Join("writer used after a failed write".into()));
+        let Some(stages) = self.stages.as_ref() else {
+            return Err(StoreError::Join("writer used after it finished".into()));
         };
-        let buf = std::sync::Arc::new(std::mem::replace(
+        let block = bytes::Bytes::from(std::mem::replace(
             &mut self.buffer,
             Vec::with_capacity(WRITE_BUFFER),
         ));
-        // Hash and write the block at the same time on two blocking threads: ingest then
-        // costs the slower of the two, not their sum.
-        let for_hash = buf.clone();
-        let hashing = tokio::task::spawn_blocking(move || {
-            hasher.update(&for_hash[..]);
-            hasher
-        });
-        let for_write = buf.clone();
-        let offset = self.written;
-        let writing = tokio::task::spawn_blocking(move || {
-            let r = file.write_all(&for_write[..]);
-            if r.is_ok() {
-                start_writeback(&file, offset, for_write.len() as u64);
-            }
-            (file, r)
-        });
-        let (hashed, written) = tokio::join!(hashing, writing);
-        let hasher = hashed.map_err(|e| StoreError::Join(e.to_string()))?;
-        let (file, result) = written.map_err(|e| StoreError::Join(e.to_string()))?;
-        result.map_err(io(format!("writing {}", self.tmp_path.display())))?;
-        self.written += buf.len() as u64;
-        self.state = Some((file, hasher));
+        let len = block.len() as u64;
+        let sent = stages.to_write.send(block.clone()).await.is_ok()
+            && stages.to_hash.send(block).await.is_ok();
+        if !sent {
+            // A stage stopped early: only the writing stage can (a failed write); join both
+            // to report its error.
+            let stages = self
+                .stages
+                .take()
+                .ok_or_else(|| StoreError::Join("writer used after it finished".into()))?;
+            let (_, result, _) = stages.join().await?;
+            result.map_err(io(format!("writing {}", self.tmp_path.display())))?;
+            return Err(StoreError::Join("a write stage stopped".into()));
+        }
+        self.accepted += len;
         Ok(())
     }
 
@@ -574,9 +641,11 @@ impl BlobWriter {
         expected: Option<(&Digest, Option<u64>)>,
     ) -> Result<(Digest, BlobMeta), StoreError> {
         self.drain().await?;
-        let Some((file, hasher)) = self.state.take() else {
-            return Err(StoreError::Join("writer used after a failed write".into()));
+        let Some(stages) = self.stages.take() else {
+            return Err(StoreError::Join("writer used after it finished".into()));
         };
+        let (file, written, hasher) = stages.join().await?;
+        written.map_err(io(format!("writing {}", self.tmp_path.display())))?;
         let tmp = self.tmp_path.clone();
         let (digest, result) = tokio::task::spawn_blocking(move || {
             let r = file.sync_all();
@@ -585,7 +654,7 @@ impl BlobWriter {
         .await
         .map_err(|e| StoreError::Join(e.to_string()))?;
         result.map_err(io(format!("fsync of {}", tmp.display())))?;
-        let size = self.written;
+        let size = self.accepted;
         if let Some((want, want_size)) = expected {
             if *want != digest {
                 return Err(StoreError::DigestMismatch {
@@ -868,6 +937,66 @@ mod tests {
         assert_eq!(tmp_entries(dir.path()), 1);
         drop(w);
         assert_eq!(tmp_entries(dir.path()), 0);
+    }
+
+    #[tokio::test]
+    async fn on_disk_follows_the_writing_stage() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut w = store.writer().await.unwrap();
+        w.write(&[7u8; 3 << 20]).await.unwrap();
+        assert_eq!(w.len(), 3 << 20);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while w.on_disk() < 3 << 20 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert_eq!(w.on_disk(), 3 << 20);
+        let on_file = std::fs::metadata(w.tmp_path()).unwrap().len();
+        assert_eq!(on_file, 3 << 20);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_failed_write_is_reported_and_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        // A writer whose writing stage writes to /dev/full: every write fails with ENOSPC.
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        let tmp_path = dir.path().join("tmp").join("full.part");
+        std::fs::write(&tmp_path, b"").unwrap();
+        let on_disk = Arc::new(AtomicU64::new(0));
+        let mut w = BlobWriter {
+            store: store.clone(),
+            tmp_path,
+            stages: Some(Stages::start(full, on_disk.clone())),
+            buffer: Vec::new(),
+            accepted: 0,
+            on_disk,
+        };
+        // The queues hold a few blocks, so the failure shows in a later write or in finish.
+        let mut result = Ok(());
+        for _ in 0..16 {
+            result = w.write(&[1u8; 1 << 20]).await;
+            if result.is_err() {
+                break;
+            }
+        }
+        let err = match result {
+            Err(e) => {
+                drop(w);
+                e
+            }
+            Ok(()) => w.finish(None).await.unwrap_err(),
+        };
+        assert!(
+            err.to_string().contains("No space left"),
+            "the error names the cause: {err}"
+        );
+        assert_eq!(tmp_entries(dir.path()), 0);
+        assert_eq!(store.total_bytes(), 0);
     }
 
     #[tokio::test]

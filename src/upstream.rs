@@ -593,6 +593,7 @@ impl Upstream {
             source,
         };
         let mut body = resp.bytes_stream();
+        let mut told = 0u64;
         loop {
             let next = tokio::time::timeout(self.idle_timeout, body.next())
                 .await
@@ -607,10 +608,12 @@ impl Upstream {
             })?;
             self.wan.take(chunk.len()).await;
             self.metrics.upstream_bytes.inc_by(chunk.len() as u64);
-            let before = writer.on_disk();
             writer.write(&chunk).await.map_err(store_err)?;
-            if writer.on_disk() != before {
-                let _ = tx.send(Progress::Running(writer.on_disk()));
+            // The writing stage moves on by itself; tell readers whenever it got further.
+            let on_disk = writer.on_disk();
+            if on_disk != told {
+                told = on_disk;
+                let _ = tx.send(Progress::Running(on_disk));
             }
         }
         Ok(())
