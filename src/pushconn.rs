@@ -58,7 +58,8 @@ pub async fn serve(
     let mut req = head;
     req.extensions_mut()
         .insert(axum::extract::ConnectInfo(peer));
-    let resp = match router.oneshot(req).await {
+    // Boxed too: the router's future is large and only lives until the response head.
+    let resp = match Box::pin(router.oneshot(req)).await {
         Ok(r) => r,
         Err(never) => match never {},
     };
@@ -245,11 +246,12 @@ async fn write_all_parts(stream: &mut TcpStream, parts: &[&[u8]]) -> std::io::Re
 
 /// Resolves when the client closes its side (or errs). Bytes it sends are read and dropped.
 async fn client_gone(stream: &TcpStream) {
-    let mut sink = [0u8; 256];
     loop {
         if stream.readable().await.is_err() {
             return;
         }
+        // Not held across the await: an idle stream's state stays small.
+        let mut sink = [0u8; 256];
         match stream.try_read(&mut sink) {
             Ok(0) => return,
             Ok(_) => {}

@@ -5,11 +5,12 @@
 //! the shutdown signal (SIGTERM/SIGINT) of the binary. It must never know routes or roles.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::Router;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 /// How long in-flight responses get to finish after shutdown starts.
@@ -288,58 +289,30 @@ impl Worker {
             tokio::spawn(async move {
                 let _permit = permit;
                 let _open = open;
-                // Each way of serving is boxed: the task of an idle connection is as small as
-                // the way it is served, not as large as the largest.
-                match tls {
-                    Some(acceptor) => {
-                        let accepted = tokio::time::timeout(
-                            limits.header_read_timeout,
-                            acceptor.accept(stream),
-                        )
-                        .await;
-                        let Ok(Ok(tls_stream)) = accepted else {
-                            return;
-                        };
-                        Box::pin(serve_hyper(tls_stream, peer, router, &limits, &mut stop)).await;
-                    }
-                    None => {
-                        // A push stream is served without hyper's per-connection buffers.
-                        let mut first = [0u8; crate::pushconn::PEEK];
-                        let peeked = tokio::time::timeout(
-                            limits.header_read_timeout,
-                            stream.peek(&mut first),
-                        )
-                        .await;
-                        match peeked {
-                            Ok(Ok(n)) if crate::pushconn::is_stream_request(&first[..n]) => {
-                                let serve = Box::pin(crate::pushconn::serve(
-                                    stream,
-                                    peer,
-                                    router,
-                                    limits.max_header_bytes,
-                                    limits.header_read_timeout,
-                                ));
-                                // The stream's body ends at shutdown; this bounds the rest.
-                                let drained = async {
-                                    let _ = stop.wait_for(|s| *s).await;
-                                    tokio::time::sleep(DRAIN).await
-                                };
-                                tokio::select! {
-                                    _ = serve => {}
-                                    _ = drained => {}
-                                }
-                            }
-                            Ok(Ok(_)) => {
-                                // Plain TCP: mapped blob bytes go out with sendfile.
-                                let stream = crate::zerocopy::Stream::new(stream);
-                                Box::pin(serve_hyper(stream, peer, router, &limits, &mut stop))
-                                    .await;
-                            }
-                            // Nothing sent in time, or the peer is gone.
-                            _ => {}
+                // The task holds only boxes: an idle connection costs what its way of being
+                // served needs, not what the largest way (or the TLS handshake) needs.
+                let serving: Pin<Box<dyn Future<Output = ()> + Send + '_>> = {
+                    let Some(way) = Box::pin(classify(stream, tls, &limits)).await else {
+                        return;
+                    };
+                    match way {
+                        Way::Tls(stream) => {
+                            Box::pin(serve_hyper(*stream, peer, router, &limits, &mut stop))
+                        }
+                        // Plain TCP: mapped blob bytes go out with sendfile.
+                        Way::Plain(stream) => Box::pin(serve_hyper(
+                            crate::zerocopy::Stream::new(stream),
+                            peer,
+                            router,
+                            &limits,
+                            &mut stop,
+                        )),
+                        Way::Push(stream) => {
+                            Box::pin(serve_push(stream, peer, router, &limits, &mut stop))
                         }
                     }
-                }
+                };
+                serving.await;
             });
         }
         // Stop accepting, then let this thread's connections finish (all threads' share of
@@ -360,6 +333,62 @@ impl Worker {
 
 /// Serves a connection with hyper, the router's handlers seeing the peer address as
 /// `ConnectInfo<SocketAddr>`.
+/// How an accepted connection is served.
+enum Way {
+    /// TLS, handshake done (boxed: a rustls connection is large).
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    /// Plain HTTP through hyper.
+    Plain(TcpStream),
+    /// Plain TCP whose first request is `GET /v1/stream`: served by [`crate::pushconn`],
+    /// without hyper's per-connection buffers.
+    Push(TcpStream),
+}
+
+/// Finishes the TLS handshake, or peeks at the first bytes of a plain connection, within
+/// `limits.header_read_timeout`. `None` when the peer sent nothing usable in time.
+async fn classify(stream: TcpStream, tls: Option<Tls>, limits: &Limits) -> Option<Way> {
+    if let Some(acceptor) = tls {
+        let accepted =
+            tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream)).await;
+        return match accepted {
+            Ok(Ok(tls_stream)) => Some(Way::Tls(Box::new(tls_stream))),
+            _ => None,
+        };
+    }
+    let mut first = [0u8; crate::pushconn::PEEK];
+    let peeked = tokio::time::timeout(limits.header_read_timeout, stream.peek(&mut first)).await;
+    match peeked {
+        Ok(Ok(n)) if crate::pushconn::is_stream_request(&first[..n]) => Some(Way::Push(stream)),
+        Ok(Ok(_)) => Some(Way::Plain(stream)),
+        _ => None,
+    }
+}
+
+/// A push stream until it ends, or until [`DRAIN`] after shutdown began (its body ends at
+/// shutdown; this bounds the rest).
+async fn serve_push(
+    stream: TcpStream,
+    peer: std::net::SocketAddr,
+    router: Router,
+    limits: &Limits,
+    stop: &mut watch::Receiver<bool>,
+) {
+    let serve = crate::pushconn::serve(
+        stream,
+        peer,
+        router,
+        limits.max_header_bytes,
+        limits.header_read_timeout,
+    );
+    tokio::pin!(serve);
+    tokio::select! {
+        _ = &mut serve => {}
+        _ = async { stop.wait_for(|s| *s).await.is_ok() } => {
+            let _ = tokio::time::timeout(DRAIN, serve).await;
+        }
+    }
+}
+
 async fn serve_hyper<I>(
     io: I,
     peer: std::net::SocketAddr,
