@@ -40,40 +40,59 @@ pub async fn serve(
     max_header_bytes: usize,
     header_read_timeout: Duration,
 ) {
-    // Boxed: its buffers must not stay in this future's state for the stream's whole life.
-    let head = match tokio::time::timeout(
+    // Boxed: the head's buffers, the router's future and the response head are gone once
+    // the exchange is down to relaying the body, which is all an idle stream holds.
+    let started = Box::pin(respond(
+        &mut stream,
+        peer,
+        router,
+        max_header_bytes,
         header_read_timeout,
-        Box::pin(read_head(&mut stream, max_header_bytes)),
-    )
-    .await
+    ))
+    .await;
+    if let Some((body, chunked)) = started {
+        relay(stream, body, chunked).await;
+    }
+}
+
+/// Reads the request, asks the router, writes the response head. Returns the body to relay
+/// and whether it goes out chunked; `None` when the exchange is already over.
+async fn respond(
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+    router: Router,
+    max_header_bytes: usize,
+    header_read_timeout: Duration,
+) -> Option<(Body, bool)> {
+    let head = match tokio::time::timeout(header_read_timeout, read_head(stream, max_header_bytes))
+        .await
     {
         Ok(Ok(head)) => head,
         Ok(Err(Refuse(status))) => {
             let _ = stream.write_all(&plain_response(status)).await;
-            return;
+            return None;
         }
         // The client did not send its request in time: closed, as hyper does.
-        Err(_) => return,
+        Err(_) => return None,
     };
     let mut req = head;
     req.extensions_mut()
         .insert(axum::extract::ConnectInfo(peer));
-    // Boxed too: the router's future is large and only lives until the response head.
-    let resp = match Box::pin(router.oneshot(req)).await {
+    let resp = match router.oneshot(req).await {
         Ok(r) => r,
         Err(never) => match never {},
     };
-    let (parts, mut body) = resp.into_parts();
+    let (parts, body) = resp.into_parts();
     let length = axum::body::HttpBody::size_hint(&body).exact();
     let mut out = Vec::with_capacity(256);
     write_head(&mut out, parts.status, &parts.headers, length);
-    // Nothing of the head stays for the stream's life.
-    drop(parts);
-    if stream.write_all(&out).await.is_err() {
-        return;
-    }
-    drop(out);
-    let chunked = length.is_none();
+    stream.write_all(&out).await.ok()?;
+    Some((body, length.is_none()))
+}
+
+/// Sends the body as it comes (chunked when `chunked`), then closes the connection; stops at
+/// once when the client hangs up.
+async fn relay(mut stream: TcpStream, mut body: Body, chunked: bool) {
     loop {
         let frame = tokio::select! {
             frame = body.frame() => frame,
@@ -90,8 +109,13 @@ pub async fn serve(
                     continue;
                 }
                 let written = if chunked {
-                    let size = format!("{:x}\r\n", data.len());
-                    write_all_parts(&mut stream, &[size.as_bytes(), &data, b"\r\n"]).await
+                    // Events are small: one buffer, one write, and nothing large in this
+                    // future's state while the stream idles.
+                    let mut out = Vec::with_capacity(data.len() + 12);
+                    out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                    out.extend_from_slice(&data);
+                    out.extend_from_slice(b"\r\n");
+                    stream.write_all(&out).await
                 } else {
                     stream.write_all(&data).await
                 };
@@ -217,31 +241,6 @@ fn plain_response(status: StatusCode) -> Vec<u8> {
     write_head(&mut out, status, &headers, Some(body.len() as u64));
     out.extend_from_slice(body.as_bytes());
     out
-}
-
-/// Writes `parts` in order, with as few calls as the socket allows.
-async fn write_all_parts(stream: &mut TcpStream, parts: &[&[u8]]) -> std::io::Result<()> {
-    let mut at = parts.iter().map(|_| 0usize).collect::<Vec<_>>();
-    loop {
-        let slices: Vec<std::io::IoSlice<'_>> = parts
-            .iter()
-            .zip(&at)
-            .filter(|(p, n)| **n < p.len())
-            .map(|(p, n)| std::io::IoSlice::new(&p[*n..]))
-            .collect();
-        if slices.is_empty() {
-            return Ok(());
-        }
-        let mut n = stream.write_vectored(&slices).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        for (p, done) in parts.iter().zip(at.iter_mut()) {
-            let take = n.min(p.len() - *done);
-            *done += take;
-            n -= take;
-        }
-    }
 }
 
 /// Resolves when the client closes its side (or errs). Bytes it sends are read and dropped.

@@ -233,7 +233,18 @@ impl Worker {
     }
 
     async fn serve(self, listener: std::net::TcpListener) -> std::io::Result<()> {
-        let listener = TcpListener::from_std(listener)?;
+        // Accepted sockets are registered only with the reactor of the thread that serves
+        // them, so the listener is watched for readiness and accepted from directly.
+        listener.set_nonblocking(true)?;
+        // SAFETY: the listener owns its descriptor for as long as the AsyncFd owns the
+        // listener, and `as_raw_fd` always returns that same descriptor.
+        let listener = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(
+                listener,
+                tokio::io::Interest::READABLE,
+            )
+        }
+        .map_err(|e| e.into_parts().1)?;
         let Worker {
             router,
             limits,
@@ -248,17 +259,21 @@ impl Worker {
         let mut refused_logged = false;
         loop {
             let (stream, peer) = tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    // Another thread took it first; nothing to do.
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                    Err(e) => {
-                        // Out of file descriptors and the like: back off instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
+                ready = listener.readable() => {
+                    let mut ready = ready?;
+                    match ready.try_io(|l| l.get_ref().accept()) {
+                        Ok(Ok(a)) => a,
+                        Ok(Err(e)) => {
+                            // Out of file descriptors and the like: back off instead of
+                            // spinning.
+                            tracing::warn!(error = %e, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                        // Another thread took it first; readiness is cleared, wait again.
+                        Err(_would_block) => continue,
                     }
-                },
+                }
                 _ = stop.changed() => break,
             };
             let Ok(permit) = slots.clone().try_acquire_owned() else {
@@ -304,21 +319,16 @@ impl Worker {
                 tls: tls.clone(),
                 stop: stop_rx.clone(),
             };
-            if target == me {
-                tokio::spawn(conn.serve(stream));
-            } else {
-                match stream.into_std() {
-                    // Registered again with the other thread's reactor once it runs there.
-                    Ok(stream) => {
-                        handles[target].spawn(async move {
-                            if let Ok(stream) = TcpStream::from_std(stream) {
-                                conn.serve(stream).await;
-                            }
-                        });
-                    }
-                    Err(e) => tracing::debug!(error = %e, "handing a connection over failed"),
-                }
+            // Registered with the serving thread's reactor once it runs there.
+            if let Err(e) = stream.set_nonblocking(true) {
+                tracing::debug!(error = %e, "setting up an accepted connection failed");
+                continue;
             }
+            handles[target].spawn(async move {
+                if let Ok(stream) = TcpStream::from_std(stream) {
+                    conn.serve(stream).await;
+                }
+            });
         }
         // Stop accepting, then let this thread's connections finish (all threads' share of
         // the slots coming back means every connection is done).
@@ -442,7 +452,8 @@ async fn serve_push(
     tokio::select! {
         _ = &mut serve => {}
         _ = async { stop.wait_for(|s| *s).await.is_ok() } => {
-            let _ = tokio::time::timeout(DRAIN, serve).await;
+            // Boxed: a timer in every idle stream's state would cost more than the stream.
+            let _ = Box::pin(tokio::time::timeout(DRAIN, serve)).await;
         }
     }
 }
