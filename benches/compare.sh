@@ -148,9 +148,18 @@ for spec in "1k:1000:req/s" "1k:50:req/s" "1m:50:MiB/s"; do
   fi
 done
 
+# One round of eight downloads takes under a second and varies by a fifth from round to
+# round on a shared machine: best of three rounds per server, the servers taking turns.
+declare -A BEST8
+for round in 1 2 3; do
+  for s in "${ORDER[@]}"; do
+    v=$(curl8 ${SERVERS[$s]} /v1/content/${SHA[256m]})
+    [ "${BEST8[$s]:-0}" -ge "$v" ] || BEST8[$s]=$v
+  done
+done
 vals=()
-for s in "${ORDER[@]}"; do vals+=("$(curl8 ${SERVERS[$s]} /v1/content/${SHA[256m]})"); done
-row "256m, 8 concurrent curl (MiB/s)" "${vals[@]}"
+for s in "${ORDER[@]}"; do vals+=("${BEST8[$s]}"); done
+row "256m, 8 concurrent curl, best of 3 (MiB/s)" "${vals[@]}"
 
 # Cold miss: a fresh node with prefetch off; 200 clients ask for the 256 MiB blob at once.
 PC=$(free_port)
