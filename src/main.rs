@@ -16,7 +16,8 @@ use reqwest::Method;
 /// `malloc_trim`); mimalloc returns freed pages to the system by itself. Built with `no_thp`:
 /// where transparent huge pages are `always`, mimalloc's eagerly committed arenas would
 /// otherwise make an idle node 48 MiB resident instead of 3 MiB. `benches/push.sh` measured
-/// 10,000 idle streams at 12.2-12.9 KiB each with glibc, 5.7-5.8 KiB with this.
+/// 10,000 idle streams at 12.2-12.9 KiB each with glibc, 5.7-5.8 KiB with this (an A/B of the
+/// allocator alone, before serving threads handed connections over).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
