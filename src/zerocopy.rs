@@ -158,14 +158,43 @@ impl Stream {
         len: usize,
     ) -> Poll<std::io::Result<usize>> {
         use std::os::fd::AsRawFd;
+        self.poll_send(cx, |socket| {
+            let mut off = offset as libc::off_t;
+            // SAFETY: both descriptors are open for the duration of the call, and `off` is a
+            // valid pointer to an off_t.
+            unsafe { libc::sendfile(socket, file.as_raw_fd(), &mut off, len) }
+        })
+    }
+
+    /// Writes a prefix of `bufs` with MSG_MORE: more data follows at once.
+    fn poll_send_more(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        self.poll_send(cx, |socket| {
+            // SAFETY: an all-zero msghdr is valid; IoSlice is ABI-compatible with iovec on
+            // Unix, and the slices outlive the call.
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
+            msg.msg_iovlen = bufs.len().min(1024) as _;
+            unsafe { libc::sendmsg(socket, &msg, libc::MSG_MORE | libc::MSG_NOSIGNAL) }
+        })
+    }
+
+    /// Runs `send` (a system call on the socket returning a byte count, or -1 with errno) once
+    /// the socket is writable; how many bytes went out.
+    fn poll_send(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut send: impl FnMut(std::os::fd::RawFd) -> isize,
+    ) -> Poll<std::io::Result<usize>> {
+        use std::os::fd::AsRawFd;
         loop {
             ready!(self.inner.poll_write_ready(cx))?;
             let socket = self.inner.as_raw_fd();
             let sent = self.inner.try_io(Interest::WRITABLE, || {
-                let mut off = offset as libc::off_t;
-                // SAFETY: both descriptors are open for the duration of the call, and `off`
-                // is a valid pointer to an off_t.
-                let n = unsafe { libc::sendfile(socket, file.as_raw_fd(), &mut off, len) };
+                let n = send(socket);
                 if n < 0 {
                     Err(std::io::Error::last_os_error())
                 } else {
@@ -175,39 +204,6 @@ impl Stream {
             match sent {
                 Ok(n) => return Poll::Ready(Ok(n)),
                 // Not writable after all: poll_write_ready registers for the next readiness.
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Poll::Ready(Err(e)),
-            }
-        }
-    }
-}
-
-impl Stream {
-    /// Writes a prefix of `bufs` with MSG_MORE: more data follows at once.
-    fn poll_send_more(
-        &mut self,
-        cx: &mut Context<'_>,
-        bufs: &[IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        use std::os::fd::AsRawFd;
-        loop {
-            ready!(self.inner.poll_write_ready(cx))?;
-            let socket = self.inner.as_raw_fd();
-            let sent = self.inner.try_io(Interest::WRITABLE, || {
-                // SAFETY: an all-zero msghdr is valid; IoSlice is ABI-compatible with iovec
-                // on Unix, and the slices outlive the call.
-                let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-                msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
-                msg.msg_iovlen = bufs.len().min(1024) as _;
-                let n = unsafe { libc::sendmsg(socket, &msg, libc::MSG_MORE | libc::MSG_NOSIGNAL) };
-                if n < 0 {
-                    Err(std::io::Error::last_os_error())
-                } else {
-                    Ok(n as usize)
-                }
-            });
-            match sent {
-                Ok(n) => return Poll::Ready(Ok(n)),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Poll::Ready(Err(e)),
             }
@@ -249,13 +245,14 @@ impl AsyncWrite for Stream {
         if let Some((file, offset)) = lookup(&bufs[first]) {
             return this.poll_sendfile(cx, &file, offset, bufs[first].len());
         }
-        match bufs[first..]
+        // The first slice is not mapped (looked up above); is a later one?
+        match bufs[first + 1..]
             .iter()
             .position(|b| !b.is_empty() && lookup(b).is_some())
         {
             // A response head before file bytes: corked (MSG_MORE) so that it leaves in the
             // same segments as the file's first bytes, as nginx's tcp_nopush does.
-            Some(n) => this.poll_send_more(cx, &bufs[first..first + n]),
+            Some(n) => this.poll_send_more(cx, &bufs[first..first + 1 + n]),
             None => Pin::new(&mut this.inner).poll_write_vectored(cx, &bufs[first..]),
         }
     }
