@@ -346,8 +346,6 @@ impl Worker {
     }
 }
 
-/// Serves a connection with hyper, the router's handlers seeing the peer address as
-/// `ConnectInfo<SocketAddr>`.
 /// An accepted connection and what serving it needs.
 struct Conn {
     permit: tokio::sync::OwnedSemaphorePermit,
@@ -458,6 +456,8 @@ async fn serve_push(
     }
 }
 
+/// Serves a connection with hyper, the router's handlers seeing the peer address as
+/// `ConnectInfo<SocketAddr>`.
 async fn serve_hyper<I>(
     io: I,
     peer: std::net::SocketAddr,
