@@ -24,26 +24,10 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq >/dev/null
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pkgs[@]}" >/dev/null
 fi
-cargo build --release -q
-GUP=$PWD/target/release/gup
-
-WORK=$(mktemp -d /tmp/gup-compare.XXXXXX)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  sleep 0.5
-  for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT INT TERM
-
-free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
-PM=$(free_port); PN=$(free_port); PX=$(free_port); PY=$(free_port); PV=$(free_port)
-M=http://127.0.0.1:$PM; N=http://127.0.0.1:$PN
-
-"$GUP" manager --listen 127.0.0.1:$PM --data-dir "$WORK/m" --admin-token a --node-token n 2>"$WORK/m.log" & PIDS+=($!)
-"$GUP" node --listen 127.0.0.1:$PN --data-dir "$WORK/n" --upstream $M --upstream-token n 2>"$WORK/n.log" & PIDS+=($!)
-for _ in $(seq 100); do curl -sf $N/healthz >/dev/null && curl -sf $M/healthz >/dev/null && break; sleep 0.1; done
+source benches/lib.sh
+bench_setup compare
+start_manager_and_node
+PX=$(free_port); PY=$(free_port); PV=$(free_port)
 
 mkdir -p "$WORK/www/v1/content"
 # nginx workers run as an unprivileged user: they must be able to read the files.

@@ -15,26 +15,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 CLIENTS=${CLIENTS:-10000}
-cargo build --release -q
-GUP=$PWD/target/release/gup
-WORK=$(mktemp -d /tmp/gup-push.XXXXXX)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  sleep 0.5
-  for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT INT TERM
+source benches/lib.sh
+bench_setup push
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-
-free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
-PM=$(free_port); PN=$(free_port)
-M=http://127.0.0.1:$PM; N=http://127.0.0.1:$PN
-"$GUP" manager --listen 127.0.0.1:$PM --data-dir "$WORK/m" --admin-token a --node-token n 2>"$WORK/m.log" & PIDS+=($!)
-"$GUP" node --listen 127.0.0.1:$PN --data-dir "$WORK/n" --upstream $M --upstream-token n 2>"$WORK/n.log" & PIDS+=($!)
-NODE_PID=$!
-for _ in $(seq 100); do curl -sf $N/readyz >/dev/null && curl -sf $M/healthz >/dev/null && break; sleep 0.1; done
+start_manager_and_node
 
 metric() { curl -s "$N/metrics" | awk -v m="$1" '$1 == m {print $2}'; }
 revision() { curl -s "$N/v1/catalog" | python3 -c 'import json,sys; print(json.load(sys.stdin)["revision"])'; }
