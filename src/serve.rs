@@ -656,7 +656,7 @@ fn growing_body(g: GrowingRead) -> Body {
             if g.pos < limit {
                 let want = (limit - g.pos).min(FRAME as u64) as usize;
                 // Only bytes the fetch has written are mapped: nothing here can fault.
-                let zero_copy = g.len <= crate::zerocopy::SENDFILE_MAX_BYTES;
+                let zero_copy = crate::zerocopy::sendfile_pays(g.len);
                 let frame = match crate::zerocopy::map(g.file.clone(), g.pos, want, None, zero_copy)
                 {
                     Ok(f) => f,

@@ -419,7 +419,7 @@ fn load_blob(
     // Blob files are never written after they are renamed into place (see
     // `Store::open_blob`): the contract of `zerocopy::map`.
     let hold = guard.map(|g| Box::new(g) as Box<dyn Send>);
-    let zero_copy = size <= crate::zerocopy::SENDFILE_MAX_BYTES;
+    let zero_copy = crate::zerocopy::sendfile_pays(size);
     crate::zerocopy::map(std::sync::Arc::new(file), 0, size as usize, hold, zero_copy)
 }
 

@@ -67,7 +67,13 @@ impl Drop for Mapping {
 /// Long streams of one file from many connections pay for sendfile's per-page reference
 /// counting on the shared page-cache pages (and the receiver for 4 KiB fragments) more than
 /// the copy costs; short responses gain more from skipping the copy.
-pub const SENDFILE_MAX_BYTES: u64 = 16 << 20;
+const SENDFILE_MAX_BYTES: u64 = 16 << 20;
+
+/// Whether a blob of `size` bytes is worth sending with sendfile (see [`SENDFILE_MAX_BYTES`]):
+/// the `zero_copy` argument of [`map`] for its slices.
+pub fn sendfile_pays(size: u64) -> bool {
+    size <= SENDFILE_MAX_BYTES
+}
 
 /// Maps `len` bytes of `file` at `offset` read-only; with `zero_copy`, registered so that a
 /// [`Stream`] sends them with sendfile (else they are ordinary memory to it).
