@@ -652,8 +652,8 @@ struct Stats {
     deferrals: AtomicU64,
     events_sent: AtomicU64,
     stream_connects: AtomicU64,
-    /// revision -> (clients, first, last heard in Unix ms).
-    heard: Mutex<BTreeMap<u64, (u64, u64, u64)>>,
+    /// When clients heard of each revision, by revision.
+    heard: Mutex<BTreeMap<u64, Heard>>,
     errors: Mutex<BTreeMap<String, u64>>,
     /// Microseconds to response headers.
     latency: Mutex<Histogram<u64>>,
@@ -676,10 +676,15 @@ impl Stats {
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
         if let Ok(mut h) = self.heard.lock() {
-            let e = h.entry(revision).or_insert((0, now, now));
-            e.0 += 1;
-            e.1 = e.1.min(now);
-            e.2 = e.2.max(now);
+            let e = h.entry(revision).or_insert(Heard {
+                revision,
+                clients: 0,
+                first_unix_ms: now,
+                last_unix_ms: now,
+            });
+            e.clients += 1;
+            e.first_unix_ms = e.first_unix_ms.min(now);
+            e.last_unix_ms = e.last_unix_ms.max(now);
         }
     }
 
@@ -1473,25 +1478,23 @@ fn validate(opts: &Options) -> Result<String, LoadtestError> {
 /// scaling). Every task is cancelled at the end; the target's `/metrics` is read last.
 pub async fn run(opts: Options) -> Result<Report, LoadtestError> {
     let base = validate(&opts)?;
-    let http = reqwest::Client::builder()
-        .no_proxy()
-        .redirect(reqwest::redirect::Policy::none())
-        .connect_timeout(Duration::from_secs(10))
-        .pool_max_idle_per_host(opts.clients.saturating_mul(2).max(64))
-        .pool_idle_timeout(Duration::from_secs(90))
-        .tcp_nodelay(true)
-        .user_agent("gup-loadtest")
-        .build()
-        .map_err(|e| LoadtestError::Http(e.to_string()))?;
-    let stream_http = reqwest::Client::builder()
-        .no_proxy()
-        .redirect(reqwest::redirect::Policy::none())
-        .connect_timeout(Duration::from_secs(10))
-        .pool_max_idle_per_host(0)
-        .tcp_nodelay(true)
-        .user_agent("gup-loadtest")
-        .build()
-        .map_err(|e| LoadtestError::Http(e.to_string()))?;
+    // The two clients differ only in pooling.
+    let client = |builder: reqwest::ClientBuilder| {
+        builder
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(Duration::from_secs(10))
+            .tcp_nodelay(true)
+            .user_agent("gup-loadtest")
+            .build()
+            .map_err(|e| LoadtestError::Http(e.to_string()))
+    };
+    let http = client(
+        reqwest::Client::builder()
+            .pool_max_idle_per_host(opts.clients.saturating_mul(2).max(64))
+            .pool_idle_timeout(Duration::from_secs(90)),
+    )?;
+    let stream_http = client(reqwest::Client::builder().pool_max_idle_per_host(0))?;
     let unreachable = |reason: String| LoadtestError::Unreachable {
         url: base.clone(),
         reason,
@@ -1685,16 +1688,7 @@ fn build_report(
         push_heard: st
             .heard
             .lock()
-            .map(|h| {
-                h.iter()
-                    .map(|(revision, (clients, first, last))| Heard {
-                        revision: *revision,
-                        clients: *clients,
-                        first_unix_ms: *first,
-                        last_unix_ms: *last,
-                    })
-                    .collect()
-            })
+            .map(|h| h.values().cloned().collect())
             .unwrap_or_default(),
         latency_samples: latency.len(),
     }
