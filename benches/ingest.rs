@@ -25,7 +25,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
-use gup::digest::Digest;
+use gup::core::digest::Digest;
 use gup::store::Store;
 use sha2::{Digest as _, Sha256};
 

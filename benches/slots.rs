@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode};
-use gup::slots::{peak_to_mean, Slots};
+use gup::core::slots::{peak_to_mean, Slots};
+use gup::serve::KvSlotLog;
 use gup::store::Store;
 use rand::Rng;
 
@@ -23,7 +24,7 @@ const RUNS: usize = 100;
 fn gup_run() -> f64 {
     let dir = tempfile::tempdir().expect("temp dir");
     let store = Store::open(dir.path()).expect("store");
-    let slots = Slots::new(store.kv("slots").expect("kv"));
+    let slots = Slots::new(Box::new(KvSlotLog(store.kv("slots").expect("kv"))));
     let start = Utc::now();
     let mut counts = vec![0u32; WINDOW_S as usize];
     for i in 0..CLIENTS {
@@ -80,7 +81,7 @@ fn assign_100k(c: &mut Criterion) {
             for _ in 0..iters {
                 let dir = tempfile::tempdir().expect("temp dir");
                 let store = Store::open(dir.path()).expect("store");
-                let slots = Slots::new(store.kv("slots").expect("kv"));
+                let slots = Slots::new(Box::new(KvSlotLog(store.kv("slots").expect("kv"))));
                 let start = Utc::now();
                 let t = Instant::now();
                 for i in 0..100_000 {

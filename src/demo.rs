@@ -13,12 +13,12 @@ use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 
-use crate::admin::{AdminClient, AdminError};
-use crate::config::{ManagerConfig, NodeConfig, MANAGER_PORT, NODE_PORT};
-use crate::digest::Digest;
+use crate::cli::client::{AdminClient, AdminError};
+use crate::core::config::{ManagerConfig, NodeConfig, MANAGER_PORT, NODE_PORT};
+use crate::core::digest::Digest;
+use crate::http::shutdown::Shutdown;
 use crate::manager::{self, Manager, ManagerError};
 use crate::node::{Node, NodeError};
-use crate::server::Shutdown;
 
 /// Size of the sample package.
 const SAMPLE_BYTES: usize = 4 << 20;
@@ -111,7 +111,7 @@ pub async fn run(opts: &DemoOptions, shutdown: Shutdown) -> Result<(), DemoError
     );
     println!(
         "  admin token in {}",
-        crate::auth::token_path(&mc.manager.data_dir, "admin").display()
+        crate::http::auth::token_path(&mc.manager.data_dir, "admin").display()
     );
 
     let outcome = showcase(opts, &manager_url, &node_url, admin_token).await;
@@ -150,7 +150,7 @@ async fn showcase(
     opts: &DemoOptions,
     manager_url: &str,
     node_url: &str,
-    admin_token: crate::auth::Token,
+    admin_token: crate::http::auth::Token,
 ) -> Result<(), DemoError> {
     let admin = AdminClient::new(manager_url, admin_token)?;
     let window = opts.window_s;
@@ -184,7 +184,7 @@ async fn showcase(
     let http = reqwest::Client::new();
     let start = Instant::now();
     loop {
-        let catalog: crate::catalog::Catalog = http
+        let catalog: crate::core::catalog::Catalog = http
             .get(format!("{node_url}/v1/catalog"))
             .send()
             .await?

@@ -1,35 +1,35 @@
 //! gup, the Group Update Provider.
 //!
 //! One crate, several roles: the `manager` (the management server and source of truth), the
-//! `node` (a caching branch-office server that mirrors the manager and serves clients), the
-//! `admin` client, and the `demo` that runs a branch office in one process. Data flows one way:
-//! `upstream` fetches into `store`, and `serve` answers clients from `store`. The binary in
-//! `src/main.rs` is a thin clap wrapper around these modules.
+//! `node` (a caching branch-office server that mirrors an upstream and serves clients), the
+//! admin client and the binary's commands (`cli`), the `demo` that runs a branch office in one
+//! process, and `loadtest`. Data flows one way: a node's `upstream` fetches into `store`, and
+//! `serve` answers clients from `store`.
+//!
+//! The source tree is laid out by layer; a module imports only from layers below it:
+//! 1. `core`: the rules and the wire as plain data (settings, catalog, digest, signing,
+//!    slots, config, proto, fault). No tokio, axum, sled or reqwest.
+//! 2. `store` (blobs, their writer, the key-value index: the only sled user) and `sys` (the
+//!    only `unsafe` code, and zero-copy sending built on it).
+//! 3. `http`: the accept loop, push connections, TLS, shutdown, errors as answers, extractors,
+//!    bearer tokens. It never knows a route.
+//! 4. `serve`: the one client API, over a [`serve::Role`] that says where placements and
+//!    uploads come from and go to.
+//! 5. `manager` and `node`, the two roles; neither imports the other.
+//! 6. `cli`, `demo`, `loadtest`.
+#![deny(unsafe_code)]
 
-pub mod admin;
-pub mod api;
-pub mod auth;
-pub mod catalog;
-pub mod clients;
-pub mod config;
-pub mod demo;
-pub mod digest;
-pub mod events;
-pub mod evict;
-pub mod hot;
-pub mod limit;
-pub mod loadtest;
-pub mod manager;
-pub mod metrics;
-pub mod mirror;
-pub mod node;
-pub mod pushconn;
-pub mod serve;
-pub mod server;
-pub mod settings;
-pub mod signing;
-pub mod slots;
+pub mod core;
 pub mod store;
-pub mod stream;
-pub mod upstream;
-pub mod zerocopy;
+pub mod sys;
+
+pub mod http;
+
+pub mod serve;
+
+pub mod manager;
+pub mod node;
+
+pub mod cli;
+pub mod demo;
+pub mod loadtest;

@@ -298,14 +298,14 @@ async fn signed_catalog_is_verified_passed_on_and_forgeries_refused() {
         .unwrap()
         .to_string();
     let body = r.bytes().await.unwrap();
-    let catalog: gup::catalog::Catalog = serde_json::from_slice(&body).unwrap();
-    assert_eq!(gup::signing::catalog_bytes(&catalog), body.to_vec());
-    let public = gup::signing::PublicKey::parse(&key).unwrap();
+    let catalog: gup::core::catalog::Catalog = serde_json::from_slice(&body).unwrap();
+    assert_eq!(gup::core::signing::catalog_bytes(&catalog), body.to_vec());
+    let public = gup::core::signing::PublicKey::parse(&key).unwrap();
     assert!(public.verify(&catalog, Some(&sig)).is_ok());
 
     // A node holding another key refuses every catalog and never becomes ready.
     let other = tempfile::tempdir().unwrap();
-    let wrong = gup::signing::CatalogKey::load_or_create(other.path())
+    let wrong = gup::core::signing::CatalogKey::load_or_create(other.path())
         .unwrap()
         .public_hex();
     let doubting = start_node(

@@ -3,7 +3,7 @@
 //! validator. None may panic on any input, and what they accept must obey their rules.
 
 use axum::http::HeaderMap;
-use gup::serve::{decide_range, RangeDecision};
+use gup::serve::conditional::{decide_range, RangeDecision};
 use proptest::prelude::*;
 
 fn headers(range: &str) -> HeaderMap {
@@ -47,7 +47,7 @@ proptest! {
     #[test]
     fn digests(s in ".{0,70}") {
         let ok = s.len() == 64 && s.chars().all(|c| matches!(c, '0'..='9' | 'a'..='f'));
-        let parsed = s.parse::<gup::digest::Digest>();
+        let parsed = s.parse::<gup::core::digest::Digest>();
         prop_assert_eq!(parsed.is_ok(), ok);
         if let Ok(d) = parsed {
             prop_assert_eq!(d.to_hex(), s);
@@ -57,31 +57,31 @@ proptest! {
     #[test]
     fn hex_digests_round_trip(bytes in proptest::array::uniform32(any::<u8>())) {
         let s = hex::encode(bytes);
-        prop_assert_eq!(s.parse::<gup::digest::Digest>().unwrap().to_hex(), s);
+        prop_assert_eq!(s.parse::<gup::core::digest::Digest>().unwrap().to_hex(), s);
     }
 
     /// The config loader never panics, and its errors are one line naming a key.
     #[test]
     fn config_loader(text in "(\\[(node|upstream|cache|serve|limits|manager|log|x)\\]\n)?([a-z_]{1,20} = (\"[a-z0-9:./]{0,20}\"|[0-9]{1,12}|true|false|\\[\\])\n){0,4}") {
         for result in [
-            gup::config::parse::<gup::config::NodeConfig>(&text).and_then(|c| c.validate()),
-            gup::config::parse::<gup::config::ManagerConfig>(&text).and_then(|c| c.validate()),
+            gup::core::config::parse::<gup::core::config::NodeConfig>(&text).and_then(|c| c.validate()),
+            gup::core::config::parse::<gup::core::config::ManagerConfig>(&text).and_then(|c| c.validate()),
         ] {
             if let Err(e) = result {
                 prop_assert!(!e.key.is_empty());
                 prop_assert!(!e.to_string().contains('\n'), "{}", e);
             }
         }
-        let _ = gup::config::infer_role(&text);
+        let _ = gup::core::config::infer_role(&text);
     }
 
     /// The event validator never panics; what it accepts has ids of 1..=128 characters, a
     /// kind, and a time that parses.
     #[test]
     fn event_validation(id in ".{0,140}", kind in "[a-z_]{0,10}", time in "(2026-11-24T10:00:00Z|2026-02-30T00:00:00Z|[0-9T:Z+-]{0,25})", client in ".{0,3}") {
-        let upload = gup::events::EventUpload {
+        let upload = gup::core::proto::EventUpload {
             client_id: client,
-            events: vec![gup::events::Event {
+            events: vec![gup::core::proto::Event {
                 id: id.clone(),
                 kind: kind.clone(),
                 subkind: None,

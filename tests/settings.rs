@@ -429,7 +429,7 @@ async fn reconnection_preferences() {
 /// Reads SSE events from a response until `want` is seen or the deadline passes.
 async fn wait_event(
     body: &mut (impl futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin),
-    parser: &mut gup::stream::EventParser,
+    parser: &mut gup::core::proto::EventParser,
     want: impl Fn(&str, &Value) -> bool,
     secs: u64,
 ) -> bool {
@@ -494,7 +494,7 @@ sync_interval_s = 2
         .unwrap();
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
     let mut body = resp.bytes_stream();
-    let mut parser = gup::stream::EventParser::default();
+    let mut parser = gup::core::proto::EventParser::default();
     // The current state arrives on connect.
     assert!(
         wait_event(

@@ -5,14 +5,14 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(catalog) = serde_json::from_slice::<gup::catalog::Catalog>(data) {
-        if gup::catalog::validate_catalog(&catalog).is_ok() {
-            let mut history = gup::catalog::CatalogHistory::new(3);
+    if let Ok(catalog) = serde_json::from_slice::<gup::core::catalog::Catalog>(data) {
+        if gup::core::catalog::validate_catalog(&catalog).is_ok() {
+            let mut history = gup::core::catalog::CatalogHistory::new(3);
             let _ = history.mirror(catalog, None, chrono_now());
             let _ = history.digests();
         }
     }
-    if let Ok(snapshot) = serde_json::from_slice::<gup::mirror::Snapshot>(data) {
+    if let Ok(snapshot) = serde_json::from_slice::<gup::core::proto::Snapshot>(data) {
         let _ = snapshot.directory.check();
         let _ = snapshot.directory.effective("default", Some("office"));
     }

@@ -5,10 +5,10 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|text: &str| {
-    let _ = gup::config::infer_role(text);
+    let _ = gup::core::config::infer_role(text);
     for result in [
-        gup::config::parse::<gup::config::NodeConfig>(text).and_then(|c| c.validate()),
-        gup::config::parse::<gup::config::ManagerConfig>(text).and_then(|c| c.validate()),
+        gup::core::config::parse::<gup::core::config::NodeConfig>(text).and_then(|c| c.validate()),
+        gup::core::config::parse::<gup::core::config::ManagerConfig>(text).and_then(|c| c.validate()),
     ] {
         if let Err(e) = result {
             assert!(!e.key.is_empty());

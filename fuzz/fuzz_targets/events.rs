@@ -5,7 +5,7 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(upload) = serde_json::from_slice::<gup::events::EventUpload>(data) {
+    if let Ok(upload) = serde_json::from_slice::<gup::core::proto::EventUpload>(data) {
         if upload.validate().is_ok() {
             for e in &upload.events {
                 assert!(!e.id.is_empty() && e.id.chars().count() <= 128);
@@ -15,10 +15,10 @@ fuzz_target!(|data: &[u8]| {
             }
         }
     }
-    if let Ok(apps) = serde_json::from_slice::<gup::events::ApplicationUpload>(data) {
+    if let Ok(apps) = serde_json::from_slice::<gup::core::proto::ApplicationUpload>(data) {
         let _ = apps.validate();
     }
-    if let Ok(batch) = serde_json::from_slice::<gup::events::UploadBatch>(data) {
-        let _ = batch.uploads.iter().map(|u| u.is_critical()).count();
+    if let Ok(batch) = serde_json::from_slice::<gup::core::proto::UploadBatch>(data) {
+        let _ = batch.uploads.iter().map(|u| u.upload.is_critical()).count();
     }
 });

@@ -2,7 +2,7 @@
 //! always lies inside the blob.
 #![no_main]
 
-use gup::serve::{decide_range, RangeDecision};
+use gup::serve::conditional::{decide_range, RangeDecision};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|input: (&str, &str, u32)| {

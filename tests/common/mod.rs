@@ -239,7 +239,7 @@ pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    gup::digest::Digest::of(bytes).to_hex()
+    gup::core::digest::Digest::of(bytes).to_hex()
 }
 
 /// Polls `f` every 50 ms until it returns Some, or panics after `secs`.

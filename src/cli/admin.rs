@@ -1,0 +1,625 @@
+//! `gup admin`: the admin API from the command line, printed as tables or JSON.
+//!
+//! Owns the admin subcommands, their arguments, and how answers are shown. It must never
+//! call anything but the manager's admin API (through [`super::client::AdminClient`]).
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+use reqwest::Method;
+
+use super::{init_logging, non_empty, runtime, runtime_env, usage, Failure};
+use crate::core::config::LogFormat;
+
+#[derive(Args)]
+pub(super) struct AdminArgs {
+    /// Manager base URL, e.g. http://127.0.0.1:8014.
+    #[arg(long)]
+    manager: String,
+    /// Admin token.
+    #[arg(long, env = "GUP_ADMIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// File holding the admin token.
+    #[arg(long, conflicts_with = "token")]
+    token_file: Option<PathBuf>,
+    #[command(subcommand)]
+    command: AdminCommand,
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Publish a file as content (streamed; any size).
+    Publish {
+        file: PathBuf,
+        /// Package name.
+        #[arg(long)]
+        name: String,
+        /// Version [default: the first 12 hex digits of the SHA-256].
+        #[arg(long)]
+        version: Option<String>,
+        /// Skip download randomization for this item.
+        #[arg(long)]
+        urgent: bool,
+    },
+    /// Communications settings of a group (or of one of its locations).
+    Settings {
+        #[command(subcommand)]
+        command: SettingsCommand,
+    },
+    /// Policies.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+    /// Groups.
+    Group {
+        #[command(subcommand)]
+        command: GroupCommand,
+    },
+    /// Clients.
+    Client {
+        #[command(subcommand)]
+        command: ClientCommand,
+    },
+    /// Map a user to a group (user mode): `user set USER GROUP`.
+    User {
+        #[command(subcommand)]
+        command: UserCommand,
+    },
+    /// Site-wide settings: `site set application_learning=true`.
+    Site {
+        #[command(subcommand)]
+        command: SiteCommand,
+    },
+    /// Events clients uploaded, newest last, filtered and paginated.
+    Events {
+        #[arg(long)]
+        kind: Option<String>,
+        #[arg(long)]
+        client: Option<String>,
+        #[arg(long)]
+        group: Option<String>,
+        /// RFC 3339 time: events whose time is at or after it.
+        #[arg(long)]
+        since: Option<String>,
+        /// Page size (1 to 10000).
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+        /// Cursor from a previous page's `next`.
+        #[arg(long)]
+        after: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Admin notifications raised by critical events.
+    Notifications {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Learned applications: `apps search TEXT`.
+    Apps {
+        #[command(subcommand)]
+        command: AppsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AppsCommand {
+    /// Applications whose name or path contains TEXT (case-insensitive).
+    Search {
+        text: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum SettingsCommand {
+    /// Show a group's own keys and its effective settings.
+    Get {
+        group: String,
+        #[arg(long)]
+        location: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set keys: KEY=VALUE (dotted paths, e.g. randomization.window_s=600; VALUE null inherits).
+    Set {
+        group: String,
+        #[arg(long)]
+        location: Option<String>,
+        #[arg(required = true)]
+        assignments: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Set a group's policy from a JSON file (a new serial).
+    Set { group: String, file: PathBuf },
+}
+
+#[derive(Subcommand)]
+enum GroupCommand {
+    /// Create a group or change its parent.
+    Set {
+        group: String,
+        #[arg(long, default_value = "default")]
+        parent: String,
+    },
+    /// List groups.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a group (refused while it has children or clients).
+    Delete { group: String },
+}
+
+#[derive(Subcommand)]
+enum ClientCommand {
+    /// Move a client to a group.
+    Move { id: String, group: String },
+    /// List clients with group, last seen and whether overdue.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a client (its history is kept for a reconnect).
+    Delete { id: String },
+}
+
+#[derive(Subcommand)]
+enum UserCommand {
+    /// The group USER's clients belong to in user mode.
+    Set { user: String, group: String },
+}
+
+#[derive(Subcommand)]
+enum SiteCommand {
+    /// Set site keys: application_learning=true, notification_damper_s=3600.
+    Set {
+        #[arg(required = true)]
+        assignments: Vec<String>,
+    },
+}
+
+pub(super) fn run(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure> {
+    init_logging(log_format);
+    let token = match (non_empty(args.token), args.token_file) {
+        (Some(t), _) => crate::http::auth::Token::new(t),
+        (None, Some(f)) => {
+            crate::http::auth::read_token_file(&f).map_err(|e| usage(e.to_string()))?
+        }
+        (None, None) => {
+            return Err(usage(
+                "admin needs a token: --token, --token-file or GUP_ADMIN_TOKEN",
+            ))
+        }
+    };
+    let client =
+        super::client::AdminClient::new(&args.manager, token).map_err(|e| usage(e.to_string()))?;
+    let rt = runtime_env()?;
+    match args.command {
+        AdminCommand::Publish {
+            file,
+            name,
+            version,
+            urgent,
+        } => {
+            let (status, r) = rt
+                .block_on(client.publish(&file, &name, version.as_deref(), urgent))
+                .map_err(runtime)?;
+            let what = if status == 201 {
+                "published"
+            } else {
+                "already published"
+            };
+            println!(
+                "{what}: {} {} sha256={} size={} revision={}",
+                r.name, r.version, r.sha256, r.size, r.revision
+            );
+            Ok(())
+        }
+        AdminCommand::Settings { command } => match command {
+            SettingsCommand::Get {
+                group,
+                location,
+                json,
+            } => {
+                let q: Vec<(&str, &str)> =
+                    location.iter().map(|l| ("location", l.as_str())).collect();
+                let v = rt
+                    .block_on(client.call(
+                        Method::GET,
+                        &format!("/v1/admin/groups/{group}/settings"),
+                        &q,
+                        None,
+                    ))
+                    .map_err(runtime)?;
+                if json {
+                    print_json(&v);
+                } else {
+                    print_settings(&v["effective"], &v["own"], &v["location_override"]);
+                }
+                Ok(())
+            }
+            SettingsCommand::Set {
+                group,
+                location,
+                assignments,
+                json,
+            } => {
+                let body = super::client::parse_assignments(&assignments).map_err(usage)?;
+                let q: Vec<(&str, &str)> =
+                    location.iter().map(|l| ("location", l.as_str())).collect();
+                let v = rt
+                    .block_on(client.call(
+                        Method::PUT,
+                        &format!("/v1/admin/groups/{group}/settings"),
+                        &q,
+                        Some(&body),
+                    ))
+                    .map_err(runtime)?;
+                if json {
+                    print_json(&v);
+                } else {
+                    print_settings(&v, &body, &serde_json::Value::Null);
+                }
+                Ok(())
+            }
+        },
+        AdminCommand::Policy {
+            command: PolicyCommand::Set { group, file },
+        } => {
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| usage(format!("{}: {e}", file.display())))?;
+            let doc: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| usage(format!("{}: not JSON: {e}", file.display())))?;
+            let v = rt
+                .block_on(client.call(
+                    Method::PUT,
+                    &format!("/v1/admin/groups/{group}/policy"),
+                    &[],
+                    Some(&doc),
+                ))
+                .map_err(runtime)?;
+            println!("policy of {group} set: serial {}", v["serial"]);
+            Ok(())
+        }
+        AdminCommand::Group { command } => match command {
+            GroupCommand::Set { group, parent } => {
+                let body = serde_json::json!({ "parent": parent });
+                rt.block_on(client.call(
+                    Method::PUT,
+                    &format!("/v1/admin/groups/{group}"),
+                    &[],
+                    Some(&body),
+                ))
+                .map_err(runtime)?;
+                println!("group {group} (parent {parent})");
+                Ok(())
+            }
+            GroupCommand::List { json } => {
+                let v = rt
+                    .block_on(client.call(Method::GET, "/v1/admin/groups", &[], None))
+                    .map_err(runtime)?;
+                show_list(
+                    &v,
+                    json,
+                    "groups",
+                    &["GROUP", "PARENT", "CHILDREN", "OWN SETTINGS", "POLICY"],
+                    |g| {
+                        vec![
+                            text(&g["name"]),
+                            text(&g["parent"]),
+                            text(&g["children"]),
+                            g["settings"].to_string(),
+                            text(&g["policy_serial"]),
+                        ]
+                    },
+                );
+                Ok(())
+            }
+            GroupCommand::Delete { group } => {
+                rt.block_on(client.call(
+                    Method::DELETE,
+                    &format!("/v1/admin/groups/{group}"),
+                    &[],
+                    None,
+                ))
+                .map_err(runtime)?;
+                println!("group {group} deleted");
+                Ok(())
+            }
+        },
+        AdminCommand::Client { command } => match command {
+            ClientCommand::Move { id, group } => {
+                let body = serde_json::json!({ "group": group });
+                rt.block_on(client.call(
+                    Method::POST,
+                    &format!("/v1/admin/clients/{id}/move"),
+                    &[],
+                    Some(&body),
+                ))
+                .map_err(runtime)?;
+                println!("client {id} moved to {group}");
+                Ok(())
+            }
+            ClientCommand::Delete { id } => {
+                rt.block_on(client.call(
+                    Method::DELETE,
+                    &format!("/v1/admin/clients/{id}"),
+                    &[],
+                    None,
+                ))
+                .map_err(runtime)?;
+                println!("client {id} deleted");
+                Ok(())
+            }
+            ClientCommand::List { json } => {
+                let v = rt
+                    .block_on(client.call(Method::GET, "/v1/admin/clients", &[], None))
+                    .map_err(runtime)?;
+                show_list(
+                    &v,
+                    json,
+                    "clients",
+                    &[
+                        "CLIENT",
+                        "GROUP",
+                        "INSTALL GROUP",
+                        "OS",
+                        "LAST SEEN",
+                        "OVERDUE",
+                    ],
+                    |c| {
+                        vec![
+                            text(&c["client_id"]),
+                            text(&c["group"]),
+                            text(&c["install_group"]),
+                            text(&c["os"]),
+                            text(&c["last_seen"]),
+                            if c["overdue"] == true {
+                                "yes".into()
+                            } else {
+                                "no".into()
+                            },
+                        ]
+                    },
+                );
+                Ok(())
+            }
+        },
+        AdminCommand::User {
+            command: UserCommand::Set { user, group },
+        } => {
+            let body = serde_json::json!({ "group": group });
+            rt.block_on(client.call(
+                Method::PUT,
+                &format!("/v1/admin/users/{user}"),
+                &[],
+                Some(&body),
+            ))
+            .map_err(runtime)?;
+            println!("user {user} -> group {group}");
+            Ok(())
+        }
+        AdminCommand::Events {
+            kind,
+            client: who,
+            group,
+            since,
+            limit,
+            after,
+            json,
+        } => {
+            let limit_s = limit.to_string();
+            let after_s = after.map(|a| a.to_string());
+            let mut q: Vec<(&str, &str)> = vec![("limit", &limit_s)];
+            for (k, v) in [
+                ("kind", &kind),
+                ("client", &who),
+                ("group", &group),
+                ("since", &since),
+                ("after", &after_s),
+            ] {
+                if let Some(v) = v {
+                    q.push((k, v));
+                }
+            }
+            let v = rt
+                .block_on(client.call(Method::GET, "/v1/admin/events", &q, None))
+                .map_err(runtime)?;
+            show_list(
+                &v,
+                json,
+                "events",
+                &["TIME", "CLIENT", "GROUP", "KIND", "SUBKIND", "ID"],
+                |e| {
+                    vec![
+                        text(&e["time"]),
+                        text(&e["client_id"]),
+                        text(&e["group"]),
+                        text(&e["kind"]),
+                        text(&e["subkind"]),
+                        text(&e["id"]),
+                    ]
+                },
+            );
+            if !json && !v["next"].is_null() {
+                println!("more: --after {}", v["next"]);
+            }
+            Ok(())
+        }
+        AdminCommand::Notifications { json } => {
+            let v = rt
+                .block_on(client.call(Method::GET, "/v1/admin/notifications", &[], None))
+                .map_err(runtime)?;
+            show_list(
+                &v,
+                json,
+                "notifications",
+                &["FIRST", "GROUP", "KIND", "COUNT", "LAST"],
+                |n| {
+                    vec![
+                        text(&n["first_at"]),
+                        text(&n["group"]),
+                        text(&n["kind"]),
+                        text(&n["count"]),
+                        text(&n["last_at"]),
+                    ]
+                },
+            );
+            Ok(())
+        }
+        AdminCommand::Apps {
+            command: AppsCommand::Search { text: q, json },
+        } => {
+            let v = rt
+                .block_on(client.call(Method::GET, "/v1/admin/applications", &[("q", &q)], None))
+                .map_err(runtime)?;
+            show_list(
+                &v,
+                json,
+                "applications",
+                &[
+                    "NAME",
+                    "VERSION",
+                    "PATH",
+                    "CLIENTS",
+                    "FIRST SEEN",
+                    "LAST SEEN",
+                ],
+                |a| {
+                    vec![
+                        text(&a["name"]),
+                        text(&a["version"]),
+                        text(&a["path"]),
+                        a["clients"].as_object().map_or(0, |c| c.len()).to_string(),
+                        text(&a["first_seen"]),
+                        text(&a["last_seen"]),
+                    ]
+                },
+            );
+            Ok(())
+        }
+        AdminCommand::Site {
+            command: SiteCommand::Set { assignments },
+        } => {
+            let body = super::client::parse_assignments(&assignments).map_err(usage)?;
+            let v = rt
+                .block_on(client.call(Method::PUT, "/v1/admin/site", &[], Some(&body)))
+                .map_err(runtime)?;
+            print_json(&v);
+            Ok(())
+        }
+    }
+}
+
+fn print_json(v: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+/// A JSON value as a table cell: strings bare, null as "-".
+fn text(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+/// Prints `v` as JSON, or its array `key` as a table.
+fn show_list(
+    v: &serde_json::Value,
+    json: bool,
+    key: &str,
+    headers: &[&str],
+    row: impl Fn(&serde_json::Value) -> Vec<String>,
+) {
+    if json {
+        print_json(v);
+    } else {
+        print_table(headers, &table_rows(&v[key], row));
+    }
+}
+
+/// One table row per element of a JSON array (none when it is not an array).
+fn table_rows(
+    list: &serde_json::Value,
+    row: impl Fn(&serde_json::Value) -> Vec<String>,
+) -> Vec<Vec<String>> {
+    list.as_array()
+        .map(|items| items.iter().map(row).collect())
+        .unwrap_or_default()
+}
+
+fn print_table(headers: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let parts: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(headers.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        line(r.clone());
+    }
+}
+
+/// Effective settings as KEY / VALUE / WHERE rows ("own" when the group or location sets it).
+fn print_settings(
+    effective: &serde_json::Value,
+    own: &serde_json::Value,
+    location: &serde_json::Value,
+) {
+    fn flatten(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, serde_json::Value)>) {
+        match v {
+            serde_json::Value::Object(m) if prefix.is_empty() || !m.contains_key("url") => {
+                for (k, v) in m {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    flatten(&key, v, out);
+                }
+            }
+            other => out.push((prefix.to_string(), other.clone())),
+        }
+    }
+    let mut eff = Vec::new();
+    flatten("", effective, &mut eff);
+    let mut own_keys = Vec::new();
+    flatten("", own, &mut own_keys);
+    let mut loc_keys = Vec::new();
+    flatten("", location, &mut loc_keys);
+    let rows: Vec<Vec<String>> = eff
+        .into_iter()
+        .map(|(k, v)| {
+            let source = if loc_keys.iter().any(|(lk, _)| *lk == k) {
+                "location"
+            } else if own_keys.iter().any(|(ok, _)| *ok == k) {
+                "group"
+            } else if k == "serial" {
+                ""
+            } else {
+                "inherited"
+            };
+            vec![k, text(&v), source.to_string()]
+        })
+        .collect();
+    print_table(&["KEY", "VALUE", "SET BY"], &rows);
+}

@@ -1,0 +1,478 @@
+//! The `gup` binary's commands: parsing the command line, merging it over the config file,
+//! and running a role, the demo, the load tester or the admin client.
+//!
+//! Owns the CLI of the contract (flags, `--help`, exit codes: 0 ok, 1 runtime failure, 2 bad
+//! usage or bad config with one line naming the flag or key) and logging set-up. This is the
+//! binary's edge, where errors become one line on stderr; it must never hold logic a role
+//! needs: it only builds their configs and starts them.
+
+mod admin;
+pub mod client;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::core::config::{self, ConfigError, LogFormat, ManagerConfig, NodeConfig, Role};
+use admin::AdminArgs;
+
+#[derive(Parser)]
+#[command(
+    name = "gup",
+    version,
+    about = "gup, the Group Update Provider: a caching branch-office node for endpoint-security \
+             content and policies, the management server it mirrors, and tools around them.",
+    after_help = "Exit codes: 0 ok, 1 runtime failure, 2 bad usage or bad config.\n\
+                  Logs go to stderr; verbosity from RUST_LOG (default info)."
+)]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormat>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the management server (default port 8014).
+    Manager(ManagerArgs),
+    /// Run a branch-office node (default port 2967) mirroring an upstream list.
+    Node(NodeArgs),
+    /// Call a manager's admin API.
+    Admin(AdminArgs),
+    /// Check a config file (role inferred from its sections); exit 2 naming a bad key.
+    CheckConfig {
+        /// The TOML file.
+        file: PathBuf,
+    },
+    /// A branch office on 127.0.0.1 in one process: manager, node and simulated clients.
+    Demo(DemoArgs),
+    /// Simulated clients against a node or manager; prints a summary and histogram.
+    Loadtest(LoadtestArgs),
+}
+
+#[derive(Args)]
+struct LoadtestArgs {
+    /// Base URL of the node (or manager) under test.
+    #[arg(long)]
+    target: String,
+    /// How many simulated clients.
+    #[arg(long)]
+    clients: usize,
+    /// install_group the clients send.
+    #[arg(long)]
+    group: Option<String>,
+    /// push: hold /v1/stream; pull: learn at heartbeats.
+    #[arg(long, default_value = "pull")]
+    mode: crate::loadtest::Mode,
+    /// Run time in seconds (ends earlier when every client is done).
+    #[arg(long, default_value_t = 60)]
+    duration: u64,
+    /// Write the contract's JSON report here.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// windows, mac or linux.
+    #[arg(long, default_value = "windows")]
+    os: String,
+    /// Client version sent in heartbeats.
+    #[arg(long, default_value = "12.1.5")]
+    client_version: String,
+    /// Divides the heartbeat interval (10 = ten times as often); slots are never scaled.
+    #[arg(long, default_value_t = 1.0)]
+    time_scale: f64,
+    /// Prefix of client ids.
+    #[arg(long, default_value = "lt-")]
+    id_prefix: String,
+    /// Events each client uploads (one critical).
+    #[arg(long, default_value_t = 2)]
+    events: usize,
+}
+
+#[derive(Args)]
+struct ManagerArgs {
+    /// TOML config file (see config/manager.toml); flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Address to listen on [default: 0.0.0.0:8014].
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Data directory [default: gup-data/manager].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Admin API bearer token.
+    #[arg(long, env = "GUP_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// File holding the admin token.
+    #[arg(long)]
+    admin_token_file: Option<PathBuf>,
+    /// Token nodes must present on /v1/sync.
+    #[arg(long, env = "GUP_NODE_TOKEN", hide_env_values = true)]
+    node_token: Option<String>,
+    /// File holding the node token.
+    #[arg(long)]
+    node_token_file: Option<PathBuf>,
+    /// PEM certificate chain: with --tls-key, this port speaks only TLS.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Print the admin token (made at first start if needed) and exit.
+    #[arg(long)]
+    print_admin_token: bool,
+    /// Print the catalog signing public key (made at first start if needed) and exit.
+    #[arg(long)]
+    print_public_key: bool,
+    /// Print the node token (made at first start if needed) and exit.
+    #[arg(long)]
+    print_node_token: bool,
+}
+
+#[derive(Args)]
+struct NodeArgs {
+    /// TOML config file (see config/node.toml); flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Address to listen on [default: 0.0.0.0:2967].
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Data directory [default: gup-data/node].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Upstream URL, repeatable, highest priority first [default: http://127.0.0.1:8014].
+    #[arg(long = "upstream")]
+    upstream: Vec<String>,
+    /// Node token presented to the upstream.
+    #[arg(long, env = "GUP_UPSTREAM_TOKEN", hide_env_values = true)]
+    upstream_token: Option<String>,
+    /// File holding the upstream token.
+    #[arg(long)]
+    upstream_token_file: Option<PathBuf>,
+    /// Token downstream nodes must present (when this node is an upstream).
+    #[arg(long, env = "GUP_NODE_TOKEN", hide_env_values = true)]
+    node_token: Option<String>,
+    /// File holding the node token.
+    #[arg(long)]
+    node_token_file: Option<PathBuf>,
+    /// PEM certificate chain: with --tls-key, this port speaks only TLS.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA certificates trusted for https upstreams (besides the system roots).
+    #[arg(long)]
+    upstream_ca: Option<PathBuf>,
+    /// The manager's catalog public key: refuse unsigned or wrongly signed catalogs.
+    #[arg(long)]
+    catalog_public_key: Option<String>,
+    /// Print this node's node token (made at first start if needed) and exit.
+    #[arg(long)]
+    print_node_token: bool,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Where the demo keeps its data.
+    #[arg(long, default_value = "gup-demo")]
+    data_dir: PathBuf,
+    /// Simulated clients behind the node.
+    #[arg(long, default_value_t = 200)]
+    clients: usize,
+    /// Randomization window in seconds over which the release spreads.
+    #[arg(long, default_value_t = 30)]
+    window: u64,
+}
+
+/// A failure with its exit code.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+fn usage(message: impl Into<String>) -> Failure {
+    Failure {
+        code: 2,
+        message: message.into(),
+    }
+}
+
+fn runtime(e: impl std::fmt::Display) -> Failure {
+    Failure {
+        code: 1,
+        message: e.to_string(),
+    }
+}
+
+fn config_failure(e: ConfigError) -> Failure {
+    usage(format!("config: {e}"))
+}
+
+/// Runs the command line of this process; the exit code says how it went.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("gup: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+fn runtime_env() -> Result<tokio::runtime::Runtime, Failure> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(runtime)
+}
+
+/// Runs `fut` on a new runtime with SIGTERM/SIGINT wired to a shutdown signal.
+fn with_shutdown<F, Fut, E>(f: F) -> Result<(), Failure>
+where
+    F: FnOnce(crate::http::shutdown::Shutdown) -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let rt = runtime_env()?;
+    rt.block_on(async move {
+        let (trigger, shutdown) = crate::http::shutdown::shutdown_pair();
+        tokio::spawn(async move {
+            crate::http::shutdown::signal().await;
+            trigger.trigger();
+        });
+        f(shutdown).await.map_err(runtime)
+    })
+}
+
+fn non_empty(s: Option<String>) -> Option<String> {
+    s.filter(|s| !s.is_empty())
+}
+
+fn path_string(p: Option<PathBuf>) -> Option<String> {
+    p.map(|p| p.display().to_string())
+}
+
+fn run(cli: Cli) -> Result<(), Failure> {
+    match cli.command {
+        Command::CheckConfig { file } => check_config(&file),
+        Command::Manager(args) => {
+            let mut cfg: ManagerConfig = match &args.config {
+                Some(p) => config::load(p).map_err(config_failure)?,
+                None => ManagerConfig::default(),
+            };
+            let m = &mut cfg.manager;
+            if let Some(v) = args.listen {
+                m.listen = v;
+            }
+            if let Some(v) = args.data_dir {
+                m.data_dir = v;
+            }
+            if let Some(v) = non_empty(args.admin_token) {
+                m.admin_token = v;
+            }
+            if let Some(v) = path_string(args.admin_token_file) {
+                m.admin_token_file = v;
+            }
+            if let Some(v) = non_empty(args.node_token) {
+                m.node_token = v;
+            }
+            if let Some(v) = path_string(args.node_token_file) {
+                m.node_token_file = v;
+            }
+            if let Some(v) = path_string(args.tls_cert) {
+                m.tls_cert = v;
+            }
+            if let Some(v) = path_string(args.tls_key) {
+                m.tls_key = v;
+            }
+            if let Some(f) = cli.log_format {
+                cfg.log.format = f;
+            }
+            cfg.validate().map_err(config_failure)?;
+            if args.print_public_key {
+                let key = crate::core::signing::CatalogKey::load_or_create(&cfg.manager.data_dir)
+                    .map_err(runtime)?;
+                println!("{}", key.public_hex());
+                return Ok(());
+            }
+            if args.print_admin_token || args.print_node_token {
+                let (admin, node) = crate::manager::tokens(&cfg).map_err(runtime)?;
+                if args.print_admin_token {
+                    println!("{}", admin.secret());
+                }
+                if args.print_node_token {
+                    println!("{}", node.secret());
+                }
+                return Ok(());
+            }
+            init_logging(cfg.log.format);
+            crate::sys::raise_open_file_limit();
+            let listen = cfg.manager.listen;
+            with_shutdown(|shutdown| async move {
+                let manager =
+                    crate::manager::Manager::open(&cfg, shutdown).map_err(|e| e.to_string())?;
+                let listener = tokio::net::TcpListener::bind(listen)
+                    .await
+                    .map_err(|e| format!("binding {listen}: {e}"))?;
+                manager.run(listener).await.map_err(|e| e.to_string())
+            })
+        }
+        Command::Node(args) => {
+            let mut cfg: NodeConfig = match &args.config {
+                Some(p) => config::load(p).map_err(config_failure)?,
+                None => NodeConfig::default(),
+            };
+            if let Some(v) = args.listen {
+                cfg.node.listen = v;
+            }
+            if let Some(v) = args.data_dir {
+                cfg.node.data_dir = v;
+            }
+            if !args.upstream.is_empty() {
+                for (i, u) in args.upstream.iter().enumerate() {
+                    config::validate_url(u)
+                        .map_err(|m| usage(format!("--upstream #{}: {m}", i + 1)))?;
+                }
+                cfg.upstream.servers = args.upstream;
+            }
+            if let Some(v) = non_empty(args.upstream_token) {
+                cfg.upstream.token = v;
+            }
+            if let Some(v) = path_string(args.upstream_token_file) {
+                cfg.upstream.token_file = v;
+            }
+            if let Some(v) = non_empty(args.node_token) {
+                cfg.node.node_token = v;
+            }
+            if let Some(v) = path_string(args.node_token_file) {
+                cfg.node.node_token_file = v;
+            }
+            if let Some(v) = path_string(args.tls_cert) {
+                cfg.node.tls_cert = v;
+            }
+            if let Some(v) = path_string(args.tls_key) {
+                cfg.node.tls_key = v;
+            }
+            if let Some(v) = path_string(args.upstream_ca) {
+                cfg.upstream.ca_file = v;
+            }
+            if let Some(v) = non_empty(args.catalog_public_key) {
+                cfg.upstream.catalog_public_key = v;
+            }
+            if let Some(f) = cli.log_format {
+                cfg.log.format = f;
+            }
+            cfg.validate().map_err(config_failure)?;
+            if args.print_node_token {
+                let token = crate::http::auth::resolve(
+                    Some(&cfg.node.node_token),
+                    (!cfg.node.node_token_file.is_empty())
+                        .then(|| Path::new(&cfg.node.node_token_file)),
+                    &cfg.node.data_dir,
+                    "node",
+                )
+                .map_err(runtime)?;
+                println!("{}", token.secret());
+                return Ok(());
+            }
+            init_logging(cfg.log.format);
+            crate::sys::raise_open_file_limit();
+            let listen = cfg.node.listen;
+            with_shutdown(|shutdown| async move {
+                let node = crate::node::Node::open(&cfg, shutdown).map_err(|e| e.to_string())?;
+                let listener = tokio::net::TcpListener::bind(listen)
+                    .await
+                    .map_err(|e| format!("binding {listen}: {e}"))?;
+                node.run(listener).await.map_err(|e| e.to_string())
+            })
+        }
+        Command::Admin(args) => admin::run(args, cli.log_format.unwrap_or_default()),
+        Command::Demo(args) => {
+            if args.clients == 0 || args.clients > 20_000 {
+                return Err(usage("--clients must be 1 to 20000"));
+            }
+            if args.window > 3600 {
+                return Err(usage("--window must be 0 to 3600 seconds"));
+            }
+            init_logging(cli.log_format.unwrap_or_default());
+            crate::sys::raise_open_file_limit();
+            let opts = crate::demo::DemoOptions {
+                data_dir: args.data_dir,
+                clients: args.clients,
+                window_s: args.window,
+            };
+            with_shutdown(|shutdown| async move { crate::demo::run(&opts, shutdown).await })
+        }
+        Command::Loadtest(args) => loadtest(args, cli.log_format.unwrap_or_default()),
+    }
+}
+
+fn loadtest(args: LoadtestArgs, log_format: LogFormat) -> Result<(), Failure> {
+    init_logging(log_format);
+    let limit = crate::sys::raise_open_file_limit();
+    if (limit as usize) < args.clients + 256 {
+        eprintln!(
+            "gup: warning: the open-file limit is {limit}; {} clients may run out of sockets",
+            args.clients
+        );
+    }
+    let mut opts = crate::loadtest::Options::new(args.target, args.clients);
+    opts.group = args.group;
+    opts.mode = args.mode;
+    opts.duration = std::time::Duration::from_secs(args.duration);
+    opts.os = args.os;
+    opts.client_version = args.client_version;
+    opts.time_scale = args.time_scale;
+    opts.id_prefix = args.id_prefix;
+    opts.events_per_client = args.events;
+    opts.progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let rt = runtime_env()?;
+    let report = rt
+        .block_on(crate::loadtest::run(opts))
+        .map_err(|e| match e {
+            crate::loadtest::LoadtestError::BadOption { .. }
+            | crate::loadtest::LoadtestError::BadTarget { .. } => usage(e.to_string()),
+            other => runtime(other),
+        })?;
+    println!("{}", report.summary());
+    println!("{}", report.histogram_text());
+    if let Some(path) = args.report {
+        let json = serde_json::to_vec_pretty(&report).map_err(runtime)?;
+        std::fs::write(&path, json).map_err(|e| runtime(format!("{}: {e}", path.display())))?;
+        println!("report written to {}", path.display());
+    }
+    Ok(())
+}
+
+fn check_config(file: &Path) -> Result<(), Failure> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| usage(format!("cannot read {}: {e}", file.display())))?;
+    let role = config::infer_role(&text).map_err(config_failure)?;
+    match role {
+        Role::Manager => config::parse::<ManagerConfig>(&text)
+            .and_then(|c| c.validate())
+            .map_err(config_failure)?,
+        Role::Node => config::parse::<NodeConfig>(&text)
+            .and_then(|c| c.validate())
+            .map_err(config_failure)?,
+    }
+    println!("{}: valid {role} config", file.display());
+    Ok(())
+}

@@ -1,0 +1,540 @@
+//! The catalog: which content is published, as numbered revisions.
+//!
+//! Owns the catalog model of the wire (`{revision, items}`), the publishing rules of the
+//! manager (a name holds its latest version; same bytes again is not a change; same name and
+//! version with other bytes is a conflict), and the retained history that decides what "in the
+//! catalog" means (any retained revision). A node keeps the same history of the revisions it
+//! mirrored, with the time each became available to it. This module must never touch bytes of
+//! content or the disk: persistence is the caller's, through `store::Kv`.
+
+use std::collections::VecDeque;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::digest::Digest;
+use super::fault::{Fault, Kind};
+
+/// One published package.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CatalogItem {
+    pub name: String,
+    pub version: String,
+    pub sha256: Digest,
+    pub size: u64,
+    pub published_at: DateTime<Utc>,
+    /// Urgent items skip download randomization: an outbreak fix goes out at once.
+    #[serde(default)]
+    pub urgent: bool,
+}
+
+/// The wire form of `GET /v1/catalog`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct Catalog {
+    pub revision: u64,
+    pub items: Vec<CatalogItem>,
+}
+
+/// Why a catalog change or a mirrored catalog was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CatalogError {
+    #[error("{name} {version} is already published with other bytes ({existing})")]
+    VersionConflict {
+        name: String,
+        version: String,
+        existing: Digest,
+    },
+    #[error("no published content is named {0:?}")]
+    UnknownName(String),
+    #[error("invalid {field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+    #[error("catalog revision went backwards: have {have}, got {got}")]
+    Backwards { have: u64, got: u64 },
+}
+
+impl Fault for CatalogError {
+    fn kind(&self) -> Kind {
+        match self {
+            CatalogError::VersionConflict { .. } => Kind::Conflict,
+            CatalogError::UnknownName(_) => Kind::NotFound,
+            CatalogError::Invalid { .. } => Kind::BadInput,
+            CatalogError::Backwards { .. } => Kind::Local,
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            CatalogError::VersionConflict { .. } => "conflict",
+            CatalogError::UnknownName(_) => "not_found",
+            CatalogError::Invalid { .. } => "bad_request",
+            CatalogError::Backwards { .. } => "catalog_backwards",
+        }
+    }
+}
+
+/// A catalog revision as this server holds it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Revision {
+    pub catalog: Catalog,
+    /// When this revision became available at this server (the start of its slot window).
+    pub available_at: DateTime<Utc>,
+    /// The manager's ed25519 signature of the catalog's wire bytes (hex), passed on by nodes.
+    #[serde(default)]
+    pub signature: Option<String>,
+}
+
+/// What a publish did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Published {
+    /// False when the same name, version and bytes were already current.
+    pub created: bool,
+    pub revision: u64,
+}
+
+/// The retained revisions, oldest first; the last is current.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CatalogHistory {
+    revisions: VecDeque<Revision>,
+    /// How many revisions count as "in the catalog".
+    retain: usize,
+    /// Where each digest first appears, built on the first lookup after a change: serving
+    /// asks on every content request, and a scan of every item of every revision would make
+    /// that cost grow with the catalog.
+    #[serde(skip)]
+    index: FindIndex,
+}
+
+/// digest -> (revision number, position of the item in it) of its earliest revision.
+#[derive(Default)]
+struct FindIndex(std::sync::OnceLock<std::collections::HashMap<Digest, (u64, usize)>>);
+
+impl Clone for FindIndex {
+    fn clone(&self) -> Self {
+        FindIndex::default()
+    }
+}
+
+impl PartialEq for FindIndex {
+    /// A cache of the revisions: never part of what a history is.
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for FindIndex {}
+
+impl std::fmt::Debug for FindIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FindIndex")
+    }
+}
+
+/// Names and versions are printable, short, and safe in a header or a file name.
+pub fn validate_label(field: &'static str, value: &str) -> Result<(), CatalogError> {
+    if value.is_empty() || value.len() > 128 {
+        return Err(CatalogError::Invalid {
+            field,
+            reason: "must be 1 to 128 characters".into(),
+        });
+    }
+    if value.chars().all(|c| c == '.') {
+        return Err(CatalogError::Invalid {
+            field,
+            reason: "must not be only dots".into(),
+        });
+    }
+    if let Some(c) = value
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '+')))
+    {
+        return Err(CatalogError::Invalid {
+            field,
+            reason: format!("{c:?} is not allowed (use letters, digits, '.', '_', '-', '+')"),
+        });
+    }
+    Ok(())
+}
+
+impl CatalogHistory {
+    /// An empty history (revision 0, no items).
+    pub fn new(retain: usize) -> CatalogHistory {
+        CatalogHistory {
+            revisions: VecDeque::new(),
+            retain: retain.max(1),
+            index: FindIndex::default(),
+        }
+    }
+
+    /// Changes how many revisions are retained (from configuration at start-up).
+    pub fn set_retain(&mut self, retain: usize) {
+        self.retain = retain.max(1);
+        self.trim();
+    }
+
+    /// Drops revisions beyond `retain`. Every change of the revisions ends here, so this is
+    /// also where the lookup index is invalidated.
+    fn trim(&mut self) {
+        while self.revisions.len() > self.retain {
+            self.revisions.pop_front();
+        }
+        self.index = FindIndex::default();
+    }
+
+    /// The current revision's catalog (revision 0 and no items before the first publish).
+    pub fn current(&self) -> Catalog {
+        self.revisions
+            .back()
+            .map(|r| r.catalog.clone())
+            .unwrap_or_default()
+    }
+
+    pub fn revision(&self) -> u64 {
+        self.revisions.back().map_or(0, |r| r.catalog.revision)
+    }
+
+    /// The retained revisions, oldest first.
+    pub fn revisions(&self) -> impl Iterator<Item = &Revision> {
+        self.revisions.iter()
+    }
+
+    /// Whether `digest` is in any retained revision.
+    pub fn contains(&self, digest: &Digest) -> bool {
+        self.find(digest).is_some()
+    }
+
+    /// The earliest retained revision holding `digest`, with the item.
+    pub fn find(&self, digest: &Digest) -> Option<(&Revision, &CatalogItem)> {
+        let index = self.index.0.get_or_init(|| {
+            let mut index = std::collections::HashMap::new();
+            for r in &self.revisions {
+                for (at, item) in r.catalog.items.iter().enumerate() {
+                    index.entry(item.sha256).or_insert((r.catalog.revision, at));
+                }
+            }
+            index
+        });
+        let (revision, at) = *index.get(digest)?;
+        let r = self
+            .revisions
+            .iter()
+            .find(|r| r.catalog.revision == revision)?;
+        r.catalog.items.get(at).map(|i| (r, i))
+    }
+
+    /// Every digest in any retained revision.
+    pub fn digests(&self) -> Vec<Digest> {
+        let mut out: Vec<Digest> = self
+            .revisions
+            .iter()
+            .flat_map(|r| r.catalog.items.iter().map(|i| i.sha256))
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    fn push(&mut self, items: Vec<CatalogItem>, now: DateTime<Utc>) -> u64 {
+        let revision = self.revision() + 1;
+        self.revisions.push_back(Revision {
+            catalog: Catalog { revision, items },
+            available_at: now,
+            signature: None,
+        });
+        self.trim();
+        revision
+    }
+
+    /// Publishes `name` at `version` (default: the first 12 hex digits of the digest, so new
+    /// bytes are a new version). Manager only.
+    pub fn publish(
+        &mut self,
+        name: &str,
+        version: Option<&str>,
+        sha256: Digest,
+        size: u64,
+        urgent: bool,
+        now: DateTime<Utc>,
+    ) -> Result<Published, CatalogError> {
+        validate_label("name", name)?;
+        let version = match version {
+            Some(v) => {
+                validate_label("version", v)?;
+                v.to_string()
+            }
+            None => sha256.to_hex()[..12].to_string(),
+        };
+        // A version keeps its bytes for as long as any retained revision remembers it.
+        for r in &self.revisions {
+            for i in &r.catalog.items {
+                if i.name == name && i.version == version && i.sha256 != sha256 {
+                    return Err(CatalogError::VersionConflict {
+                        name: name.into(),
+                        version,
+                        existing: i.sha256,
+                    });
+                }
+            }
+        }
+        let current = self.current();
+        if current
+            .items
+            .iter()
+            .any(|i| i.name == name && i.version == version && i.urgent == urgent)
+        {
+            return Ok(Published {
+                created: false,
+                revision: current.revision,
+            });
+        }
+        let mut items: Vec<CatalogItem> = current
+            .items
+            .into_iter()
+            .filter(|i| i.name != name)
+            .collect();
+        items.push(CatalogItem {
+            name: name.to_string(),
+            version,
+            sha256,
+            size,
+            published_at: now,
+            urgent,
+        });
+        items.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(Published {
+            created: true,
+            revision: self.push(items, now),
+        })
+    }
+
+    /// Removes `name` from the catalog (a new revision). Manager only.
+    pub fn unpublish(&mut self, name: &str, now: DateTime<Utc>) -> Result<u64, CatalogError> {
+        let current = self.current();
+        if !current.items.iter().any(|i| i.name == name) {
+            return Err(CatalogError::UnknownName(name.to_string()));
+        }
+        let items = current
+            .items
+            .into_iter()
+            .filter(|i| i.name != name)
+            .collect();
+        Ok(self.push(items, now))
+    }
+
+    /// Takes an upstream's catalog as the new current revision (node only). Returns whether
+    /// it was new. The upstream's catalog is checked first: names unique, sizes plausible.
+    pub fn mirror(
+        &mut self,
+        catalog: Catalog,
+        signature: Option<String>,
+        now: DateTime<Utc>,
+    ) -> Result<bool, CatalogError> {
+        validate_catalog(&catalog)?;
+        let have = self.revision();
+        if catalog.revision == have && !self.revisions.is_empty() {
+            return Ok(false);
+        }
+        if catalog.revision < have {
+            // An upstream with an older view (a lagging chained node): keep ours.
+            return Err(CatalogError::Backwards {
+                have,
+                got: catalog.revision,
+            });
+        }
+        self.revisions.push_back(Revision {
+            catalog,
+            available_at: now,
+            signature,
+        });
+        self.trim();
+        Ok(true)
+    }
+
+    /// The oldest retained revision number (0 when there is none).
+    pub fn oldest_revision(&self) -> u64 {
+        self.revisions.front().map_or(0, |r| r.catalog.revision)
+    }
+
+    /// The current revision's signature.
+    pub fn signature(&self) -> Option<&str> {
+        self.revisions.back().and_then(|r| r.signature.as_deref())
+    }
+
+    /// Signs the current revision if it is not signed yet (manager).
+    pub fn sign_current(&mut self, sign: impl FnOnce(&Catalog) -> String) {
+        if let Some(r) = self.revisions.back_mut() {
+            if r.signature.is_none() {
+                r.signature = Some(sign(&r.catalog));
+            }
+        }
+    }
+
+    /// The strong entity tag of the current catalog.
+    pub fn etag(&self) -> String {
+        format!("\"catalog-{}\"", self.revision())
+    }
+}
+
+/// Checks what an upstream sent before a node believes it.
+pub fn validate_catalog(catalog: &Catalog) -> Result<(), CatalogError> {
+    let mut names: Vec<&str> = catalog.items.iter().map(|i| i.name.as_str()).collect();
+    names.sort_unstable();
+    if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+        return Err(CatalogError::Invalid {
+            field: "items",
+            reason: format!("name {:?} appears twice", w[0]),
+        });
+    }
+    for item in &catalog.items {
+        validate_label("name", &item.name)?;
+        validate_label("version", &item.version)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(s: &str) -> Digest {
+        Digest::of(s.as_bytes())
+    }
+
+    #[test]
+    fn publish_rules() {
+        let now = Utc::now();
+        let mut h = CatalogHistory::new(3);
+        assert_eq!(h.revision(), 0);
+        let p = h.publish("defs", Some("1"), d("a"), 1, false, now).unwrap();
+        assert_eq!(
+            p,
+            Published {
+                created: true,
+                revision: 1
+            }
+        );
+        // Same bytes again: not a change.
+        let p = h.publish("defs", Some("1"), d("a"), 1, false, now).unwrap();
+        assert_eq!(
+            p,
+            Published {
+                created: false,
+                revision: 1
+            }
+        );
+        // Same name and version, other bytes: conflict.
+        let e = h
+            .publish("defs", Some("1"), d("b"), 1, false, now)
+            .unwrap_err();
+        assert!(matches!(e, CatalogError::VersionConflict { .. }));
+        // A new version replaces the name's item.
+        h.publish("defs", Some("2"), d("b"), 1, false, now).unwrap();
+        assert_eq!(h.current().items.len(), 1);
+        assert_eq!(h.current().items[0].version, "2");
+        // The old digest is still "in the catalog" through a retained revision.
+        assert!(h.contains(&d("a")));
+        assert_eq!(h.find(&d("a")).unwrap().0.catalog.revision, 1);
+        // Default version comes from the digest.
+        h.publish("engine", None, d("e"), 1, true, now).unwrap();
+        assert_eq!(h.current().items[0].name, "defs");
+        assert_eq!(h.current().items[1].version, d("e").to_hex()[..12]);
+        assert!(h.current().items[1].urgent);
+    }
+
+    #[test]
+    fn find_answers_the_earliest_revision_and_follows_every_change() {
+        let now = Utc::now();
+        let mut h = CatalogHistory::new(2);
+        h.publish("x", Some("1"), d("1"), 1, false, now).unwrap();
+        assert_eq!(h.find(&d("1")).map(|(r, _)| r.catalog.revision), Some(1));
+        // Asked before and after each change: the index must not answer from a stale view.
+        h.publish("y", Some("1"), d("2"), 7, false, now).unwrap();
+        let (r, item) = h.find(&d("1")).unwrap();
+        assert_eq!((r.catalog.revision, item.name.as_str()), (1, "x"));
+        assert_eq!(
+            h.find(&d("2")).map(|(r, i)| (r.catalog.revision, i.size)),
+            Some((2, 7))
+        );
+        h.publish("z", Some("1"), d("3"), 1, false, now).unwrap();
+        // Revision 1 is gone; d("1") is still in revisions 2 and 3.
+        assert_eq!(h.find(&d("1")).map(|(r, _)| r.catalog.revision), Some(2));
+        h.unpublish("x", now).unwrap();
+        h.unpublish("y", now).unwrap();
+        // Retained now: 4 (y, z) and 5 (z).
+        assert!(h.find(&d("1")).is_none());
+        assert_eq!(h.find(&d("2")).map(|(r, _)| r.catalog.revision), Some(4));
+        assert_eq!(h.find(&d("3")).map(|(r, _)| r.catalog.revision), Some(4));
+        // A round trip through serde rebuilds the index.
+        let back: CatalogHistory =
+            serde_json::from_str(&serde_json::to_string(&h).unwrap()).unwrap();
+        assert_eq!(back, h);
+        assert_eq!(back.find(&d("3")).map(|(r, _)| r.catalog.revision), Some(4));
+    }
+
+    #[test]
+    fn retention_drops_old_revisions() {
+        let now = Utc::now();
+        let mut h = CatalogHistory::new(2);
+        h.publish("x", Some("1"), d("1"), 1, false, now).unwrap();
+        h.publish("x", Some("2"), d("2"), 1, false, now).unwrap();
+        h.publish("x", Some("3"), d("3"), 1, false, now).unwrap();
+        assert!(!h.contains(&d("1")));
+        assert!(h.contains(&d("2")));
+        assert!(h.contains(&d("3")));
+        assert_eq!(h.revision(), 3);
+        let r = h.unpublish("x", now).unwrap();
+        assert_eq!(r, 4);
+        assert!(h.current().items.is_empty());
+        assert!(h.contains(&d("3")));
+        assert!(matches!(
+            h.unpublish("x", now),
+            Err(CatalogError::UnknownName(_))
+        ));
+    }
+
+    #[test]
+    fn mirror_accepts_new_rejects_invalid_and_backwards() {
+        let now = Utc::now();
+        let mut h = CatalogHistory::new(3);
+        let item = |name: &str| CatalogItem {
+            name: name.into(),
+            version: "1".into(),
+            sha256: d(name),
+            size: 1,
+            published_at: now,
+            urgent: false,
+        };
+        let c = Catalog {
+            revision: 5,
+            items: vec![item("a")],
+        };
+        assert!(h.mirror(c.clone(), None, now).unwrap());
+        assert!(!h.mirror(c, None, now).unwrap());
+        let dup = Catalog {
+            revision: 6,
+            items: vec![item("a"), item("a")],
+        };
+        assert!(matches!(
+            h.mirror(dup, None, now),
+            Err(CatalogError::Invalid { .. })
+        ));
+        let old = Catalog {
+            revision: 4,
+            items: vec![],
+        };
+        assert!(matches!(
+            h.mirror(old, None, now),
+            Err(CatalogError::Backwards { .. })
+        ));
+        assert_eq!(h.revision(), 5);
+    }
+
+    #[test]
+    fn labels() {
+        assert!(validate_label("name", "engine-x86_64.1+b").is_ok());
+        assert!(validate_label("name", "").is_err());
+        assert!(validate_label("name", "../etc").is_err());
+        assert!(validate_label("name", "a b").is_err());
+        assert!(validate_label("version", "..").is_err());
+        assert!(validate_label("version", "1.2.3").is_ok());
+    }
+}

@@ -1,0 +1,568 @@
+//! Configuration of the manager and node roles: the one place where every key has its default.
+//!
+//! Owns the TOML file shapes (`config/manager.toml`, `config/node.toml` document them), loading
+//! with unknown keys rejected (a typo in a security setting must not pass silently), and
+//! validation with a message naming the key. Command-line flags are applied on top by `cli`.
+//! This module must never start anything or touch the network.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Default port of the manager.
+pub const MANAGER_PORT: u16 = 8014;
+/// Default port of a node.
+pub const NODE_PORT: u16 = 2967;
+/// The upstream a node uses when none is configured.
+pub const DEFAULT_UPSTREAM: &str = "http://127.0.0.1:8014";
+
+/// A configuration problem, always naming the key.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{key}: {message}")]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+fn bad(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key: key.to_string(),
+        message: message.into(),
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// `[limits]` (both roles)
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSection {
+    /// Largest request head in bytes (request line and headers); beyond it, 431.
+    pub max_header_bytes: usize,
+    /// Seconds a client gets to send a whole request head; then the connection is closed.
+    pub header_read_timeout_s: u64,
+    /// Connections at once; 0 derives it from the open-file limit (raised to the hard limit
+    /// at start-up) less 256 kept for files and upstream connections.
+    pub max_connections: usize,
+    /// Serving threads, each with its own runtime; 0 means one per CPU core.
+    pub threads: usize,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        LimitsSection {
+            max_header_bytes: 16 * 1024,
+            header_read_timeout_s: 10,
+            max_connections: 0,
+            threads: 0,
+        }
+    }
+}
+
+impl LimitsSection {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(1024..=1 << 20).contains(&self.max_header_bytes) {
+            return Err(bad(
+                "limits.max_header_bytes",
+                format!("must be 1024 to 1048576 (got {})", self.max_header_bytes),
+            ));
+        }
+        if !(1..=3600).contains(&self.header_read_timeout_s) {
+            return Err(bad(
+                "limits.header_read_timeout_s",
+                format!(
+                    "must be 1 to 3600 seconds (got {})",
+                    self.header_read_timeout_s
+                ),
+            ));
+        }
+        if self.threads > 1024 {
+            return Err(bad(
+                "limits.threads",
+                format!("must be 0 (one per core) to 1024 (got {})", self.threads),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Checks that TLS is configured with both files or neither.
+fn validate_tls(section: &str, cert: &str, key: &str) -> Result<(), ConfigError> {
+    match (cert.is_empty(), key.is_empty()) {
+        (true, true) | (false, false) => Ok(()),
+        (false, true) => Err(bad(
+            &format!("{section}.tls_key"),
+            "is needed with tls_cert",
+        )),
+        (true, false) => Err(bad(
+            &format!("{section}.tls_cert"),
+            "is needed with tls_key",
+        )),
+    }
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    /// `text` or `json`.
+    pub format: LogFormat,
+}
+
+// === manager ===
+
+/// `config/manager.toml`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ManagerConfig {
+    pub manager: ManagerSection,
+    pub notifications: NotificationsSection,
+    pub limits: LimitsSection,
+    pub log: LogSection,
+}
+
+/// `[notifications]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct NotificationsSection {
+    /// Where new admin notifications are POSTed as JSON (empty: none), retried with backoff.
+    pub webhook_url: String,
+}
+
+/// `[manager]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ManagerSection {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// Empty: use `admin_token_file`, else the token kept in the data dir.
+    pub admin_token: String,
+    pub admin_token_file: String,
+    /// What nodes must present on `/v1/sync` and batch calls.
+    pub node_token: String,
+    pub node_token_file: String,
+    /// How many catalog revisions count as "in the catalog".
+    pub retain_revisions: usize,
+    /// PEM certificate chain and private key: with both, the port speaks only TLS.
+    pub tls_cert: String,
+    pub tls_key: String,
+}
+
+impl Default for ManagerSection {
+    fn default() -> Self {
+        ManagerSection {
+            listen: SocketAddr::from(([0, 0, 0, 0], MANAGER_PORT)),
+            data_dir: PathBuf::from("gup-data/manager"),
+            admin_token: String::new(),
+            admin_token_file: String::new(),
+            node_token: String::new(),
+            node_token_file: String::new(),
+            retain_revisions: 3,
+            tls_cert: String::new(),
+            tls_key: String::new(),
+        }
+    }
+}
+
+impl ManagerConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let m = &self.manager;
+        if m.data_dir.as_os_str().is_empty() {
+            return Err(bad("manager.data_dir", "must not be empty"));
+        }
+        if !(1..=1000).contains(&m.retain_revisions) {
+            return Err(bad(
+                "manager.retain_revisions",
+                format!("must be 1 to 1000 (got {})", m.retain_revisions),
+            ));
+        }
+        validate_tls("manager", &m.tls_cert, &m.tls_key)?;
+        self.limits.validate()?;
+        let hook = &self.notifications.webhook_url;
+        if !hook.is_empty() {
+            validate_url(hook).map_err(|e| bad("notifications.webhook_url", e))?;
+        }
+        Ok(())
+    }
+}
+
+// === node ===
+
+/// `config/node.toml`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    pub node: NodeSection,
+    pub upstream: UpstreamSection,
+    pub cache: CacheSection,
+    pub serve: ServeSection,
+    pub limits: LimitsSection,
+    pub log: LogSection,
+}
+
+/// `[serve]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServeSection {
+    /// LAN budget shared by all clients' downloads, bytes per second; 0 = unlimited.
+    pub max_bytes_per_sec: u64,
+    /// Content downloads answered at once; beyond, 503 with a short Retry-After. 0 = unlimited.
+    pub max_concurrent_downloads: usize,
+}
+
+/// `[node]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeSection {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// What a downstream node must present when this node is its upstream (chaining).
+    pub node_token: String,
+    pub node_token_file: String,
+    /// PEM certificate chain and private key: with both, the port speaks only TLS.
+    pub tls_cert: String,
+    pub tls_key: String,
+}
+
+impl Default for NodeSection {
+    fn default() -> Self {
+        NodeSection {
+            listen: SocketAddr::from(([0, 0, 0, 0], NODE_PORT)),
+            data_dir: PathBuf::from("gup-data/node"),
+            node_token: String::new(),
+            node_token_file: String::new(),
+            tls_cert: String::new(),
+            tls_key: String::new(),
+        }
+    }
+}
+
+/// `[upstream]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamSection {
+    /// Management servers (or nodes), highest priority first. Empty: `DEFAULT_UPSTREAM`.
+    pub servers: Vec<String>,
+    /// The node token this node presents upstream.
+    pub token: String,
+    pub token_file: String,
+    /// `push`: hold one `/v1/stream` to the upstream and re-sync on each event; `pull`: re-sync
+    /// every `sync_interval_s`.
+    pub mode: super::settings::ConnectionMode,
+    /// Seconds between re-syncs in pull mode, and between heartbeat batches relayed upstream.
+    pub sync_interval_s: u64,
+    /// An upstream fetch that receives no byte for this long is abandoned.
+    pub idle_timeout_s: u64,
+    /// WAN budget for blob fetches, bytes per second; 0 = unlimited.
+    pub max_bytes_per_sec: u64,
+    /// PEM file of CA certificates trusted for https upstreams (added to the system roots).
+    pub ca_file: String,
+    /// The manager's catalog public key (hex); when set, unsigned or wrongly signed catalogs
+    /// are refused.
+    pub catalog_public_key: String,
+}
+
+impl Default for UpstreamSection {
+    fn default() -> Self {
+        UpstreamSection {
+            servers: Vec::new(),
+            token: String::new(),
+            token_file: String::new(),
+            mode: super::settings::ConnectionMode::Push,
+            sync_interval_s: 10,
+            idle_timeout_s: 30,
+            max_bytes_per_sec: 0,
+            ca_file: String::new(),
+            catalog_public_key: String::new(),
+        }
+    }
+}
+
+/// Default `cache.memory_bytes` (the manager uses it too).
+pub const DEFAULT_MEMORY_BYTES: u64 = 256 << 20;
+/// Default `cache.memory_item_max_bytes` (the manager uses it too).
+pub const DEFAULT_MEMORY_ITEM_MAX_BYTES: u64 = 4 << 20;
+
+/// `[cache]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheSection {
+    /// Fetch new catalog items as soon as the node hears of them (else on first request).
+    pub prefetch: bool,
+    /// How many mirrored catalog revisions count as "in the catalog".
+    pub retain_revisions: usize,
+    /// Disk budget for blobs, in bytes.
+    pub max_bytes: u64,
+    /// Memory budget for copies of small, often-read blobs, in bytes (0: off).
+    pub memory_bytes: u64,
+    /// Largest blob kept in memory, in bytes.
+    pub memory_item_max_bytes: u64,
+}
+
+impl Default for CacheSection {
+    fn default() -> Self {
+        CacheSection {
+            prefetch: true,
+            retain_revisions: 3,
+            max_bytes: 10 << 30,
+            memory_bytes: DEFAULT_MEMORY_BYTES,
+            memory_item_max_bytes: DEFAULT_MEMORY_ITEM_MAX_BYTES,
+        }
+    }
+}
+
+impl NodeConfig {
+    /// The upstream list to use (the default when none is configured).
+    pub fn upstreams(&self) -> Vec<String> {
+        if self.upstream.servers.is_empty() {
+            vec![DEFAULT_UPSTREAM.to_string()]
+        } else {
+            self.upstream.servers.clone()
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.node.data_dir.as_os_str().is_empty() {
+            return Err(bad("node.data_dir", "must not be empty"));
+        }
+        for (i, s) in self.upstream.servers.iter().enumerate() {
+            validate_url(s).map_err(|m| bad(&format!("upstream.servers[{i}]"), m))?;
+        }
+        let u = &self.upstream;
+        if !(1..=86_400).contains(&u.sync_interval_s) {
+            return Err(bad(
+                "upstream.sync_interval_s",
+                format!("must be 1 to 86400 seconds (got {})", u.sync_interval_s),
+            ));
+        }
+        if !(1..=86_400).contains(&u.idle_timeout_s) {
+            return Err(bad(
+                "upstream.idle_timeout_s",
+                format!("must be 1 to 86400 seconds (got {})", u.idle_timeout_s),
+            ));
+        }
+        validate_tls("node", &self.node.tls_cert, &self.node.tls_key)?;
+        if !u.catalog_public_key.is_empty() {
+            super::signing::PublicKey::parse(&u.catalog_public_key)
+                .map_err(|e| bad("upstream.catalog_public_key", e.to_string()))?;
+        }
+        self.limits.validate()?;
+        if self.cache.max_bytes < 1 << 20 {
+            return Err(bad(
+                "cache.max_bytes",
+                format!(
+                    "must be at least 1048576 (1 MiB), got {}",
+                    self.cache.max_bytes
+                ),
+            ));
+        }
+        if self.cache.memory_item_max_bytes > self.cache.memory_bytes && self.cache.memory_bytes > 0
+        {
+            return Err(bad(
+                "cache.memory_item_max_bytes",
+                format!(
+                    "must not exceed cache.memory_bytes ({}), got {}",
+                    self.cache.memory_bytes, self.cache.memory_item_max_bytes
+                ),
+            ));
+        }
+        if self.cache.memory_item_max_bytes > 1 << 30 {
+            return Err(bad(
+                "cache.memory_item_max_bytes",
+                format!(
+                    "must be at most 1073741824 (1 GiB), got {}",
+                    self.cache.memory_item_max_bytes
+                ),
+            ));
+        }
+        if !(1..=1000).contains(&self.cache.retain_revisions) {
+            return Err(bad(
+                "cache.retain_revisions",
+                format!("must be 1 to 1000 (got {})", self.cache.retain_revisions),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// An upstream URL must be absolute http(s) with a host.
+pub fn validate_url(s: &str) -> Result<url::Url, String> {
+    let u = url::Url::parse(s).map_err(|e| format!("{s:?} is not a URL: {e}"))?;
+    if !matches!(u.scheme(), "http" | "https") {
+        return Err(format!("{s:?} must use http or https"));
+    }
+    if u.host_str().is_none() {
+        return Err(format!("{s:?} has no host"));
+    }
+    Ok(u)
+}
+
+// === loading ===
+
+/// Which role a config file is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Manager,
+    Node,
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Manager => "manager",
+            Role::Node => "node",
+        })
+    }
+}
+
+/// Infers the role from the file's sections: `[manager]` or `[node]`/`[upstream]`/`[cache]`.
+pub fn infer_role(text: &str) -> Result<Role, ConfigError> {
+    let table: toml::Table = toml::from_str(text).map_err(|e| toml_error(text, &e))?;
+    let manager = table.contains_key("manager") || table.contains_key("notifications");
+    // `[limits]` and `[log]` belong to both roles and decide nothing.
+    let node = ["node", "upstream", "cache", "serve"]
+        .iter()
+        .any(|k| table.contains_key(*k));
+    match (manager, node) {
+        (true, false) => Ok(Role::Manager),
+        (false, true) => Ok(Role::Node),
+        (true, true) => Err(bad(
+            "manager",
+            "a file is for one role: it has [manager] and node sections",
+        )),
+        (false, false) => Err(bad(
+            "(file)",
+            "cannot tell the role: expected a [manager] or a [node] section",
+        )),
+    }
+}
+
+/// Parses a TOML config, with errors naming the key on one line.
+pub fn parse<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e| toml_error(text, &e))
+}
+
+/// Reads and parses a config file.
+pub fn load<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| bad("(file)", format!("cannot read {}: {e}", path.display())))?;
+    parse(&text)
+}
+
+/// Turns a multi-line toml error into one line naming `section.key`.
+fn toml_error(text: &str, e: &toml::de::Error) -> ConfigError {
+    let message = e.message().trim().replace('\n', " ");
+    let Some(span) = e.span() else {
+        return bad("(file)", message);
+    };
+    let before = &text[..span.start.min(text.len())];
+    let line_no = before.matches('\n').count() + 1;
+    let section = before
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('[') && l.ends_with(']'))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    let line = text.lines().nth(line_no - 1).unwrap_or("");
+    let key = line
+        .split('=')
+        .next()
+        .map(str::trim)
+        .filter(|k| !k.is_empty() && !k.starts_with('['));
+    // serde names unknown fields itself: "unknown field `x`, expected ...".
+    let unknown = message
+        .strip_prefix("unknown field `")
+        .and_then(|r| r.split('`').next())
+        .filter(|k| !k.is_empty());
+    let key = unknown.or(key);
+    let full = match (section, key) {
+        (Some(s), Some(k)) => format!("{s}.{k}"),
+        (None, Some(k)) => k.to_string(),
+        (Some(s), None) => s,
+        (None, None) => "(file)".to_string(),
+    };
+    // A header like `[]` or a quoted empty key names nothing: point at the file.
+    let full = if full.trim_matches('.').is_empty() {
+        "(file)".to_string()
+    } else {
+        full
+    };
+    bad(&full, format!("{message} (line {line_no})"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate() {
+        ManagerConfig::default().validate().unwrap();
+        NodeConfig::default().validate().unwrap();
+        assert_eq!(NodeConfig::default().upstreams(), vec![DEFAULT_UPSTREAM]);
+        assert_eq!(ManagerConfig::default().manager.listen.port(), 8014);
+        assert_eq!(NodeConfig::default().node.listen.port(), 2967);
+    }
+
+    #[test]
+    fn shipped_examples_parse_to_the_defaults() {
+        let m: ManagerConfig = parse(include_str!("../../config/manager.toml")).unwrap();
+        assert_eq!(m, ManagerConfig::default());
+        let n: NodeConfig = parse(include_str!("../../config/node.toml")).unwrap();
+        assert_eq!(n, NodeConfig::default());
+        assert_eq!(
+            infer_role(include_str!("../../config/manager.toml")),
+            Ok(Role::Manager)
+        );
+        assert_eq!(
+            infer_role(include_str!("../../config/node.toml")),
+            Ok(Role::Node)
+        );
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = parse::<NodeConfig>("[upstream]\nsync_intervall_s = 3\n").unwrap_err();
+        assert_eq!(e.key, "upstream.sync_intervall_s");
+        let e = parse::<NodeConfig>("[upstream]\nsync_interval_s = \"x\"\n").unwrap_err();
+        assert_eq!(e.key, "upstream.sync_interval_s");
+        assert!(!e.to_string().contains('\n'));
+        let mut n = NodeConfig::default();
+        n.upstream.sync_interval_s = 0;
+        assert_eq!(n.validate().unwrap_err().key, "upstream.sync_interval_s");
+        n = NodeConfig::default();
+        n.upstream.servers = vec!["ftp://x".into()];
+        assert_eq!(n.validate().unwrap_err().key, "upstream.servers[0]");
+        n = NodeConfig::default();
+        n.limits.threads = 5000;
+        assert_eq!(n.validate().unwrap_err().key, "limits.threads");
+        n = NodeConfig::default();
+        n.cache.memory_bytes = 1 << 20;
+        n.cache.memory_item_max_bytes = 2 << 20;
+        assert_eq!(n.validate().unwrap_err().key, "cache.memory_item_max_bytes");
+        // 0 turns the memory cache off, whatever the item limit.
+        n.cache.memory_bytes = 0;
+        n.validate().unwrap();
+        let e = infer_role("[log]\nformat = \"json\"\n").unwrap_err();
+        assert_eq!(e.key, "(file)");
+        // Found by fuzzing: an empty quoted key still gets a non-empty name in the error.
+        let e = parse::<NodeConfig>("\"\"=9").unwrap_err();
+        assert!(!e.key.is_empty(), "{e}");
+        let e = parse::<NodeConfig>("[]\n''=\n").unwrap_err();
+        assert!(!e.key.is_empty(), "{e}");
+        let fuzzed = "1=['''=J1=33\n'=J\r\n''=\r\n''=\r\n[3#5#\r\n[31=33\n1=3\r\n''=\r\n\"\"\"1''=\r\n[]\x00\x00\x003\r\n''=\r\n''=\r\n[3#5#\r\n[3#6#\r\n";
+        for e in [
+            parse::<NodeConfig>(fuzzed).unwrap_err(),
+            parse::<ManagerConfig>(fuzzed).unwrap_err(),
+        ] {
+            assert!(!e.key.is_empty() && !e.to_string().contains('\n'), "{e}");
+        }
+    }
+}

@@ -1,0 +1,16 @@
+//! Layer 1: the rules of the product and its wire, as plain data and pure functions.
+//!
+//! Owns what both roles (and clients) must agree on: settings and their inheritance, the
+//! catalog and its revisions, digests, catalog signatures, download slots, configuration
+//! files, the wire types of the client API, and the kinds of failure. Nothing here does
+//! network I/O, reads the clock (times arrive as arguments) or touches sled; persistence is
+//! the caller's.
+
+pub mod catalog;
+pub mod config;
+pub mod digest;
+pub mod fault;
+pub mod proto;
+pub mod settings;
+pub mod signing;
+pub mod slots;

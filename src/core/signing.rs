@@ -1,0 +1,153 @@
+//! Catalog signatures: the manager signs each catalog revision, nodes verify and pass it on.
+//!
+//! Owns the manager's ed25519 key (made at first start, kept in the data dir with mode 0600,
+//! its public half printed by `gup manager --print-public-key`), the signing of a catalog's
+//! exact wire bytes, and verification against a configured public key. A node configured with
+//! the key refuses unsigned or wrongly signed catalogs, so neither a hostile upstream nor a
+//! node in the chain can invent content. It must never sign anything but a catalog, and never
+//! log the private key.
+
+use std::path::Path;
+
+use ed25519_dalek::{Signer, SigningKey, Verifier, VerifyingKey};
+
+use super::catalog::Catalog;
+
+/// What can go wrong with keys and signatures.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SignError {
+    #[error("catalog key file {path}: {reason}")]
+    KeyFile { path: String, reason: String },
+    #[error("public key: {0}")]
+    PublicKey(String),
+    #[error("the catalog carries no signature")]
+    Missing,
+    #[error("the catalog signature does not verify")]
+    Bad,
+}
+
+/// The bytes a catalog signature covers: the catalog exactly as `GET /v1/catalog` sends it.
+pub fn catalog_bytes(catalog: &Catalog) -> Vec<u8> {
+    serde_json::to_vec(catalog).unwrap_or_default()
+}
+
+/// The manager's signing key.
+pub struct CatalogKey {
+    key: SigningKey,
+}
+
+impl CatalogKey {
+    /// Loads `data_dir/catalog.key`, or makes it (mode 0600) at first start.
+    pub fn load_or_create(data_dir: &Path) -> Result<CatalogKey, SignError> {
+        let path = data_dir.join("catalog.key");
+        let err = |reason: String| SignError::KeyFile {
+            path: path.display().to_string(),
+            reason,
+        };
+        if path.exists() {
+            let text = std::fs::read_to_string(&path).map_err(|e| err(e.to_string()))?;
+            let mut bytes = [0u8; 32];
+            hex::decode_to_slice(text.trim(), &mut bytes)
+                .map_err(|_| err("not 64 hex characters".into()))?;
+            return Ok(CatalogKey {
+                key: SigningKey::from_bytes(&bytes),
+            });
+        }
+        let secret: [u8; 32] = rand::random();
+        std::fs::create_dir_all(data_dir).map_err(|e| err(e.to_string()))?;
+        write_private(&path, &hex::encode(secret)).map_err(|e| err(e.to_string()))?;
+        tracing::info!(path = %path.display(), "made a new catalog signing key at first start");
+        Ok(CatalogKey {
+            key: SigningKey::from_bytes(&secret),
+        })
+    }
+
+    /// The public key, hex (what nodes are configured with).
+    pub fn public_hex(&self) -> String {
+        hex::encode(self.key.verifying_key().to_bytes())
+    }
+
+    /// The signature of `catalog`, hex.
+    pub fn sign(&self, catalog: &Catalog) -> String {
+        hex::encode(self.key.sign(&catalog_bytes(catalog)).to_bytes())
+    }
+}
+
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()
+}
+
+/// A public key nodes verify catalogs with.
+#[derive(Clone)]
+pub struct PublicKey(VerifyingKey);
+
+impl PublicKey {
+    /// From 64 hex characters.
+    pub fn parse(hex_key: &str) -> Result<PublicKey, SignError> {
+        let mut bytes = [0u8; 32];
+        hex::decode_to_slice(hex_key.trim(), &mut bytes)
+            .map_err(|_| SignError::PublicKey("must be 64 hex characters".into()))?;
+        VerifyingKey::from_bytes(&bytes)
+            .map(PublicKey)
+            .map_err(|e| SignError::PublicKey(e.to_string()))
+    }
+
+    /// Checks `signature` (hex) over `catalog`.
+    pub fn verify(&self, catalog: &Catalog, signature: Option<&str>) -> Result<(), SignError> {
+        let sig = signature.ok_or(SignError::Missing)?;
+        let mut bytes = [0u8; 64];
+        hex::decode_to_slice(sig.trim(), &mut bytes).map_err(|_| SignError::Bad)?;
+        let sig = ed25519_dalek::Signature::from_bytes(&bytes);
+        self.0
+            .verify(&catalog_bytes(catalog), &sig)
+            .map_err(|_| SignError::Bad)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sign_verify_and_reject() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = CatalogKey::load_or_create(dir.path()).unwrap();
+        let again = CatalogKey::load_or_create(dir.path()).unwrap();
+        assert_eq!(key.public_hex(), again.public_hex(), "the key is kept");
+        let public = PublicKey::parse(&key.public_hex()).unwrap();
+        let mut catalog = Catalog {
+            revision: 3,
+            items: vec![],
+        };
+        let sig = key.sign(&catalog);
+        assert_eq!(public.verify(&catalog, Some(&sig)), Ok(()));
+        assert_eq!(public.verify(&catalog, None), Err(SignError::Missing));
+        assert_eq!(public.verify(&catalog, Some("zz")), Err(SignError::Bad));
+        catalog.revision = 4;
+        assert_eq!(public.verify(&catalog, Some(&sig)), Err(SignError::Bad));
+        let other = CatalogKey::load_or_create(&dir.path().join("other")).unwrap();
+        catalog.revision = 3;
+        let foreign = PublicKey::parse(&other.public_hex()).unwrap();
+        assert_eq!(foreign.verify(&catalog, Some(&sig)), Err(SignError::Bad));
+        assert!(PublicKey::parse("abc").is_err());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.path().join("catalog.key"))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+    }
+}

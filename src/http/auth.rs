@@ -1,0 +1,220 @@
+//! Bearer tokens: where they come from and how they are checked.
+//!
+//! Owns the admin token (guards the manager's admin API) and the node token (what nodes present
+//! on the calls that speak for many clients). A token comes from a flag, a file, the environment
+//! or the config; without one, a server makes one at first start and keeps it in its data dir
+//! with mode 0600. [`require`] puts a whole router behind one token, so that no handler checks
+//! a token itself. Tokens are compared in constant time and must never be logged.
+
+use std::path::{Path, PathBuf};
+
+use axum::http::HeaderMap;
+use axum::response::IntoResponse;
+use subtle::ConstantTimeEq;
+
+use super::error::ApiError;
+use crate::core::fault::{Fault, Kind};
+
+/// A secret bearer token. `Debug` does not print it.
+#[derive(Clone)]
+pub struct Token(String);
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(***)")
+    }
+}
+
+/// Why a token could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("reading token file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("token file {0} is empty")]
+    Empty(PathBuf),
+    #[error("writing token file {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Token {
+    pub fn new(secret: impl Into<String>) -> Token {
+        Token(secret.into())
+    }
+
+    /// The secret itself, for an `Authorization` header or `--print-*-token`.
+    pub fn secret(&self) -> &str {
+        &self.0
+    }
+
+    /// Constant-time comparison.
+    pub fn matches(&self, presented: &str) -> bool {
+        self.0.as_bytes().ct_eq(presented.as_bytes()).into()
+    }
+
+    /// Checks `Authorization: Bearer <token>`.
+    pub fn check(&self, headers: &HeaderMap, what: &'static str) -> Result<(), Unauthorized> {
+        let presented = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        match presented {
+            Some(t) if self.matches(t) => Ok(()),
+            Some(_) => Err(Unauthorized::Invalid(what)),
+            None => Err(Unauthorized::Missing(what)),
+        }
+    }
+}
+
+/// Why a request was refused for its credentials.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unauthorized {
+    #[error("this endpoint needs `Authorization: Bearer <{0} token>`")]
+    Missing(&'static str),
+    #[error("the {0} token is not valid")]
+    Invalid(&'static str),
+}
+
+impl Fault for Unauthorized {
+    fn kind(&self) -> Kind {
+        Kind::Unauthorized
+    }
+
+    fn code(&self) -> &'static str {
+        "unauthorized"
+    }
+}
+
+/// Puts every route of `router` behind `token` (named `what` in the error message): a
+/// request without it never reaches a handler.
+pub fn require<S>(router: axum::Router<S>, token: Token, what: &'static str) -> axum::Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+{
+    router.route_layer(axum::middleware::from_fn(
+        move |req: axum::extract::Request, next: axum::middleware::Next| {
+            let checked = token.check(req.headers(), what);
+            async move {
+                match checked {
+                    Ok(()) => next.run(req).await,
+                    Err(e) => ApiError::from(e).into_response(),
+                }
+            }
+        },
+    ))
+}
+
+/// Reads a token from a file (surrounding whitespace trimmed).
+pub fn read_token_file(path: &Path) -> Result<Token, TokenError> {
+    let text = std::fs::read_to_string(path).map_err(|source| TokenError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let t = text.trim();
+    if t.is_empty() {
+        return Err(TokenError::Empty(path.to_path_buf()));
+    }
+    Ok(Token::new(t))
+}
+
+/// The token a server uses: the explicit one when given, else the one kept in
+/// `data_dir/<name>.token`, made (random, 0600) at first start.
+pub fn resolve(
+    explicit: Option<&str>,
+    file: Option<&Path>,
+    data_dir: &Path,
+    name: &str,
+) -> Result<Token, TokenError> {
+    if let Some(t) = explicit.filter(|t| !t.is_empty()) {
+        return Ok(Token::new(t));
+    }
+    if let Some(f) = file {
+        return read_token_file(f);
+    }
+    let path = token_path(data_dir, name);
+    if path.exists() {
+        return read_token_file(&path);
+    }
+    let secret = generate();
+    write_private(&path, &secret).map_err(|source| TokenError::Write {
+        path: path.clone(),
+        source,
+    })?;
+    tracing::info!(path = %path.display(), "made a new {name} token at first start");
+    Ok(Token::new(secret))
+}
+
+/// Where a server keeps a token it made itself.
+pub fn token_path(data_dir: &Path, name: &str) -> PathBuf {
+    data_dir.join(format!("{name}.token"))
+}
+
+/// 32 random bytes as hex.
+pub fn generate() -> String {
+    let bytes: [u8; 32] = rand::random();
+    hex::encode(bytes)
+}
+
+fn write_private(path: &Path, secret: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path)?;
+    f.write_all(secret.as_bytes())?;
+    f.write_all(b"\n")?;
+    f.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn made_once_kept_private_and_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = resolve(None, None, dir.path(), "admin").unwrap();
+        let b = resolve(None, None, dir.path(), "admin").unwrap();
+        assert!(a.matches(b.secret()));
+        assert_eq!(a.secret().len(), 64);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(token_path(dir.path(), "admin"))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        let explicit = resolve(Some("s3cret"), None, dir.path(), "admin").unwrap();
+        assert!(explicit.matches("s3cret"));
+        assert!(!explicit.matches("s3cre"));
+        assert_eq!(format!("{explicit:?}"), "Token(***)");
+    }
+
+    #[test]
+    fn bearer_check() {
+        let t = Token::new("abc");
+        let mut h = HeaderMap::new();
+        assert_eq!(t.check(&h, "admin"), Err(Unauthorized::Missing("admin")));
+        h.insert("authorization", "Bearer abd".parse().unwrap());
+        assert_eq!(t.check(&h, "admin"), Err(Unauthorized::Invalid("admin")));
+        h.insert("authorization", "Bearer abc".parse().unwrap());
+        assert!(t.check(&h, "admin").is_ok());
+    }
+}

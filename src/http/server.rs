@@ -1,0 +1,661 @@
+//! Running an HTTP server on a listener the caller bound, until a shutdown future resolves.
+//!
+//! Owns the accept loop every role uses (`run(listener, router, shutdown, options)`, after
+//! mini-redis): one single-threaded runtime per serving thread, connections handed to the
+//! least loaded thread, the connection limit and how its slots are released, the choice
+//! between hyper and a lean push connection, and graceful shutdown with a bounded drain. It
+//! must never know routes or roles: which connections are push streams is the caller's
+//! predicate ([`Lean`]).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::Router;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use super::tls::Tls;
+use crate::core::config::LimitsSection;
+
+/// How long in-flight responses get to finish after shutdown starts.
+const DRAIN: Duration = Duration::from_secs(10);
+
+/// Connection limits of a server (`[limits]` in the config files).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest request head (request line and headers); beyond it, 431.
+    pub max_header_bytes: usize,
+    /// A client that has not sent a whole request head this long after it connected (or
+    /// after its previous response) is disconnected: half-open connections do not pile up.
+    pub header_read_timeout: Duration,
+    /// Connections beyond this many are closed at once, while the others carry on.
+    pub max_connections: usize,
+    /// Serving threads, each with its own runtime (at least 1).
+    pub threads: usize,
+}
+
+impl Limits {
+    /// The limits a `[limits]` section gives, with the open-file limit now in force (a
+    /// `max_connections` of 0 derives from it, keeping 256 descriptors for files and upstream
+    /// connections; `threads` 0 is one per core).
+    pub fn from_section(section: &LimitsSection, open_files: u64) -> Limits {
+        let derived = (open_files.saturating_sub(256) as usize).max(64);
+        Limits {
+            max_header_bytes: section.max_header_bytes,
+            header_read_timeout: Duration::from_secs(section.header_read_timeout_s),
+            max_connections: if section.max_connections == 0 {
+                derived
+            } else {
+                section.max_connections
+            },
+            threads: if section.threads == 0 {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+            } else {
+                section.threads
+            },
+        }
+    }
+}
+
+/// Which plain connections are long-lived push streams, served without hyper's buffers
+/// ([`super::pushconn`]): the caller's test of a connection's first `peek` bytes.
+#[derive(Clone, Copy)]
+pub struct Lean {
+    /// How many bytes the test needs.
+    pub peek: usize,
+    /// Whether a connection starting with these bytes is a push stream.
+    pub matches: fn(&[u8]) -> bool,
+}
+
+/// How a server serves its connections.
+#[derive(Clone)]
+pub struct Serving {
+    pub limits: Limits,
+    /// TLS: the port then speaks only TLS (and every connection goes through hyper).
+    pub tls: Option<Tls>,
+    pub lean: Option<Lean>,
+}
+
+/// Serves `router` on `listener` until `shutdown`, then drains for at most [`DRAIN`].
+///
+/// Connections are served on `limits.threads` threads, each with its own single-threaded
+/// runtime accepting from the shared listener (the shape of nginx's workers). The thread that
+/// accepts a connection gives it to the thread with the fewest open ones, and from then on it
+/// lives on that one thread, so a request never crosses threads and every ready connection waits
+/// its turn in one FIFO queue. tokio's work-stealing runtime, by contrast, let connections
+/// whose wake-ups overflowed a worker's local queue wait behind many turns of the others
+/// (p99 at 1000 connections 2 to 4 times nginx's). Work a handler spawns (an upstream fetch)
+/// runs on the thread that spawned it. Each connection is served by hyper with the given
+/// limits (and TLS when given), its peer address available to handlers as
+/// `ConnectInfo<SocketAddr>`.
+pub async fn run(
+    listener: TcpListener,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    serving: Serving,
+) -> std::io::Result<()> {
+    let Serving { limits, tls, lean } = serving;
+    use std::sync::Arc;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let listener = listener.into_std()?;
+    // Listening again only deepens the queue of connections not yet accepted (tokio binds
+    // with 128): 1,000 clients connecting at once overflowed it, and each dropped SYN cost its
+    // client a 1 s retransmit (wrk's p99 at 1,000 connections went from ~15 ms to ~1.2 s).
+    socket2::SockRef::from(&listener).listen(LISTEN_BACKLOG)?;
+    let threads = limits.threads.max(1);
+    let load: Arc<[AtomicUsize]> = (0..threads).map(|_| AtomicUsize::new(0)).collect();
+    // Every thread's runtime exists before any thread accepts, so that each can hand a
+    // connection to another.
+    let runtimes = (0..threads)
+        .map(|_| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+        })
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let handles: Arc<[tokio::runtime::Handle]> =
+        runtimes.iter().map(|rt| rt.handle().clone()).collect();
+    let mut done = Vec::new();
+    for (i, rt) in runtimes.into_iter().enumerate() {
+        let listener = listener.try_clone()?;
+        let worker = Worker {
+            handles: handles.clone(),
+            router: router.clone(),
+            limits: limits.clone(),
+            tls: tls.clone(),
+            lean,
+            slots: slots.clone(),
+            stop: stop_rx.clone(),
+            load: load.clone(),
+            me: i,
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name(format!("gup-serve-{i}"))
+            .spawn(move || {
+                let _ = tx.send(worker.run(rt, listener));
+            })?;
+        done.push(rx);
+    }
+    // The listener closes once every worker has dropped its clone.
+    drop(listener);
+    let mut first_error = None;
+    for rx in done {
+        match rx.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                first_error.get_or_insert(e);
+            }
+            Err(_) => {
+                first_error.get_or_insert(std::io::Error::other("a serving thread panicked"));
+            }
+        }
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// One serving thread: its runtime, its accept loop, and its share of the drain.
+struct Worker {
+    router: Router,
+    limits: Limits,
+    tls: Option<Tls>,
+    lean: Option<Lean>,
+    /// Connection slots all workers share (`limits.max_connections`).
+    slots: std::sync::Arc<tokio::sync::Semaphore>,
+    stop: watch::Receiver<bool>,
+    /// Open connections per thread, and which one is this thread's.
+    load: std::sync::Arc<[AtomicUsize]>,
+    me: usize,
+    /// Every serving thread's runtime, to hand a connection to the least loaded one.
+    handles: std::sync::Arc<[tokio::runtime::Handle]>,
+}
+
+/// What an open connection holds: its place under `limits.max_connections` and its count on
+/// the thread serving it. Released before the connection's close can be seen (see
+/// [`Guarded`]), so a client that saw the close and connects again finds the place free.
+struct Slot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    load: std::sync::Arc<[AtomicUsize]>,
+    me: usize,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.load[self.me].fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A connection's stream with its [`Slot`]: the slot goes when the stream shuts down its
+/// writing side or is dropped, before the socket closes. (Releasing it after the serving task
+/// ended let a client that had already seen the close be refused: a test making three new
+/// connections right after closing three at `max_connections = 3` failed 7 runs in 20.)
+pub struct Guarded<I> {
+    /// Declared first: dropped before `io`, whose drop closes the socket.
+    slot: Option<Slot>,
+    io: I,
+}
+
+impl<I> Guarded<I> {
+    /// The stream itself.
+    pub fn get_ref(&self) -> &I {
+        &self.io
+    }
+
+    /// The same slot around another stream built from this one.
+    fn map<J>(mut self, f: impl FnOnce(I) -> J) -> Guarded<J> {
+        let slot = self.slot.take();
+        Guarded {
+            slot,
+            io: f(self.io),
+        }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Guarded<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Guarded<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    /// The slot is released before the peer can see the end of the stream.
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        this.slot = None;
+        Pin::new(&mut this.io).poll_shutdown(cx)
+    }
+}
+
+impl Worker {
+    fn run(
+        self,
+        rt: tokio::runtime::Runtime,
+        listener: std::net::TcpListener,
+    ) -> std::io::Result<()> {
+        let result = rt.block_on(self.serve(listener));
+        // Blocking reads still running get a moment; nothing waits on them any more.
+        rt.shutdown_timeout(Duration::from_secs(1));
+        result
+    }
+
+    async fn serve(self, listener: std::net::TcpListener) -> std::io::Result<()> {
+        // Accepted sockets are registered only with the reactor of the thread that serves
+        // them, so the listener is watched for readiness and accepted from directly.
+        listener.set_nonblocking(true)?;
+        let listener = crate::sys::register_listener(listener)?;
+        let Worker {
+            router,
+            limits,
+            tls,
+            lean,
+            slots,
+            stop: stop_rx,
+            load,
+            me,
+            handles,
+        } = self;
+        let mut stop = stop_rx.clone();
+        let mut refused_logged = false;
+        loop {
+            let (stream, peer) = tokio::select! {
+                ready = listener.readable() => {
+                    let mut ready = ready?;
+                    match ready.try_io(|l| l.get_ref().accept()) {
+                        Ok(Ok(a)) => a,
+                        Ok(Err(e)) => {
+                            // Out of file descriptors and the like: back off instead of
+                            // spinning.
+                            tracing::warn!(error = %e, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                        // Another thread took it first; readiness is cleared, wait again.
+                        Err(_would_block) => continue,
+                    }
+                }
+                _ = stop.changed() => break,
+            };
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                // Refused cleanly: closed at once; the connections already open carry on.
+                if !refused_logged {
+                    tracing::warn!(
+                        max = limits.max_connections,
+                        "at limits.max_connections; refusing new connections"
+                    );
+                    refused_logged = true;
+                }
+                drop(stream);
+                continue;
+            };
+            refused_logged = false;
+            let _ = stream.set_nodelay(true);
+            // Balance: whichever thread accepts first takes the connection (an idle one wakes
+            // first), but it is served by the thread with the fewest open connections when
+            // this one is ahead by more than one: a burst of connects must neither land on
+            // one thread nor wait for a busy thread to come round to accept.
+            let target = {
+                let mine = load[me].load(Ordering::Relaxed);
+                let (least, fewest) = (0..load.len())
+                    .map(|i| (i, load[i].load(Ordering::Relaxed)))
+                    .min_by_key(|(_, n)| *n)
+                    .unwrap_or((me, mine));
+                if mine > fewest + 1 {
+                    least
+                } else {
+                    me
+                }
+            };
+            load[target].fetch_add(1, Ordering::Relaxed);
+            let conn = Conn {
+                slot: Slot {
+                    _permit: permit,
+                    load: load.clone(),
+                    me: target,
+                },
+                peer,
+                router: router.clone(),
+                limits: limits.clone(),
+                tls: tls.clone(),
+                lean,
+                stop: stop_rx.clone(),
+            };
+            // Registered with the serving thread's reactor once it runs there.
+            if let Err(e) = stream.set_nonblocking(true) {
+                tracing::debug!(error = %e, "setting up an accepted connection failed");
+                continue;
+            }
+            handles[target].spawn(async move {
+                if let Ok(stream) = TcpStream::from_std(stream) {
+                    conn.serve(stream).await;
+                }
+            });
+        }
+        // Stop accepting, then let this thread's connections finish (all threads' share of
+        // the slots coming back means every connection is done).
+        drop(listener);
+        let all = limits.max_connections.max(1);
+        let drained = async {
+            while slots.available_permits() < all {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        if tokio::time::timeout(DRAIN, drained).await.is_err() {
+            tracing::warn!("responses still running after {DRAIN:?}; cutting them");
+        }
+        Ok(())
+    }
+}
+
+/// An accepted connection and what serving it needs.
+struct Conn {
+    slot: Slot,
+    peer: std::net::SocketAddr,
+    router: Router,
+    limits: Limits,
+    tls: Option<Tls>,
+    lean: Option<Lean>,
+    stop: watch::Receiver<bool>,
+}
+
+impl Conn {
+    /// Serves the connection on the thread this runs on, until it closes.
+    async fn serve(self, stream: TcpStream) {
+        let Conn {
+            slot,
+            peer,
+            router,
+            limits,
+            tls,
+            lean,
+            mut stop,
+        } = self;
+        let stream = Guarded {
+            slot: Some(slot),
+            io: stream,
+        };
+        // The task holds only boxes: an idle connection costs what its way of being served
+        // needs, not what the largest way (or the TLS handshake) needs.
+        let serving: Pin<Box<dyn Future<Output = ()> + Send + '_>> = {
+            let Some(way) = Box::pin(classify(stream, tls, lean, &limits)).await else {
+                return;
+            };
+            match way {
+                Way::Tls(stream) => {
+                    Box::pin(serve_hyper(*stream, peer, router, &limits, &mut stop))
+                }
+                // Plain TCP: mapped blob bytes go out with sendfile.
+                Way::Plain(stream) => Box::pin(serve_hyper(
+                    stream.map(crate::sys::zerocopy::Stream::new),
+                    peer,
+                    router,
+                    &limits,
+                    &mut stop,
+                )),
+                Way::Push(stream) => Box::pin(serve_push(stream, peer, router, &limits, &mut stop)),
+            }
+        };
+        serving.await;
+    }
+}
+
+/// Connections the kernel may queue before they are accepted (capped by
+/// `net.core.somaxconn`, 4096 on current Linux). nginx defaults to 511; a node whose clients
+/// all reconnect at once (after a restart, or at a release) wants more.
+const LISTEN_BACKLOG: i32 = 4096;
+
+/// How an accepted connection is served.
+enum Way {
+    /// TLS, handshake done (boxed: a rustls connection is large).
+    Tls(Box<tokio_rustls::server::TlsStream<Guarded<TcpStream>>>),
+    /// Plain HTTP through hyper.
+    Plain(Guarded<TcpStream>),
+    /// Plain TCP whose first bytes the [`Lean`] test matched: served by [`super::pushconn`],
+    /// without hyper's per-connection buffers.
+    Push(Guarded<TcpStream>),
+}
+
+/// Finishes the TLS handshake, or peeks at the first bytes of a plain connection, within
+/// `limits.header_read_timeout`. `None` when the peer sent nothing usable in time.
+async fn classify(
+    stream: Guarded<TcpStream>,
+    tls: Option<Tls>,
+    lean: Option<Lean>,
+    limits: &Limits,
+) -> Option<Way> {
+    if let Some(acceptor) = tls {
+        let accepted =
+            tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream)).await;
+        return match accepted {
+            Ok(Ok(tls_stream)) => Some(Way::Tls(Box::new(tls_stream))),
+            _ => None,
+        };
+    }
+    let Some(lean) = lean else {
+        return Some(Way::Plain(stream));
+    };
+    let mut first = [0u8; 64];
+    let want = lean.peek.min(first.len());
+    let peeked = tokio::time::timeout(
+        limits.header_read_timeout,
+        stream.get_ref().peek(&mut first[..want]),
+    )
+    .await;
+    match peeked {
+        Ok(Ok(n)) if (lean.matches)(&first[..n]) => Some(Way::Push(stream)),
+        Ok(Ok(_)) => Some(Way::Plain(stream)),
+        _ => None,
+    }
+}
+
+/// A push stream until it ends, or until [`DRAIN`] after shutdown began (its body ends at
+/// shutdown; this bounds the rest).
+async fn serve_push(
+    stream: Guarded<TcpStream>,
+    peer: std::net::SocketAddr,
+    router: Router,
+    limits: &Limits,
+    stop: &mut watch::Receiver<bool>,
+) {
+    let serve = super::pushconn::serve(
+        stream,
+        peer,
+        router,
+        limits.max_header_bytes,
+        limits.header_read_timeout,
+    );
+    tokio::pin!(serve);
+    tokio::select! {
+        _ = &mut serve => {}
+        _ = async { stop.wait_for(|s| *s).await.is_ok() } => {
+            // Boxed: a timer in every idle stream's state would cost more than the stream.
+            let _ = Box::pin(tokio::time::timeout(DRAIN, serve)).await;
+        }
+    }
+}
+
+/// Serves a connection with hyper, the router's handlers seeing the peer address as
+/// `ConnectInfo<SocketAddr>`.
+async fn serve_hyper<I>(
+    io: I,
+    peer: std::net::SocketAddr,
+    router: Router,
+    limits: &Limits,
+    stop: &mut watch::Receiver<bool>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = tower::ServiceBuilder::new()
+        .map_request(
+            move |mut req: axum::extract::Request<hyper::body::Incoming>| {
+                req.extensions_mut()
+                    .insert(axum::extract::ConnectInfo(peer));
+                req
+            },
+        )
+        .service(router);
+    let svc = hyper_util::service::TowerToHyperService::new(svc);
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192));
+    let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(io), svc);
+    drive(conn, stop).await;
+}
+
+/// Serves one connection; at shutdown lets its in-flight response finish, then closes it.
+async fn drive<C>(conn: C, stop: &mut watch::Receiver<bool>)
+where
+    C: Future<Output = Result<(), hyper::Error>> + GracefulConnection,
+{
+    tokio::pin!(conn);
+    let mut stopping = *stop.borrow();
+    if stopping {
+        conn.as_mut().shutdown_gracefully();
+    }
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            changed = stop.changed(), if !stopping => {
+                stopping = true;
+                if changed.is_ok() {
+                    conn.as_mut().shutdown_gracefully();
+                }
+            }
+        }
+    }
+}
+
+/// hyper's per-connection graceful shutdown, behind one name for plain and TLS streams.
+trait GracefulConnection {
+    fn shutdown_gracefully(self: std::pin::Pin<&mut Self>);
+}
+
+impl<I, S> GracefulConnection for hyper::server::conn::http1::Connection<I, S>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming>,
+    S::ResBody: 'static,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
+{
+    fn shutdown_gracefully(self: std::pin::Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A burst of connections is spread over the serving threads, whichever thread accepts
+    /// them: each connection asks which thread serves it.
+    #[tokio::test]
+    async fn a_burst_of_connections_is_served_by_every_thread() {
+        let router = Router::new().route(
+            "/thread",
+            axum::routing::get(|| async {
+                std::thread::current().name().unwrap_or("?").to_string()
+            }),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let serving = Serving {
+            limits: Limits {
+                max_header_bytes: 8192,
+                header_read_timeout: Duration::from_secs(5),
+                max_connections: 64,
+                threads: 2,
+            },
+            tls: None,
+            lean: None,
+        };
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(run(
+            listener,
+            router,
+            async {
+                let _ = stop_rx.await;
+            },
+            serving,
+        ));
+        // All connected before any asks, and all held open until every answer is in.
+        let mut conns = Vec::new();
+        for _ in 0..8 {
+            conns.push(TcpStream::connect(addr).await.unwrap());
+        }
+        let mut served = std::collections::HashMap::<String, usize>::new();
+        for conn in &mut conns {
+            conn.write_all(b"GET /thread HTTP/1.1\r\nhost: t\r\n\r\n")
+                .await
+                .unwrap();
+            let mut buf = vec![0u8; 1024];
+            let mut got = 0;
+            let name = loop {
+                let n = conn.read(&mut buf[got..]).await.unwrap();
+                assert!(n > 0, "connection closed before the answer");
+                got += n;
+                let text = String::from_utf8_lossy(&buf[..got]).to_string();
+                if let Some(name) = text.split("\r\n\r\n").nth(1).filter(|b| b.len() >= 11) {
+                    break name.to_string();
+                }
+            };
+            *served.entry(name).or_default() += 1;
+        }
+        assert_eq!(served.len(), 2, "both threads serve: {served:?}");
+        assert!(
+            served.values().all(|n| *n >= 3),
+            "no thread takes more than its share plus one: {served:?}"
+        );
+        drop(conns);
+        let _ = stop_tx.send(());
+        server.await.unwrap().unwrap();
+    }
+}

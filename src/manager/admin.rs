@@ -1,0 +1,290 @@
+//! The admin API: site settings, groups, settings, policies, clients, users, events,
+//! notifications and learned applications.
+//!
+//! Owns the admin routes of the manager and what each change pushes to streams. Every route
+//! here sits behind the admin token, checked once by the router layer (`http::auth::require`);
+//! no handler checks it itself. It must never answer a client endpoint: those are `serve`'s.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post, put};
+use axum::{Json, Router};
+use chrono::Utc;
+use serde::Deserialize;
+
+use super::events::EventQuery;
+use super::publish;
+use super::registry::ClientRecord;
+use super::Manager;
+use crate::core::proto::{settings_json, Change, BODY_LIMIT};
+use crate::core::settings::{Directory, PutOutcome, SettingsError, DEFAULT_GROUP};
+use crate::http::error::ApiError;
+use crate::http::extract::{JsonBody, Path, Query};
+
+/// Every admin route (the caller puts them behind the admin token).
+pub fn routes(m: Arc<Manager>) -> Router {
+    let publishing = Router::new().route("/v1/admin/content", post(publish::publish));
+    let rest = Router::new()
+        .route("/v1/admin/content/{name}", delete(publish::unpublish))
+        .route("/v1/admin/site", put(put_site).get(get_site))
+        .route("/v1/admin/groups", get(list_groups))
+        .route(
+            "/v1/admin/groups/{group}",
+            put(put_group).delete(delete_group),
+        )
+        .route(
+            "/v1/admin/groups/{group}/settings",
+            put(put_settings).get(get_admin_settings),
+        )
+        .route("/v1/admin/groups/{group}/policy", put(put_policy))
+        .route("/v1/admin/clients", get(list_clients))
+        .route("/v1/admin/clients/{id}", delete(delete_client))
+        .route("/v1/admin/clients/{id}/move", post(move_client))
+        .route("/v1/admin/users/{user}", put(put_user))
+        .route("/v1/admin/events", get(admin_events))
+        .route("/v1/admin/notifications", get(admin_notifications))
+        .route("/v1/admin/applications", get(admin_applications))
+        .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT));
+    // Publishing streams its raw body to disk, which no body limit applies to.
+    publishing.merge(rest).with_state(m)
+}
+
+/// Settings changes for `groups`, as pushed to streams.
+fn settings_changes(dir: &Directory, groups: &[String]) -> Vec<Change> {
+    groups
+        .iter()
+        .map(|g| Change::Settings {
+            group: g.clone(),
+            serial: dir.settings_serial(g),
+        })
+        .collect()
+}
+
+async fn get_site(State(m): State<Arc<Manager>>) -> Result<Json<serde_json::Value>, ApiError> {
+    let site = m.served.directory()?.site.clone();
+    Ok(Json(serde_json::to_value(site).unwrap_or_default()))
+}
+
+async fn put_site(
+    State(m): State<Arc<Manager>>,
+    JsonBody(body): JsonBody<serde_json::Value>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let site = m
+        .change_directory(|d| {
+            let before = d.site.clone();
+            d.put_site(&body)?;
+            // learn_applications depends on the site switch: every group's settings change.
+            let changes = if d.site != before {
+                let all: Vec<String> = d.groups.keys().cloned().collect();
+                settings_changes(d, &all)
+            } else {
+                Vec::new()
+            };
+            Ok((d.site.clone(), changes))
+        })
+        .await?;
+    Ok(Json(serde_json::to_value(site).unwrap_or_default()))
+}
+
+async fn list_groups(State(m): State<Arc<Manager>>) -> Result<Json<serde_json::Value>, ApiError> {
+    let groups = m.served.directory()?.groups_list();
+    Ok(Json(serde_json::json!({ "groups": groups })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ParentBody {
+    parent: Option<String>,
+}
+
+async fn put_group(
+    State(m): State<Arc<Manager>>,
+    Path(group): Path<String>,
+    JsonBody(body): JsonBody<ParentBody>,
+) -> Result<Response, ApiError> {
+    let parent = body.parent.unwrap_or_else(|| DEFAULT_GROUP.to_string());
+    let outcome = m
+        .change_directory(|d| {
+            let o = d.put_group(&group, &parent)?;
+            let changes = if o == PutOutcome::Unchanged {
+                Vec::new()
+            } else {
+                let mut c = settings_changes(d, &d.descendants(&group));
+                c.extend(d.descendants(&group).into_iter().map(|g| Change::Policy {
+                    serial: d.policy_serial(&g),
+                    group: g,
+                }));
+                c
+            };
+            Ok((o, changes))
+        })
+        .await?;
+    let status = if outcome == PutOutcome::Created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((
+        status,
+        Json(serde_json::json!({"group": group, "parent": parent})),
+    )
+        .into_response())
+}
+
+async fn delete_group(
+    State(m): State<Arc<Manager>>,
+    Path(group): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let has_clients = m.registry.has_clients(&group)?;
+    m.change_directory(|d| {
+        d.delete_group(&group, has_clients)?;
+        Ok(((), Vec::new()))
+    })
+    .await?;
+    Ok(Json(serde_json::json!({"deleted": group})))
+}
+
+#[derive(Deserialize)]
+struct LocationQuery {
+    location: Option<String>,
+}
+
+async fn put_settings(
+    State(m): State<Arc<Manager>>,
+    Path(group): Path<String>,
+    Query(q): Query<LocationQuery>,
+    JsonBody(body): JsonBody<serde_json::Value>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let location = q.location.filter(|l| !l.is_empty());
+    let effective = m
+        .change_directory(|d| {
+            let changed = d.put_settings(&group, location.as_deref(), &body)?;
+            let changes = settings_changes(d, &changed);
+            Ok((settings_json(d, &group, location.as_deref()), changes))
+        })
+        .await?;
+    Ok(Json(effective))
+}
+
+async fn get_admin_settings(
+    State(m): State<Arc<Manager>>,
+    Path(group): Path<String>,
+    Query(q): Query<LocationQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let location = q.location.filter(|l| !l.is_empty());
+    let dir = m.served.directory()?;
+    let Some(g) = dir.groups.get(&group) else {
+        return Err(SettingsError::NotFound(format!("no group {group:?}")).into());
+    };
+    let own = g.own.to_nested();
+    let location_override = location
+        .as_deref()
+        .and_then(|l| g.locations.get(l))
+        .map(|o| o.to_nested());
+    Ok(Json(serde_json::json!({
+        "group": group,
+        "location": location,
+        "own": own,
+        "location_override": location_override,
+        "effective": settings_json(&dir, &group, location.as_deref()),
+    })))
+}
+
+async fn put_policy(
+    State(m): State<Arc<Manager>>,
+    Path(group): Path<String>,
+    JsonBody(body): JsonBody<serde_json::Value>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let serial = m
+        .change_directory(|d| {
+            let serial = d.put_policy(&group, body)?;
+            // Every descendant whose effective policy is now this one hears of it.
+            let changes = d
+                .descendants(&group)
+                .into_iter()
+                .filter(|g| d.policy_serial(g) == serial)
+                .map(|g| Change::Policy { group: g, serial })
+                .collect();
+            Ok((serial, changes))
+        })
+        .await?;
+    Ok(Json(serde_json::json!({"group": group, "serial": serial})))
+}
+
+async fn list_clients(State(m): State<Arc<Manager>>) -> Result<Json<serde_json::Value>, ApiError> {
+    let clients = m.registry.list(Utc::now())?;
+    Ok(Json(serde_json::json!({ "clients": clients })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GroupBody {
+    group: String,
+}
+
+async fn move_client(
+    State(m): State<Arc<Manager>>,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<GroupBody>,
+) -> Result<Json<ClientRecord>, ApiError> {
+    let dir = m.served.directory()?.clone();
+    let record = m.registry.move_client(&dir, &id, &body.group)?;
+    m.registry.flush().await?;
+    // A pushed client hears of its new group's settings at once.
+    m.served.changes.send(Change::Settings {
+        group: record.group.clone(),
+        serial: dir.settings_serial(&record.group),
+    });
+    Ok(Json(record))
+}
+
+async fn delete_client(
+    State(m): State<Arc<Manager>>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    m.registry.delete(&id)?;
+    m.registry.flush().await?;
+    Ok(Json(serde_json::json!({"deleted": id})))
+}
+
+async fn put_user(
+    State(m): State<Arc<Manager>>,
+    Path(user): Path<String>,
+    JsonBody(body): JsonBody<GroupBody>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let dir = m.served.directory()?.clone();
+    m.registry.set_user(&dir, &user, &body.group)?;
+    m.registry.flush().await?;
+    Ok(Json(serde_json::json!({"user": user, "group": body.group})))
+}
+
+async fn admin_events(
+    State(m): State<Arc<Manager>>,
+    Query(q): Query<EventQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let (events, next) = m.events.query(&q)?;
+    Ok(Json(serde_json::json!({ "events": events, "next": next })))
+}
+
+async fn admin_notifications(
+    State(m): State<Arc<Manager>>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let notifications = m.events.notifications()?;
+    Ok(Json(serde_json::json!({ "notifications": notifications })))
+}
+
+#[derive(Deserialize)]
+struct AppQuery {
+    q: Option<String>,
+}
+
+async fn admin_applications(
+    State(m): State<Arc<Manager>>,
+    Query(q): Query<AppQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let apps = m.events.search_applications(q.q.as_deref().unwrap_or(""))?;
+    Ok(Json(serde_json::json!({ "applications": apps })))
+}

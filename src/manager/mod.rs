@@ -1,0 +1,281 @@
+//! The management server: the source of truth nodes mirror.
+//!
+//! Owns the manager's state (catalog history, published blobs through `store`, the settings
+//! directory, the client registry, the event records, tokens, the catalog signing key), its
+//! [`Role`] behind the shared client API (heartbeats resolve groups in the registry, uploads
+//! are stored and raise notifications), and the admin API behind the admin token. It must
+//! never fetch from anywhere: nothing is upstream of the manager.
+
+mod admin;
+pub mod events;
+mod publish;
+pub mod registry;
+
+use std::sync::Arc;
+
+use axum::Router;
+use chrono::{DateTime, Utc};
+use futures_util::future::BoxFuture;
+use tokio::net::TcpListener;
+
+use crate::core::catalog::CatalogHistory;
+use crate::core::config::ManagerConfig;
+use crate::core::fault::Internal;
+use crate::core::proto::{Change, Heartbeat, Placed, Placement, Upload};
+use crate::core::settings::Directory;
+use crate::http::auth::{self, Token, TokenError};
+use crate::http::error::ApiError;
+use crate::http::server::{self, Limits, Serving};
+use crate::http::shutdown::Shutdown;
+use crate::http::tls::{self, TlsError};
+use crate::serve::health::Readiness;
+use crate::serve::metrics::Metrics;
+use crate::serve::{self, Api, Role, Served, ServedOptions};
+use crate::store::{Kv, Store, StoreError};
+use events::{EventStore, EventsError, Notification};
+use registry::{Registry, RegistryError};
+
+/// Why the manager could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum ManagerError {
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("token: {0}")]
+    Token(#[from] TokenError),
+    #[error("serving: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("clients: {0}")]
+    Registry(#[from] RegistryError),
+    #[error("events: {0}")]
+    Events(#[from] EventsError),
+    #[error("tls: {0}")]
+    Tls(#[from] TlsError),
+    #[error("{0}")]
+    Signing(#[from] crate::core::signing::SignError),
+}
+
+const CATALOG_KEY: &str = "history";
+const DIRECTORY_KEY: &str = "directory";
+
+/// A running manager's state.
+pub struct Manager {
+    served: Arc<Served>,
+    catalog_kv: Kv,
+    directory_kv: Kv,
+    registry: Registry,
+    events: EventStore,
+    http: reqwest::Client,
+    webhook: Option<String>,
+    admin_token: Token,
+    node_token: Token,
+    /// Serializes catalog changes with their persistence, so revisions hit disk in order.
+    publish_lock: tokio::sync::Mutex<()>,
+    /// Signs each catalog revision.
+    catalog_key: crate::core::signing::CatalogKey,
+    /// Serializes directory changes with their persistence.
+    admin_lock: tokio::sync::Mutex<()>,
+    shutdown: Shutdown,
+    serving: Serving,
+}
+
+/// Tokens a manager uses, resolved from config, files, or its data dir.
+pub fn tokens(config: &ManagerConfig) -> Result<(Token, Token), TokenError> {
+    let m = &config.manager;
+    let file = |f: &str| (!f.is_empty()).then(|| std::path::PathBuf::from(f));
+    let admin = auth::resolve(
+        Some(&m.admin_token),
+        file(&m.admin_token_file).as_deref(),
+        &m.data_dir,
+        "admin",
+    )?;
+    let node = auth::resolve(
+        Some(&m.node_token),
+        file(&m.node_token_file).as_deref(),
+        &m.data_dir,
+        "node",
+    )?;
+    Ok((admin, node))
+}
+
+impl Manager {
+    /// Opens the data dir: store, catalog, directory, registry, events, tokens.
+    pub fn open(config: &ManagerConfig, shutdown: Shutdown) -> Result<Arc<Manager>, ManagerError> {
+        let m = &config.manager;
+        let store = Store::open(&m.data_dir)?;
+        let (admin_token, node_token) = tokens(config)?;
+        let catalog_kv = store.kv("catalog")?;
+        let mut history: CatalogHistory = catalog_kv
+            .get(CATALOG_KEY)?
+            .unwrap_or_else(|| CatalogHistory::new(m.retain_revisions));
+        history.set_retain(m.retain_revisions);
+        let catalog_key = crate::core::signing::CatalogKey::load_or_create(&m.data_dir)?;
+        history.sign_current(|c| catalog_key.sign(c));
+        let directory_kv = store.kv("settings")?;
+        let directory: Directory = directory_kv.get(DIRECTORY_KEY)?.unwrap_or_default();
+        let registry = Registry::open(&store)?;
+        let events = EventStore::open(&store)?;
+        let serving = Serving {
+            limits: Limits::from_section(&config.limits, crate::sys::open_file_limit()),
+            tls: tls::optional(&m.tls_cert, &m.tls_key)?,
+            lean: Some(serve::lean()),
+        };
+        tracing::info!(
+            revision = history.revision(),
+            blobs = store.list().len(),
+            groups = directory.groups.len(),
+            "manager state loaded"
+        );
+        let served = Served::new(
+            store,
+            history,
+            directory,
+            Arc::new(Metrics::new()),
+            shutdown.clone(),
+            ServedOptions {
+                fetcher: None,
+                readiness: Readiness::ready(),
+                max_bytes_per_sec: 0,
+                max_concurrent_downloads: 0,
+                memory_bytes: crate::core::config::DEFAULT_MEMORY_BYTES,
+                memory_item_max_bytes: crate::core::config::DEFAULT_MEMORY_ITEM_MAX_BYTES,
+            },
+        )?;
+        Ok(Arc::new(Manager {
+            served: Arc::new(served),
+            catalog_kv,
+            directory_kv,
+            registry,
+            events,
+            http: reqwest::Client::new(),
+            webhook: (!config.notifications.webhook_url.is_empty())
+                .then(|| config.notifications.webhook_url.clone()),
+            admin_token,
+            node_token,
+            publish_lock: tokio::sync::Mutex::new(()),
+            catalog_key,
+            admin_lock: tokio::sync::Mutex::new(()),
+            shutdown,
+            serving,
+        }))
+    }
+
+    /// All routes of the manager: the client API and the admin API behind the admin token.
+    pub fn router(self: &Arc<Self>) -> Router {
+        let api = Api {
+            served: self.served.clone(),
+            role: self.clone(),
+        };
+        let admin = auth::require(
+            admin::routes(self.clone()),
+            self.admin_token.clone(),
+            "admin",
+        );
+        serve::finish(serve::router(api, self.node_token.clone()).merge(admin))
+    }
+
+    /// Serves until `shutdown`, then flushes the store.
+    pub async fn run(self: Arc<Self>, listener: TcpListener) -> Result<(), ManagerError> {
+        let addr = listener.local_addr()?;
+        tracing::info!(%addr, tls = self.serving.tls.is_some(), max_connections = self.serving.limits.max_connections, "manager listening");
+        server::run(
+            listener,
+            self.router(),
+            self.shutdown.clone().wait(),
+            self.serving.clone(),
+        )
+        .await?;
+        self.served.store.flush().await?;
+        self.registry.flush().await?;
+        tracing::info!("manager stopped");
+        Ok(())
+    }
+
+    /// The public half of the catalog signing key (hex).
+    pub fn catalog_public_key(&self) -> String {
+        self.catalog_key.public_hex()
+    }
+
+    /// Applies `f` to the directory, persists the result durably, then pushes the changes
+    /// `f` reports. Nothing changes when `f` fails.
+    async fn change_directory<T>(
+        &self,
+        f: impl FnOnce(&mut Directory) -> Result<(T, Vec<Change>), ApiError>,
+    ) -> Result<T, ApiError> {
+        let _guard = self.admin_lock.lock().await;
+        let (out, changes, copy) = {
+            let mut dir = self
+                .served
+                .directory
+                .write()
+                .map_err(|_| Internal::poisoned("directory"))?;
+            let mut draft = dir.clone();
+            let (out, changes) = f(&mut draft)?;
+            *dir = draft.clone();
+            (out, changes, draft)
+        };
+        self.directory_kv.put(DIRECTORY_KEY, &copy)?;
+        self.directory_kv.flush().await?;
+        self.served.changes.send_all(changes);
+        Ok(out)
+    }
+
+    /// Persists the catalog history durably and drops slots of revisions no longer retained.
+    async fn persist_catalog(&self) -> Result<(), ApiError> {
+        let history = self.served.catalog()?.clone();
+        self.catalog_kv.put(CATALOG_KEY, &history)?;
+        if let Err(e) = self.served.slots.prune(history.oldest_revision()) {
+            tracing::warn!(error = %e, "could not prune old download slots");
+        }
+        self.catalog_kv.flush().await?;
+        Ok(())
+    }
+
+    /// Stores uploads, raises notifications, makes them durable, then calls the webhook.
+    async fn store_uploads(&self, uploads: Vec<Placed>) -> Result<(), ApiError> {
+        let now = Utc::now();
+        let damper = self.served.directory()?.site.notification_damper_s;
+        let mut created: Vec<Notification> = Vec::new();
+        for placed in uploads {
+            let placement = placed.placement.unwrap_or_else(Placement::unknown);
+            match placed.upload {
+                Upload::Events(u) => {
+                    let stored = self.events.add_events(&u, &placement, now)?;
+                    created.extend(self.events.notify(&stored, damper, now)?);
+                }
+                Upload::Applications(u) => self.events.add_applications(&u, now)?,
+            }
+        }
+        self.events.flush().await?;
+        for n in created {
+            tracing::warn!(group = %n.group, kind = %n.kind, client = %n.client_id, "critical event: admin notification raised");
+            if let Some(url) = &self.webhook {
+                tokio::spawn(events::deliver_webhook(self.http.clone(), url.clone(), n));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Role for Manager {
+    fn heartbeat(
+        &self,
+        hb: &Heartbeat,
+        address: Option<String>,
+        now: DateTime<Utc>,
+    ) -> Result<Placement, ApiError> {
+        let dir = self.served.directory()?.clone();
+        let record = self.registry.heartbeat(&dir, hb, address, now)?;
+        Ok(Placement {
+            group: record.group,
+            location: record.location,
+        })
+    }
+
+    fn placement(&self, client_id: &str) -> Option<Placement> {
+        self.registry.placement(client_id)
+    }
+
+    fn accept(&self, uploads: Vec<Placed>) -> BoxFuture<'_, Result<(), ApiError>> {
+        Box::pin(self.store_uploads(uploads))
+    }
+}

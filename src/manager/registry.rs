@@ -1,0 +1,370 @@
+//! The manager's client registry: who the clients are and which group each is in.
+//!
+//! Owns the client records (install group, current group, login mode and last user, kept
+//! after a delete so that a reconnect can honour `use_last_group`) and the user -> group map,
+//! persisted through `store::Kv`. Group resolution itself is the pure
+//! `core::settings::resolve_client_group`. It must never talk to the network or read settings
+//! from anywhere but the directory it is given.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::core::fault::{Fault, Kind};
+use crate::core::proto::{Heartbeat, Placement};
+use crate::core::settings::{ClientHistory, Directory, HeartbeatFacts, LoginMode, Os};
+use crate::store::{Kv, Store, StoreError};
+
+/// What can go wrong in the registry.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("{field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+    #[error("no client {0:?}")]
+    UnknownClient(String),
+    #[error("no group {0:?}")]
+    UnknownGroup(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl Fault for RegistryError {
+    fn kind(&self) -> Kind {
+        match self {
+            RegistryError::Invalid { .. } => Kind::BadInput,
+            RegistryError::UnknownClient(_) | RegistryError::UnknownGroup(_) => Kind::NotFound,
+            RegistryError::Store(e) => e.kind(),
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            RegistryError::Invalid { .. } => "bad_request",
+            RegistryError::UnknownClient(_) | RegistryError::UnknownGroup(_) => "not_found",
+            RegistryError::Store(e) => e.code(),
+        }
+    }
+}
+
+/// What the manager remembers of a client.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ClientRecord {
+    pub client_id: String,
+    pub install_group: String,
+    pub group: String,
+    pub last_moved_group: Option<String>,
+    pub login_mode: LoginMode,
+    /// The user of the last user-mode heartbeat.
+    pub last_user: Option<String>,
+    pub os: Os,
+    pub client_version: Option<String>,
+    pub location: Option<String>,
+    pub address: Option<String>,
+    pub first_seen: DateTime<Utc>,
+    pub last_seen: DateTime<Utc>,
+    /// The heartbeat interval in force at the last heartbeat: overdue after 3 of them.
+    pub heartbeat_interval_s: u64,
+    /// Deleted by an admin: hidden from listings, remembered for a reconnect.
+    #[serde(default)]
+    pub deleted: bool,
+}
+
+impl ClientRecord {
+    pub fn overdue(&self, now: DateTime<Utc>) -> bool {
+        let secs = (now - self.last_seen).num_seconds();
+        secs > 0 && secs as u64 > self.heartbeat_interval_s.saturating_mul(3)
+    }
+
+    fn history(&self) -> ClientHistory {
+        ClientHistory {
+            install_group: self.install_group.clone(),
+            group: self.group.clone(),
+            last_moved_group: self.last_moved_group.clone(),
+            login_mode: self.login_mode,
+            last_user: self.last_user.clone(),
+        }
+    }
+}
+
+/// One line of `GET /v1/admin/clients`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClientView {
+    #[serde(flatten)]
+    pub record: ClientRecord,
+    pub overdue: bool,
+}
+
+/// The manager's client registry, persisted in sled.
+#[derive(Clone)]
+pub struct Registry {
+    clients: Kv,
+    users: Kv,
+}
+
+impl Registry {
+    pub fn open(store: &Store) -> Result<Registry, RegistryError> {
+        Ok(Registry {
+            clients: store.kv("clients")?,
+            users: store.kv("users")?,
+        })
+    }
+
+    pub fn get(&self, client_id: &str) -> Result<Option<ClientRecord>, RegistryError> {
+        Ok(self.clients.get(client_id)?)
+    }
+
+    /// Registers or updates a client from a heartbeat and decides its group.
+    pub fn heartbeat(
+        &self,
+        dir: &Directory,
+        hb: &Heartbeat,
+        address: Option<String>,
+        now: DateTime<Utc>,
+    ) -> Result<ClientRecord, RegistryError> {
+        hb.validate().map_err(|e| RegistryError::Invalid {
+            field: "heartbeat",
+            reason: e.to_string(),
+        })?;
+        let prior: Option<ClientRecord> = self.clients.get(&hb.client_id)?;
+        let reconnect = match &prior {
+            None => true,
+            Some(p) => p.deleted || p.overdue(now),
+        };
+        let history = prior.as_ref().map(ClientRecord::history);
+        let install = hb.install_group.clone().unwrap_or_default();
+        let user = hb.user();
+        let facts = HeartbeatFacts {
+            install_group: &install,
+            os: hb.os(),
+            login_mode: hb.login_mode(),
+            user,
+            reconnect,
+        };
+        let group =
+            crate::core::settings::resolve_client_group(dir, history.as_ref(), &facts, |u| {
+                self.users.get::<String>(u).ok().flatten()
+            });
+        let effective = dir.effective(&group, hb.location());
+        let install_group = match &prior {
+            Some(p) if !p.install_group.is_empty() => p.install_group.clone(),
+            _ => dir.resolve_group(&install).to_string(),
+        };
+        let record = ClientRecord {
+            client_id: hb.client_id.clone(),
+            install_group,
+            group,
+            last_moved_group: prior.as_ref().and_then(|p| p.last_moved_group.clone()),
+            login_mode: hb.login_mode(),
+            last_user: match hb.login_mode() {
+                LoginMode::User => user
+                    .map(str::to_string)
+                    .or_else(|| prior.as_ref().and_then(|p| p.last_user.clone())),
+                LoginMode::Computer => prior.as_ref().and_then(|p| p.last_user.clone()),
+            },
+            os: hb.os(),
+            client_version: hb.client_version.clone(),
+            location: hb.location().map(str::to_string),
+            address,
+            first_seen: prior.as_ref().map_or(now, |p| p.first_seen),
+            last_seen: now,
+            heartbeat_interval_s: effective.heartbeat_interval_s,
+            deleted: false,
+        };
+        self.clients.put(&record.client_id, &record)?;
+        Ok(record)
+    }
+
+    /// Every client that is not deleted, with whether it is overdue.
+    pub fn list(&self, now: DateTime<Utc>) -> Result<Vec<ClientView>, RegistryError> {
+        Ok(self
+            .clients
+            .scan::<ClientRecord>("")?
+            .into_iter()
+            .filter(|(_, r)| !r.deleted)
+            .map(|(_, r)| ClientView {
+                overdue: r.overdue(now),
+                record: r,
+            })
+            .collect())
+    }
+
+    /// Moves a client to `group` (an admin action).
+    pub fn move_client(
+        &self,
+        dir: &Directory,
+        client_id: &str,
+        group: &str,
+    ) -> Result<ClientRecord, RegistryError> {
+        if !dir.groups.contains_key(group) {
+            return Err(RegistryError::UnknownGroup(group.to_string()));
+        }
+        let mut r: ClientRecord = self
+            .clients
+            .get(client_id)?
+            .filter(|r: &ClientRecord| !r.deleted)
+            .ok_or_else(|| RegistryError::UnknownClient(client_id.to_string()))?;
+        r.group = group.to_string();
+        r.last_moved_group = Some(group.to_string());
+        self.clients.put(client_id, &r)?;
+        Ok(r)
+    }
+
+    /// Deletes a client: hidden, but its history is kept for a reconnect.
+    pub fn delete(&self, client_id: &str) -> Result<(), RegistryError> {
+        let mut r: ClientRecord = self
+            .clients
+            .get(client_id)?
+            .filter(|r: &ClientRecord| !r.deleted)
+            .ok_or_else(|| RegistryError::UnknownClient(client_id.to_string()))?;
+        r.deleted = true;
+        self.clients.put(client_id, &r)?;
+        Ok(())
+    }
+
+    /// Maps a user to a group (user mode).
+    pub fn set_user(&self, dir: &Directory, user: &str, group: &str) -> Result<(), RegistryError> {
+        if user.is_empty() || user.chars().count() > 256 || user.chars().any(char::is_control) {
+            return Err(RegistryError::Invalid {
+                field: "user",
+                reason: "1 to 256 characters, no control characters".into(),
+            });
+        }
+        if !dir.groups.contains_key(group) {
+            return Err(RegistryError::UnknownGroup(group.to_string()));
+        }
+        self.users.put(user, &group.to_string())?;
+        Ok(())
+    }
+
+    /// Whether any live client is in `group`.
+    pub fn has_clients(&self, group: &str) -> Result<bool, RegistryError> {
+        Ok(self
+            .clients
+            .scan::<ClientRecord>("")?
+            .iter()
+            .any(|(_, r)| !r.deleted && r.group == group))
+    }
+
+    pub async fn flush(&self) -> Result<(), RegistryError> {
+        self.clients.flush().await?;
+        Ok(())
+    }
+}
+
+impl Registry {
+    /// Where a live client is; None for one never seen or deleted.
+    pub fn placement(&self, client_id: &str) -> Option<Placement> {
+        match self.clients.get::<ClientRecord>(client_id).ok().flatten() {
+            Some(r) if !r.deleted => Some(Placement {
+                group: r.group,
+                location: r.location,
+            }),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::Duration;
+
+    fn hb(id: &str, install: &str) -> Heartbeat {
+        Heartbeat {
+            client_id: id.into(),
+            install_group: Some(install.into()),
+            ..Default::default()
+        }
+    }
+
+    fn setup() -> (tempfile::TempDir, Registry, Directory) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let reg = Registry::open(&store).unwrap();
+        let mut d = Directory::default();
+        d.put_group("branch", "default").unwrap();
+        d.put_group("lab", "default").unwrap();
+        (dir, reg, d)
+    }
+
+    #[test]
+    fn reconnection_cases() {
+        let (_t, reg, mut d) = setup();
+        let now = Utc::now();
+        // 1. Install group.
+        let r = reg.heartbeat(&d, &hb("c1", "branch"), None, now).unwrap();
+        assert_eq!(r.group, "branch");
+        // Unknown install group -> default.
+        let r = reg.heartbeat(&d, &hb("c2", "nowhere"), None, now).unwrap();
+        assert_eq!(r.group, "default");
+        // A moved client that keeps heartbeating stays.
+        reg.move_client(&d, "c1", "lab").unwrap();
+        let r = reg.heartbeat(&d, &hb("c1", "branch"), None, now).unwrap();
+        assert_eq!(r.group, "lab");
+        // Deleted, then reconnects: back to install group (lab has no use_last_group).
+        reg.delete("c1").unwrap();
+        assert!(reg
+            .list(now)
+            .unwrap()
+            .iter()
+            .all(|v| v.record.client_id != "c1"));
+        let r = reg.heartbeat(&d, &hb("c1", "branch"), None, now).unwrap();
+        assert_eq!(r.group, "branch");
+        // 2. use_last_group on the last group: a deleted client reconnects there.
+        d.put_settings(
+            "lab",
+            None,
+            &serde_json::json!({"reconnection": {"use_last_group": true}}),
+        )
+        .unwrap();
+        reg.move_client(&d, "c1", "lab").unwrap();
+        reg.delete("c1").unwrap();
+        let r = reg.heartbeat(&d, &hb("c1", "branch"), None, now).unwrap();
+        assert_eq!(r.group, "lab");
+        // Overdue counts as a reconnect too; Linux ignores use_last_group.
+        let mut linux = hb("c1", "branch");
+        linux.os = Some(Os::Linux);
+        let later = now + Duration::seconds(3 * 300 + 1);
+        let r = reg.heartbeat(&d, &linux, None, later).unwrap();
+        assert_eq!(r.group, "branch");
+        let c1 = |t| {
+            reg.list(t)
+                .unwrap()
+                .into_iter()
+                .find(|v| v.record.client_id == "c1")
+                .unwrap()
+        };
+        assert!(!c1(later).overdue);
+        assert!(c1(later + Duration::seconds(901)).overdue);
+        assert!(reg
+            .list(later)
+            .unwrap()
+            .iter()
+            .any(|v| v.record.client_id == "c2" && v.overdue));
+    }
+
+    #[test]
+    fn user_mode_follows_the_user_unless_use_last_mode() {
+        let (_t, reg, mut d) = setup();
+        let now = Utc::now();
+        reg.set_user(&d, "alice", "lab").unwrap();
+        reg.set_user(&d, "bob", "branch").unwrap();
+        assert!(reg.set_user(&d, "carol", "missing").is_err());
+        let mut h = hb("c", "default");
+        h.mode = Some(LoginMode::User);
+        h.user = Some("alice".into());
+        assert_eq!(reg.heartbeat(&d, &h, None, now).unwrap().group, "lab");
+        h.user = Some("bob".into());
+        assert_eq!(reg.heartbeat(&d, &h, None, now).unwrap().group, "branch");
+        // use_last_mode on the current group: a new user does not move it.
+        d.put_settings(
+            "branch",
+            None,
+            &serde_json::json!({"reconnection.use_last_mode": true}),
+        )
+        .unwrap();
+        h.user = Some("alice".into());
+        assert_eq!(reg.heartbeat(&d, &h, None, now).unwrap().group, "branch");
+        assert!(reg.has_clients("branch").unwrap());
+        assert!(!reg.has_clients("lab").unwrap());
+    }
+}

@@ -1,0 +1,288 @@
+//! Single-flight blob fetches: one upstream fetch per blob however many clients ask.
+//!
+//! Owns the in-flight fetches (one shared future per digest, driven to the end even when
+//! every asker goes away), the attempt now running for each (its temp file and progress, for
+//! readers that stream a blob while it arrives, woken by a watch when an attempt starts or
+//! bytes land), receiving a body into `store` under the WAN budget, and the `serve` view of
+//! all this ([`NodeFetcher`]). A body whose digest or size does not match is the server's
+//! fault and the next server is tried; a store failure is this node's and ends the fetch
+//! without blaming anyone. It must never make a blob visible before its digest checked.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use futures_util::future::{BoxFuture, FutureExt, Shared};
+use futures_util::StreamExt;
+use tokio::sync::watch;
+
+use super::upstream::{Upstream, UpstreamError};
+use crate::core::digest::Digest;
+use crate::serve::content::{Attached, FetchError, Fetcher, Progress};
+use crate::serve::limit::ByteLimiter;
+use crate::serve::metrics::Metrics;
+use crate::store::{BlobWriter, Store, StoreError};
+
+type SharedFetch = Shared<BoxFuture<'static, Result<(), Arc<UpstreamError>>>>;
+
+/// The attempt a fetch is on, as readers attaching to it see it.
+#[derive(Clone)]
+enum Attempt {
+    /// No body is arriving now (before the first answer, or between servers).
+    Waiting,
+    /// A body is arriving into this temp file.
+    Growing {
+        path: PathBuf,
+        progress: watch::Receiver<Progress>,
+    },
+}
+
+/// One blob being fetched.
+struct Inflight {
+    done: SharedFetch,
+    attempt: watch::Receiver<Attempt>,
+}
+
+/// The node's blob fetches.
+pub struct Fetches {
+    upstream: Arc<Upstream>,
+    store: Store,
+    metrics: Arc<Metrics>,
+    /// The WAN budget all blob fetches share (`upstream.max_bytes_per_sec`).
+    wan: ByteLimiter,
+    /// Notified after each blob is stored (the node then checks its disk budget).
+    pub stored: tokio::sync::Notify,
+    inflight: Mutex<HashMap<Digest, Inflight>>,
+}
+
+impl Fetches {
+    pub fn new(
+        upstream: Arc<Upstream>,
+        store: Store,
+        metrics: Arc<Metrics>,
+        max_bytes_per_sec: u64,
+    ) -> Fetches {
+        Fetches {
+            upstream,
+            store,
+            metrics,
+            wan: ByteLimiter::new(max_bytes_per_sec),
+            stored: tokio::sync::Notify::new(),
+            inflight: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Brings `digest` into the store, sharing the fetch with everyone asking at once.
+    /// Returns its end and a view of its attempts.
+    fn start(
+        self: &Arc<Self>,
+        digest: Digest,
+        size: u64,
+    ) -> (SharedFetch, watch::Receiver<Attempt>) {
+        let Ok(mut inflight) = self.inflight.lock() else {
+            let err = Arc::new(UpstreamError::Local(StoreError::Join(
+                "fetch table lock poisoned".into(),
+            )));
+            let (_, rx) = watch::channel(Attempt::Waiting);
+            return (futures_util::future::ready(Err(err)).boxed().shared(), rx);
+        };
+        if let Some(f) = inflight.get(&digest) {
+            return (f.done.clone(), f.attempt.clone());
+        }
+        let (tx, rx) = watch::channel(Attempt::Waiting);
+        let me = self.clone();
+        let done = async move {
+            let result = me.fetch_any(digest, size, &tx).await.map_err(Arc::new);
+            if let Ok(mut inflight) = me.inflight.lock() {
+                inflight.remove(&digest);
+            }
+            result
+        }
+        .boxed()
+        .shared();
+        inflight.insert(
+            digest,
+            Inflight {
+                done: done.clone(),
+                attempt: rx.clone(),
+            },
+        );
+        // Driven even if every asker goes away: the bytes are wanted anyway.
+        tokio::spawn(done.clone());
+        (done, rx)
+    }
+
+    /// Brings `digest` into the store (prefetch); resolves when it is stored or failed.
+    pub async fn fetch(
+        self: &Arc<Self>,
+        digest: Digest,
+        size: u64,
+    ) -> Result<(), Arc<UpstreamError>> {
+        self.start(digest, size).0.await
+    }
+
+    async fn fetch_any(
+        &self,
+        digest: Digest,
+        size: u64,
+        attempt: &watch::Sender<Attempt>,
+    ) -> Result<(), UpstreamError> {
+        if self.store.contains(&digest) {
+            return Ok(());
+        }
+        self.upstream
+            .first_that_answers(|i| {
+                self.metrics.upstream_fetches.inc();
+                async move {
+                    let r = self.fetch_from(i, digest, size, attempt).await;
+                    attempt.send_replace(Attempt::Waiting);
+                    if let Err(e) = &r {
+                        tracing::warn!(%digest, error = %e, "blob fetch failed");
+                    }
+                    r
+                }
+            })
+            .await
+            .map(|_| ())
+    }
+
+    async fn fetch_from(
+        &self,
+        i: usize,
+        digest: Digest,
+        size: u64,
+        attempt: &watch::Sender<Attempt>,
+    ) -> Result<(), UpstreamError> {
+        let resp = self.upstream.blob(i, &digest).await?;
+        let name = self.upstream.name(i);
+        let mut writer = self.store.writer().await.map_err(UpstreamError::Local)?;
+        let (tx, rx) = watch::channel(Progress::Running(0));
+        attempt.send_replace(Attempt::Growing {
+            path: writer.tmp_path().to_path_buf(),
+            progress: rx,
+        });
+        let result = match self.receive(&name, &mut writer, resp, &tx).await {
+            Ok(()) => writer
+                .finish(Some((&digest, Some(size))))
+                .await
+                .map(|_| ())
+                .map_err(|e| {
+                    if e.is_mismatch() {
+                        UpstreamError::Mismatch {
+                            server: name.clone(),
+                            source: e,
+                        }
+                    } else {
+                        UpstreamError::Local(e)
+                    }
+                }),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => {
+                tx.send_replace(Progress::Verified);
+                self.stored.notify_one();
+                tracing::info!(%digest, size, server = %name, "blob fetched and verified");
+                Ok(())
+            }
+            Err(e) => {
+                tx.send_replace(Progress::Failed);
+                Err(e)
+            }
+        }
+    }
+
+    /// Receives a blob body into `writer`, telling readers how far it got.
+    async fn receive(
+        &self,
+        name: &str,
+        writer: &mut BlobWriter,
+        resp: reqwest::Response,
+        tx: &watch::Sender<Progress>,
+    ) -> Result<(), UpstreamError> {
+        let idle = self.upstream.idle_timeout();
+        let mut body = resp.bytes_stream();
+        let mut told = 0u64;
+        loop {
+            let next =
+                tokio::time::timeout(idle, body.next())
+                    .await
+                    .map_err(|_| UpstreamError::Idle {
+                        server: name.to_string(),
+                        secs: idle.as_secs(),
+                    })?;
+            let Some(chunk) = next else { break };
+            let chunk = chunk.map_err(|source| UpstreamError::Http {
+                server: name.to_string(),
+                source,
+            })?;
+            self.wan.take(chunk.len()).await;
+            self.metrics.upstream_bytes.inc_by(chunk.len() as u64);
+            writer.write(&chunk).await.map_err(UpstreamError::Local)?;
+            // The writing stage moves on by itself; tell readers whenever it got further.
+            let on_disk = writer.on_disk();
+            if on_disk != told {
+                told = on_disk;
+                tx.send_replace(Progress::Running(on_disk));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The node's fetches as `serve` sees them.
+pub struct NodeFetcher(pub Arc<Fetches>);
+
+impl Fetcher for NodeFetcher {
+    fn attach(
+        &self,
+        digest: Digest,
+        size: u64,
+    ) -> BoxFuture<'static, Result<Attached, FetchError>> {
+        let fetches = self.0.clone();
+        let (mut done, mut attempt) = fetches.start(digest, size);
+        async move {
+            loop {
+                if fetches.store.contains(&digest) {
+                    return Ok(Attached::Stored);
+                }
+                let growing = match &*attempt.borrow_and_update() {
+                    Attempt::Growing { path, progress } => Some((path.clone(), progress.clone())),
+                    Attempt::Waiting => None,
+                };
+                if let Some((path, progress)) = growing {
+                    // Renamed into the store (or removed) since, when this fails: then the
+                    // next change or the end of the fetch says what happened.
+                    if let Ok(file) = tokio::fs::File::open(&path).await {
+                        return Ok(Attached::Growing { file, progress });
+                    }
+                }
+                tokio::select! {
+                    biased;
+                    r = &mut done => {
+                        return r.map(|()| Attached::Stored).map_err(|e| fetch_error(digest, &e));
+                    }
+                    // An attempt started or ended (or the fetch ended: then `done` is ready).
+                    _ = attempt.changed() => {}
+                }
+            }
+        }
+        .boxed()
+    }
+}
+
+fn fetch_error(digest: Digest, e: &UpstreamError) -> FetchError {
+    if e.is_local() {
+        FetchError::Local {
+            digest,
+            message: e.to_string(),
+        }
+    } else {
+        FetchError::Upstream {
+            digest,
+            server: e.server().map(str::to_string),
+            retryable: e.retryable(),
+            message: e.to_string(),
+        }
+    }
+}

@@ -1,0 +1,180 @@
+//! The mirror: the node's copy of its upstream's catalog and directory, kept fresh.
+//!
+//! Owns syncing (`/v1/sync` at start, then on each event of the one push stream the node
+//! holds to its upstream, or every `upstream.sync_interval_s` in pull mode), persisting the
+//! mirror so a restart serves what it had, telling the node's own push clients what changed,
+//! and prefetching new catalog items. It must never accept a directory that fails its checks
+//! or a catalog that goes backwards.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+
+use super::{Node, NodeError, CATALOG_KEY, DIRECTORY_KEY};
+use crate::core::fault::Internal;
+use crate::core::proto::{directory_changes, Change};
+use crate::core::settings::ConnectionMode;
+
+impl Node {
+    /// Syncs at start, then on each upstream event (push) or every `sync_interval` (pull).
+    pub(super) async fn mirror_loop(self: Arc<Self>) {
+        let mut last_ok: Option<bool> = None;
+        // In push mode a resync also happens now and then, in case an event was missed.
+        let period = match self.mode {
+            ConnectionMode::Pull => self.sync_interval,
+            ConnectionMode::Push => self.sync_interval.max(Duration::from_secs(300)),
+        };
+        loop {
+            match self.sync_once().await {
+                Ok(server) => {
+                    if last_ok != Some(true) {
+                        tracing::info!(%server, "synced with upstream");
+                    }
+                    last_ok = Some(true);
+                }
+                Err(e) => {
+                    if last_ok != Some(false) {
+                        tracing::warn!(error = %e, "no upstream answered; serving what we have");
+                    }
+                    last_ok = Some(false);
+                    self.served.readiness.mark_stale(Utc::now());
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(period) => {}
+                _ = self.upstream_event.notified() => {}
+                _ = self.shutdown.clone().wait() => return,
+            }
+        }
+    }
+
+    /// Holds the upstream push stream; reconnects with jittered backoff.
+    pub(super) async fn push_loop(self: Arc<Self>) {
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            let me = self.clone();
+            let on_event = move |_event: &str| me.upstream_event.notify_one();
+            let result = tokio::select! {
+                r = self.upstream.follow_stream(&on_event) => r,
+                _ = self.shutdown.clone().wait() => return,
+            };
+            match result {
+                Ok(server) => {
+                    tracing::info!(%server, "upstream push stream ended; reconnecting");
+                    backoff = Duration::from_millis(500);
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "upstream push stream unavailable");
+                    // Let the mirror loop notice the outage too.
+                    self.upstream_event.notify_one();
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+            let jitter = rand::random_range(0.5..1.0);
+            tokio::select! {
+                _ = tokio::time::sleep(backoff.mul_f64(jitter)) => {}
+                _ = self.shutdown.clone().wait() => return,
+            }
+        }
+    }
+
+    /// One sync: fetch the snapshot, mirror it, persist it, push what changed to our own
+    /// streams. Returns the server that answered.
+    pub async fn sync_once(&self) -> Result<String, NodeError> {
+        let (index, snapshot) = self.upstream.snapshot().await?;
+        snapshot
+            .directory
+            .check()
+            .map_err(|e| NodeError::BadDirectory(e.to_string()))?;
+        let mut changes = Vec::new();
+        let new_history = {
+            let mut history = self
+                .served
+                .catalog
+                .write()
+                .map_err(|_| Internal::poisoned("catalog"))?;
+            match history.mirror(snapshot.catalog, snapshot.catalog_signature, Utc::now()) {
+                Ok(true) => {
+                    changes.push(Change::Catalog {
+                        revision: history.revision(),
+                    });
+                    Some(history.clone())
+                }
+                Ok(false) => None,
+                Err(e) => {
+                    tracing::warn!(error = %e, "upstream catalog refused");
+                    None
+                }
+            }
+        };
+        let new_directory = {
+            let mut dir = self
+                .served
+                .directory
+                .write()
+                .map_err(|_| Internal::poisoned("directory"))?;
+            if *dir == snapshot.directory {
+                None
+            } else {
+                changes.extend(directory_changes(&dir, &snapshot.directory));
+                *dir = snapshot.directory;
+                Some(dir.clone())
+            }
+        };
+        if let Some(history) = &new_history {
+            self.catalog_kv.put(CATALOG_KEY, history)?;
+        }
+        if let Some(dir) = &new_directory {
+            self.directory_kv.put(DIRECTORY_KEY, dir)?;
+        }
+        if new_history.is_some() || new_directory.is_some() {
+            self.served.store.flush().await?;
+        }
+        if let Some(history) = new_history {
+            tracing::info!(
+                revision = history.revision(),
+                "mirrored a new catalog revision"
+            );
+            self.catalog_changed.send_replace(history.revision());
+            // Slots of revisions no longer retained are not needed any more.
+            if let Err(e) = self.served.slots.prune(history.oldest_revision()) {
+                tracing::warn!(error = %e, "could not prune old download slots");
+            }
+        }
+        self.served.changes.send_all(changes);
+        self.served.readiness.mark_synced();
+        Ok(self.upstream.servers()[index].to_string())
+    }
+
+    /// Fetches every item of the current catalog the store lacks, whenever it changes.
+    pub(super) async fn prefetch_loop(self: Arc<Self>) {
+        if !self.prefetch {
+            return;
+        }
+        let mut changed = self.catalog_changed.subscribe();
+        loop {
+            let wanted: Vec<_> = match self.served.catalog.read() {
+                Ok(c) => c
+                    .current()
+                    .items
+                    .into_iter()
+                    .filter(|i| !self.served.store.contains(&i.sha256))
+                    .collect(),
+                Err(_) => Vec::new(),
+            };
+            for item in wanted {
+                tracing::debug!(sha256 = %item.sha256, "prefetching");
+                self.enforce_budget(item.size).await;
+                if let Err(e) = self.fetches.fetch(item.sha256, item.size).await {
+                    tracing::warn!(name = %item.name, sha256 = %item.sha256, error = %e, "prefetch failed; will retry");
+                }
+            }
+            tokio::select! {
+                _ = changed.changed() => {}
+                _ = tokio::time::sleep(self.sync_interval) => {}
+                _ = self.shutdown.clone().wait() => return,
+            }
+        }
+    }
+}

@@ -1,0 +1,322 @@
+//! The node: a branch office's Group Update Provider.
+//!
+//! Owns the node's wiring and its [`Role`] behind the shared client API: a heartbeat is
+//! answered from the mirror (the client's group as the upstream last placed it, or its
+//! install group until the upstream's answer arrives) and queued for the upstream; accepted
+//! uploads go to the durable outbox. Its parts: the upstream list (`upstream`), single-flight
+//! fetches into the store (`fetch`), the mirror of catalog and directory kept fresh by push or
+//! pull (`mirror`), the relay of heartbeats and uploads (`relay`, `outbox`), and eviction
+//! within the disk budget (`evict`). Group resolution stays the manager's. It must never
+//! answer a client with bytes that did not come through the store, and never ask an upstream
+//! for a digest that is not in its mirrored catalog.
+
+mod evict;
+pub mod fetch;
+mod mirror;
+pub mod outbox;
+mod relay;
+pub mod upstream;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use chrono::{DateTime, Utc};
+use futures_util::future::BoxFuture;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+
+use crate::core::catalog::CatalogHistory;
+use crate::core::config::NodeConfig;
+use crate::core::proto::{Heartbeat, Placed, Placement, RelayedHeartbeat};
+use crate::core::settings::{ConnectionMode, Directory};
+use crate::http::auth::{self, Token, TokenError};
+use crate::http::error::ApiError;
+use crate::http::server::{self, Limits, Serving};
+use crate::http::shutdown::Shutdown;
+use crate::http::tls::{self, TlsError};
+use crate::serve::health::Readiness;
+use crate::serve::metrics::Metrics;
+use crate::serve::{self, Api, Role, Served, ServedOptions};
+use crate::store::{Kv, Store, StoreError};
+use fetch::{Fetches, NodeFetcher};
+use relay::Relay;
+use upstream::{Upstream, UpstreamError};
+
+/// Why the node could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("token: {0}")]
+    Token(#[from] TokenError),
+    #[error("upstream: {0}")]
+    Upstream(#[from] UpstreamError),
+    #[error("upstream.servers: {0}")]
+    BadUpstream(String),
+    #[error("upstream sent an invalid directory: {0}")]
+    BadDirectory(String),
+    #[error("serving: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("tls: {0}")]
+    Tls(#[from] TlsError),
+    #[error("{0}")]
+    Internal(#[from] crate::core::fault::Internal),
+}
+
+const CATALOG_KEY: &str = "history";
+const DIRECTORY_KEY: &str = "directory";
+
+/// A node's state.
+pub struct Node {
+    served: Arc<Served>,
+    upstream: Arc<Upstream>,
+    fetches: Arc<Fetches>,
+    catalog_kv: Kv,
+    directory_kv: Kv,
+    /// client id -> the group the upstream placed it in (or its install group until then).
+    assignments: Kv,
+    /// client id -> the location of its last heartbeat (its window may depend on it).
+    locations: Kv,
+    /// Heartbeats and uploads on their way upstream.
+    relay: Relay,
+    /// Checked on `/v1/sync` and batches when another node uses this one as its upstream.
+    node_token: Token,
+    mode: ConnectionMode,
+    sync_interval: Duration,
+    prefetch: bool,
+    /// `cache.max_bytes`.
+    max_bytes: u64,
+    /// Wakes the prefetch worker when the mirrored catalog changed.
+    catalog_changed: tokio::sync::watch::Sender<u64>,
+    /// Wakes the mirror loop when the upstream pushed an event.
+    upstream_event: Notify,
+    shutdown: Shutdown,
+    serving: Serving,
+}
+
+impl Node {
+    /// Opens the data dir and restores the mirror of an earlier run.
+    pub fn open(config: &NodeConfig, shutdown: Shutdown) -> Result<Arc<Node>, NodeError> {
+        let n = &config.node;
+        let store = Store::open(&n.data_dir)?;
+        let file = |f: &str| (!f.is_empty()).then(|| std::path::PathBuf::from(f));
+        let node_token = auth::resolve(
+            Some(&n.node_token),
+            file(&n.node_token_file).as_deref(),
+            &n.data_dir,
+            "node",
+        )?;
+        let upstream_token = if !config.upstream.token.is_empty() {
+            Some(Token::new(config.upstream.token.clone()))
+        } else if let Some(f) = file(&config.upstream.token_file) {
+            Some(auth::read_token_file(&f)?)
+        } else {
+            None
+        };
+        let servers = config
+            .upstreams()
+            .iter()
+            .map(|s| crate::core::config::validate_url(s))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(NodeError::BadUpstream)?;
+        let catalog_kv = store.kv("catalog")?;
+        let mut history: CatalogHistory = catalog_kv
+            .get(CATALOG_KEY)?
+            .unwrap_or_else(|| CatalogHistory::new(config.cache.retain_revisions));
+        history.set_retain(config.cache.retain_revisions);
+        let directory_kv = store.kv("settings")?;
+        let directory: Directory = directory_kv.get(DIRECTORY_KEY)?.unwrap_or_default();
+        let readiness = Readiness::default();
+        if history.revisions().next().is_some() {
+            // Ready from what we had; stale until an upstream confirms it.
+            readiness.mark_restored(Utc::now());
+        }
+        let serving = Serving {
+            limits: Limits::from_section(&config.limits, crate::sys::open_file_limit()),
+            tls: tls::optional(&n.tls_cert, &n.tls_key)?,
+            lean: Some(serve::lean()),
+        };
+        let catalog_key = match config.upstream.catalog_public_key.as_str() {
+            "" => None,
+            key => Some(
+                crate::core::signing::PublicKey::parse(key)
+                    .map_err(|e| NodeError::BadUpstream(format!("catalog_public_key: {e}")))?,
+            ),
+        };
+        let metrics = Arc::new(Metrics::new());
+        let upstream = Arc::new(Upstream::new(
+            upstream::UpstreamOptions {
+                servers,
+                token: upstream_token,
+                ca_file: file(&config.upstream.ca_file),
+                idle_timeout: Duration::from_secs(config.upstream.idle_timeout_s),
+                probe_interval: Duration::from_secs(config.upstream.sync_interval_s),
+                catalog_key,
+            },
+            metrics.clone(),
+        )?);
+        let fetches = Arc::new(Fetches::new(
+            upstream.clone(),
+            store.clone(),
+            metrics.clone(),
+            config.upstream.max_bytes_per_sec,
+        ));
+        let relay = Relay::open(&store)?;
+        let assignments = store.kv("assignments")?;
+        let locations = store.kv("locations")?;
+        let served = Served::new(
+            store,
+            history,
+            directory,
+            metrics,
+            shutdown.clone(),
+            ServedOptions {
+                fetcher: Some(Arc::new(NodeFetcher(fetches.clone()))),
+                readiness,
+                max_bytes_per_sec: config.serve.max_bytes_per_sec,
+                max_concurrent_downloads: config.serve.max_concurrent_downloads,
+                memory_bytes: config.cache.memory_bytes,
+                memory_item_max_bytes: config.cache.memory_item_max_bytes,
+            },
+        )?;
+        Ok(Arc::new(Node {
+            served: Arc::new(served),
+            upstream,
+            fetches,
+            catalog_kv,
+            directory_kv,
+            assignments,
+            locations,
+            relay,
+            node_token,
+            mode: config.upstream.mode,
+            sync_interval: Duration::from_secs(config.upstream.sync_interval_s),
+            prefetch: config.cache.prefetch,
+            max_bytes: config.cache.max_bytes,
+            catalog_changed: tokio::sync::watch::channel(0).0,
+            upstream_event: Notify::new(),
+            shutdown,
+            serving,
+        }))
+    }
+
+    /// All routes of the node: the client API, nothing else.
+    pub fn router(self: &Arc<Self>) -> Router {
+        let api = Api {
+            served: self.served.clone(),
+            role: self.clone(),
+        };
+        serve::finish(serve::router(api, self.node_token.clone()))
+    }
+
+    /// Serves and mirrors until `shutdown`.
+    pub async fn run(self: Arc<Self>, listener: TcpListener) -> Result<(), NodeError> {
+        let addr = listener.local_addr()?;
+        let upstreams: Vec<String> = self
+            .upstream
+            .servers()
+            .iter()
+            .map(|u| u.to_string())
+            .collect();
+        tracing::info!(%addr, ?upstreams, mode = ?self.mode, tls = self.serving.tls.is_some(), max_connections = self.serving.limits.max_connections, "node listening");
+        let mut tasks = vec![
+            tokio::spawn(self.clone().mirror_loop()),
+            tokio::spawn(self.clone().prefetch_loop()),
+            tokio::spawn(self.clone().relay_loop()),
+            tokio::spawn(self.clone().evict_loop()),
+            tokio::spawn(self.clone().critical_loop()),
+        ];
+        self.update_queued();
+        if self.mode == ConnectionMode::Push {
+            tasks.push(tokio::spawn(self.clone().push_loop()));
+        }
+        server::run(
+            listener,
+            self.router(),
+            self.shutdown.clone().wait(),
+            self.serving.clone(),
+        )
+        .await?;
+        // One last relay so heartbeats received just before shutdown are not lost (events
+        // are durable in the outbox and go at the next start if not now).
+        self.relay_once().await;
+        self.forward(false).await;
+        for t in tasks {
+            t.abort();
+        }
+        self.served.store.flush().await?;
+        tracing::info!("node stopped");
+        Ok(())
+    }
+
+    /// The group a client is in as far as this node knows: the upstream's last answer, else
+    /// its install group.
+    fn group_of(&self, dir: &Directory, client_id: &str, install_group: Option<&str>) -> String {
+        match self.assignments.get::<String>(client_id).ok().flatten() {
+            Some(g) => dir.resolve_group(&g).to_string(),
+            None => dir.resolve_group(install_group.unwrap_or("")).to_string(),
+        }
+    }
+
+    /// Records a client's location when it changed.
+    fn remember_location(&self, client_id: &str, location: Option<&str>) {
+        let known: Option<String> = self.locations.get(client_id).ok().flatten();
+        if known.as_deref() != location {
+            let r = match location {
+                Some(l) => self.locations.put(client_id, &l.to_string()),
+                None => self.locations.remove(client_id),
+            };
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "could not record a client's location");
+            }
+        }
+    }
+}
+
+impl Role for Node {
+    fn heartbeat(
+        &self,
+        hb: &Heartbeat,
+        address: Option<String>,
+        _now: DateTime<Utc>,
+    ) -> Result<Placement, ApiError> {
+        let group = {
+            let dir = self.served.directory()?;
+            self.group_of(&dir, &hb.client_id, hb.install_group.as_deref())
+        };
+        // Until the upstream's answer arrives, the install group is this node's answer; the
+        // stream filter, the slot gate and later heartbeats read it from here.
+        if self.assignments.get::<String>(&hb.client_id)?.is_none() {
+            self.assignments.put(&hb.client_id, &group)?;
+        }
+        self.remember_location(&hb.client_id, hb.location());
+        self.relay.queue(RelayedHeartbeat {
+            heartbeat: hb.clone(),
+            address,
+        });
+        Ok(Placement {
+            group,
+            location: hb.location().map(str::to_string),
+        })
+    }
+
+    fn placement(&self, client_id: &str) -> Option<Placement> {
+        let assigned: String = self.assignments.get(client_id).ok().flatten()?;
+        let group = match self.served.directory() {
+            Ok(dir) => dir.resolve_group(&assigned).to_string(),
+            Err(_) => assigned,
+        };
+        Some(Placement {
+            group,
+            location: self.locations.get(client_id).ok().flatten(),
+        })
+    }
+
+    fn accept(&self, uploads: Vec<Placed>) -> BoxFuture<'_, Result<(), ApiError>> {
+        Box::pin(async move {
+            self.enqueue(&uploads).await?;
+            Ok(())
+        })
+    }
+}

@@ -1,0 +1,547 @@
+//! The node's side of the WAN: the upstream list and the calls a node makes to it.
+//!
+//! Owns the HTTP client to the upstreams (manager or another node), the order they are tried
+//! in (priority = list order, first that answers wins, jittered backoff for one that failed,
+//! back to a higher one when it answers again), their health (`gup_upstream_up`), and the
+//! calls: the `/v1/sync` snapshot, heartbeat and upload batches, the push stream, and a blob's
+//! body. Every failure says which server and whether a retry may help; a failure of this
+//! node's own (its disk) is never blamed on an upstream and never makes it try another. It
+//! must never answer clients or write to the store: `fetch` fills the store.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use reqwest::StatusCode;
+
+use crate::core::digest::Digest;
+use crate::core::proto::{BatchReply, HeartbeatBatch, Snapshot, UploadBatch};
+use crate::http::auth::Token;
+use crate::serve::metrics::Metrics;
+use crate::store::StoreError;
+
+/// What can go wrong talking to an upstream.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("{server}: {source}")]
+    Http {
+        server: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("{server}: answered {status}")]
+    Status { server: String, status: StatusCode },
+    #[error("{server}: no byte for {secs} s")]
+    Idle { server: String, secs: u64 },
+    /// The bytes a server sent are not the blob they should be.
+    #[error("{server}: {source}")]
+    Mismatch {
+        server: String,
+        #[source]
+        source: StoreError,
+    },
+    /// This node failed to keep what a server sent (its disk): not the server's fault.
+    #[error("this node: {0}")]
+    Local(#[source] StoreError),
+    #[error("no upstream answered: {}", .failures.join("; "))]
+    AllFailed {
+        failures: Vec<String>,
+        /// Whether any of the failures may go away on a later try.
+        retryable: bool,
+    },
+    #[error("building the HTTP client: {0}")]
+    Client(reqwest::Error),
+    #[error("upstream CA file {path}: {reason}")]
+    Ca { path: String, reason: String },
+    #[error("{server}: catalog refused: {reason}")]
+    Signature { server: String, reason: String },
+    #[error("{server}: refused: {reason}")]
+    Refused { server: String, reason: String },
+}
+
+impl UpstreamError {
+    /// A failure of this node itself, not of any upstream.
+    pub fn is_local(&self) -> bool {
+        matches!(self, UpstreamError::Local(_))
+    }
+
+    /// Whether trying again later (this server or another) may succeed: a connection that
+    /// failed, an answer of 5xx, 408 or 429, silence. A refused body, a bad signature or a 4xx
+    /// will be the same next time.
+    pub fn retryable(&self) -> bool {
+        match self {
+            UpstreamError::Http { .. } | UpstreamError::Idle { .. } => true,
+            UpstreamError::Status { status, .. } => {
+                status.is_server_error()
+                    || *status == StatusCode::TOO_MANY_REQUESTS
+                    || *status == StatusCode::REQUEST_TIMEOUT
+            }
+            UpstreamError::AllFailed { retryable, .. } => *retryable,
+            UpstreamError::Local(_) => true,
+            UpstreamError::Mismatch { .. }
+            | UpstreamError::Client(_)
+            | UpstreamError::Ca { .. }
+            | UpstreamError::Signature { .. }
+            | UpstreamError::Refused { .. } => false,
+        }
+    }
+
+    /// The server the failure is about, when it is about one.
+    pub fn server(&self) -> Option<&str> {
+        match self {
+            UpstreamError::Http { server, .. }
+            | UpstreamError::Status { server, .. }
+            | UpstreamError::Idle { server, .. }
+            | UpstreamError::Mismatch { server, .. }
+            | UpstreamError::Signature { server, .. }
+            | UpstreamError::Refused { server, .. } => Some(server),
+            _ => None,
+        }
+    }
+}
+
+/// Largest `/v1/sync` answer a node accepts.
+const MAX_SNAPSHOT_BYTES: usize = 64 << 20;
+/// Most items a mirrored catalog may hold.
+const MAX_CATALOG_ITEMS: usize = 100_000;
+
+struct Health {
+    /// Delays before the next try after each consecutive failure (jittered, 0.5 s to 30 s).
+    backoff: backon::ExponentialBackoff,
+    /// Skip this server until then (another in the list is tried meanwhile).
+    retry_at: Option<tokio::time::Instant>,
+    /// How its last call went (None: not tried yet); failures are logged on a change.
+    last_ok: Option<bool>,
+}
+
+fn new_backoff() -> backon::ExponentialBackoff {
+    use backon::BackoffBuilder;
+    backon::ExponentialBuilder::new()
+        .with_min_delay(Duration::from_millis(500))
+        .with_max_delay(Duration::from_secs(30))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// The upstream list and how each server is doing.
+pub struct Upstream {
+    servers: Vec<url::Url>,
+    token: Option<Token>,
+    http: reqwest::Client,
+    idle_timeout: Duration,
+    metrics: std::sync::Arc<Metrics>,
+    /// Per server, in list order: backoff after failures.
+    health: Mutex<Vec<Health>>,
+    /// Verifies catalog signatures when configured.
+    catalog_key: Option<crate::core::signing::PublicKey>,
+    /// How often a node held to a lower-priority upstream checks whether a higher one is back.
+    probe_interval: Duration,
+}
+
+/// How a node talks to its upstreams (from `[upstream]`).
+pub struct UpstreamOptions {
+    /// Highest priority first.
+    pub servers: Vec<url::Url>,
+    /// The node token presented upstream.
+    pub token: Option<Token>,
+    /// CA certificates trusted for https upstreams besides the system roots.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// A call or blob fetch that receives no byte this long is abandoned.
+    pub idle_timeout: Duration,
+    /// How often a stream held to a lower-priority upstream probes the higher ones.
+    pub probe_interval: Duration,
+    /// When set, a snapshot whose catalog is unsigned or wrongly signed is refused.
+    pub catalog_key: Option<crate::core::signing::PublicKey>,
+}
+
+impl Upstream {
+    pub fn new(
+        opts: UpstreamOptions,
+        metrics: std::sync::Arc<Metrics>,
+    ) -> Result<Upstream, UpstreamError> {
+        let UpstreamOptions {
+            servers,
+            token,
+            ca_file,
+            idle_timeout,
+            probe_interval,
+            catalog_key,
+        } = opts;
+        let health = servers
+            .iter()
+            .map(|_| Health {
+                backoff: new_backoff(),
+                retry_at: None,
+                last_ok: None,
+            })
+            .collect();
+        for s in &servers {
+            metrics.upstream_up(s.as_str()).set(0);
+        }
+        let mut builder = reqwest::Client::builder();
+        if let Some(path) = ca_file.as_deref() {
+            let ca_err = |reason: String| UpstreamError::Ca {
+                path: path.display().to_string(),
+                reason,
+            };
+            let pem = std::fs::read(path).map_err(|e| ca_err(e.to_string()))?;
+            let certs =
+                reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| ca_err(e.to_string()))?;
+            if certs.is_empty() {
+                return Err(ca_err("no PEM certificate in it".into()));
+            }
+            for c in certs {
+                builder = builder.add_root_certificate(c);
+            }
+        }
+        let http = builder
+            .connect_timeout(Duration::from_secs(10))
+            .read_timeout(idle_timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("gup-node/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(UpstreamError::Client)?;
+        Ok(Upstream {
+            servers,
+            token,
+            http,
+            idle_timeout,
+            metrics,
+            health: Mutex::new(health),
+            catalog_key,
+            probe_interval,
+        })
+    }
+
+    pub fn servers(&self) -> &[url::Url] {
+        &self.servers
+    }
+
+    fn url(server: &url::Url, path: &str) -> String {
+        format!("{}{}", server.as_str().trim_end_matches('/'), path)
+    }
+
+    fn get(&self, url: &str) -> reqwest::RequestBuilder {
+        let req = self.http.get(url);
+        match &self.token {
+            Some(t) => req.bearer_auth(t.secret()),
+            None => req,
+        }
+    }
+
+    /// The servers to try now, by priority: those not backing off first; when every one is
+    /// backing off, all of them (an outage is retried at the caller's pace).
+    fn order(&self) -> Vec<usize> {
+        let now = tokio::time::Instant::now();
+        let Ok(health) = self.health.lock() else {
+            return (0..self.servers.len()).collect();
+        };
+        let ready: Vec<usize> = (0..self.servers.len())
+            .filter(|i| health[*i].retry_at.is_none_or(|t| t <= now))
+            .collect();
+        if ready.is_empty() {
+            (0..self.servers.len()).collect()
+        } else {
+            ready
+        }
+    }
+
+    /// Records how a call to server `i` went: success resets its backoff, failure pushes its
+    /// next try out.
+    /// Returns true when this changed the server's state (so callers log a change once).
+    fn mark(&self, i: usize, ok: bool) -> bool {
+        let mut changed = false;
+        if let Ok(mut health) = self.health.lock() {
+            let h = &mut health[i];
+            changed = h.last_ok != Some(ok);
+            h.last_ok = Some(ok);
+            if ok {
+                h.backoff = new_backoff();
+                h.retry_at = None;
+            } else {
+                let delay = h.backoff.next().unwrap_or(Duration::from_secs(30));
+                h.retry_at = Some(tokio::time::Instant::now() + delay);
+            }
+        }
+        self.metrics
+            .upstream_up(self.servers[i].as_str())
+            .set(i64::from(ok));
+        changed
+    }
+
+    /// Calls `op` on each server in [`Self::order`] until one succeeds. A local failure
+    /// stops at once: it would fail with every server, and it is no server's fault.
+    pub async fn first_that_answers<T, F, Fut>(&self, op: F) -> Result<(usize, T), UpstreamError>
+    where
+        F: Fn(usize) -> Fut,
+        Fut: std::future::Future<Output = Result<T, UpstreamError>>,
+    {
+        let mut failures = Vec::new();
+        let mut retryable = false;
+        for i in self.order() {
+            match op(i).await {
+                Ok(v) => {
+                    self.mark(i, true);
+                    return Ok((i, v));
+                }
+                Err(e) if e.is_local() => return Err(e),
+                Err(e) => {
+                    // A blob that fails its digest is the server's fault as far as this node
+                    // can tell; either way the next server is tried.
+                    if self.mark(i, false) {
+                        tracing::warn!(server = %self.servers[i], error = %e, "upstream failed; trying the next one");
+                    }
+                    retryable |= e.retryable();
+                    failures.push(e.to_string());
+                }
+            }
+        }
+        Err(UpstreamError::AllFailed {
+            failures,
+            retryable,
+        })
+    }
+
+    /// The snapshot of the first upstream that answers, in priority order, with its index.
+    pub async fn snapshot(&self) -> Result<(usize, Snapshot), UpstreamError> {
+        self.first_that_answers(|i| self.snapshot_from(&self.servers[i]))
+            .await
+    }
+
+    async fn snapshot_from(&self, server: &url::Url) -> Result<Snapshot, UpstreamError> {
+        let name = server.to_string();
+        let http = |source| UpstreamError::Http {
+            server: name.clone(),
+            source,
+        };
+        let resp = self
+            .get(&Self::url(server, "/v1/sync"))
+            .timeout(self.idle_timeout)
+            .send()
+            .await
+            .map_err(http)?;
+        if !resp.status().is_success() {
+            return Err(UpstreamError::Status {
+                server: name.clone(),
+                status: resp.status(),
+            });
+        }
+        // A snapshot is read with a size cap: a huge or endless answer is refused, not
+        // buffered without bound.
+        let mut body = resp.bytes_stream();
+        let mut bytes = Vec::new();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(http)?;
+            if bytes.len() + chunk.len() > MAX_SNAPSHOT_BYTES {
+                return Err(UpstreamError::Refused {
+                    server: name,
+                    reason: format!("snapshot larger than {MAX_SNAPSHOT_BYTES} bytes"),
+                });
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        let refused = |reason: String| UpstreamError::Refused {
+            server: name.clone(),
+            reason,
+        };
+        let snapshot: Snapshot = serde_json::from_slice(&bytes)
+            .map_err(|e| refused(format!("invalid snapshot: {e}")))?;
+        if snapshot.catalog.items.len() > MAX_CATALOG_ITEMS {
+            return Err(refused(format!(
+                "catalog of {} items (at most {MAX_CATALOG_ITEMS})",
+                snapshot.catalog.items.len()
+            )));
+        }
+        crate::core::catalog::validate_catalog(&snapshot.catalog)
+            .map_err(|e| refused(format!("invalid catalog: {e}")))?;
+        if let Some(key) = &self.catalog_key {
+            if let Err(e) = key.verify(&snapshot.catalog, snapshot.catalog_signature.as_deref()) {
+                tracing::warn!(server = %name, error = %e, "refusing a catalog whose signature does not verify");
+                return Err(UpstreamError::Signature {
+                    server: name,
+                    reason: e.to_string(),
+                });
+            }
+        }
+        Ok(snapshot)
+    }
+
+    /// POSTs `body` as JSON with the node token to `path` on server `i`; a non-2xx answer is
+    /// an error.
+    async fn post_json<B: serde::Serialize + ?Sized>(
+        &self,
+        i: usize,
+        path: &str,
+        body: &B,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let server = &self.servers[i];
+        let name = server.to_string();
+        let mut req = self
+            .http
+            .post(Self::url(server, path))
+            .timeout(self.idle_timeout)
+            .json(body);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t.secret());
+        }
+        let resp = req.send().await.map_err(|source| UpstreamError::Http {
+            server: name.clone(),
+            source,
+        })?;
+        if !resp.status().is_success() {
+            return Err(UpstreamError::Status {
+                server: name,
+                status: resp.status(),
+            });
+        }
+        Ok(resp)
+    }
+
+    /// Relays a batch of client heartbeats to the first upstream that accepts it.
+    pub async fn relay_heartbeats(
+        &self,
+        batch: &HeartbeatBatch,
+    ) -> Result<BatchReply, UpstreamError> {
+        self.first_that_answers(|i| async move {
+            let resp = self.post_json(i, "/v1/node/heartbeats", batch).await?;
+            resp.json::<BatchReply>()
+                .await
+                .map_err(|source| UpstreamError::Http {
+                    server: self.servers[i].to_string(),
+                    source,
+                })
+        })
+        .await
+        .map(|(_, r)| r)
+    }
+
+    /// Forwards queued uploads (events, applications) to the first upstream that accepts them.
+    pub async fn forward_uploads(&self, batch: &UploadBatch) -> Result<(), UpstreamError> {
+        self.first_that_answers(|i| async move {
+            self.post_json(i, "/v1/node/events", batch)
+                .await
+                .map(|_| ())
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Holds `/v1/stream` to the first upstream that answers and calls `on_event` for every
+    /// event; returns when the stream ends or fails, or when a higher-priority upstream
+    /// answers again (the caller reconnects, in priority order).
+    pub async fn follow_stream(
+        &self,
+        on_event: &(dyn Fn(&str) + Send + Sync),
+    ) -> Result<String, UpstreamError> {
+        let (index, resp) = self
+            .first_that_answers(|i| async move {
+                let server = &self.servers[i];
+                let name = server.to_string();
+                let resp = self
+                    .get(&Self::url(server, "/v1/stream"))
+                    .send()
+                    .await
+                    .map_err(|source| UpstreamError::Http {
+                        server: name.clone(),
+                        source,
+                    })?;
+                if !resp.status().is_success() {
+                    return Err(UpstreamError::Status {
+                        server: name,
+                        status: resp.status(),
+                    });
+                }
+                Ok(resp)
+            })
+            .await?;
+        let name = self.servers[index].to_string();
+        tracing::info!(server = %name, "holding the upstream push stream");
+        let mut parser = crate::core::proto::EventParser::default();
+        let mut body = resp.bytes_stream();
+        // The upstream sends a keep-alive at least every 15 s: silence means it is gone.
+        let idle = crate::serve::stream::KEEP_ALIVE * 3;
+        let mut probe = tokio::time::interval(self.probe_interval);
+        probe.tick().await;
+        loop {
+            tokio::select! {
+                next = tokio::time::timeout(idle, body.next()) => match next {
+                    Ok(Some(Ok(chunk))) => {
+                        for (event, _data) in parser.feed(&chunk) {
+                            on_event(&event);
+                        }
+                    }
+                    Ok(Some(Err(e))) => {
+                        self.mark(index, false);
+                        return Err(UpstreamError::Http { server: name, source: e });
+                    }
+                    Ok(None) => return Ok(name),
+                    Err(_) => {
+                        self.mark(index, false);
+                        return Err(UpstreamError::Idle { server: name, secs: idle.as_secs() });
+                    }
+                },
+                _ = probe.tick(), if index > 0 => {
+                    if let Some(better) = self.higher_priority_answering(index).await {
+                        tracing::info!(from = %name, to = %better, "a higher-priority upstream answers again; moving back");
+                        return Ok(name);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The first server above `index` whose `/readyz` answers 200 now.
+    async fn higher_priority_answering(&self, index: usize) -> Option<String> {
+        for (i, server) in self.servers.iter().enumerate().take(index) {
+            let ok = self
+                .http
+                .get(Self::url(server, "/readyz"))
+                .timeout(Duration::from_secs(5))
+                .send()
+                .await
+                .map(|r| r.status().is_success())
+                .unwrap_or(false);
+            if ok {
+                self.mark(i, true);
+                return Some(server.to_string());
+            }
+        }
+        None
+    }
+
+    /// Asks server `i` for the bytes of `digest`: the response, once it answered 200.
+    pub async fn blob(
+        &self,
+        i: usize,
+        digest: &Digest,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let server = &self.servers[i];
+        let name = server.to_string();
+        let resp = self
+            .get(&Self::url(server, &format!("/v1/content/{digest}")))
+            .send()
+            .await
+            .map_err(|source| UpstreamError::Http {
+                server: name.clone(),
+                source,
+            })?;
+        if resp.status() != StatusCode::OK {
+            return Err(UpstreamError::Status {
+                server: name,
+                status: resp.status(),
+            });
+        }
+        Ok(resp)
+    }
+
+    /// How long a call or fetch may go without a byte.
+    pub fn idle_timeout(&self) -> Duration {
+        self.idle_timeout
+    }
+
+    /// The name of server `i` (its URL).
+    pub fn name(&self, i: usize) -> String {
+        self.servers[i].to_string()
+    }
+}

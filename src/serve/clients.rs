@@ -1,0 +1,214 @@
+//! What clients send: heartbeats, events, applications, push streams, and the batches a
+//! downstream node relays of them.
+//!
+//! Owns the handlers of `POST /v1/heartbeat`, `/v1/events`, `/v1/applications`,
+//! `/v1/node/heartbeats`, `/v1/node/events` and `GET /v1/stream`, the same for both roles:
+//! validation, the reply (effective settings, policy serial, catalog revision, download slot),
+//! the application-learning gate, and the order of a node batch (its heartbeats are placed
+//! before its uploads are filed). Where a client belongs and where uploads go is the
+//! [`super::Role`]'s. It must never decide a client's group itself.
+
+use axum::extract::{ConnectInfo, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+
+use super::{Api, ServeError};
+use crate::core::proto::{
+    state_changes, ApplicationUpload, Assignment, BatchReply, Change, EventUpload, Heartbeat,
+    HeartbeatBatch, HeartbeatReply, Placed, Placement, Upload, UploadBatch,
+};
+use crate::core::settings::DEFAULT_GROUP;
+use crate::http::error::ApiError;
+use crate::http::extract::{JsonBody, Query};
+
+impl Api {
+    /// Places a client and answers its heartbeat.
+    fn answer(
+        &self,
+        hb: &Heartbeat,
+        address: Option<String>,
+        now: DateTime<Utc>,
+    ) -> Result<HeartbeatReply, ApiError> {
+        let placement = self.role.heartbeat(hb, address, now)?;
+        let s = &self.served;
+        let history = s.catalog()?;
+        let dir = s.directory()?;
+        let settings = dir.effective(&placement.group, hb.location());
+        let slot =
+            s.slots
+                .for_heartbeat(&hb.client_id, hb.catalog_revision, &settings, &history, now)?;
+        Ok(HeartbeatReply::new(
+            &dir,
+            hb,
+            &placement.group,
+            history.revision(),
+            slot,
+        ))
+    }
+
+    /// Where the role has `client_id`, or where an unknown client counts.
+    fn placed(&self, client_id: &str) -> Placement {
+        self.role
+            .placement(client_id)
+            .unwrap_or_else(Placement::unknown)
+    }
+}
+
+pub async fn heartbeat(
+    State(api): State<Api>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+    JsonBody(hb): JsonBody<Heartbeat>,
+) -> Result<Json<HeartbeatReply>, ApiError> {
+    hb.validate()?;
+    api.answer(&hb, Some(peer.ip().to_string()), Utc::now())
+        .map(Json)
+}
+
+/// Places each relayed heartbeat; refuses the invalid ones one by one, and the whole batch
+/// only when this server fails.
+fn place_relayed(
+    api: &Api,
+    batch: impl IntoIterator<Item = crate::core::proto::RelayedHeartbeat>,
+    now: DateTime<Utc>,
+) -> Result<BatchReply, ApiError> {
+    let mut reply = BatchReply::default();
+    for item in batch {
+        let id = item.heartbeat.client_id.clone();
+        if let Err(e) = item.heartbeat.validate() {
+            reply.rejected.push((id, e.to_string()));
+            continue;
+        }
+        match api.role.heartbeat(&item.heartbeat, item.address, now) {
+            Ok(p) => reply.assignments.push(Assignment {
+                client_id: id,
+                group: p.group,
+            }),
+            Err(e) if e.status.is_client_error() => reply.rejected.push((id, e.message)),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(reply)
+}
+
+/// A downstream node relays its clients' heartbeats (node token).
+pub async fn node_heartbeats(
+    State(api): State<Api>,
+    JsonBody(batch): JsonBody<HeartbeatBatch>,
+) -> Result<Json<BatchReply>, ApiError> {
+    place_relayed(&api, batch.heartbeats, Utc::now()).map(Json)
+}
+
+fn accepted(count: usize) -> Response {
+    (
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({ "accepted": count })),
+    )
+        .into_response()
+}
+
+pub async fn events(
+    State(api): State<Api>,
+    JsonBody(upload): JsonBody<EventUpload>,
+) -> Result<Response, ApiError> {
+    upload.validate()?;
+    let count = upload.events.len();
+    let placement = api.role.placement(&upload.client_id);
+    api.role
+        .accept(vec![Placed {
+            upload: Upload::Events(upload),
+            placement,
+        }])
+        .await?;
+    Ok(accepted(count))
+}
+
+pub async fn applications(
+    State(api): State<Api>,
+    JsonBody(upload): JsonBody<ApplicationUpload>,
+) -> Result<Response, ApiError> {
+    upload.validate()?;
+    let placement = api.role.placement(&upload.client_id);
+    let at = placement.clone().unwrap_or_else(Placement::unknown);
+    if let Some(why) = api
+        .served
+        .directory()?
+        .learning_refusal(&at.group, at.location.as_deref())
+    {
+        return Err(ServeError::LearningOff(why).into());
+    }
+    let count = upload.applications.len();
+    api.role
+        .accept(vec![Placed {
+            upload: Upload::Applications(upload),
+            placement,
+        }])
+        .await?;
+    Ok(accepted(count))
+}
+
+/// A downstream node forwards what its clients uploaded (node token). The heartbeats that
+/// travel with the batch are placed first, so a client first seen in this very batch has its
+/// events filed under its real group; a client this server still does not know keeps the
+/// placement the node sent.
+pub async fn node_events(
+    State(api): State<Api>,
+    JsonBody(batch): JsonBody<UploadBatch>,
+) -> Result<Response, ApiError> {
+    for p in &batch.uploads {
+        p.upload.validate()?;
+    }
+    place_relayed(&api, batch.heartbeats, Utc::now())?;
+    let count = batch.uploads.iter().map(|p| p.upload.count()).sum();
+    let uploads = batch
+        .uploads
+        .into_iter()
+        .map(|p| Placed {
+            placement: api.role.placement(p.upload.client_id()).or(p.placement),
+            upload: p.upload,
+        })
+        .collect();
+    api.role.accept(uploads).await?;
+    Ok(accepted(count))
+}
+
+#[derive(Deserialize)]
+pub struct StreamQuery {
+    client_id: Option<String>,
+}
+
+/// `GET /v1/stream[?client_id=ID]`: the current state, then every change of the client's
+/// group (or of every group, for a node that mirrors them all).
+pub async fn stream(State(api): State<Api>, Query(q): Query<StreamQuery>) -> Response {
+    let client = q.client_id.filter(|c| !c.is_empty());
+    let current = {
+        let api = api.clone();
+        let client = client.clone();
+        move || {
+            let s = &api.served;
+            let revision = s.catalog().map(|c| c.revision()).unwrap_or(0);
+            let groups: Vec<String> = match &client {
+                None => match s.directory() {
+                    Ok(dir) => dir.groups.keys().cloned().collect(),
+                    Err(_) => vec![DEFAULT_GROUP.to_string()],
+                },
+                Some(id) => vec![api.placed(id).group],
+            };
+            match s.directory() {
+                Ok(dir) => state_changes(&dir, groups, revision),
+                Err(_) => Vec::new(),
+            }
+        }
+    };
+    let filter = {
+        let api = api.clone();
+        move |c: &Change| match (&client, c.group()) {
+            (None, _) | (_, None) => true,
+            (Some(id), Some(g)) => api.placed(id).group == g,
+        }
+    };
+    let s = &api.served;
+    s.changes.respond(current, filter, s.shutdown.clone())
+}

@@ -1,0 +1,371 @@
+//! Content: `GET|HEAD /v1/content/{sha256}`, from the store or from a blob still arriving.
+//!
+//! Owns the content endpoint (catalog membership, conditionals before any byte moves, the
+//! slot gate for named clients, `serve.max_concurrent_downloads`), the bodies of stored blobs
+//! (from memory, or mapped and sent with sendfile) and of blobs still being fetched (the last
+//! byte withheld until the digest checks, cut if it fails), and the [`Fetcher`] interface a
+//! node's upstream implements. It must never serve a digest outside the retained catalog,
+//! nor a complete response of unverified bytes.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::Response;
+use chrono::Utc;
+use futures_util::future::BoxFuture;
+
+use super::conditional::{decide_range, if_none_match, not_modified, RangeDecision};
+use super::{Api, ServeError, Served};
+use crate::core::digest::Digest;
+use crate::core::fault::{Fault, Internal, Kind};
+use crate::core::proto::Placement;
+use crate::http::error::ApiError;
+use crate::http::extract::Path;
+
+/// Frame size for sending a blob (stored or arriving): the unit of LAN pacing and of the
+/// served-bytes count.
+const FRAME: usize = 1 << 20;
+
+/// Stored blobs up to this size are read into memory (their body then goes out in one write
+/// with the head); larger ones are mapped, and a plain-HTTP connection sends them from the
+/// page cache with sendfile (`sys::zerocopy`).
+const READ_INTO_MEMORY: u64 = 64 << 10;
+
+/// How far a fetch into a temp file has come.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// This many bytes are in the temp file; none of them verified yet.
+    Running(u64),
+    /// The whole blob arrived and its digest checked.
+    Verified,
+    /// The fetch failed (or its digest did not match): every reader must cut its response.
+    Failed,
+}
+
+/// Where a missing blob can be read from while it is fetched.
+pub enum Attached {
+    /// Already complete in the store.
+    Stored,
+    /// Growing in a temp file: read what `progress` says is there.
+    Growing {
+        file: tokio::fs::File,
+        progress: tokio::sync::watch::Receiver<Progress>,
+    },
+}
+
+/// Why a missing blob could not be brought into the store.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FetchError {
+    /// Every upstream failed; the last one tried, and whether a later try may work.
+    #[error("fetching {digest}: {message}")]
+    Upstream {
+        digest: Digest,
+        server: Option<String>,
+        retryable: bool,
+        message: String,
+    },
+    /// This server failed to keep the bytes (its disk, a lock): no upstream's fault.
+    #[error("fetching {digest}: {message}")]
+    Local { digest: Digest, message: String },
+}
+
+impl Fault for FetchError {
+    fn kind(&self) -> Kind {
+        match self {
+            FetchError::Upstream { retryable, .. } => Kind::Upstream {
+                retryable: *retryable,
+            },
+            FetchError::Local { .. } => Kind::Local,
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            FetchError::Upstream { .. } => "upstream_failed",
+            FetchError::Local { .. } => "fetch_failed",
+        }
+    }
+}
+
+/// Brings a blob that is in the catalog but not in the store into the store (a node's
+/// upstream). Concurrent calls for one digest share one fetch, and each caller can read the
+/// bytes as they arrive.
+pub trait Fetcher: Send + Sync + 'static {
+    fn attach(&self, digest: Digest, size: u64)
+        -> BoxFuture<'static, Result<Attached, FetchError>>;
+}
+
+impl Served {
+    /// The slot gate: a named client asking before its slot gets 429 (counted).
+    fn admit(&self, api: &Api, client: &str, digest: &Digest) -> Result<(), ApiError> {
+        let placement = api
+            .role
+            .placement(client)
+            .unwrap_or_else(Placement::unknown);
+        let settings = self
+            .directory()?
+            .effective(&placement.group, placement.location.as_deref());
+        let history = self.catalog()?;
+        match self
+            .slots
+            .admit(client, digest, &settings, &history, Utc::now())
+        {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                if matches!(e, crate::core::slots::SlotError::BeforeSlot { .. }) {
+                    self.metrics.slot_deferrals.inc();
+                }
+                Err(e.into())
+            }
+        }
+    }
+}
+
+pub async fn content(
+    State(api): State<Api>,
+    Path(sha256): Path<String>,
+    method: Method,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let s = &api.served;
+    let digest: Digest = sha256.parse().map_err(|reason| ServeError::BadDigest {
+        given: sha256.clone(),
+        reason,
+    })?;
+    let size = match s.catalog()?.find(&digest) {
+        Some((_, item)) => item.size,
+        None => return Err(ServeError::NotInCatalog(digest).into()),
+    };
+    let etag = format!("\"{digest}\"");
+    // Conditionals are decided before any byte is fetched: a client that has it needs nothing.
+    if if_none_match(&headers, &etag) {
+        return Ok(not_modified(&etag));
+    }
+    if let Some(client) = headers.get("x-gup-client-id").and_then(|v| v.to_str().ok()) {
+        if !client.is_empty() && method == Method::GET {
+            s.admit(&api, client, &digest)?;
+        }
+    }
+    let permit = match (&s.downloads, method == Method::GET) {
+        (Some(sem), true) => match sem.clone().try_acquire_owned() {
+            Ok(p) => Some(p),
+            Err(_) => {
+                return Err(ServeError::AtCapacity {
+                    retry_after_s: rand::random_range(1..=5),
+                }
+                .into())
+            }
+        },
+        _ => None,
+    };
+    if let Some(body) = s.hot.get(&digest) {
+        s.metrics.cache_hits.inc();
+        // The eviction order still learns of the read; a failure here costs nothing served.
+        let _ = s.store.mark_read(&digest);
+        let source = Source::Stored(body, permit);
+        return blob_response(s, source, size, &etag, &method, &headers).await;
+    }
+    // A blob the hot cache may keep is opened without holding it in use: the cache entry
+    // must not pin it against eviction (the node drops evicted blobs from the cache).
+    let keep = size <= s.hot.item_max();
+    let open = match s.store.open_blob(&digest, READ_INTO_MEMORY, !keep).await? {
+        Some(found) => {
+            s.metrics.cache_hits.inc();
+            found
+        }
+        None => {
+            let Some(fetcher) = &s.fetcher else {
+                return Err(ServeError::NotStored(digest).into());
+            };
+            s.metrics.cache_misses.inc();
+            match fetcher.attach(digest, size).await? {
+                Attached::Stored => s
+                    .store
+                    .open_blob(&digest, READ_INTO_MEMORY, !keep)
+                    .await?
+                    .ok_or(ServeError::NotStored(digest))?,
+                Attached::Growing { file, progress } => {
+                    let source = Source::Growing {
+                        file,
+                        progress,
+                        permit,
+                    };
+                    return blob_response(s, source, size, &etag, &method, &headers).await;
+                }
+            }
+        }
+    };
+    if keep {
+        s.hot.offer(digest, &open.bytes);
+    }
+    let size = open.meta.size;
+    let source = Source::Stored(open.bytes, permit);
+    blob_response(s, source, size, &etag, &method, &headers).await
+}
+
+/// The bytes behind a content response.
+pub enum Source {
+    /// The bytes of a verified blob (in memory or mapped; a mapping keeps the blob from
+    /// eviction while any slice of it lives), and the download permit the response holds.
+    Stored(bytes::Bytes, Option<tokio::sync::OwnedSemaphorePermit>),
+    /// A temp file still being fetched: its last byte is withheld until the digest checks,
+    /// and the response is cut if it fails.
+    Growing {
+        file: tokio::fs::File,
+        progress: tokio::sync::watch::Receiver<Progress>,
+        permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    },
+}
+
+struct GrowingRead {
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    file: Arc<std::fs::File>,
+    progress: tokio::sync::watch::Receiver<Progress>,
+    pos: u64,
+    end: u64,
+    len: u64,
+    served: prometheus_client::metrics::counter::Counter,
+    by: Arc<Served>,
+}
+
+fn cut(why: &str) -> std::io::Error {
+    std::io::Error::other(why.to_string())
+}
+
+/// Streams `[start, start+count)` of a growing temp file of a blob of `len` bytes.
+fn growing_body(g: GrowingRead) -> Body {
+    let stream = futures_util::stream::unfold(Some(g), |state| async move {
+        let mut g = state?;
+        loop {
+            if g.pos >= g.end {
+                return None;
+            }
+            let available = match *g.progress.borrow() {
+                Progress::Verified => g.len,
+                // The last byte waits for the digest: no client ever holds a complete
+                // response of unverified bytes.
+                Progress::Running(n) => n.min(g.len.saturating_sub(1)),
+                Progress::Failed => return Some((Err(cut("upstream fetch failed")), None)),
+            };
+            let limit = available.min(g.end);
+            if g.pos < limit {
+                let want = (limit - g.pos).min(FRAME as u64) as usize;
+                // Only bytes the fetch has written are mapped: nothing here can fault.
+                let zero_copy = crate::sys::zerocopy::sendfile_pays(g.len);
+                let frame =
+                    match crate::sys::zerocopy::map(g.file.clone(), g.pos, want, None, zero_copy) {
+                        Ok(f) => f,
+                        Err(e) => return Some((Err(e), None)),
+                    };
+                g.pos += want as u64;
+                g.by.lan.take(want).await;
+                g.served.inc_by(want as u64);
+                return Some((Ok(frame), Some(g)));
+            }
+            if g.progress.changed().await.is_err() && *g.progress.borrow() != Progress::Verified {
+                return Some((Err(cut("upstream fetch ended")), None));
+            }
+        }
+    });
+    Body::from_stream(stream)
+}
+
+/// Streams `len` bytes of an open blob with the headers of the content API.
+pub async fn blob_response(
+    served_by: &Arc<Served>,
+    source: Source,
+    len: u64,
+    etag: &str,
+    method: &Method,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    let decision = decide_range(headers, etag, len);
+    // Static values are not parsed again on every response.
+    let mut builder = Response::builder()
+        .header(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        )
+        .header(header::ETAG, etag)
+        .header(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"))
+        .header(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("public, max-age=31536000, immutable"),
+        );
+    let (status, start, count) = match decision {
+        RangeDecision::Full => (StatusCode::OK, 0, len),
+        RangeDecision::Partial { start, end } => {
+            builder = builder.header(header::CONTENT_RANGE, format!("bytes {start}-{end}/{len}"));
+            (StatusCode::PARTIAL_CONTENT, start, end - start + 1)
+        }
+        RangeDecision::Unsatisfiable => return Err(ServeError::RangeNotSatisfiable(len).into()),
+    };
+    builder = builder.status(status).header(header::CONTENT_LENGTH, count);
+    let body = if method == Method::HEAD {
+        Body::empty()
+    } else {
+        let served = served_by.metrics.served_bytes.clone();
+        match source {
+            Source::Stored(bytes, permit) => {
+                let range = bytes.slice(start as usize..(start + count) as usize);
+                stored_body(range, permit, served, served_by)
+            }
+            Source::Growing {
+                file,
+                progress,
+                permit,
+            } => {
+                let file = Arc::new(file.into_std().await);
+                growing_body(GrowingRead {
+                    _permit: permit,
+                    file,
+                    progress,
+                    pos: start,
+                    end: start + count,
+                    len,
+                    served,
+                    by: served_by.clone(),
+                })
+            }
+        }
+    };
+    builder
+        .body(body)
+        .map_err(|e| Internal(format!("building response: {e}")).into())
+}
+
+/// The body of a stored blob's selected bytes. Without a LAN budget or a download permit to
+/// hold, a body up to [`FRAME`] is one frame that hyper writes with the head in one call;
+/// otherwise it goes out in frames of [`FRAME`] bytes, each paced by the LAN budget. Either
+/// way the bytes are slices of one buffer (or mapping): nothing is copied in user space.
+fn stored_body(
+    bytes: bytes::Bytes,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    served: prometheus_client::metrics::counter::Counter,
+    by: &Arc<Served>,
+) -> Body {
+    let unlimited = by.lan.is_unlimited();
+    if unlimited && permit.is_none() && bytes.len() <= FRAME {
+        served.inc_by(bytes.len() as u64);
+        return Body::from(bytes);
+    }
+    let by = by.clone();
+    let frames = futures_util::stream::unfold((bytes, permit), move |(mut rest, permit)| {
+        let by = by.clone();
+        let served = served.clone();
+        async move {
+            if rest.is_empty() {
+                return None;
+            }
+            let frame = rest.split_to(rest.len().min(FRAME));
+            if !unlimited {
+                by.lan.take(frame.len()).await;
+            }
+            served.inc_by(frame.len() as u64);
+            Some((Ok::<_, std::io::Error>(frame), (rest, permit)))
+        }
+    });
+    Body::from_stream(frames)
+}

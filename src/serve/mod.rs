@@ -1,0 +1,311 @@
+//! Layer 4: the one client API that manager and node both serve.
+//!
+//! Owns every client endpoint — heartbeat, catalog, content, settings, policy, stream, events,
+//! applications, `/v1/sync` and the node-token batches — written once over a [`Role`], the
+//! narrow interface that says where a role places clients and where accepted uploads go. Both
+//! roles answer heartbeats with the same settings and the same `download_slot`, gate content
+//! with the same slot policy (`core::slots`), and file events under the same placement. It
+//! reads blobs from `store` only; when a blob in the catalog is missing it asks the role's
+//! [`content::Fetcher`] (a node's upstream) to bring it into the store. It must never write
+//! to the store or talk to an upstream itself, and never serve a digest that is not in a
+//! retained catalog revision.
+
+pub mod clients;
+pub mod conditional;
+pub mod content;
+pub mod documents;
+pub mod health;
+pub mod limit;
+pub mod metrics;
+pub mod stream;
+
+use std::sync::{Arc, RwLock};
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+use chrono::{DateTime, Utc};
+use futures_util::future::BoxFuture;
+
+use crate::core::catalog::CatalogHistory;
+use crate::core::digest::{Digest, DigestError};
+use crate::core::fault::{Fault, Internal, Kind};
+use crate::core::proto::{Heartbeat, Placed, Placement, BATCH_LIMIT, BODY_LIMIT};
+use crate::core::settings::Directory;
+use crate::core::slots::{SlotLog, SlotRecord, Slots};
+use crate::http::auth::{self, Token};
+use crate::http::error::{ApiError, Refused};
+use crate::http::shutdown::Shutdown;
+use crate::store::hot::HotBlobs;
+use crate::store::{Kv, Store};
+
+/// What differs between the roles behind the one client API.
+pub trait Role: Send + Sync + 'static {
+    /// Places a client from its heartbeat (validated) and records it: the manager resolves
+    /// its group in the registry; a node answers from its mirror and queues the heartbeat
+    /// for its upstream.
+    fn heartbeat(
+        &self,
+        hb: &Heartbeat,
+        address: Option<String>,
+        now: DateTime<Utc>,
+    ) -> Result<Placement, ApiError>;
+
+    /// Where a client is as this server knows it; None for a client it never placed.
+    fn placement(&self, client_id: &str) -> Option<Placement>;
+
+    /// Takes validated uploads durably: returns only once they survive a crash. The manager
+    /// stores them (and raises notifications); a node queues them for its upstream.
+    fn accept(&self, uploads: Vec<Placed>) -> BoxFuture<'_, Result<(), ApiError>>;
+}
+
+/// What the client API reads: one server's mirror or source of truth.
+pub struct Served {
+    pub store: Store,
+    pub catalog: Arc<RwLock<CatalogHistory>>,
+    /// Groups, settings and policies (the manager's own, or a node's mirror).
+    pub directory: Arc<RwLock<Directory>>,
+    /// Push notifications of this server.
+    pub changes: Arc<stream::Changes>,
+    pub metrics: Arc<metrics::Metrics>,
+    pub readiness: Arc<health::Readiness>,
+    /// Download slots of this server.
+    pub slots: Slots,
+    /// None on the manager: what is in its catalog is in its store.
+    pub fetcher: Option<Arc<dyn content::Fetcher>>,
+    /// The budget all content responses share (`serve.max_bytes_per_sec`).
+    pub lan: limit::ByteLimiter,
+    /// `serve.max_concurrent_downloads` (None: unlimited).
+    pub downloads: Option<Arc<tokio::sync::Semaphore>>,
+    /// Small, often-read blobs in memory (`cache.memory_bytes`).
+    pub hot: Arc<HotBlobs>,
+    /// The current catalog's wire bytes and their ETag, serialized once per revision.
+    pub catalog_body: RwLock<Option<(String, bytes::Bytes)>>,
+    /// Ends push streams at shutdown.
+    pub shutdown: Shutdown,
+}
+
+/// The parts of a [`Served`] each role chooses.
+pub struct ServedOptions {
+    pub fetcher: Option<Arc<dyn content::Fetcher>>,
+    pub readiness: health::Readiness,
+    pub max_bytes_per_sec: u64,
+    pub max_concurrent_downloads: usize,
+    pub memory_bytes: u64,
+    pub memory_item_max_bytes: u64,
+}
+
+impl Served {
+    /// The client API's state over `store`, with the catalog and directory a role loaded.
+    pub fn new(
+        store: Store,
+        catalog: CatalogHistory,
+        directory: Directory,
+        metrics: Arc<metrics::Metrics>,
+        shutdown: Shutdown,
+        opts: ServedOptions,
+    ) -> Result<Served, crate::store::StoreError> {
+        let slots = Slots::new(Box::new(KvSlotLog(store.kv("slots")?)));
+        Ok(Served {
+            catalog: Arc::new(RwLock::new(catalog)),
+            directory: Arc::new(RwLock::new(directory)),
+            changes: Arc::new(stream::Changes::new(metrics.stream_clients.clone())),
+            readiness: Arc::new(opts.readiness),
+            slots,
+            fetcher: opts.fetcher,
+            lan: limit::ByteLimiter::new(opts.max_bytes_per_sec),
+            downloads: (opts.max_concurrent_downloads > 0)
+                .then(|| Arc::new(tokio::sync::Semaphore::new(opts.max_concurrent_downloads))),
+            hot: Arc::new(HotBlobs::new(opts.memory_bytes, opts.memory_item_max_bytes)),
+            catalog_body: RwLock::new(None),
+            store,
+            metrics,
+            shutdown,
+        })
+    }
+
+    /// The catalog history, read-locked.
+    pub fn catalog(&self) -> Result<std::sync::RwLockReadGuard<'_, CatalogHistory>, Internal> {
+        self.catalog
+            .read()
+            .map_err(|_| Internal::poisoned("catalog"))
+    }
+
+    /// The directory, read-locked.
+    pub fn directory(&self) -> Result<std::sync::RwLockReadGuard<'_, Directory>, Internal> {
+        self.directory
+            .read()
+            .map_err(|_| Internal::poisoned("directory"))
+    }
+}
+
+/// The state every client route sees: the served data and the role behind it.
+#[derive(Clone)]
+pub struct Api {
+    pub served: Arc<Served>,
+    pub role: Arc<dyn Role>,
+}
+
+/// Every client route, the node-token routes behind `node_token`, and JSON answers for
+/// unknown endpoints and methods. A role merges its own routes (the manager's admin API) in
+/// before calling [`finish`].
+pub fn router(api: Api, node_token: Token) -> Router {
+    let open = Router::new()
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/metrics", get(health::metrics))
+        .route("/v1/catalog", get(documents::catalog))
+        .route("/v1/content/{sha256}", get(content::content))
+        .route("/v1/groups/{group}/settings", get(documents::settings))
+        .route("/v1/groups/{group}/policy", get(documents::policy))
+        .route("/v1/heartbeat", post(clients::heartbeat))
+        .route("/v1/events", post(clients::events))
+        .route("/v1/applications", post(clients::applications))
+        .route("/v1/stream", get(clients::stream))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT));
+    let nodes = Router::new()
+        .route("/v1/sync", get(documents::sync))
+        .route("/v1/node/heartbeats", post(clients::node_heartbeats))
+        .route("/v1/node/events", post(clients::node_events))
+        .layer(DefaultBodyLimit::max(BATCH_LIMIT));
+    open.merge(auth::require(nodes, node_token, "node"))
+        .with_state(api)
+}
+
+/// JSON 404 and 405 for a role's whole router.
+pub fn finish(router: Router) -> Router {
+    router
+        .fallback(|| async { ApiError::from(Refused::NoEndpoint) })
+        .method_not_allowed_fallback(|| async { ApiError::from(Refused::Method) })
+}
+
+/// The connections served without hyper: push streams (`GET /v1/stream`).
+pub fn lean() -> crate::http::server::Lean {
+    crate::http::server::Lean {
+        peek: 15,
+        matches: |first| {
+            first.starts_with(b"GET /v1/stream?") || first.starts_with(b"GET /v1/stream ")
+        },
+    }
+}
+
+/// What the client API refuses on its own account.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ServeError {
+    #[error("{given:?}: {reason}")]
+    BadDigest { given: String, reason: DigestError },
+    #[error("{0} is not in the catalog")]
+    NotInCatalog(Digest),
+    #[error("no group {0:?}")]
+    NoGroup(String),
+    #[error("{0}")]
+    BadLocation(String),
+    #[error("this server has not synced with an upstream yet")]
+    NotReady,
+    #[error("this server is at serve.max_concurrent_downloads; retry shortly")]
+    AtCapacity { retry_after_s: u64 },
+    #[error("{0}")]
+    LearningOff(String),
+    #[error("the blob has {0} bytes")]
+    RangeNotSatisfiable(u64),
+    #[error("{0} is in the catalog but not in the store")]
+    NotStored(Digest),
+}
+
+impl Fault for ServeError {
+    fn kind(&self) -> Kind {
+        match self {
+            ServeError::BadDigest { .. } | ServeError::BadLocation(_) => Kind::BadInput,
+            ServeError::NotInCatalog(_) | ServeError::NoGroup(_) => Kind::NotFound,
+            ServeError::NotReady => Kind::Unavailable { retry_after_s: 5 },
+            ServeError::AtCapacity { retry_after_s } => Kind::Unavailable {
+                retry_after_s: *retry_after_s,
+            },
+            ServeError::LearningOff(_) => Kind::Forbidden,
+            ServeError::RangeNotSatisfiable(len) => Kind::RangeNotSatisfiable { len: *len },
+            ServeError::NotStored(_) => Kind::Local,
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            ServeError::BadDigest { .. } => "bad_digest",
+            ServeError::BadLocation(_) => "bad_request",
+            ServeError::NotInCatalog(_) => "not_in_catalog",
+            ServeError::NoGroup(_) => "not_found",
+            ServeError::NotReady => "not_ready",
+            ServeError::AtCapacity { .. } => "unavailable",
+            ServeError::LearningOff(_) => "learning_off",
+            ServeError::RangeNotSatisfiable(_) => "range_not_satisfiable",
+            ServeError::NotStored(_) => "not_stored",
+        }
+    }
+}
+
+/// Slot records in the store's key-value index: `<revision:020>/<client>` -> record.
+pub struct KvSlotLog(pub Kv);
+
+fn slot_key(revision: u64, client: &str) -> String {
+    format!("{revision:020}/{client}")
+}
+
+impl SlotLog for KvSlotLog {
+    fn load(&self, revision: u64) -> Result<Vec<(String, SlotRecord)>, String> {
+        let prefix = format!("{revision:020}/");
+        let records = self
+            .0
+            .scan::<SlotRecord>(&prefix)
+            .map_err(|e| e.to_string())?;
+        Ok(records
+            .into_iter()
+            .filter_map(|(k, r)| Some((k.split_once('/')?.1.to_string(), r)))
+            .collect())
+    }
+
+    fn save(&self, revision: u64, client: &str, record: &SlotRecord) -> Result<(), String> {
+        self.0
+            .put(&slot_key(revision, client), record)
+            .map_err(|e| e.to_string())
+    }
+
+    fn prune(&self, oldest: u64) -> Result<(), String> {
+        let keep_from = slot_key(oldest, "");
+        for (k, _) in self.0.scan::<SlotRecord>("").map_err(|e| e.to_string())? {
+            if k < keep_from {
+                self.0.remove(&k).map_err(|e| e.to_string())?;
+            } else {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slot_records_survive_a_reopen_and_prune_drops_only_old_revisions() {
+        let dir = tempfile::tempdir().unwrap();
+        let record = SlotRecord {
+            window_s: 60,
+            offset_ms: 1234,
+            pass: false,
+        };
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let log = KvSlotLog(store.kv("slots").unwrap());
+            log.save(1, "a/b", &record).unwrap();
+            log.save(2, "c", &record).unwrap();
+            log.save(10, "d", &record).unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let log = KvSlotLog(store.kv("slots").unwrap());
+        assert_eq!(log.load(1).unwrap(), vec![("a/b".to_string(), record)]);
+        log.prune(2).unwrap();
+        assert!(log.load(1).unwrap().is_empty());
+        assert_eq!(log.load(2).unwrap().len(), 1);
+        assert_eq!(log.load(10).unwrap().len(), 1, "revision 10 sorts after 2");
+    }
+}

@@ -1,0 +1,477 @@
+//! The content store: immutable blobs on disk named by SHA-256, plus the one sled database.
+//!
+//! Owns every file under `data_dir/blobs` and `data_dir/tmp`, and every sled call in the crate
+//! (other modules persist their state through the narrow [`Kv`] interface, so the engine could
+//! change in this one file). A blob becomes visible only after its bytes were written to a temp
+//! file, hashed while written, fsynced, checked against the expected digest, renamed into
+//! place and the directory fsynced: a crash at any point never leaves a visible blob whose
+//! bytes do not match its name. This module must never talk to the network or decide what is
+//! in a catalog; it stores and reads bytes and records.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::core::digest::Digest;
+use crate::core::fault::{Fault, Kind};
+
+pub mod hot;
+mod kv;
+#[cfg(test)]
+mod tests;
+mod writer;
+
+pub use kv::Kv;
+pub use writer::BlobWriter;
+
+/// How stale a blob's persisted last-access time may get before a read writes it back.
+const ACCESS_PERSIST_SECS: i64 = 60;
+
+/// What can go wrong in the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("database: {0}")]
+    Db(#[from] sled::Error),
+    #[error("digest mismatch: expected {expected}, got {actual}")]
+    DigestMismatch { expected: Digest, actual: Digest },
+    #[error("size mismatch: expected {expected} bytes, got {actual}")]
+    SizeMismatch { expected: u64, actual: u64 },
+    #[error("record {key:?} is not valid: {source}")]
+    Decode {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("background task failed: {0}")]
+    Join(String),
+}
+
+impl Fault for StoreError {
+    /// A store error is always this server's own failure, never an upstream's.
+    fn kind(&self) -> Kind {
+        match self {
+            // Bytes that did not match what was asked for came from whoever sent them; the
+            // store only noticed. Callers that fetched them say whose fault it was.
+            StoreError::DigestMismatch { .. } | StoreError::SizeMismatch { .. } => Kind::BadInput,
+            _ => Kind::Local,
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            StoreError::DigestMismatch { .. } => "digest_mismatch",
+            StoreError::SizeMismatch { .. } => "size_mismatch",
+            _ => "storage",
+        }
+    }
+}
+
+impl StoreError {
+    /// Whether the bytes given did not match what they should be (the sender's fault), as
+    /// opposed to the store failing to keep them (this server's fault).
+    pub fn is_mismatch(&self) -> bool {
+        matches!(
+            self,
+            StoreError::DigestMismatch { .. } | StoreError::SizeMismatch { .. }
+        )
+    }
+}
+
+pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> StoreError {
+    let context = context.into();
+    move |source| StoreError::Io { context, source }
+}
+
+/// What the index knows of a stored blob.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BlobMeta {
+    pub size: u64,
+    pub stored_at: DateTime<Utc>,
+    /// Last time a client read it; eviction picks the least recent first.
+    pub last_access: DateTime<Utc>,
+}
+
+/// The blob store and database of one role's data directory. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    blobs_dir: PathBuf,
+    tmp_dir: PathBuf,
+    db: sled::Db,
+    index: sled::Tree,
+    /// The index in memory, so that the serving hot path never decodes a sled record.
+    /// `persisted_access` is the last-access time last written to sled.
+    memory: RwLock<HashMap<Digest, (BlobMeta, DateTime<Utc>)>>,
+    bytes: AtomicU64,
+    /// How many responses are reading each blob now; eviction never removes those.
+    readers: std::sync::Mutex<HashMap<Digest, usize>>,
+}
+
+/// A stored blob's bytes, ready to serve: read into memory when small, mapped when large.
+/// While the bytes of a mapped blob (or any slice of them) live, the blob counts as in use.
+pub struct OpenBlob {
+    pub bytes: bytes::Bytes,
+    pub meta: BlobMeta,
+}
+
+/// Marks a blob as being read; dropping it ends the read.
+pub struct ReadGuard {
+    store: Store,
+    digest: Digest,
+}
+
+impl Drop for ReadGuard {
+    fn drop(&mut self) {
+        if let Ok(mut r) = self.store.inner.readers.lock() {
+            if let Some(n) = r.get_mut(&self.digest) {
+                *n -= 1;
+                if *n == 0 {
+                    r.remove(&self.digest);
+                }
+            }
+        }
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the store under `data_dir`, removes temp files a crash left
+    /// behind, and reconciles the index with the blob files.
+    pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
+        let blobs_dir = data_dir.join("blobs");
+        let tmp_dir = data_dir.join("tmp");
+        for dir in [data_dir, &blobs_dir, &tmp_dir] {
+            std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+        }
+        let removed = clean_dir(&tmp_dir)?;
+        if removed > 0 {
+            tracing::info!(removed, dir = %tmp_dir.display(), "removed temp files left by an earlier run");
+        }
+        let db = sled::Config::new()
+            .path(data_dir.join("db"))
+            .flush_every_ms(Some(500))
+            .open()?;
+        let index = db.open_tree("blobs")?;
+        let store = Store {
+            inner: Arc::new(Inner {
+                blobs_dir,
+                tmp_dir,
+                db,
+                index,
+                memory: RwLock::new(HashMap::new()),
+                bytes: AtomicU64::new(0),
+                readers: std::sync::Mutex::new(HashMap::new()),
+            }),
+        };
+        store.reconcile()?;
+        Ok(store)
+    }
+
+    /// Loads the index into memory, drops entries whose file is gone, and indexes blob files
+    /// that were renamed into place just before a crash (their name was verified before the
+    /// rename, so they are good).
+    fn reconcile(&self) -> Result<(), StoreError> {
+        let mut memory = HashMap::new();
+        for entry in self.inner.index.iter() {
+            let (key, value) = entry?;
+            let Ok(digest) = std::str::from_utf8(&key).unwrap_or("").parse::<Digest>() else {
+                self.inner.index.remove(&key)?;
+                continue;
+            };
+            let meta: BlobMeta = match serde_json::from_slice(&value) {
+                Ok(m) => m,
+                Err(_) => {
+                    self.inner.index.remove(&key)?;
+                    continue;
+                }
+            };
+            let path = self.blob_path(&digest);
+            match std::fs::metadata(&path) {
+                Ok(md) if md.len() == meta.size => {
+                    memory.insert(digest, (meta, meta.last_access));
+                }
+                _ => {
+                    tracing::warn!(%digest, "index entry without a matching blob file; dropped");
+                    self.inner.index.remove(&key)?;
+                }
+            }
+        }
+        for (digest, size) in scan_blob_files(&self.inner.blobs_dir)? {
+            if memory.contains_key(&digest) {
+                continue;
+            }
+            let now = Utc::now();
+            let meta = BlobMeta {
+                size,
+                stored_at: now,
+                last_access: now,
+            };
+            self.put_index(&digest, &meta)?;
+            memory.insert(digest, (meta, now));
+            tracing::info!(%digest, "indexed a blob file that was stored just before a crash");
+        }
+        let total = memory.values().map(|(m, _)| m.size).sum();
+        self.inner.bytes.store(total, Ordering::Relaxed);
+        if let Ok(mut guard) = self.inner.memory.write() {
+            *guard = memory;
+        }
+        self.inner.index.flush()?;
+        Ok(())
+    }
+
+    fn put_index(&self, digest: &Digest, meta: &BlobMeta) -> Result<(), StoreError> {
+        let value = serde_json::to_vec(meta).map_err(|source| StoreError::Decode {
+            key: digest.to_hex(),
+            source,
+        })?;
+        self.inner.index.insert(digest.to_hex().as_bytes(), value)?;
+        Ok(())
+    }
+
+    /// Where the blob named `digest` lives: `blobs/<byte0>/<byte1>/<hex>`.
+    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
+        let hex = digest.to_hex();
+        self.inner
+            .blobs_dir
+            .join(&hex[0..2])
+            .join(&hex[2..4])
+            .join(hex)
+    }
+
+    /// The index entry of a stored blob.
+    pub fn get(&self, digest: &Digest) -> Option<BlobMeta> {
+        let guard = self.inner.memory.read().ok()?;
+        guard.get(digest).map(|(m, _)| *m)
+    }
+
+    pub fn contains(&self, digest: &Digest) -> bool {
+        self.get(digest).is_some()
+    }
+
+    /// Total bytes of stored blobs.
+    pub fn total_bytes(&self) -> u64 {
+        self.inner.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Every stored blob with its index entry.
+    pub fn list(&self) -> Vec<(Digest, BlobMeta)> {
+        match self.inner.memory.read() {
+            Ok(g) => g.iter().map(|(d, (m, _))| (*d, *m)).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// The blobs some response is reading now.
+    pub fn in_use(&self) -> std::collections::HashSet<Digest> {
+        match self.inner.readers.lock() {
+            Ok(r) => r.keys().copied().collect(),
+            Err(_) => Default::default(),
+        }
+    }
+
+    /// The bytes of a stored blob, or None when it is not stored. Blobs of at most
+    /// `read_max` bytes are read into memory; larger ones are mapped, so that serving them
+    /// copies nothing in user space and needs no thread hand-off per chunk.
+    ///
+    /// Mapping is sound here because a blob file is immutable once renamed into `blobs/`:
+    /// nothing in gup writes or truncates it again, and eviction unlinks it, which leaves an
+    /// existing mapping intact. (A disk read error under a mapping raises SIGBUS instead of
+    /// an error; that is the price of not copying, the same one Varnish's file storage pays.)
+    ///
+    /// With `hold`, a mapping keeps the blob marked in use (safe from eviction) while any
+    /// slice of it lives, as a response needs. Without, eviction may unlink the file while it
+    /// is mapped; the bytes stay readable and the disk space returns when the mapping goes,
+    /// as a long-lived cache entry needs (the evicting node drops the entry too).
+    pub async fn open_blob(
+        &self,
+        digest: &Digest,
+        read_max: u64,
+        hold: bool,
+    ) -> Result<Option<OpenBlob>, StoreError> {
+        let guard = {
+            let Ok(mut r) = self.inner.readers.lock() else {
+                return Err(StoreError::Join("reader lock poisoned".into()));
+            };
+            *r.entry(*digest).or_insert(0) += 1;
+            ReadGuard {
+                store: self.clone(),
+                digest: *digest,
+            }
+        };
+        let Some(meta) = self.touch(digest)? else {
+            return Ok(None);
+        };
+        let path = self.blob_path(digest);
+        let loaded = tokio::task::spawn_blocking(move || {
+            load_blob(&path, meta.size, read_max, hold.then_some(guard))
+        })
+        .await
+        .map_err(|e| StoreError::Join(e.to_string()))?;
+        match loaded {
+            Ok(bytes) => Ok(Some(OpenBlob { bytes, meta })),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                tracing::error!(%digest, "indexed blob file is missing; dropping the entry");
+                self.forget(digest)?;
+                Ok(None)
+            }
+            Err(e) => Err(io(format!("opening blob {digest}"))(e)),
+        }
+    }
+
+    /// Marks a blob as read now (the eviction order), for a read served without the store,
+    /// such as from the hot-blob cache.
+    pub fn mark_read(&self, digest: &Digest) -> Result<(), StoreError> {
+        self.touch(digest).map(|_| ())
+    }
+
+    /// Marks a blob as read now; writes the time to sled at most once a minute per blob.
+    fn touch(&self, digest: &Digest) -> Result<Option<BlobMeta>, StoreError> {
+        let now = Utc::now();
+        let persist = {
+            let Ok(mut guard) = self.inner.memory.write() else {
+                return Ok(None);
+            };
+            let Some((meta, persisted)) = guard.get_mut(digest) else {
+                return Ok(None);
+            };
+            meta.last_access = now;
+            if (now - *persisted).num_seconds() >= ACCESS_PERSIST_SECS {
+                *persisted = now;
+                Some(*meta)
+            } else {
+                None
+            }
+        };
+        if let Some(meta) = persist {
+            self.put_index(digest, &meta)?;
+        }
+        Ok(self.get(digest))
+    }
+
+    fn forget(&self, digest: &Digest) -> Result<Option<BlobMeta>, StoreError> {
+        let removed = match self.inner.memory.write() {
+            Ok(mut g) => g.remove(digest).map(|(m, _)| m),
+            Err(_) => None,
+        };
+        if let Some(m) = removed {
+            self.inner.bytes.fetch_sub(m.size, Ordering::Relaxed);
+        }
+        self.inner.index.remove(digest.to_hex().as_bytes())?;
+        Ok(removed)
+    }
+
+    /// Removes a blob from the index and the disk.
+    pub async fn remove(&self, digest: &Digest) -> Result<(), StoreError> {
+        self.forget(digest)?;
+        match tokio::fs::remove_file(self.blob_path(digest)).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(format!("removing blob {digest}"))(e)),
+        }
+        self.inner.index.flush_async().await?;
+        Ok(())
+    }
+
+    /// A named key-value tree for another module's records.
+    pub fn kv(&self, name: &str) -> Result<Kv, StoreError> {
+        Ok(Kv::new(self.inner.db.open_tree(name)?))
+    }
+
+    /// Makes every database write so far durable.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.inner.db.flush_async().await?;
+        Ok(())
+    }
+}
+
+/// Reads (`size <= read_max`) or maps a blob file of `size` bytes.
+fn load_blob(
+    path: &Path,
+    size: u64,
+    read_max: u64,
+    guard: Option<ReadGuard>,
+) -> std::io::Result<bytes::Bytes> {
+    use std::io::Read;
+    let file = std::fs::File::open(path)?;
+    let on_disk = file.metadata()?.len();
+    if on_disk != size {
+        return Err(std::io::Error::other(format!(
+            "the blob file has {on_disk} bytes, the index says {size}"
+        )));
+    }
+    if size <= read_max || size == 0 {
+        let mut buf = Vec::with_capacity(size as usize);
+        file.take(size).read_to_end(&mut buf)?;
+        if buf.len() as u64 != size {
+            return Err(std::io::Error::other("the blob file shrank while read"));
+        }
+        return Ok(bytes::Bytes::from(buf));
+    }
+    // Blob files are never written after they are renamed into place (see
+    // `Store::open_blob`): the contract of `zerocopy::map`.
+    let hold = guard.map(|g| Box::new(g) as Box<dyn Send>);
+    let zero_copy = crate::sys::zerocopy::sendfile_pays(size);
+    crate::sys::zerocopy::map(std::sync::Arc::new(file), 0, size as usize, hold, zero_copy)
+}
+
+fn clean_dir(dir: &Path) -> Result<usize, StoreError> {
+    let mut removed = 0;
+    for entry in std::fs::read_dir(dir).map_err(io(format!("reading {}", dir.display())))? {
+        let entry = entry.map_err(io(format!("reading {}", dir.display())))?;
+        let path = entry.path();
+        let result = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        result.map_err(io(format!("removing {}", path.display())))?;
+        removed += 1;
+    }
+    Ok(removed)
+}
+
+/// Every well-named blob file under the two-level fan-out, with its size.
+fn scan_blob_files(blobs_dir: &Path) -> Result<Vec<(Digest, u64)>, StoreError> {
+    let mut out = Vec::new();
+    let read = |p: &Path| std::fs::read_dir(p).map_err(io(format!("reading {}", p.display())));
+    for l1 in read(blobs_dir)? {
+        let l1 = l1.map_err(io("reading blob fan-out"))?.path();
+        if !l1.is_dir() {
+            continue;
+        }
+        for l2 in read(&l1)? {
+            let l2 = l2.map_err(io("reading blob fan-out"))?.path();
+            if !l2.is_dir() {
+                continue;
+            }
+            for f in read(&l2)? {
+                let f = f.map_err(io("reading blob fan-out"))?;
+                let name = f.file_name();
+                let Some(digest) = name.to_str().and_then(|s| s.parse::<Digest>().ok()) else {
+                    continue;
+                };
+                let len = f.metadata().map_err(io("reading blob metadata"))?.len();
+                out.push((digest, len));
+            }
+        }
+    }
+    Ok(out)
+}
+
+pub(crate) fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(format!("fsync of directory {}", dir.display())))
+}

@@ -1,0 +1,241 @@
+//! Unit tests of the store: the write path, crash leftovers, the index and the kv trees.
+
+use super::writer::Stages;
+use super::*;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+async fn ingest(
+    store: &Store,
+    bytes: &[u8],
+    expected: Option<&Digest>,
+) -> Result<Digest, StoreError> {
+    let mut w = store.writer().await?;
+    for chunk in bytes.chunks(7000) {
+        w.write(chunk).await?;
+    }
+    w.finish(expected.map(|d| (d, Some(bytes.len() as u64))))
+        .await
+        .map(|(d, _)| d)
+}
+
+fn tmp_entries(dir: &Path) -> usize {
+    std::fs::read_dir(dir.join("tmp")).unwrap().count()
+}
+
+#[tokio::test]
+async fn stores_under_two_level_fanout_and_reads_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let d = ingest(&store, &data, Some(&Digest::of(&data)))
+        .await
+        .unwrap();
+    let hex = d.to_hex();
+    let path = dir
+        .path()
+        .join("blobs")
+        .join(&hex[..2])
+        .join(&hex[2..4])
+        .join(&hex);
+    assert_eq!(std::fs::read(&path).unwrap(), data);
+    assert_eq!(store.get(&d).unwrap().size, data.len() as u64);
+    assert_eq!(store.total_bytes(), data.len() as u64);
+    assert_eq!(tmp_entries(dir.path()), 0);
+}
+
+#[tokio::test]
+async fn digest_mismatch_is_rejected_and_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let wrong = Digest::of(b"something else");
+    let err = ingest(&store, b"the real bytes", Some(&wrong))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::DigestMismatch { .. }), "{err}");
+    assert!(!store.contains(&Digest::of(b"the real bytes")));
+    assert!(!store.contains(&wrong));
+    assert_eq!(tmp_entries(dir.path()), 0);
+    assert!(scan_blob_files(&dir.path().join("blobs"))
+        .unwrap()
+        .is_empty());
+    assert_eq!(store.total_bytes(), 0);
+}
+
+#[tokio::test]
+async fn dropped_writer_removes_its_temp_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let mut w = store.writer().await.unwrap();
+    w.write(&[1u8; 3 << 20]).await.unwrap();
+    assert_eq!(tmp_entries(dir.path()), 1);
+    drop(w);
+    assert_eq!(tmp_entries(dir.path()), 0);
+}
+
+#[tokio::test]
+async fn on_disk_follows_the_writing_stage() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let mut w = store.writer().await.unwrap();
+    w.write(&[7u8; 3 << 20]).await.unwrap();
+    assert_eq!(w.len(), 3 << 20);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while w.on_disk() < 3 << 20 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    assert_eq!(w.on_disk(), 3 << 20);
+    let on_file = std::fs::metadata(w.tmp_path()).unwrap().len();
+    assert_eq!(on_file, 3 << 20);
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn a_failed_write_is_reported_and_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    // A writer whose writing stage writes to /dev/full: every write fails with ENOSPC.
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let tmp_path = dir.path().join("tmp").join("full.part");
+    std::fs::write(&tmp_path, b"").unwrap();
+    let on_disk = Arc::new(AtomicU64::new(0));
+    let mut w = BlobWriter {
+        store: store.clone(),
+        tmp_path,
+        stages: Some(Stages::start(full, on_disk.clone())),
+        buffer: Vec::new(),
+        accepted: 0,
+        on_disk,
+    };
+    // The queues hold a few blocks, so the failure shows in a later write or in finish.
+    let mut result = Ok(());
+    for _ in 0..16 {
+        result = w.write(&[1u8; 1 << 20]).await;
+        if result.is_err() {
+            break;
+        }
+    }
+    let err = match result {
+        Err(e) => {
+            drop(w);
+            e
+        }
+        Ok(()) => w.finish(None).await.unwrap_err(),
+    };
+    assert!(
+        err.to_string().contains("No space left"),
+        "the error names the cause: {err}"
+    );
+    assert_eq!(tmp_entries(dir.path()), 0);
+    assert_eq!(store.total_bytes(), 0);
+}
+
+#[tokio::test]
+async fn crash_leftovers_are_cleaned_and_index_reopens() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = {
+        let store = Store::open(dir.path()).unwrap();
+        let d = ingest(&store, b"persisted blob", None).await.unwrap();
+        store.kv("meta").unwrap().put("answer", &42u32).unwrap();
+        store.flush().await.unwrap();
+        // A crash mid-write leaves a temp file behind (a killed process runs no Drop).
+        std::fs::write(dir.path().join("tmp").join("0123.part"), b"half written").unwrap();
+        d
+    };
+    assert_eq!(tmp_entries(dir.path()), 1);
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(tmp_entries(dir.path()), 0);
+    let meta = store.get(&d).unwrap();
+    assert_eq!(meta.size, b"persisted blob".len() as u64);
+    let v: Option<u32> = store.kv("meta").unwrap().get("answer").unwrap();
+    assert_eq!(v, Some(42));
+    // Small: read into memory; nothing stays in use once read.
+    let read = store.open_blob(&d, 1 << 20, true).await.unwrap().unwrap();
+    assert_eq!(&read.bytes[..], b"persisted blob");
+    assert!(store.in_use().is_empty());
+    // Large (here: anything over 0 bytes): mapped, in use while any slice of it lives.
+    let mapped = store.open_blob(&d, 0, true).await.unwrap().unwrap();
+    assert_eq!(&mapped.bytes[..], b"persisted blob");
+    let tail = mapped.bytes.slice(10..);
+    drop(mapped);
+    assert!(store.in_use().contains(&d), "a mapped blob is in use");
+    assert_eq!(&tail[..], b"blob");
+    drop(tail);
+    assert!(store.in_use().is_empty());
+    // Mapped without holding it (a cache entry): readable, not in use.
+    let unheld = store.open_blob(&d, 0, false).await.unwrap().unwrap();
+    assert_eq!(&unheld.bytes[..], b"persisted blob");
+    assert!(store.in_use().is_empty());
+}
+
+#[tokio::test]
+async fn a_blob_renamed_before_indexing_is_indexed_and_a_lost_file_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let (kept, lost) = {
+        let store = Store::open(dir.path()).unwrap();
+        let kept = ingest(&store, b"kept", None).await.unwrap();
+        let lost = ingest(&store, b"lost", None).await.unwrap();
+        store.flush().await.unwrap();
+        // Simulate: the index entry for `kept` never made it, the file for `lost` is gone.
+        store.inner.index.remove(kept.to_hex().as_bytes()).unwrap();
+        std::fs::remove_file(store.blob_path(&lost)).unwrap();
+        store.flush().await.unwrap();
+        (kept, lost)
+    };
+    let store = Store::open(dir.path()).unwrap();
+    assert!(store.contains(&kept));
+    assert!(!store.contains(&lost));
+    assert_eq!(store.total_bytes(), 4);
+}
+
+#[tokio::test]
+async fn same_bytes_twice_are_stored_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let a = ingest(&store, b"same", None).await.unwrap();
+    let b = ingest(&store, b"same", None).await.unwrap();
+    assert_eq!(a, b);
+    assert_eq!(store.list().len(), 1);
+    assert_eq!(store.total_bytes(), 4);
+    store.remove(&a).await.unwrap();
+    assert_eq!(store.total_bytes(), 0);
+    assert!(!store.blob_path(&a).exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_flushes_all_complete_and_persist() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = Store::open(dir.path()).unwrap();
+        let kv = store.kv("q").unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..200u32 {
+            let kv = kv.clone();
+            tasks.push(tokio::spawn(async move {
+                kv.put(&format!("{i:04}"), &i).unwrap();
+                kv.flush().await.unwrap();
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+    }
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.kv("q").unwrap().scan::<u32>("").unwrap().len(), 200);
+}
+
+#[tokio::test]
+async fn kv_put_if_absent_and_scan() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let kv = store.kv("t").unwrap();
+    assert!(kv.put_if_absent("a/1", &1u8).unwrap());
+    assert!(!kv.put_if_absent("a/1", &2u8).unwrap());
+    kv.put("a/2", &3u8).unwrap();
+    kv.put("b/1", &4u8).unwrap();
+    let got: Vec<(String, u8)> = kv.scan("a/").unwrap();
+    assert_eq!(got, vec![("a/1".into(), 1), ("a/2".into(), 3)]);
+}

@@ -1,0 +1,135 @@
+//! The operating system below the safe code: every `unsafe` block of the crate lives here.
+//!
+//! Owns thin, safe wrappers over the system calls and mappings gup needs that the standard
+//! library and tokio do not offer: read-only file mappings, sendfile(2) and sendmsg(2) with
+//! MSG_MORE, sync_file_range(2), the open-file limit, and a listener registered with the
+//! reactor of the thread that calls. Each block states why it is sound (SAFETY). It must never
+//! hold state or decide policy; `zerocopy` is the safe module built on these calls. The crate
+//! denies `unsafe_code` everywhere else.
+#![allow(unsafe_code)]
+
+pub mod zerocopy;
+
+use std::io::IoSlice;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+
+/// Maps `len` bytes of `file` from `offset` (page-aligned) read-only.
+///
+/// Sound only for bytes that are written and never change again while mapped: gup maps blob
+/// files (immutable once renamed into place) and the written prefix of a fetch's temp file
+/// (which only grows). Unlinking either leaves the mapping intact. A disk read error under a
+/// mapping raises SIGBUS instead of an error, the price of not copying, as for Varnish's file
+/// storage.
+pub fn map_written(
+    file: &std::fs::File,
+    offset: u64,
+    len: usize,
+) -> std::io::Result<memmap2::Mmap> {
+    // SAFETY: the callers' contract above: the mapped bytes are written and never change.
+    unsafe {
+        memmap2::MmapOptions::new()
+            .offset(offset)
+            .len(len)
+            .map(file)
+    }
+}
+
+/// sendfile(2): sends up to `len` bytes of `file` from `offset` to `socket`. Returns the count
+/// sent, or -1 with errno set.
+pub fn sendfile(socket: BorrowedFd<'_>, file: &std::fs::File, offset: u64, len: usize) -> isize {
+    let mut off = offset as libc::off_t;
+    // SAFETY: both descriptors are borrowed, so open for the duration of the call, and `off` is
+    // a valid pointer to an off_t that the call may write.
+    unsafe { libc::sendfile(socket.as_raw_fd(), file.as_raw_fd(), &mut off, len) }
+}
+
+/// sendmsg(2) with MSG_MORE (more data follows at once) and MSG_NOSIGNAL: writes a prefix of
+/// `bufs` (at most 1024 of them). Returns the count sent, or -1 with errno set.
+pub fn send_more(socket: BorrowedFd<'_>, bufs: &[IoSlice<'_>]) -> isize {
+    // SAFETY: an all-zero msghdr is a valid empty message.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
+    msg.msg_iovlen = bufs.len().min(1024) as _;
+    // SAFETY: IoSlice is ABI-compatible with iovec on Unix; the slices and `msg` outlive the
+    // call, which only reads them; the socket is borrowed, so open.
+    unsafe {
+        libc::sendmsg(
+            socket.as_raw_fd(),
+            &msg,
+            libc::MSG_MORE | libc::MSG_NOSIGNAL,
+        )
+    }
+}
+
+/// Starts writing `len` bytes at `offset` of `file` to the disk now, without waiting. A hint:
+/// failure is ignored (durability still comes from the caller's fsync).
+pub fn start_writeback(file: &std::fs::File, offset: u64, len: u64) {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: the descriptor is borrowed, so open for the call; sync_file_range reads no
+        // memory of ours.
+        unsafe {
+            libc::sync_file_range(
+                file.as_fd().as_raw_fd(),
+                offset as libc::off64_t,
+                len as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (file, offset, len);
+    }
+}
+
+/// A listening socket registered for readiness with the reactor of the calling thread's
+/// runtime (tokio's `TcpListener` would register accepted sockets there too; gup hands them
+/// to another thread's reactor instead). The listener must be non-blocking.
+pub fn register_listener(
+    listener: std::net::TcpListener,
+) -> std::io::Result<tokio::io::unix::AsyncFd<std::net::TcpListener>> {
+    // SAFETY: the AsyncFd owns the listener, so its descriptor stays open for as long as the
+    // registration lives, and `as_raw_fd` always returns that same descriptor.
+    unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(listener, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| e.into_parts().1)
+}
+
+/// The open-file (soft) limit now in force.
+pub fn open_file_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+        return lim.rlim_cur;
+    }
+    1024
+}
+
+/// Raises the soft open-file limit to the hard one, so that many push streams fit. Returns
+/// the limit now in force.
+pub fn raise_open_file_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 0;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let want = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: setrlimit only reads the struct we pass.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } == 0 {
+            return want.rlim_cur;
+        }
+    }
+    lim.rlim_cur
+}
