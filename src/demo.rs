@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 
-use crate::cli::client::{AdminClient, AdminError};
+use crate::admin::{AdminClient, AdminError};
 use crate::core::config::{ManagerConfig, NodeConfig, MANAGER_PORT, NODE_PORT};
 use crate::core::digest::Digest;
 use crate::http::shutdown::Shutdown;

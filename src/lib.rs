@@ -15,7 +15,8 @@
 //!    bearer tokens. It never knows a route.
 //! 4. `serve`: the one client API, over a [`serve::Role`] that says where placements and
 //!    uploads come from and go to.
-//! 5. `manager` and `node`, the two roles; neither imports the other.
+//! 5. `manager` and `node`, the two roles, and `admin`, the admin API's client; none imports
+//!    another.
 //! 6. `cli`, `demo`, `loadtest`.
 #![deny(unsafe_code)]
 
@@ -27,6 +28,7 @@ pub mod http;
 
 pub mod serve;
 
+pub mod admin;
 pub mod manager;
 pub mod node;
 

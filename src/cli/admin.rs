@@ -1,7 +1,7 @@
 //! `gup admin`: the admin API from the command line, printed as tables or JSON.
 //!
 //! Owns the admin subcommands, their arguments, and how answers are shown. It must never
-//! call anything but the manager's admin API (through [`super::client::AdminClient`]).
+//! call anything but the manager's admin API (through [`crate::admin::AdminClient`]).
 
 use std::path::PathBuf;
 
@@ -201,7 +201,7 @@ pub(super) fn run(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure>
         }
     };
     let client =
-        super::client::AdminClient::new(&args.manager, token).map_err(|e| usage(e.to_string()))?;
+        crate::admin::AdminClient::new(&args.manager, token).map_err(|e| usage(e.to_string()))?;
     let rt = runtime_env()?;
     match args.command {
         AdminCommand::Publish {
@@ -253,7 +253,7 @@ pub(super) fn run(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure>
                 assignments,
                 json,
             } => {
-                let body = super::client::parse_assignments(&assignments).map_err(usage)?;
+                let body = crate::admin::parse_assignments(&assignments).map_err(usage)?;
                 let q: Vec<(&str, &str)> =
                     location.iter().map(|l| ("location", l.as_str())).collect();
                 let v = rt
@@ -510,7 +510,7 @@ pub(super) fn run(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure>
         AdminCommand::Site {
             command: SiteCommand::Set { assignments },
         } => {
-            let body = super::client::parse_assignments(&assignments).map_err(usage)?;
+            let body = crate::admin::parse_assignments(&assignments).map_err(usage)?;
             let v = rt
                 .block_on(client.call(Method::PUT, "/v1/admin/site", &[], Some(&body)))
                 .map_err(runtime)?;

@@ -7,7 +7,6 @@
 //! needs: it only builds their configs and starts them.
 
 mod admin;
-pub mod client;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -10,14 +10,13 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use super::slot::{Guarded, Slot};
 use super::tls::Tls;
 use crate::core::config::LimitsSection;
 
@@ -184,90 +183,6 @@ struct Worker {
     handles: std::sync::Arc<[tokio::runtime::Handle]>,
 }
 
-/// What an open connection holds: its place under `limits.max_connections` and its count on
-/// the thread serving it. Released before the connection's close can be seen (see
-/// [`Guarded`]), so a client that saw the close and connects again finds the place free.
-struct Slot {
-    _permit: tokio::sync::OwnedSemaphorePermit,
-    load: std::sync::Arc<[AtomicUsize]>,
-    me: usize,
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.load[self.me].fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// A connection's stream with its [`Slot`]: the slot goes when the stream shuts down its
-/// writing side or is dropped, before the socket closes. (Releasing it after the serving task
-/// ended let a client that had already seen the close be refused: a test making three new
-/// connections right after closing three at `max_connections = 3` failed 7 runs in 20.)
-pub struct Guarded<I> {
-    /// Declared first: dropped before `io`, whose drop closes the socket.
-    slot: Option<Slot>,
-    io: I,
-}
-
-impl<I> Guarded<I> {
-    /// The stream itself.
-    pub fn get_ref(&self) -> &I {
-        &self.io
-    }
-
-    /// The same slot around another stream built from this one.
-    fn map<J>(mut self, f: impl FnOnce(I) -> J) -> Guarded<J> {
-        let slot = self.slot.take();
-        Guarded {
-            slot,
-            io: f(self.io),
-        }
-    }
-}
-
-impl<I: AsyncRead + Unpin> AsyncRead for Guarded<I> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
-    }
-}
-
-impl<I: AsyncWrite + Unpin> AsyncWrite for Guarded<I> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    /// The slot is released before the peer can see the end of the stream.
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        this.slot = None;
-        Pin::new(&mut this.io).poll_shutdown(cx)
-    }
-}
-
 impl Worker {
     fn run(
         self,
@@ -411,10 +326,7 @@ impl Conn {
             lean,
             mut stop,
         } = self;
-        let stream = Guarded {
-            slot: Some(slot),
-            io: stream,
-        };
+        let stream = Guarded::new(slot, stream);
         // The task holds only boxes: an idle connection costs what its way of being served
         // needs, not what the largest way (or the TLS handshake) needs.
         let serving: Pin<Box<dyn Future<Output = ()> + Send + '_>> = {
