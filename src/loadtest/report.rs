@@ -1,0 +1,369 @@
+//! The [`Report`] of a run: its fields, how it is built from the clients' counts, and its text
+//! forms (the summary table, the start histogram).
+//!
+//! Owns the report's types ([`Report`], [`Latency`], [`Heard`]), the histogram layout
+//! (bucket width and count for a window, bucketing of download starts, peak over mean) and
+//! `build_report`, which reads [`Stats`] once the clients are stopped. It never sends a
+//! request and never hard-codes a figure: every number in a report is counted by the clients
+//! (see `stats`) or was read from the target's `/metrics` (by `run`).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use super::client::Shared;
+use super::stats::{lock, Stats};
+use super::{Mode, Options};
+
+/// Buckets of the start histogram for windows of 60 s and more.
+pub const BUCKETS: usize = 60;
+
+/// Latencies in milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Latency {
+    pub p50: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+/// The load test report (`--report FILE`). The contract fixes the first ten keys; the rest
+/// are extras.
+///
+/// - `downloads_ok` / `downloads_failed` count blob downloads (one client, one blob, one
+///   attempt round); a digest mismatch counts in both `digest_mismatches` and
+///   `downloads_failed`. A download still waiting on a 429/503 when the run ends counts in
+///   `errors["gave_up"]`, not in `downloads_failed`; one still waiting for its slot counts
+///   nowhere (see `clients_done`).
+/// - `bytes` are the bytes of verified downloads.
+/// - `start_histogram` counts download starts (the moment a 200's headers arrived) of the
+///   newest catalog revision any client downloaded (`histogram_revision`), per bucket of
+///   `bucket_s` seconds from the window start: the earliest heartbeat reply that announced
+///   that revision with a download slot, or the earliest start when no client got a slot.
+///   `bucket_s` is `window_s / 60`, at least 1 s; the histogram has 60 buckets, or one per
+///   second when the window is shorter than 60 s (so that the buckets cover the window and
+///   no more). Starts after the window land in the last bucket. `window_s` comes from the
+///   slots, else from the effective `randomization.window_s` (0 when randomization is off,
+///   then 60 buckets of 1 s).
+/// - `peak_to_mean` is the largest bucket over the mean bucket (1.0 is perfectly even; 0.0
+///   when nothing started).
+/// - `latency_ms` is over every HTTP request the clients made, measured to the arrival of
+///   the response headers: heartbeats, catalog, content (including 429/503 answers) and
+///   events; not the push stream. `latency_samples` counts them.
+/// - `upstream_fetches` is `gup_upstream_fetches_total` from the target's `/metrics` at the
+///   end (0 when absent).
+/// - `errors` counts by kind: `connect`, `timeout`, `request`, `body` (network), `<what>_4xx`
+///   / `<what>_5xx` / `<what>_404` (answers), `content_cut` (a body cut short), `gave_up`,
+///   `stream_*`, `events_*`, `metrics`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub clients: usize,
+    pub downloads_ok: u64,
+    pub downloads_failed: u64,
+    pub digest_mismatches: u64,
+    pub bytes: u64,
+    pub start_histogram: Vec<u64>,
+    pub peak_to_mean: f64,
+    pub latency_ms: Latency,
+    pub upstream_fetches: u64,
+    pub errors: BTreeMap<String, u64>,
+    #[serde(default)]
+    pub target: String,
+    #[serde(default)]
+    pub mode: Mode,
+    /// How long the run took.
+    #[serde(default)]
+    pub duration_s: f64,
+    /// Whether the run ended before `--duration` because every client was done.
+    #[serde(default)]
+    pub ended_early: bool,
+    /// Clients that, at the end, had every item of the newest catalog they knew and had
+    /// uploaded their events.
+    #[serde(default)]
+    pub clients_done: usize,
+    #[serde(default)]
+    pub window_s: f64,
+    #[serde(default)]
+    pub bucket_s: f64,
+    #[serde(default)]
+    pub histogram_revision: Option<u64>,
+    /// Starts counted in `start_histogram`.
+    #[serde(default)]
+    pub download_starts: u64,
+    #[serde(default)]
+    pub heartbeats: u64,
+    /// 429 answers honoured (the client waited `Retry-After` and asked again).
+    #[serde(default)]
+    pub deferrals: u64,
+    /// Events the target accepted (202).
+    #[serde(default)]
+    pub events_sent: u64,
+    /// Push streams opened (reconnects included).
+    #[serde(default)]
+    pub stream_connects: u64,
+    /// Per catalog revision: when push clients first heard of it on their stream (on
+    /// connect, or pushed to an open stream), by the clients' own clocks.
+    #[serde(default)]
+    pub push_heard: Vec<Heard>,
+    #[serde(default)]
+    pub latency_samples: u64,
+}
+
+/// How many push clients heard of a catalog revision, and when the first and the last did
+/// (Unix time in milliseconds, read by each client as the event arrived).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Heard {
+    pub revision: u64,
+    pub clients: u64,
+    pub first_unix_ms: u64,
+    pub last_unix_ms: u64,
+}
+
+impl Report {
+    /// A readable table of the report.
+    pub fn summary(&self) -> String {
+        let mut s = String::new();
+        let mut row = |k: &str, v: String| {
+            let _ = writeln!(s, "  {k:<20} {v}");
+        };
+        row("target", self.target.clone());
+        row(
+            "clients",
+            format!(
+                "{} ({} mode), {} done",
+                self.clients, self.mode, self.clients_done
+            ),
+        );
+        row(
+            "duration",
+            format!(
+                "{:.1} s{}",
+                self.duration_s,
+                if self.ended_early {
+                    " (ended early: all done)"
+                } else {
+                    ""
+                }
+            ),
+        );
+        row("downloads ok", self.downloads_ok.to_string());
+        row("downloads failed", self.downloads_failed.to_string());
+        row("digest mismatches", self.digest_mismatches.to_string());
+        row(
+            "bytes",
+            format!(
+                "{} ({:.1} MiB)",
+                self.bytes,
+                self.bytes as f64 / (1024.0 * 1024.0)
+            ),
+        );
+        row("heartbeats", self.heartbeats.to_string());
+        row("deferrals (429)", self.deferrals.to_string());
+        row("events sent", self.events_sent.to_string());
+        row("stream connects", self.stream_connects.to_string());
+        for h in &self.push_heard {
+            row(
+                "push heard",
+                format!(
+                    "revision {}: {} clients, first to last {} ms (last at unix ms {})",
+                    h.revision,
+                    h.clients,
+                    h.last_unix_ms.saturating_sub(h.first_unix_ms),
+                    h.last_unix_ms
+                ),
+            );
+        }
+        row(
+            "latency ms",
+            format!(
+                "p50 {:.2}  p99 {:.2}  max {:.2}  ({} requests)",
+                self.latency_ms.p50, self.latency_ms.p99, self.latency_ms.max, self.latency_samples
+            ),
+        );
+        row("upstream fetches", self.upstream_fetches.to_string());
+        row(
+            "start spread",
+            match self.histogram_revision {
+                Some(rev) => format!(
+                    "peak/mean {:.2}: {} starts of revision {rev} in {} buckets of {:.2} s (window {} s)",
+                    self.peak_to_mean,
+                    self.download_starts,
+                    self.start_histogram.len(),
+                    self.bucket_s,
+                    self.window_s
+                ),
+                None => "no download started".into(),
+            },
+        );
+        row(
+            "errors",
+            if self.errors.is_empty() {
+                "none".into()
+            } else {
+                self.errors
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            },
+        );
+        format!("gup loadtest report\n{s}")
+    }
+
+    /// `start_histogram` as text: one line per bucket (its start offset, count and a bar of
+    /// `#` scaled to at most 50), then the peak/mean line.
+    pub fn histogram_text(&self) -> String {
+        let mut s = String::new();
+        let peak = self.start_histogram.iter().copied().max().unwrap_or(0);
+        for (i, n) in self.start_histogram.iter().enumerate() {
+            let bar = if peak == 0 {
+                0
+            } else {
+                ((*n as f64 / peak as f64) * 50.0).round() as usize
+            };
+            let _ = writeln!(
+                s,
+                "{:>8.1}s {:>7} {}",
+                i as f64 * self.bucket_s,
+                n,
+                "#".repeat(bar)
+            );
+        }
+        let total: u64 = self.start_histogram.iter().sum();
+        let mean = if self.start_histogram.is_empty() {
+            0.0
+        } else {
+            total as f64 / self.start_histogram.len() as f64
+        };
+        let _ = writeln!(
+            s,
+            "peak/mean {:.2} (peak {peak}, mean {mean:.2}, {total} starts)",
+            self.peak_to_mean
+        );
+        s
+    }
+}
+
+/// Bucket width and count for a window: `window_s / 60` wide, at least 1 s; enough buckets
+/// to cover the window, at most 60 (and 60 when there is no window).
+fn layout(window_s: f64) -> (f64, usize) {
+    let bucket_s = (window_s / BUCKETS as f64).max(1.0);
+    if window_s.is_finite() && window_s >= 1.0 {
+        let n = (window_s / bucket_s).ceil() as usize;
+        (bucket_s, n.clamp(1, BUCKETS))
+    } else {
+        (1.0, BUCKETS)
+    }
+}
+
+/// Counts offsets (seconds from the window start) into `n` buckets of `bucket_s`; later
+/// ones land in the last bucket, earlier ones in the first.
+fn bucketize(offsets: &[f64], bucket_s: f64, n: usize) -> Vec<u64> {
+    let mut h = vec![0u64; n.max(1)];
+    let last = h.len() - 1;
+    for &o in offsets {
+        let i = if o.is_finite() && o > 0.0 {
+            ((o / bucket_s) as usize).min(last)
+        } else {
+            0
+        };
+        h[i] += 1;
+    }
+    h
+}
+
+/// Largest bucket over the mean bucket; 0.0 with no starts.
+fn peak_to_mean(h: &[u64]) -> f64 {
+    let total: u64 = h.iter().sum();
+    if total == 0 || h.is_empty() {
+        return 0.0;
+    }
+    let peak = h.iter().copied().max().unwrap_or(0) as f64;
+    peak / (total as f64 / h.len() as f64)
+}
+
+pub(super) fn build_report(
+    sh: &Shared,
+    opts: &Options,
+    elapsed: Duration,
+    ended_early: bool,
+    clients_done: usize,
+    upstream_fetches: u64,
+) -> Report {
+    let st = &sh.stats;
+    let starts = lock(&st.starts).clone();
+    let settings_window = *lock(&st.settings_window_s);
+    let histogram_revision = starts.iter().map(|(r, _)| *r).max();
+    let (window_s, offsets) = match histogram_revision {
+        None => (settings_window.unwrap_or(0), Vec::new()),
+        Some(rev) => {
+            let times: Vec<Instant> = starts
+                .iter()
+                .filter(|(r, _)| *r == rev)
+                .map(|(_, t)| *t)
+                .collect();
+            let learned = lock(&st.learned).get(&rev).copied();
+            let first = times.iter().min().copied().unwrap_or_else(Instant::now);
+            let window_start = learned.map_or(first, |l| l.at);
+            let window_s = learned
+                .and_then(|l| l.window_s)
+                .or(settings_window)
+                .unwrap_or(0);
+            let offsets = times
+                .iter()
+                .map(|t| t.saturating_duration_since(window_start).as_secs_f64())
+                .collect();
+            (window_s, offsets)
+        }
+    };
+    let (bucket_s, n) = layout(window_s as f64);
+    let start_histogram = bucketize(&offsets, bucket_s, n);
+    let latency = lock(&st.latency);
+    let ms = |us: u64| us as f64 / 1000.0;
+    let latency_ms = if latency.is_empty() {
+        Latency::default()
+    } else {
+        Latency {
+            p50: ms(latency.value_at_quantile(0.5)),
+            p99: ms(latency.value_at_quantile(0.99)),
+            max: ms(latency.max()),
+        }
+    };
+    Report {
+        clients: opts.clients,
+        downloads_ok: Stats::get(&st.downloads_ok),
+        downloads_failed: Stats::get(&st.downloads_failed),
+        digest_mismatches: Stats::get(&st.digest_mismatches),
+        bytes: Stats::get(&st.bytes),
+        peak_to_mean: peak_to_mean(&start_histogram),
+        download_starts: offsets.len() as u64,
+        start_histogram,
+        latency_ms,
+        upstream_fetches,
+        errors: lock(&st.errors).clone(),
+        target: sh.base.clone(),
+        mode: opts.mode,
+        duration_s: elapsed.as_secs_f64(),
+        ended_early,
+        clients_done,
+        window_s: window_s as f64,
+        bucket_s,
+        histogram_revision,
+        heartbeats: Stats::get(&st.heartbeats),
+        deferrals: Stats::get(&st.deferrals),
+        events_sent: Stats::get(&st.events_sent),
+        stream_connects: Stats::get(&st.stream_connects),
+        push_heard: st
+            .heard
+            .lock()
+            .map(|h| h.values().cloned().collect())
+            .unwrap_or_default(),
+        latency_samples: latency.len(),
+    }
+}
+
+#[cfg(test)]
+#[path = "report_tests.rs"]
+mod tests;

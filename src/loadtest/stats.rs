@@ -1,0 +1,145 @@
+//! What the simulated clients count while they run: outcomes, bytes, latencies, download
+//! starts, when a revision was first learned and heard of, errors by kind, and which clients
+//! are done.
+//!
+//! Owns [`Stats`] (one per run, shared by every client task: atomic counters and short-held
+//! mutexes), `lock` (a mutex guard that ignores poisoning) and the naming of error kinds
+//! (`net_kind`, `status_kind`). It only records what the clients saw; it never sends a
+//! request and never makes a figure up (the report is built from it in `report`).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use hdrhistogram::Histogram;
+use tokio::time::Instant;
+
+use super::report::Heard;
+use super::LoadtestError;
+
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// When the first client learned a revision with a slot, and the slot's window.
+#[derive(Clone, Copy)]
+pub(super) struct Learned {
+    pub(super) at: Instant,
+    pub(super) window_s: Option<u64>,
+}
+
+pub(super) struct Stats {
+    pub(super) downloads_ok: AtomicU64,
+    pub(super) downloads_failed: AtomicU64,
+    pub(super) digest_mismatches: AtomicU64,
+    pub(super) bytes: AtomicU64,
+    pub(super) heartbeats: AtomicU64,
+    pub(super) deferrals: AtomicU64,
+    pub(super) events_sent: AtomicU64,
+    pub(super) stream_connects: AtomicU64,
+    /// When clients heard of each revision, by revision.
+    pub(super) heard: Mutex<BTreeMap<u64, Heard>>,
+    pub(super) errors: Mutex<BTreeMap<String, u64>>,
+    /// Microseconds to response headers.
+    pub(super) latency: Mutex<Histogram<u64>>,
+    /// (catalog revision, start) of every download start.
+    pub(super) starts: Mutex<Vec<(u64, Instant)>>,
+    pub(super) learned: Mutex<BTreeMap<u64, Learned>>,
+    /// The effective `randomization.window_s` last seen (0 when randomization is off).
+    pub(super) settings_window_s: Mutex<Option<u64>>,
+    /// The longest effective heartbeat interval seen, in ms.
+    pub(super) max_interval_ms: AtomicU64,
+    /// Per client: done (see `Client::settled`).
+    pub(super) settled: Vec<AtomicBool>,
+}
+
+impl Stats {
+    /// A client heard of `revision` for the first time, now.
+    pub(super) fn heard(&self, revision: u64) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        if let Ok(mut h) = self.heard.lock() {
+            let e = h.entry(revision).or_insert(Heard {
+                revision,
+                clients: 0,
+                first_unix_ms: now,
+                last_unix_ms: now,
+            });
+            e.clients += 1;
+            e.first_unix_ms = e.first_unix_ms.min(now);
+            e.last_unix_ms = e.last_unix_ms.max(now);
+        }
+    }
+
+    pub(super) fn new(clients: usize) -> Result<Stats, LoadtestError> {
+        let latency = Histogram::new_with_bounds(1, 3_600_000_000, 3)
+            .map_err(|e| LoadtestError::Http(format!("histogram: {e}")))?;
+        Ok(Stats {
+            downloads_ok: AtomicU64::new(0),
+            downloads_failed: AtomicU64::new(0),
+            digest_mismatches: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            heartbeats: AtomicU64::new(0),
+            deferrals: AtomicU64::new(0),
+            events_sent: AtomicU64::new(0),
+            stream_connects: AtomicU64::new(0),
+            heard: Mutex::new(BTreeMap::new()),
+            errors: Mutex::new(BTreeMap::new()),
+            latency: Mutex::new(latency),
+            starts: Mutex::new(Vec::new()),
+            learned: Mutex::new(BTreeMap::new()),
+            settings_window_s: Mutex::new(None),
+            max_interval_ms: AtomicU64::new(0),
+            settled: (0..clients).map(|_| AtomicBool::new(false)).collect(),
+        })
+    }
+
+    pub(super) fn inc(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(super) fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+
+    pub(super) fn error(&self, kind: impl Into<String>) {
+        *lock(&self.errors).entry(kind.into()).or_insert(0) += 1;
+    }
+
+    pub(super) fn latency_since(&self, t0: Instant) {
+        let us = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
+        lock(&self.latency).saturating_record(us.max(1));
+    }
+
+    pub(super) fn settled_count(&self) -> usize {
+        self.settled
+            .iter()
+            .filter(|b| b.load(Ordering::Relaxed))
+            .count()
+    }
+}
+
+/// The error kind of a failed request.
+pub(super) fn net_kind(e: &reqwest::Error) -> &'static str {
+    if e.is_timeout() {
+        "timeout"
+    } else if e.is_connect() {
+        "connect"
+    } else if e.is_body() || e.is_decode() {
+        "body"
+    } else {
+        "request"
+    }
+}
+
+/// The error kind of an answer: `what_404`, `what_4xx`, `what_503`, `what_5xx`, ...
+pub(super) fn status_kind(what: &str, status: reqwest::StatusCode) -> String {
+    match status.as_u16() {
+        404 | 429 | 503 => format!("{what}_{}", status.as_u16()),
+        400..=499 => format!("{what}_4xx"),
+        500..=599 => format!("{what}_5xx"),
+        other => format!("{what}_{other}"),
+    }
+}

@@ -1,0 +1,236 @@
+//! The load tester's own copy of the wire contract, and the contract's rules a client applies.
+//!
+//! Owns the request and reply bodies the simulated clients send and parse (heartbeat,
+//! download slot, catalog, catalog event, events), the incremental SSE parser of the push
+//! stream, the critical-event rule (kinds, and the Windows client version from which critical
+//! events go at once), `Retry-After`, the wait for a download slot, the target URL check, and
+//! the one counter read from the target's Prometheus `/metrics`. These are deliberately
+//! independent copies: this module must never use the crate's own wire types
+//! (`crate::core::proto`) or SSE parser, so that the load tester checks the wire contract as
+//! an outside client would, and never the server's reading of it. Everything here is pure: it
+//! sends nothing.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::LoadtestError;
+
+/// Windows clients at this version or later upload critical events at once (contract).
+const CRITICAL_MIN_VERSION: [u64; 3] = [12, 1, 4];
+
+/// Parses a dotted version of numbers; anything else is `None` (counts as below any version).
+fn parse_version(v: &str) -> Option<Vec<u64>> {
+    if v.is_empty() {
+        return None;
+    }
+    v.split('.').map(|p| p.parse::<u64>().ok()).collect()
+}
+
+/// Whether `v` is at least `min`, comparing as dotted numbers (missing parts are 0);
+/// unparsable counts as below.
+fn version_at_least(v: &str, min: &[u64]) -> bool {
+    let Some(parts) = parse_version(v) else {
+        return false;
+    };
+    let n = parts.len().max(min.len());
+    for i in 0..n {
+        let a = parts.get(i).copied().unwrap_or(0);
+        let b = min.get(i).copied().unwrap_or(0);
+        if a != b {
+            return a > b;
+        }
+    }
+    true
+}
+
+/// The contract's critical events: kind `risk` (except subkind `cookie`) and kind `intrusion`.
+pub(super) fn is_critical(kind: &str, subkind: &str) -> bool {
+    (kind == "risk" && subkind != "cookie") || kind == "intrusion"
+}
+
+/// Whether a client uploads critical events at once (else with its next heartbeat).
+pub(super) fn critical_at_once(upload_immediately: bool, os: &str, client_version: &str) -> bool {
+    upload_immediately && os == "windows" && version_at_least(client_version, &CRITICAL_MIN_VERSION)
+}
+
+/// The value of a counter in Prometheus text (summed over label sets); `None` when absent.
+pub(super) fn parse_metric(text: &str, name: &str) -> Option<u64> {
+    let mut sum: Option<f64> = None;
+    for line in text.lines() {
+        let line = line.trim();
+        if line.starts_with('#') {
+            continue;
+        }
+        let mut parts = line.split_whitespace();
+        let (Some(metric), Some(value)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        let bare = metric.split('{').next().unwrap_or(metric);
+        if bare == name {
+            if let Ok(v) = value.parse::<f64>() {
+                *sum.get_or_insert(0.0) += v;
+            }
+        }
+    }
+    sum.map(|v| v.max(0.0) as u64)
+}
+
+/// `Retry-After` in seconds (whole or fractional); HTTP dates are not supported (None).
+pub(super) fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<f64> {
+    let v = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
+    let s: f64 = v.trim().parse().ok()?;
+    (s.is_finite() && s >= 0.0).then_some(s)
+}
+
+/// How long to wait for a slot. `delay_s` is whole seconds; `not_before` is precise, so it
+/// is used when this host's clock agrees with it (within 1.5 s of `delay_s`), plus 20 ms so
+/// as not to arrive a hair early; `delay_s` otherwise (a skewed clock).
+pub(super) fn slot_delay(slot: &DownloadSlot, now: chrono::DateTime<chrono::Utc>) -> Duration {
+    let coarse = if slot.delay_s.is_finite() {
+        slot.delay_s.clamp(0.0, 86_400.0 * 365.0)
+    } else {
+        0.0
+    };
+    let precise = slot
+        .not_before
+        .as_deref()
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| (t.with_timezone(&chrono::Utc) - now).num_milliseconds() as f64 / 1000.0)
+        .filter(|p| (p - coarse).abs() <= 1.5);
+    match precise {
+        Some(p) => Duration::from_secs_f64(p.max(0.0) + 0.02),
+        None => Duration::from_secs_f64(coarse),
+    }
+}
+
+/// Checks and normalizes the target: http(s), a host, no query; no trailing slash.
+pub(super) fn normalize_target(url: &str) -> Result<String, LoadtestError> {
+    let bad = |reason: &str| LoadtestError::BadTarget {
+        url: url.to_string(),
+        reason: reason.to_string(),
+    };
+    let parsed = reqwest::Url::parse(url).map_err(|e| bad(&e.to_string()))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(bad("the scheme must be http or https"));
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err(bad("no host"));
+    }
+    if parsed.query().is_some() || parsed.fragment().is_some() {
+        return Err(bad("a base URL takes no query or fragment"));
+    }
+    Ok(parsed.as_str().trim_end_matches('/').to_string())
+}
+
+#[derive(Serialize)]
+pub(super) struct HeartbeatBody<'a> {
+    pub(super) client_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) install_group: Option<&'a str>,
+    pub(super) os: &'a str,
+    pub(super) client_version: &'a str,
+    pub(super) mode: &'static str,
+    pub(super) policy_serial: u64,
+    pub(super) catalog_revision: u64,
+}
+
+#[derive(Deserialize)]
+pub(super) struct HeartbeatReply {
+    #[serde(default)]
+    pub(super) settings: serde_json::Value,
+    #[serde(default)]
+    pub(super) policy_serial: u64,
+    #[serde(default)]
+    pub(super) catalog_revision: u64,
+    #[serde(default)]
+    pub(super) next_heartbeat_s: Option<f64>,
+    #[serde(default)]
+    pub(super) download_slot: Option<DownloadSlot>,
+}
+
+#[derive(Deserialize)]
+pub(super) struct DownloadSlot {
+    #[serde(default)]
+    not_before: Option<String>,
+    #[serde(default)]
+    delay_s: f64,
+    #[serde(default)]
+    pub(super) window_s: Option<u64>,
+}
+
+#[derive(Deserialize)]
+pub(super) struct Catalog {
+    pub(super) revision: u64,
+    #[serde(default)]
+    pub(super) items: Vec<CatalogItem>,
+}
+
+#[derive(Deserialize)]
+pub(super) struct CatalogItem {
+    pub(super) sha256: String,
+    #[serde(default)]
+    pub(super) urgent: bool,
+}
+
+#[derive(Deserialize)]
+pub(super) struct CatalogEvent {
+    pub(super) revision: u64,
+}
+
+#[derive(Serialize, Clone)]
+pub(super) struct EventOut {
+    pub(super) id: String,
+    pub(super) kind: &'static str,
+    pub(super) subkind: &'static str,
+    pub(super) time: String,
+    pub(super) data: serde_json::Value,
+}
+
+#[derive(Serialize)]
+pub(super) struct EventsBody<'a> {
+    pub(super) client_id: &'a str,
+    pub(super) events: &'a [EventOut],
+}
+
+/// Incremental SSE parser: feed bytes, get complete `(event, data)` pairs; comments skipped.
+#[derive(Default)]
+pub(super) struct SseParser {
+    buf: Vec<u8>,
+    name: Option<String>,
+    data: String,
+}
+
+impl SseParser {
+    /// Bounded: a line longer than 1 MiB without a newline is dropped.
+    pub(super) fn feed(&mut self, bytes: &[u8]) -> Vec<(String, String)> {
+        self.buf.extend_from_slice(bytes);
+        let mut out = Vec::new();
+        while let Some(pos) = self.buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = self.buf.drain(..=pos).collect();
+            let line = String::from_utf8_lossy(&line);
+            let line = line.trim_end_matches(['\n', '\r']);
+            if line.is_empty() {
+                if self.name.is_some() || !self.data.is_empty() {
+                    let name = self.name.take().unwrap_or_else(|| "message".into());
+                    out.push((name, std::mem::take(&mut self.data)));
+                }
+            } else if let Some(v) = line.strip_prefix("event:") {
+                self.name = Some(v.trim().to_string());
+            } else if let Some(v) = line.strip_prefix("data:") {
+                if !self.data.is_empty() {
+                    self.data.push('\n');
+                }
+                self.data.push_str(v.strip_prefix(' ').unwrap_or(v));
+            }
+        }
+        if self.buf.len() > 1 << 20 {
+            self.buf.clear();
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+#[path = "wire_tests.rs"]
+mod tests;
