@@ -11,6 +11,6 @@ pub mod error;
 pub mod extract;
 pub mod pushconn;
 pub mod server;
-pub mod slot;
 pub mod shutdown;
+pub mod slot;
 pub mod tls;

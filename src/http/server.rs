@@ -570,4 +570,48 @@ mod tests {
         let _ = stop_tx.send(());
         server.await.unwrap().unwrap();
     }
+
+    /// A connection's place under `max_connections` is free by the time its client sees the
+    /// close: at a limit of one connection, each new connection made right after the previous
+    /// one was seen to close is served.
+    #[tokio::test]
+    async fn a_closed_connections_slot_is_free_once_its_client_sees_the_close() {
+        let router = Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let serving = Serving {
+            limits: Limits {
+                max_header_bytes: 8192,
+                header_read_timeout: Duration::from_secs(5),
+                max_connections: 1,
+                threads: 2,
+            },
+            tls: None,
+            lean: None,
+        };
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(run(
+            listener,
+            router,
+            async {
+                let _ = stop_rx.await;
+            },
+            serving,
+        ));
+        for i in 0..200 {
+            let mut conn = TcpStream::connect(addr).await.unwrap();
+            conn.write_all(b"GET / HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n")
+                .await
+                .unwrap();
+            let mut answer = Vec::new();
+            conn.read_to_end(&mut answer).await.unwrap();
+            let text = String::from_utf8_lossy(&answer);
+            assert!(
+                text.starts_with("HTTP/1.1 200"),
+                "connection {i} was refused after the previous one closed: {text:?}"
+            );
+        }
+        let _ = stop_tx.send(());
+        server.await.unwrap().unwrap();
+    }
 }

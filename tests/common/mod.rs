@@ -333,3 +333,77 @@ pub async fn wait_registered(manager: &str, client_id: &str, group: Option<&str>
     })
     .await;
 }
+
+/// Publishes `data` as `name` `version` through `gup admin publish`, then waits until every
+/// server in `mirrors` (nodes) lists it in its catalog. Returns the blob's SHA-256.
+pub async fn publish_and_wait(
+    manager: &str,
+    mirrors: &[&str],
+    name: &str,
+    version: &str,
+    data: &[u8],
+) -> String {
+    let sha = sha256_hex(data);
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    file.write_all(data).unwrap();
+    let (code, out) = publish(manager, file.path(), name, version);
+    assert_eq!(code, 0, "publishing {name} {version}: {out}");
+    let client = reqwest::Client::new();
+    for base in mirrors {
+        let (c, u, s) = (client.clone(), base.to_string(), sha.clone());
+        wait_for(30, &format!("{base} mirrors {name} {version}"), || {
+            let (c, u, s) = (c.clone(), u.clone(), s.clone());
+            async move { catalog_has(&c, &u, &s).await.then_some(()) }
+        })
+        .await;
+    }
+    sha
+}
+
+/// `method path` on the manager's admin API with the test token; (status, JSON body).
+pub async fn admin_call(
+    manager: &str,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let mut req = reqwest::Client::new()
+        .request(method, format!("{manager}{path}"))
+        .bearer_auth(ADMIN_TOKEN);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let r = req.send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(serde_json::Value::Null))
+}
+
+/// POSTs `body` as JSON to `base path` (no token); (status, JSON body).
+pub async fn post_json(
+    base: &str,
+    path: &str,
+    body: serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let r = reqwest::Client::new()
+        .post(format!("{base}{path}"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(serde_json::Value::Null))
+}
+
+/// Waits until `base/readyz` answers 200 (a node has synced with its upstream).
+pub async fn wait_ready(base: &str) {
+    let client = reqwest::Client::new();
+    let url = format!("{base}/readyz");
+    wait_for(30, &format!("{base} is ready"), || {
+        let (c, u) = (client.clone(), url.clone());
+        async move {
+            let r = c.get(&u).send().await.ok()?;
+            (r.status() == 200).then_some(())
+        }
+    })
+    .await;
+}
