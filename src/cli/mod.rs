@@ -380,11 +380,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
             cfg.validate().map_err(config_failure)?;
             if args.print_node_token {
+                let n = &cfg.node;
                 let token = crate::http::auth::resolve(
-                    Some(&cfg.node.node_token),
-                    (!cfg.node.node_token_file.is_empty())
-                        .then(|| Path::new(&cfg.node.node_token_file)),
-                    &cfg.node.data_dir,
+                    &n.node_token,
+                    &n.node_token_file,
+                    &n.data_dir,
                     "node",
                 )
                 .map_err(runtime)?;

@@ -125,19 +125,20 @@ pub fn read_token_file(path: &Path) -> Result<Token, TokenError> {
     Ok(Token::new(t))
 }
 
-/// The token a server uses: the explicit one when given, else the one kept in
-/// `data_dir/<name>.token`, made (random, 0600) at first start.
+/// The token a server uses, from its configured `token` and `token_file` (empty: not set):
+/// the token when given, else the file's, else the one kept in `data_dir/<name>.token`, made
+/// (random, 0600) at first start.
 pub fn resolve(
-    explicit: Option<&str>,
-    file: Option<&Path>,
+    token: &str,
+    token_file: &str,
     data_dir: &Path,
     name: &str,
 ) -> Result<Token, TokenError> {
-    if let Some(t) = explicit.filter(|t| !t.is_empty()) {
-        return Ok(Token::new(t));
+    if !token.is_empty() {
+        return Ok(Token::new(token));
     }
-    if let Some(f) = file {
-        return read_token_file(f);
+    if !token_file.is_empty() {
+        return read_token_file(Path::new(token_file));
     }
     let path = token_path(data_dir, name);
     if path.exists() {
@@ -188,8 +189,8 @@ mod tests {
     #[test]
     fn made_once_kept_private_and_reused() {
         let dir = tempfile::tempdir().unwrap();
-        let a = resolve(None, None, dir.path(), "admin").unwrap();
-        let b = resolve(None, None, dir.path(), "admin").unwrap();
+        let a = resolve("", "", dir.path(), "admin").unwrap();
+        let b = resolve("", "", dir.path(), "admin").unwrap();
         assert!(a.matches(b.secret()));
         assert_eq!(a.secret().len(), 64);
         #[cfg(unix)]
@@ -201,7 +202,7 @@ mod tests {
                 .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
-        let explicit = resolve(Some("s3cret"), None, dir.path(), "admin").unwrap();
+        let explicit = resolve("s3cret", "", dir.path(), "admin").unwrap();
         assert!(explicit.matches("s3cret"));
         assert!(!explicit.matches("s3cre"));
         assert_eq!(format!("{explicit:?}"), "Token(***)");

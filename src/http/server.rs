@@ -507,23 +507,25 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// A burst of connections is spread over the serving threads, whichever thread accepts
-    /// them: each connection asks which thread serves it.
-    #[tokio::test]
-    async fn a_burst_of_connections_is_served_by_every_thread() {
-        let router = Router::new().route(
-            "/thread",
-            axum::routing::get(|| async {
-                std::thread::current().name().unwrap_or("?").to_string()
-            }),
-        );
+    type Running = tokio::task::JoinHandle<std::io::Result<()>>;
+
+    /// `router` served on two threads on 127.0.0.1 with at most `max_connections`: its
+    /// address, the sender that stops it, and the running server.
+    async fn serve_on_loopback(
+        router: Router,
+        max_connections: usize,
+    ) -> (
+        std::net::SocketAddr,
+        tokio::sync::oneshot::Sender<()>,
+        Running,
+    ) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let serving = Serving {
             limits: Limits {
                 max_header_bytes: 8192,
                 header_read_timeout: Duration::from_secs(5),
-                max_connections: 64,
+                max_connections,
                 threads: 2,
             },
             tls: None,
@@ -538,6 +540,20 @@ mod tests {
             },
             serving,
         ));
+        (addr, stop_tx, server)
+    }
+
+    /// A burst of connections is spread over the serving threads, whichever thread accepts
+    /// them: each connection asks which thread serves it.
+    #[tokio::test]
+    async fn a_burst_of_connections_is_served_by_every_thread() {
+        let router = Router::new().route(
+            "/thread",
+            axum::routing::get(|| async {
+                std::thread::current().name().unwrap_or("?").to_string()
+            }),
+        );
+        let (addr, stop_tx, server) = serve_on_loopback(router, 64).await;
         // All connected before any asks, and all held open until every answer is in.
         let mut conns = Vec::new();
         for _ in 0..8 {
@@ -577,27 +593,7 @@ mod tests {
     #[tokio::test]
     async fn a_closed_connections_slot_is_free_once_its_client_sees_the_close() {
         let router = Router::new().route("/", axum::routing::get(|| async { "ok" }));
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let serving = Serving {
-            limits: Limits {
-                max_header_bytes: 8192,
-                header_read_timeout: Duration::from_secs(5),
-                max_connections: 1,
-                threads: 2,
-            },
-            tls: None,
-            lean: None,
-        };
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(run(
-            listener,
-            router,
-            async {
-                let _ = stop_rx.await;
-            },
-            serving,
-        ));
+        let (addr, stop_tx, server) = serve_on_loopback(router, 1).await;
         for i in 0..200 {
             let mut conn = TcpStream::connect(addr).await.unwrap();
             conn.write_all(b"GET / HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n")

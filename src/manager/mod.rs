@@ -81,19 +81,8 @@ pub struct Manager {
 /// Tokens a manager uses, resolved from config, files, or its data dir.
 pub fn tokens(config: &ManagerConfig) -> Result<(Token, Token), TokenError> {
     let m = &config.manager;
-    let file = |f: &str| (!f.is_empty()).then(|| std::path::PathBuf::from(f));
-    let admin = auth::resolve(
-        Some(&m.admin_token),
-        file(&m.admin_token_file).as_deref(),
-        &m.data_dir,
-        "admin",
-    )?;
-    let node = auth::resolve(
-        Some(&m.node_token),
-        file(&m.node_token_file).as_deref(),
-        &m.data_dir,
-        "node",
-    )?;
+    let admin = auth::resolve(&m.admin_token, &m.admin_token_file, &m.data_dir, "admin")?;
+    let node = auth::resolve(&m.node_token, &m.node_token_file, &m.data_dir, "node")?;
     Ok((admin, node))
 }
 

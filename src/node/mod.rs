@@ -101,12 +101,7 @@ impl Node {
         let n = &config.node;
         let store = Store::open(&n.data_dir)?;
         let file = |f: &str| (!f.is_empty()).then(|| std::path::PathBuf::from(f));
-        let node_token = auth::resolve(
-            Some(&n.node_token),
-            file(&n.node_token_file).as_deref(),
-            &n.data_dir,
-            "node",
-        )?;
+        let node_token = auth::resolve(&n.node_token, &n.node_token_file, &n.data_dir, "node")?;
         let upstream_token = if !config.upstream.token.is_empty() {
             Some(Token::new(config.upstream.token.clone()))
         } else if let Some(f) = file(&config.upstream.token_file) {
