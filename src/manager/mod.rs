@@ -252,7 +252,7 @@ impl Role for Manager {
         address: Option<String>,
         now: DateTime<Utc>,
     ) -> Result<Placement, ApiError> {
-        let dir = self.served.directory()?.clone();
+        let dir = self.served.directory()?;
         let record = self.registry.heartbeat(&dir, hb, address, now)?;
         Ok(Placement {
             group: record.group,
