@@ -54,6 +54,22 @@ pub struct LimitsSection {
     pub max_connections: usize,
     /// Serving threads, each with its own runtime; 0 means one per CPU core.
     pub threads: usize,
+    /// Connections at once from one client address; 0 means no limit beyond
+    /// `max_connections`.
+    pub max_connections_per_address: usize,
+    /// Push streams (`/v1/stream`) at once from one client address; 0 means no limit.
+    pub max_streams_per_address: usize,
+    /// Client ids one address may introduce per minute (a heartbeat, upload or named
+    /// download from an id this server never placed); 0 means no limit.
+    pub new_clients_per_minute: u32,
+    /// A request body that sends no byte for this many seconds is cut.
+    pub body_read_timeout_s: u64,
+    /// A push stream whose client does not take an event or keep-alive within this many
+    /// seconds is closed.
+    pub stream_write_timeout_s: u64,
+    /// Push streams end after about this many seconds (each within 10% of it, so that
+    /// reconnects spread); the client reconnects.
+    pub stream_max_age_s: u64,
 }
 
 impl Default for LimitsSection {
@@ -63,6 +79,12 @@ impl Default for LimitsSection {
             header_read_timeout_s: 10,
             max_connections: 0,
             threads: 0,
+            max_connections_per_address: 1024,
+            max_streams_per_address: 512,
+            new_clients_per_minute: 600,
+            body_read_timeout_s: 30,
+            stream_write_timeout_s: 60,
+            stream_max_age_s: 3600,
         }
     }
 }
@@ -81,6 +103,23 @@ impl LimitsSection {
                 format!(
                     "must be 1 to 3600 seconds (got {})",
                     self.header_read_timeout_s
+                ),
+            ));
+        }
+        for (key, secs) in [
+            ("limits.body_read_timeout_s", self.body_read_timeout_s),
+            ("limits.stream_write_timeout_s", self.stream_write_timeout_s),
+        ] {
+            if !(1..=3600).contains(&secs) {
+                return Err(bad(key, format!("must be 1 to 3600 seconds (got {secs})")));
+            }
+        }
+        if !(60..=604_800).contains(&self.stream_max_age_s) {
+            return Err(bad(
+                "limits.stream_max_age_s",
+                format!(
+                    "must be 60 to 604800 seconds (got {})",
+                    self.stream_max_age_s
                 ),
             ));
         }
@@ -204,8 +243,27 @@ pub struct NodeConfig {
     pub upstream: UpstreamSection,
     pub cache: CacheSection,
     pub serve: ServeSection,
+    pub events: NodeEventsSection,
     pub limits: LimitsSection,
     pub log: LogSection,
+}
+
+/// `[events]` of a node.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeEventsSection {
+    /// Bytes of uploads the outbox holds while no upstream takes them. Uploads without a
+    /// critical event are refused (503) once it holds three quarters of this, critical ones
+    /// once it is full: a quarter stays for them.
+    pub outbox_max_bytes: u64,
+}
+
+impl Default for NodeEventsSection {
+    fn default() -> Self {
+        NodeEventsSection {
+            outbox_max_bytes: 256 << 20,
+        }
+    }
 }
 
 /// `[serve]`
@@ -268,6 +326,9 @@ pub struct UpstreamSection {
     /// The manager's catalog public key (hex); when set, unsigned or wrongly signed catalogs
     /// are refused.
     pub catalog_public_key: String,
+    /// Clients whose latest heartbeat waits to be relayed; beyond it, heartbeats of further
+    /// clients are answered but not relayed until there is room (counted).
+    pub max_pending_heartbeats: usize,
 }
 
 impl Default for UpstreamSection {
@@ -282,6 +343,7 @@ impl Default for UpstreamSection {
             max_bytes_per_sec: 0,
             ca_file: String::new(),
             catalog_public_key: String::new(),
+            max_pending_heartbeats: 100_000,
         }
     }
 }
@@ -380,6 +442,21 @@ impl NodeConfig {
                 format!(
                     "must be at most 1073741824 (1 GiB), got {}",
                     self.cache.memory_item_max_bytes
+                ),
+            ));
+        }
+        if !(1..=10_000_000).contains(&u.max_pending_heartbeats) {
+            return Err(bad(
+                "upstream.max_pending_heartbeats",
+                format!("must be 1 to 10000000 (got {})", u.max_pending_heartbeats),
+            ));
+        }
+        if self.events.outbox_max_bytes < 1 << 20 {
+            return Err(bad(
+                "events.outbox_max_bytes",
+                format!(
+                    "must be at least 1048576 (1 MiB), got {}",
+                    self.events.outbox_max_bytes
                 ),
             ));
         }

@@ -75,14 +75,25 @@ struct ReadyBody {
     message: Option<&'static str>,
 }
 
+/// Ready: synced (or restored from disk) and able to write to its store.
 pub async fn readyz(State(api): State<Api>) -> Response {
     let readiness = &api.served.readiness;
-    let ready = readiness.is_ready();
+    let synced = readiness.is_ready();
+    let writable = api.served.store.writable();
+    let ready = synced && writable;
+    let (error, message) = match (synced, writable) {
+        (false, _) => (Some("not_ready"), Some("not synced with an upstream yet")),
+        (true, false) => (
+            Some("storage_unavailable"),
+            Some("the store cannot write (a full or failing disk); it heals when it can"),
+        ),
+        (true, true) => (None, None),
+    };
     let body = ReadyBody {
         ready,
         stale_since: readiness.stale_since(),
-        error: (!ready).then_some("not_ready"),
-        message: (!ready).then_some("not synced with an upstream yet"),
+        error,
+        message,
     };
     let status = if ready {
         StatusCode::OK
@@ -95,6 +106,7 @@ pub async fn readyz(State(api): State<Api>) -> Response {
 pub async fn metrics(State(api): State<Api>) -> Response {
     let s = &api.served;
     s.metrics.cache_bytes.set(s.store.total_bytes() as i64);
+    s.metrics.store_writable.set(i64::from(s.store.writable()));
     (
         [(
             header::CONTENT_TYPE,

@@ -30,6 +30,20 @@ pub struct Metrics {
     pub events_forwarded: Counter,
     /// Per upstream server: 1 when its last call succeeded, 0 when it failed.
     upstream_up: Family<Vec<(String, String)>, Gauge>,
+    /// Bytes a node's outbox holds, per lane (`critical`, `normal`).
+    outbox_bytes: Family<Vec<(String, String)>, Gauge>,
+    /// `events.outbox_max_bytes`.
+    pub outbox_max_bytes: Gauge,
+    /// Uploads refused because the outbox was full.
+    pub outbox_refused: Counter,
+    /// Clients whose heartbeat waits to be relayed upstream.
+    pub relay_pending: Gauge,
+    /// Heartbeats not relayed: over `upstream.max_pending_heartbeats`, or refused upstream.
+    pub relay_dropped: Counter,
+    /// 1 while the store can write, 0 while it cannot (a full or failing disk).
+    pub store_writable: Gauge,
+    /// Requests and connections refused by a per-address limit, by reason.
+    refused: Family<Vec<(String, String)>, Counter>,
 }
 
 impl Default for Metrics {
@@ -65,6 +79,49 @@ impl Metrics {
             "gup_slot_deferrals",
             "429s sent to clients asking before their download slot",
             slot_deferrals.clone(),
+        );
+        let outbox_bytes = Family::<Vec<(String, String)>, Gauge>::default();
+        registry.register(
+            "gup_outbox_bytes",
+            "Bytes of uploads a node holds for its upstream, per lane",
+            outbox_bytes.clone(),
+        );
+        let outbox_max_bytes = Gauge::default();
+        registry.register(
+            "gup_outbox_max_bytes",
+            "The outbox bound (events.outbox_max_bytes)",
+            outbox_max_bytes.clone(),
+        );
+        let outbox_refused = Counter::default();
+        registry.register(
+            "gup_outbox_refused",
+            "Uploads refused because the outbox was full",
+            outbox_refused.clone(),
+        );
+        let relay_pending = Gauge::default();
+        registry.register(
+            "gup_relay_pending",
+            "Clients whose heartbeat waits to be relayed upstream",
+            relay_pending.clone(),
+        );
+        let relay_dropped = Counter::default();
+        registry.register(
+            "gup_relay_dropped",
+            "Heartbeats not relayed: over the pending bound, or refused upstream",
+            relay_dropped.clone(),
+        );
+        let store_writable = Gauge::default();
+        store_writable.set(1);
+        registry.register(
+            "gup_store_writable",
+            "1 while the store can write, 0 while it cannot",
+            store_writable.clone(),
+        );
+        let refused = Family::<Vec<(String, String)>, Counter>::default();
+        registry.register(
+            "gup_refused",
+            "Requests and connections refused by a per-address limit, by reason",
+            refused.clone(),
         );
         let upstream_up = Family::<Vec<(String, String)>, Gauge>::default();
         registry.register(
@@ -110,6 +167,13 @@ impl Metrics {
         );
         Metrics {
             registry,
+            outbox_bytes,
+            outbox_max_bytes,
+            outbox_refused,
+            relay_pending,
+            relay_dropped,
+            store_writable,
+            refused,
             stream_clients,
             slot_deferrals,
             events_queued,
@@ -128,6 +192,20 @@ impl Metrics {
     pub fn upstream_up(&self, server: &str) -> Gauge {
         self.upstream_up
             .get_or_create(&vec![("server".to_string(), server.to_string())])
+            .clone()
+    }
+
+    /// The `gup_outbox_bytes` gauge of one lane.
+    pub fn outbox_bytes(&self, lane: &str) -> Gauge {
+        self.outbox_bytes
+            .get_or_create(&vec![("lane".to_string(), lane.to_string())])
+            .clone()
+    }
+
+    /// The `gup_refused_total` counter of one reason.
+    pub fn refused(&self, reason: &str) -> Counter {
+        self.refused
+            .get_or_create(&vec![("reason".to_string(), reason.to_string())])
             .clone()
     }
 

@@ -1,7 +1,10 @@
 //! The key-value index: named trees of JSON records in the one sled database.
 //!
-//! Owns [`Kv`], the narrow database interface the rest of the crate persists through, and the
-//! group commit that lets concurrent acknowledgements share one disk flush. Every sled call of
+//! Owns [`Kv`], the narrow database interface the rest of the crate persists through: single
+//! records, atomic batches of writes to one tree, ordered visits that decode one record at a
+//! time (a page of a large tree never loads the rest of it), and the group commit that lets
+//! concurrent acknowledgements share one disk flush. A `Kv` looks its tree up on every use,
+//! so that a database reopened after a failed write (`db`) serves it again. Every sled call of
 //! the crate is in `store`; this file must never know what the records mean.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,27 +13,29 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use super::db::Database;
 use super::StoreError;
 
-/// Decodes the JSON records of a sled iterator.
-fn decode_all<T: DeserializeOwned>(iter: sled::Iter) -> Result<Vec<(String, T)>, StoreError> {
-    let mut out = Vec::new();
-    for entry in iter {
-        let (k, v) = entry?;
-        let key = String::from_utf8_lossy(&k).into_owned();
-        let value = serde_json::from_slice(&v).map_err(|source| StoreError::Decode {
-            key: key.clone(),
-            source,
-        })?;
-        out.push((key, value));
+fn encode<T: Serialize>(key: &str, value: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(|source| StoreError::Decode {
+        key: key.to_string(),
+        source,
+    })
+}
+
+fn decode<T: DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<(String, T), StoreError> {
+    let key = String::from_utf8_lossy(key).into_owned();
+    match serde_json::from_slice(value) {
+        Ok(v) => Ok((key, v)),
+        Err(source) => Err(StoreError::Decode { key, source }),
     }
-    Ok(out)
 }
 
 /// A named tree of JSON records: the narrow database interface the rest of the crate uses.
 #[derive(Clone)]
 pub struct Kv {
-    tree: sled::Tree,
+    db: Arc<Database>,
+    name: Arc<str>,
     /// Group commit: concurrent `flush` calls share one disk flush.
     commit: Arc<GroupCommit>,
 }
@@ -45,84 +50,148 @@ struct GroupCommit {
     lock: tokio::sync::Mutex<()>,
 }
 
+/// Writes to one tree that take effect together or not at all ([`Kv::apply`]).
+#[derive(Default)]
+pub struct Batch {
+    inner: sled::Batch,
+    /// Bytes of the values put, for callers that keep a byte count.
+    bytes: u64,
+}
+
+impl Batch {
+    /// Puts `value` at `key` when the batch is applied; returns the encoded size.
+    pub fn put<T: Serialize>(&mut self, key: &str, value: &T) -> Result<u64, StoreError> {
+        let bytes = encode(key, value)?;
+        let len = bytes.len() as u64;
+        self.bytes += len;
+        self.inner.insert(key.as_bytes(), bytes);
+        Ok(len)
+    }
+
+    /// Removes `key` when the batch is applied.
+    pub fn remove(&mut self, key: &str) {
+        self.inner.remove(key.as_bytes());
+    }
+
+    /// Bytes of the values put so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
 impl Kv {
-    pub(super) fn new(tree: sled::Tree) -> Kv {
+    pub(super) fn new(db: Arc<Database>, name: &str) -> Kv {
         Kv {
-            tree,
+            db,
+            name: name.into(),
             commit: Arc::new(GroupCommit::default()),
         }
     }
 
+    fn tree(&self) -> Result<sled::Tree, StoreError> {
+        self.db.tree(&self.name)
+    }
+
     pub fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
-        match self.tree.get(key.as_bytes())? {
+        let tree = self.tree()?;
+        match self.db.check(tree.get(key.as_bytes()))? {
             None => Ok(None),
-            Some(v) => serde_json::from_slice(&v)
-                .map(Some)
-                .map_err(|source| StoreError::Decode {
-                    key: key.to_string(),
-                    source,
-                }),
+            Some(v) => decode::<T>(key.as_bytes(), &v).map(|(_, v)| Some(v)),
         }
     }
 
+    /// Whether a record is stored at `key`, without decoding it.
+    pub fn contains(&self, key: &str) -> Result<bool, StoreError> {
+        let tree = self.tree()?;
+        self.db.check(tree.contains_key(key.as_bytes()))
+    }
+
     pub fn put<T: Serialize>(&self, key: &str, value: &T) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec(value).map_err(|source| StoreError::Decode {
-            key: key.to_string(),
-            source,
-        })?;
-        self.tree.insert(key.as_bytes(), bytes)?;
-        Ok(())
+        let bytes = encode(key, value)?;
+        let tree = self.tree()?;
+        self.db
+            .check(tree.insert(key.as_bytes(), bytes))
+            .map(|_| ())
     }
 
     /// Stores `value` only if `key` is absent; returns whether it stored it.
     pub fn put_if_absent<T: Serialize>(&self, key: &str, value: &T) -> Result<bool, StoreError> {
-        let bytes = serde_json::to_vec(value).map_err(|source| StoreError::Decode {
-            key: key.to_string(),
-            source,
-        })?;
-        Ok(self
-            .tree
-            .compare_and_swap(key.as_bytes(), None as Option<&[u8]>, Some(bytes))?
-            .is_ok())
+        let bytes = encode(key, value)?;
+        let tree = self.tree()?;
+        let swapped = self.db.check(tree.compare_and_swap(
+            key.as_bytes(),
+            None as Option<&[u8]>,
+            Some(bytes),
+        ))?;
+        Ok(swapped.is_ok())
     }
 
     pub fn remove(&self, key: &str) -> Result<(), StoreError> {
-        self.tree.remove(key.as_bytes())?;
-        Ok(())
+        let tree = self.tree()?;
+        self.db.check(tree.remove(key.as_bytes())).map(|_| ())
     }
 
     /// Removes a record and returns it, atomically (None when it was not there).
     pub fn take<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
-        match self.tree.remove(key.as_bytes())? {
+        let tree = self.tree()?;
+        match self.db.check(tree.remove(key.as_bytes()))? {
             None => Ok(None),
-            Some(v) => serde_json::from_slice(&v)
-                .map(Some)
-                .map_err(|source| StoreError::Decode {
-                    key: key.to_string(),
-                    source,
-                }),
+            Some(v) => decode::<T>(key.as_bytes(), &v).map(|(_, v)| Some(v)),
         }
     }
 
-    /// Every record whose key starts with `prefix`, in key order.
-    pub fn scan<T: DeserializeOwned>(&self, prefix: &str) -> Result<Vec<(String, T)>, StoreError> {
-        decode_all(self.tree.scan_prefix(prefix.as_bytes()))
+    /// Applies every write of `batch`, atomically: after a crash, all of them or none.
+    pub fn apply(&self, batch: Batch) -> Result<(), StoreError> {
+        let tree = self.tree()?;
+        self.db.check(tree.apply_batch(batch.inner))
     }
 
-    /// Visits the records whose key is `from` or after it, in key order, one at a time,
-    /// until `visit` returns false: a page of a large tree never loads the rest of it.
-    pub fn visit_from<T: DeserializeOwned>(
+    /// Every record whose key starts with `prefix`, in key order. For a small tree only:
+    /// [`Kv::visit`] reads a large one a record at a time.
+    pub fn scan<T: DeserializeOwned>(&self, prefix: &str) -> Result<Vec<(String, T)>, StoreError> {
+        let mut out = Vec::new();
+        self.visit(prefix, prefix, false, |k, v| {
+            out.push((k, v));
+            true
+        })?;
+        Ok(out)
+    }
+
+    /// Visits the records whose key starts with `prefix`, from `from` on (or, with
+    /// `backwards`, from `from` down; `from` is the prefix itself to start at an end), in
+    /// key order, one at a time, until `visit` returns false.
+    pub fn visit<T: DeserializeOwned>(
         &self,
+        prefix: &str,
         from: &str,
+        backwards: bool,
         mut visit: impl FnMut(String, T) -> bool,
     ) -> Result<(), StoreError> {
-        for entry in self.tree.range(from.as_bytes()..) {
-            let (k, v) = entry?;
-            let key = String::from_utf8_lossy(&k).into_owned();
-            let value = serde_json::from_slice(&v).map_err(|source| StoreError::Decode {
-                key: key.clone(),
-                source,
-            })?;
+        let tree = self.tree()?;
+        let p = prefix.as_bytes();
+        let lower = p.to_vec();
+        type Entries = Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>>;
+        let iter: Entries = if !backwards {
+            let start = if from.as_bytes() > p {
+                from.as_bytes()
+            } else {
+                p
+            };
+            Box::new(tree.range(start.to_vec()..))
+        } else if from != prefix {
+            Box::new(tree.range(lower..=from.as_bytes().to_vec()).rev())
+        } else {
+            match prefix_end(p) {
+                Some(upper) => Box::new(tree.range(lower..upper).rev()),
+                None => Box::new(tree.range(lower..).rev()),
+            }
+        };
+        for entry in iter {
+            let (k, v) = self.db.check(entry)?;
+            if !k.starts_with(p) {
+                break;
+            }
+            let (key, value) = decode(&k, &v)?;
             if !visit(key, value) {
                 break;
             }
@@ -130,12 +199,33 @@ impl Kv {
         Ok(())
     }
 
-    pub fn len(&self) -> usize {
-        self.tree.len()
+    /// Visits the records whose key is `from` or after it, in key order, one at a time,
+    /// until `visit` returns false.
+    pub fn visit_from<T: DeserializeOwned>(
+        &self,
+        from: &str,
+        visit: impl FnMut(String, T) -> bool,
+    ) -> Result<(), StoreError> {
+        self.visit("", from, false, visit)
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.tree.is_empty()
+    /// The record with the greatest key that starts with `prefix`.
+    pub fn last<T: DeserializeOwned>(
+        &self,
+        prefix: &str,
+    ) -> Result<Option<(String, T)>, StoreError> {
+        let mut found = None;
+        self.visit(prefix, prefix, true, |k, v| {
+            found = Some((k, v));
+            false
+        })?;
+        Ok(found)
+    }
+
+    /// Whether the tree holds no record (cheap: it looks for a first key).
+    pub fn is_empty(&self) -> Result<bool, StoreError> {
+        let tree = self.tree()?;
+        Ok(self.db.check(tree.first())?.is_none())
     }
 
     /// Makes this tree's writes so far durable before the caller acknowledges them.
@@ -149,8 +239,21 @@ impl Kv {
         }
         // Every request numbered up to here wrote before asking: this flush covers them all.
         let covers = self.commit.requested.load(Ordering::SeqCst);
-        self.tree.flush_async().await?;
+        self.db.flush().await?;
         self.commit.flushed.fetch_max(covers, Ordering::SeqCst);
         Ok(())
     }
+}
+
+/// The smallest key greater than every key starting with `prefix` (None: there is none, the
+/// prefix is empty or all 0xff).
+fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
 }

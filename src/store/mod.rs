@@ -19,13 +19,14 @@ use serde::{Deserialize, Serialize};
 use crate::core::digest::Digest;
 use crate::core::fault::{Fault, Kind};
 
+mod db;
 pub mod hot;
 mod kv;
 #[cfg(test)]
 mod tests;
 mod writer;
 
-pub use kv::Kv;
+pub use kv::{Batch, Kv};
 pub use writer::BlobWriter;
 
 /// How stale a blob's persisted last-access time may get before a read writes it back.
@@ -57,12 +58,15 @@ pub enum StoreError {
 }
 
 impl Fault for StoreError {
-    /// A store error is always this server's own failure, never an upstream's.
+    /// A store error is always this server's own failure, never an upstream's. A disk that
+    /// cannot take writes now is a wait (503 with a Retry-After): the store heals by itself
+    /// once it can.
     fn kind(&self) -> Kind {
         match self {
             // Bytes that did not match what was asked for came from whoever sent them; the
             // store only noticed. Callers that fetched them say whose fault it was.
             StoreError::DigestMismatch { .. } | StoreError::SizeMismatch { .. } => Kind::BadInput,
+            e if e.is_disk_failure() => Kind::Unavailable { retry_after_s: 30 },
             _ => Kind::Local,
         }
     }
@@ -71,12 +75,25 @@ impl Fault for StoreError {
         match self {
             StoreError::DigestMismatch { .. } => "digest_mismatch",
             StoreError::SizeMismatch { .. } => "size_mismatch",
+            e if e.is_disk_failure() => "storage_unavailable",
             _ => "storage",
         }
     }
 }
 
 impl StoreError {
+    /// Whether this is the disk refusing writes (full, read-only, failing) rather than a
+    /// problem of one file or record.
+    pub fn is_disk_failure(&self) -> bool {
+        match self {
+            StoreError::Io { source, .. } => is_disk_failure(source),
+            StoreError::Db(sled::Error::Io(source)) => {
+                is_disk_failure(source) || source.kind() == std::io::ErrorKind::StorageFull
+            }
+            _ => false,
+        }
+    }
+
     /// Whether the bytes given did not match what they should be (the sender's fault), as
     /// opposed to the store failing to keep them (this server's fault).
     pub fn is_mismatch(&self) -> bool {
@@ -110,8 +127,9 @@ pub struct Store {
 struct Inner {
     blobs_dir: PathBuf,
     tmp_dir: PathBuf,
-    db: sled::Db,
-    index: sled::Tree,
+    db: Arc<db::Database>,
+    /// digest (hex) -> [`BlobMeta`].
+    index: Kv,
     /// The index in memory, so that the serving hot path never decodes a sled record.
     /// `persisted_access` is the last-access time last written to sled.
     memory: RwLock<HashMap<Digest, (BlobMeta, DateTime<Utc>)>>,
@@ -159,11 +177,8 @@ impl Store {
         if removed > 0 {
             tracing::info!(removed, dir = %tmp_dir.display(), "removed temp files left by an earlier run");
         }
-        let db = sled::Config::new()
-            .path(data_dir.join("db"))
-            .flush_every_ms(Some(500))
-            .open()?;
-        let index = db.open_tree("blobs")?;
+        let db = Arc::new(db::Database::open(&data_dir.join("db"), &tmp_dir)?);
+        let index = Kv::new(db.clone(), "blobs");
         let store = Store {
             inner: Arc::new(Inner {
                 blobs_dir,
@@ -184,18 +199,19 @@ impl Store {
     /// rename, so they are good).
     fn reconcile(&self) -> Result<(), StoreError> {
         let mut memory = HashMap::new();
-        for entry in self.inner.index.iter() {
-            let (key, value) = entry?;
-            let Ok(digest) = std::str::from_utf8(&key).unwrap_or("").parse::<Digest>() else {
-                self.inner.index.remove(&key)?;
+        let mut dropped = Vec::new();
+        let mut entries: Vec<(String, serde_json::Value)> = Vec::new();
+        self.inner.index.visit("", "", false, |k, v| {
+            entries.push((k, v));
+            true
+        })?;
+        for (key, value) in entries {
+            let (Ok(digest), Ok(meta)) = (
+                key.parse::<Digest>(),
+                serde_json::from_value::<BlobMeta>(value),
+            ) else {
+                dropped.push(key);
                 continue;
-            };
-            let meta: BlobMeta = match serde_json::from_slice(&value) {
-                Ok(m) => m,
-                Err(_) => {
-                    self.inner.index.remove(&key)?;
-                    continue;
-                }
             };
             let path = self.blob_path(&digest);
             match std::fs::metadata(&path) {
@@ -204,9 +220,12 @@ impl Store {
                 }
                 _ => {
                     tracing::warn!(%digest, "index entry without a matching blob file; dropped");
-                    self.inner.index.remove(&key)?;
+                    dropped.push(key);
                 }
             }
+        }
+        for key in dropped {
+            self.inner.index.remove(&key)?;
         }
         for (digest, size) in scan_blob_files(&self.inner.blobs_dir)? {
             if memory.contains_key(&digest) {
@@ -227,17 +246,11 @@ impl Store {
         if let Ok(mut guard) = self.inner.memory.write() {
             *guard = memory;
         }
-        self.inner.index.flush()?;
         Ok(())
     }
 
     fn put_index(&self, digest: &Digest, meta: &BlobMeta) -> Result<(), StoreError> {
-        let value = serde_json::to_vec(meta).map_err(|source| StoreError::Decode {
-            key: digest.to_hex(),
-            source,
-        })?;
-        self.inner.index.insert(digest.to_hex().as_bytes(), value)?;
-        Ok(())
+        self.inner.index.put(&digest.to_hex(), meta)
     }
 
     /// Where the blob named `digest` lives: `blobs/<byte0>/<byte1>/<hex>`.
@@ -368,7 +381,7 @@ impl Store {
         if let Some(m) = removed {
             self.inner.bytes.fetch_sub(m.size, Ordering::Relaxed);
         }
-        self.inner.index.remove(digest.to_hex().as_bytes())?;
+        self.inner.index.remove(&digest.to_hex())?;
         Ok(removed)
     }
 
@@ -380,20 +393,44 @@ impl Store {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(io(format!("removing blob {digest}"))(e)),
         }
-        self.inner.index.flush_async().await?;
-        Ok(())
+        self.inner.index.flush().await
     }
 
     /// A named key-value tree for another module's records.
     pub fn kv(&self, name: &str) -> Result<Kv, StoreError> {
-        Ok(Kv::new(self.inner.db.open_tree(name)?))
+        // Opened now, so that a bad database shows at start-up rather than on first use.
+        self.inner.db.tree(name)?;
+        Ok(Kv::new(self.inner.db.clone(), name))
     }
 
     /// Makes every database write so far durable.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.inner.db.flush_async().await?;
-        Ok(())
+        self.inner.db.flush().await
     }
+
+    /// Whether the store can write now. When it could not, this tries (at most once a
+    /// second) to reopen the database and prove that a record and a file can be written.
+    pub fn writable(&self) -> bool {
+        self.inner.db.heal_if_due()
+    }
+
+    /// Passes a failure of a blob write on, noting first when it was the disk refusing
+    /// writes: then [`Store::writable`] says no until a probe write works again.
+    pub(crate) fn failed(&self, e: StoreError) -> StoreError {
+        if e.is_disk_failure() {
+            self.inner.db.mark_broken();
+        }
+        e
+    }
+}
+
+/// Whether an I/O error means the disk cannot take writes (full, read-only, failing), as
+/// opposed to a problem with one file.
+fn is_disk_failure(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EROFS) | Some(libc::EIO)
+    )
 }
 
 /// Reads (`size <= read_max`) or maps a blob file of `size` bytes.

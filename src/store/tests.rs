@@ -180,7 +180,7 @@ async fn a_blob_renamed_before_indexing_is_indexed_and_a_lost_file_is_dropped() 
         let lost = ingest(&store, b"lost", None).await.unwrap();
         store.flush().await.unwrap();
         // Simulate: the index entry for `kept` never made it, the file for `lost` is gone.
-        store.inner.index.remove(kept.to_hex().as_bytes()).unwrap();
+        store.inner.index.remove(&kept.to_hex()).unwrap();
         std::fs::remove_file(store.blob_path(&lost)).unwrap();
         store.flush().await.unwrap();
         (kept, lost)
@@ -238,4 +238,57 @@ async fn kv_put_if_absent_and_scan() {
     kv.put("b/1", &4u8).unwrap();
     let got: Vec<(String, u8)> = kv.scan("a/").unwrap();
     assert_eq!(got, vec![("a/1".into(), 1), ("a/2".into(), 3)]);
+}
+
+#[tokio::test]
+async fn kv_visits_by_prefix_both_ways_and_applies_batches_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let kv = store.kv("t").unwrap();
+    assert!(kv.is_empty().unwrap());
+    let mut batch = Batch::default();
+    for (k, v) in [("a/1", 1u8), ("a/2", 2), ("a/3", 3), ("b/1", 4)] {
+        batch.put(k, &v).unwrap();
+    }
+    batch.remove("a/3");
+    assert!(batch.bytes() >= 4);
+    kv.apply(batch).unwrap();
+    assert!(
+        !kv.contains("a/3").unwrap(),
+        "a later remove in the batch wins"
+    );
+    assert!(kv.contains("b/1").unwrap());
+    let mut forward = Vec::new();
+    kv.visit::<u8>("a/", "a/", false, |k, v| {
+        forward.push((k, v));
+        true
+    })
+    .unwrap();
+    assert_eq!(forward, vec![("a/1".into(), 1), ("a/2".into(), 2)]);
+    let mut from = Vec::new();
+    kv.visit::<u8>("a/", "a/2", false, |k, _| {
+        from.push(k);
+        true
+    })
+    .unwrap();
+    assert_eq!(from, vec!["a/2".to_string()]);
+    let mut backwards = Vec::new();
+    kv.visit::<u8>("a/", "a/", true, |k, _| {
+        backwards.push(k);
+        true
+    })
+    .unwrap();
+    assert_eq!(backwards, vec!["a/2".to_string(), "a/1".to_string()]);
+    let mut down_from = Vec::new();
+    kv.visit::<u8>("a/", "a/1", true, |k, _| {
+        down_from.push(k);
+        true
+    })
+    .unwrap();
+    assert_eq!(down_from, vec!["a/1".to_string()]);
+    assert_eq!(kv.last::<u8>("a/").unwrap(), Some(("a/2".into(), 2)));
+    assert_eq!(kv.last::<u8>("").unwrap(), Some(("b/1".into(), 4)));
+    assert_eq!(kv.last::<u8>("c/").unwrap(), None);
+    kv.flush().await.unwrap();
+    assert!(store.writable());
 }

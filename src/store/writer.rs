@@ -114,7 +114,7 @@ impl Store {
             .write(true)
             .create_new(true)
             .open(&tmp_path)
-            .map_err(io(format!("creating {}", tmp_path.display())))?;
+            .map_err(|e| self.failed(io(format!("creating {}", tmp_path.display()))(e)))?;
         let on_disk = Arc::new(AtomicU64::new(0));
         Ok(BlobWriter {
             store: self.clone(),
@@ -132,7 +132,9 @@ impl BlobWriter {
     pub async fn write(&mut self, chunk: &[u8]) -> Result<(), StoreError> {
         self.buffer.extend_from_slice(chunk);
         if self.buffer.len() >= WRITE_BUFFER {
-            self.drain().await?;
+            if let Err(e) = self.drain().await {
+                return Err(self.store.failed(e));
+            }
         }
         Ok(())
     }
@@ -190,6 +192,14 @@ impl BlobWriter {
     /// given), renames it into place, fsyncs the directory and records it in the index.
     /// The same bytes stored before are simply found again.
     pub async fn finish(
+        self,
+        expected: Option<(&Digest, Option<u64>)>,
+    ) -> Result<(Digest, BlobMeta), StoreError> {
+        let store = self.store.clone();
+        self.complete(expected).await.map_err(|e| store.failed(e))
+    }
+
+    async fn complete(
         mut self,
         expected: Option<(&Digest, Option<u64>)>,
     ) -> Result<(Digest, BlobMeta), StoreError> {
