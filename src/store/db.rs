@@ -89,11 +89,9 @@ impl Database {
 
     /// Records how an operation went: a failed write or flush marks the database broken.
     pub(super) fn check<T>(&self, r: Result<T, sled::Error>) -> Result<T, StoreError> {
-        if let Err(e) = &r {
-            if matches!(e, sled::Error::Io(_)) {
-                if !self.broken.swap(true, Ordering::Relaxed) {
-                    tracing::error!(error = %e, "the database cannot write; it is reopened once it can");
-                }
+        if let Err(e @ sled::Error::Io(_)) = &r {
+            if !self.broken.swap(true, Ordering::Relaxed) {
+                tracing::error!(error = %e, "the database cannot write; it is reopened once it can");
             }
         }
         r.map_err(StoreError::from)
