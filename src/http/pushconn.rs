@@ -22,46 +22,49 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tower::ServiceExt;
 
+use super::server::Limits;
 use super::slot::Guarded;
 
 /// Most header fields a request may have (hyper's default is 100).
 const MAX_HEADERS: usize = 100;
+
+/// How the body of the one response is framed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// `content-length` known.
+    Length,
+    /// HTTP/1.1 with no length: chunked.
+    Chunked,
+    /// HTTP/1.0 with no length: the body ends when the connection closes (an HTTP/1.0
+    /// client does not know chunked encoding).
+    UntilClose,
+}
 
 /// Serves the one request on `stream` and closes it.
 pub async fn serve(
     mut stream: Guarded<TcpStream>,
     peer: SocketAddr,
     router: Router,
-    max_header_bytes: usize,
-    header_read_timeout: Duration,
+    limits: &Limits,
 ) {
     // Boxed: the head's buffers, the router's future and the response head are gone once
     // the exchange is down to relaying the body, which is all an idle stream holds.
-    let started = Box::pin(respond(
-        &mut stream,
-        peer,
-        router,
-        max_header_bytes,
-        header_read_timeout,
-    ))
-    .await;
-    if let Some((body, chunked)) = started {
-        relay(stream, body, chunked).await;
+    let started = Box::pin(respond(&mut stream, peer, router, limits)).await;
+    if let Some((body, framing)) = started {
+        relay(stream, body, framing, limits.stream_write_timeout).await;
     }
 }
 
 /// Reads the request, asks the router, writes the response head. Returns the body to relay
-/// and whether it goes out chunked; `None` when the exchange is already over.
+/// and how it is framed; `None` when the exchange is already over.
 async fn respond(
     stream: &mut Guarded<TcpStream>,
     peer: SocketAddr,
     router: Router,
-    max_header_bytes: usize,
-    header_read_timeout: Duration,
-) -> Option<(Body, bool)> {
-    let head = match tokio::time::timeout(header_read_timeout, read_head(stream, max_header_bytes))
-        .await
-    {
+    limits: &Limits,
+) -> Option<(Body, Framing)> {
+    let read = read_head(stream, limits.max_header_bytes);
+    let head = match tokio::time::timeout(limits.header_read_timeout, read).await {
         Ok(Ok(head)) => head,
         Ok(Err(Refuse(status))) => {
             let _ = stream.write_all(&plain_response(status)).await;
@@ -71,6 +74,7 @@ async fn respond(
         Err(_) => return None,
     };
     let mut req = head;
+    let version = req.version();
     req.extensions_mut()
         .insert(axum::extract::ConnectInfo(peer));
     let resp = match router.oneshot(req).await {
@@ -79,15 +83,26 @@ async fn respond(
     };
     let (parts, body) = resp.into_parts();
     let length = axum::body::HttpBody::size_hint(&body).exact();
+    let framing = match (length, version) {
+        (Some(_), _) => Framing::Length,
+        (None, axum::http::Version::HTTP_10) => Framing::UntilClose,
+        (None, _) => Framing::Chunked,
+    };
     let mut out = Vec::with_capacity(256);
-    write_head(&mut out, parts.status, &parts.headers, length);
-    stream.write_all(&out).await.ok()?;
-    Some((body, length.is_none()))
+    write_head(&mut out, version, parts.status, &parts.headers, length);
+    let written = tokio::time::timeout(limits.stream_write_timeout, stream.write_all(&out)).await;
+    matches!(written, Ok(Ok(()))).then_some((body, framing))
 }
 
-/// Sends the body as it comes (chunked when `chunked`), then closes the connection; stops at
-/// once when the client hangs up.
-async fn relay(mut stream: Guarded<TcpStream>, mut body: Body, chunked: bool) {
+/// Sends the body as it comes, then closes the connection; stops at once when the client
+/// hangs up, and closes a client that takes no byte for `write_timeout` (a stream that does
+/// not read must not hold its buffers for ever).
+async fn relay(
+    mut stream: Guarded<TcpStream>,
+    mut body: Body,
+    framing: Framing,
+    write_timeout: Duration,
+) {
     loop {
         let frame = tokio::select! {
             frame = body.frame() => frame,
@@ -103,19 +118,24 @@ async fn relay(mut stream: Guarded<TcpStream>, mut body: Body, chunked: bool) {
                 if data.is_empty() {
                     continue;
                 }
-                let written = if chunked {
-                    // Events are small: one buffer, one write, and nothing large in this
-                    // future's state while the stream idles.
+                // Events are small: one buffer, one write, and nothing large in this
+                // future's state while the stream idles.
+                let out = if framing == Framing::Chunked {
                     let mut out = Vec::with_capacity(data.len() + 12);
                     out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
                     out.extend_from_slice(&data);
                     out.extend_from_slice(b"\r\n");
-                    stream.write_all(&out).await
+                    bytes::Bytes::from(out)
                 } else {
-                    stream.write_all(&data).await
+                    data
                 };
-                if written.is_err() {
-                    return;
+                match tokio::time::timeout(write_timeout, stream.write_all(&out)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return,
+                    Err(_) => {
+                        tracing::debug!("push stream closed: its client takes no bytes");
+                        return;
+                    }
                 }
             }
             Some(Err(e)) => {
@@ -125,8 +145,8 @@ async fn relay(mut stream: Guarded<TcpStream>, mut body: Body, chunked: bool) {
             None => break,
         }
     }
-    if chunked {
-        let _ = stream.write_all(b"0\r\n\r\n").await;
+    if framing == Framing::Chunked {
+        let _ = tokio::time::timeout(write_timeout, stream.write_all(b"0\r\n\r\n")).await;
     }
     let _ = stream.shutdown().await;
 }
@@ -187,11 +207,19 @@ fn to_request(parsed: &httparse::Request<'_, '_>) -> Result<Request<Body>, Refus
 
 /// The status line and headers, ending the head. The connection always closes after this
 /// one response.
-fn write_head(out: &mut Vec<u8>, status: StatusCode, headers: &HeaderMap, length: Option<u64>) {
+fn write_head(
+    out: &mut Vec<u8>,
+    version: axum::http::Version,
+    status: StatusCode,
+    headers: &HeaderMap,
+    length: Option<u64>,
+) {
     use std::io::Write;
+    let http10 = version == axum::http::Version::HTTP_10;
     let _ = write!(
         out,
-        "HTTP/1.1 {} {}\r\n",
+        "HTTP/1.{} {} {}\r\n",
+        if http10 { 0 } else { 1 },
         status.as_u16(),
         status.canonical_reason().unwrap_or("")
     );
@@ -211,6 +239,7 @@ fn write_head(out: &mut Vec<u8>, status: StatusCode, headers: &HeaderMap, length
         Some(n) => {
             let _ = write!(out, "content-length: {n}\r\n");
         }
+        None if http10 => {}
         None => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
     }
     let _ = write!(
@@ -233,7 +262,13 @@ fn plain_response(status: StatusCode) -> Vec<u8> {
         "message": status.canonical_reason().unwrap_or("refused"),
     })
     .to_string();
-    write_head(&mut out, status, &headers, Some(body.len() as u64));
+    write_head(
+        &mut out,
+        axum::http::Version::HTTP_11,
+        status,
+        &headers,
+        Some(body.len() as u64),
+    );
     out.extend_from_slice(body.as_bytes());
     out
 }
@@ -268,7 +303,13 @@ mod tests {
         );
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("99"));
         let mut out = Vec::new();
-        write_head(&mut out, StatusCode::OK, &headers, None);
+        write_head(
+            &mut out,
+            axum::http::Version::HTTP_11,
+            StatusCode::OK,
+            &headers,
+            None,
+        );
         let text = String::from_utf8(out).unwrap();
         assert!(text.starts_with("HTTP/1.1 200 OK\r\n"));
         assert!(text.contains("content-type: text/event-stream\r\n"));

@@ -35,6 +35,13 @@ pub struct Limits {
     pub max_connections: usize,
     /// Serving threads, each with its own runtime (at least 1).
     pub threads: usize,
+    /// Connections one client address may hold at once (0: no limit); beyond, new ones from
+    /// it are closed at once.
+    pub max_connections_per_address: usize,
+    /// A request body that sends no byte this long is cut.
+    pub body_read_timeout: Duration,
+    /// A push stream whose client takes no byte this long is closed.
+    pub stream_write_timeout: Duration,
 }
 
 impl Limits {
@@ -58,6 +65,9 @@ impl Limits {
             } else {
                 section.threads
             },
+            max_connections_per_address: section.max_connections_per_address,
+            body_read_timeout: Duration::from_secs(section.body_read_timeout_s),
+            stream_write_timeout: Duration::from_secs(section.stream_write_timeout_s),
         }
     }
 }
@@ -79,7 +89,13 @@ pub struct Serving {
     /// TLS: the port then speaks only TLS (and every connection goes through hyper).
     pub tls: Option<Tls>,
     pub lean: Option<Lean>,
+    /// Told of every connection refused by a limit (`max_connections` or
+    /// `max_connections_per_address`), to count it.
+    pub on_refused: Option<Refusals>,
 }
+
+/// Where refused connections are reported: the limit's name.
+pub type Refusals = std::sync::Arc<dyn Fn(&'static str) + Send + Sync>;
 
 /// Serves `router` on `listener` until `shutdown`, then drains for at most [`DRAIN`].
 ///
@@ -99,7 +115,13 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
     serving: Serving,
 ) -> std::io::Result<()> {
-    let Serving { limits, tls, lean } = serving;
+    let Serving {
+        limits,
+        tls,
+        lean,
+        on_refused,
+    } = serving;
+    let per_address = super::slot::PerAddress::new(limits.max_connections_per_address);
     use std::sync::Arc;
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
@@ -135,6 +157,8 @@ pub async fn run(
             tls: tls.clone(),
             lean,
             slots: slots.clone(),
+            per_address: per_address.clone(),
+            on_refused: on_refused.clone(),
             stop: stop_rx.clone(),
             load: load.clone(),
             me: i,
@@ -173,6 +197,9 @@ struct Worker {
     limits: Limits,
     tls: Option<Tls>,
     lean: Option<Lean>,
+    /// Connections per client address, all workers together.
+    per_address: std::sync::Arc<super::slot::PerAddress>,
+    on_refused: Option<Refusals>,
     /// Connection slots all workers share (`limits.max_connections`).
     slots: std::sync::Arc<tokio::sync::Semaphore>,
     stop: watch::Receiver<bool>,
@@ -205,6 +232,8 @@ impl Worker {
             limits,
             tls,
             lean,
+            per_address,
+            on_refused,
             slots,
             stop: stop_rx,
             load,
@@ -232,6 +261,11 @@ impl Worker {
                 }
                 _ = stop.changed() => break,
             };
+            let refuse = |limit: &'static str| {
+                if let Some(count) = &on_refused {
+                    count(limit);
+                }
+            };
             let Ok(permit) = slots.clone().try_acquire_owned() else {
                 // Refused cleanly: closed at once; the connections already open carry on.
                 if !refused_logged {
@@ -241,6 +275,14 @@ impl Worker {
                     );
                     refused_logged = true;
                 }
+                refuse("max_connections");
+                drop(stream);
+                continue;
+            };
+            let Some(address) = per_address.take(peer.ip()) else {
+                // One address may not take every place: closed at once, others carry on.
+                tracing::debug!(%peer, "at limits.max_connections_per_address; refusing");
+                refuse("max_connections_per_address");
                 drop(stream);
                 continue;
             };
@@ -268,6 +310,7 @@ impl Worker {
                     _permit: permit,
                     load: load.clone(),
                     me: target,
+                    _address: Some(address),
                 },
                 peer,
                 router: router.clone(),
@@ -410,13 +453,7 @@ async fn serve_push(
     limits: &Limits,
     stop: &mut watch::Receiver<bool>,
 ) {
-    let serve = super::pushconn::serve(
-        stream,
-        peer,
-        router,
-        limits.max_header_bytes,
-        limits.header_read_timeout,
-    );
+    let serve = super::pushconn::serve(stream, peer, router, limits);
     tokio::pin!(serve);
     tokio::select! {
         _ = &mut serve => {}
@@ -439,8 +476,14 @@ async fn serve_hyper<I>(
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let svc = tower::ServiceBuilder::new()
+        // A body that stalls is cut after this much silence, not held without end.
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            limits.body_read_timeout,
+        ))
         .map_request(
-            move |mut req: axum::extract::Request<hyper::body::Incoming>| {
+            move |mut req: axum::http::Request<
+                tower_http::timeout::TimeoutBody<hyper::body::Incoming>,
+            >| {
                 req.extensions_mut()
                     .insert(axum::extract::ConnectInfo(peer));
                 req
@@ -527,9 +570,13 @@ mod tests {
                 header_read_timeout: Duration::from_secs(5),
                 max_connections,
                 threads: 2,
+                max_connections_per_address: 0,
+                body_read_timeout: Duration::from_secs(5),
+                stream_write_timeout: Duration::from_secs(5),
             },
             tls: None,
             lean: None,
+            on_refused: None,
         };
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(run(

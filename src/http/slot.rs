@@ -1,13 +1,17 @@
 //! An open connection's place under `limits.max_connections`, and the stream that gives it
 //! back before its close can be seen.
 //!
-//! Owns [`Slot`] (the connection-limit permit and the serving thread's count) and
-//! [`Guarded`], the stream wrapper that releases the slot when the stream shuts down its
-//! writing side or is dropped, before the socket closes. It must never read or write bytes of
-//! its own: it only forwards to the stream it wraps.
+//! Owns [`Slot`] (the connection-limit permit, the serving thread's count and the client
+//! address's count), [`PerAddress`] (counts of what each client address holds, with a
+//! bound), and [`Guarded`], the stream wrapper that releases the slot when the stream shuts
+//! down its writing side or is dropped, before the socket closes. It must never read or write
+//! bytes of its own: it only forwards to the stream it wraps.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -19,6 +23,65 @@ pub struct Slot {
     pub(super) _permit: tokio::sync::OwnedSemaphorePermit,
     pub(super) load: std::sync::Arc<[AtomicUsize]>,
     pub(super) me: usize,
+    pub(super) _address: Option<Held>,
+}
+
+/// How many things (connections, push streams) each client address holds, each address at
+/// most `max` (0: no limit). Addresses holding nothing are forgotten, so the map holds at
+/// most one entry per thing held.
+pub struct PerAddress {
+    max: usize,
+    counts: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One thing an address holds; dropping it gives the place back.
+pub struct Held {
+    of: Arc<PerAddress>,
+    addr: IpAddr,
+}
+
+impl PerAddress {
+    pub fn new(max: usize) -> Arc<PerAddress> {
+        Arc::new(PerAddress {
+            max,
+            counts: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// A place for `addr`, unless it holds `max` already.
+    pub fn take(self: &Arc<Self>, addr: IpAddr) -> Option<Held> {
+        let mut counts = self.counts.lock().ok()?;
+        let n = counts.entry(addr).or_insert(0);
+        if self.max > 0 && *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(Held {
+            of: self.clone(),
+            addr,
+        })
+    }
+
+    /// How many `addr` holds now.
+    pub fn held_by(&self, addr: IpAddr) -> usize {
+        self.counts
+            .lock()
+            .map(|c| c.get(&addr).copied().unwrap_or(0))
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Ok(mut counts) = self.of.counts.lock() {
+            if let Some(n) = counts.get_mut(&self.addr) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    counts.remove(&self.addr);
+                }
+            }
+        }
+    }
 }
 
 impl Drop for Slot {

@@ -25,7 +25,7 @@ use crate::core::proto::{Change, Heartbeat, Placed, Placement, Upload};
 use crate::core::settings::Directory;
 use crate::http::auth::{self, Token, TokenError};
 use crate::http::error::ApiError;
-use crate::http::server::{self, Limits, Serving};
+use crate::http::server::{self, Serving};
 use crate::http::shutdown::Shutdown;
 use crate::http::tls::{self, TlsError};
 use crate::serve::health::Readiness;
@@ -103,11 +103,12 @@ impl Manager {
         let directory: Directory = directory_kv.get(DIRECTORY_KEY)?.unwrap_or_default();
         let registry = Registry::open(&store)?;
         let events = EventStore::open(&store)?;
-        let serving = Serving {
-            limits: Limits::from_section(&config.limits, crate::sys::open_file_limit()),
-            tls: tls::optional(&m.tls_cert, &m.tls_key)?,
-            lean: Some(serve::lean()),
-        };
+        let metrics = Arc::new(Metrics::new());
+        let serving = serve::serving(
+            &config.limits,
+            tls::optional(&m.tls_cert, &m.tls_key)?,
+            &metrics,
+        );
         tracing::info!(
             revision = history.revision(),
             blobs = store.list().len(),
@@ -118,7 +119,7 @@ impl Manager {
             store,
             history,
             directory,
-            Arc::new(Metrics::new()),
+            metrics,
             shutdown.clone(),
             ServedOptions {
                 fetcher: None,
@@ -127,6 +128,7 @@ impl Manager {
                 max_concurrent_downloads: 0,
                 memory_bytes: crate::core::config::DEFAULT_MEMORY_BYTES,
                 memory_item_max_bytes: crate::core::config::DEFAULT_MEMORY_ITEM_MAX_BYTES,
+                limits: config.limits.clone(),
             },
         )?;
         Ok(Arc::new(Manager {

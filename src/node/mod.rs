@@ -32,7 +32,7 @@ use crate::core::proto::{Heartbeat, Placed, Placement, RelayedHeartbeat};
 use crate::core::settings::{ConnectionMode, Directory};
 use crate::http::auth::{self, Token, TokenError};
 use crate::http::error::ApiError;
-use crate::http::server::{self, Limits, Serving};
+use crate::http::server::{self, Serving};
 use crate::http::shutdown::Shutdown;
 use crate::http::tls::{self, TlsError};
 use crate::serve::health::Readiness;
@@ -127,11 +127,12 @@ impl Node {
             // Ready from what we had; stale until an upstream confirms it.
             readiness.mark_restored(Utc::now());
         }
-        let serving = Serving {
-            limits: Limits::from_section(&config.limits, crate::sys::open_file_limit()),
-            tls: tls::optional(&n.tls_cert, &n.tls_key)?,
-            lean: Some(serve::lean()),
-        };
+        let metrics = Arc::new(Metrics::new());
+        let serving = serve::serving(
+            &config.limits,
+            tls::optional(&n.tls_cert, &n.tls_key)?,
+            &metrics,
+        );
         let catalog_key = match config.upstream.catalog_public_key.as_str() {
             "" => None,
             key => Some(
@@ -139,7 +140,6 @@ impl Node {
                     .map_err(|e| NodeError::BadUpstream(format!("catalog_public_key: {e}")))?,
             ),
         };
-        let metrics = Arc::new(Metrics::new());
         let upstream = Arc::new(Upstream::new(
             upstream::UpstreamOptions {
                 servers,
@@ -173,6 +173,7 @@ impl Node {
                 max_concurrent_downloads: config.serve.max_concurrent_downloads,
                 memory_bytes: config.cache.memory_bytes,
                 memory_item_max_bytes: config.cache.memory_item_max_bytes,
+                limits: config.limits.clone(),
             },
         )?;
         Ok(Arc::new(Node {

@@ -17,14 +17,31 @@ use serde::Deserialize;
 
 use super::{Api, ServeError};
 use crate::core::proto::{
-    state_changes, ApplicationUpload, Assignment, BatchReply, Change, EventUpload, Heartbeat,
-    HeartbeatBatch, HeartbeatReply, Placed, Placement, Upload, UploadBatch,
+    check_client_id, state_changes, ApplicationUpload, Assignment, BatchReply, Change, EventUpload,
+    Heartbeat, HeartbeatBatch, HeartbeatReply, Placed, Placement, Upload, UploadBatch,
 };
 use crate::core::settings::DEFAULT_GROUP;
 use crate::http::error::ApiError;
 use crate::http::extract::{JsonBody, Query};
 
 impl Api {
+    /// A client id this server never placed counts against its address's allowance of new
+    /// ids (`limits.new_clients_per_minute`); known clients are never held back.
+    pub(super) fn admit(
+        &self,
+        client_id: &str,
+        peer: std::net::IpAddr,
+    ) -> Result<Option<Placement>, ApiError> {
+        let placement = self.role.placement(client_id);
+        if placement.is_none() {
+            if let Err(e) = self.served.newcomers.admit(peer) {
+                self.served.metrics.refused("new_clients_per_minute").inc();
+                return Err(e.into());
+            }
+        }
+        Ok(placement)
+    }
+
     /// Places a client and answers its heartbeat.
     fn answer(
         &self,
@@ -63,6 +80,7 @@ pub async fn heartbeat(
     JsonBody(hb): JsonBody<Heartbeat>,
 ) -> Result<Json<HeartbeatReply>, ApiError> {
     hb.validate()?;
+    api.admit(&hb.client_id, peer.ip())?;
     api.answer(&hb, Some(peer.ip().to_string()), Utc::now())
         .map(Json)
 }
@@ -111,11 +129,12 @@ fn accepted(count: usize) -> Response {
 
 pub async fn events(
     State(api): State<Api>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
     JsonBody(upload): JsonBody<EventUpload>,
 ) -> Result<Response, ApiError> {
     upload.validate()?;
     let count = upload.events.len();
-    let placement = api.role.placement(&upload.client_id);
+    let placement = api.admit(&upload.client_id, peer.ip())?;
     api.role
         .accept(vec![Placed {
             upload: Upload::Events(upload),
@@ -127,10 +146,11 @@ pub async fn events(
 
 pub async fn applications(
     State(api): State<Api>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
     JsonBody(upload): JsonBody<ApplicationUpload>,
 ) -> Result<Response, ApiError> {
     upload.validate()?;
-    let placement = api.role.placement(&upload.client_id);
+    let placement = api.admit(&upload.client_id, peer.ip())?;
     let at = placement.clone().unwrap_or_else(Placement::unknown);
     if let Some(why) = api
         .served
@@ -180,9 +200,22 @@ pub struct StreamQuery {
 }
 
 /// `GET /v1/stream[?client_id=ID]`: the current state, then every change of the client's
-/// group (or of every group, for a node that mirrors them all).
-pub async fn stream(State(api): State<Api>, Query(q): Query<StreamQuery>) -> Response {
+/// group (or of every group, for a node that mirrors them all). One address holds at most
+/// `limits.max_streams_per_address` streams.
+pub async fn stream(
+    State(api): State<Api>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+    Query(q): Query<StreamQuery>,
+) -> Result<Response, ApiError> {
     let client = q.client_id.filter(|c| !c.is_empty());
+    if let Some(id) = &client {
+        check_client_id(id)?;
+        api.admit(id, peer.ip())?;
+    }
+    let Some(held) = api.served.streams.take(peer.ip()) else {
+        api.served.metrics.refused("max_streams_per_address").inc();
+        return Err(ServeError::TooManyStreams.into());
+    };
     let current = {
         let api = api.clone();
         let client = client.clone();
@@ -210,5 +243,5 @@ pub async fn stream(State(api): State<Api>, Query(q): Query<StreamQuery>) -> Res
         }
     };
     let s = &api.served;
-    s.changes.respond(current, filter, s.shutdown.clone())
+    Ok(s.changes.respond(current, filter, s.shutdown.clone(), held))
 }

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::Response;
 use chrono::Utc;
@@ -20,7 +20,7 @@ use super::conditional::{decide_range, if_none_match, not_modified, RangeDecisio
 use super::{Api, ServeError, Served};
 use crate::core::digest::Digest;
 use crate::core::fault::{Fault, Internal, Kind};
-use crate::core::proto::Placement;
+use crate::core::proto::{check_client_id, Invalid, Placement};
 use crate::http::error::ApiError;
 use crate::http::extract::Path;
 
@@ -99,11 +99,13 @@ pub trait Fetcher: Send + Sync + 'static {
 
 impl Served {
     /// The slot gate: a named client asking before its slot gets 429 (counted).
-    fn admit(&self, api: &Api, client: &str, digest: &Digest) -> Result<(), ApiError> {
-        let placement = api
-            .role
-            .placement(client)
-            .unwrap_or_else(Placement::unknown);
+    fn admit_download(
+        &self,
+        client: &str,
+        placement: Option<Placement>,
+        digest: &Digest,
+    ) -> Result<(), ApiError> {
+        let placement = placement.unwrap_or_else(Placement::unknown);
         let settings = self
             .directory()?
             .effective(&placement.group, placement.location.as_deref());
@@ -125,6 +127,7 @@ impl Served {
 
 pub async fn content(
     State(api): State<Api>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
     Path(sha256): Path<String>,
     method: Method,
     headers: HeaderMap,
@@ -143,9 +146,20 @@ pub async fn content(
     if if_none_match(&headers, &etag) {
         return Ok(not_modified(&etag));
     }
-    if let Some(client) = headers.get("x-gup-client-id").and_then(|v| v.to_str().ok()) {
+    if let Some(value) = headers.get("x-gup-client-id") {
+        let client = value.to_str().map_err(|_| Invalid {
+            field: "x-gup-client-id".into(),
+            reason: "must be visible ASCII".into(),
+        })?;
         if !client.is_empty() && method == Method::GET {
-            s.admit(&api, client, &digest)?;
+            check_client_id(client).map_err(|e| Invalid {
+                field: "x-gup-client-id".into(),
+                reason: e.reason,
+            })?;
+            // A client never seen gets a slot recorded now: that costs its address one of
+            // its new client ids.
+            let placement = api.admit(client, peer.ip())?;
+            s.admit_download(client, placement, &digest)?;
         }
     }
     let permit = match (&s.downloads, method == Method::GET) {

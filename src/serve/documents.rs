@@ -81,12 +81,25 @@ pub async fn policy(
     if !dir.groups.contains_key(&group) {
         return Err(ServeError::NoGroup(group).into());
     }
-    let (serial, document) = match dir.policy(&group) {
-        Some((_, p)) => (p.serial, p.document.clone()),
-        None => (0, serde_json::Value::Null),
+    /// `{group, serial, policy}`, the policy passed on as the text it was stored as.
+    #[derive(serde::Serialize)]
+    struct PolicyBody<'a> {
+        group: &'a str,
+        serial: u64,
+        policy: &'a serde_json::value::RawValue,
+    }
+    let none = serde_json::value::RawValue::from_string("null".into())
+        .map_err(|e| Internal(e.to_string()))?;
+    let (serial, policy) = match dir.policy(&group) {
+        Some((_, p)) => (p.serial, &*p.document),
+        None => (0, &*none),
     };
     let etag = format!("\"policy-{serial}-{group}\"");
-    let body = serde_json::json!({"group": group, "serial": serial, "policy": document});
+    let body = PolicyBody {
+        group: &group,
+        serial,
+        policy,
+    };
     Ok(json_with_etag(&headers, &etag, &body))
 }
 

@@ -83,6 +83,48 @@ pub struct Served {
     pub catalog_body: RwLock<Option<(String, bytes::Bytes)>>,
     /// Ends push streams at shutdown.
     pub shutdown: Shutdown,
+    /// Push streams each client address holds (`limits.max_streams_per_address`).
+    pub streams: Arc<crate::http::slot::PerAddress>,
+    /// Client ids each address may introduce (`limits.new_clients_per_minute`).
+    pub newcomers: Newcomers,
+}
+
+/// How fast one address may introduce client ids this server never placed: a keyed rate
+/// limiter (governor), its idle addresses forgotten now and then so it stays small.
+pub struct Newcomers {
+    limiter: Option<governor::DefaultKeyedRateLimiter<std::net::IpAddr>>,
+    per_minute: u32,
+    checks: std::sync::atomic::AtomicU64,
+}
+
+impl Newcomers {
+    fn new(per_minute: u32) -> Newcomers {
+        let limiter = std::num::NonZeroU32::new(per_minute)
+            .map(|n| governor::RateLimiter::keyed(governor::Quota::per_minute(n)));
+        Newcomers {
+            limiter,
+            per_minute,
+            checks: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Whether `addr` may introduce one more client id now.
+    pub fn admit(&self, addr: std::net::IpAddr) -> Result<(), ServeError> {
+        let Some(limiter) = &self.limiter else {
+            return Ok(());
+        };
+        let n = self
+            .checks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if n % 1024 == 1023 {
+            limiter.retain_recent();
+        }
+        limiter
+            .check_key(&addr)
+            .map_err(|_| ServeError::TooManyNewClients {
+                retry_after_s: (60 / self.per_minute.max(1) as u64).max(1),
+            })
+    }
 }
 
 /// The parts of a [`Served`] each role chooses.
@@ -93,6 +135,9 @@ pub struct ServedOptions {
     pub max_concurrent_downloads: usize,
     pub memory_bytes: u64,
     pub memory_item_max_bytes: u64,
+    /// The `[limits]` the client API enforces itself (push streams and new client ids per
+    /// address, stream age).
+    pub limits: crate::core::config::LimitsSection,
 }
 
 impl Served {
@@ -106,10 +151,16 @@ impl Served {
         opts: ServedOptions,
     ) -> Result<Served, crate::store::StoreError> {
         let slots = Slots::new(Box::new(KvSlotLog(store.kv("slots")?)));
+        let limits = &opts.limits;
         Ok(Served {
+            streams: crate::http::slot::PerAddress::new(limits.max_streams_per_address),
+            newcomers: Newcomers::new(limits.new_clients_per_minute),
             catalog: Arc::new(RwLock::new(catalog)),
             directory: Arc::new(RwLock::new(directory)),
-            changes: Arc::new(stream::Changes::new(metrics.stream_clients.clone())),
+            changes: Arc::new(stream::Changes::new(
+                metrics.stream_clients.clone(),
+                std::time::Duration::from_secs(limits.stream_max_age_s),
+            )),
             readiness: Arc::new(opts.readiness),
             slots,
             fetcher: opts.fetcher,
@@ -179,6 +230,24 @@ pub fn finish(router: Router) -> Router {
         .method_not_allowed_fallback(|| async { ApiError::from(Refused::Method) })
 }
 
+/// How a role serves its connections: its `[limits]`, TLS, push streams served lean, and
+/// refused connections counted in `gup_refused_total`.
+pub fn serving(
+    limits: &crate::core::config::LimitsSection,
+    tls: Option<crate::http::tls::Tls>,
+    metrics: &Arc<metrics::Metrics>,
+) -> crate::http::server::Serving {
+    let metrics = metrics.clone();
+    crate::http::server::Serving {
+        limits: crate::http::server::Limits::from_section(limits, crate::sys::open_file_limit()),
+        tls,
+        lean: Some(lean()),
+        on_refused: Some(Arc::new(move |limit| {
+            metrics.refused(limit).inc();
+        })),
+    }
+}
+
 /// The connections served without hyper: push streams (`GET /v1/stream`).
 pub fn lean() -> crate::http::server::Lean {
     crate::http::server::Lean {
@@ -210,6 +279,10 @@ pub enum ServeError {
     RangeNotSatisfiable(u64),
     #[error("{0} is in the catalog but not in the store")]
     NotStored(Digest),
+    #[error("this address holds as many push streams as limits.max_streams_per_address allows")]
+    TooManyStreams,
+    #[error("this address introduced as many new client ids as limits.new_clients_per_minute allows; retry later")]
+    TooManyNewClients { retry_after_s: u64 },
 }
 
 impl Fault for ServeError {
@@ -224,6 +297,10 @@ impl Fault for ServeError {
             ServeError::LearningOff(_) => Kind::Forbidden,
             ServeError::RangeNotSatisfiable(len) => Kind::RangeNotSatisfiable { len: *len },
             ServeError::NotStored(_) => Kind::Local,
+            ServeError::TooManyStreams => Kind::Unavailable { retry_after_s: 60 },
+            ServeError::TooManyNewClients { retry_after_s } => Kind::TooEarly {
+                retry_after_s: *retry_after_s,
+            },
         }
     }
 
@@ -238,6 +315,8 @@ impl Fault for ServeError {
             ServeError::LearningOff(_) => "learning_off",
             ServeError::RangeNotSatisfiable(_) => "range_not_satisfiable",
             ServeError::NotStored(_) => "not_stored",
+            ServeError::TooManyStreams => "too_many_streams",
+            ServeError::TooManyNewClients { .. } => "too_many_new_clients",
         }
     }
 }

@@ -1,15 +1,18 @@
 //! Push: change notifications as server-sent events on `GET /v1/stream`.
 //!
 //! Owns the change broadcast of one server (manager or node) and the SSE response (the events
-//! themselves are `proto::Change`): the
-//! current state on connect, then `settings`, `policy` and `catalog` events as they happen,
-//! a keep-alive comment every 15 s, and a clean end at shutdown. A subscriber that falls
-//! behind gets the current state again rather than a gap. It must never decide what changed:
-//! the owners of settings and catalog send their changes here.
+//! themselves are `proto::Change`): the current state on connect, then `settings`, `policy`
+//! and `catalog` events as they happen, a keep-alive comment every 15 s, and an end at
+//! shutdown or when the stream reaches its age (`limits.stream_max_age_s`, each stream within
+//! 10% of it, so that the reconnects spread). A subscriber that falls behind gets the current
+//! state again rather than a gap. Ages are checked on a tick that one task broadcasts for
+//! every stream, so an idle stream holds no timer of its own. It must never decide what
+//! changed: the owners of settings and catalog send their changes here.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
-use std::time::Duration;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -29,22 +32,38 @@ fn event(change: &Change) -> Event {
         .data(change.data().to_string())
 }
 
+/// What the broadcast carries: a change for clients, or the tick streams check their age on.
+#[derive(Clone)]
+enum Message {
+    Change(Change),
+    Tick,
+}
+
 /// The change broadcast of one server.
 pub struct Changes {
-    tx: broadcast::Sender<Change>,
+    tx: broadcast::Sender<Message>,
     /// Open push connections (`gup_stream_clients`).
     gauge: Gauge,
+    /// How long a stream lives (each within 10% of it).
+    max_age: Duration,
+    /// Started with the first stream: the task that broadcasts [`Message::Tick`].
+    ticker: OnceLock<()>,
 }
 
 impl Changes {
-    pub fn new(gauge: Gauge) -> Changes {
+    pub fn new(gauge: Gauge, max_age: Duration) -> Changes {
         let (tx, _) = broadcast::channel(4096);
-        Changes { tx, gauge }
+        Changes {
+            tx,
+            gauge,
+            max_age,
+            ticker: OnceLock::new(),
+        }
     }
 
     /// Tells every subscriber.
     pub fn send(&self, change: Change) {
-        let _ = self.tx.send(change);
+        let _ = self.tx.send(Message::Change(change));
     }
 
     pub fn send_all(&self, changes: impl IntoIterator<Item = Change>) {
@@ -53,21 +72,42 @@ impl Changes {
         }
     }
 
+    /// Ticks a few times per `max_age` (at least every minute), while any stream listens.
+    fn start_ticker(&self) {
+        self.ticker.get_or_init(|| {
+            let tx = self.tx.clone();
+            let every = (self.max_age / 8).min(Duration::from_secs(60));
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                loop {
+                    tick.tick().await;
+                    let _ = tx.send(Message::Tick);
+                }
+            });
+        });
+    }
+
     /// An SSE response: `current()` on connect (and again after lagging), then the changes
-    /// that pass `filter`, until shutdown.
-    pub fn respond<F, C>(&self, current: C, filter: F, shutdown: Shutdown) -> Response
+    /// that pass `filter`, until shutdown or the stream's age; `hold` lives as long as the
+    /// stream (a per-address place, say).
+    pub fn respond<F, C, H>(&self, current: C, filter: F, shutdown: Shutdown, hold: H) -> Response
     where
         F: Fn(&Change) -> bool + Send + 'static,
         C: Fn() -> Vec<Change> + Send + 'static,
+        H: Send + 'static,
     {
+        self.start_ticker();
         let rx = self.tx.subscribe();
         let guard = GaugeGuard::new(self.gauge.clone());
+        let end = Instant::now() + self.max_age.mul_f64(rand::random_range(0.9..1.1));
         let state = State {
             rx,
             queue: current().into(),
             filter,
             current,
+            end,
             _guard: guard,
+            _hold: hold,
         };
         let stream = futures_util::stream::unfold(state, |mut st| async move {
             loop {
@@ -75,9 +115,16 @@ impl Changes {
                     return Some((Ok::<Event, Infallible>(event(&c)), st));
                 }
                 match st.rx.recv().await {
-                    Ok(c) => {
+                    Ok(Message::Change(c)) => {
                         if (st.filter)(&c) {
                             st.queue.push_back(c);
+                        }
+                    }
+                    Ok(Message::Tick) => {
+                        if Instant::now() >= st.end {
+                            // Its age: the client reconnects, and long-lived streams cannot
+                            // pile up for ever.
+                            return None;
                         }
                     }
                     Err(broadcast::error::RecvError::Lagged(_)) => {
@@ -94,12 +141,15 @@ impl Changes {
     }
 }
 
-struct State<F, C> {
-    rx: broadcast::Receiver<Change>,
+struct State<F, C, H> {
+    rx: broadcast::Receiver<Message>,
     queue: VecDeque<Change>,
     filter: F,
     current: C,
+    /// When this stream reaches its age.
+    end: Instant,
     _guard: GaugeGuard,
+    _hold: H,
 }
 
 /// Counts an open stream for as long as it lives.

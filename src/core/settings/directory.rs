@@ -7,7 +7,7 @@
 //! Pure data and functions: this file must never do I/O, read the clock, speak HTTP or touch
 //! storage; callers persist a `Directory` by serializing it with serde.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -43,13 +43,38 @@ impl Default for SiteSettings {
     }
 }
 
+/// Longest notification damper: one year, in seconds.
+pub const MAX_DAMPER_S: u64 = 31_536_000;
+
+/// Largest policy document, serialized: 1 MiB. A manager refuses a larger one (413 naming the
+/// group) and a node refuses a mirror that holds one.
+pub const MAX_POLICY_BYTES: usize = 1 << 20;
+
+/// Deepest group tree: `default` and this many levels below it. Deeper trees are refused at
+/// the manager and in a mirror, so that resolving a group's settings stays cheap.
+pub const MAX_GROUP_DEPTH: usize = 64;
+
 /// A group's policy document.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Policy {
     /// From the directory's one counter, so a serial (and so an ETag) is never reused.
     pub serial: u64,
-    /// Any JSON the admin stored.
-    pub document: Value,
+    /// Any JSON the admin stored, kept as its text: a mirror costs the document's bytes, not
+    /// the many times more a parsed JSON value of it would take.
+    pub document: Box<serde_json::value::RawValue>,
+}
+
+impl PartialEq for Policy {
+    fn eq(&self, other: &Policy) -> bool {
+        self.serial == other.serial && self.document.get() == other.document.get()
+    }
+}
+
+impl Policy {
+    /// The document as a JSON value.
+    pub fn value(&self) -> Value {
+        serde_json::from_str(self.document.get()).unwrap_or(Value::Null)
+    }
 }
 
 /// One group of the tree.
@@ -250,6 +275,22 @@ impl Directory {
                 format!("parent group {parent:?} does not exist"),
             ));
         }
+        // The deepest group the change makes: the new parent's depth, one for `name`, and
+        // the levels below `name` (a moved group takes its subtree along).
+        let below = if self.groups.contains_key(name) {
+            self.levels_below(name)
+        } else {
+            0
+        };
+        let depth = self.ancestors(parent).len() + below;
+        if depth > MAX_GROUP_DEPTH {
+            return Err(SettingsError::bad(
+                "parent",
+                format!(
+                    "parent {parent} would put group {name} (and what hangs below it) {depth} levels below default; at most {MAX_GROUP_DEPTH}"
+                ),
+            ));
+        }
         match self.groups.get(name) {
             None => {
                 let serial = self.bump();
@@ -284,6 +325,32 @@ impl Directory {
                 Ok(PutOutcome::Changed)
             }
         }
+    }
+
+    /// How many levels of groups hang below `group` (0 for a leaf).
+    fn levels_below(&self, group: &str) -> usize {
+        let mut children: HashMap<&str, Vec<&str>> = HashMap::new();
+        for (n, g) in &self.groups {
+            if let Some(p) = g.parent.as_deref() {
+                children.entry(p).or_default().push(n);
+            }
+        }
+        let mut level = vec![group];
+        let mut levels = 0;
+        let mut seen = BTreeSet::new();
+        while levels <= self.groups.len() {
+            let next: Vec<&str> = level
+                .iter()
+                .flat_map(|g| children.get(g).cloned().unwrap_or_default())
+                .filter(|g| seen.insert(*g))
+                .collect();
+            if next.is_empty() {
+                break;
+            }
+            levels += 1;
+            level = next;
+        }
+        levels
     }
 
     /// Deletes a group. Unknown -> NotFound; `default` -> Conflict; a group with children ->
@@ -526,6 +593,14 @@ impl Directory {
                 "group {group} does not exist"
             )));
         }
+        let document = serde_json::value::to_raw_value(&document)
+            .map_err(|e| SettingsError::bad("body", format!("policy of group {group}: {e}")))?;
+        if document.get().len() > MAX_POLICY_BYTES {
+            return Err(SettingsError::TooLarge(format!(
+                "the policy of group {group} is {} bytes; at most {MAX_POLICY_BYTES}",
+                document.get().len()
+            )));
+        }
         let serial = self.bump();
         if let Some(g) = self.groups.get_mut(group) {
             g.policy = Some(Policy { serial, document });
@@ -595,15 +670,18 @@ impl Directory {
                 "notification_damper_s" => {
                     next.notification_damper_s = match v {
                         Value::Null => defaults.notification_damper_s,
-                        other => other.as_u64().ok_or_else(|| {
-                            SettingsError::bad(
-                                k,
-                                format!(
-                                    "notification_damper_s must be an integer >= 0 (got {})",
-                                    brief(other)
-                                ),
-                            )
-                        })?,
+                        other => other
+                            .as_u64()
+                            .filter(|n| *n <= MAX_DAMPER_S)
+                            .ok_or_else(|| {
+                                SettingsError::bad(
+                                    k,
+                                    format!(
+                                        "notification_damper_s must be an integer from 0 to {MAX_DAMPER_S} (got {})",
+                                        brief(other)
+                                    ),
+                                )
+                            })?,
                     }
                 }
                 other => {
@@ -649,74 +727,6 @@ impl Directory {
             })
             .collect()
     }
-
-    /// Checks a directory received from elsewhere (a mirror, a file): `default` exists with no
-    /// parent, every other group has an existing parent, there are no cycles, names are valid,
-    /// and every stored key is known, valid and allowed where it is.
-    pub fn check(&self) -> Result<(), SettingsError> {
-        match self.groups.get(DEFAULT_GROUP) {
-            Some(g) if g.parent.is_none() => {}
-            Some(_) => {
-                return Err(SettingsError::Conflict(
-                    "group default must not have a parent".into(),
-                ))
-            }
-            None => return Err(SettingsError::NotFound("group default is missing".into())),
-        }
-        for (name, g) in &self.groups {
-            validate_name("group", name)?;
-            if name != DEFAULT_GROUP {
-                match g.parent.as_deref() {
-                    Some(p) if self.groups.contains_key(p) => {}
-                    Some(p) => {
-                        return Err(SettingsError::NotFound(format!(
-                            "group {name} has unknown parent {p}"
-                        )))
-                    }
-                    None => {
-                        return Err(SettingsError::Conflict(format!(
-                            "group {name} has no parent"
-                        )))
-                    }
-                }
-                // Walking up from `name` must reach default without meeting a group twice.
-                let mut seen = BTreeSet::new();
-                let mut cur = name.as_str();
-                while cur != DEFAULT_GROUP {
-                    if !seen.insert(cur) {
-                        return Err(SettingsError::Conflict(format!(
-                            "group {name} is part of a parent cycle"
-                        )));
-                    }
-                    match self.groups.get(cur).and_then(|g| g.parent.as_deref()) {
-                        Some(p) => cur = p,
-                        None => break,
-                    }
-                }
-            }
-            check_overrides(&g.own, None)?;
-            for (l, o) in &g.locations {
-                validate_name("location", l)?;
-                check_overrides(o, Some(l))?;
-            }
-        }
-        Ok(())
-    }
-}
-
-fn check_overrides(o: &Overrides, location: Option<&str>) -> Result<(), SettingsError> {
-    for (k, v) in o.iter() {
-        let spec = key_spec(k)
-            .ok_or_else(|| SettingsError::bad(k, format!("unknown settings key {k}")))?;
-        if location.is_some() && spec.scope == Scope::GroupOnly {
-            return Err(SettingsError::bad(
-                k,
-                format!("{k} is group-only and cannot be set on a location"),
-            ));
-        }
-        spec.validate(v)?;
-    }
-    Ok(())
 }
 
 fn apply_changes(target: &mut Overrides, changes: Changes) {

@@ -425,7 +425,7 @@ fn policy_inheritance_and_one_counter() {
     assert!(s2 > s1 + 1, "settings and policy share the counter");
     assert!(s2 > d.groups["c"].serial);
     let (owner, p) = d.policy("b").unwrap();
-    assert_eq!((owner, p.serial, &p.document), ("a", s2, &json!({"p": 2})));
+    assert_eq!((owner, p.serial, p.value()), ("a", s2, json!({"p": 2})));
     assert_eq!(d.policy("c").unwrap().0, "default");
     assert_eq!(d.policy("unknown").unwrap().0, "default");
     let s3 = d.put_policy("a", json!({"p": 3})).unwrap();

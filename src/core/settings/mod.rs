@@ -28,13 +28,14 @@ use serde_json::Value;
 
 use super::fault::{Fault, Kind};
 
+mod check;
 mod directory;
 mod keys;
 mod reconnection;
 
 pub use directory::{
     validate_name, Directory, Group, GroupInfo, Policy, PutOutcome, SiteSettings, DEFAULT_GROUP,
-    MAX_NAME_LEN,
+    MAX_DAMPER_S, MAX_GROUP_DEPTH, MAX_NAME_LEN, MAX_POLICY_BYTES,
 };
 pub use keys::{key_spec, KeySpec, Overrides, Scope, KEYS, MAX_INTERVAL_S};
 pub use reconnection::{resolve_client_group, ClientHistory, HeartbeatFacts};
@@ -61,6 +62,9 @@ pub enum SettingsError {
     /// The request is well formed but the current state forbids it.
     #[error("{0}")]
     Conflict(String),
+    /// A document over its bound (a policy over `MAX_POLICY_BYTES`).
+    #[error("{0}")]
+    TooLarge(String),
 }
 
 impl SettingsError {
@@ -78,6 +82,7 @@ impl Fault for SettingsError {
             SettingsError::BadRequest { .. } => Kind::BadInput,
             SettingsError::NotFound(_) => Kind::NotFound,
             SettingsError::Conflict(_) => Kind::Conflict,
+            SettingsError::TooLarge(_) => Kind::TooLarge,
         }
     }
 
@@ -86,6 +91,7 @@ impl Fault for SettingsError {
             SettingsError::BadRequest { .. } => "bad_setting",
             SettingsError::NotFound(_) => "not_found",
             SettingsError::Conflict(_) => "conflict",
+            SettingsError::TooLarge(_) => "too_large",
         }
     }
 }
