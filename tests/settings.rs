@@ -439,7 +439,7 @@ async fn wait_event(
             Ok(Some(Ok(c))) => c,
             _ => return false,
         };
-        for (name, data) in parser.feed(&chunk) {
+        for (name, data) in parser.feed(&chunk).unwrap_or_default() {
             let v: Value = serde_json::from_str(&data).unwrap_or(Value::Null);
             if want(&name, &v) {
                 return true;

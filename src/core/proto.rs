@@ -301,6 +301,7 @@ impl EventUpload {
                     "must be 1 to 64 characters",
                 ));
             }
+            check_text(&format!("events[{i}].subkind"), e.subkind.as_deref(), 64)?;
             if e.parsed_time().is_none() {
                 return Err(invalid(
                     format!("events[{i}].time"),
@@ -340,6 +341,21 @@ impl ApplicationUpload {
                     format!("applications[{i}].name"),
                     "must be 1 to 256 characters",
                 ));
+            }
+            check_text(&format!("applications[{i}].name"), Some(&a.name), 256)?;
+            check_text(
+                &format!("applications[{i}].version"),
+                a.version.as_deref(),
+                128,
+            )?;
+            check_text(&format!("applications[{i}].path"), a.path.as_deref(), 1024)?;
+            if let Some(sha) = &a.sha256 {
+                if sha.parse::<Digest>().is_err() {
+                    return Err(invalid(
+                        format!("applications[{i}].sha256"),
+                        "must be 64 lower-case hex characters",
+                    ));
+                }
             }
         }
         Ok(())
@@ -526,23 +542,49 @@ pub fn directory_changes(old: &Directory, new: &Directory) -> Vec<Change> {
     out
 }
 
-/// Parses SSE text incrementally: feed bytes, get back the events seen.
+/// Longest line and longest event (its data) [`EventParser`] takes: an upstream that sends
+/// more is refused, rather than grown into.
+pub const MAX_SSE_LINE: usize = 64 << 10;
+
+/// Server-sent events that break the bounds of [`EventParser`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SseError {
+    #[error("a line of more than {MAX_SSE_LINE} bytes")]
+    LineTooLong,
+    #[error("an event of more than {MAX_SSE_LINE} bytes of data")]
+    EventTooLarge,
+}
+
+/// Parses SSE text incrementally: feed bytes, get back the events seen. Each byte is looked
+/// at once (a line that grows over many reads is not searched again from its start), and a
+/// line or an event over [`MAX_SSE_LINE`] is an error.
 #[derive(Default)]
 pub struct EventParser {
     buf: Vec<u8>,
+    /// Bytes of `buf` already known to hold no newline.
+    scanned: usize,
     name: Option<String>,
     data: String,
 }
 
 impl EventParser {
     /// Returns every complete event (name, data) in what has arrived so far.
-    pub fn feed(&mut self, bytes: &[u8]) -> Vec<(String, String)> {
+    pub fn feed(&mut self, bytes: &[u8]) -> Result<Vec<(String, String)>, SseError> {
         self.buf.extend_from_slice(bytes);
         let mut out = Vec::new();
-        while let Some(pos) = self.buf.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = self.buf.drain(..=pos).collect();
-            let line = String::from_utf8_lossy(&line);
-            let line = line.trim_end_matches(['\n', '\r']);
+        let mut start = 0;
+        while let Some(pos) = self.buf[start + self.scanned..]
+            .iter()
+            .position(|b| *b == b'\n')
+        {
+            let end = start + self.scanned + pos;
+            self.scanned = 0;
+            if end - start > MAX_SSE_LINE {
+                return Err(SseError::LineTooLong);
+            }
+            let line = String::from_utf8_lossy(&self.buf[start..end]).into_owned();
+            start = end + 1;
+            let line = line.trim_end_matches('\r');
             if line.is_empty() {
                 if self.name.is_some() || !self.data.is_empty() {
                     let name = self.name.take().unwrap_or_else(|| "message".into());
@@ -551,13 +593,21 @@ impl EventParser {
             } else if let Some(v) = line.strip_prefix("event:") {
                 self.name = Some(v.trim().to_string());
             } else if let Some(v) = line.strip_prefix("data:") {
+                if self.data.len() + v.len() > MAX_SSE_LINE {
+                    return Err(SseError::EventTooLarge);
+                }
                 if !self.data.is_empty() {
                     self.data.push('\n');
                 }
                 self.data.push_str(v.trim_start());
             }
         }
-        out
+        self.buf.drain(..start);
+        self.scanned = self.buf.len();
+        if self.buf.len() > MAX_SSE_LINE {
+            return Err(SseError::LineTooLong);
+        }
+        Ok(out)
     }
 }
 
@@ -644,8 +694,10 @@ mod tests {
     #[test]
     fn the_sse_parser_splits_events_and_ignores_comments() {
         let mut p = EventParser::default();
-        assert!(p.feed(b": keep-alive\n\nevent: cata").is_empty());
-        let got = p.feed(b"log\ndata: {\"revision\":3}\n\nevent: settings\ndata: {}\n\n");
+        assert!(p.feed(b": keep-alive\n\nevent: cata").unwrap().is_empty());
+        let got = p
+            .feed(b"log\ndata: {\"revision\":3}\n\nevent: settings\ndata: {}\n\n")
+            .unwrap();
         assert_eq!(
             got,
             vec![
@@ -682,5 +734,51 @@ mod tests {
         assert!(!r.policy_changed);
         assert!(r.catalog_changed);
         assert!(r.download_slot.is_none());
+    }
+
+    #[test]
+    fn the_sse_parser_refuses_a_line_or_an_event_over_its_bound() {
+        let mut p = EventParser::default();
+        let chunk = vec![b'x'; 4096];
+        let mut refused = None;
+        for i in 0..64 {
+            if let Err(e) = p.feed(&chunk) {
+                refused = Some((i, e));
+                break;
+            }
+        }
+        assert_eq!(refused.map(|(_, e)| e), Some(SseError::LineTooLong));
+        let mut p = EventParser::default();
+        let line = format!("data: {}\n", "y".repeat(1000));
+        let mut refused = None;
+        for _ in 0..100 {
+            if let Err(e) = p.feed(line.as_bytes()) {
+                refused = Some(e);
+                break;
+            }
+        }
+        assert_eq!(refused, Some(SseError::EventTooLarge));
+    }
+
+    #[test]
+    fn application_fields_are_bounded() {
+        let app = |sha: Option<&str>, path: usize| ApplicationUpload {
+            client_id: "c".into(),
+            applications: vec![Application {
+                name: "x".into(),
+                version: Some("1".into()),
+                path: Some("p".repeat(path)),
+                sha256: sha.map(str::to_string),
+            }],
+        };
+        assert!(app(None, 10).validate().is_ok());
+        assert_eq!(
+            app(None, 1025).validate().unwrap_err().field,
+            "applications[0].path"
+        );
+        assert_eq!(
+            app(Some("ABC"), 1).validate().unwrap_err().field,
+            "applications[0].sha256"
+        );
     }
 }

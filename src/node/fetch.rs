@@ -4,9 +4,13 @@
 //! every asker goes away), the attempt now running for each (its temp file and progress, for
 //! readers that stream a blob while it arrives, woken by a watch when an attempt starts or
 //! bytes land), receiving a body into `store` under the WAN budget, and the `serve` view of
-//! all this ([`NodeFetcher`]). A body whose digest or size does not match is the server's
-//! fault and the next server is tried; a store failure is this node's and ends the fetch
-//! without blaming anyone. It must never make a blob visible before its digest checked.
+//! all this ([`NodeFetcher`]). A body whose digest or size does not match (or that runs past
+//! its declared size: cut there) is the server's fault and the next server is tried; a store
+//! failure is this node's and ends the fetch without blaming anyone. A blob that does not fit
+//! on the disk, or whose fetch failed for want of disk, is not fetched again for a while: the
+//! requests meanwhile get 503 with a Retry-After instead of a new WAN transfer each. A fetch
+//! that panics ends as a failure, so a later request starts afresh. It must never make a blob
+//! visible before its digest checked.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -24,6 +28,13 @@ use crate::serve::metrics::Metrics;
 use crate::store::{BlobWriter, Store, StoreError};
 
 type SharedFetch = Shared<BoxFuture<'static, Result<(), Arc<UpstreamError>>>>;
+
+/// How long a blob whose fetch failed for want of disk is not fetched again.
+const NO_ROOM_BACKOFF: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Room a fetch leaves free on the disk beyond the blob itself, for the database and temp
+/// files of the fetches beside it.
+const FREE_MARGIN: u64 = 16 << 20;
 
 /// The attempt a fetch is on, as readers attaching to it see it.
 #[derive(Clone)]
@@ -53,6 +64,9 @@ pub struct Fetches {
     /// Notified after each blob is stored (the node then checks its disk budget).
     pub stored: tokio::sync::Notify,
     inflight: Mutex<HashMap<Digest, Inflight>>,
+    /// Blobs that did not fit, or whose fetch failed for want of disk, and until when they
+    /// are not fetched again. At most one entry per blob of the catalog.
+    no_room: Mutex<HashMap<Digest, std::time::Instant>>,
 }
 
 impl Fetches {
@@ -69,6 +83,37 @@ impl Fetches {
             wan: ByteLimiter::new(max_bytes_per_sec),
             stored: tokio::sync::Notify::new(),
             inflight: Mutex::new(HashMap::new()),
+            no_room: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Why `digest` (of `size` bytes) is not fetched now, if it is not: it failed for want
+    /// of disk a moment ago, or the disk has no room for it.
+    fn no_room(&self, digest: &Digest, size: u64) -> Option<FetchError> {
+        let now = std::time::Instant::now();
+        if let Ok(mut held) = self.no_room.lock() {
+            held.retain(|_, until| *until > now);
+            if let Some(until) = held.get(digest) {
+                return Some(FetchError::NoRoom {
+                    digest: *digest,
+                    message: "the last fetch failed for want of disk; not fetched again yet".into(),
+                    retry_after_s: until.saturating_duration_since(now).as_secs().max(1),
+                });
+            }
+        }
+        let free = self.store.free_bytes()?;
+        let needs = size.saturating_add(FREE_MARGIN);
+        (free < needs).then(|| FetchError::NoRoom {
+            digest: *digest,
+            message: format!("{size} bytes do not fit: the disk has {free} bytes free"),
+            retry_after_s: NO_ROOM_BACKOFF.as_secs(),
+        })
+    }
+
+    /// Remembers that `digest` failed for want of disk.
+    fn held_back(&self, digest: Digest) {
+        if let Ok(mut held) = self.no_room.lock() {
+            held.insert(digest, std::time::Instant::now() + NO_ROOM_BACKOFF);
         }
     }
 
@@ -92,11 +137,32 @@ impl Fetches {
         let (tx, rx) = watch::channel(Attempt::Waiting);
         let me = self.clone();
         let done = async move {
-            let result = me.fetch_any(digest, size, &tx).await.map_err(Arc::new);
+            // A panic ends this fetch as a failure; without the catch it would poison the
+            // shared future, and every later request for the blob would panic with it.
+            let run = std::panic::AssertUnwindSafe(me.fetch_any(digest, size, &tx));
+            let result = match run.catch_unwind().await {
+                Ok(r) => r,
+                Err(panic) => {
+                    let why = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "a panic".into());
+                    tracing::error!(%digest, %why, "a blob fetch panicked");
+                    Err(UpstreamError::Local(StoreError::Join(format!(
+                        "the fetch panicked: {why}"
+                    ))))
+                }
+            };
+            if let Err(e) = &result {
+                if e.is_no_room() {
+                    me.held_back(digest);
+                }
+            }
             if let Ok(mut inflight) = me.inflight.lock() {
                 inflight.remove(&digest);
             }
-            result
+            result.map_err(Arc::new)
         }
         .boxed()
         .shared();
@@ -161,7 +227,7 @@ impl Fetches {
             path: writer.tmp_path().to_path_buf(),
             progress: rx,
         });
-        let result = match self.receive(&name, &mut writer, resp, &tx).await {
+        let result = match self.receive(&name, size, &mut writer, resp, &tx).await {
             Ok(()) => writer
                 .finish(Some((&digest, Some(size))))
                 .await
@@ -196,6 +262,7 @@ impl Fetches {
     async fn receive(
         &self,
         name: &str,
+        size: u64,
         writer: &mut BlobWriter,
         resp: reqwest::Response,
         tx: &watch::Sender<Progress>,
@@ -216,6 +283,17 @@ impl Fetches {
                 server: name.to_string(),
                 source,
             })?;
+            // A body running past its declared size is cut there: it is not the blob.
+            let total = writer.len() + chunk.len() as u64;
+            if total > size {
+                return Err(UpstreamError::Mismatch {
+                    server: name.to_string(),
+                    source: StoreError::SizeMismatch {
+                        expected: size,
+                        actual: total,
+                    },
+                });
+            }
             self.wan.take(chunk.len()).await;
             self.metrics.upstream_bytes.inc_by(chunk.len() as u64);
             writer.write(&chunk).await.map_err(UpstreamError::Local)?;
@@ -240,8 +318,13 @@ impl Fetcher for NodeFetcher {
         size: u64,
     ) -> BoxFuture<'static, Result<Attached, FetchError>> {
         let fetches = self.0.clone();
-        let (mut done, mut attempt) = fetches.start(digest, size);
         async move {
+            if !fetches.store.contains(&digest) {
+                if let Some(e) = fetches.no_room(&digest, size) {
+                    return Err(e);
+                }
+            }
+            let (mut done, mut attempt) = fetches.start(digest, size);
             loop {
                 if fetches.store.contains(&digest) {
                     return Ok(Attached::Stored);
@@ -272,7 +355,13 @@ impl Fetcher for NodeFetcher {
 }
 
 fn fetch_error(digest: Digest, e: &UpstreamError) -> FetchError {
-    if e.is_local() {
+    if e.is_no_room() {
+        FetchError::NoRoom {
+            digest,
+            message: e.to_string(),
+            retry_after_s: NO_ROOM_BACKOFF.as_secs(),
+        }
+    } else if e.is_local() {
         FetchError::Local {
             digest,
             message: e.to_string(),

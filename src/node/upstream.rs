@@ -65,6 +65,11 @@ impl UpstreamError {
         matches!(self, UpstreamError::Local(_))
     }
 
+    /// This node's disk refusing the bytes (full or failing).
+    pub fn is_no_room(&self) -> bool {
+        matches!(self, UpstreamError::Local(e) if e.is_disk_failure())
+    }
+
     /// Whether trying again later (this server or another) may succeed: a connection that
     /// failed, an answer of 5xx, 408 or 429, silence. A refused body, a bad signature or a 4xx
     /// will be the same next time.
@@ -466,11 +471,20 @@ impl Upstream {
         loop {
             tokio::select! {
                 next = tokio::time::timeout(idle, body.next()) => match next {
-                    Ok(Some(Ok(chunk))) => {
-                        for (event, _data) in parser.feed(&chunk) {
-                            on_event(&event);
+                    Ok(Some(Ok(chunk))) => match parser.feed(&chunk) {
+                        Ok(events) => {
+                            for (event, _data) in events {
+                                on_event(&event);
+                            }
                         }
-                    }
+                        Err(e) => {
+                            self.mark(index, false);
+                            return Err(UpstreamError::Refused {
+                                server: name,
+                                reason: format!("push stream: {e}"),
+                            });
+                        }
+                    },
                     Ok(Some(Err(e))) => {
                         self.mark(index, false);
                         return Err(UpstreamError::Http { server: name, source: e });

@@ -66,9 +66,17 @@ pub enum FetchError {
         retryable: bool,
         message: String,
     },
-    /// This server failed to keep the bytes (its disk, a lock): no upstream's fault.
+    /// This server failed to keep the bytes (a lock, a bug): no upstream's fault.
     #[error("fetching {digest}: {message}")]
     Local { digest: Digest, message: String },
+    /// This server cannot take the bytes now (its disk is full or failing, or the blob does
+    /// not fit): no upstream's fault, and no fetch is started until the retry.
+    #[error("fetching {digest}: {message}")]
+    NoRoom {
+        digest: Digest,
+        message: String,
+        retry_after_s: u64,
+    },
 }
 
 impl Fault for FetchError {
@@ -78,6 +86,9 @@ impl Fault for FetchError {
                 retryable: *retryable,
             },
             FetchError::Local { .. } => Kind::Local,
+            FetchError::NoRoom { retry_after_s, .. } => Kind::Unavailable {
+                retry_after_s: *retry_after_s,
+            },
         }
     }
 
@@ -85,6 +96,7 @@ impl Fault for FetchError {
         match self {
             FetchError::Upstream { .. } => "upstream_failed",
             FetchError::Local { .. } => "fetch_failed",
+            FetchError::NoRoom { .. } => "storage_unavailable",
         }
     }
 }

@@ -17,6 +17,9 @@ use std::time::{Duration, Instant};
 
 use super::StoreError;
 
+/// Free bytes a disk needs before a broken database is reopened on it.
+const MIN_FREE_TO_HEAL: u64 = 1 << 20;
+
 /// How often a broken database is tried again.
 const HEAL_EVERY: Duration = Duration::from_secs(1);
 
@@ -116,9 +119,7 @@ impl Database {
             .open
             .write()
             .map_err(|_| StoreError::Join("database lock poisoned".into()))?;
-        let open = guard
-            .as_mut()
-            .ok_or_else(|| StoreError::Join("the database is being reopened".into()))?;
+        let open = guard.as_mut().ok_or(StoreError::Reopening)?;
         if let Some(t) = open.trees.get(name) {
             return Ok(t.clone());
         }
@@ -135,7 +136,7 @@ impl Database {
             .map_err(|_| StoreError::Join("database lock poisoned".into()))?
             .as_ref()
             .map(|o| o.db.clone())
-            .ok_or_else(|| StoreError::Join("the database is being reopened".into()))?;
+            .ok_or(StoreError::Reopening)?;
         let r = db.flush_async().await;
         self.check(r).map(|_| ())
     }
@@ -160,6 +161,13 @@ impl Database {
                 return false;
             }
             *last = Some(Instant::now());
+        }
+        // Reopening drops the database, reads included, until it is open again: not worth it
+        // while the disk is still full.
+        let open = self.open.read().map(|o| o.is_some()).unwrap_or(false);
+        if open && crate::sys::free_bytes(&self.probe_dir).is_ok_and(|free| free < MIN_FREE_TO_HEAL)
+        {
+            return false;
         }
         match self.heal() {
             Ok(()) => {

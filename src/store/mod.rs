@@ -55,6 +55,8 @@ pub enum StoreError {
     },
     #[error("background task failed: {0}")]
     Join(String),
+    #[error("the database is being reopened after a failed write")]
+    Reopening,
 }
 
 impl Fault for StoreError {
@@ -90,6 +92,7 @@ impl StoreError {
             StoreError::Db(sled::Error::Io(source)) => {
                 is_disk_failure(source) || source.kind() == std::io::ErrorKind::StorageFull
             }
+            StoreError::Reopening => true,
             _ => false,
         }
     }
@@ -406,6 +409,11 @@ impl Store {
     /// Makes every database write so far durable.
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.inner.db.flush().await
+    }
+
+    /// Bytes the filesystem of this store still takes, when it can tell.
+    pub fn free_bytes(&self) -> Option<u64> {
+        crate::sys::free_bytes(&self.inner.tmp_dir).ok()
     }
 
     /// Whether the store can write now. When it could not, this tries (at most once a

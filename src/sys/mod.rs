@@ -2,8 +2,8 @@
 //!
 //! Owns thin, safe wrappers over the system calls and mappings gup needs that the standard
 //! library and tokio do not offer: read-only file mappings, sendfile(2) and sendmsg(2) with
-//! MSG_MORE, sync_file_range(2), the open-file limit, and a listener registered with the
-//! reactor of the thread that calls. Each block states why it is sound (SAFETY). It must never
+//! MSG_MORE, sync_file_range(2), statvfs(2), the open-file limit, and a listener registered
+//! with the reactor of the thread that calls. Each block states why it is sound (SAFETY). It must never
 //! hold state or decide policy; `zerocopy` is the safe module built on these calls. The crate
 //! denies `unsafe_code` everywhere else.
 #![allow(unsafe_code)]
@@ -132,4 +132,19 @@ pub fn raise_open_file_limit() -> u64 {
         }
     }
     lim.rlim_cur
+}
+
+/// Bytes an unprivileged process may still write on the filesystem holding `path`
+/// (statvfs(2): available blocks times the fragment size).
+pub fn free_bytes(path: &std::path::Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    // SAFETY: an all-zero statvfs is a valid value for the call to overwrite.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path that outlives the call, and `st` is a valid
+    // pointer to a statvfs the call writes.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
