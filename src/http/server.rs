@@ -562,6 +562,19 @@ mod tests {
         tokio::sync::oneshot::Sender<()>,
         Running,
     ) {
+        serve_lean(router, max_connections, None).await
+    }
+
+    /// As [`serve_on_loopback`], with connections that `lean` matches served as push streams.
+    async fn serve_lean(
+        router: Router,
+        max_connections: usize,
+        lean: Option<Lean>,
+    ) -> (
+        std::net::SocketAddr,
+        tokio::sync::oneshot::Sender<()>,
+        Running,
+    ) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let serving = Serving {
@@ -572,10 +585,10 @@ mod tests {
                 threads: 2,
                 max_connections_per_address: 0,
                 body_read_timeout: Duration::from_secs(5),
-                stream_write_timeout: Duration::from_secs(5),
+                stream_write_timeout: Duration::from_secs(1),
             },
             tls: None,
-            lean: None,
+            lean,
             on_refused: None,
         };
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -654,6 +667,76 @@ mod tests {
                 "connection {i} was refused after the previous one closed: {text:?}"
             );
         }
+        let _ = stop_tx.send(());
+        server.await.unwrap().unwrap();
+    }
+
+    /// Push streams for these tests: any request for `/stream...`.
+    fn lean_streams() -> Option<Lean> {
+        Some(Lean {
+            peek: 11,
+            matches: |first| first.starts_with(b"GET /stream"),
+        })
+    }
+
+    /// A push client that stops reading is closed once a write has waited
+    /// `stream_write_timeout` (1 s here), not held with its buffers for ever.
+    #[tokio::test]
+    async fn a_push_client_that_does_not_read_is_closed() {
+        let endless = futures_util::stream::repeat_with(|| {
+            Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b'x'; 16 << 10]))
+        });
+        let router = Router::new().route(
+            "/stream",
+            axum::routing::get(move || async move { axum::body::Body::from_stream(endless) }),
+        );
+        let (addr, stop_tx, server) = serve_lean(router, 8, lean_streams()).await;
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        socket.connect(&addr.into()).unwrap();
+        let mut conn: std::net::TcpStream = socket.into();
+        std::io::Write::write_all(&mut conn, b"GET /stream HTTP/1.1\r\nhost: t\r\n\r\n").unwrap();
+        // Not reading: the server's writes stall.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        conn.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let read = tokio::task::spawn_blocking(move || {
+            let mut sink = Vec::new();
+            std::io::Read::read_to_end(&mut conn, &mut sink).map(|_| sink.len())
+        })
+        .await
+        .unwrap();
+        let got = read.expect("the server closed the stalled stream (EOF before the read timeout)");
+        assert!(got > 0);
+        let _ = stop_tx.send(());
+        server.await.unwrap().unwrap();
+    }
+
+    /// An HTTP/1.0 push client, which knows no chunked encoding, gets its body until the
+    /// connection closes.
+    #[tokio::test]
+    async fn an_http_1_0_push_client_gets_its_body_until_the_close() {
+        let router = Router::new().route(
+            "/stream",
+            axum::routing::get(|| async {
+                let parts = ["event: a\n", "data: 1\n\n"]
+                    .map(|p| Ok::<_, std::io::Error>(bytes::Bytes::from_static(p.as_bytes())));
+                axum::body::Body::from_stream(futures_util::stream::iter(parts))
+            }),
+        );
+        let (addr, stop_tx, server) = serve_lean(router, 8, lean_streams()).await;
+        let mut conn = TcpStream::connect(addr).await.unwrap();
+        conn.write_all(b"GET /stream HTTP/1.0\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        conn.read_to_end(&mut answer).await.unwrap();
+        let text = String::from_utf8_lossy(&answer);
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.0 200"), "{head}");
+        assert!(!head.contains("transfer-encoding"), "{head}");
+        assert_eq!(body, "event: a\ndata: 1\n\n");
         let _ = stop_tx.send(());
         server.await.unwrap().unwrap();
     }

@@ -173,14 +173,18 @@ impl Store {
     pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
         let blobs_dir = data_dir.join("blobs");
         let tmp_dir = data_dir.join("tmp");
+        let db_dir = data_dir.join("db");
         for dir in [data_dir, &blobs_dir, &tmp_dir] {
             std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
         }
+        // The database holds the registry, events and settings: readable by this user only.
+        private_dir(&db_dir)?;
         let removed = clean_dir(&tmp_dir)?;
         if removed > 0 {
             tracing::info!(removed, dir = %tmp_dir.display(), "removed temp files left by an earlier run");
         }
-        let db = Arc::new(db::Database::open(&data_dir.join("db"), &tmp_dir)?);
+        let db = Arc::new(db::Database::open(&db_dir, &tmp_dir)?);
+        private_files(&db_dir)?;
         let index = Kv::new(db.clone(), "blobs");
         let store = Store {
             inner: Arc::new(Inner {
@@ -430,6 +434,32 @@ impl Store {
         }
         e
     }
+}
+
+/// Makes `dir` (created if needed) accessible to this user only (0700).
+fn private_dir(dir: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io(format!("creating {}", dir.display())))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(io(format!("making {} private", dir.display())))
+}
+
+/// Makes the files directly in `dir` readable and writable by this user only (0600).
+fn private_files(dir: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::PermissionsExt;
+    let entries = std::fs::read_dir(dir).map_err(io(format!("reading {}", dir.display())))?;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_file() {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .map_err(io(format!("making {} private", path.display())))?;
+        }
+    }
+    Ok(())
 }
 
 /// Whether an I/O error means the disk cannot take writes (full, read-only, failing), as

@@ -292,3 +292,19 @@ async fn kv_visits_by_prefix_both_ways_and_applies_batches_whole() {
     kv.flush().await.unwrap();
     assert!(store.writable());
 }
+
+#[test]
+fn the_database_is_private_to_its_user() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let _store = Store::open(dir.path()).unwrap();
+    let db = dir.path().join("db");
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&db), 0o700);
+    for entry in std::fs::read_dir(&db).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            assert_eq!(mode(&path), 0o600, "{}", path.display());
+        }
+    }
+}
