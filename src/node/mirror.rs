@@ -65,7 +65,11 @@ impl Node {
                     backoff = Duration::from_millis(500);
                 }
                 Err(e) => {
-                    tracing::debug!(error = %e, "upstream push stream unavailable");
+                    if e.retryable() {
+                        tracing::debug!(error = %e, "upstream push stream unavailable");
+                    } else {
+                        tracing::warn!(error = %e, "upstream push stream refused");
+                    }
                     // Let the mirror loop notice the outage too.
                     self.upstream_event.notify_one();
                     backoff = (backoff * 2).min(Duration::from_secs(30));
@@ -82,11 +86,8 @@ impl Node {
     /// One sync: fetch the snapshot, mirror it, persist it, push what changed to our own
     /// streams. Returns the server that answered.
     pub async fn sync_once(&self) -> Result<String, NodeError> {
+        // The snapshot was checked (catalog, signature, directory) before it came here.
         let (index, snapshot) = self.upstream.snapshot().await?;
-        snapshot
-            .directory
-            .check()
-            .map_err(|e| NodeError::BadDirectory(e.to_string()))?;
         let mut changes = Vec::new();
         let new_history = {
             let mut history = self

@@ -54,8 +54,6 @@ pub enum NodeError {
     Upstream(#[from] UpstreamError),
     #[error("upstream.servers: {0}")]
     BadUpstream(String),
-    #[error("upstream sent an invalid directory: {0}")]
-    BadDirectory(String),
     #[error("serving: {0}")]
     Io(#[from] std::io::Error),
     #[error("tls: {0}")]

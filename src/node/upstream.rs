@@ -358,6 +358,12 @@ impl Upstream {
                 snapshot.catalog.items.len()
             )));
         }
+        // A directory that breaks its bounds (a cycle, a chain too deep, a policy too large)
+        // is this server's fault: the next one is tried.
+        snapshot
+            .directory
+            .check()
+            .map_err(|e| refused(format!("invalid directory: {e}")))?;
         crate::core::catalog::validate_catalog(&snapshot.catalog)
             .map_err(|e| refused(format!("invalid catalog: {e}")))?;
         if let Some(key) = &self.catalog_key {
