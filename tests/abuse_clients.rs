@@ -11,6 +11,7 @@
 //! - an `X-Gup-Client-Id` over 128 characters, and heartbeat fields over their bounds, are
 //!   refused with 400 naming the field;
 //! - a notification damper beyond a year is refused with 400 naming the key.
+//!
 //! Loopback only (127.0.0.1 and 127.0.0.2), every loop bounded.
 
 mod common;

@@ -7,6 +7,7 @@
 //!   bytes come from the next upstream, and the temp file never grows past the bound;
 //! - a snapshot with a 100,000-deep group chain, or a policy over 1 MiB: refused, and the
 //!   node mirrors the next upstream instead.
+//!
 //! The node's peak memory is read from /proc (VmHWM). Loopback only, every load bounded in
 //! time.
 
