@@ -1,47 +1,46 @@
 //! End to end through real processes: the node as a cache.
 //! - one upstream fetch per blob however many clients ask at once, with the bytes streamed to
 //!   every waiting client while they arrive (first byte out before the fetch is done);
-//! - RFC 9110 §14.2 Range on a blob that is still arriving (206 with Content-Range);
+//! - a cached blob's range is served from the store without a new fetch;
 //! - a digest that does not match cuts every response fed from the fetch (no complete 200 of
-//!   wrong bytes) and the next upstream is used (a tiny hostile upstream flips one byte).
+//!   wrong bytes) and the next upstream is used (a tiny hostile upstream flips one byte);
+//! - eviction keeps the store within `cache.max_bytes`, and a release that left the retained
+//!   revisions is 404 `not_in_catalog`.
 
 mod common;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use common::*;
 use futures_util::StreamExt;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fifty_clients_one_fetch_streamed_while_it_arrives() {
-    let dir = tempfile::tempdir().unwrap();
-    let manager = start_manager(&dir.path().join("m"), &[]);
-    let data = random_bytes(64 << 20, 11);
-    let sha = sha256_hex(&data);
-    let file = dir.path().join("big.bin");
-    std::fs::write(&file, &data).unwrap();
-    let (code, out) = publish(&manager.url, &file, "engine", "1");
-    assert_eq!(code, 0, "{out}");
-
-    // A slow WAN (16 MiB/s: about 4 s for the blob) and no prefetch: the first client's
-    // request starts the fetch.
+/// A manager and a node that fetches on demand only (no prefetch), over a WAN of
+/// `bytes_per_sec`.
+fn on_demand_node(dir: &std::path::Path, bytes_per_sec: u64) -> (Proc, Proc) {
+    let manager = start_manager(&dir.join("m"), &[]);
     let node = start_node_toml(
-        &dir.path().join("n"),
+        &dir.join("n"),
         &[&manager.url],
-        "max_bytes_per_sec = 16777216\n[cache]\nprefetch = false\n",
+        &format!("max_bytes_per_sec = {bytes_per_sec}\n[cache]\nprefetch = false\n"),
         &[],
     );
+    (manager, node)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_clients_at_once_cause_one_upstream_fetch_and_get_the_bytes_while_it_arrives() {
+    let dir = tempfile::tempdir().unwrap();
+    // A slow WAN (16 MiB/s: about 4 s for the blob): the first client's request starts the
+    // fetch.
+    let (manager, node) = on_demand_node(dir.path(), 16 << 20);
+    let data = random_bytes(64 << 20, 11);
+    let sha = publish_and_wait(&manager.url, &[&node.url], "engine", "1", &data).await;
     let client = reqwest::Client::new();
-    let (nu, s2) = (node.url.clone(), sha.clone());
-    wait_for(20, "node mirrors the catalog", || {
-        let (c, u, s) = (client.clone(), nu.clone(), s2.clone());
-        async move { catalog_has(&c, &u, &s).await.then_some(()) }
-    })
-    .await;
     assert_eq!(
         metric(&client, &node.url, "gup_upstream_fetches_total").await,
-        0.0
+        0.0,
+        "before: nothing fetched"
     );
 
     let url = format!("{}/v1/content/{sha}", node.url);
@@ -74,21 +73,36 @@ async fn fifty_clients_one_fetch_streamed_while_it_arrives() {
     }
     for t in tasks {
         let (n, digest) = t.await.unwrap();
-        assert_eq!(n, data.len());
-        assert_eq!(digest, sha);
+        assert_eq!(n, data.len(), "every client got every byte");
+        assert_eq!(digest, sha, "every client got the right bytes");
     }
     assert_eq!(
         metric(&client, &node.url, "gup_upstream_fetches_total").await,
-        1.0
+        1.0,
+        "one upstream fetch for the fifty"
     );
     let at_first = upstream_bytes_at_first_byte.lock().await.unwrap();
     assert!(
         at_first < data.len() as f64,
         "the first client byte left the node after the whole fetch ({at_first} bytes upstream)"
     );
-    // Cached now: a range is served from the store.
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_blobs_range_is_served_from_the_store_without_a_new_fetch() {
+    let dir = tempfile::tempdir().unwrap();
+    let (manager, node) = on_demand_node(dir.path(), 64 << 20);
+    let data = random_bytes(1 << 20, 12);
+    let sha = publish_and_wait(&manager.url, &[&node.url], "engine", "1", &data).await;
+    let body = wait_served(&node.url, &sha, 20, "the node fetches the blob").await;
+    assert!(body == data);
+    let client = reqwest::Client::new();
+    assert_eq!(
+        metric(&client, &node.url, "gup_upstream_fetches_total").await,
+        1.0
+    );
     let r = client
-        .get(&url)
+        .get(format!("{}/v1/content/{sha}", node.url))
         .header("range", "bytes=-10")
         .send()
         .await
@@ -97,7 +111,8 @@ async fn fifty_clients_one_fetch_streamed_while_it_arrives() {
     assert_eq!(&r.bytes().await.unwrap()[..], &data[data.len() - 10..]);
     assert_eq!(
         metric(&client, &node.url, "gup_upstream_fetches_total").await,
-        1.0
+        1.0,
+        "no new fetch for the range"
     );
 }
 
@@ -149,11 +164,7 @@ async fn corrupted_bytes_are_never_served_complete_and_the_next_upstream_is_used
     let dir = tempfile::tempdir().unwrap();
     let manager = start_manager(&dir.path().join("m"), &[]);
     let data = random_bytes(8 << 20, 5);
-    let sha = sha256_hex(&data);
-    let file = dir.path().join("defs.bin");
-    std::fs::write(&file, &data).unwrap();
-    let (code, out) = publish(&manager.url, &file, "defs", "1");
-    assert_eq!(code, 0, "{out}");
+    let sha = publish_and_wait(&manager.url, &[], "defs", "1", &data).await;
     let bad = corrupting_upstream(manager.url.clone()).await;
 
     // The corrupting upstream has the highest priority; pull mode (it has no stream).
@@ -167,12 +178,7 @@ prefetch = false
         &[],
     );
     let client = reqwest::Client::new();
-    let (nu, s2) = (node.url.clone(), sha.clone());
-    wait_for(20, "node mirrors the catalog", || {
-        let (c, u, s) = (client.clone(), nu.clone(), s2.clone());
-        async move { catalog_has(&c, &u, &s).await.then_some(()) }
-    })
-    .await;
+    wait_mirrored(&node.url, &sha).await;
 
     let url = format!("{}/v1/content/{sha}", node.url);
     let mut tasks = Vec::new();
@@ -207,23 +213,27 @@ prefetch = false
         .bytes()
         .await
         .unwrap();
-    assert!(body[..] == data[..]);
-    assert!(metric(&client, &node.url, "gup_upstream_fetches_total").await >= 2.0);
+    assert!(
+        body[..] == data[..],
+        "the right bytes from the next upstream"
+    );
+    assert!(
+        metric(&client, &node.url, "gup_upstream_fetches_total").await >= 2.0,
+        "fetched again"
+    );
     assert!(
         node.log_text().contains("digest mismatch"),
         "{}",
         node.log_text()
     );
-    tokio::time::sleep(Duration::from_millis(10)).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn eviction_keeps_the_store_within_max_bytes() {
-    let dir = tempfile::tempdir().unwrap();
-    let manager = start_manager(&dir.path().join("m"), &[]);
-    // 8 MiB of disk, three retained revisions, five 3 MiB releases.
+/// A node with 8 MiB of disk and three retained revisions, after five 3 MiB releases of
+/// `defs`; returns the releases' digests, oldest first.
+async fn five_releases(dir: &std::path::Path) -> (Proc, Proc, Vec<String>) {
+    let manager = start_manager(&dir.join("m"), &[]);
     let node = start_node_toml(
-        &dir.path().join("n"),
+        &dir.join("n"),
         &[&manager.url],
         "[cache]\nmax_bytes = 8388608\nretain_revisions = 3\n",
         &[],
@@ -232,11 +242,7 @@ async fn eviction_keeps_the_store_within_max_bytes() {
     let mut shas = Vec::new();
     for v in 1..=5u64 {
         let data = random_bytes(3 << 20, 1000 + 2 * v);
-        let sha = sha256_hex(&data);
-        let file = dir.path().join(format!("defs-{v}.bin"));
-        std::fs::write(&file, &data).unwrap();
-        let (code, out) = publish(&manager.url, &file, "defs", &v.to_string());
-        assert_eq!(code, 0, "{out}");
+        let sha = publish_and_wait(&manager.url, &[&node.url], "defs", &v.to_string(), &data).await;
         let (nu, s2) = (node.url.clone(), sha.clone());
         wait_for(30, "the node stores the new release", || {
             let (c, u, s) = (client.clone(), nu.clone(), s2.clone());
@@ -250,25 +256,37 @@ async fn eviction_keeps_the_store_within_max_bytes() {
         .await;
         shas.push(sha);
     }
+    (manager, node, shas)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eviction_keeps_the_store_within_max_bytes_and_serves_the_current_release() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_manager, node, shas) = five_releases(dir.path()).await;
+    let client = reqwest::Client::new();
     let nu = node.url.clone();
     wait_for(30, "the store shrinks within max_bytes", || {
         let (c, u) = (client.clone(), nu.clone());
         async move { (metric(&c, &u, "gup_cache_bytes").await <= 8388608.0).then_some(()) }
     })
     .await;
-    // The current release is served; one that left the retained revisions is not in the
-    // catalog any more.
+    assert!(node.log_text().contains("evicted"), "{}", node.log_text());
     let r = client
         .get(format!("{}/v1/content/{}", node.url, shas[4]))
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 200);
-    let r = client
-        .get(format!("{}/v1/content/{}", node.url, shas[0]))
-        .send()
+    assert_eq!(r.status(), 200, "the current release");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_that_left_the_retained_revisions_is_404_not_in_catalog() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_manager, node, shas) = five_releases(dir.path()).await;
+    let r = reqwest::get(format!("{}/v1/content/{}", node.url, shas[0]))
         .await
         .unwrap();
     assert_eq!(r.status(), 404);
-    assert!(node.log_text().contains("evicted"), "{}", node.log_text());
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "not_in_catalog", "{v}");
 }

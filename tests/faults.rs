@@ -1,7 +1,11 @@
-//! End to end through real processes: faults.
-//! - kill -9 of the manager during a publish, of a node during a fetch, and of a node during
-//!   event intake; after a restart the store and the queue are consistent and complete
-//!   (no visible partial blob, temp files gone, every event that got a 202 arrives);
+//! End to end through real processes: faults. Each test is one sequence: the fault, then
+//! the restart or the recovery.
+//! - kill -9 of the manager during a publish leaves no partial blob; the restarted manager
+//!   removes the temp file, has an empty catalog, and takes the publish again whole;
+//! - kill -9 of a node during a fetch leaves no visible blob; restarted, it fetches again and
+//!   serves verified bytes;
+//! - kill -9 of a node during event intake loses no event that got a 202, and stores each
+//!   once;
 //! - disk full during a fetch (a small tmpfs as the node's data dir; needs root, as CI has):
 //!   the fetch fails cleanly with no partial blob, serving continues, and the node recovers
 //!   when space returns.
@@ -11,12 +15,33 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use serde_json::{json, Value};
+use serde_json::json;
 
 fn tmp_files(data_dir: &std::path::Path) -> usize {
     std::fs::read_dir(data_dir.join("tmp"))
         .map(|d| d.count())
         .unwrap_or(0)
+}
+
+/// Bytes in the data dir's temp files.
+fn tmp_bytes(data_dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(data_dir.join("tmp"))
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Waits until the data dir's temp files hold at least `bytes`.
+async fn wait_tmp_bytes(data_dir: &std::path::Path, bytes: u64, what: &str) {
+    wait_for(20, what, || {
+        let d = data_dir.to_path_buf();
+        async move { (tmp_bytes(&d) >= bytes).then_some(()) }
+    })
+    .await;
 }
 
 fn blob_exists(data_dir: &std::path::Path, sha: &str) -> bool {
@@ -29,7 +54,7 @@ fn blob_exists(data_dir: &std::path::Path, sha: &str) -> bool {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill9_during_publish_leaves_no_partial_blob() {
+async fn kill9_during_publish_leaves_no_partial_blob_and_a_restart_cleans_up_and_publishes_whole() {
     let dir = tempfile::tempdir().unwrap();
     let m_dir = dir.path().join("m");
     let manager = start_manager(&m_dir, &[]);
@@ -51,39 +76,29 @@ async fn kill9_during_publish_leaves_no_partial_blob() {
             .send()
             .await;
     });
-    let md = m_dir.clone();
-    wait_for(20, "the upload is under way", || {
-        let md = md.clone();
-        async move { (tmp_files(&md) > 0).then_some(()) }
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Mid-body: 4 of the 64 MiB have arrived.
+    wait_tmp_bytes(&m_dir, 4 << 20, "the upload is under way").await;
     manager.kill9();
     let _ = upload.await;
-    assert!(tmp_files(&m_dir) > 0, "the crash left a temp file");
-    assert!(!blob_exists(&m_dir, &sha));
+    assert!(tmp_files(&m_dir) > 0, "crash: it left a temp file");
+    assert!(!blob_exists(&m_dir, &sha), "crash: no partial blob");
 
     let manager = start_manager(&m_dir, &[]);
-    assert_eq!(tmp_files(&m_dir), 0, "temp files are removed at start-up");
-    let cat: Value = reqwest::get(format!("{}/v1/catalog", manager.url))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(cat["items"], json!([]));
-    // Publishing again works and is whole.
-    let file = dir.path().join("big.bin");
-    std::fs::write(&file, &data).unwrap();
-    let (code, out) = publish(&manager.url, &file, "big", "1");
-    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        tmp_files(&m_dir),
+        0,
+        "restart: temp files are removed at start-up"
+    );
+    let (_, cat) = get_json(&manager.url, "/v1/catalog").await;
+    assert_eq!(cat["items"], json!([]), "restart: nothing was published");
+    publish_and_wait(&manager.url, &[], "big", "1", &data).await;
     let got = reqwest::get(format!("{}/v1/content/{sha}", manager.url))
         .await
         .unwrap()
         .bytes()
         .await
         .unwrap();
-    assert!(got[..] == data[..]);
+    assert!(got[..] == data[..], "publishing again: the blob is whole");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -91,11 +106,7 @@ async fn kill9_during_fetch_then_restart_serves_verified_bytes() {
     let dir = tempfile::tempdir().unwrap();
     let manager = start_manager(&dir.path().join("m"), &[]);
     let data = random_bytes(16 << 20, 42);
-    let sha = sha256_hex(&data);
-    let file = dir.path().join("blob.bin");
-    std::fs::write(&file, &data).unwrap();
-    let (code, out) = publish(&manager.url, &file, "blob", "1");
-    assert_eq!(code, 0, "{out}");
+    let sha = publish_and_wait(&manager.url, &[], "blob", "1", &data).await;
     let n_dir = dir.path().join("n");
     // 4 MiB/s: the fetch takes about 4 s.
     let node = start_node_toml(
@@ -104,35 +115,27 @@ async fn kill9_during_fetch_then_restart_serves_verified_bytes() {
         "max_bytes_per_sec = 4194304\n",
         &[],
     );
-    let nd = n_dir.clone();
-    wait_for(20, "the fetch is under way", || {
-        let nd = nd.clone();
-        async move { (tmp_files(&nd) > 0).then_some(()) }
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Mid-fetch: 2 of the 16 MiB have arrived (the node prefetches what it mirrors).
+    wait_tmp_bytes(&n_dir, 2 << 20, "the fetch is under way").await;
     node.kill9();
     assert!(
         !blob_exists(&n_dir, &sha),
-        "no blob is visible before it is verified"
+        "crash: no blob is visible before it is verified"
     );
 
     let node = start_node(&n_dir, &[&manager.url], &[]);
-    let client = reqwest::Client::new();
-    let (nu, s) = (node.url.clone(), sha.clone());
-    let body = wait_for(30, "the node fetches the blob again", || {
-        let (c, u, s) = (client.clone(), nu.clone(), s.clone());
-        async move {
-            let r = c.get(format!("{u}/v1/content/{s}")).send().await.ok()?;
-            if r.status() != 200 {
-                return None;
-            }
-            r.bytes().await.ok()
-        }
-    })
+    let body = wait_served(
+        &node.url,
+        &sha,
+        30,
+        "restart: the node fetches the blob again",
+    )
     .await;
-    assert!(body[..] == data[..]);
-    assert!(blob_exists(&n_dir, &sha));
+    assert!(body[..] == data[..], "restart: the right bytes");
+    assert!(
+        blob_exists(&n_dir, &sha),
+        "restart: the verified blob is stored"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -160,13 +163,19 @@ async fn kill9_during_event_intake_loses_no_accepted_event() {
             }
         }));
     }
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // Mid-intake: 200 events accepted (of 3200 the posters would send).
+    let acc = accepted.clone();
+    wait_for(30, "200 events accepted", || {
+        let acc = acc.clone();
+        async move { (acc.lock().await.len() >= 200).then_some(()) }
+    })
+    .await;
     node.kill9();
     for p in posters {
         let _ = p.await;
     }
     let accepted = accepted.lock().await.clone();
-    assert!(!accepted.is_empty());
+    assert!(accepted.len() < 3200, "the node died during the intake");
 
     let node = start_node_toml(&n_dir, &[&manager.url], "sync_interval_s = 1\n", &[]);
     let mu = manager.url.clone();
@@ -174,17 +183,8 @@ async fn kill9_during_event_intake_loses_no_accepted_event() {
     let stored: Vec<String> = wait_for(60, "every accepted event arrives", || {
         let u = mu.clone();
         async move {
-            let v: Value = reqwest::Client::new()
-                .get(format!("{u}/v1/admin/events?limit=10000"))
-                .bearer_auth(ADMIN_TOKEN)
-                .send()
+            let ids: Vec<String> = all_events(&u)
                 .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
-            let ids: Vec<String> = v["events"]
-                .as_array()?
                 .iter()
                 .map(|e| e["id"].as_str().unwrap_or("").to_string())
                 .collect();
@@ -214,10 +214,7 @@ async fn disk_full_during_fetch_fails_cleanly_and_recovers() {
     let big = random_bytes(24 << 20, 44);
     let (small_sha, big_sha) = (sha256_hex(&small), sha256_hex(&big));
     for (name, bytes) in [("small", &small), ("big", &big)] {
-        let f = dir.path().join(name);
-        std::fs::write(&f, bytes).unwrap();
-        let (code, out) = publish(&manager.url, &f, name, "1");
-        assert_eq!(code, 0, "{out}");
+        publish_and_wait(&manager.url, &[], name, "1", bytes).await;
     }
     let n_dir = dir.path().join("n");
     std::fs::create_dir_all(&n_dir).unwrap();
@@ -269,7 +266,7 @@ async fn disk_full_during_fetch_fails_cleanly_and_recovers() {
         }
     })
     .await;
-    assert!(!blob_exists(&nd, &big_sha));
+    assert!(!blob_exists(&nd, &big_sha), "disk full: no partial blob");
     // The node retries the fetch every second, so a new attempt's temp file may exist at any
     // moment; a failed attempt's file must be gone, so the directory empties between tries.
     // (A leaked temp file would never leave: this waits for zero, it does not accept one.)
@@ -279,7 +276,10 @@ async fn disk_full_during_fetch_fails_cleanly_and_recovers() {
         async move { (tmp_files(&nd) == 0).then_some(()) }
     })
     .await;
-    assert!(!blob_exists(&nd, &big_sha));
+    assert!(
+        !blob_exists(&nd, &big_sha),
+        "disk full: still no partial blob"
+    );
     // Serving continues.
     let got = client
         .get(format!("{}/v1/content/{small_sha}", node.url))
@@ -289,7 +289,7 @@ async fn disk_full_during_fetch_fails_cleanly_and_recovers() {
         .bytes()
         .await
         .unwrap();
-    assert!(got[..] == small[..]);
+    assert!(got[..] == small[..], "disk full: serving continues");
     assert_eq!(
         client
             .get(format!("{}/healthz", node.url))
@@ -297,7 +297,8 @@ async fn disk_full_during_fetch_fails_cleanly_and_recovers() {
             .await
             .unwrap()
             .status(),
-        200
+        200,
+        "disk full: the node is healthy"
     );
 
     // Space returns: the node fetches the big blob by itself.
@@ -305,19 +306,8 @@ async fn disk_full_during_fetch_fails_cleanly_and_recovers() {
         .args(["-o", "remount,size=96m", n_dir.to_str().unwrap()])
         .status()
         .unwrap();
-    assert!(status.success());
-    let (nu, s) = (node.url.clone(), big_sha.clone());
-    let body = wait_for(60, "the big blob once space returns", || {
-        let (c, u, s) = (client.clone(), nu.clone(), s.clone());
-        async move {
-            let r = c.get(format!("{u}/v1/content/{s}")).send().await.ok()?;
-            if r.status() != 200 {
-                return None;
-            }
-            r.bytes().await.ok()
-        }
-    })
-    .await;
-    assert!(body[..] == big[..]);
-    assert_eq!(node.stop(), Some(0));
+    assert!(status.success(), "remount with more space");
+    let body = wait_served(&node.url, &big_sha, 60, "the big blob once space returns").await;
+    assert!(body[..] == big[..], "recovered: the right bytes");
+    assert_eq!(node.stop(), Some(0), "recovered: a clean stop");
 }

@@ -3,12 +3,18 @@
 //! - a client that does not finish its request head within `limits.header_read_timeout_s`
 //!   is disconnected, and so is a kept-alive connection idle that long;
 //! - beyond `limits.max_connections` new connections are closed at once while the open ones
-//!   carry on;
-//! - `--tls-cert/--tls-key`: the manager's port speaks only TLS, and a node trusting the
-//!   certificate through `--upstream-ca` mirrors and serves its content (certificates made
-//!   here with rcgen; no key is committed);
-//! - push connections (`GET /v1/stream` served without hyper) keep the same answers and
-//!   limits, and end at once when the client hangs up.
+//!   carry on, and there is room again once they close;
+//! - `--tls-cert/--tls-key`: the manager's port speaks only TLS; a node without the
+//!   certificate's CA refuses the upstream, and one trusting it through `--upstream-ca`
+//!   mirrors and serves its content (certificates made here with rcgen; no key is
+//!   committed);
+//! - a signed catalog: a forged one is refused and the next upstream used, the node passes
+//!   the signature on over the exact body it serves, and a node holding another key never
+//!   becomes ready;
+//! - push connections (`GET /v1/stream` served without hyper): chunked SSE with the current
+//!   state and `connection: close`; they end at once when the client hangs up; a bad query
+//!   gets the router's JSON 400; a head over the limit 431, a malformed head 400, and a head
+//!   not finished in time is cut while the server carries on.
 
 mod common;
 
@@ -41,17 +47,21 @@ fn healthz(s: &mut TcpStream) -> String {
     String::from_utf8_lossy(&buf[..n]).into_owned()
 }
 
-#[test]
-fn header_size_read_timeout_and_max_connections() {
-    let dir = tempfile::tempdir().unwrap();
+/// A manager with a 4096-byte head limit, a 1 s head timeout and room for 3 connections.
+fn limited(dir: &std::path::Path) -> (Proc, String) {
     let manager = manager_with(
-        dir.path(),
+        dir,
         "[manager]\n[limits]\nmax_header_bytes = 4096\nheader_read_timeout_s = 1\nmax_connections = 3\n",
         &[],
     );
     let a = addr(&manager.url);
+    (manager, a)
+}
 
-    // 431 for a head over the limit; the server is fine afterwards.
+#[test]
+fn a_request_head_over_max_header_bytes_gets_431_and_the_server_carries_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let (manager, a) = limited(dir.path());
     let mut s = TcpStream::connect(&a).unwrap();
     let big = "x".repeat(20_000);
     let req = format!("GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n");
@@ -60,8 +70,16 @@ fn header_size_read_timeout_and_max_connections() {
     let _ = s.read_to_end(&mut buf);
     let head = String::from_utf8_lossy(&buf);
     assert!(head.starts_with("HTTP/1.1 431"), "{head}");
+    let mut s = TcpStream::connect(&a).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert!(healthz(&mut s).starts_with("HTTP/1.1 200"), "carries on");
+    assert_eq!(manager.stop(), Some(0));
+}
 
-    // A half-sent head is cut after the read timeout.
+#[test]
+fn a_half_sent_request_head_is_cut_after_the_header_read_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_manager, a) = limited(dir.path());
     let mut slow = TcpStream::connect(&a).unwrap();
     slow.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
@@ -74,9 +92,12 @@ fn header_size_read_timeout_and_max_connections() {
         started.elapsed() < Duration::from_secs(8),
         "closed by the header timeout"
     );
-    drop(slow);
+}
 
-    // An idle kept-alive connection is closed by the same timeout.
+#[test]
+fn an_idle_kept_alive_connection_is_closed_after_the_header_read_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_manager, a) = limited(dir.path());
     let mut idle = TcpStream::connect(&a).unwrap();
     idle.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
@@ -89,12 +110,17 @@ fn header_size_read_timeout_and_max_connections() {
         "the idle connection is closed"
     );
     assert!(started.elapsed() < Duration::from_secs(8));
+}
 
+#[test]
+fn beyond_max_connections_new_ones_are_closed_while_open_ones_carry_on_until_they_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let (manager, a) = limited(dir.path());
     // Three connections fit; a fourth is closed at once while the three carry on.
     let mut open: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(&a).unwrap()).collect();
     for s in open.iter_mut() {
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        assert!(healthz(s).starts_with("HTTP/1.1 200"));
+        assert!(healthz(s).starts_with("HTTP/1.1 200"), "within the limit");
     }
     let mut extra = TcpStream::connect(&a).unwrap();
     extra
@@ -105,12 +131,12 @@ fn header_size_read_timeout_and_max_connections() {
     let n = extra.read(&mut buf).unwrap_or(0);
     assert_eq!(
         n, 0,
-        "the connection over the limit is closed without an answer"
+        "over the limit: the connection is closed without an answer"
     );
     for s in open.iter_mut() {
         assert!(
             healthz(s).starts_with("HTTP/1.1 200"),
-            "open connections carry on"
+            "over the limit: open connections carry on"
         );
     }
     drop(open);
@@ -126,22 +152,32 @@ fn header_size_read_timeout_and_max_connections() {
         }
         assert!(
             Instant::now() < deadline,
-            "room comes back when connections close"
+            "after they close: room comes back"
         );
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(manager.stop(), Some(0));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tls_manager_and_a_node_that_trusts_it() {
+struct Tls {
+    dir: tempfile::TempDir,
+    _manager: Proc,
+    cert_pem: std::path::PathBuf,
+    port: String,
+    /// `https://localhost:PORT`, which `client` resolves to 127.0.0.1.
+    https: String,
+    client: reqwest::Client,
+}
+
+/// A manager serving TLS with a fresh self-signed certificate for `localhost`, and a client
+/// that trusts it.
+fn tls_manager() -> Tls {
     let dir = tempfile::tempdir().unwrap();
     let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
     let cert_pem = dir.path().join("cert.pem");
     let key_pem = dir.path().join("key.pem");
     std::fs::write(&cert_pem, cert.cert.pem()).unwrap();
     std::fs::write(&key_pem, cert.key_pair.serialize_pem()).unwrap();
-
     let manager = start_manager(
         &dir.path().join("m"),
         &[
@@ -153,54 +189,79 @@ async fn tls_manager_and_a_node_that_trusts_it() {
     );
     let port = manager.url.rsplit(':').next().unwrap().to_string();
     let https = format!("https://localhost:{port}");
-
-    // Plain HTTP to the TLS port gets no HTTP answer.
-    let plain = reqwest::Client::new()
-        .get(format!("http://127.0.0.1:{port}/healthz"))
-        .timeout(Duration::from_secs(5))
-        .send()
-        .await;
-    assert!(plain.is_err() || plain.unwrap().status() != 200);
-
     let ca = reqwest::Certificate::from_pem(cert.cert.pem().as_bytes()).unwrap();
     let client = reqwest::Client::builder()
         .add_root_certificate(ca)
         .resolve("localhost", format!("127.0.0.1:{port}").parse().unwrap())
         .build()
         .unwrap();
+    Tls {
+        dir,
+        _manager: manager,
+        cert_pem,
+        port,
+        https,
+        client,
+    }
+}
+
+/// Waits until the log of `p` contains `line`.
+async fn wait_log(p: &Proc, line: &str) {
+    wait_for(20, &format!("the log says {line:?}"), || {
+        let log = p.log_text();
+        async move { log.contains(line).then_some(()) }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_port_gives_plain_http_no_http_answer() {
+    let t = tls_manager();
+    let plain = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{}/healthz", t.port))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await;
+    assert!(plain.is_err() || plain.unwrap().status() != 200);
+    let r = t
+        .client
+        .get(format!("{}/healthz", t.https))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "the same port over TLS");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_the_ca_refuses_a_tls_upstream() {
+    let t = tls_manager();
+    let untrusting = start_node(&t.dir.path().join("n0"), &[&t.https], &[]);
+    wait_log(&untrusting, "no upstream answered").await;
+    let (status, v) = get_json(&untrusting.url, "/readyz").await;
+    assert_eq!(status, 503, "an untrusted certificate is refused: {v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_trusting_the_ca_mirrors_and_serves_over_tls() {
+    let t = tls_manager();
     let data = random_bytes(500_000, 5);
     let sha = sha256_hex(&data);
-    let r = client
-        .post(format!("{https}/v1/admin/content?name=defs&version=1"))
+    let r = t
+        .client
+        .post(format!("{}/v1/admin/content?name=defs&version=1", t.https))
         .bearer_auth(ADMIN_TOKEN)
         .body(data.clone())
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 201);
-
-    // A node without the CA refuses the upstream; with it, it mirrors and serves.
-    let untrusting = start_node(&dir.path().join("n0"), &[&https], &[]);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let r = reqwest::get(format!("{}/readyz", untrusting.url))
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 503, "an untrusted certificate is refused");
     let node = start_node(
-        &dir.path().join("n"),
-        &[&https],
-        &["--upstream-ca", cert_pem.to_str().unwrap()],
+        &t.dir.path().join("n"),
+        &[&t.https],
+        &["--upstream-ca", t.cert_pem.to_str().unwrap()],
     );
-    let plain = reqwest::Client::new();
-    let (nu, s2) = (node.url.clone(), sha.clone());
-    wait_for(20, "the node mirrors over TLS", || {
-        let (c, u, s) = (plain.clone(), nu.clone(), s2.clone());
-        async move { catalog_has(&c, &u, &s).await.then_some(()) }
-    })
-    .await;
-    let body = plain
-        .get(format!("{}/v1/content/{sha}", node.url))
-        .send()
+    wait_mirrored(&node.url, &sha).await;
+    let body = reqwest::get(format!("{}/v1/content/{sha}", node.url))
         .await
         .unwrap()
         .bytes()
@@ -240,8 +301,16 @@ async fn forging_upstream(manager: String) -> String {
     format!("http://{addr}")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn signed_catalog_is_verified_passed_on_and_forgeries_refused() {
+struct Signed {
+    dir: tempfile::TempDir,
+    manager: Proc,
+    /// The manager's catalog public key, hex.
+    key: String,
+    sha: String,
+}
+
+/// A manager with one release published, and its catalog public key.
+async fn signed() -> Signed {
     let dir = tempfile::tempdir().unwrap();
     let m_dir = dir.path().join("m");
     let manager = start_manager(&m_dir, &[]);
@@ -256,41 +325,48 @@ async fn signed_catalog_is_verified_passed_on_and_forgeries_refused() {
         .unwrap();
     assert!(out.status.success());
     let key = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    assert_eq!(key.len(), 64);
-
+    assert_eq!(key.len(), 64, "{key}");
     let data = random_bytes(100_000, 9);
-    let sha = sha256_hex(&data);
-    let file = dir.path().join("defs.bin");
-    std::fs::write(&file, &data).unwrap();
-    let (code, out) = publish(&manager.url, &file, "defs", "1");
-    assert_eq!(code, 0, "{out}");
+    let sha = publish_and_wait(&manager.url, &[], "defs", "1", &data).await;
+    Signed {
+        dir,
+        manager,
+        key,
+        sha,
+    }
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_catalog_is_refused_and_the_next_upstream_used() {
+    let s = signed().await;
     // The forging upstream comes first; the node refuses it and mirrors from the manager.
-    let forger = forging_upstream(manager.url.clone()).await;
+    let forger = forging_upstream(s.manager.url.clone()).await;
     let node = start_node_toml(
-        &dir.path().join("n"),
-        &[&forger, &manager.url],
+        &s.dir.path().join("n"),
+        &[&forger, &s.manager.url],
         "mode = \"pull\"\n",
-        &["--catalog-public-key", &key],
+        &["--catalog-public-key", &s.key],
     );
-    let client = reqwest::Client::new();
-    let (nu, s2) = (node.url.clone(), sha.clone());
-    wait_for(20, "the node mirrors the genuine catalog", || {
-        let (c, u, s) = (client.clone(), nu.clone(), s2.clone());
-        async move { catalog_has(&c, &u, &s).await.then_some(()) }
-    })
-    .await;
+    wait_mirrored(&node.url, &s.sha).await;
     assert!(
         node.log_text().contains("signature does not verify"),
         "{}",
         node.log_text()
     );
+    let client = reqwest::Client::new();
     assert!(!catalog_has(&client, &node.url, &sha256_hex(b"invented content")).await);
+}
 
-    // The node passes the signature on: it verifies over the exact body it serves.
-    let r = client
-        .get(format!("{}/v1/catalog", node.url))
-        .send()
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_passes_the_catalog_signature_on_over_the_exact_body_it_serves() {
+    let s = signed().await;
+    let node = start_node(
+        &s.dir.path().join("n"),
+        &[&s.manager.url],
+        &["--catalog-public-key", &s.key],
+    );
+    wait_mirrored(&node.url, &s.sha).await;
+    let r = reqwest::get(format!("{}/v1/catalog", node.url))
         .await
         .unwrap();
     let sig = r.headers()["x-gup-catalog-signature"]
@@ -300,58 +376,67 @@ async fn signed_catalog_is_verified_passed_on_and_forgeries_refused() {
     let body = r.bytes().await.unwrap();
     let catalog: gup::core::catalog::Catalog = serde_json::from_slice(&body).unwrap();
     assert_eq!(gup::core::signing::catalog_bytes(&catalog), body.to_vec());
-    let public = gup::core::signing::PublicKey::parse(&key).unwrap();
+    let public = gup::core::signing::PublicKey::parse(&s.key).unwrap();
     assert!(public.verify(&catalog, Some(&sig)).is_ok());
+}
 
-    // A node holding another key refuses every catalog and never becomes ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_holding_another_key_refuses_every_catalog_and_never_becomes_ready() {
+    let s = signed().await;
     let other = tempfile::tempdir().unwrap();
     let wrong = gup::core::signing::CatalogKey::load_or_create(other.path())
         .unwrap()
         .public_hex();
     let doubting = start_node(
-        &dir.path().join("n2"),
-        &[&manager.url],
+        &s.dir.path().join("n2"),
+        &[&s.manager.url],
         &["--catalog-public-key", &wrong],
     );
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let r = client
-        .get(format!("{}/readyz", doubting.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 503);
-    assert!(!catalog_has(&client, &doubting.url, &sha).await);
+    wait_log(&doubting, "signature does not verify").await;
+    let (status, v) = get_json(&doubting.url, "/readyz").await;
+    assert_eq!(status, 503, "{v}");
+    let client = reqwest::Client::new();
+    assert!(!catalog_has(&client, &doubting.url, &s.sha).await);
 }
 
-/// `GET /v1/stream` on a fresh connection is served without hyper (`pushconn`): the same
-/// answer as any request (SSE, or the router's JSON error), its limits, and a prompt end when
-/// the client hangs up.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn push_connections_keep_the_contract_and_the_limits() {
-    let dir = tempfile::tempdir().unwrap();
+/// A manager with a 4096-byte head limit and a 1 s head timeout, for push connections.
+fn push_manager(dir: &std::path::Path) -> (Proc, String) {
     let manager = manager_with(
-        dir.path(),
+        dir,
         "[manager]\n[limits]\nmax_header_bytes = 4096\nheader_read_timeout_s = 1\n",
         &[],
     );
     let a = addr(&manager.url);
-    let http = reqwest::Client::new();
-    let read_until = |s: &mut TcpStream, end: &str| {
-        let mut got = Vec::new();
-        let mut buf = [0u8; 4096];
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        while !String::from_utf8_lossy(&got).contains(end) {
-            let n = s.read(&mut buf).unwrap_or(0);
-            if n == 0 {
-                break;
-            }
-            got.extend_from_slice(&buf[..n]);
-        }
-        String::from_utf8_lossy(&got).into_owned()
-    };
+    (manager, a)
+}
 
-    // The stream: chunked SSE with the current state first, then closed after the one
-    // response.
+/// Reads from `s` until `end` is seen, the peer closes, or 5 s pass without a byte.
+fn read_until(s: &mut TcpStream, end: &str) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    while !String::from_utf8_lossy(&got).contains(end) {
+        let n = s.read(&mut buf).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+async fn stream_clients(manager: &str) -> f64 {
+    metric(&reqwest::Client::new(), manager, "gup_stream_clients").await
+}
+
+// `GET /v1/stream` on a fresh connection is served without hyper (`pushconn`): the same
+// answer as any request (SSE, or the router's JSON error), its limits, and a prompt end when
+// the client hangs up.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_stream_is_chunked_sse_with_the_current_state_and_connection_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_manager, a) = push_manager(dir.path());
     let mut s = TcpStream::connect(&a).unwrap();
     s.write_all(b"GET /v1/stream?client_id=pc-1 HTTP/1.1\r\nHost: x\r\n\r\n")
         .unwrap();
@@ -361,50 +446,78 @@ async fn push_connections_keep_the_contract_and_the_limits() {
     assert!(got.contains("transfer-encoding: chunked"), "{got}");
     assert!(got.contains("connection: close"), "{got}");
     assert!(got.contains("event: catalog"), "{got}");
-    let open = |http: reqwest::Client, url: String| async move {
-        metric(&http, &url, "gup_stream_clients").await
-    };
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_stream_ends_at_once_when_the_client_hangs_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let (manager, a) = push_manager(dir.path());
+    let mut s = TcpStream::connect(&a).unwrap();
+    s.write_all(b"GET /v1/stream?client_id=pc-1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    read_until(&mut s, "event: catalog");
     wait_for(10, "the stream counted", || {
-        let (http, url) = (http.clone(), manager.url.clone());
-        async move { (open(http, url).await == 1.0).then_some(()) }
+        let url = manager.url.clone();
+        async move { (stream_clients(&url).await == 1.0).then_some(()) }
     })
     .await;
     // The client hangs up: the stream ends at once, not at the next keep-alive (15 s).
     drop(s);
     wait_for(5, "the stream gone", || {
-        let (http, url) = (http.clone(), manager.url.clone());
-        async move { (open(http, url).await == 0.0).then_some(()) }
+        let url = manager.url.clone();
+        async move { (stream_clients(&url).await == 0.0).then_some(()) }
     })
     .await;
+}
 
-    // The router's own errors come through: a bad query is the same JSON 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_stream_with_a_bad_query_gets_the_routers_json_400() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_manager, a) = push_manager(dir.path());
     let mut s = TcpStream::connect(&a).unwrap();
     s.write_all(b"GET /v1/stream?client_id=a&client_id=b HTTP/1.1\r\nHost: x\r\n\r\n")
         .unwrap();
     let got = read_until(&mut s, "}");
     assert!(got.starts_with("HTTP/1.1 400"), "{got}");
     assert!(got.contains("content-length: "), "{got}");
-    assert!(got.contains("\"error\""), "{got}");
+    assert!(got.contains("\"error\":\"bad_query\""), "{got}");
+}
 
-    // Limits: a head over max_header_bytes gets 431 JSON, a malformed head 400, a head not
-    // finished within header_read_timeout is cut; the server carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_stream_head_over_max_header_bytes_gets_431_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_manager, a) = push_manager(dir.path());
     let mut s = TcpStream::connect(&a).unwrap();
     let big = "x".repeat(8_000);
     let _ = s.write_all(format!("GET /v1/stream?a=b HTTP/1.1\r\nX-Big: {big}\r\n\r\n").as_bytes());
     let got = read_until(&mut s, "}");
     assert!(got.starts_with("HTTP/1.1 431"), "{got}");
+    assert!(got.contains("\"error\":\"headers_too_large\""), "{got}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_push_stream_head_gets_400_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_manager, a) = push_manager(dir.path());
     let mut s = TcpStream::connect(&a).unwrap();
     s.write_all(b"GET /v1/stream?a=b HTTP/1.1\r\nBad Header\r\n\r\n")
         .unwrap();
     let got = read_until(&mut s, "}");
     assert!(got.starts_with("HTTP/1.1 400"), "{got}");
+    assert!(got.contains("\"error\":\"bad_request\""), "{got}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_stream_head_not_finished_in_time_is_cut_and_the_server_carries_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_manager, a) = push_manager(dir.path());
     let mut s = TcpStream::connect(&a).unwrap();
     s.write_all(b"GET /v1/stream?client_id=slow HTTP/1.1\r\nHost: x\r\n")
         .unwrap();
     let started = Instant::now();
     let got = read_until(&mut s, "never");
     assert!(got.is_empty(), "{got}");
-    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(started.elapsed() < Duration::from_secs(5), "cut in time");
     let mut s = TcpStream::connect(&a).unwrap();
-    assert!(healthz(&mut s).starts_with("HTTP/1.1 200"));
+    assert!(healthz(&mut s).starts_with("HTTP/1.1 200"), "carries on");
 }

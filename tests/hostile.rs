@@ -121,11 +121,7 @@ async fn check(how: Misbehave) {
     let dir = tempfile::tempdir().unwrap();
     let manager = start_manager(&dir.path().join("m"), &[]);
     let data = random_bytes(300_000, 31);
-    let sha = sha256_hex(&data);
-    let file = dir.path().join("defs.bin");
-    std::fs::write(&file, &data).unwrap();
-    let (code, out) = publish(&manager.url, &file, "defs", "1");
-    assert_eq!(code, 0, "{out}");
+    let sha = publish_and_wait(&manager.url, &[], "defs", "1", &data).await;
     let bad = hostile(&manager.url, how).await;
     let node = start_node_toml(
         &dir.path().join("n"),
@@ -134,12 +130,8 @@ async fn check(how: Misbehave) {
         &[],
     );
     let client = reqwest::Client::new();
-    let (nu, s2) = (node.url.clone(), sha.clone());
-    wait_for(30, "the node mirrors a good catalog", || {
-        let (c, u, s) = (client.clone(), nu.clone(), s2.clone());
-        async move { catalog_has(&c, &u, &s).await.then_some(()) }
-    })
-    .await;
+    // The good catalog (from the next upstream, or what the hostile one passed on intact).
+    wait_mirrored(&node.url, &sha).await;
     // Never a complete 200 with wrong bytes; a cut response may happen while the bad fetch
     // fails, then the next upstream serves the right bytes.
     let mut good = false;

@@ -30,24 +30,14 @@ async fn fixture(slow_wan: bool) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let manager = start_manager(&dir.path().join("m"), &[]);
     let data = random_bytes(if slow_wan { 16 << 20 } else { 300_000 }, 21);
-    let sha = sha256_hex(&data);
-    let file = dir.path().join("blob.bin");
-    std::fs::write(&file, &data).unwrap();
-    let (code, out) = publish(&manager.url, &file, "blob", "1");
-    assert_eq!(code, 0, "{out}");
+    let sha = publish_and_wait(&manager.url, &[], "blob", "1", &data).await;
     let toml = if slow_wan {
         "max_bytes_per_sec = 4194304\n[cache]\nprefetch = false\n"
     } else {
         ""
     };
     let node = start_node_toml(&dir.path().join("n"), &[&manager.url], toml, &[]);
-    let client = reqwest::Client::new();
-    let (nu, s) = (node.url.clone(), sha.clone());
-    wait_for(20, "node mirrors the catalog", || {
-        let (c, u, s) = (client.clone(), nu.clone(), s.clone());
-        async move { catalog_has(&c, &u, &s).await.then_some(()) }
-    })
-    .await;
+    wait_mirrored(&node.url, &sha).await;
     Fixture {
         _dir: dir,
         _manager: manager,

@@ -1,84 +1,121 @@
-//! End to end through real processes: groups, communications settings with inheritance and
-//! location overrides, policies with serials and 304, heartbeats with the contract's
-//! reconnection rules, persistence across restarts, push to a node and to a stream client,
-//! and heartbeats relayed by a node.
+//! End to end through real processes: groups, communications settings, policies,
+//! heartbeats, reconnection and push.
+//! - the default group's settings are the contract's table;
+//! - a group PUT answers 201 when it creates, 200 when it changes; the CLI sets groups and
+//!   dotted settings; settings inherit through a tree three levels deep, key by key; a key
+//!   set to `null` goes back to inheriting; a cycle is 409; a group with children or clients
+//!   cannot be deleted (409);
+//! - a parent's location override beats the group's inherited value; a group-only key on a
+//!   location is 400 naming the key; invalid values are 400 `bad_setting` naming the key;
+//!   malformed JSON is 400 `bad_json`;
+//! - policies are inherited with their serial; the policy ETag answers 304 until a policy up
+//!   the tree changes; serials come from one counter across groups and never repeat after a
+//!   restart;
+//! - a heartbeat answers the effective settings and serials; the CLI lists the client and
+//!   shows effective settings at a location; settings, policies and clients survive a
+//!   restart;
+//! - reconnection: a new client lands in its install group; a moved client that keeps
+//!   heartbeating stays; a deleted one reconnects to its install group, or to its last group
+//!   with `use_last_group` (Windows and Mac only); in user mode a new user moves the client
+//!   to that user's group, a user with no mapping keeps the current group, and
+//!   `use_last_mode` keeps a Windows client in the previous user's group (not a Mac);
+//! - push: a node's stream client gets the current state on connect and hears a change by
+//!   push; a pull client learns it at its next heartbeat; a node relays its clients'
+//!   heartbeats; with the manager down it answers heartbeats from its mirror and still stops
+//!   cleanly.
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use common::*;
 use futures_util::StreamExt;
+use reqwest::Method;
 use serde_json::{json, Value};
 
-struct Api {
-    c: reqwest::Client,
-    base: String,
+async fn put(manager: &str, path: &str, body: Value) -> (u16, Value) {
+    admin_call(manager, Method::PUT, path, Some(body)).await
 }
 
-impl Api {
-    fn new(base: &str) -> Api {
-        Api {
-            c: reqwest::Client::new(),
-            base: base.to_string(),
-        }
-    }
-
-    async fn send(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
-        let mut req = self
-            .c
-            .request(method, format!("{}{path}", self.base))
-            .bearer_auth(ADMIN_TOKEN);
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp = req.send().await.unwrap();
-        let status = resp.status().as_u16();
-        (status, resp.json().await.unwrap_or(Value::Null))
-    }
-
-    async fn put(&self, path: &str, body: Value) -> (u16, Value) {
-        self.send(reqwest::Method::PUT, path, Some(body)).await
-    }
-
-    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        self.send(reqwest::Method::POST, path, Some(body)).await
-    }
-
-    async fn get(&self, path: &str) -> (u16, Value) {
-        self.send(reqwest::Method::GET, path, None).await
-    }
-
-    async fn heartbeat(&self, body: Value) -> Value {
-        let (status, v) = self.post("/v1/heartbeat", body).await;
-        assert_eq!(status, 200, "{v}");
-        v
-    }
+async fn put_ok(manager: &str, path: &str, body: Value) -> Value {
+    let (status, v) = put(manager, path, body.clone()).await;
+    assert_eq!(status, 200, "PUT {path} {body}: {v}");
+    v
 }
 
-fn admin_cli(manager: &str, args: &[&str]) -> (i32, String) {
-    let out = Command::new(gup())
-        .args(["admin", "--manager", manager, "--token", ADMIN_TOKEN])
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+async fn delete(manager: &str, path: &str) -> (u16, Value) {
+    admin_call(manager, Method::DELETE, path, None).await
+}
+
+async fn settings(base: &str, group: &str, location: Option<&str>) -> Value {
+    let path = match location {
+        Some(l) => format!("/v1/groups/{group}/settings?location={l}"),
+        None => format!("/v1/groups/{group}/settings"),
+    };
+    let (status, v) = get_json(base, &path).await;
+    assert_eq!(status, 200, "GET {path}: {v}");
+    v
+}
+
+fn cli_ok(manager: &str, args: &[&str]) -> String {
+    let (code, out) = admin_cli(manager, args);
+    assert_eq!(code, 0, "gup admin {args:?}: {out}");
+    out
+}
+
+/// A manager with the tree default > emea > paris > paris-lab:
+/// default `heartbeat_interval_s = 120`; emea `mode = push`, `randomization.window_s = 600`;
+/// paris `randomization.enabled = false`, and at location `remote`
+/// `heartbeat_interval_s = 900`.
+async fn tree(m_dir: &std::path::Path) -> Proc {
+    let manager = start_manager(m_dir, &[]);
+    let m = &manager.url;
+    for (group, parent) in [
+        ("emea", "default"),
+        ("paris", "emea"),
+        ("paris-lab", "paris"),
+    ] {
+        let (status, v) = put(
+            m,
+            &format!("/v1/admin/groups/{group}"),
+            json!({"parent": parent}),
+        )
+        .await;
+        assert_eq!(status, 201, "create {group}: {v}");
+    }
+    let m = &manager.url;
+    put_ok(
+        m,
+        "/v1/admin/groups/default/settings",
+        json!({"heartbeat_interval_s": 120}),
     )
+    .await;
+    put_ok(
+        m,
+        "/v1/admin/groups/emea/settings",
+        json!({"mode": "push", "randomization": {"window_s": 600}}),
+    )
+    .await;
+    put_ok(
+        m,
+        "/v1/admin/groups/paris/settings",
+        json!({"randomization": {"enabled": false}}),
+    )
+    .await;
+    put_ok(
+        m,
+        "/v1/admin/groups/paris/settings?location=remote",
+        json!({"heartbeat_interval_s": 900}),
+    )
+    .await;
+    manager
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn settings_inheritance_locations_policies_and_restart() {
+async fn the_default_groups_settings_are_the_contracts_table() {
     let dir = tempfile::tempdir().unwrap();
-    let m_dir = dir.path().join("m");
-    let manager = start_manager(&m_dir, &[]);
-    let api = Api::new(&manager.url);
-
-    // Defaults of the contract's table.
-    let (s, v) = api.get("/v1/groups/default/settings").await;
-    assert_eq!(s, 200);
+    let manager = start_manager(&dir.path().join("m"), &[]);
+    let v = settings(&manager.url, "default", None).await;
     assert_eq!(v["communication_enabled"], true);
     assert_eq!(v["management_servers"], json!([]));
     assert_eq!(v["download_policies_and_content"], true);
@@ -94,28 +131,33 @@ async fn settings_inheritance_locations_policies_and_restart() {
         v["reconnection"],
         json!({"use_last_group": false, "use_last_mode": false})
     );
-    assert!(v["serial"].is_u64());
+    assert!(v["serial"].is_u64(), "{v}");
+}
 
-    // A tree three levels deep, through the CLI.
-    let (code, out) = admin_cli(&manager.url, &["group", "set", "emea"]);
-    assert_eq!(code, 0, "{out}");
-    let (code, out) = admin_cli(&manager.url, &["group", "set", "paris", "--parent", "emea"]);
-    assert_eq!(code, 0, "{out}");
-    let (s, _) = api
-        .put("/v1/admin/groups/paris-lab", json!({"parent": "paris"}))
-        .await;
-    assert_eq!(s, 201);
-    let (s, _) = api
-        .put("/v1/admin/groups/paris-lab", json!({"parent": "paris"}))
-        .await;
-    assert_eq!(s, 200);
-    let (code, out) = admin_cli(
-        &manager.url,
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_put_answers_201_when_it_creates_and_200_when_it_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let manager = start_manager(&dir.path().join("m"), &[]);
+    let body = json!({"parent": "default"});
+    let (status, v) = put(&manager.url, "/v1/admin/groups/lab", body.clone()).await;
+    assert_eq!(status, 201, "created: {v}");
+    let (status, v) = put(&manager.url, "/v1/admin/groups/lab", body).await;
+    assert_eq!(status, 200, "changed: {v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_sets_groups_and_dotted_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let manager = start_manager(&dir.path().join("m"), &[]);
+    let m = &manager.url;
+    cli_ok(m, &["group", "set", "emea"]);
+    cli_ok(m, &["group", "set", "paris", "--parent", "emea"]);
+    cli_ok(
+        m,
         &["settings", "set", "default", "heartbeat_interval_s=120"],
     );
-    assert_eq!(code, 0, "{out}");
-    let (code, out) = admin_cli(
-        &manager.url,
+    cli_ok(
+        m,
         &[
             "settings",
             "set",
@@ -124,65 +166,97 @@ async fn settings_inheritance_locations_policies_and_restart() {
             "randomization.window_s=600",
         ],
     );
-    assert_eq!(code, 0, "{out}");
-    let (s, _) = api
-        .put(
-            "/v1/admin/groups/paris/settings",
-            json!({"randomization": {"enabled": false}}),
-        )
-        .await;
-    assert_eq!(s, 200);
-    let (_, v) = api.get("/v1/groups/paris-lab/settings").await;
+    let (_, groups) = admin_call(m, Method::GET, "/v1/admin/groups", None).await;
+    let parent = |name: &str| {
+        groups["groups"]
+            .as_array()
+            .and_then(|gs| gs.iter().find(|g| g["name"] == name))
+            .map(|g| g["parent"].clone())
+    };
+    assert_eq!(parent("emea"), Some(json!("default")), "{groups}");
+    assert_eq!(parent("paris"), Some(json!("emea")), "{groups}");
+    let v = settings(m, "paris", None).await;
+    assert_eq!(v["heartbeat_interval_s"], 120, "from default: {v}");
+    assert_eq!(v["mode"], "push", "from emea, its parent: {v}");
+    assert_eq!(v["randomization"]["window_s"], 600, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_inherit_key_by_key_through_a_three_level_tree() {
+    let dir = tempfile::tempdir().unwrap();
+    let manager = tree(&dir.path().join("m")).await;
+    let v = settings(&manager.url, "paris-lab", None).await;
     assert_eq!(v["heartbeat_interval_s"], 120, "from default");
     assert_eq!(v["mode"], "push", "from emea");
     assert_eq!(
         v["randomization"],
-        json!({"enabled": false, "window_s": 600})
+        json!({"enabled": false, "window_s": 600}),
+        "enabled from paris, window_s from emea"
     );
-    // null goes back to inheriting.
-    let (s, _) = api
-        .put("/v1/admin/groups/emea/settings", json!({"mode": null}))
-        .await;
-    assert_eq!(s, 200);
-    let (_, v) = api.get("/v1/groups/paris-lab/settings").await;
-    assert_eq!(v["mode"], "pull");
-    // A cycle is refused.
-    let (s, v) = api
-        .put("/v1/admin/groups/emea", json!({"parent": "paris-lab"}))
-        .await;
-    assert_eq!(s, 409, "{v}");
-    // A group with children cannot be deleted.
-    let (s, _) = api
-        .send(reqwest::Method::DELETE, "/v1/admin/groups/paris", None)
-        .await;
-    assert_eq!(s, 409);
+}
 
-    // Location override, and a group-only key on a location is 400 naming the key.
-    let (s, v) = api
-        .put(
-            "/v1/admin/groups/paris/settings?location=remote",
-            json!({"heartbeat_interval_s": 900}),
-        )
-        .await;
-    assert_eq!(s, 200, "{v}");
-    let (_, v) = api
-        .get("/v1/groups/paris-lab/settings?location=remote")
-        .await;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_set_to_null_goes_back_to_inheriting() {
+    let dir = tempfile::tempdir().unwrap();
+    let manager = tree(&dir.path().join("m")).await;
+    put_ok(
+        &manager.url,
+        "/v1/admin/groups/emea/settings",
+        json!({"mode": null}),
+    )
+    .await;
+    let v = settings(&manager.url, "paris-lab", None).await;
+    assert_eq!(v["mode"], "pull", "the built-in default again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cycle_in_the_group_tree_is_409() {
+    let dir = tempfile::tempdir().unwrap();
+    let manager = tree(&dir.path().join("m")).await;
+    let (status, v) = put(
+        &manager.url,
+        "/v1/admin/groups/emea",
+        json!({"parent": "paris-lab"}),
+    )
+    .await;
+    assert_eq!(status, 409, "{v}");
+    assert_eq!(v["error"], "conflict");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_with_children_cannot_be_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let manager = tree(&dir.path().join("m")).await;
+    let (status, v) = delete(&manager.url, "/v1/admin/groups/paris").await;
+    assert_eq!(status, 409, "{v}");
+    assert_eq!(v["error"], "conflict");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parents_location_override_beats_the_groups_inherited_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let manager = tree(&dir.path().join("m")).await;
+    let v = settings(&manager.url, "paris-lab", Some("remote")).await;
     assert_eq!(
         v["heartbeat_interval_s"], 900,
         "parent@L beats the group's inherited value"
     );
-    let (_, v) = api
-        .get("/v1/groups/paris-lab/settings?location=office")
-        .await;
-    assert_eq!(v["heartbeat_interval_s"], 120);
-    let (s, v) = api
-        .put(
-            "/v1/admin/groups/paris/settings?location=remote",
-            json!({"reconnection": {"use_last_group": true}}),
-        )
-        .await;
-    assert_eq!(s, 400);
+    let v = settings(&manager.url, "paris-lab", Some("office")).await;
+    assert_eq!(v["heartbeat_interval_s"], 120, "another location inherits");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_only_key_on_a_location_is_400_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let manager = tree(&dir.path().join("m")).await;
+    let (status, v) = put(
+        &manager.url,
+        "/v1/admin/groups/paris/settings?location=remote",
+        json!({"reconnection": {"use_last_group": true}}),
+    )
+    .await;
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["error"], "bad_setting");
     assert!(
         v["message"]
             .as_str()
@@ -190,7 +264,12 @@ async fn settings_inheritance_locations_policies_and_restart() {
             .contains("reconnection.use_last_group"),
         "{v}"
     );
-    // Validation names the key and the rule.
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_settings_are_400_bad_setting_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let manager = tree(&dir.path().join("m")).await;
     for (body, key) in [
         (json!({"heartbeat_interval_s": 0}), "heartbeat_interval_s"),
         (
@@ -208,16 +287,18 @@ async fn settings_inheritance_locations_policies_and_restart() {
         ),
         (json!({"no_such_key": 1}), "no_such_key"),
     ] {
-        let (s, v) = api
-            .put("/v1/admin/groups/emea/settings", body.clone())
-            .await;
-        assert_eq!(s, 400, "{body}");
-        assert_eq!(v["error"], "bad_setting");
+        let (status, v) = put(&manager.url, "/v1/admin/groups/emea/settings", body.clone()).await;
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(v["error"], "bad_setting", "{body}");
         assert!(v["message"].as_str().unwrap().contains(key), "{body}: {v}");
     }
-    // Malformed JSON: 400 with our JSON error.
-    let r = api
-        .c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_settings_json_is_400_bad_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let manager = tree(&dir.path().join("m")).await;
+    let r = reqwest::Client::new()
         .put(format!("{}/v1/admin/groups/emea/settings", manager.url))
         .bearer_auth(ADMIN_TOKEN)
         .header("content-type", "application/json")
@@ -228,202 +309,309 @@ async fn settings_inheritance_locations_policies_and_restart() {
     assert_eq!(r.status(), 400);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"], "bad_json");
+}
 
-    // Policies: inherited, serials from one counter, ETag and 304.
-    let (_, p1) = api
-        .put("/v1/admin/groups/emea/policy", json!({"scan": "daily"}))
-        .await;
-    let (_, v) = api.get("/v1/groups/paris-lab/policy").await;
-    assert_eq!(v["policy"], json!({"scan": "daily"}));
-    assert_eq!(v["serial"], p1["serial"]);
-    let r = api
-        .c
-        .get(format!("{}/v1/groups/paris-lab/policy", manager.url))
-        .send()
-        .await
-        .unwrap();
+async fn set_policy(manager: &str, group: &str, policy: Value) -> u64 {
+    let v = put_ok(manager, &format!("/v1/admin/groups/{group}/policy"), policy).await;
+    v["serial"].as_u64().unwrap_or_else(|| panic!("{v}"))
+}
+
+async fn policy_status(base: &str, group: &str, if_none_match: Option<&str>) -> (u16, String) {
+    let mut req = reqwest::Client::new().get(format!("{base}/v1/groups/{group}/policy"));
+    if let Some(e) = if_none_match {
+        req = req.header("if-none-match", e);
+    }
+    let r = req.send().await.unwrap();
     let etag = r.headers()["etag"].to_str().unwrap().to_string();
-    let r = api
-        .c
-        .get(format!("{}/v1/groups/paris-lab/policy", manager.url))
-        .header("if-none-match", &etag)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 304);
-    let (_, p2) = api
-        .put("/v1/admin/groups/paris/policy", json!({"scan": "hourly"}))
-        .await;
-    assert!(p2["serial"].as_u64() > p1["serial"].as_u64());
-    let r = api
-        .c
-        .get(format!("{}/v1/groups/paris-lab/policy", manager.url))
-        .header("if-none-match", &etag)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    (r.status().as_u16(), etag)
+}
 
-    // Heartbeat: answer with effective settings and serials.
-    let v = api
-        .heartbeat(
-            json!({"client_id": "pc-1", "install_group": "paris-lab", "location": "remote",
-                          "os": "windows", "client_version": "12.1.5", "mode": "computer"}),
-        )
-        .await;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_is_inherited_down_the_tree_with_its_serial() {
+    let dir = tempfile::tempdir().unwrap();
+    let manager = tree(&dir.path().join("m")).await;
+    let serial = set_policy(&manager.url, "emea", json!({"scan": "daily"})).await;
+    let (_, v) = get_json(&manager.url, "/v1/groups/paris-lab/policy").await;
+    assert_eq!(v["policy"], json!({"scan": "daily"}), "{v}");
+    assert_eq!(v["serial"], serial, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_policy_etag_answers_304_until_a_policy_up_the_tree_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let manager = tree(&dir.path().join("m")).await;
+    set_policy(&manager.url, "emea", json!({"scan": "daily"})).await;
+    let (_, etag) = policy_status(&manager.url, "paris-lab", None).await;
+    let (status, _) = policy_status(&manager.url, "paris-lab", Some(&etag)).await;
+    assert_eq!(status, 304, "unchanged");
+    set_policy(&manager.url, "paris", json!({"scan": "hourly"})).await;
+    let (status, _) = policy_status(&manager.url, "paris-lab", Some(&etag)).await;
+    assert_eq!(status, 200, "changed by the parent's policy");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_serials_come_from_one_counter_across_groups() {
+    let dir = tempfile::tempdir().unwrap();
+    let manager = tree(&dir.path().join("m")).await;
+    let emea = set_policy(&manager.url, "emea", json!({"scan": "daily"})).await;
+    let paris = set_policy(&manager.url, "paris", json!({"scan": "hourly"})).await;
+    assert!(paris > emea, "{paris} after {emea}");
+}
+
+fn pc1() -> Value {
+    json!({"client_id": "pc-1", "install_group": "paris-lab", "location": "remote",
+           "os": "windows", "client_version": "12.1.5", "mode": "computer"})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heartbeat_answers_the_effective_settings_and_serials() {
+    let dir = tempfile::tempdir().unwrap();
+    let manager = tree(&dir.path().join("m")).await;
+    let serial = set_policy(&manager.url, "paris", json!({"scan": "hourly"})).await;
+    let v = heartbeat_ok(&manager.url, pc1()).await;
     assert_eq!(v["group"], "paris-lab");
-    assert_eq!(v["next_heartbeat_s"], 900);
-    assert_eq!(v["policy_serial"], p2["serial"]);
-    assert_eq!(v["download_slot"], Value::Null);
-    let (s, v) = api
-        .post("/v1/heartbeat", json!({"install_group": "x"}))
-        .await;
-    assert_eq!(s, 400, "{v}");
-    let (code, out) = admin_cli(&manager.url, &["client", "list"]);
-    assert_eq!(code, 0, "{out}");
-    assert!(out.contains("pc-1") && out.contains("paris-lab"), "{out}");
-    let (code, out) = admin_cli(
-        &manager.url,
-        &["settings", "get", "paris-lab", "--location", "remote"],
-    );
-    assert_eq!(code, 0, "{out}");
-    assert!(
-        out.contains("heartbeat_interval_s") && out.contains("900"),
-        "{out}"
-    );
-
-    // Everything survives a restart.
-    assert_eq!(manager.stop(), Some(0));
-    let manager = start_manager(&m_dir, &[]);
-    let api = Api::new(&manager.url);
-    let (_, v) = api
-        .get("/v1/groups/paris-lab/settings?location=remote")
-        .await;
-    assert_eq!(v["heartbeat_interval_s"], 900);
+    assert_eq!(v["next_heartbeat_s"], 900, "paris@remote");
+    assert_eq!(v["settings"]["heartbeat_interval_s"], 900, "{v}");
+    assert_eq!(v["policy_serial"], serial);
     assert_eq!(
-        v["randomization"],
-        json!({"enabled": false, "window_s": 600})
-    );
-    let (_, v) = api.get("/v1/groups/paris-lab/policy").await;
-    assert_eq!(v["policy"], json!({"scan": "hourly"}));
-    let (_, v) = api.get("/v1/admin/clients").await;
-    assert_eq!(v["clients"][0]["client_id"], "pc-1");
-    let (_, v) = api
-        .put("/v1/admin/groups/emea/policy", json!({"x": 1}))
-        .await;
-    assert!(
-        v["serial"].as_u64() > p2["serial"].as_u64(),
-        "serials never repeat after restart"
+        v["download_slot"],
+        Value::Null,
+        "randomization is off in paris"
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reconnection_preferences() {
+async fn the_cli_lists_clients_and_shows_effective_settings_at_a_location() {
+    let dir = tempfile::tempdir().unwrap();
+    let manager = tree(&dir.path().join("m")).await;
+    heartbeat_ok(&manager.url, pc1()).await;
+    let out = cli_ok(&manager.url, &["client", "list"]);
+    assert!(out.contains("pc-1") && out.contains("paris-lab"), "{out}");
+    let out = cli_ok(
+        &manager.url,
+        &["settings", "get", "paris-lab", "--location", "remote"],
+    );
+    assert!(
+        out.contains("heartbeat_interval_s") && out.contains("900"),
+        "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_policies_and_clients_survive_a_manager_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let m_dir = dir.path().join("m");
+    let manager = tree(&m_dir).await;
+    set_policy(&manager.url, "paris", json!({"scan": "hourly"})).await;
+    heartbeat_ok(&manager.url, pc1()).await;
+    assert_eq!(manager.stop(), Some(0));
+
+    let manager = start_manager(&m_dir, &[]);
+    let v = settings(&manager.url, "paris-lab", Some("remote")).await;
+    assert_eq!(v["heartbeat_interval_s"], 900, "a location override");
+    assert_eq!(
+        v["randomization"],
+        json!({"enabled": false, "window_s": 600}),
+        "group settings"
+    );
+    let (_, v) = get_json(&manager.url, "/v1/groups/paris-lab/policy").await;
+    assert_eq!(v["policy"], json!({"scan": "hourly"}), "the policy");
+    let (_, v) = admin_call(&manager.url, Method::GET, "/v1/admin/clients", None).await;
+    assert_eq!(v["clients"][0]["client_id"], "pc-1", "the client: {v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_serials_never_repeat_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let m_dir = dir.path().join("m");
+    let manager = tree(&m_dir).await;
+    let before = set_policy(&manager.url, "paris", json!({"scan": "hourly"})).await;
+    assert_eq!(manager.stop(), Some(0));
+    let manager = start_manager(&m_dir, &[]);
+    let after = set_policy(&manager.url, "emea", json!({"x": 1})).await;
+    assert!(after > before, "{after} after {before}");
+}
+
+/// A manager with the groups install, moved, sticky, alice-group and bob-group, and the users
+/// alice (through the CLI) and bob mapped to theirs.
+async fn reconnection() -> (tempfile::TempDir, Proc) {
     let dir = tempfile::tempdir().unwrap();
     let manager = start_manager(&dir.path().join("m"), &[]);
-    let api = Api::new(&manager.url);
     for g in ["install", "moved", "sticky", "alice-group", "bob-group"] {
-        let (s, _) = api
-            .put(
-                &format!("/v1/admin/groups/{g}"),
-                json!({"parent": "default"}),
-            )
-            .await;
-        assert_eq!(s, 201);
-    }
-    let hb = |id: &str, os: &str| json!({"client_id": id, "install_group": "install", "os": os});
-
-    // 1. A new client lands in its install group; a moved one that keeps heartbeating stays.
-    assert_eq!(api.heartbeat(hb("c1", "windows")).await["group"], "install");
-    let (code, out) = admin_cli(&manager.url, &["client", "move", "c1", "moved"]);
-    assert_eq!(code, 0, "{out}");
-    assert_eq!(api.heartbeat(hb("c1", "windows")).await["group"], "moved");
-    // ...and after its record is deleted it reconnects to the install group.
-    let (s, _) = api
-        .send(reqwest::Method::DELETE, "/v1/admin/clients/c1", None)
-        .await;
-    assert_eq!(s, 200);
-    assert_eq!(api.heartbeat(hb("c1", "windows")).await["group"], "install");
-
-    // 2. use_last_group on the last group: a deleted Windows/Mac client comes back there;
-    //    Linux ignores it.
-    let (s, _) = api
-        .put(
-            "/v1/admin/groups/sticky/settings",
-            json!({"reconnection": {"use_last_group": true}}),
+        let (status, v) = put(
+            &manager.url,
+            &format!("/v1/admin/groups/{g}"),
+            json!({"parent": "default"}),
         )
         .await;
-    assert_eq!(s, 200);
-    for (id, os, expect) in [
-        ("c2", "windows", "sticky"),
-        ("c3", "mac", "sticky"),
-        ("c4", "linux", "install"),
-    ] {
-        api.heartbeat(hb(id, os)).await;
-        let (s, _) = api
-            .post(
-                &format!("/v1/admin/clients/{id}/move"),
-                json!({"group": "sticky"}),
-            )
-            .await;
-        assert_eq!(s, 200);
-        let (s, _) = api
-            .send(
-                reqwest::Method::DELETE,
-                &format!("/v1/admin/clients/{id}"),
-                None,
-            )
-            .await;
-        assert_eq!(s, 200);
-        assert_eq!(
-            api.heartbeat(hb(id, os)).await["group"],
-            expect,
-            "{id} {os}"
-        );
+        assert_eq!(status, 201, "create {g}: {v}");
     }
-    // A group with clients cannot be deleted.
-    let (s, _) = api
-        .send(reqwest::Method::DELETE, "/v1/admin/groups/sticky", None)
-        .await;
-    assert_eq!(s, 409);
+    cli_ok(&manager.url, &["user", "set", "alice", "alice-group"]);
+    put_ok(
+        &manager.url,
+        "/v1/admin/users/bob",
+        json!({"group": "bob-group"}),
+    )
+    .await;
+    (dir, manager)
+}
 
-    // 3. User mode: a new user moves the client to that user's group.
-    let (code, out) = admin_cli(&manager.url, &["user", "set", "alice", "alice-group"]);
-    assert_eq!(code, 0, "{out}");
-    let (s, _) = api
-        .put("/v1/admin/users/bob", json!({"group": "bob-group"}))
-        .await;
-    assert_eq!(s, 200);
-    let user = |id: &str, u: &str| json!({"client_id": id, "install_group": "install", "os": "windows", "mode": "user", "user": u});
+fn hb(id: &str, os: &str) -> Value {
+    json!({"client_id": id, "install_group": "install", "os": os})
+}
+
+fn user_hb(id: &str, os: &str, user: &str) -> Value {
+    json!({"client_id": id, "install_group": "install", "os": os, "mode": "user", "user": user})
+}
+
+async fn group_of(manager: &str, body: Value) -> String {
+    heartbeat_ok(manager, body).await["group"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+async fn move_client(manager: &str, id: &str, group: &str) {
+    let (status, v) = admin_call(
+        manager,
+        Method::POST,
+        &format!("/v1/admin/clients/{id}/move"),
+        Some(json!({"group": group})),
+    )
+    .await;
+    assert_eq!(status, 200, "move {id} to {group}: {v}");
+}
+
+async fn delete_client(manager: &str, id: &str) {
+    let (status, v) = delete(manager, &format!("/v1/admin/clients/{id}")).await;
+    assert_eq!(status, 200, "delete {id}: {v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_client_lands_in_its_install_group() {
+    let (_dir, manager) = reconnection().await;
+    assert_eq!(group_of(&manager.url, hb("c1", "windows")).await, "install");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moved_client_that_keeps_heartbeating_stays_where_it_was_moved() {
+    let (_dir, manager) = reconnection().await;
+    heartbeat_ok(&manager.url, hb("c1", "windows")).await;
+    cli_ok(&manager.url, &["client", "move", "c1", "moved"]);
+    assert_eq!(group_of(&manager.url, hb("c1", "windows")).await, "moved");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_client_reconnects_to_its_install_group() {
+    let (_dir, manager) = reconnection().await;
+    heartbeat_ok(&manager.url, hb("c1", "windows")).await;
+    move_client(&manager.url, "c1", "moved").await;
+    delete_client(&manager.url, "c1").await;
+    assert_eq!(group_of(&manager.url, hb("c1", "windows")).await, "install");
+}
+
+/// Makes `sticky` a `use_last_group` group, and moves `id` there and deletes its record.
+async fn moved_to_sticky_and_deleted(manager: &str, id: &str, os: &str) {
+    put_ok(
+        manager,
+        "/v1/admin/groups/sticky/settings",
+        json!({"reconnection": {"use_last_group": true}}),
+    )
+    .await;
+    heartbeat_ok(manager, hb(id, os)).await;
+    move_client(manager, id, "sticky").await;
+    delete_client(manager, id).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn use_last_group_brings_a_deleted_windows_or_mac_client_back_to_its_last_group() {
+    let (_dir, manager) = reconnection().await;
+    for (id, os) in [("c2", "windows"), ("c3", "mac")] {
+        moved_to_sticky_and_deleted(&manager.url, id, os).await;
+        assert_eq!(group_of(&manager.url, hb(id, os)).await, "sticky", "{os}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn use_last_group_has_no_effect_for_a_linux_client() {
+    let (_dir, manager) = reconnection().await;
+    moved_to_sticky_and_deleted(&manager.url, "c4", "linux").await;
+    assert_eq!(group_of(&manager.url, hb("c4", "linux")).await, "install");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_with_clients_cannot_be_deleted() {
+    let (_dir, manager) = reconnection().await;
+    heartbeat_ok(&manager.url, hb("c2", "windows")).await;
+    move_client(&manager.url, "c2", "sticky").await;
+    let (status, v) = delete(&manager.url, "/v1/admin/groups/sticky").await;
+    assert_eq!(status, 409, "{v}");
+    assert_eq!(v["error"], "conflict");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_user_mode_a_new_user_moves_the_client_to_that_users_group() {
+    let (_dir, manager) = reconnection().await;
+    let m = &manager.url;
     assert_eq!(
-        api.heartbeat(user("u1", "alice")).await["group"],
+        group_of(m, user_hb("u1", "windows", "alice")).await,
         "alice-group"
     );
-    assert_eq!(api.heartbeat(user("u1", "bob")).await["group"], "bob-group");
-    // A user with no mapping keeps the current group.
     assert_eq!(
-        api.heartbeat(user("u1", "carol")).await["group"],
+        group_of(m, user_hb("u1", "windows", "bob")).await,
         "bob-group"
     );
+}
 
-    // 4. use_last_mode on the current group: a new user does not move the client.
-    let (s, _) = api
-        .put(
-            "/v1/admin/groups/bob-group/settings",
-            json!({"reconnection.use_last_mode": true}),
-        )
-        .await;
-    assert_eq!(s, 200);
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_with_no_group_mapping_keeps_the_clients_current_group() {
+    let (_dir, manager) = reconnection().await;
+    let m = &manager.url;
     assert_eq!(
-        api.heartbeat(user("u1", "alice")).await["group"],
+        group_of(m, user_hb("u1", "windows", "bob")).await,
         "bob-group"
     );
-    // ...but only for Windows clients.
-    let mut mac = user("u2", "bob");
-    mac["os"] = json!("mac");
-    assert_eq!(api.heartbeat(mac.clone()).await["group"], "bob-group");
-    mac["user"] = json!("alice");
-    assert_eq!(api.heartbeat(mac).await["group"], "alice-group");
+    assert_eq!(
+        group_of(m, user_hb("u1", "windows", "carol")).await,
+        "bob-group"
+    );
+}
+
+/// Turns on `use_last_mode` in bob-group.
+async fn bob_group_uses_last_mode(manager: &str) {
+    put_ok(
+        manager,
+        "/v1/admin/groups/bob-group/settings",
+        json!({"reconnection.use_last_mode": true}),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn use_last_mode_keeps_a_windows_client_in_the_previous_users_group() {
+    let (_dir, manager) = reconnection().await;
+    let m = &manager.url;
+    bob_group_uses_last_mode(m).await;
+    assert_eq!(
+        group_of(m, user_hb("u1", "windows", "bob")).await,
+        "bob-group"
+    );
+    assert_eq!(
+        group_of(m, user_hb("u1", "windows", "alice")).await,
+        "bob-group"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn use_last_mode_has_no_effect_for_a_mac_client() {
+    let (_dir, manager) = reconnection().await;
+    let m = &manager.url;
+    bob_group_uses_last_mode(m).await;
+    assert_eq!(group_of(m, user_hb("u2", "mac", "bob")).await, "bob-group");
+    assert_eq!(
+        group_of(m, user_hb("u2", "mac", "alice")).await,
+        "alice-group"
+    );
 }
 
 /// Reads SSE events from a response until `want` is seen or the deadline passes.
@@ -448,54 +636,70 @@ async fn wait_event(
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn push_reaches_node_and_stream_clients_pull_waits_for_heartbeat() {
+struct Branch {
+    _dir: tempfile::TempDir,
+    manager: Proc,
+    node: Proc,
+}
+
+/// A manager with the group `branch` and a node in push mode that mirrors it. In push mode
+/// the node re-polls only every 300 s (a safety net): within a test only its push stream can
+/// bring changes. It relays heartbeats every 2 s.
+async fn branch() -> Branch {
     let dir = tempfile::tempdir().unwrap();
     let manager = start_manager(&dir.path().join("m"), &[]);
-    let api = Api::new(&manager.url);
-    api.put("/v1/admin/groups/branch", json!({"parent": "default"}))
-        .await;
-
-    // In push mode the node re-polls only every 300 s (a safety net): within this test only
-    // its push stream can bring changes. It relays heartbeats every 2 s.
+    let (status, v) = put(
+        &manager.url,
+        "/v1/admin/groups/branch",
+        json!({"parent": "default"}),
+    )
+    .await;
+    assert_eq!(status, 201, "{v}");
     let node = start_node_toml(
         &dir.path().join("n"),
         &[&manager.url],
-        "mode = \"push\"
-sync_interval_s = 2
-",
+        "mode = \"push\"\nsync_interval_s = 2\n",
         &[],
     );
-    let napi = Api::new(&node.url);
-    wait_for(20, "node ready", || {
-        let c = napi.c.clone();
-        let u = node.url.clone();
+    wait_ready(&node.url).await;
+    Branch {
+        _dir: dir,
+        manager,
+        node,
+    }
+}
+
+fn pc9() -> Value {
+    json!({"client_id": "pc-9", "install_group": "branch", "os": "windows"})
+}
+
+/// Sets branch's heartbeat interval to 77 on the manager and waits until the node serves it.
+async fn change_branch_and_wait(b: &Branch) {
+    put_ok(
+        &b.manager.url,
+        "/v1/admin/groups/branch/settings",
+        json!({"heartbeat_interval_s": 77}),
+    )
+    .await;
+    wait_for(20, "the node mirrors the change", || {
+        let u = b.node.url.clone();
         async move {
-            let r = c
-                .get(format!("{u}/v1/groups/branch/settings"))
-                .send()
-                .await
-                .ok()?;
-            (r.status() == 200).then_some(())
+            let (_, v) = get_json(&u, "/v1/groups/branch/settings").await;
+            (v["heartbeat_interval_s"] == 77).then_some(())
         }
     })
     .await;
+}
 
-    // A client of the node registers (pull mode) and another holds the node's stream.
-    let hb = json!({"client_id": "pc-9", "install_group": "branch", "os": "windows"});
-    let first = napi.heartbeat(hb.clone()).await;
-    assert_eq!(first["group"], "branch");
-    let serial0 = first["settings"]["serial"].as_u64().unwrap();
-    let resp = napi
-        .c
-        .get(format!("{}/v1/stream?client_id=pc-9", node.url))
-        .send()
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_client_of_a_node_gets_the_current_state_on_connect() {
+    let b = branch().await;
+    let resp = reqwest::get(format!("{}/v1/stream?client_id=pc-9", b.node.url))
         .await
         .unwrap();
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
     let mut body = resp.bytes_stream();
     let mut parser = gup::core::proto::EventParser::default();
-    // The current state arrives on connect.
     assert!(
         wait_event(
             &mut body,
@@ -503,16 +707,34 @@ sync_interval_s = 2
             |n, v| n == "catalog" && v["revision"].is_u64(),
             10
         )
+        .await,
+        "a catalog event on connect"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settings_change_is_pushed_through_the_node_to_a_stream_client() {
+    let b = branch().await;
+    let serial0 = heartbeat_ok(&b.node.url, pc9()).await["settings"]["serial"]
+        .as_u64()
+        .unwrap();
+    let resp = reqwest::get(format!("{}/v1/stream?client_id=pc-9", b.node.url))
         .await
+        .unwrap();
+    let mut body = resp.bytes_stream();
+    let mut parser = gup::core::proto::EventParser::default();
+    // Connected once the current state arrived.
+    assert!(
+        wait_event(&mut body, &mut parser, |n, _| n == "catalog", 10).await,
+        "the current state on connect"
     );
     let started = std::time::Instant::now();
-    let (s, _) = api
-        .put(
-            "/v1/admin/groups/branch/settings",
-            json!({"heartbeat_interval_s": 77}),
-        )
-        .await;
-    assert_eq!(s, 200);
+    put_ok(
+        &b.manager.url,
+        "/v1/admin/groups/branch/settings",
+        json!({"heartbeat_interval_s": 77}),
+    )
+    .await;
     let heard = wait_event(
         &mut body,
         &mut parser,
@@ -523,21 +745,44 @@ sync_interval_s = 2
     assert!(heard, "the stream client heard of the change");
     // Pushed well before any poll (300 s) could have brought it.
     assert!(started.elapsed() < Duration::from_secs(60));
-    let (_, v) = napi.get("/v1/groups/branch/settings").await;
-    assert_eq!(v["heartbeat_interval_s"], 77);
-    // The pull client learns at its next heartbeat.
-    let next = napi.heartbeat(hb.clone()).await;
+    let v = settings(&b.node.url, "branch", None).await;
+    assert_eq!(v["heartbeat_interval_s"], 77, "the node serves the change");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_client_learns_a_change_at_its_next_heartbeat() {
+    let b = branch().await;
+    let first = heartbeat_ok(&b.node.url, pc9()).await;
+    assert_eq!(first["group"], "branch");
+    let serial0 = first["settings"]["serial"].as_u64().unwrap();
+    change_branch_and_wait(&b).await;
+    let next = heartbeat_ok(&b.node.url, pc9()).await;
     assert_eq!(next["next_heartbeat_s"], 77);
-    assert!(next["settings"]["serial"].as_u64() > Some(serial0));
+    assert!(
+        next["settings"]["serial"].as_u64() > Some(serial0),
+        "{next}"
+    );
+}
 
-    // The node relays its clients' heartbeats: the manager's registry knows pc-9.
-    wait_registered(&manager.url, "pc-9", Some("branch")).await;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_relays_its_clients_heartbeats_to_the_manager() {
+    let b = branch().await;
+    heartbeat_ok(&b.node.url, pc9()).await;
+    wait_registered(&b.manager.url, "pc-9", Some("branch")).await;
+}
 
-    // With the manager gone, the node still answers heartbeats from its mirror.
-    drop(body);
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_manager_down_a_node_answers_heartbeats_from_its_mirror_and_stops_cleanly() {
+    let b = branch().await;
+    change_branch_and_wait(&b).await;
+    let Branch {
+        _dir,
+        manager,
+        node,
+    } = b;
     assert_eq!(manager.stop(), Some(0));
-    let v = napi.heartbeat(hb).await;
+    let v = heartbeat_ok(&node.url, pc9()).await;
     assert_eq!(v["group"], "branch");
     assert_eq!(v["next_heartbeat_s"], 77);
-    assert_eq!(node.stop(), Some(0));
+    assert_eq!(node.stop(), Some(0), "the node stops cleanly");
 }

@@ -407,3 +407,82 @@ pub async fn wait_ready(base: &str) {
     })
     .await;
 }
+
+/// Runs `gup admin --manager MANAGER --token ADMIN_TOKEN ARGS...`; returns (exit code,
+/// stdout followed by stderr).
+pub fn admin_cli(manager: &str, args: &[&str]) -> (i32, String) {
+    let out = Command::new(gup())
+        .args(["admin", "--manager", manager, "--token", ADMIN_TOKEN])
+        .args(args)
+        .output()
+        .expect("run gup admin");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+/// `GET base path` with no token; (status, JSON body or Null).
+pub async fn get_json(base: &str, path: &str) -> (u16, serde_json::Value) {
+    let r = reqwest::Client::new()
+        .get(format!("{base}{path}"))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(serde_json::Value::Null))
+}
+
+/// POSTs `body` to `base/v1/heartbeat`, asserts 200 and returns the answer.
+pub async fn heartbeat_ok(base: &str, body: serde_json::Value) -> serde_json::Value {
+    let (status, v) = post_json(base, "/v1/heartbeat", body.clone()).await;
+    assert_eq!(status, 200, "heartbeat {body} to {base}: {v}");
+    v
+}
+
+/// Waits until `base` lists `sha256` in its catalog (a node started after the publish).
+pub async fn wait_mirrored(base: &str, sha256: &str) {
+    let client = reqwest::Client::new();
+    wait_for(30, &format!("{base} mirrors {sha256}"), || {
+        let (c, u, s) = (client.clone(), base.to_string(), sha256.to_string());
+        async move { catalog_has(&c, &u, &s).await.then_some(()) }
+    })
+    .await;
+}
+
+/// Waits until `GET base/v1/content/sha256` answers 200 with a whole body, and returns it.
+pub async fn wait_served(base: &str, sha256: &str, secs: u64, what: &str) -> Vec<u8> {
+    let client = reqwest::Client::new();
+    wait_for(secs, what, || {
+        let (c, u, s) = (client.clone(), base.to_string(), sha256.to_string());
+        async move {
+            let r = c.get(format!("{u}/v1/content/{s}")).send().await.ok()?;
+            if r.status() != 200 {
+                return None;
+            }
+            r.bytes().await.ok().map(|b| b.to_vec())
+        }
+    })
+    .await
+}
+
+/// Every event the manager stores, following the `next` cursor (pages of 1000).
+pub async fn all_events(manager: &str) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    let mut after: Option<u64> = None;
+    // Bounded: 1000 pages of 1000 is far more than any test stores.
+    for _ in 0..1000 {
+        let path = match after {
+            Some(a) => format!("/v1/admin/events?limit=1000&after={a}"),
+            None => "/v1/admin/events?limit=1000".to_string(),
+        };
+        let (status, v) = admin_call(manager, reqwest::Method::GET, &path, None).await;
+        assert_eq!(status, 200, "GET {path}: {v}");
+        out.extend(v["events"].as_array().unwrap().iter().cloned());
+        match v["next"].as_u64() {
+            Some(n) => after = Some(n),
+            None => return out,
+        }
+    }
+    panic!("more than 1000 pages of events");
+}
