@@ -185,7 +185,7 @@ const CLIENT_PATHS: &[Case] = &[
     case("GET", "/v1/content/ABCDEF", None, None, 400, "bad_digest"),
     case("GET", "/v1/content/%00", None, None, 400, "bad_digest"),
     case("GET", "/v1/content/{unpublished}", None, None, 404, "not_in_catalog"),
-    case("GET", "/v1/groups/..%2F..%2Fetc/settings", None, None, 404, "not_found"),
+    case("GET", "/v1/groups/..%2F..%2Fetc/settings", None, None, 400, "bad_request"),
     case("GET", "/v1/groups/nope/settings", None, None, 404, "not_found"),
     case("GET", "/v1/groups/nope/policy", None, None, 404, "not_found"),
     case("GET", "/v1/groups/default/settings?location=%FF%FE", None, None, 400, "bad_request"),

@@ -77,9 +77,9 @@ pub fn check_client_id(client_id: &str) -> Result<(), Invalid> {
 
 // === heartbeats ===
 
-/// `POST /v1/heartbeat` body.
+/// `POST /v1/heartbeat` body. Unknown fields are ignored, so that a newer client's
+/// heartbeat still reaches an older server.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
-#[serde(deny_unknown_fields)]
 pub struct Heartbeat {
     pub client_id: String,
     #[serde(default)]

@@ -64,8 +64,10 @@ impl Token {
         let presented = headers
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
+            // The scheme is case-insensitive (RFC 9110 §11.1).
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim());
         match presented {
             Some(t) if self.matches(t) => Ok(()),
             Some(_) => Err(Unauthorized::Invalid(what)),
@@ -217,5 +219,12 @@ mod tests {
         assert_eq!(t.check(&h, "admin"), Err(Unauthorized::Invalid("admin")));
         h.insert("authorization", "Bearer abc".parse().unwrap());
         assert!(t.check(&h, "admin").is_ok());
+        h.insert("authorization", "bearer abc".parse().unwrap());
+        assert!(
+            t.check(&h, "admin").is_ok(),
+            "the scheme is case-insensitive"
+        );
+        h.insert("authorization", "Basic abc".parse().unwrap());
+        assert_eq!(t.check(&h, "admin"), Err(Unauthorized::Missing("admin")));
     }
 }

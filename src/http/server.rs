@@ -493,6 +493,8 @@ async fn serve_hyper<I>(
     let svc = hyper_util::service::TowerToHyperService::new(svc);
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
+        // A client that shuts its sending side after the request still gets the answer.
+        .half_close(true)
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(limits.max_header_bytes.max(8192));

@@ -47,6 +47,12 @@ pub async fn catalog(State(api): State<Api>, headers: HeaderMap) -> Result<Respo
     Ok(resp)
 }
 
+/// A group name that no group can have is bad input (400), not a group that is missing (404).
+fn check_group(group: &str) -> Result<(), ServeError> {
+    crate::core::settings::validate_name("group", group)
+        .map_err(|e| ServeError::BadName(e.to_string()))
+}
+
 #[derive(serde::Deserialize)]
 pub struct LocationQuery {
     location: Option<String>,
@@ -59,9 +65,10 @@ pub async fn settings(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let location = q.location.as_deref().filter(|l| !l.is_empty());
+    check_group(&group)?;
     if let Some(l) = location {
         crate::core::settings::validate_name("location", l)
-            .map_err(|e| ServeError::BadLocation(e.to_string()))?;
+            .map_err(|e| ServeError::BadName(e.to_string()))?;
     }
     let dir = api.served.directory()?;
     if !dir.groups.contains_key(&group) {
@@ -77,6 +84,7 @@ pub async fn policy(
     Path(group): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    check_group(&group)?;
     let dir = api.served.directory()?;
     if !dir.groups.contains_key(&group) {
         return Err(ServeError::NoGroup(group).into());

@@ -268,7 +268,7 @@ pub enum ServeError {
     #[error("no group {0:?}")]
     NoGroup(String),
     #[error("{0}")]
-    BadLocation(String),
+    BadName(String),
     #[error("this server has not synced with an upstream yet")]
     NotReady,
     #[error("this server is at serve.max_concurrent_downloads; retry shortly")]
@@ -288,7 +288,7 @@ pub enum ServeError {
 impl Fault for ServeError {
     fn kind(&self) -> Kind {
         match self {
-            ServeError::BadDigest { .. } | ServeError::BadLocation(_) => Kind::BadInput,
+            ServeError::BadDigest { .. } | ServeError::BadName(_) => Kind::BadInput,
             ServeError::NotInCatalog(_) | ServeError::NoGroup(_) => Kind::NotFound,
             ServeError::NotReady => Kind::Unavailable { retry_after_s: 5 },
             ServeError::AtCapacity { retry_after_s } => Kind::Unavailable {
@@ -307,7 +307,7 @@ impl Fault for ServeError {
     fn code(&self) -> &'static str {
         match self {
             ServeError::BadDigest { .. } => "bad_digest",
-            ServeError::BadLocation(_) => "bad_request",
+            ServeError::BadName(_) => "bad_request",
             ServeError::NotInCatalog(_) => "not_in_catalog",
             ServeError::NoGroup(_) => "not_found",
             ServeError::NotReady => "not_ready",
