@@ -435,6 +435,10 @@ pub struct Snapshot {
     /// The manager's signature of `catalog` (hex ed25519 over its wire bytes).
     #[serde(default)]
     pub catalog_signature: Option<String>,
+    /// Since when the server sending it has had no upstream answering (a node in an
+    /// outage); None when it is fresh (always, for the manager).
+    #[serde(default)]
+    pub stale_since: Option<DateTime<Utc>>,
 }
 
 impl Snapshot {

@@ -11,20 +11,19 @@ use std::time::Duration;
 
 use chrono::Utc;
 
+use super::upstream::Synced;
 use super::{Node, NodeError, CATALOG_KEY, DIRECTORY_KEY};
 use crate::core::fault::Internal;
 use crate::core::proto::{directory_changes, Change};
-use crate::core::settings::ConnectionMode;
 
 impl Node {
     /// Syncs at start, then on each upstream event (push) or every `sync_interval` (pull).
     pub(super) async fn mirror_loop(self: Arc<Self>) {
         let mut last_ok: Option<bool> = None;
-        // In push mode a resync also happens now and then, in case an event was missed.
-        let period = match self.mode {
-            ConnectionMode::Pull => self.sync_interval,
-            ConnectionMode::Push => self.sync_interval.max(Duration::from_secs(300)),
-        };
+        // In push mode the stream brings changes at once; the conditional resync every
+        // interval (a 304 when nothing changed) catches a missed event and an upstream that
+        // went stale, which no event tells.
+        let period = self.sync_interval;
         loop {
             match self.sync_once().await {
                 Ok(server) => {
@@ -87,7 +86,16 @@ impl Node {
     /// streams. Returns the server that answered.
     pub async fn sync_once(&self) -> Result<String, NodeError> {
         // The snapshot was checked (catalog, signature, directory) before it came here.
-        let (index, snapshot) = self.upstream.snapshot().await?;
+        let (index, synced) = self.upstream.snapshot().await?;
+        let (snapshot, etag) = match synced {
+            Synced::New { snapshot, etag } => (*snapshot, etag),
+            Synced::Unchanged { stale_since } => {
+                // Nothing changed upstream; this node is as stale as its upstream says.
+                self.served.readiness.mark_synced_as(stale_since);
+                return Ok(self.upstream.servers()[index].to_string());
+            }
+        };
+        let stale_since = snapshot.stale_since;
         let mut changes = Vec::new();
         let new_history = {
             let mut history = self
@@ -144,7 +152,11 @@ impl Node {
             }
         }
         self.served.changes.send_all(changes);
-        self.served.readiness.mark_synced();
+        // A node behind a stale node is as stale as it: staleness passes down the chain.
+        self.served.readiness.mark_synced_as(stale_since);
+        if let Some(etag) = etag {
+            self.upstream.mirrored(index, etag, stale_since);
+        }
         Ok(self.upstream.servers()[index].to_string())
     }
 

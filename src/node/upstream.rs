@@ -11,6 +11,7 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use reqwest::StatusCode;
 
@@ -105,6 +106,18 @@ impl UpstreamError {
     }
 }
 
+/// What a sync brought.
+pub enum Synced {
+    /// A new snapshot (checked), with its ETag when the server sent one.
+    New {
+        snapshot: Box<Snapshot>,
+        etag: Option<String>,
+    },
+    /// The snapshot last mirrored from this server is still current (304), and this is what
+    /// it said of its own staleness.
+    Unchanged { stale_since: Option<DateTime<Utc>> },
+}
+
 /// Largest `/v1/sync` answer a node accepts.
 const MAX_SNAPSHOT_BYTES: usize = 64 << 20;
 /// Most items a mirrored catalog may hold.
@@ -142,6 +155,8 @@ pub struct Upstream {
     catalog_key: Option<crate::core::signing::PublicKey>,
     /// How often a node held to a lower-priority upstream checks whether a higher one is back.
     probe_interval: Duration,
+    /// The server, ETag and reported staleness of the snapshot last mirrored.
+    last_sync: Mutex<Option<(usize, String, Option<DateTime<Utc>>)>>,
 }
 
 /// How a node talks to its upstreams (from `[upstream]`).
@@ -216,6 +231,7 @@ impl Upstream {
             health: Mutex::new(health),
             catalog_key,
             probe_interval,
+            last_sync: Mutex::new(None),
         })
     }
 
@@ -309,29 +325,54 @@ impl Upstream {
     }
 
     /// The snapshot of the first upstream that answers, in priority order, with its index.
-    pub async fn snapshot(&self) -> Result<(usize, Snapshot), UpstreamError> {
-        self.first_that_answers(|i| self.snapshot_from(&self.servers[i]))
-            .await
+    pub async fn snapshot(&self) -> Result<(usize, Synced), UpstreamError> {
+        self.first_that_answers(|i| self.snapshot_from(i)).await
     }
 
-    async fn snapshot_from(&self, server: &url::Url) -> Result<Snapshot, UpstreamError> {
+    /// Records the snapshot the node has mirrored from server `i` (its ETag and what it said
+    /// of its own staleness), so that the next sync asks only whether it changed.
+    pub fn mirrored(&self, i: usize, etag: String, stale_since: Option<DateTime<Utc>>) {
+        if let Ok(mut last) = self.last_sync.lock() {
+            *last = Some((i, etag, stale_since));
+        }
+    }
+
+    async fn snapshot_from(&self, i: usize) -> Result<Synced, UpstreamError> {
+        let server = &self.servers[i];
         let name = server.to_string();
         let http = |source| UpstreamError::Http {
             server: name.clone(),
             source,
         };
-        let resp = self
+        let known = self
+            .last_sync
+            .lock()
+            .ok()
+            .and_then(|l| l.clone())
+            .filter(|(at, _, _)| *at == i);
+        let mut req = self
             .get(&Self::url(server, "/v1/sync"))
-            .timeout(self.idle_timeout)
-            .send()
-            .await
-            .map_err(http)?;
+            .timeout(self.idle_timeout);
+        if let Some((_, etag, _)) = &known {
+            req = req.header(reqwest::header::IF_NONE_MATCH, etag.as_str());
+        }
+        let resp = req.send().await.map_err(http)?;
+        if resp.status() == StatusCode::NOT_MODIFIED {
+            if let Some((_, _, stale_since)) = known {
+                return Ok(Synced::Unchanged { stale_since });
+            }
+        }
         if !resp.status().is_success() {
             return Err(UpstreamError::Status {
                 server: name.clone(),
                 status: resp.status(),
             });
         }
+        let etag = resp
+            .headers()
+            .get(reqwest::header::ETAG)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         // A snapshot is read with a size cap: a huge or endless answer is refused, not
         // buffered without bound.
         let mut body = resp.bytes_stream();
@@ -375,7 +416,10 @@ impl Upstream {
                 });
             }
         }
-        Ok(snapshot)
+        Ok(Synced::New {
+            snapshot: Box::new(snapshot),
+            etag,
+        })
     }
 
     /// POSTs `body` as JSON with the node token to `path` on server `i`; a non-2xx answer is

@@ -80,6 +80,11 @@ pub async fn heartbeat(
     JsonBody(hb): JsonBody<Heartbeat>,
 ) -> Result<Json<HeartbeatReply>, ApiError> {
     hb.validate()?;
+    // A node that has never synced (nor restored a mirror) has no settings any admin chose:
+    // it says so rather than answer with built-in defaults.
+    if !api.served.readiness.is_ready() {
+        return Err(ServeError::NotReady.into());
+    }
     api.admit(&hb.client_id, peer.ip())?;
     api.answer(&hb, Some(peer.ip().to_string()), Utc::now())
         .map(Json)

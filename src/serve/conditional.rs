@@ -11,10 +11,20 @@ use serde::Serialize;
 use crate::core::fault::Internal;
 use crate::http::error::ApiError;
 
+/// `Cache-Control` of the JSON documents (catalog, settings, policy, sync): kept, but checked
+/// with the server (by ETag) before each use.
+pub const DOCUMENT_CACHE: &str = "no-cache";
+
+/// `Cache-Control` of blobs: named by their digest, they never change.
+pub const BLOB_CACHE: &str = "public, max-age=31536000, immutable";
+
+/// `Cache-Control` of health and metrics: never kept.
+pub const NO_STORE: &str = "no-store";
+
 /// A JSON body with a strong ETag, or 304 when the client has it.
 pub fn json_with_etag<T: Serialize>(headers: &HeaderMap, etag: &str, value: &T) -> Response {
     if if_none_match(headers, etag) {
-        return not_modified(etag);
+        return not_modified(etag, DOCUMENT_CACHE);
     }
     match serde_json::to_vec(value) {
         Ok(body) => json_bytes_with_etag(headers, etag, body),
@@ -25,7 +35,7 @@ pub fn json_with_etag<T: Serialize>(headers: &HeaderMap, etag: &str, value: &T) 
 /// Serialized JSON with a strong ETag, or 304 when the client has it.
 pub fn json_bytes_with_etag(headers: &HeaderMap, etag: &str, body: impl IntoResponse) -> Response {
     if if_none_match(headers, etag) {
-        return not_modified(etag);
+        return not_modified(etag, DOCUMENT_CACHE);
     }
     let mut resp = (StatusCode::OK, body).into_response();
     let h = resp.headers_mut();
@@ -36,16 +46,25 @@ pub fn json_bytes_with_etag(headers: &HeaderMap, etag: &str, body: impl IntoResp
     if let Ok(v) = HeaderValue::from_str(etag) {
         h.insert(header::ETAG, v);
     }
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static(DOCUMENT_CACHE),
+    );
     resp
 }
 
-/// 304 with the tag the client holds.
-pub fn not_modified(etag: &str) -> Response {
+/// 304 with the tag the client holds and the `Cache-Control` the 200 would have carried (RFC
+/// 9110 §15.4.5: else caches drop it from their stored copy).
+pub fn not_modified(etag: &str, cache_control: &'static str) -> Response {
     let mut resp = StatusCode::NOT_MODIFIED.into_response();
+    let h = resp.headers_mut();
     if let Ok(v) = HeaderValue::from_str(etag) {
-        resp.headers_mut().insert(header::ETAG, v);
+        h.insert(header::ETAG, v);
     }
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static(cache_control),
+    );
     resp
 }
 

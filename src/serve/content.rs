@@ -16,7 +16,7 @@ use axum::response::Response;
 use chrono::Utc;
 use futures_util::future::BoxFuture;
 
-use super::conditional::{decide_range, if_none_match, not_modified, RangeDecision};
+use super::conditional::{decide_range, if_none_match, not_modified, RangeDecision, BLOB_CACHE};
 use super::{Api, ServeError, Served};
 use crate::core::digest::Digest;
 use crate::core::fault::{Fault, Internal, Kind};
@@ -156,7 +156,7 @@ pub async fn content(
     let etag = format!("\"{digest}\"");
     // Conditionals are decided before any byte is fetched: a client that has it needs nothing.
     if if_none_match(&headers, &etag) {
-        return Ok(not_modified(&etag));
+        return Ok(not_modified(&etag, BLOB_CACHE));
     }
     if let Some(value) = headers.get("x-gup-client-id") {
         let client = value.to_str().map_err(|_| Invalid {
@@ -316,10 +316,7 @@ pub async fn blob_response(
         )
         .header(header::ETAG, etag)
         .header(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"))
-        .header(
-            header::CACHE_CONTROL,
-            HeaderValue::from_static("public, max-age=31536000, immutable"),
-        );
+        .header(header::CACHE_CONTROL, HeaderValue::from_static(BLOB_CACHE));
     let (status, start, count) = match decision {
         RangeDecision::Full => (StatusCode::OK, 0, len),
         RangeDecision::Partial { start, end } => {

@@ -127,6 +127,7 @@ pub async fn sync(State(api): State<Api>, headers: HeaderMap) -> Result<Response
         directory,
         catalog,
         catalog_signature,
+        stale_since: s.readiness.stale_since(),
     }
     .encode()
     .map_err(|e| Internal(format!("encoding the snapshot: {e}")))?;

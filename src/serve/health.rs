@@ -39,6 +39,15 @@ impl Readiness {
         }
     }
 
+    /// An upstream answered, and says it has been stale since `since` (None: fresh): this
+    /// server is as stale as its upstream.
+    pub fn mark_synced_as(&self, since: Option<DateTime<Utc>>) {
+        self.synced.store(true, Ordering::Relaxed);
+        if let Ok(mut s) = self.stale_since.lock() {
+            *s = since;
+        }
+    }
+
     /// Has a mirror from an earlier run (ready), not yet confirmed by an upstream.
     pub fn mark_restored(&self, since: DateTime<Utc>) {
         self.synced.store(true, Ordering::Relaxed);
@@ -61,8 +70,12 @@ impl Readiness {
     }
 }
 
-pub async fn healthz() -> Json<serde_json::Value> {
-    Json(serde_json::json!({"status": "ok"}))
+/// `Cache-Control: no-store`: a health answer or a metric kept by a cache would be a lie.
+const NO_STORE: [(header::HeaderName, &str); 1] =
+    [(header::CACHE_CONTROL, super::conditional::NO_STORE)];
+
+pub async fn healthz() -> Response {
+    (NO_STORE, Json(serde_json::json!({"status": "ok"}))).into_response()
 }
 
 #[derive(Serialize)]
@@ -100,7 +113,7 @@ pub async fn readyz(State(api): State<Api>) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (status, Json(body)).into_response()
+    (status, NO_STORE, Json(body)).into_response()
 }
 
 pub async fn metrics(State(api): State<Api>) -> Response {
@@ -108,10 +121,13 @@ pub async fn metrics(State(api): State<Api>) -> Response {
     s.metrics.cache_bytes.set(s.store.total_bytes() as i64);
     s.metrics.store_writable.set(i64::from(s.store.writable()));
     (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
+        [
+            (
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            ),
+            NO_STORE[0].clone(),
+        ],
         s.metrics.render(),
     )
         .into_response()
