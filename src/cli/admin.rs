@@ -163,8 +163,12 @@ enum GroupCommand {
 enum ClientCommand {
     /// Move a client to a group.
     Move { id: String, group: String },
-    /// List clients with group, last seen and whether overdue.
+    /// List every client with group, last seen and whether overdue (all pages, in client
+    /// id order; --json prints them as one list).
     List {
+        /// Clients asked for per request (1 to 10000).
+        #[arg(long, default_value_t = 1000)]
+        page: usize,
         #[arg(long)]
         json: bool,
     },
@@ -360,12 +364,20 @@ pub(super) fn run(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure>
                 println!("client {id} deleted");
                 Ok(())
             }
-            ClientCommand::List { json } => {
-                let v = rt
-                    .block_on(client.call(Method::GET, "/v1/admin/clients", &[], None))
-                    .map_err(runtime)?;
+            ClientCommand::List { page, json } => {
+                let page_s = page.to_string();
+                let mut clients: Vec<serde_json::Value> = Vec::new();
+                rt.block_on(
+                    client.pages("/v1/admin/clients", &[("limit", &page_s)], |mut v| {
+                        if let serde_json::Value::Array(items) = v["clients"].take() {
+                            clients.extend(items);
+                        }
+                    }),
+                )
+                .map_err(runtime)?;
+                let all = serde_json::json!({ "clients": clients });
                 show_list(
-                    &v,
+                    &all,
                     json,
                     "clients",
                     &[

@@ -17,7 +17,7 @@ use serde::Deserialize;
 
 use super::events::EventQuery;
 use super::publish;
-use super::registry::ClientRecord;
+use super::registry::{ClientPage, ClientQuery, ClientRecord};
 use super::Manager;
 use crate::core::proto::{settings_json, Change, BODY_LIMIT};
 use crate::core::settings::{Directory, PutOutcome, SettingsError, DEFAULT_GROUP};
@@ -214,9 +214,12 @@ async fn put_policy(
     Ok(Json(serde_json::json!({"group": group, "serial": serial})))
 }
 
-async fn list_clients(State(m): State<Arc<Manager>>) -> Result<Json<serde_json::Value>, ApiError> {
-    let clients = m.registry.list(Utc::now())?;
-    Ok(Json(serde_json::json!({ "clients": clients })))
+/// `GET /v1/admin/clients?limit=&after=`: a page of clients in id order.
+async fn list_clients(
+    State(m): State<Arc<Manager>>,
+    Query(q): Query<ClientQuery>,
+) -> Result<Json<ClientPage>, ApiError> {
+    Ok(Json(m.registry.list(&q, Utc::now())?))
 }
 
 #[derive(Deserialize)]

@@ -8,6 +8,7 @@
 
 mod admin;
 pub mod events;
+pub mod page;
 mod publish;
 pub mod registry;
 
@@ -34,6 +35,11 @@ use crate::serve::{self, Api, Role, Served, ServedOptions};
 use crate::store::{Kv, Store, StoreError};
 use events::{EventStore, EventsError, Notification};
 use registry::{Registry, RegistryError};
+
+/// A testing knob, deliberately not in the config: entries one listing request visits at
+/// most (`page::SCAN_LIMIT` without it), so that end-to-end tests can see short pages
+/// without storing 50,000 records.
+const SCAN_LIMIT_ENV: &str = "GUP_TEST_SCAN_LIMIT";
 
 /// Why the manager could not start or run.
 #[derive(Debug, thiserror::Error)]
@@ -101,7 +107,11 @@ impl Manager {
         history.sign_current(|c| catalog_key.sign(c));
         let directory_kv = store.kv("settings")?;
         let directory: Directory = directory_kv.get(DIRECTORY_KEY)?.unwrap_or_default();
-        let registry = Registry::open(&store)?;
+        let scan_limit = std::env::var(SCAN_LIMIT_ENV)
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(page::SCAN_LIMIT);
+        let registry = Registry::open(&store)?.with_scan_limit(scan_limit);
         let events = EventStore::open(&store)?;
         let serving = Serving {
             limits: Limits::from_section(&config.limits, crate::sys::open_file_limit()),
