@@ -105,9 +105,16 @@ enum AdminCommand {
 
 #[derive(Subcommand)]
 enum AppsCommand {
-    /// Applications whose name or path contains TEXT (case-insensitive).
+    /// Applications whose name or path contains TEXT (case-insensitive), each with how
+    /// many clients have it (the answer lists at most 100 of them per application).
     Search {
         text: String,
+        /// Page size (1 to 1000).
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Cursor from a previous page's `next`.
+        #[arg(long)]
+        after: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -489,10 +496,21 @@ pub(super) fn run(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure>
             Ok(())
         }
         AdminCommand::Apps {
-            command: AppsCommand::Search { text: q, json },
+            command:
+                AppsCommand::Search {
+                    text: q,
+                    limit,
+                    after,
+                    json,
+                },
         } => {
+            let limit_s = limit.to_string();
+            let mut query: Vec<(&str, &str)> = vec![("q", &q), ("limit", &limit_s)];
+            if let Some(a) = &after {
+                query.push(("after", a));
+            }
             let v = rt
-                .block_on(client.call(Method::GET, "/v1/admin/applications", &[("q", &q)], None))
+                .block_on(client.call(Method::GET, "/v1/admin/applications", &query, None))
                 .map_err(runtime)?;
             show_list(
                 &v,
@@ -511,12 +529,13 @@ pub(super) fn run(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure>
                         text(&a["name"]),
                         text(&a["version"]),
                         text(&a["path"]),
-                        a["clients"].as_object().map_or(0, |c| c.len()).to_string(),
+                        text(&a["client_count"]),
                         text(&a["first_seen"]),
                         text(&a["last_seen"]),
                     ]
                 },
             );
+            print_more(&v, json);
             Ok(())
         }
         AdminCommand::Site {
@@ -529,6 +548,14 @@ pub(super) fn run(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure>
             print_json(&v);
             Ok(())
         }
+    }
+}
+
+/// Under a table, the cursor of the next page when there is one: "more: --after N". A page
+/// may be short (the manager's scan bound) while this still shows.
+fn print_more(v: &serde_json::Value, json: bool) {
+    if !json && !v["next"].is_null() {
+        println!("more: --after {}", text(&v["next"]));
     }
 }
 

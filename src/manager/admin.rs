@@ -15,6 +15,7 @@ use axum::{Json, Router};
 use chrono::Utc;
 use serde::Deserialize;
 
+use super::applications::{AppPage, AppQuery};
 use super::events::EventQuery;
 use super::publish;
 use super::registry::{ClientPage, ClientQuery, ClientRecord};
@@ -279,15 +280,10 @@ async fn admin_notifications(
     Ok(Json(serde_json::json!({ "notifications": notifications })))
 }
 
-#[derive(Deserialize)]
-struct AppQuery {
-    q: Option<String>,
-}
-
+/// `GET /v1/admin/applications?q=&limit=&after=`: applications with their client counts.
 async fn admin_applications(
     State(m): State<Arc<Manager>>,
     Query(q): Query<AppQuery>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let apps = m.events.search_applications(q.q.as_deref().unwrap_or(""))?;
-    Ok(Json(serde_json::json!({ "applications": apps })))
+) -> Result<Json<AppPage>, ApiError> {
+    Ok(Json(m.apps.search(&q)?))
 }

@@ -1,17 +1,16 @@
-//! The manager's records of what clients uploaded: events, admin notifications, applications.
+//! The manager's records of the events clients uploaded and the admin notifications.
 //!
 //! Owns each event stored once per (client_id, id) under the group its client was placed in,
 //! paged with a cursor; admin notifications for critical events with their damper; and the
-//! application inventory; and the delivery of a new notification to the admin's webhook.
+//! delivery of a new notification to the admin's webhook. (Learned applications are
+//! `applications`'.)
 //! Persistence is through `store::Kv`. It must never decide where a client belongs.
-
-use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::core::fault::{Fault, Kind};
-use crate::core::proto::{is_critical, ApplicationUpload, EventUpload, Placement};
+use crate::core::proto::{is_critical, EventUpload, Placement};
 use crate::store::{Kv, Store, StoreError};
 
 /// What can go wrong with the event records.
@@ -81,19 +80,6 @@ pub struct Notification {
     pub event_id: String,
 }
 
-/// One learned application and the clients that have it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct LearnedApplication {
-    pub name: String,
-    pub version: Option<String>,
-    pub path: Option<String>,
-    pub sha256: Option<String>,
-    /// client id -> (first seen, last seen).
-    pub clients: BTreeMap<String, (DateTime<Utc>, DateTime<Utc>)>,
-    pub first_seen: DateTime<Utc>,
-    pub last_seen: DateTime<Utc>,
-}
-
 /// A filter of `GET /v1/admin/events`.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct EventQuery {
@@ -117,7 +103,6 @@ pub struct EventStore {
     events: Kv,
     ids: Kv,
     notifications: Kv,
-    apps: Kv,
     next: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// Serializes notification updates (read-modify-write).
     notify_lock: std::sync::Arc<std::sync::Mutex<()>>,
@@ -135,7 +120,6 @@ impl EventStore {
             events,
             ids: store.kv("event_ids")?,
             notifications: store.kv("notifications")?,
-            apps: store.kv("applications")?,
             next: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(last + 1)),
             notify_lock: std::sync::Arc::new(std::sync::Mutex::new(())),
         })
@@ -267,59 +251,6 @@ impl EventStore {
         Ok((out, next))
     }
 
-    /// Records what a client reports it runs.
-    pub fn add_applications(
-        &self,
-        upload: &ApplicationUpload,
-        now: DateTime<Utc>,
-    ) -> Result<(), EventsError> {
-        for a in &upload.applications {
-            let key = format!(
-                "{}\u{0}{}\u{0}{}",
-                a.name.to_lowercase(),
-                a.version.as_deref().unwrap_or(""),
-                a.sha256.as_deref().unwrap_or("")
-            );
-            let mut app =
-                self.apps
-                    .get::<LearnedApplication>(&key)?
-                    .unwrap_or(LearnedApplication {
-                        name: a.name.clone(),
-                        version: a.version.clone(),
-                        path: a.path.clone(),
-                        sha256: a.sha256.clone(),
-                        clients: BTreeMap::new(),
-                        first_seen: now,
-                        last_seen: now,
-                    });
-            app.last_seen = now;
-            app.clients
-                .entry(upload.client_id.clone())
-                .and_modify(|(_, last)| *last = now)
-                .or_insert((now, now));
-            self.apps.put(&key, &app)?;
-        }
-        Ok(())
-    }
-
-    /// Applications whose name or path contains `q` (case-insensitive); all when empty.
-    pub fn search_applications(&self, q: &str) -> Result<Vec<LearnedApplication>, EventsError> {
-        let q = q.to_lowercase();
-        Ok(self
-            .apps
-            .scan::<LearnedApplication>("")?
-            .into_iter()
-            .map(|(_, a)| a)
-            .filter(|a| {
-                q.is_empty()
-                    || a.name.to_lowercase().contains(&q)
-                    || a.path
-                        .as_deref()
-                        .is_some_and(|p| p.to_lowercase().contains(&q))
-            })
-            .collect())
-    }
-
     /// Makes everything stored so far durable (before a 202).
     pub async fn flush(&self) -> Result<(), EventsError> {
         self.events.flush().await?;
@@ -355,7 +286,7 @@ pub async fn deliver_webhook(http: reqwest::Client, url: String, n: Notification
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::proto::{Application, Event};
+    use crate::core::proto::Event;
     use chrono::Duration;
 
     fn ev(id: &str, kind: &str, subkind: Option<&str>) -> Event {
@@ -430,33 +361,5 @@ mod tests {
                 ..Default::default()
             })
             .is_err());
-    }
-
-    #[test]
-    fn applications_inventory() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let es = EventStore::open(&store).unwrap();
-        let now = Utc::now();
-        for c in ["a", "b"] {
-            es.add_applications(
-                &ApplicationUpload {
-                    client_id: c.into(),
-                    applications: vec![Application {
-                        name: "Notepad++".into(),
-                        version: Some("8.6".into()),
-                        path: Some("C:\\Program Files\\Notepad++\\notepad++.exe".into()),
-                        sha256: None,
-                    }],
-                },
-                now,
-            )
-            .unwrap();
-        }
-        let found = es.search_applications("notepad").unwrap();
-        assert_eq!(found.len(), 1);
-        assert_eq!(found[0].clients.len(), 2);
-        assert!(es.search_applications("program files").unwrap().len() == 1);
-        assert!(es.search_applications("chrome").unwrap().is_empty());
     }
 }

@@ -7,7 +7,9 @@
 //! never fetch from anywhere: nothing is upstream of the manager.
 
 mod admin;
+pub mod applications;
 pub mod events;
+mod migrate;
 pub mod page;
 mod publish;
 pub mod registry;
@@ -33,6 +35,7 @@ use crate::serve::health::Readiness;
 use crate::serve::metrics::Metrics;
 use crate::serve::{self, Api, Role, Served, ServedOptions};
 use crate::store::{Kv, Store, StoreError};
+use applications::{AppsError, Inventory};
 use events::{EventStore, EventsError, Notification};
 use registry::{Registry, RegistryError};
 
@@ -54,6 +57,8 @@ pub enum ManagerError {
     Registry(#[from] RegistryError),
     #[error("events: {0}")]
     Events(#[from] EventsError),
+    #[error("applications: {0}")]
+    Apps(#[from] AppsError),
     #[error("tls: {0}")]
     Tls(#[from] TlsError),
     #[error("{0}")]
@@ -70,6 +75,7 @@ pub struct Manager {
     directory_kv: Kv,
     registry: Registry,
     events: EventStore,
+    apps: Inventory,
     http: reqwest::Client,
     webhook: Option<String>,
     admin_token: Token,
@@ -113,6 +119,7 @@ impl Manager {
             .unwrap_or(page::SCAN_LIMIT);
         let registry = Registry::open(&store)?.with_scan_limit(scan_limit);
         let events = EventStore::open(&store)?;
+        let apps = Inventory::open(&store)?.with_scan_limit(scan_limit);
         let serving = Serving {
             limits: Limits::from_section(&config.limits, crate::sys::open_file_limit()),
             tls: tls::optional(&m.tls_cert, &m.tls_key)?,
@@ -145,6 +152,7 @@ impl Manager {
             directory_kv,
             registry,
             events,
+            apps,
             http: reqwest::Client::new(),
             webhook: (!config.notifications.webhook_url.is_empty())
                 .then(|| config.notifications.webhook_url.clone()),
@@ -241,7 +249,7 @@ impl Manager {
                     let stored = self.events.add_events(&u, &placement, now)?;
                     created.extend(self.events.notify(&stored, damper, now)?);
                 }
-                Upload::Applications(u) => self.events.add_applications(&u, now)?,
+                Upload::Applications(u) => self.apps.add(&u, now)?,
             }
         }
         self.events.flush().await?;
