@@ -71,7 +71,11 @@ enum AdminCommand {
         #[command(subcommand)]
         command: SiteCommand,
     },
-    /// Events clients uploaded, newest last, filtered and paginated.
+    /// Events clients uploaded, oldest first, filtered, a page at a time.
+    ///
+    /// One request visits at most 50,000 stored events: when a filter matches few of them,
+    /// a page may be shorter than --limit (even empty) while more follow; "more: --after N"
+    /// then gives the cursor to continue from.
     Events {
         #[arg(long)]
         kind: Option<String>,
@@ -91,8 +95,14 @@ enum AdminCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Admin notifications raised by critical events.
+    /// Admin notifications raised by critical events, newest first.
     Notifications {
+        /// Page size (1 to 10000).
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+        /// Cursor from a previous page's `next`: older notifications.
+        #[arg(long)]
+        after: Option<u64>,
         #[arg(long)]
         json: bool,
     },
@@ -469,14 +479,18 @@ pub(super) fn run(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure>
                     ]
                 },
             );
-            if !json && !v["next"].is_null() {
-                println!("more: --after {}", v["next"]);
-            }
+            print_more(&v, json);
             Ok(())
         }
-        AdminCommand::Notifications { json } => {
+        AdminCommand::Notifications { limit, after, json } => {
+            let limit_s = limit.to_string();
+            let after_s = after.map(|a| a.to_string());
+            let mut q: Vec<(&str, &str)> = vec![("limit", &limit_s)];
+            if let Some(a) = &after_s {
+                q.push(("after", a));
+            }
             let v = rt
-                .block_on(client.call(Method::GET, "/v1/admin/notifications", &[], None))
+                .block_on(client.call(Method::GET, "/v1/admin/notifications", &q, None))
                 .map_err(runtime)?;
             show_list(
                 &v,
@@ -493,6 +507,7 @@ pub(super) fn run(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure>
                     ]
                 },
             );
+            print_more(&v, json);
             Ok(())
         }
         AdminCommand::Apps {

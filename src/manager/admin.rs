@@ -16,7 +16,7 @@ use chrono::Utc;
 use serde::Deserialize;
 
 use super::applications::{AppPage, AppQuery};
-use super::events::EventQuery;
+use super::events::{EventPage, EventQuery, NoticePage, NoticeQuery};
 use super::publish;
 use super::registry::{ClientPage, ClientQuery, ClientRecord};
 use super::Manager;
@@ -265,19 +265,20 @@ async fn put_user(
     Ok(Json(serde_json::json!({"user": user, "group": body.group})))
 }
 
+/// `GET /v1/admin/events`: a page of events by the most selective index given.
 async fn admin_events(
     State(m): State<Arc<Manager>>,
     Query(q): Query<EventQuery>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let (events, next) = m.events.query(&q)?;
-    Ok(Json(serde_json::json!({ "events": events, "next": next })))
+) -> Result<Json<EventPage>, ApiError> {
+    Ok(Json(m.events.query(&q)?))
 }
 
+/// `GET /v1/admin/notifications?limit=&after=`: newest first.
 async fn admin_notifications(
     State(m): State<Arc<Manager>>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let notifications = m.events.notifications()?;
-    Ok(Json(serde_json::json!({ "notifications": notifications })))
+    Query(q): Query<NoticeQuery>,
+) -> Result<Json<NoticePage>, ApiError> {
+    Ok(Json(m.events.notifications(&q)?))
 }
 
 /// `GET /v1/admin/applications?q=&limit=&after=`: applications with their client counts.

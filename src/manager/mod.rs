@@ -41,7 +41,7 @@ use registry::{Registry, RegistryError};
 
 /// A testing knob, deliberately not in the config: entries one listing request visits at
 /// most (`page::SCAN_LIMIT` without it), so that end-to-end tests can see short pages
-/// without storing 50,000 records.
+/// without storing 50,000 events.
 const SCAN_LIMIT_ENV: &str = "GUP_TEST_SCAN_LIMIT";
 
 /// Why the manager could not start or run.
@@ -118,7 +118,7 @@ impl Manager {
             .and_then(|v| v.parse::<usize>().ok())
             .unwrap_or(page::SCAN_LIMIT);
         let registry = Registry::open(&store)?.with_scan_limit(scan_limit);
-        let events = EventStore::open(&store)?;
+        let events = EventStore::open(&store)?.with_scan_limit(scan_limit);
         let apps = Inventory::open(&store)?.with_scan_limit(scan_limit);
         let serving = Serving {
             limits: Limits::from_section(&config.limits, crate::sys::open_file_limit()),
