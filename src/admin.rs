@@ -30,6 +30,8 @@ pub enum AdminError {
     },
     #[error("--manager {0:?} is not an http(s) URL")]
     BadUrl(String),
+    #[error("the manager's {path} answered a next page cursor {cursor} that does not move on")]
+    CursorStuck { path: String, cursor: String },
 }
 
 /// An admin session with one manager.
@@ -83,6 +85,41 @@ impl AdminClient {
             req = req.json(b);
         }
         Self::decode(req.send().await?).await.map(|(_, v)| v)
+    }
+
+    /// `GET path` page after page: each answer's `next` is passed back as `after` until it
+    /// is null, and `each` gets every page's answer in order. A `next` equal to the cursor
+    /// just sent is refused (it would never end).
+    pub async fn pages(
+        &self,
+        path: &str,
+        query: &[(&str, &str)],
+        mut each: impl FnMut(serde_json::Value),
+    ) -> Result<(), AdminError> {
+        let mut after: Option<String> = None;
+        loop {
+            let mut q: Vec<(&str, &str)> = query.to_vec();
+            if let Some(a) = &after {
+                q.push(("after", a));
+            }
+            let page = self.call(reqwest::Method::GET, path, &q, None).await?;
+            let next = match &page["next"] {
+                serde_json::Value::Null => None,
+                serde_json::Value::String(s) => Some(s.clone()),
+                other => Some(other.to_string()),
+            };
+            each(page);
+            match next {
+                None => return Ok(()),
+                Some(n) if after.as_ref() == Some(&n) => {
+                    return Err(AdminError::CursorStuck {
+                        path: path.to_string(),
+                        cursor: n,
+                    })
+                }
+                Some(n) => after = Some(n),
+            }
+        }
     }
 
     /// Publishes the file at `path`, streamed from disk. Returns the HTTP status (201 new,

@@ -470,8 +470,12 @@ async fn bodies_over_the_limit_are_413_body_too_large() {
     )
     .await;
     assert!(
-        is_error(status, &v, 413, "body_too_large"),
+        is_error(status, &v, 413, "policy_too_large"),
         "2 MiB policy: {status} {v}"
+    );
+    assert!(
+        v["message"].as_str().unwrap_or("").contains("default"),
+        "names the group: {v}"
     );
 }
 

@@ -71,7 +71,11 @@ enum AdminCommand {
         #[command(subcommand)]
         command: SiteCommand,
     },
-    /// Events clients uploaded, newest last, filtered and paginated.
+    /// Events clients uploaded, oldest first, filtered, a page at a time.
+    ///
+    /// One request visits at most 50,000 stored events: when a filter matches few of them,
+    /// a page may be shorter than --limit (even empty) while more follow; "more: --after N"
+    /// then gives the cursor to continue from.
     Events {
         #[arg(long)]
         kind: Option<String>,
@@ -91,8 +95,14 @@ enum AdminCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Admin notifications raised by critical events.
+    /// Admin notifications raised by critical events, newest first.
     Notifications {
+        /// Page size (1 to 10000).
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+        /// Cursor from a previous page's `next`: older notifications.
+        #[arg(long)]
+        after: Option<u64>,
         #[arg(long)]
         json: bool,
     },
@@ -105,9 +115,16 @@ enum AdminCommand {
 
 #[derive(Subcommand)]
 enum AppsCommand {
-    /// Applications whose name or path contains TEXT (case-insensitive).
+    /// Applications whose name or path contains TEXT (case-insensitive), each with how
+    /// many clients have it (the answer lists at most 100 of them per application).
     Search {
         text: String,
+        /// Page size (1 to 1000).
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Cursor from a previous page's `next`.
+        #[arg(long)]
+        after: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -163,8 +180,12 @@ enum GroupCommand {
 enum ClientCommand {
     /// Move a client to a group.
     Move { id: String, group: String },
-    /// List clients with group, last seen and whether overdue.
+    /// List every client with group, last seen and whether overdue (all pages, in client
+    /// id order; --json prints them as one list).
     List {
+        /// Clients asked for per request (1 to 10000).
+        #[arg(long, default_value_t = 1000)]
+        page: usize,
         #[arg(long)]
         json: bool,
     },
@@ -360,12 +381,20 @@ pub(super) fn run(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure>
                 println!("client {id} deleted");
                 Ok(())
             }
-            ClientCommand::List { json } => {
-                let v = rt
-                    .block_on(client.call(Method::GET, "/v1/admin/clients", &[], None))
-                    .map_err(runtime)?;
+            ClientCommand::List { page, json } => {
+                let page_s = page.to_string();
+                let mut clients: Vec<serde_json::Value> = Vec::new();
+                rt.block_on(
+                    client.pages("/v1/admin/clients", &[("limit", &page_s)], |mut v| {
+                        if let serde_json::Value::Array(items) = v["clients"].take() {
+                            clients.extend(items);
+                        }
+                    }),
+                )
+                .map_err(runtime)?;
+                let all = serde_json::json!({ "clients": clients });
                 show_list(
-                    &v,
+                    &all,
                     json,
                     "clients",
                     &[
@@ -450,14 +479,18 @@ pub(super) fn run(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure>
                     ]
                 },
             );
-            if !json && !v["next"].is_null() {
-                println!("more: --after {}", v["next"]);
-            }
+            print_more(&v, json);
             Ok(())
         }
-        AdminCommand::Notifications { json } => {
+        AdminCommand::Notifications { limit, after, json } => {
+            let limit_s = limit.to_string();
+            let after_s = after.map(|a| a.to_string());
+            let mut q: Vec<(&str, &str)> = vec![("limit", &limit_s)];
+            if let Some(a) = &after_s {
+                q.push(("after", a));
+            }
             let v = rt
-                .block_on(client.call(Method::GET, "/v1/admin/notifications", &[], None))
+                .block_on(client.call(Method::GET, "/v1/admin/notifications", &q, None))
                 .map_err(runtime)?;
             show_list(
                 &v,
@@ -474,13 +507,25 @@ pub(super) fn run(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure>
                     ]
                 },
             );
+            print_more(&v, json);
             Ok(())
         }
         AdminCommand::Apps {
-            command: AppsCommand::Search { text: q, json },
+            command:
+                AppsCommand::Search {
+                    text: q,
+                    limit,
+                    after,
+                    json,
+                },
         } => {
+            let limit_s = limit.to_string();
+            let mut query: Vec<(&str, &str)> = vec![("q", &q), ("limit", &limit_s)];
+            if let Some(a) = &after {
+                query.push(("after", a));
+            }
             let v = rt
-                .block_on(client.call(Method::GET, "/v1/admin/applications", &[("q", &q)], None))
+                .block_on(client.call(Method::GET, "/v1/admin/applications", &query, None))
                 .map_err(runtime)?;
             show_list(
                 &v,
@@ -499,12 +544,13 @@ pub(super) fn run(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure>
                         text(&a["name"]),
                         text(&a["version"]),
                         text(&a["path"]),
-                        a["clients"].as_object().map_or(0, |c| c.len()).to_string(),
+                        text(&a["client_count"]),
                         text(&a["first_seen"]),
                         text(&a["last_seen"]),
                     ]
                 },
             );
+            print_more(&v, json);
             Ok(())
         }
         AdminCommand::Site {
@@ -517,6 +563,14 @@ pub(super) fn run(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure>
             print_json(&v);
             Ok(())
         }
+    }
+}
+
+/// Under a table, the cursor of the next page when there is one: "more: --after N". A page
+/// may be short (the manager's scan bound) while this still shows.
+fn print_more(v: &serde_json::Value, json: bool) {
+    if !json && !v["next"].is_null() {
+        println!("more: --after {}", text(&v["next"]));
     }
 }
 

@@ -23,6 +23,15 @@ pub const BATCH_LIMIT: usize = 16 << 20;
 /// [`BODY_LIMIT`] always fits upstream with the heartbeats that travel with it.
 pub const FORWARD_BATCH: usize = 8 << 20;
 
+/// Largest `/v1/sync` snapshot a node reads from an upstream: 64 MiB.
+pub const SNAPSHOT_READ_LIMIT: usize = 64 << 20;
+
+/// Largest `/v1/sync` snapshot (the directory plus the catalog, serialized) that a directory
+/// change at the manager may produce: 48 MiB, below [`SNAPSHOT_READ_LIMIT`], so every node
+/// can always mirror, with room for the catalog to grow between directory changes. A change
+/// that would go over it, and does not shrink the snapshot, is refused with 413.
+pub const MAX_SNAPSHOT_BYTES: usize = 48 << 20;
+
 /// Longest client id.
 pub const MAX_CLIENT_ID: usize = 128;
 /// Longest event id.

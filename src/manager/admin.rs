@@ -1,13 +1,18 @@
 //! The admin API: site settings, groups, settings, policies, clients, users, events,
 //! notifications and learned applications.
 //!
-//! Owns the admin routes of the manager and what each change pushes to streams. Every route
-//! here sits behind the admin token, checked once by the router layer (`http::auth::require`);
-//! no handler checks it itself. It must never answer a client endpoint: those are `serve`'s.
+//! Owns the admin routes of the manager, what each change pushes to streams, and the size
+//! bounds of what an admin may put in the directory ([`MAX_POLICY_BYTES`], and
+//! `core::proto::MAX_SNAPSHOT_BYTES` checked by `Manager::change_directory`). Every route here sits
+//! behind the admin token, checked once by the router layer (`http::auth::require`); no
+//! handler checks it itself. Listings answer a page at a time (`page`). It must never answer
+//! a client endpoint: those are `serve`'s.
 
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
@@ -15,18 +20,72 @@ use axum::{Json, Router};
 use chrono::Utc;
 use serde::Deserialize;
 
-use super::events::EventQuery;
+use super::applications::{AppPage, AppQuery};
+use super::events::{EventPage, EventQuery, NoticePage, NoticeQuery};
 use super::publish;
-use super::registry::ClientRecord;
+use super::registry::{ClientPage, ClientQuery, ClientRecord};
 use super::Manager;
+use crate::core::fault::{Fault, Kind};
 use crate::core::proto::{settings_json, Change, BODY_LIMIT};
-use crate::core::settings::{Directory, PutOutcome, SettingsError, DEFAULT_GROUP};
-use crate::http::error::ApiError;
+use crate::core::settings::{
+    Directory, PutOutcome, SettingsError, DEFAULT_GROUP, MAX_POLICY_BYTES,
+};
+use crate::http::error::{ApiError, Refused};
 use crate::http::extract::{JsonBody, Path, Query};
+
+/// The policy route's body limit: a little above [`MAX_POLICY_BYTES`], so that a policy
+/// just over the bound reaches the handler, which answers 413 naming the group (a larger
+/// body is refused by this limit, and the handler names the group for it too).
+const POLICY_BODY_LIMIT: usize = MAX_POLICY_BYTES + (64 << 10);
+
+/// What an admin change would make too big.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Oversized {
+    #[error(
+        "the policy of group {group:?} is {}: a policy may have at most {} bytes",
+        policy_size(.size),
+        MAX_POLICY_BYTES
+    )]
+    Policy {
+        group: String,
+        /// None when the body was refused before it was read whole.
+        size: Option<usize>,
+    },
+    #[error("{what} would make the /v1/sync snapshot {size} bytes, over its limit of {limit} bytes (nodes mirror at most 64 MiB)")]
+    Snapshot {
+        what: String,
+        size: usize,
+        limit: usize,
+    },
+}
+
+fn policy_size(size: &Option<usize>) -> String {
+    match size {
+        Some(s) => format!("{s} bytes"),
+        None => format!("over {POLICY_BODY_LIMIT} bytes"),
+    }
+}
+
+impl Fault for Oversized {
+    fn kind(&self) -> Kind {
+        Kind::TooLarge
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            Oversized::Policy { .. } => "policy_too_large",
+            Oversized::Snapshot { .. } => "snapshot_too_large",
+        }
+    }
+}
 
 /// Every admin route (the caller puts them behind the admin token).
 pub fn routes(m: Arc<Manager>) -> Router {
     let publishing = Router::new().route("/v1/admin/content", post(publish::publish));
+    // Its own body limit, a little above the policy bound, so its handler names the group.
+    let policy = Router::new()
+        .route("/v1/admin/groups/{group}/policy", put(put_policy))
+        .layer(DefaultBodyLimit::max(POLICY_BODY_LIMIT));
     let rest = Router::new()
         .route("/v1/admin/content/{name}", delete(publish::unpublish))
         .route("/v1/admin/site", put(put_site).get(get_site))
@@ -39,7 +98,6 @@ pub fn routes(m: Arc<Manager>) -> Router {
             "/v1/admin/groups/{group}/settings",
             put(put_settings).get(get_admin_settings),
         )
-        .route("/v1/admin/groups/{group}/policy", put(put_policy))
         .route("/v1/admin/clients", get(list_clients))
         .route("/v1/admin/clients/{id}", delete(delete_client))
         .route("/v1/admin/clients/{id}/move", post(move_client))
@@ -47,9 +105,9 @@ pub fn routes(m: Arc<Manager>) -> Router {
         .route("/v1/admin/events", get(admin_events))
         .route("/v1/admin/notifications", get(admin_notifications))
         .route("/v1/admin/applications", get(admin_applications))
-        .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT));
+        .layer(DefaultBodyLimit::max(BODY_LIMIT));
     // Publishing streams its raw body to disk, which no body limit applies to.
-    publishing.merge(rest).with_state(m)
+    publishing.merge(policy).merge(rest).with_state(m)
 }
 
 /// Settings changes for `groups`, as pushed to streams.
@@ -73,7 +131,7 @@ async fn put_site(
     JsonBody(body): JsonBody<serde_json::Value>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let site = m
-        .change_directory(|d| {
+        .change_directory("the site settings", |d| {
             let before = d.site.clone();
             d.put_site(&body)?;
             // learn_applications depends on the site switch: every group's settings change.
@@ -107,7 +165,7 @@ async fn put_group(
 ) -> Result<Response, ApiError> {
     let parent = body.parent.unwrap_or_else(|| DEFAULT_GROUP.to_string());
     let outcome = m
-        .change_directory(|d| {
+        .change_directory(&format!("group {group:?}"), |d| {
             let o = d.put_group(&group, &parent)?;
             let changes = if o == PutOutcome::Unchanged {
                 Vec::new()
@@ -139,7 +197,7 @@ async fn delete_group(
     Path(group): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let has_clients = m.registry.has_clients(&group)?;
-    m.change_directory(|d| {
+    m.change_directory(&format!("deleting group {group:?}"), |d| {
         d.delete_group(&group, has_clients)?;
         Ok(((), Vec::new()))
     })
@@ -159,8 +217,12 @@ async fn put_settings(
     JsonBody(body): JsonBody<serde_json::Value>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let location = q.location.filter(|l| !l.is_empty());
+    let what = match &location {
+        Some(l) => format!("the settings of group {group:?} at location {l:?}"),
+        None => format!("the settings of group {group:?}"),
+    };
     let effective = m
-        .change_directory(|d| {
+        .change_directory(&what, |d| {
             let changed = d.put_settings(&group, location.as_deref(), &body)?;
             let changes = settings_changes(d, &changed);
             Ok((settings_json(d, &group, location.as_deref()), changes))
@@ -193,13 +255,31 @@ async fn get_admin_settings(
     })))
 }
 
+/// `PUT /v1/admin/groups/{group}/policy`: any JSON of at most [`MAX_POLICY_BYTES`], else
+/// 413 naming the group.
 async fn put_policy(
     State(m): State<Arc<Manager>>,
     Path(group): Path<String>,
-    JsonBody(body): JsonBody<serde_json::Value>,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    let bytes = match body {
+        Ok(b) if b.len() > MAX_POLICY_BYTES => {
+            return Err(Oversized::Policy {
+                group,
+                size: Some(b.len()),
+            }
+            .into())
+        }
+        Ok(b) => b,
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return Err(Oversized::Policy { group, size: None }.into())
+        }
+        Err(e) => return Err(Refused::Body(e.body_text()).into()),
+    };
+    let body: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|e| Refused::Json(e.to_string()))?;
     let serial = m
-        .change_directory(|d| {
+        .change_directory(&format!("the policy of group {group:?}"), |d| {
             let serial = d.put_policy(&group, body)?;
             // Every descendant whose effective policy is now this one hears of it.
             let changes = d
@@ -214,9 +294,12 @@ async fn put_policy(
     Ok(Json(serde_json::json!({"group": group, "serial": serial})))
 }
 
-async fn list_clients(State(m): State<Arc<Manager>>) -> Result<Json<serde_json::Value>, ApiError> {
-    let clients = m.registry.list(Utc::now())?;
-    Ok(Json(serde_json::json!({ "clients": clients })))
+/// `GET /v1/admin/clients?limit=&after=`: a page of clients in id order.
+async fn list_clients(
+    State(m): State<Arc<Manager>>,
+    Query(q): Query<ClientQuery>,
+) -> Result<Json<ClientPage>, ApiError> {
+    Ok(Json(m.registry.list(&q, Utc::now())?))
 }
 
 #[derive(Deserialize)]
@@ -261,30 +344,26 @@ async fn put_user(
     Ok(Json(serde_json::json!({"user": user, "group": body.group})))
 }
 
+/// `GET /v1/admin/events`: a page of events by the most selective index given.
 async fn admin_events(
     State(m): State<Arc<Manager>>,
     Query(q): Query<EventQuery>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let (events, next) = m.events.query(&q)?;
-    Ok(Json(serde_json::json!({ "events": events, "next": next })))
+) -> Result<Json<EventPage>, ApiError> {
+    Ok(Json(m.events.query(&q)?))
 }
 
+/// `GET /v1/admin/notifications?limit=&after=`: newest first.
 async fn admin_notifications(
     State(m): State<Arc<Manager>>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let notifications = m.events.notifications()?;
-    Ok(Json(serde_json::json!({ "notifications": notifications })))
+    Query(q): Query<NoticeQuery>,
+) -> Result<Json<NoticePage>, ApiError> {
+    Ok(Json(m.events.notifications(&q)?))
 }
 
-#[derive(Deserialize)]
-struct AppQuery {
-    q: Option<String>,
-}
-
+/// `GET /v1/admin/applications?q=&limit=&after=`: applications with their client counts.
 async fn admin_applications(
     State(m): State<Arc<Manager>>,
     Query(q): Query<AppQuery>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let apps = m.events.search_applications(q.q.as_deref().unwrap_or(""))?;
-    Ok(Json(serde_json::json!({ "applications": apps })))
+) -> Result<Json<AppPage>, ApiError> {
+    Ok(Json(m.apps.search(&q)?))
 }

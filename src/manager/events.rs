@@ -1,53 +1,73 @@
-//! The manager's records of what clients uploaded: events, admin notifications, applications.
+//! The manager's event records and the admin notifications critical events raise.
 //!
-//! Owns each event stored once per (client_id, id) under the group its client was placed in,
-//! paged with a cursor; admin notifications for critical events with their damper; and the
-//! application inventory; and the delivery of a new notification to the admin's webhook.
-//! Persistence is through `store::Kv`. It must never decide where a client belongs.
+//! Owns each event stored once per (client_id, id) under the group its client was placed
+//! in, the paged queries over them, the notifications (at most one per (group, kind) per
+//! damper period, counting what it held back) and the delivery of a new notification to the
+//! admin's webhook. All event data lives in one tree, [`LOG_TREE`], so that an event's
+//! record, its dedupe key and its index entries are written in one atomic batch: after any
+//! crash all of them are there or none, so an acknowledged event is never lost and a re-sent
+//! one is never stored twice.
+//!
+//! | key | value |
+//! |---|---|
+//! | `r/{seq:020}` | the [`StoredEvent`] |
+//! | `i/{client}\0{id}` | its seq: the dedupe key |
+//! | `c/{client}\0{seq:020}`, `g/{group}\0{seq:020}`, `k/{kind}\0{seq:020}` | the event's time, so `since` needs no record |
+//! | `t/{seq:020}` | the event's time: a `since` alone walks these small entries, not the records |
+//!
+//! Notifications live in [`NOTICES_TREE`]: `n/{id:020}` holds each, `p/{group}\0{kind}\0{id:020}`
+//! finds the latest of a (group, kind). Free text in a key is escaped (`page::part`).
+//! Nothing is loaded whole: the next seq is the last record's at open, a query walks the
+//! most selective index it is given and visits at most [`SCAN_LIMIT`] entries. Persistence
+//! is through `store::Kv`. It must never decide where a client belongs.
 
-use std::collections::BTreeMap;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
+use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 
-use crate::core::fault::{Fault, Kind};
-use crate::core::proto::{is_critical, ApplicationUpload, EventUpload, Placement};
-use crate::store::{Kv, Store, StoreError};
+use super::migrate;
+use super::page::{self, part, seq_after, seq_part, BadLimit, DEFAULT_LIMIT, MAX_LIMIT};
+use crate::core::fault::{Fault, Internal, Kind};
+use crate::core::proto::{is_critical, EventUpload, Placement};
+use crate::store::{Batch, Kv, Store, StoreError};
+
+pub use super::page::SCAN_LIMIT;
+
+/// The one tree of event records, dedupe keys and index entries.
+pub const LOG_TREE: &str = "event_log";
+/// The tree of admin notifications.
+pub const NOTICES_TREE: &str = "notices";
 
 /// What can go wrong with the event records.
 #[derive(Debug, thiserror::Error)]
 pub enum EventsError {
-    #[error("{field}: {reason}")]
-    Invalid { field: String, reason: String },
+    #[error(transparent)]
+    Limit(#[from] BadLimit),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Internal(#[from] Internal),
 }
 
 impl Fault for EventsError {
     fn kind(&self) -> Kind {
         match self {
-            EventsError::Invalid { .. } => Kind::BadInput,
+            EventsError::Limit(e) => e.kind(),
             EventsError::Store(e) => e.kind(),
+            EventsError::Internal(e) => e.kind(),
         }
     }
 
     fn code(&self) -> &'static str {
         match self {
-            EventsError::Invalid { .. } => "bad_request",
+            EventsError::Limit(e) => e.code(),
             EventsError::Store(e) => e.code(),
+            EventsError::Internal(e) => e.code(),
         }
     }
-}
-
-fn invalid(field: impl Into<String>, reason: impl Into<String>) -> EventsError {
-    EventsError::Invalid {
-        field: field.into(),
-        reason: reason.into(),
-    }
-}
-
-fn seq_key(n: u64) -> String {
-    format!("{n:020}")
 }
 
 /// An event as the manager keeps it.
@@ -81,19 +101,6 @@ pub struct Notification {
     pub event_id: String,
 }
 
-/// One learned application and the clients that have it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct LearnedApplication {
-    pub name: String,
-    pub version: Option<String>,
-    pub path: Option<String>,
-    pub sha256: Option<String>,
-    /// client id -> (first seen, last seen).
-    pub clients: BTreeMap<String, (DateTime<Utc>, DateTime<Utc>)>,
-    pub first_seen: DateTime<Utc>,
-    pub last_seen: DateTime<Utc>,
-}
-
 /// A filter of `GET /v1/admin/events`.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct EventQuery {
@@ -107,56 +114,165 @@ pub struct EventQuery {
     pub after: Option<u64>,
 }
 
-/// Default and largest page of `GET /v1/admin/events`.
-pub const DEFAULT_LIMIT: usize = 1000;
-pub const MAX_LIMIT: usize = 10_000;
+/// One answer of `GET /v1/admin/events`: a page may be short, or empty, while `next` is set
+/// (the walk reached [`SCAN_LIMIT`] entries); `next` null means nothing further matches.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct EventPage {
+    pub events: Vec<StoredEvent>,
+    pub next: Option<u64>,
+}
+
+/// A page of `GET /v1/admin/notifications`, newest first.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct NoticeQuery {
+    pub limit: Option<usize>,
+    /// The id of the last notification of the previous page: this page holds older ones.
+    pub after: Option<u64>,
+}
+
+/// One answer of `GET /v1/admin/notifications`.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct NoticePage {
+    pub notifications: Vec<Notification>,
+    pub next: Option<u64>,
+}
+
+/// An event's time as index entries keep it: (seconds, nanoseconds) since the epoch, which
+/// order as the times do and compare exactly with a `since`.
+type Stamp = (i64, u32);
+
+fn stamp(t: &DateTime<Utc>) -> Stamp {
+    (t.timestamp(), t.timestamp_subsec_nanos())
+}
+
+fn record_key(seq: u64) -> String {
+    format!("r/{}", seq_part(seq))
+}
+
+fn dedupe_key(client: &str, id: &str) -> String {
+    format!("i/{}\0{}", part(client), part(id))
+}
+
+/// The prefix of one index's entries for `value` (`c` client, `g` group, `k` kind).
+fn index_prefix(tag: char, value: &str) -> String {
+    format!("{tag}/{}\0", part(value))
+}
+
+fn notice_key(id: u64) -> String {
+    format!("n/{}", seq_part(id))
+}
+
+/// Adds an event's record, dedupe key and index entries to `batch`.
+pub(super) fn put_event(batch: &mut Batch, e: &StoredEvent) -> Result<(), StoreError> {
+    let seq = seq_part(e.seq);
+    batch.put(&format!("r/{seq}"), e)?;
+    batch.put(&dedupe_key(&e.client_id, &e.id), &e.seq)?;
+    let time = stamp(&e.time);
+    for (tag, value) in [('c', &e.client_id), ('g', &e.group), ('k', &e.kind)] {
+        batch.put(&format!("{}{seq}", index_prefix(tag, value)), &time)?;
+    }
+    batch.put(&format!("t/{seq}"), &time)?;
+    Ok(())
+}
+
+/// Whether `kv` holds the dedupe key of `e` (the event was stored before).
+pub(super) fn has_event(kv: &Kv, e: &StoredEvent) -> Result<bool, StoreError> {
+    kv.contains(&dedupe_key(&e.client_id, &e.id))
+}
+
+/// Adds a notification and its (group, kind) entry to `batch`.
+pub(super) fn put_notice(batch: &mut Batch, n: &Notification) -> Result<(), StoreError> {
+    batch.put(&notice_key(n.id), n)?;
+    let latest = format!(
+        "p/{}\0{}\0{}",
+        part(&n.group),
+        part(&n.kind),
+        seq_part(n.id)
+    );
+    batch.put(&latest, &n.id)?;
+    Ok(())
+}
+
+/// The greatest sequence number among the keys of `kv` under `prefix` (0 when none), found
+/// with one lookup from the end.
+fn last_seq(kv: &Kv, prefix: &str) -> Result<u64, StoreError> {
+    Ok(kv
+        .last::<IgnoredAny>(prefix)?
+        .and_then(|(key, _)| seq_after(&key, prefix))
+        .unwrap_or(0))
+}
+
+fn exhausted(what: &str) -> Internal {
+    Internal(format!("{what} numbers are exhausted"))
+}
 
 /// The manager's event records.
 #[derive(Clone)]
 pub struct EventStore {
-    events: Kv,
-    ids: Kv,
-    notifications: Kv,
-    apps: Kv,
-    next: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    /// Serializes notification updates (read-modify-write).
-    notify_lock: std::sync::Arc<std::sync::Mutex<()>>,
+    log: Kv,
+    notices: Kv,
+    /// The next event's seq, held while an upload is checked against the dedupe keys and
+    /// written, so that two uploads of one id cannot both store it.
+    intake: Arc<Mutex<u64>>,
+    /// The next notification's id, held while a notification is raised or counted (a read,
+    /// then a write).
+    notifying: Arc<Mutex<u64>>,
+    /// Entries one query visits at most: [`SCAN_LIMIT`], smaller in tests.
+    scan_limit: usize,
 }
 
 impl EventStore {
+    /// Opens the event records, first moving a data dir of the previous format over.
     pub fn open(store: &Store) -> Result<EventStore, EventsError> {
-        let events = store.kv("events")?;
-        let last = events
-            .scan::<StoredEvent>("")?
-            .last()
-            .map(|(_, e)| e.seq)
-            .unwrap_or(0);
+        let log = store.kv(LOG_TREE)?;
+        let notices = store.kv(NOTICES_TREE)?;
+        migrate::events(store, &log)?;
+        migrate::notifications(store, &notices)?;
+        let next_seq = last_seq(&log, "r/")?
+            .checked_add(1)
+            .ok_or_else(|| exhausted("event"))?;
+        let next_id = last_seq(&notices, "n/")?
+            .checked_add(1)
+            .ok_or_else(|| exhausted("notification"))?;
         Ok(EventStore {
-            events,
-            ids: store.kv("event_ids")?,
-            notifications: store.kv("notifications")?,
-            apps: store.kv("applications")?,
-            next: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(last + 1)),
-            notify_lock: std::sync::Arc::new(std::sync::Mutex::new(())),
+            log,
+            notices,
+            intake: Arc::new(Mutex::new(next_seq)),
+            notifying: Arc::new(Mutex::new(next_id)),
+            scan_limit: SCAN_LIMIT,
         })
     }
 
-    /// Stores each event of `upload` once per (client_id, id). Returns the events newly
-    /// stored (for notifications).
+    /// The same records, with queries visiting at most `entries` each (at least 1).
+    pub fn with_scan_limit(mut self, entries: usize) -> EventStore {
+        self.scan_limit = entries.max(1);
+        self
+    }
+
+    /// Stores each event of `upload` once per (client_id, id), each with its dedupe key and
+    /// index entries, in one atomic batch. Returns the events newly stored (for
+    /// notifications); a re-sent id is not among them.
     pub fn add_events(
         &self,
         upload: &EventUpload,
         origin: &Placement,
         now: DateTime<Utc>,
     ) -> Result<Vec<StoredEvent>, EventsError> {
+        let mut next = self
+            .intake
+            .lock()
+            .map_err(|_| Internal::poisoned("event intake"))?;
+        let mut seq = *next;
+        let mut batch = Batch::default();
+        let mut seen = HashSet::new();
         let mut stored = Vec::new();
         for e in &upload.events {
             let Some(time) = e.parsed_time() else {
                 continue;
             };
-            let id_key = format!("{}\u{0}{}", upload.client_id, e.id);
-            let seq = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            if !self.ids.put_if_absent(&id_key, &seq)? {
+            if !seen.insert(e.id.as_str())
+                || self.log.contains(&dedupe_key(&upload.client_id, &e.id))?
+            {
                 continue;
             }
             let record = StoredEvent {
@@ -171,41 +287,132 @@ impl EventStore {
                 received_at: now,
                 seq,
             };
-            self.events.put(&seq_key(seq), &record)?;
+            put_event(&mut batch, &record)?;
             stored.push(record);
+            seq = seq.checked_add(1).ok_or_else(|| exhausted("event"))?;
+        }
+        if !stored.is_empty() {
+            self.log.apply(batch)?;
+            *next = seq;
         }
         Ok(stored)
     }
 
+    /// A page of events matching `q` in seq order, and the cursor of the next page. Walks
+    /// the most selective index given (client, then group, then kind; the times in seq
+    /// order for a `since` alone; the records when nothing is given), fetches only the
+    /// records that match, and stops after
+    /// [`SCAN_LIMIT`] entries with the page found so far and `next` where it stopped. A
+    /// cursor at or past the end is an empty page.
+    pub fn query(&self, q: &EventQuery) -> Result<EventPage, EventsError> {
+        let limit = page::limit(q.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
+        let Some(start) = q.after.map_or(Some(0), |a| a.checked_add(1)) else {
+            return Ok(EventPage::default());
+        };
+        let mut walk = Walk::new(limit, self.scan_limit);
+        let filters = [('c', &q.client), ('g', &q.group), ('k', &q.kind)];
+        let given: Vec<(char, &str)> = filters
+            .iter()
+            .filter_map(|(tag, v)| v.as_deref().map(|v| (*tag, v)))
+            .collect();
+        let since = q.since.as_ref().map(stamp);
+        if let Some(((tag, value), others)) = given.split_first() {
+            let prefix = index_prefix(*tag, value);
+            let from = format!("{prefix}{}", seq_part(start));
+            self.log
+                .visit::<Stamp>(&prefix, &from, false, |key, time| {
+                    let Some(seq) = seq_after(&key, &prefix) else {
+                        return walk.pass(None);
+                    };
+                    if since.is_some_and(|s| time < s) {
+                        return walk.pass(Some(seq));
+                    }
+                    match self.matching(seq, others, q) {
+                        Ok(Some(e)) => walk.take(e),
+                        Ok(None) => walk.pass(Some(seq)),
+                        Err(e) => walk.fail(e),
+                    }
+                })?;
+        } else if let Some(since) = since {
+            let from = format!("t/{}", seq_part(start));
+            self.log.visit::<Stamp>("t/", &from, false, |key, time| {
+                let Some(seq) = seq_after(&key, "t/") else {
+                    return walk.pass(None);
+                };
+                if time < since {
+                    return walk.pass(Some(seq));
+                }
+                match self.matching(seq, &[], q) {
+                    Ok(Some(e)) => walk.take(e),
+                    Ok(None) => walk.pass(Some(seq)),
+                    Err(e) => walk.fail(e),
+                }
+            })?;
+        } else {
+            self.log
+                .visit::<StoredEvent>("r/", &record_key(start), false, |_, e| walk.take(e))?;
+        }
+        walk.finish()
+    }
+
+    /// The record of `seq` if it matches `q`: the other indexes given are asked first (a
+    /// key lookup each), so a record is read only when it is likely to match.
+    fn matching(
+        &self,
+        seq: u64,
+        others: &[(char, &str)],
+        q: &EventQuery,
+    ) -> Result<Option<StoredEvent>, StoreError> {
+        for (tag, value) in others {
+            let key = format!("{}{}", index_prefix(*tag, value), seq_part(seq));
+            if !self.log.contains(&key)? {
+                return Ok(None);
+            }
+        }
+        let Some(e) = self.log.get::<StoredEvent>(&record_key(seq))? else {
+            return Ok(None);
+        };
+        let fits = q.kind.as_ref().is_none_or(|k| *k == e.kind)
+            && q.client.as_ref().is_none_or(|c| *c == e.client_id)
+            && q.group.as_ref().is_none_or(|g| *g == e.group)
+            && q.since.is_none_or(|s| e.time >= s);
+        Ok(fits.then_some(e))
+    }
+
     /// Raises or counts notifications for the critical events among `stored`. At most one
-    /// notification per (group, kind) per `damper_s`; 0 means every event notifies. Returns
-    /// the notifications created (for the webhook).
+    /// notification per (group, kind) per `damper_s`; 0 means every event notifies. The
+    /// latest of a (group, kind) is found with one lookup from the end of its entries.
+    /// Returns the notifications created (for the webhook).
     pub fn notify(
         &self,
         stored: &[StoredEvent],
         damper_s: u64,
         now: DateTime<Utc>,
     ) -> Result<Vec<Notification>, EventsError> {
-        let _guard = self.notify_lock.lock();
+        let mut next = self
+            .notifying
+            .lock()
+            .map_err(|_| Internal::poisoned("notifications"))?;
+        let damper = i64::try_from(damper_s).unwrap_or(i64::MAX);
         let mut created = Vec::new();
         for e in stored {
             if !is_critical(&e.kind, e.subkind.as_deref()) {
                 continue;
             }
-            let prefix = format!("{}\u{0}{}\u{0}", e.group, e.kind);
-            let latest = self.notifications.scan::<Notification>(&prefix)?.pop();
+            let prefix = format!("p/{}\0{}\0", part(&e.group), part(&e.kind));
+            let latest = match self.notices.last::<u64>(&prefix)? {
+                Some((_, id)) => self.notices.get::<Notification>(&notice_key(id))?,
+                None => None,
+            };
             match latest {
-                Some((key, mut n))
-                    if damper_s > 0 && (now - n.first_at).num_seconds() < damper_s as i64 =>
-                {
+                Some(mut n) if damper > 0 && (now - n.first_at).num_seconds() < damper => {
                     n.count += 1;
                     n.last_at = now;
-                    self.notifications.put(&key, &n)?;
+                    self.notices.put(&notice_key(n.id), &n)?;
                 }
                 _ => {
-                    let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let n = Notification {
-                        id,
+                        id: *next,
                         group: e.group.clone(),
                         kind: e.kind.clone(),
                         first_at: now,
@@ -214,7 +421,12 @@ impl EventStore {
                         client_id: e.client_id.clone(),
                         event_id: e.id.clone(),
                     };
-                    self.notifications.put(&format!("{prefix}{id:020}"), &n)?;
+                    let mut batch = Batch::default();
+                    put_notice(&mut batch, &n)?;
+                    self.notices.apply(batch)?;
+                    *next = next
+                        .checked_add(1)
+                        .ok_or_else(|| exhausted("notification"))?;
                     created.push(n);
                 }
             }
@@ -222,108 +434,123 @@ impl EventStore {
         Ok(created)
     }
 
-    /// Every notification, newest first.
-    pub fn notifications(&self) -> Result<Vec<Notification>, EventsError> {
-        let mut all: Vec<Notification> = self
-            .notifications
-            .scan::<Notification>("")?
-            .into_iter()
-            .map(|(_, n)| n)
-            .collect();
-        all.sort_by(|a, b| b.first_at.cmp(&a.first_at).then(b.id.cmp(&a.id)));
-        Ok(all)
-    }
-
-    /// A page of events matching `q`, and the cursor of the next page.
-    pub fn query(&self, q: &EventQuery) -> Result<(Vec<StoredEvent>, Option<u64>), EventsError> {
-        let limit = q.limit.unwrap_or(DEFAULT_LIMIT);
-        if limit == 0 || limit > MAX_LIMIT {
-            return Err(invalid("limit", format!("must be 1 to {MAX_LIMIT}")));
-        }
-        let start = q.after.map_or(0, |a| a + 1);
-        let mut out: Vec<StoredEvent> = Vec::new();
+    /// Notifications newest first, at most `limit`, older than the id `after`.
+    pub fn notifications(&self, q: &NoticeQuery) -> Result<NoticePage, EventsError> {
+        let limit = page::limit(q.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
+        let from = match q.after.map(|a| a.checked_sub(1)) {
+            None => "n/".to_string(),
+            Some(Some(before)) => notice_key(before),
+            Some(None) => return Ok(NoticePage::default()),
+        };
+        let mut out: Vec<Notification> = Vec::new();
         let mut more = false;
-        self.events
-            .visit_from::<StoredEvent>(&seq_key(start), |_, e| {
-                let keep = q.kind.as_ref().is_none_or(|k| *k == e.kind)
-                    && q.client.as_ref().is_none_or(|c| *c == e.client_id)
-                    && q.group.as_ref().is_none_or(|g| *g == e.group)
-                    && q.since.is_none_or(|s| e.time >= s);
-                if !keep {
-                    return true;
-                }
+        self.notices
+            .visit::<Notification>("n/", &from, true, |_, n| {
                 if out.len() == limit {
                     more = true;
                     return false;
                 }
-                out.push(e);
+                out.push(n);
                 true
             })?;
-        let next = if more {
-            out.last().map(|e| e.seq)
-        } else {
-            None
-        };
-        Ok((out, next))
-    }
-
-    /// Records what a client reports it runs.
-    pub fn add_applications(
-        &self,
-        upload: &ApplicationUpload,
-        now: DateTime<Utc>,
-    ) -> Result<(), EventsError> {
-        for a in &upload.applications {
-            let key = format!(
-                "{}\u{0}{}\u{0}{}",
-                a.name.to_lowercase(),
-                a.version.as_deref().unwrap_or(""),
-                a.sha256.as_deref().unwrap_or("")
-            );
-            let mut app =
-                self.apps
-                    .get::<LearnedApplication>(&key)?
-                    .unwrap_or(LearnedApplication {
-                        name: a.name.clone(),
-                        version: a.version.clone(),
-                        path: a.path.clone(),
-                        sha256: a.sha256.clone(),
-                        clients: BTreeMap::new(),
-                        first_seen: now,
-                        last_seen: now,
-                    });
-            app.last_seen = now;
-            app.clients
-                .entry(upload.client_id.clone())
-                .and_modify(|(_, last)| *last = now)
-                .or_insert((now, now));
-            self.apps.put(&key, &app)?;
-        }
-        Ok(())
-    }
-
-    /// Applications whose name or path contains `q` (case-insensitive); all when empty.
-    pub fn search_applications(&self, q: &str) -> Result<Vec<LearnedApplication>, EventsError> {
-        let q = q.to_lowercase();
-        Ok(self
-            .apps
-            .scan::<LearnedApplication>("")?
-            .into_iter()
-            .map(|(_, a)| a)
-            .filter(|a| {
-                q.is_empty()
-                    || a.name.to_lowercase().contains(&q)
-                    || a.path
-                        .as_deref()
-                        .is_some_and(|p| p.to_lowercase().contains(&q))
-            })
-            .collect())
+        let next = if more { out.last().map(|n| n.id) } else { None };
+        Ok(NoticePage {
+            notifications: out,
+            next,
+        })
     }
 
     /// Makes everything stored so far durable (before a 202).
     pub async fn flush(&self) -> Result<(), EventsError> {
-        self.events.flush().await?;
+        self.log.flush().await?;
         Ok(())
+    }
+}
+
+/// Why a walk over the records stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// It reached the end: nothing further matches.
+    End,
+    /// The page is full and another match follows.
+    Full,
+    /// It visited the scan bound's worth of entries.
+    Bound,
+}
+
+/// One query's walk: the page so far, how far it went and why it stopped.
+struct Walk {
+    limit: usize,
+    scan_limit: usize,
+    out: Vec<StoredEvent>,
+    scanned: usize,
+    /// The seq of the last entry visited: where the next page starts.
+    last: Option<u64>,
+    stop: Stop,
+    error: Option<StoreError>,
+}
+
+impl Walk {
+    fn new(limit: usize, scan_limit: usize) -> Walk {
+        Walk {
+            limit,
+            scan_limit,
+            out: Vec::new(),
+            scanned: 0,
+            last: None,
+            stop: Stop::End,
+            error: None,
+        }
+    }
+
+    /// Counts a visited entry; false (stop) at the scan bound.
+    fn visited(&mut self, seq: Option<u64>) -> bool {
+        if seq.is_some() {
+            self.last = seq;
+        }
+        self.scanned += 1;
+        if self.scanned >= self.scan_limit {
+            self.stop = Stop::Bound;
+            return false;
+        }
+        true
+    }
+
+    /// An entry that does not match.
+    fn pass(&mut self, seq: Option<u64>) -> bool {
+        self.visited(seq)
+    }
+
+    /// A match: onto the page, or, with the page full, the sign that more follow.
+    fn take(&mut self, e: StoredEvent) -> bool {
+        if self.out.len() == self.limit {
+            self.stop = Stop::Full;
+            return false;
+        }
+        let seq = e.seq;
+        self.out.push(e);
+        self.visited(Some(seq))
+    }
+
+    fn fail(&mut self, e: StoreError) -> bool {
+        self.error = Some(e);
+        false
+    }
+
+    /// The page, with `next` at the last entry visited unless the walk reached the end (the
+    /// entries between the last match and that point matched nothing).
+    fn finish(self) -> Result<EventPage, EventsError> {
+        if let Some(e) = self.error {
+            return Err(e.into());
+        }
+        let next = match self.stop {
+            Stop::End => None,
+            Stop::Full | Stop::Bound => self.last,
+        };
+        Ok(EventPage {
+            events: self.out,
+            next,
+        })
     }
 }
 
@@ -353,110 +580,5 @@ pub async fn deliver_webhook(http: reqwest::Client, url: String, n: Notification
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::core::proto::{Application, Event};
-    use chrono::Duration;
-
-    fn ev(id: &str, kind: &str, subkind: Option<&str>) -> Event {
-        Event {
-            id: id.into(),
-            kind: kind.into(),
-            subkind: subkind.map(str::to_string),
-            time: "2026-11-24T10:00:00Z".into(),
-            data: serde_json::json!({}),
-        }
-    }
-
-    #[test]
-    fn stored_once_queried_paged_and_damped() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let es = EventStore::open(&store).unwrap();
-        let origin = Placement {
-            group: "branch".into(),
-            location: None,
-        };
-        let now = Utc::now();
-        let up = EventUpload {
-            client_id: "c".into(),
-            events: (0..5)
-                .map(|i| ev(&i.to_string(), "risk", Some("virus")))
-                .collect(),
-        };
-        let stored = es.add_events(&up, &origin, now).unwrap();
-        assert_eq!(stored.len(), 5);
-        // Re-sent ids are accepted and stored once.
-        assert!(es.add_events(&up, &origin, now).unwrap().is_empty());
-        // Damper: one notification counting all five.
-        let created = es.notify(&stored, 3600, now).unwrap();
-        assert_eq!(created.len(), 1);
-        let n = es.notifications().unwrap();
-        assert_eq!(n.len(), 1);
-        assert_eq!(n[0].count, 5);
-        // After the period, a new one; with damper 0, one per event.
-        let later = now + Duration::seconds(3601);
-        es.notify(&stored[..1], 3600, later).unwrap();
-        assert_eq!(es.notifications().unwrap().len(), 2);
-        es.notify(&stored[..2], 0, later).unwrap();
-        assert_eq!(es.notifications().unwrap().len(), 4);
-        // Pagination and filters.
-        let (page, next) = es
-            .query(&EventQuery {
-                limit: Some(2),
-                ..Default::default()
-            })
-            .unwrap();
-        assert_eq!(page.len(), 2);
-        let (rest, end) = es
-            .query(&EventQuery {
-                limit: Some(10),
-                after: next,
-                ..Default::default()
-            })
-            .unwrap();
-        assert_eq!(rest.len(), 3);
-        assert_eq!(end, None);
-        let (none, _) = es
-            .query(&EventQuery {
-                kind: Some("intrusion".into()),
-                ..Default::default()
-            })
-            .unwrap();
-        assert!(none.is_empty());
-        assert!(es
-            .query(&EventQuery {
-                limit: Some(10_001),
-                ..Default::default()
-            })
-            .is_err());
-    }
-
-    #[test]
-    fn applications_inventory() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let es = EventStore::open(&store).unwrap();
-        let now = Utc::now();
-        for c in ["a", "b"] {
-            es.add_applications(
-                &ApplicationUpload {
-                    client_id: c.into(),
-                    applications: vec![Application {
-                        name: "Notepad++".into(),
-                        version: Some("8.6".into()),
-                        path: Some("C:\\Program Files\\Notepad++\\notepad++.exe".into()),
-                        sha256: None,
-                    }],
-                },
-                now,
-            )
-            .unwrap();
-        }
-        let found = es.search_applications("notepad").unwrap();
-        assert_eq!(found.len(), 1);
-        assert_eq!(found[0].clients.len(), 2);
-        assert!(es.search_applications("program files").unwrap().len() == 1);
-        assert!(es.search_applications("chrome").unwrap().is_empty());
-    }
-}
+#[path = "events_tests.rs"]
+mod tests;

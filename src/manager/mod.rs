@@ -1,13 +1,18 @@
 //! The management server: the source of truth nodes mirror.
 //!
 //! Owns the manager's state (catalog history, published blobs through `store`, the settings
-//! directory, the client registry, the event records, tokens, the catalog signing key), its
-//! [`Role`] behind the shared client API (heartbeats resolve groups in the registry, uploads
-//! are stored and raise notifications), and the admin API behind the admin token. It must
-//! never fetch from anywhere: nothing is upstream of the manager.
+//! directory, the client registry, the event records, the application inventory, tokens,
+//! the catalog signing key), its [`Role`] behind the shared client API (heartbeats resolve
+//! groups in the registry, uploads are stored and raise notifications), the admin API
+//! behind the admin token, and the bound on what a directory change may make of the
+//! `/v1/sync` snapshot. It must never fetch from anywhere: nothing is upstream of the
+//! manager.
 
 mod admin;
+pub mod applications;
 pub mod events;
+mod migrate;
+pub mod page;
 mod publish;
 pub mod registry;
 
@@ -21,7 +26,7 @@ use tokio::net::TcpListener;
 use crate::core::catalog::CatalogHistory;
 use crate::core::config::ManagerConfig;
 use crate::core::fault::Internal;
-use crate::core::proto::{Change, Heartbeat, Placed, Placement, Upload};
+use crate::core::proto::{Change, Heartbeat, Placed, Placement, Snapshot, Upload};
 use crate::core::settings::Directory;
 use crate::http::auth::{self, Token, TokenError};
 use crate::http::error::ApiError;
@@ -32,8 +37,17 @@ use crate::serve::health::Readiness;
 use crate::serve::metrics::Metrics;
 use crate::serve::{self, Api, Role, Served, ServedOptions};
 use crate::store::{Kv, Store, StoreError};
+use applications::{AppsError, Inventory};
 use events::{EventStore, EventsError, Notification};
 use registry::{Registry, RegistryError};
+
+use crate::core::proto::MAX_SNAPSHOT_BYTES;
+pub use admin::Oversized;
+
+/// A testing knob, deliberately not in the config: entries one listing request visits at
+/// most (`page::SCAN_LIMIT` without it), so that end-to-end tests can see short pages
+/// without storing 50,000 events.
+const SCAN_LIMIT_ENV: &str = "GUP_TEST_SCAN_LIMIT";
 
 /// Why the manager could not start or run.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +62,8 @@ pub enum ManagerError {
     Registry(#[from] RegistryError),
     #[error("events: {0}")]
     Events(#[from] EventsError),
+    #[error("applications: {0}")]
+    Apps(#[from] AppsError),
     #[error("tls: {0}")]
     Tls(#[from] TlsError),
     #[error("{0}")]
@@ -64,6 +80,7 @@ pub struct Manager {
     directory_kv: Kv,
     registry: Registry,
     events: EventStore,
+    apps: Inventory,
     http: reqwest::Client,
     webhook: Option<String>,
     admin_token: Token,
@@ -101,8 +118,13 @@ impl Manager {
         history.sign_current(|c| catalog_key.sign(c));
         let directory_kv = store.kv("settings")?;
         let directory: Directory = directory_kv.get(DIRECTORY_KEY)?.unwrap_or_default();
-        let registry = Registry::open(&store)?;
-        let events = EventStore::open(&store)?;
+        let scan_limit = std::env::var(SCAN_LIMIT_ENV)
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(page::SCAN_LIMIT);
+        let registry = Registry::open(&store)?.with_scan_limit(scan_limit);
+        let events = EventStore::open(&store)?.with_scan_limit(scan_limit);
+        let apps = Inventory::open(&store)?.with_scan_limit(scan_limit);
         let metrics = Arc::new(Metrics::new());
         let serving = serve::serving(
             &config.limits,
@@ -137,6 +159,7 @@ impl Manager {
             directory_kv,
             registry,
             events,
+            apps,
             http: reqwest::Client::new(),
             webhook: (!config.notifications.webhook_url.is_empty())
                 .then(|| config.notifications.webhook_url.clone()),
@@ -187,27 +210,66 @@ impl Manager {
     }
 
     /// Applies `f` to the directory, persists the result durably, then pushes the changes
-    /// `f` reports. Nothing changes when `f` fails.
+    /// `f` reports. Nothing changes when `f` fails, or when the change would make the
+    /// `/v1/sync` snapshot larger than [`MAX_SNAPSHOT_BYTES`] without shrinking it (413
+    /// naming `what`, the thing changed).
     async fn change_directory<T>(
         &self,
+        what: &str,
         f: impl FnOnce(&mut Directory) -> Result<(T, Vec<Change>), ApiError>,
     ) -> Result<T, ApiError> {
         let _guard = self.admin_lock.lock().await;
-        let (out, changes, copy) = {
+        let before = self.served.directory()?.clone();
+        let mut draft = before.clone();
+        let (out, changes) = f(&mut draft)?;
+        self.check_snapshot(what, &before, &draft, MAX_SNAPSHOT_BYTES)?;
+        {
             let mut dir = self
                 .served
                 .directory
                 .write()
                 .map_err(|_| Internal::poisoned("directory"))?;
-            let mut draft = dir.clone();
-            let (out, changes) = f(&mut draft)?;
             *dir = draft.clone();
-            (out, changes, draft)
-        };
-        self.directory_kv.put(DIRECTORY_KEY, &copy)?;
+        }
+        self.directory_kv.put(DIRECTORY_KEY, &draft)?;
         self.directory_kv.flush().await?;
         self.served.changes.send_all(changes);
         Ok(out)
+    }
+
+    /// Refuses a directory `after` whose snapshot (with the current catalog) is larger than
+    /// `limit`, unless it is no larger than with the directory `before` (so a change that
+    /// shrinks an oversized snapshot, a delete say, always goes through).
+    fn check_snapshot(
+        &self,
+        what: &str,
+        before: &Directory,
+        after: &Directory,
+        limit: usize,
+    ) -> Result<(), ApiError> {
+        let (catalog, catalog_signature) = {
+            let history = self.served.catalog()?;
+            (history.current(), history.signature().map(str::to_string))
+        };
+        let size = |directory: &Directory| -> Result<usize, ApiError> {
+            snapshot_size(&Snapshot {
+                directory: directory.clone(),
+                catalog: catalog.clone(),
+                catalog_signature: catalog_signature.clone(),
+                stale_since: None,
+            })
+            .map_err(|e| Internal(format!("measuring the snapshot: {e}")).into())
+        };
+        let size_after = size(after)?;
+        if size_after <= limit || size_after <= size(before)? {
+            return Ok(());
+        }
+        Err(Oversized::Snapshot {
+            what: what.to_string(),
+            size: size_after,
+            limit,
+        }
+        .into())
     }
 
     /// Persists the catalog history durably and drops slots of revisions no longer retained.
@@ -233,7 +295,7 @@ impl Manager {
                     let stored = self.events.add_events(&u, &placement, now)?;
                     created.extend(self.events.notify(&stored, damper, now)?);
                 }
-                Upload::Applications(u) => self.events.add_applications(&u, now)?,
+                Upload::Applications(u) => self.apps.add(&u, now)?,
             }
         }
         self.events.flush().await?;
@@ -268,5 +330,65 @@ impl Role for Manager {
 
     fn accept(&self, uploads: Vec<Placed>) -> BoxFuture<'_, Result<(), ApiError>> {
         Box::pin(self.store_uploads(uploads))
+    }
+}
+
+/// The bytes `snapshot` serializes to, counted without holding them.
+fn snapshot_size(snapshot: &Snapshot) -> Result<usize, serde_json::Error> {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    serde_json::to_writer(&mut count, snapshot)?;
+    Ok(count.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_change_that_would_grow_the_snapshot_past_its_bound_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = ManagerConfig::default();
+        config.manager.data_dir = dir.path().to_path_buf();
+        let (_trigger, shutdown) = crate::http::shutdown::shutdown_pair();
+        let m = Manager::open(&config, shutdown).unwrap();
+        let small = m.served.directory().unwrap().clone();
+        let mut big = small.clone();
+        big.put_group("lab", "default").unwrap();
+        let doc = serde_json::json!({ "blob": "x".repeat(100_000) });
+        big.put_policy("lab", doc).unwrap();
+        let what = "the policy of group \"lab\"";
+        let e = m.check_snapshot(what, &small, &big, 50_000).unwrap_err();
+        assert_eq!(e.status.as_u16(), 413);
+        assert_eq!(e.code, "snapshot_too_large");
+        assert!(e.message.contains(what), "{}", e.message);
+        // A change that shrinks an oversized snapshot goes through, and so does any change
+        // under the bound.
+        assert!(m.check_snapshot("deleting", &big, &small, 50_000).is_ok());
+        assert!(m
+            .check_snapshot(what, &small, &big, MAX_SNAPSHOT_BYTES)
+            .is_ok());
+        // The size counted is the snapshot's: the catalog's bytes are in it.
+        let directory = big.clone();
+        let catalog = m.served.catalog().unwrap().current();
+        let whole = serde_json::to_vec(&Snapshot {
+            directory,
+            catalog,
+            catalog_signature: m.served.catalog().unwrap().signature().map(str::to_string),
+            stale_since: None,
+        })
+        .unwrap();
+        let limit = whole.len();
+        assert!(m.check_snapshot(what, &small, &big, limit).is_ok());
+        assert!(m.check_snapshot(what, &small, &big, limit - 1).is_err());
     }
 }

@@ -2,13 +2,15 @@
 //!
 //! Owns the client records (install group, current group, login mode and last user, kept
 //! after a delete so that a reconnect can honour `use_last_group`) and the user -> group map,
-//! persisted through `store::Kv`. Group resolution itself is the pure
+//! persisted through `store::Kv`, and the listing of clients a page at a time (no request
+//! visits more than `page::SCAN_LIMIT` records). Group resolution itself is the pure
 //! `core::settings::resolve_client_group`. It must never talk to the network or read settings
 //! from anywhere but the directory it is given.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use super::page::{self, BadLimit, DEFAULT_LIMIT, MAX_LIMIT, SCAN_LIMIT};
 use crate::core::fault::{Fault, Kind};
 use crate::core::proto::{Heartbeat, Placement};
 use crate::core::settings::{ClientHistory, Directory, HeartbeatFacts, LoginMode, Os};
@@ -24,6 +26,8 @@ pub enum RegistryError {
     #[error("no group {0:?}")]
     UnknownGroup(String),
     #[error(transparent)]
+    Limit(#[from] BadLimit),
+    #[error(transparent)]
     Store(#[from] StoreError),
 }
 
@@ -32,6 +36,7 @@ impl Fault for RegistryError {
         match self {
             RegistryError::Invalid { .. } => Kind::BadInput,
             RegistryError::UnknownClient(_) | RegistryError::UnknownGroup(_) => Kind::NotFound,
+            RegistryError::Limit(e) => e.kind(),
             RegistryError::Store(e) => e.kind(),
         }
     }
@@ -40,6 +45,7 @@ impl Fault for RegistryError {
         match self {
             RegistryError::Invalid { .. } => "bad_request",
             RegistryError::UnknownClient(_) | RegistryError::UnknownGroup(_) => "not_found",
+            RegistryError::Limit(e) => e.code(),
             RegistryError::Store(e) => e.code(),
         }
     }
@@ -93,11 +99,29 @@ pub struct ClientView {
     pub overdue: bool,
 }
 
+/// A page of `GET /v1/admin/clients`.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ClientQuery {
+    pub limit: Option<usize>,
+    /// The last client id of the previous page (exclusive).
+    pub after: Option<String>,
+}
+
+/// One answer of `GET /v1/admin/clients`: `next` is the `after` of the following page, or
+/// null at the end.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ClientPage {
+    pub clients: Vec<ClientView>,
+    pub next: Option<String>,
+}
+
 /// The manager's client registry, persisted in sled.
 #[derive(Clone)]
 pub struct Registry {
     clients: Kv,
     users: Kv,
+    /// Records one listing visits at most: [`SCAN_LIMIT`], smaller in tests.
+    scan_limit: usize,
 }
 
 impl Registry {
@@ -105,7 +129,14 @@ impl Registry {
         Ok(Registry {
             clients: store.kv("clients")?,
             users: store.kv("users")?,
+            scan_limit: SCAN_LIMIT,
         })
+    }
+
+    /// The same registry, with listings visiting at most `records` each (at least 1).
+    pub fn with_scan_limit(mut self, records: usize) -> Registry {
+        self.scan_limit = records.max(1);
+        self
     }
 
     pub fn get(&self, client_id: &str) -> Result<Option<ClientRecord>, RegistryError> {
@@ -173,18 +204,44 @@ impl Registry {
         Ok(record)
     }
 
-    /// Every client that is not deleted, with whether it is overdue.
-    pub fn list(&self, now: DateTime<Utc>) -> Result<Vec<ClientView>, RegistryError> {
-        Ok(self
-            .clients
-            .scan::<ClientRecord>("")?
-            .into_iter()
-            .filter(|(_, r)| !r.deleted)
-            .map(|(_, r)| ClientView {
-                overdue: r.overdue(now),
-                record: r,
-            })
-            .collect())
+    /// A page of the clients that are not deleted, in client id order after `q.after`
+    /// (exclusive), with whether each is overdue. Stops after [`SCAN_LIMIT`] records (deleted
+    /// ones count) with `next` where it stopped, so a page may be short while `next` is set.
+    pub fn list(&self, q: &ClientQuery, now: DateTime<Utc>) -> Result<ClientPage, RegistryError> {
+        let limit = page::limit(q.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
+        // Client ids hold no NUL: the smallest key after the cursor is the cursor and a NUL.
+        let from = match q.after.as_deref().filter(|a| !a.is_empty()) {
+            Some(a) => format!("{a}\0"),
+            None => String::new(),
+        };
+        let mut clients: Vec<ClientView> = Vec::new();
+        let mut scanned = 0usize;
+        let mut last: Option<String> = None;
+        let mut stopped = false;
+        self.clients
+            .visit::<ClientRecord>("", &from, false, |key, r| {
+                if !r.deleted && clients.len() == limit {
+                    stopped = true;
+                    return false;
+                }
+                if !r.deleted {
+                    clients.push(ClientView {
+                        overdue: r.overdue(now),
+                        record: r,
+                    });
+                }
+                last = Some(key);
+                scanned += 1;
+                if scanned >= self.scan_limit {
+                    stopped = true;
+                    return false;
+                }
+                true
+            })?;
+        Ok(ClientPage {
+            clients,
+            next: if stopped { last } else { None },
+        })
     }
 
     /// Moves a client to `group` (an admin action).
@@ -235,13 +292,21 @@ impl Registry {
         Ok(())
     }
 
-    /// Whether any live client is in `group`.
+    /// Whether any live client is in `group`: records are visited one at a time (only their
+    /// group and whether deleted decoded) until the first match.
     pub fn has_clients(&self, group: &str) -> Result<bool, RegistryError> {
-        Ok(self
-            .clients
-            .scan::<ClientRecord>("")?
-            .iter()
-            .any(|(_, r)| !r.deleted && r.group == group))
+        #[derive(Deserialize)]
+        struct Membership {
+            group: String,
+            #[serde(default)]
+            deleted: bool,
+        }
+        let mut found = false;
+        self.clients.visit::<Membership>("", "", false, |_, r| {
+            found = !r.deleted && r.group == group;
+            !found
+        })?;
+        Ok(found)
     }
 
     pub async fn flush(&self) -> Result<(), RegistryError> {
@@ -286,6 +351,21 @@ mod tests {
         (dir, reg, d)
     }
 
+    /// Every listed client, following `next` (bounded).
+    fn all(reg: &Registry, now: DateTime<Utc>) -> Vec<ClientView> {
+        let mut out = Vec::new();
+        let mut q = ClientQuery::default();
+        for _ in 0..1000 {
+            let page = reg.list(&q, now).unwrap();
+            out.extend(page.clients);
+            match page.next {
+                Some(n) => q.after = Some(n),
+                None => return out,
+            }
+        }
+        panic!("the listing did not end");
+    }
+
     #[test]
     fn reconnection_cases() {
         let (_t, reg, mut d) = setup();
@@ -302,11 +382,7 @@ mod tests {
         assert_eq!(r.group, "lab");
         // Deleted, then reconnects: back to install group (lab has no use_last_group).
         reg.delete("c1").unwrap();
-        assert!(reg
-            .list(now)
-            .unwrap()
-            .iter()
-            .all(|v| v.record.client_id != "c1"));
+        assert!(all(&reg, now).iter().all(|v| v.record.client_id != "c1"));
         let r = reg.heartbeat(&d, &hb("c1", "branch"), None, now).unwrap();
         assert_eq!(r.group, "branch");
         // 2. use_last_group on the last group: a deleted client reconnects there.
@@ -327,17 +403,14 @@ mod tests {
         let r = reg.heartbeat(&d, &linux, None, later).unwrap();
         assert_eq!(r.group, "branch");
         let c1 = |t| {
-            reg.list(t)
-                .unwrap()
+            all(&reg, t)
                 .into_iter()
                 .find(|v| v.record.client_id == "c1")
                 .unwrap()
         };
         assert!(!c1(later).overdue);
         assert!(c1(later + Duration::seconds(901)).overdue);
-        assert!(reg
-            .list(later)
-            .unwrap()
+        assert!(all(&reg, later)
             .iter()
             .any(|v| v.record.client_id == "c2" && v.overdue));
     }
@@ -365,6 +438,96 @@ mod tests {
         h.user = Some("alice".into());
         assert_eq!(reg.heartbeat(&d, &h, None, now).unwrap().group, "branch");
         assert!(reg.has_clients("branch").unwrap());
+        assert!(!reg.has_clients("lab").unwrap());
+    }
+}
+
+#[cfg(test)]
+mod paging_tests {
+    use super::*;
+
+    fn registry_with(n: usize) -> (tempfile::TempDir, Registry, Directory, DateTime<Utc>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let reg = Registry::open(&store).unwrap();
+        let mut d = Directory::default();
+        d.put_group("lab", "default").unwrap();
+        let now = Utc::now();
+        for i in 0..n {
+            let hb = Heartbeat {
+                client_id: format!("c{i:03}"),
+                ..Default::default()
+            };
+            reg.heartbeat(&d, &hb, None, now).unwrap();
+        }
+        (dir, reg, d, now)
+    }
+
+    #[test]
+    fn pages_follow_after_exclusively_and_skip_deleted_clients() {
+        let (_t, reg, _d, now) = registry_with(25);
+        reg.delete("c010").unwrap();
+        let q = |limit, after: Option<&str>| ClientQuery {
+            limit: Some(limit),
+            after: after.map(str::to_string),
+        };
+        let first = reg.list(&q(10, None), now).unwrap();
+        let ids: Vec<_> = first
+            .clients
+            .iter()
+            .map(|c| c.record.client_id.clone())
+            .collect();
+        assert_eq!(ids.first().map(String::as_str), Some("c000"));
+        assert_eq!(ids.len(), 10);
+        // Where the walk stopped: the deleted c010 was visited looking for an 11th.
+        assert_eq!(first.next.as_deref(), Some("c010"));
+        let second = reg.list(&q(10, first.next.as_deref()), now).unwrap();
+        assert_eq!(
+            second.clients[0].record.client_id, "c011",
+            "c010 is deleted"
+        );
+        let third = reg.list(&q(10, second.next.as_deref()), now).unwrap();
+        assert_eq!(third.clients.len(), 4);
+        assert_eq!(third.next, None);
+        // A cursor past the end is an empty last page.
+        let past = reg.list(&q(10, Some("zzz")), now).unwrap();
+        assert!(past.clients.is_empty() && past.next.is_none());
+        assert!(reg.list(&q(10_001, None), now).is_err());
+        assert!(reg.list(&q(0, None), now).is_err());
+    }
+
+    #[test]
+    fn the_scan_bound_answers_a_short_page_with_next() {
+        let (_t, reg, _d, now) = registry_with(30);
+        for i in 0..20 {
+            reg.delete(&format!("c{i:03}")).unwrap();
+        }
+        let reg = reg.with_scan_limit(8);
+        let page = reg.list(&ClientQuery::default(), now).unwrap();
+        assert!(page.clients.is_empty(), "eight deleted records visited");
+        assert_eq!(page.next.as_deref(), Some("c007"));
+        let mut seen = Vec::new();
+        let mut q = ClientQuery::default();
+        for _ in 0..10 {
+            let page = reg.list(&q, now).unwrap();
+            seen.extend(page.clients.into_iter().map(|c| c.record.client_id));
+            match page.next {
+                Some(n) => q.after = Some(n),
+                None => break,
+            }
+        }
+        let want: Vec<String> = (20..30).map(|i| format!("c{i:03}")).collect();
+        assert_eq!(seen, want);
+    }
+
+    #[test]
+    fn has_clients_stops_at_the_first_live_member() {
+        let (_t, reg, d, _now) = registry_with(5);
+        assert!(reg.has_clients("default").unwrap());
+        assert!(!reg.has_clients("lab").unwrap());
+        reg.move_client(&d, "c003", "lab").unwrap();
+        assert!(reg.has_clients("lab").unwrap());
+        reg.delete("c003").unwrap();
         assert!(!reg.has_clients("lab").unwrap());
     }
 }

@@ -16,7 +16,7 @@ use futures_util::StreamExt;
 use reqwest::StatusCode;
 
 use crate::core::digest::Digest;
-use crate::core::proto::{BatchReply, HeartbeatBatch, Snapshot, UploadBatch};
+use crate::core::proto::{BatchReply, HeartbeatBatch, Snapshot, UploadBatch, SNAPSHOT_READ_LIMIT};
 use crate::http::auth::Token;
 use crate::serve::metrics::Metrics;
 use crate::store::StoreError;
@@ -106,6 +106,9 @@ impl UpstreamError {
     }
 }
 
+/// The server, ETag and reported staleness of the snapshot a node last mirrored.
+type LastSync = (usize, String, Option<DateTime<Utc>>);
+
 /// What a sync brought.
 pub enum Synced {
     /// A new snapshot (checked), with its ETag when the server sent one.
@@ -118,8 +121,6 @@ pub enum Synced {
     Unchanged { stale_since: Option<DateTime<Utc>> },
 }
 
-/// Largest `/v1/sync` answer a node accepts.
-const MAX_SNAPSHOT_BYTES: usize = 64 << 20;
 /// Most items a mirrored catalog may hold.
 const MAX_CATALOG_ITEMS: usize = 100_000;
 
@@ -156,7 +157,7 @@ pub struct Upstream {
     /// How often a node held to a lower-priority upstream checks whether a higher one is back.
     probe_interval: Duration,
     /// The server, ETag and reported staleness of the snapshot last mirrored.
-    last_sync: Mutex<Option<(usize, String, Option<DateTime<Utc>>)>>,
+    last_sync: Mutex<Option<LastSync>>,
 }
 
 /// How a node talks to its upstreams (from `[upstream]`).
@@ -379,10 +380,10 @@ impl Upstream {
         let mut bytes = Vec::new();
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(http)?;
-            if bytes.len() + chunk.len() > MAX_SNAPSHOT_BYTES {
+            if bytes.len() + chunk.len() > SNAPSHOT_READ_LIMIT {
                 return Err(UpstreamError::Refused {
                     server: name,
-                    reason: format!("snapshot larger than {MAX_SNAPSHOT_BYTES} bytes"),
+                    reason: format!("snapshot larger than {SNAPSHOT_READ_LIMIT} bytes"),
                 });
             }
             bytes.extend_from_slice(&chunk);

@@ -25,9 +25,15 @@ pub struct Proc {
 impl Proc {
     /// Starts `gup ARGS` with stderr to `log`, waits for its "listening" line and /healthz.
     pub fn start(args: &[&str], log: PathBuf) -> Proc {
+        Proc::start_env(args, log, &[])
+    }
+
+    /// [`Proc::start`] with extra environment variables for the process.
+    pub fn start_env(args: &[&str], log: PathBuf, env: &[(&str, &str)]) -> Proc {
         let file = std::fs::File::create(&log).expect("log file");
         let child = Command::new(gup())
             .args(args)
+            .envs(env.iter().copied())
             .env(
                 "RUST_LOG",
                 std::env::var("GUP_TEST_LOG").unwrap_or_else(|_| "info".into()),
@@ -122,6 +128,24 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// A manager on 127.0.0.1:0 with the test tokens and extra environment variables.
+pub fn start_manager_env(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Proc {
+    let dd = data_dir.to_str().unwrap();
+    let mut args = vec![
+        "manager",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        dd,
+        "--admin-token",
+        ADMIN_TOKEN,
+        "--node-token",
+        NODE_TOKEN,
+    ];
+    args.extend_from_slice(extra);
+    Proc::start_env(&args, data_dir.with_extension("log"), env)
 }
 
 /// A manager on `listen` with the test tokens.

@@ -91,7 +91,7 @@ impl Fault for SettingsError {
             SettingsError::BadRequest { .. } => "bad_setting",
             SettingsError::NotFound(_) => "not_found",
             SettingsError::Conflict(_) => "conflict",
-            SettingsError::TooLarge(_) => "too_large",
+            SettingsError::TooLarge(_) => "policy_too_large",
         }
     }
 }
