@@ -288,7 +288,17 @@ pub(super) fn run(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure>
                 if json {
                     print_json(&v);
                 } else {
-                    print_settings(&v, &body, &serde_json::Value::Null);
+                    // Where each key is set, read back as `settings get` shows it, so the two
+                    // commands label keys alike (a key set on a location says "location").
+                    let set = rt
+                        .block_on(client.call(
+                            Method::GET,
+                            &format!("/v1/admin/groups/{group}/settings"),
+                            &q,
+                            None,
+                        ))
+                        .map_err(runtime)?;
+                    print_settings(&set["effective"], &set["own"], &set["location_override"]);
                 }
                 Ok(())
             }
