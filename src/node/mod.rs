@@ -165,6 +165,7 @@ impl Node {
             &store,
             RelayOptions {
                 outbox_max_bytes: config.events.outbox_max_bytes,
+                max_pending_heartbeats: config.upstream.max_pending_heartbeats,
             },
             metrics.clone(),
         )?;
