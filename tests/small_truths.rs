@@ -2,6 +2,8 @@
 //! - every 304 (content, catalog, settings, policy; manager and node) carries the ETag and
 //!   `Cache-Control` its 200 carries (RFC 9110 §15.4.5);
 //! - `/healthz`, `/readyz` and `/metrics` say `Cache-Control: no-store`;
+//! - after N events through a node, `gup_events_forwarded_total` is N and
+//!   `gup_events_queued` is 0;
 //! - a node behind a node shows `stale_since` soon after the manager goes down, and clears
 //!   it when the manager returns;
 //! - a node that has never synced answers heartbeats 503 with a Retry-After, not built-in
@@ -171,4 +173,41 @@ fn settings_set_on_a_location_labels_keys_as_settings_get_does() {
     assert_eq!(set_by(&set, "heartbeat_interval_s"), "location", "{set}");
     assert_eq!(set_by(&get, "heartbeat_interval_s"), "location", "{get}");
     assert_eq!(set_by(&set, "mode"), set_by(&get, "mode"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nodes_event_counters_add_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let manager = start_manager(&dir.path().join("m"), &[]);
+    let node = start_node(&dir.path().join("n"), &[&manager.url], &[]);
+    wait_ready(&node.url).await;
+    // Critical ones (forwarded at once, and again with each batch) and routine ones.
+    for i in 0..20 {
+        let kind = if i % 2 == 0 { "risk" } else { "system_change" };
+        let events = json!({"client_id": format!("pc-{}", i % 4), "events": [
+            {"id": format!("a{i}"), "kind": kind, "time": "2026-12-03T10:00:00Z"},
+            {"id": format!("b{i}"), "kind": "system_change", "time": "2026-12-03T10:00:00Z"}]});
+        let (status, v) = post_json(&node.url, "/v1/events", events).await;
+        assert_eq!(status, 202, "{v}");
+    }
+    let m = manager.url.clone();
+    wait_for(30, "all 40 events reach the manager", || {
+        let m = m.clone();
+        async move { (all_events(&m).await.len() == 40).then_some(()) }
+    })
+    .await;
+    let c = reqwest::Client::new();
+    let n = node.url.clone();
+    wait_for(10, "the node's counters settle", || {
+        let (c, n) = (c.clone(), n.clone());
+        async move {
+            let queued = metric(&c, &n, "gup_events_queued").await;
+            (queued == 0.0).then_some(())
+        }
+    })
+    .await;
+    assert_eq!(
+        metric(&c, &node.url, "gup_events_forwarded_total").await,
+        40.0
+    );
 }

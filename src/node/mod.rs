@@ -40,7 +40,7 @@ use crate::serve::metrics::Metrics;
 use crate::serve::{self, Api, Role, Served, ServedOptions};
 use crate::store::{Kv, Store, StoreError};
 use fetch::{Fetches, NodeFetcher};
-use relay::Relay;
+use relay::{Relay, RelayOptions};
 use upstream::{Upstream, UpstreamError};
 
 /// Why the node could not start or run.
@@ -48,6 +48,8 @@ use upstream::{Upstream, UpstreamError};
 pub enum NodeError {
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    #[error("event outbox: {0}")]
+    Outbox(#[from] outbox::OutboxError),
     #[error("token: {0}")]
     Token(#[from] TokenError),
     #[error("upstream: {0}")]
@@ -63,6 +65,8 @@ pub enum NodeError {
 }
 
 const CATALOG_KEY: &str = "history";
+/// How long the last relay at shutdown may take.
+const FINAL_RELAY: Duration = Duration::from_secs(5);
 const DIRECTORY_KEY: &str = "directory";
 
 /// A node's state.
@@ -155,7 +159,14 @@ impl Node {
             metrics.clone(),
             config.upstream.max_bytes_per_sec,
         ));
-        let relay = Relay::open(&store)?;
+        let relay = Relay::open(
+            &store,
+            RelayOptions {
+                outbox_max_bytes: config.events.outbox_max_bytes,
+                max_pending_heartbeats: config.upstream.max_pending_heartbeats,
+            },
+            metrics.clone(),
+        )?;
         let assignments = store.kv("assignments")?;
         let locations = store.kv("locations")?;
         let served = Served::new(
@@ -221,7 +232,6 @@ impl Node {
             tokio::spawn(self.clone().evict_loop()),
             tokio::spawn(self.clone().critical_loop()),
         ];
-        self.update_queued();
         if self.mode == ConnectionMode::Push {
             tasks.push(tokio::spawn(self.clone().push_loop()));
         }
@@ -233,9 +243,17 @@ impl Node {
         )
         .await?;
         // One last relay so heartbeats received just before shutdown are not lost (events
-        // are durable in the outbox and go at the next start if not now).
-        self.relay_once().await;
-        self.forward(false).await;
+        // are durable in the outbox and go at the next start if not now), bounded in time:
+        // a long queue must not hold the shutdown.
+        let last = async {
+            self.relay_once().await;
+            self.forward(false, Some(FINAL_RELAY)).await;
+        };
+        if tokio::time::timeout(FINAL_RELAY, last).await.is_err() {
+            tracing::info!(
+                "stopping with heartbeats or events still to relay; they go at the next start"
+            );
+        }
         for t in tasks {
             t.abort();
         }
