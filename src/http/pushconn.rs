@@ -22,7 +22,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tower::ServiceExt;
 
-use super::server::Limits;
+use super::limits::Limits;
 use super::slot::Guarded;
 
 /// Most header fields a request may have (hyper's default is 100).

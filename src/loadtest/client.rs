@@ -4,8 +4,7 @@
 //! `time_scale`; in push mode a held stream, see `stream`; a download round whenever a
 //! heartbeat names a revision it lacks, see `download`), its events (made once it has its
 //! downloads, uploaded as the critical-event rule in `wire` says), and when it counts as done.
-//! Also [`Shared`], what every client task shares (the HTTP clients, the target, the options,
-//! the deadline, the [`Stats`]), and the retry backoff. A client behaves as the contract says
+//! What every client task shares is in `shared`. A client behaves as the contract says
 //! a client does and speaks only the public HTTP API of the target: it must never send to any
 //! URL but one under the target it was given (through [`Shared::url`]), and every one of its
 //! loops ends by the run deadline or a bounded count.
@@ -15,12 +14,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rand::Rng;
 use tokio::sync::watch;
 use tokio::task::{JoinError, JoinHandle};
 use tokio::time::{sleep_until, Instant};
 
 use super::download::{download_job, JobOutcome};
+use super::shared::{backoff, Shared, REQUEST_TIMEOUT};
 use super::stats::{lock, net_kind, status_kind, Learned, Stats};
 use super::stream::stream_task;
 use super::wire::{
@@ -30,51 +29,10 @@ use super::Mode;
 
 /// Heartbeats never come faster than this, whatever the time scale.
 pub(super) const MIN_HEARTBEAT: Duration = Duration::from_millis(200);
-/// Whole-request limit for the small JSON requests (heartbeat, catalog, events, metrics).
-pub(super) const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Rounds (one per heartbeat that finds the client behind) in which a client tries a blob.
 pub(super) const MAX_ITEM_ROUNDS: u32 = 3;
 /// Uploads of held events before a client drops them.
 const MAX_EVENT_ATTEMPTS: u32 = 3;
-
-/// Jittered exponential backoff: 0.5 s doubling to 10 s, times 0.5..1.5.
-pub(super) fn backoff(failures: u32) -> Duration {
-    let base = (0.5 * 2f64.powi(failures.min(6) as i32)).min(10.0);
-    let jitter: f64 = rand::rng().random_range(0.5..1.5);
-    Duration::from_secs_f64(base * jitter)
-}
-
-pub(super) struct Shared {
-    pub(super) http: reqwest::Client,
-    /// For push streams: a connection of its own each, never one pooled after other
-    /// requests, as an agent holds its long-lived stream (and never pooled afterwards).
-    pub(super) stream_http: reqwest::Client,
-    pub(super) base: String,
-    pub(super) group: Option<String>,
-    pub(super) os: String,
-    pub(super) client_version: String,
-    pub(super) mode: Mode,
-    pub(super) time_scale: f64,
-    pub(super) events_per_client: usize,
-    pub(super) deadline: Instant,
-    pub(super) stats: Stats,
-}
-
-impl Shared {
-    /// Sleeps until `at` or the deadline; false when the deadline came first.
-    pub(super) async fn nap_until(&self, at: Instant) -> bool {
-        if at >= self.deadline {
-            sleep_until(self.deadline).await;
-            return false;
-        }
-        sleep_until(at).await;
-        true
-    }
-
-    pub(super) fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-}
 
 /// A spawned task that is cancelled when its owner is dropped.
 struct AbortOnDrop<T>(JoinHandle<T>);

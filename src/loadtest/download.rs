@@ -16,7 +16,7 @@ use rand::Rng;
 use sha2::{Digest as _, Sha256};
 use tokio::time::{timeout, Instant};
 
-use super::client::{backoff, Shared, REQUEST_TIMEOUT};
+use super::shared::{backoff, Shared, REQUEST_TIMEOUT};
 use super::stats::{lock, net_kind, status_kind, Stats};
 use super::wire::{retry_after, Catalog};
 

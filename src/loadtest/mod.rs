@@ -33,14 +33,17 @@ use tokio::time::{sleep_until, timeout, Instant};
 mod client;
 mod download;
 mod report;
+mod shared;
 mod stats;
 mod stream;
 mod wire;
 
-pub use report::{Heard, Latency, Report, BUCKETS};
+pub use report::{Latency, Report, BUCKETS};
+pub use stats::Heard;
 
-use client::{Client, Shared, MIN_HEARTBEAT, REQUEST_TIMEOUT};
+use client::{Client, MIN_HEARTBEAT};
 use report::build_report;
+use shared::{Shared, REQUEST_TIMEOUT};
 use stats::Stats;
 use wire::{normalize_target, parse_metric};
 

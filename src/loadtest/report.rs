@@ -14,8 +14,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use super::client::Shared;
-use super::stats::{lock, Stats};
+use super::shared::Shared;
+use super::stats::{lock, Heard, Stats};
 use super::{Mode, Options};
 
 /// Buckets of the start histogram for windows of 60 s and more.
@@ -109,16 +109,6 @@ pub struct Report {
     pub push_heard: Vec<Heard>,
     #[serde(default)]
     pub latency_samples: u64,
-}
-
-/// How many push clients heard of a catalog revision, and when the first and the last did
-/// (Unix time in milliseconds, read by each client as the event arrived).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Heard {
-    pub revision: u64,
-    pub clients: u64,
-    pub first_unix_ms: u64,
-    pub last_unix_ms: u64,
 }
 
 impl Report {

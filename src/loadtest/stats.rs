@@ -12,9 +12,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use super::report::Heard;
 use super::LoadtestError;
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -142,4 +142,14 @@ pub(super) fn status_kind(what: &str, status: reqwest::StatusCode) -> String {
         500..=599 => format!("{what}_5xx"),
         other => format!("{what}_{other}"),
     }
+}
+
+/// How many push clients heard of a catalog revision, and when the first and the last did
+/// (Unix time in milliseconds, read by each client as the event arrived).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Heard {
+    pub revision: u64,
+    pub clients: u64,
+    pub first_unix_ms: u64,
+    pub last_unix_ms: u64,
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::{timeout, Instant};
 
-use super::client::{backoff, Shared, REQUEST_TIMEOUT};
+use super::shared::{backoff, Shared, REQUEST_TIMEOUT};
 use super::stats::{net_kind, status_kind, Stats};
 use super::wire::{CatalogEvent, SseParser};
 

@@ -20,7 +20,6 @@ use std::sync::{Arc, Mutex};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::migrate;
 use super::page::{self, part, BadLimit, SCAN_LIMIT};
 use crate::core::digest::Digest;
 use crate::core::fault::{Fault, Internal, Kind};
@@ -160,10 +159,10 @@ pub struct Inventory {
 }
 
 impl Inventory {
-    /// Opens the inventory, first moving a data dir of the previous format over.
+    /// Opens the inventory (a data dir of the previous format is moved over first, by
+    /// `migrate::previous_format`).
     pub fn open(store: &Store) -> Result<Inventory, AppsError> {
         let kv = store.kv(TREE)?;
-        migrate::applications(store, &kv)?;
         Ok(Inventory {
             kv,
             writing: Arc::new(Mutex::new(())),

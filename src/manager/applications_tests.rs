@@ -2,6 +2,7 @@
 //! bounded answers, and the move from the previous format.
 
 use super::*;
+use crate::manager::migrate::previous_format;
 use chrono::Duration;
 use std::collections::BTreeMap;
 
@@ -191,6 +192,7 @@ fn the_previous_format_is_moved_once() {
         old.put("notepad++\u{0}8.6\u{0}", &record).unwrap();
     }
     let store = Store::open(dir.path()).unwrap();
+    previous_format(&store).unwrap();
     let inv = Inventory::open(&store).unwrap();
     assert!(store.kv("applications").unwrap().is_empty().unwrap());
     let app = &search(&inv, "notepad").applications[0];
@@ -207,6 +209,7 @@ fn the_previous_format_is_moved_once() {
     .unwrap();
     assert_eq!(dump(&store), before);
     drop(inv);
+    previous_format(&store).unwrap();
     let _inv = Inventory::open(&store).unwrap();
     assert_eq!(dump(&store), before);
 }

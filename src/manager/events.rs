@@ -28,7 +28,6 @@ use chrono::{DateTime, Utc};
 use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 
-use super::migrate;
 use super::page::{self, part, seq_after, seq_part, BadLimit, DEFAULT_LIMIT, MAX_LIMIT};
 use crate::core::fault::{Fault, Internal, Kind};
 use crate::core::proto::{is_critical, EventUpload, Placement};
@@ -222,12 +221,11 @@ pub struct EventStore {
 }
 
 impl EventStore {
-    /// Opens the event records, first moving a data dir of the previous format over.
+    /// Opens the event records (a data dir of the previous format is moved over first, by
+    /// `migrate::previous_format`).
     pub fn open(store: &Store) -> Result<EventStore, EventsError> {
         let log = store.kv(LOG_TREE)?;
         let notices = store.kv(NOTICES_TREE)?;
-        migrate::events(store, &log)?;
-        migrate::notifications(store, &notices)?;
         let next_seq = last_seq(&log, "r/")?
             .checked_add(1)
             .ok_or_else(|| exhausted("event"))?;

@@ -4,6 +4,7 @@
 
 use super::*;
 use crate::core::proto::Event;
+use crate::manager::migrate::previous_format;
 use chrono::Duration;
 
 fn ev(id: &str, kind: &str, subkind: Option<&str>) -> Event {
@@ -439,6 +440,7 @@ fn the_previous_format_is_moved_once_and_a_lost_record_can_be_sent_again() {
         log.apply(batch).unwrap();
     }
     let store = Store::open(dir.path()).unwrap();
+    previous_format(&store).unwrap();
     let es = EventStore::open(&store).unwrap();
     assert!(dump(&store, "events").is_empty());
     assert!(dump(&store, "event_ids").is_empty());
@@ -479,6 +481,7 @@ fn the_previous_format_is_moved_once_and_a_lost_record_can_be_sent_again() {
     // A second open moves nothing and changes nothing.
     let before = dump(&store, LOG_TREE);
     drop(es);
+    previous_format(&store).unwrap();
     let _es = EventStore::open(&store).unwrap();
     assert_eq!(dump(&store, LOG_TREE), before);
 }

@@ -26,6 +26,15 @@ pub const BATCH_RECORDS: usize = 10_000;
 /// Bytes written per batch at most (a batch stops growing once it holds this much).
 pub const BATCH_BYTES: u64 = 16 << 20;
 
+/// Moves every tree of the previous format (events, notifications, applications) into the
+/// current ones; called once at open, before the event store and the inventory open.
+pub(super) fn previous_format(store: &Store) -> Result<(), StoreError> {
+    events(store, &store.kv(super::events::LOG_TREE)?)?;
+    notifications(store, &store.kv(super::events::NOTICES_TREE)?)?;
+    applications(store, &store.kv(super::applications::TREE)?)?;
+    Ok(())
+}
+
 /// One old record: its key and its value, decoded only when it is moved.
 type Old = (String, serde_json::Value);
 

@@ -122,6 +122,7 @@ impl Manager {
             .ok()
             .and_then(|v| v.parse::<usize>().ok())
             .unwrap_or(page::SCAN_LIMIT);
+        migrate::previous_format(&store)?;
         let registry = Registry::open(&store)?.with_scan_limit(scan_limit);
         let events = EventStore::open(&store)?.with_scan_limit(scan_limit);
         let apps = Inventory::open(&store)?.with_scan_limit(scan_limit);
