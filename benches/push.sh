@@ -32,7 +32,7 @@ for _ in $(seq 100); do [ "$(revision)" -ge 1 ] && break; sleep 0.1; done
 rss() { awk '/RssAnon/ {print $2}' /proc/$1/status; }
 before=$(rss $NODE_PID)
 DURATION=$(( 40 + CLIENTS / 250 ))
-"$GUP" loadtest --target $N --clients "$CLIENTS" --mode push --duration "$DURATION" --events 0 \
+"$GUP" loadtest --target $N --clients "$CLIENTS" --mode push --ramp-s 5 --duration "$DURATION" --events 0 \
   --report "$WORK/report.json" > "$WORK/lt.out" 2>&1 &
 LT=$!; PIDS+=($LT)
 streams=0

@@ -211,7 +211,6 @@ async fn showcase(
         opts.clients
     );
     let mut lt = crate::loadtest::Options::new(node_url, opts.clients);
-    lt.mode = crate::loadtest::Mode::Push;
     // The run ends one heartbeat interval after every client is done, or at this cap.
     lt.duration = Duration::from_secs(window + 4 * DEMO_HEARTBEAT_S);
     lt.id_prefix = format!("demo-{version}-");

@@ -3,7 +3,7 @@
 //! One crate, several roles: the `manager` (the management server and source of truth), the
 //! `node` (a caching branch-office server that mirrors an upstream and serves clients), the
 //! admin client and the binary's commands (`cli`), the `demo` that runs a branch office in one
-//! process, and `loadtest`. Data flows one way: a node's `upstream` fetches into `store`, and
+//! process, the endpoint `agent`, and `loadtest`. Data flows one way: a node's `upstream` fetches into `store`, and
 //! `serve` answers clients from `store`.
 //!
 //! The source tree is laid out by layer; a module imports only from layers below it:
@@ -15,9 +15,10 @@
 //!    bearer tokens. It never knows a route.
 //! 4. `serve`: the one client API, over a [`serve::Role`] that says where placements and
 //!    uploads come from and go to.
-//! 5. `manager` and `node`, the two roles, and `admin`, the admin API's client; none imports
-//!    another.
-//! 6. `cli`, `demo`, `loadtest`.
+//! 5. `manager` and `node`, the two server roles, `agent`, the endpoint client (it speaks
+//!    only the wire, never importing the servers' code), and `admin`, the admin API's
+//!    client; none imports another.
+//! 6. `cli`, `demo`, `loadtest` (a crowd of agents).
 #![deny(unsafe_code)]
 
 pub mod core;
@@ -29,6 +30,7 @@ pub mod http;
 pub mod serve;
 
 pub mod admin;
+pub mod agent;
 pub mod manager;
 pub mod node;
 

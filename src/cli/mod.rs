@@ -7,6 +7,7 @@
 //! needs: it only builds their configs and starts them.
 
 mod admin;
+mod agent;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -16,6 +17,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::core::config::{self, ConfigError, LogFormat, ManagerConfig, NodeConfig, Role};
 use admin::AdminArgs;
+use agent::AgentArgs;
 
 #[derive(Parser)]
 #[command(
@@ -49,8 +51,10 @@ enum Command {
     },
     /// A branch office on 127.0.0.1 in one process: manager, node and simulated clients.
     Demo(DemoArgs),
-    /// Simulated clients against a node or manager; prints a summary and histogram.
+    /// A crowd of agents against a node or manager; prints a summary and histogram.
     Loadtest(LoadtestArgs),
+    /// The endpoint client: heartbeats, settings, policy, content, events, applications.
+    Agent(AgentArgs),
 }
 
 #[derive(Args)]
@@ -64,9 +68,14 @@ struct LoadtestArgs {
     /// install_group the clients send.
     #[arg(long)]
     group: Option<String>,
-    /// push: hold /v1/stream; pull: learn at heartbeats.
-    #[arg(long, default_value = "pull")]
-    mode: crate::loadtest::Mode,
+    /// Override the settings' mode for every client (push: hold /v1/stream; pull: learn at
+    /// heartbeats). Without it each client follows its group's settings.
+    #[arg(long)]
+    mode: Option<crate::loadtest::Mode>,
+    /// Spread the clients' first heartbeats evenly over this many seconds [default: one
+    /// heartbeat interval of the group's settings, divided by --time-scale].
+    #[arg(long)]
+    ramp_s: Option<f64>,
     /// Run time in seconds (ends earlier when every client is done).
     #[arg(long, default_value_t = 60)]
     duration: u64,
@@ -420,6 +429,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             with_shutdown(|shutdown| async move { crate::demo::run(&opts, shutdown).await })
         }
         Command::Loadtest(args) => loadtest(args, cli.log_format.unwrap_or_default()),
+        Command::Agent(args) => agent::run(args, cli.log_format.unwrap_or_default()),
     }
 }
 
@@ -435,6 +445,12 @@ fn loadtest(args: LoadtestArgs, log_format: LogFormat) -> Result<(), Failure> {
     let mut opts = crate::loadtest::Options::new(args.target, args.clients);
     opts.group = args.group;
     opts.mode = args.mode;
+    if let Some(r) = args.ramp_s {
+        if !(r.is_finite() && (0.0..=86_400.0).contains(&r)) {
+            return Err(usage("--ramp-s must be 0 to 86400 seconds"));
+        }
+        opts.ramp = Some(std::time::Duration::from_secs_f64(r));
+    }
     opts.duration = std::time::Duration::from_secs(args.duration);
     opts.os = args.os;
     opts.client_version = args.client_version;

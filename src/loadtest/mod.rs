@@ -1,54 +1,49 @@
-//! The load tester behind `gup loadtest`: simulated clients, what they measure, and the report.
+//! The load tester behind `gup loadtest`: a crowd of agents in one process, what they
+//! measure, and the report.
 //!
-//! Owns N simulated clients that behave as the contract says a client does (heartbeats at the
-//! interval the server gives, divided by `time_scale`; in push mode a held `/v1/stream`; the
-//! catalog, then every new blob at the download slot the server handed out, honouring 429/503
-//! `Retry-After`; a SHA-256 check of every body while it streams; events uploaded by the
-//! critical-event rule), the measurements they take (outcomes, bytes, download-start spread,
-//! latencies to response headers, errors by kind) and the [`Report`] with its text forms. It
-//! is an independent client of the contract: it shares no code with the server side (not the
-//! crate's wire types nor its SSE parser) and speaks only the wire format, over the target's
-//! public HTTP API and never around it. It must never send anything to any host but the
-//! target URL (no proxies, no redirects followed), every loop in it is bounded in count or by
-//! the run deadline, and nothing in the report is ever hard-coded: every figure is counted
-//! from what the clients saw, or read from the target's `/metrics`.
+//! Owns running N agents (the same code as `gup agent`, `crate::agent`, with their state in
+//! memory: content is checked while it streams and then dropped) against one target, their
+//! first heartbeats spread evenly over the ramp, each reporting through a `Watch` into one
+//! [`Stats`]; ending the run; and the [`Report`], whose counters are this run's: the
+//! target's `/metrics` counters are read before and after and the difference reported. What
+//! the agents do is what the settings say (mode, slots, critical events), unless `--mode`
+//! overrides the settings' mode. It must never send anything to any host but the target URL
+//! (no proxies, no redirects followed), every loop in it is bounded in count or by the run's
+//! deadline, and nothing in the report is ever hard-coded: every figure is counted from what
+//! the agents saw, or read from the target's `/metrics`.
 //!
-//! The parts, one concept a file: this file holds the options and [`run`], the orchestration
-//! (check the target, start the clients, end the run, read `/metrics`); `client` is one
-//! simulated client (heartbeats, events, the state all clients share), `download` its download
-//! rounds (catalog, blobs, the digest check), `stream` its held push stream; `stats` is what
-//! the clients count while they run; `report` turns the counts into the [`Report`] and its
-//! text forms; `wire` is the load tester's own copy of the wire contract (request and reply
-//! bodies, the SSE parser, the contract's client-side rules).
+//! The parts: this file holds the options and [`run`]; `watch` is each agent's observer;
+//! `stats` is what the agents count; `report` turns the counts into the [`Report`] and its
+//! text forms.
 
-use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 use tokio::time::{sleep_until, timeout, Instant};
+use tokio_util::sync::CancellationToken;
 
-mod client;
-mod download;
 mod report;
-mod shared;
 mod stats;
-mod stream;
-mod wire;
+mod watch;
 
+pub use crate::agent::ConnectionMode as Mode;
 pub use report::{Latency, Report, BUCKETS};
 pub use stats::Heard;
 
-use client::{Client, MIN_HEARTBEAT};
+use crate::agent::wire::{normalize_target, parse_metric};
+use crate::agent::{
+    http_clients, Agent, Ctx, Home, Identity, Knobs, MIN_HEARTBEAT, REQUEST_TIMEOUT,
+};
 use report::build_report;
-use shared::{Shared, REQUEST_TIMEOUT};
 use stats::Stats;
-use wire::{normalize_target, parse_metric};
+use watch::Watch;
 
-/// First heartbeats are spread over this much time (no SYN flood).
-const STAGGER: Duration = Duration::from_secs(1);
+/// Rounds in which a load-test agent tries a blob before giving it up (a run must end).
+pub const MAX_ITEM_ROUNDS: u32 = 3;
+/// The counters of the target read before and after a run.
+const RUN_COUNTERS: [&str; 1] = ["gup_upstream_fetches_total"];
 
 /// What one run does.
 #[derive(Debug, Clone)]
@@ -58,7 +53,11 @@ pub struct Options {
     pub clients: usize,
     /// `install_group` sent in heartbeats (none: the server's `default`).
     pub group: Option<String>,
-    pub mode: Mode,
+    /// Overrides the settings' `mode` (none: each agent follows its settings).
+    pub mode: Option<Mode>,
+    /// First heartbeats are spread evenly over this (none: one heartbeat interval of the
+    /// group's settings, after `time_scale`).
+    pub ramp: Option<Duration>,
     /// Total run time: the run ends then, whatever is left (or earlier, see [`run`]).
     pub duration: Duration,
     /// `windows`, `mac` or `linux`, sent in heartbeats.
@@ -83,7 +82,8 @@ impl Options {
             target: target.into(),
             clients,
             group: None,
-            mode: Mode::Pull,
+            mode: None,
+            ramp: None,
             duration: Duration::from_secs(60),
             os: "windows".into(),
             client_version: "12.1.5".into(),
@@ -91,43 +91,6 @@ impl Options {
             id_prefix: "lt-".into(),
             progress: false,
             events_per_client: 2,
-        }
-    }
-}
-
-/// How simulated clients hear of a new catalog revision.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    /// Hold `GET /v1/stream?client_id=ID` and heartbeat at once on a newer `catalog` event.
-    Push,
-    /// Learn of a new revision at the next heartbeat.
-    #[default]
-    Pull,
-}
-
-impl Mode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mode::Push => "push",
-            Mode::Pull => "pull",
-        }
-    }
-}
-
-impl fmt::Display for Mode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::str::FromStr for Mode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Mode, String> {
-        match s {
-            "push" => Ok(Mode::Push),
-            "pull" => Ok(Mode::Pull),
-            other => Err(format!("{other:?} is not push or pull")),
         }
     }
 }
@@ -154,7 +117,10 @@ fn validate(opts: &Options) -> Result<String, LoadtestError> {
         option,
         reason: reason.to_string(),
     };
-    let base = normalize_target(&opts.target)?;
+    let base = normalize_target(&opts.target).map_err(|reason| LoadtestError::BadTarget {
+        url: opts.target.clone(),
+        reason,
+    })?;
     if opts.clients == 0 {
         return Err(bad("clients", "must be at least 1"));
     }
@@ -173,30 +139,16 @@ fn validate(opts: &Options) -> Result<String, LoadtestError> {
 /// Runs the load test and returns its report.
 ///
 /// Checks the target first (`GET /healthz` must get an answer within 5 s, else
-/// [`LoadtestError::Unreachable`]). Then starts `clients` tasks, their first heartbeats spread
-/// over at most 1 s, and ends at `duration`, or earlier once every client is done (has every
-/// item of the newest catalog revision it knows, of a revision above 0, and has uploaded its
-/// events) and stays so for one full heartbeat interval (the longest seen, after time
-/// scaling). Every task is cancelled at the end; the target's `/metrics` is read last.
+/// [`LoadtestError::Unreachable`]) and reads its counters. Then starts `clients` agents,
+/// their first heartbeats spread evenly over the ramp, and ends at `duration`, or earlier
+/// once every agent is done (has every item of the newest catalog revision it knows, of a
+/// revision above 0, and has uploaded its events) and stays so for one full heartbeat
+/// interval (the longest seen, after time scaling). Every agent is stopped at the end; the
+/// target's counters are read again last.
 pub async fn run(opts: Options) -> Result<Report, LoadtestError> {
     let base = validate(&opts)?;
-    // The two clients differ only in pooling.
-    let client = |builder: reqwest::ClientBuilder| {
-        builder
-            .no_proxy()
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(Duration::from_secs(10))
-            .tcp_nodelay(true)
-            .user_agent("gup-loadtest")
-            .build()
-            .map_err(|e| LoadtestError::Http(e.to_string()))
-    };
-    let http = client(
-        reqwest::Client::builder()
-            .pool_max_idle_per_host(opts.clients.saturating_mul(2).max(64))
-            .pool_idle_timeout(Duration::from_secs(90)),
-    )?;
-    let stream_http = client(reqwest::Client::builder().pool_max_idle_per_host(0))?;
+    let (http, stream_http) =
+        http_clients(opts.clients.saturating_mul(2).max(64)).map_err(LoadtestError::Http)?;
     let unreachable = |reason: String| LoadtestError::Unreachable {
         url: base.clone(),
         reason,
@@ -215,22 +167,18 @@ pub async fn run(opts: Options) -> Result<Report, LoadtestError> {
         Ok(Err(e)) => return Err(unreachable(e.to_string())),
         Err(_) => return Err(unreachable("no answer within 5 s".into())),
     }
+    let stats = Arc::new(Stats::new(opts.clients)?);
+    let before = read_counters(&http, &base).await;
+    let ramp = match opts.ramp {
+        Some(r) => r,
+        None => group_interval(&http, &base, opts.group.as_deref())
+            .await
+            .div_f64(opts.time_scale),
+    };
 
     let start = Instant::now();
     let deadline = start + opts.duration;
-    let sh = Arc::new(Shared {
-        http,
-        stream_http,
-        base: base.clone(),
-        group: opts.group.clone(),
-        os: opts.os.clone(),
-        client_version: opts.client_version.clone(),
-        mode: opts.mode,
-        time_scale: opts.time_scale,
-        events_per_client: opts.events_per_client,
-        deadline,
-        stats: Stats::new(opts.clients)?,
-    });
+    let stop = CancellationToken::new();
     let pb = if opts.progress {
         let pb =
             ProgressBar::with_draw_target(Some(opts.clients as u64), ProgressDrawTarget::stderr());
@@ -246,9 +194,38 @@ pub async fn run(opts: Options) -> Result<Report, LoadtestError> {
 
     let mut set = JoinSet::new();
     for i in 0..opts.clients {
-        let delay = STAGGER.mul_f64(i as f64 / opts.clients as f64);
-        let id = format!("{}{:06}", opts.id_prefix, i + 1);
-        set.spawn(Client::new(sh.clone(), i, id).run(delay));
+        let ctx = Ctx {
+            http: http.clone(),
+            stream_http: stream_http.clone(),
+            home: Home::memory(),
+            obs: Arc::new(Watch {
+                stats: stats.clone(),
+                idx: i,
+            }),
+            stop: stop.clone(),
+            client_id: format!("{}{:06}", opts.id_prefix, i + 1),
+            id: Identity {
+                install_group: opts.group.clone(),
+                location: None,
+                os: opts.os.clone(),
+                client_version: opts.client_version.clone(),
+                login_mode: "computer".into(),
+                user: None,
+            },
+            knobs: Knobs {
+                time_scale: opts.time_scale,
+                mode: opts.mode,
+                max_item_rounds: Some(MAX_ITEM_ROUNDS),
+                make_events: opts.events_per_client,
+                first_delay: ramp.mul_f64(i as f64 / opts.clients as f64),
+            },
+        };
+        match Agent::new(ctx, vec![base.clone()], Vec::new()) {
+            Ok(agent) => {
+                set.spawn(agent.run());
+            }
+            Err(e) => stats.error(format!("agent: {e}")),
+        }
     }
 
     let mut all_done_since: Option<Instant> = None;
@@ -258,8 +235,8 @@ pub async fn run(opts: Options) -> Result<Report, LoadtestError> {
             _ = sleep_until(deadline) => break,
             _ = tokio::time::sleep(Duration::from_millis(250)) => {}
         }
-        let done = sh.stats.settled_count();
-        let st = &sh.stats;
+        let done = stats.settled_count();
+        let st = &stats;
         pb.set_position(done as u64);
         pb.set_message(format!(
             "downloads ok {} failed {}  heartbeats {}  429s {}",
@@ -280,14 +257,30 @@ pub async fn run(opts: Options) -> Result<Report, LoadtestError> {
             all_done_since = None;
         }
     }
-    let clients_done = sh.stats.settled_count();
-    set.shutdown().await;
+    let clients_done = stats.settled_count();
+    stop.cancel();
+    if timeout(Duration::from_secs(10), async {
+        while set.join_next().await.is_some() {}
+    })
+    .await
+    .is_err()
+    {
+        set.shutdown().await;
+    }
     pb.finish();
     let elapsed = start.elapsed();
 
-    let upstream_fetches = read_upstream_fetches(&sh).await;
+    let after = read_counters(&http, &base).await;
+    let upstream_fetches = match (before, after) {
+        (Some(b), Some(a)) => a[0].saturating_sub(b[0]),
+        _ => {
+            stats.error("metrics");
+            0
+        }
+    };
     Ok(build_report(
-        &sh,
+        &stats,
+        &base,
         &opts,
         elapsed,
         ended_early,
@@ -296,24 +289,39 @@ pub async fn run(opts: Options) -> Result<Report, LoadtestError> {
     ))
 }
 
-async fn read_upstream_fetches(sh: &Shared) -> u64 {
-    let resp = sh
-        .http
-        .get(sh.url("/metrics"))
+/// The group's heartbeat interval (300 s when the target does not say).
+async fn group_interval(http: &reqwest::Client, base: &str, group: Option<&str>) -> Duration {
+    let group = group.unwrap_or("default");
+    let secs = match http
+        .get(format!("{base}/v1/groups/{group}/settings"))
         .timeout(REQUEST_TIMEOUT)
         .send()
-        .await;
-    let text = match resp {
-        Ok(r) if r.status().is_success() => r.text().await.ok(),
+        .await
+    {
+        Ok(r) if r.status().is_success() => {
+            r.json::<serde_json::Value>().await.ok().and_then(|v| {
+                v.get("heartbeat_interval_s")
+                    .and_then(serde_json::Value::as_u64)
+            })
+        }
         _ => None,
     };
-    match text {
-        Some(t) => parse_metric(&t, "gup_upstream_fetches_total").unwrap_or(0),
-        None => {
-            sh.stats.error("metrics");
-            0
-        }
+    Duration::from_secs(secs.unwrap_or(300).min(86_400))
+}
+
+/// The target's [`RUN_COUNTERS`], or none when its `/metrics` does not answer.
+async fn read_counters(http: &reqwest::Client, base: &str) -> Option<[u64; 1]> {
+    let resp = http
+        .get(format!("{base}/metrics"))
+        .timeout(REQUEST_TIMEOUT)
+        .send()
+        .await
+        .ok()?;
+    if !resp.status().is_success() {
+        return None;
     }
+    let text = resp.text().await.ok()?;
+    Some(RUN_COUNTERS.map(|name| parse_metric(&text, name).unwrap_or(0)))
 }
 
 #[cfg(test)]

@@ -14,7 +14,6 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use super::shared::Shared;
 use super::stats::{lock, Heard, Stats};
 use super::{Mode, Options};
 
@@ -275,14 +274,14 @@ fn peak_to_mean(h: &[u64]) -> f64 {
 }
 
 pub(super) fn build_report(
-    sh: &Shared,
+    st: &Stats,
+    base: &str,
     opts: &Options,
     elapsed: Duration,
     ended_early: bool,
     clients_done: usize,
     upstream_fetches: u64,
 ) -> Report {
-    let st = &sh.stats;
     let starts = lock(&st.starts).clone();
     let settings_window = *lock(&st.settings_window_s);
     let histogram_revision = starts.iter().map(|(r, _)| *r).max();
@@ -333,8 +332,8 @@ pub(super) fn build_report(
         latency_ms,
         upstream_fetches,
         errors: lock(&st.errors).clone(),
-        target: sh.base.clone(),
-        mode: opts.mode,
+        target: base.to_string(),
+        mode: opts.mode.or(*lock(&st.mode)).unwrap_or_default(),
         duration_s: elapsed.as_secs_f64(),
         ended_early,
         clients_done,

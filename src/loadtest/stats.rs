@@ -1,11 +1,11 @@
-//! What the simulated clients count while they run: outcomes, bytes, latencies, download
-//! starts, when a revision was first learned and heard of, errors by kind, and which clients
+//! What the agents of a run count while they run: outcomes, bytes, latencies, download
+//! starts, when a revision was first learned and heard of, errors by kind, and which agents
 //! are done.
 //!
-//! Owns [`Stats`] (one per run, shared by every client task: atomic counters and short-held
-//! mutexes), `lock` (a mutex guard that ignores poisoning) and the naming of error kinds
-//! (`net_kind`, `status_kind`). It only records what the clients saw; it never sends a
-//! request and never makes a figure up (the report is built from it in `report`).
+//! Owns [`Stats`] (one per run, shared by every agent through its `Watch`: atomic counters
+//! and short-held mutexes) and `lock` (a mutex guard that ignores poisoning). It only records
+//! what the agents saw; it never sends a request and never makes a figure up (the report is
+//! built from it in `report`).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -47,9 +47,11 @@ pub(super) struct Stats {
     pub(super) learned: Mutex<BTreeMap<u64, Learned>>,
     /// The effective `randomization.window_s` last seen (0 when randomization is off).
     pub(super) settings_window_s: Mutex<Option<u64>>,
+    /// The connection mode the agents last ran in.
+    pub(super) mode: Mutex<Option<crate::agent::ConnectionMode>>,
     /// The longest effective heartbeat interval seen, in ms.
     pub(super) max_interval_ms: AtomicU64,
-    /// Per client: done (see `Client::settled`).
+    /// Per agent: done (has the newest revision it knows, and its events are uploaded).
     pub(super) settled: Vec<AtomicBool>,
 }
 
@@ -91,6 +93,7 @@ impl Stats {
             starts: Mutex::new(Vec::new()),
             learned: Mutex::new(BTreeMap::new()),
             settings_window_s: Mutex::new(None),
+            mode: Mutex::new(None),
             max_interval_ms: AtomicU64::new(0),
             settled: (0..clients).map(|_| AtomicBool::new(false)).collect(),
         })
@@ -108,39 +111,11 @@ impl Stats {
         *lock(&self.errors).entry(kind.into()).or_insert(0) += 1;
     }
 
-    pub(super) fn latency_since(&self, t0: Instant) {
-        let us = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
-        lock(&self.latency).saturating_record(us.max(1));
-    }
-
     pub(super) fn settled_count(&self) -> usize {
         self.settled
             .iter()
             .filter(|b| b.load(Ordering::Relaxed))
             .count()
-    }
-}
-
-/// The error kind of a failed request.
-pub(super) fn net_kind(e: &reqwest::Error) -> &'static str {
-    if e.is_timeout() {
-        "timeout"
-    } else if e.is_connect() {
-        "connect"
-    } else if e.is_body() || e.is_decode() {
-        "body"
-    } else {
-        "request"
-    }
-}
-
-/// The error kind of an answer: `what_404`, `what_4xx`, `what_503`, `what_5xx`, ...
-pub(super) fn status_kind(what: &str, status: reqwest::StatusCode) -> String {
-    match status.as_u16() {
-        404 | 429 | 503 => format!("{what}_{}", status.as_u16()),
-        400..=499 => format!("{what}_4xx"),
-        500..=599 => format!("{what}_5xx"),
-        other => format!("{what}_{other}"),
     }
 }
 

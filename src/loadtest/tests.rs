@@ -3,7 +3,6 @@ use std::sync::{Arc, Mutex};
 
 use sha2::{Digest as _, Sha256};
 
-use super::client::MAX_ITEM_ROUNDS;
 use super::stats::lock;
 use super::*;
 
@@ -42,6 +41,7 @@ async fn fake_target() -> (String, Batches) {
     let bad_digest = hex::encode(Sha256::digest(b"world"));
     let batches: Batches = Arc::default();
     let deferred: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let metrics_reads: Arc<std::sync::atomic::AtomicU64> = Arc::default();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let b2 = batches.clone();
@@ -52,6 +52,7 @@ async fn fake_target() -> (String, Batches) {
             };
             let (good, gd, bd) = (good.clone(), good_digest.clone(), bad_digest.clone());
             let (batches, deferred) = (b2.clone(), deferred.clone());
+            let metrics_reads = metrics_reads.clone();
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 let mut chunk = [0u8; 4096];
@@ -129,10 +130,16 @@ async fn fake_target() -> (String, Batches) {
                         lock(&batches).push((body["client_id"].as_str().unwrap().to_string(), ids));
                         (202, b"{\"accepted\":1}".to_vec(), "")
                     } else if line.starts_with("get /metrics") {
+                        // 4 fetches before the run, 5 after: the run caused 1.
+                        let n = 4 + metrics_reads
+                            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+                            .min(1);
                         (
                             200,
-                            b"# TYPE gup_upstream_fetches counter\ngup_upstream_fetches_total 4\n"
-                                .to_vec(),
+                            format!(
+                            "# TYPE gup_upstream_fetches counter\ngup_upstream_fetches_total {n}\n"
+                        )
+                            .into_bytes(),
                             "",
                         )
                     } else {
@@ -156,6 +163,7 @@ async fn clients_download_verify_defer_and_upload_events() {
     let (target, batches) = fake_target().await;
     let mut o = Options::new(target, 3);
     o.duration = Duration::from_secs(15);
+    o.ramp = Some(Duration::from_millis(300));
     let r = run(o).await.unwrap();
     assert_eq!(r.clients, 3);
     assert_eq!(r.downloads_ok, 3, "{r:?}");
@@ -164,7 +172,10 @@ async fn clients_download_verify_defer_and_upload_events() {
     assert_eq!(r.digest_mismatches, 3 * MAX_ITEM_ROUNDS as u64, "{r:?}");
     assert_eq!(r.downloads_failed, r.digest_mismatches);
     assert_eq!(r.deferrals, 3);
-    assert_eq!(r.upstream_fetches, 4);
+    assert_eq!(
+        r.upstream_fetches, 1,
+        "this run's fetches, not the target's lifetime"
+    );
     assert_eq!(r.events_sent, 6);
     assert!(r.ended_early, "{r:?}");
     assert_eq!(r.clients_done, 3);

@@ -71,6 +71,42 @@ impl Proc {
         p
     }
 
+    /// Starts `gup ARGS` (a process that listens on nothing, such as `gup agent`) with
+    /// stderr to `log`, and waits until its log says `ready` (a line containing it).
+    pub fn start_until(args: &[&str], log: PathBuf, ready: &str) -> Proc {
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(gup())
+            .args(args)
+            .env(
+                "RUST_LOG",
+                std::env::var("GUP_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("spawn gup");
+        let mut p = Proc {
+            child: Some(child),
+            url: String::new(),
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let text = std::fs::read_to_string(&p.log).unwrap_or_default();
+            if text.contains(ready) {
+                return p;
+            }
+            if let Some(status) = p.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("gup {args:?} exited with {status}:\n{text}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gup {args:?} never logged {ready:?}:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn pid(&self) -> i32 {
         self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
     }
@@ -114,6 +150,38 @@ impl Drop for Proc {
             let _ = child.wait();
         }
     }
+}
+
+/// `gup agent --data-dir DIR --server S... --install-group G EXTRA...`, logging next to DIR,
+/// once it has logged that it is starting.
+pub fn start_agent(dir: &Path, servers: &[&str], group: &str, extra: &[&str]) -> Proc {
+    let mut args = vec!["agent", "--data-dir", dir.to_str().unwrap()];
+    for s in servers {
+        args.extend(["--server", s]);
+    }
+    args.extend(["--install-group", group]);
+    args.extend_from_slice(extra);
+    Proc::start_until(&args, dir.with_extension("log"), "agent starting")
+}
+
+/// `gup agent status --data-dir DIR --json`.
+pub fn agent_status(dir: &Path) -> serde_json::Value {
+    let out = Command::new(gup())
+        .args([
+            "agent",
+            "status",
+            "--json",
+            "--data-dir",
+            dir.to_str().unwrap(),
+        ])
+        .output()
+        .expect("run gup agent status");
+    assert!(
+        out.status.success(),
+        "agent status: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("status JSON")
 }
 
 /// A manager on 127.0.0.1:0 with the test tokens.

@@ -48,6 +48,7 @@ fn slot_delay_prefers_a_consistent_not_before() {
         .unwrap()
         .with_timezone(&chrono::Utc);
     let slot = |nb: Option<&str>, delay_s: f64| DownloadSlot {
+        catalog_revision: 1,
         not_before: nb.map(str::to_string),
         delay_s,
         window_s: Some(20),

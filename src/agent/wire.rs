@@ -1,20 +1,18 @@
-//! The load tester's own copy of the wire contract, and the contract's rules a client applies.
+//! The agent's own copy of the wire contract, and the contract's rules a client applies.
 //!
-//! Owns the request and reply bodies the simulated clients send and parse (heartbeat,
-//! download slot, catalog, catalog event, events), the incremental SSE parser of the push
+//! Owns the request and reply bodies an agent sends and parses (heartbeat, download slot,
+//! catalog, catalog event, events, applications), the incremental SSE parser of the push
 //! stream, the critical-event rule (kinds, and the Windows client version from which critical
-//! events go at once), `Retry-After`, the wait for a download slot, the target URL check, and
-//! the one counter read from the target's Prometheus `/metrics`. These are deliberately
-//! independent copies: this module must never use the crate's own wire types
-//! (`crate::core::proto`) or SSE parser, so that the load tester checks the wire contract as
-//! an outside client would, and never the server's reading of it. Everything here is pure: it
-//! sends nothing.
+//! events go at once), `Retry-After`, the wait for a download slot, the server URL check, and
+//! counters read from a server's Prometheus `/metrics`. These are deliberately independent
+//! copies: this module must never use the crate's own wire types (`crate::core::proto`) or
+//! SSE parser, so that the agent (and the load tester, a crowd of agents) checks the wire
+//! contract as an outside client would, never the server's reading of it. Everything here is
+//! pure: it sends nothing.
 
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-
-use super::LoadtestError;
 
 /// Windows clients at this version or later upload critical events at once (contract).
 const CRITICAL_MIN_VERSION: [u64; 3] = [12, 1, 4];
@@ -45,17 +43,17 @@ fn version_at_least(v: &str, min: &[u64]) -> bool {
 }
 
 /// The contract's critical events: kind `risk` (except subkind `cookie`) and kind `intrusion`.
-pub(super) fn is_critical(kind: &str, subkind: &str) -> bool {
+pub fn is_critical(kind: &str, subkind: &str) -> bool {
     (kind == "risk" && subkind != "cookie") || kind == "intrusion"
 }
 
 /// Whether a client uploads critical events at once (else with its next heartbeat).
-pub(super) fn critical_at_once(upload_immediately: bool, os: &str, client_version: &str) -> bool {
+pub fn critical_at_once(upload_immediately: bool, os: &str, client_version: &str) -> bool {
     upload_immediately && os == "windows" && version_at_least(client_version, &CRITICAL_MIN_VERSION)
 }
 
 /// The value of a counter in Prometheus text (summed over label sets); `None` when absent.
-pub(super) fn parse_metric(text: &str, name: &str) -> Option<u64> {
+pub fn parse_metric(text: &str, name: &str) -> Option<u64> {
     let mut sum: Option<f64> = None;
     for line in text.lines() {
         let line = line.trim();
@@ -77,7 +75,7 @@ pub(super) fn parse_metric(text: &str, name: &str) -> Option<u64> {
 }
 
 /// `Retry-After` in seconds (whole or fractional); HTTP dates are not supported (None).
-pub(super) fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<f64> {
+pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<f64> {
     let v = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
     let s: f64 = v.trim().parse().ok()?;
     (s.is_finite() && s >= 0.0).then_some(s)
@@ -86,7 +84,7 @@ pub(super) fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<f64> {
 /// How long to wait for a slot. `delay_s` is whole seconds; `not_before` is precise, so it
 /// is used when this host's clock agrees with it (within 1.5 s of `delay_s`), plus 20 ms so
 /// as not to arrive a hair early; `delay_s` otherwise (a skewed clock).
-pub(super) fn slot_delay(slot: &DownloadSlot, now: chrono::DateTime<chrono::Utc>) -> Duration {
+pub fn slot_delay(slot: &DownloadSlot, now: chrono::DateTime<chrono::Utc>) -> Duration {
     let coarse = if slot.delay_s.is_finite() {
         slot.delay_s.clamp(0.0, 86_400.0 * 365.0)
     } else {
@@ -104,98 +102,144 @@ pub(super) fn slot_delay(slot: &DownloadSlot, now: chrono::DateTime<chrono::Utc>
     }
 }
 
-/// Checks and normalizes the target: http(s), a host, no query; no trailing slash.
-pub(super) fn normalize_target(url: &str) -> Result<String, LoadtestError> {
-    let bad = |reason: &str| LoadtestError::BadTarget {
-        url: url.to_string(),
-        reason: reason.to_string(),
-    };
-    let parsed = reqwest::Url::parse(url).map_err(|e| bad(&e.to_string()))?;
+/// Checks a server's base URL (`http` or `https`, a host, no query or fragment) and gives it
+/// without a trailing `/`; the error says why not.
+pub fn normalize_target(url: &str) -> Result<String, String> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| e.to_string())?;
     if !matches!(parsed.scheme(), "http" | "https") {
-        return Err(bad("the scheme must be http or https"));
+        return Err("the scheme must be http or https".into());
     }
     if parsed.host_str().is_none_or(str::is_empty) {
-        return Err(bad("no host"));
+        return Err("no host".into());
     }
     if parsed.query().is_some() || parsed.fragment().is_some() {
-        return Err(bad("a base URL takes no query or fragment"));
+        return Err("a base URL takes no query or fragment".into());
     }
     Ok(parsed.as_str().trim_end_matches('/').to_string())
 }
 
+/// `POST /v1/heartbeat` body.
 #[derive(Serialize)]
-pub(super) struct HeartbeatBody<'a> {
-    pub(super) client_id: &'a str,
+pub struct HeartbeatBody<'a> {
+    pub client_id: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub(super) install_group: Option<&'a str>,
-    pub(super) os: &'a str,
-    pub(super) client_version: &'a str,
-    pub(super) mode: &'static str,
-    pub(super) policy_serial: u64,
-    pub(super) catalog_revision: u64,
+    pub install_group: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub location: Option<&'a str>,
+    pub os: &'a str,
+    pub client_version: &'a str,
+    /// Login mode: `computer` or `user`.
+    pub mode: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<&'a str>,
+    pub policy_serial: u64,
+    pub catalog_revision: u64,
 }
 
+/// The parts of a heartbeat reply a client acts on; the rest is ignored.
 #[derive(Deserialize)]
-pub(super) struct HeartbeatReply {
+pub struct HeartbeatReply {
     #[serde(default)]
-    pub(super) settings: serde_json::Value,
+    pub group: Option<String>,
     #[serde(default)]
-    pub(super) policy_serial: u64,
+    pub settings: serde_json::Value,
     #[serde(default)]
-    pub(super) catalog_revision: u64,
+    pub policy_serial: u64,
     #[serde(default)]
-    pub(super) next_heartbeat_s: Option<f64>,
+    pub catalog_revision: u64,
     #[serde(default)]
-    pub(super) download_slot: Option<DownloadSlot>,
+    pub next_heartbeat_s: Option<f64>,
+    #[serde(default)]
+    pub download_slot: Option<DownloadSlot>,
 }
 
+/// A heartbeat reply's download slot.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq)]
+pub struct DownloadSlot {
+    #[serde(default)]
+    pub catalog_revision: u64,
+    #[serde(default)]
+    pub not_before: Option<String>,
+    #[serde(default)]
+    pub delay_s: f64,
+    #[serde(default)]
+    pub window_s: Option<u64>,
+}
+
+/// `GET /v1/catalog`.
 #[derive(Deserialize)]
-pub(super) struct DownloadSlot {
+pub struct Catalog {
+    pub revision: u64,
     #[serde(default)]
-    not_before: Option<String>,
-    #[serde(default)]
-    delay_s: f64,
-    #[serde(default)]
-    pub(super) window_s: Option<u64>,
+    pub items: Vec<CatalogItem>,
 }
 
+/// One item of the catalog.
+#[derive(Deserialize, Clone, Debug)]
+pub struct CatalogItem {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub version: Option<String>,
+    pub sha256: String,
+    #[serde(default)]
+    pub size: Option<u64>,
+    #[serde(default)]
+    pub urgent: bool,
+}
+
+/// The `data` of a `catalog` stream event.
 #[derive(Deserialize)]
-pub(super) struct Catalog {
-    pub(super) revision: u64,
+pub struct CatalogEvent {
+    pub revision: u64,
+}
+
+/// One event as uploaded.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct EventOut {
+    pub id: String,
+    pub kind: String,
     #[serde(default)]
-    pub(super) items: Vec<CatalogItem>,
-}
-
-#[derive(Deserialize)]
-pub(super) struct CatalogItem {
-    pub(super) sha256: String,
+    pub subkind: String,
+    pub time: String,
     #[serde(default)]
-    pub(super) urgent: bool,
+    pub data: serde_json::Value,
 }
 
-#[derive(Deserialize)]
-pub(super) struct CatalogEvent {
-    pub(super) revision: u64,
+impl EventOut {
+    /// Whether the contract calls this event critical.
+    pub fn is_critical(&self) -> bool {
+        is_critical(&self.kind, &self.subkind)
+    }
 }
 
-#[derive(Serialize, Clone)]
-pub(super) struct EventOut {
-    pub(super) id: String,
-    pub(super) kind: &'static str,
-    pub(super) subkind: &'static str,
-    pub(super) time: String,
-    pub(super) data: serde_json::Value,
-}
-
+/// `POST /v1/events` body.
 #[derive(Serialize)]
-pub(super) struct EventsBody<'a> {
-    pub(super) client_id: &'a str,
-    pub(super) events: &'a [EventOut],
+pub struct EventsBody<'a> {
+    pub client_id: &'a str,
+    pub events: &'a [EventOut],
 }
 
-/// Incremental SSE parser: feed bytes, get complete `(event, data)` pairs; comments skipped.
+/// One application as reported.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct AppOut {
+    pub name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    pub path: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+/// `POST /v1/applications` body.
+#[derive(Serialize)]
+pub struct AppsBody<'a> {
+    pub client_id: &'a str,
+    pub applications: &'a [AppOut],
+}
+
 #[derive(Default)]
-pub(super) struct SseParser {
+pub struct SseParser {
     buf: Vec<u8>,
     name: Option<String>,
     data: String,
@@ -203,7 +247,7 @@ pub(super) struct SseParser {
 
 impl SseParser {
     /// Bounded: a line longer than 1 MiB without a newline is dropped.
-    pub(super) fn feed(&mut self, bytes: &[u8]) -> Vec<(String, String)> {
+    pub fn feed(&mut self, bytes: &[u8]) -> Vec<(String, String)> {
         self.buf.extend_from_slice(bytes);
         let mut out = Vec::new();
         while let Some(pos) = self.buf.iter().position(|b| *b == b'\n') {
