@@ -3,8 +3,8 @@
 //! Owns the embedded defaults of the demo: a manager and a node in one process on 127.0.0.1
 //! (ports 8014 and 2967 when free, else ephemeral ones), data under one directory, push mode
 //! and a short randomization window, a new sample package published, and `--clients`
-//! simulated clients (the real `loadtest` clients) downloading it through the node at their
-//! slots; then the spread, WAN against LAN bytes and latencies. It must never listen on or
+//! agents (the `loadtest` crowd, the same code as `gup agent`) downloading it through the node
+//! at their slots; then the spread, WAN against LAN bytes and latencies. It must never listen on or
 //! send to anything but loopback, and it reuses the real roles: nothing here is a stand-in.
 
 use std::net::SocketAddr;
@@ -100,7 +100,7 @@ pub async fn run(opts: &DemoOptions, shutdown: Shutdown) -> Result<(), DemoError
     let m_task = tokio::spawn(manager.run(manager_listener));
     let n_task = tokio::spawn(node.run(node_listener));
 
-    println!("gup demo: a management server, a branch-office node and {} simulated clients on this machine", opts.clients);
+    println!("gup demo: a management server, a branch-office node and {} agents on this machine", opts.clients);
     println!(
         "  manager  {manager_url}   data {}",
         mc.manager.data_dir.display()
@@ -207,7 +207,7 @@ async fn showcase(
     }
 
     println!(
-        "{} clients connect to the node and each downloads the release at its slot in the {window} s window...",
+        "{} agents connect to the node and each downloads the release at its slot in the {window} s window...",
         opts.clients
     );
     let mut lt = crate::loadtest::Options::new(node_url, opts.clients);
@@ -217,7 +217,7 @@ async fn showcase(
     lt.progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let report = crate::loadtest::run(lt)
         .await
-        .map_err(|e| DemoError::Failed(format!("simulated clients: {e}")))?;
+        .map_err(|e| DemoError::Failed(format!("agents: {e}")))?;
     println!("{}", report.summary());
     println!("{}", report.histogram_text());
 
