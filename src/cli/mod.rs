@@ -231,9 +231,18 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// The log filter of the demo and the load test without `RUST_LOG`: their agents log
+/// warnings only (hundreds of agents each logging its start would drown the rest).
+const CROWD_LOG: &str = "info,gup::agent=warn";
+
 fn init_logging(format: LogFormat) {
+    init_logging_with(format, "info");
+}
+
+/// Logging with `default` as the filter when `RUST_LOG` is not set.
+fn init_logging_with(format: LogFormat, default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -419,7 +428,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
             if args.window > 3600 {
                 return Err(usage("--window must be 0 to 3600 seconds"));
             }
-            init_logging(cli.log_format.unwrap_or_default());
+            // A crowd of agents would log each one's start and installs: warnings only.
+            init_logging_with(cli.log_format.unwrap_or_default(), CROWD_LOG);
             crate::sys::raise_open_file_limit();
             let opts = crate::demo::DemoOptions {
                 data_dir: args.data_dir,
@@ -434,7 +444,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
 }
 
 fn loadtest(args: LoadtestArgs, log_format: LogFormat) -> Result<(), Failure> {
-    init_logging(log_format);
+    init_logging_with(log_format, CROWD_LOG);
     let limit = crate::sys::raise_open_file_limit();
     if (limit as usize) < args.clients + 256 {
         eprintln!(
