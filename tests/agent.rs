@@ -10,7 +10,15 @@
 //!   only);
 //! - with `management_servers` listing a dead node first and the manager second, the agent
 //!   keeps its content current from the manager, and moves to the node once it answers;
-//! - kill -9 during uploads of 2,000 spooled events, then a restart: each is stored once.
+//! - kill -9 during uploads of 2,000 spooled events, then a restart: each is stored once;
+//! - switched to pull, it drops its stream;
+//! - it heartbeats every `heartbeat_interval_s`: every second, then not for an hour;
+//! - new content arrives no earlier than the heartbeat's `download_slot`; an urgent item does
+//!   not wait even in an hour-long window;
+//! - applications under `--apps-dir` are reported only once learning is on for the group
+//!   (site switch on), and a new one at a later heartbeat;
+//! - in user login mode it follows the group its user is mapped to and fetches that group's
+//!   policy.
 
 mod common;
 
@@ -128,6 +136,208 @@ async fn in_push_mode_a_policy_and_a_release_arrive_without_waiting_for_a_heartb
     let status = agent_status(&a);
     assert_eq!(status["policy_serial"], serial);
     assert_eq!(status["mode"], "push");
+
+    // Pull: the stream is dropped (the settings event itself reaches it through the stream).
+    settings(&manager.url, "default", json!({"mode": "pull"})).await;
+    wait_for(20, "the agent drops its stream in pull mode", || {
+        let u = manager.url.clone();
+        async move {
+            let c = reqwest::Client::new();
+            (metric(&c, &u, "gup_stream_clients").await == 0.0).then_some(())
+        }
+    })
+    .await;
+    assert_eq!(agent_status(&a)["mode"], "pull");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_heartbeat_interval_is_the_settings_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let manager = start_manager(&dir.path().join("m"), &[]);
+    settings(&manager.url, "default", json!({"heartbeat_interval_s": 1})).await;
+    let a = dir.path().join("a");
+    let _agent = start_agent(&a, &[&manager.url], "default", &["--client-id", "pc-hb"]);
+    wait_registered(&manager.url, "pc-hb", None).await;
+    let last_seen = || async { record(&manager.url, "pc-hb").await.unwrap()["last_seen"].clone() };
+    let first = last_seen().await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_ne!(last_seen().await, first, "a heartbeat every second");
+
+    settings(
+        &manager.url,
+        "default",
+        json!({"heartbeat_interval_s": 3600}),
+    )
+    .await;
+    // The next one-second heartbeat brings the hour.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let settled = last_seen().await;
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    assert_eq!(last_seen().await, settled, "no heartbeat for an hour");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_content_waits_for_the_download_slot_and_an_urgent_item_does_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let manager = start_manager(&dir.path().join("m"), &[]);
+    settings(
+        &manager.url,
+        "default",
+        json!({"heartbeat_interval_s": 1, "randomization": {"enabled": true, "window_s": 8}}),
+    )
+    .await;
+    let a = dir.path().join("a");
+    let _agent = start_agent(&a, &[&manager.url], "default", &["--client-id", "pc-slot"]);
+    wait_registered(&manager.url, "pc-slot", None).await;
+    let data = random_bytes(100_000, 5);
+    publish_and_wait(&manager.url, &[], "defs.bin", "1", &data).await;
+    let not_before = wait_for(20, "the agent holds a slot", || {
+        let slot = agent_status(&a)["download_slot"]["not_before"].clone();
+        async move { slot.as_str().map(str::to_string) }
+    })
+    .await;
+    let not_before = chrono::DateTime::parse_from_rfc3339(&not_before).unwrap();
+    let path = a.join("content/defs.bin");
+    let arrived = wait_for(20, "the release arrives", || {
+        let there = path.exists().then(chrono::Utc::now);
+        async move { there }
+    })
+    .await;
+    // The file is renamed in only after the whole download, which starts at the slot.
+    assert!(
+        arrived >= not_before - chrono::Duration::milliseconds(100),
+        "arrived {arrived} before its slot {not_before}"
+    );
+    assert!(std::fs::read(&path).unwrap() == data);
+
+    // An urgent item does not wait, even in an hour-long window.
+    settings(
+        &manager.url,
+        "default",
+        json!({"randomization": {"enabled": true, "window_s": 3600}}),
+    )
+    .await;
+    let urgent = random_bytes(50_000, 6);
+    let file = dir.path().join("urgent.bin");
+    std::fs::write(&file, &urgent).unwrap();
+    let (code, out) = admin_cli(
+        &manager.url,
+        &[
+            "publish",
+            file.to_str().unwrap(),
+            "--name",
+            "hotfix.bin",
+            "--version",
+            "1",
+            "--urgent",
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    wait_content(&a, "hotfix.bin", &urgent, 20).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn applications_are_reported_only_while_learning_is_on_and_again_when_they_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let manager = start_manager(&dir.path().join("m"), &[]);
+    settings(&manager.url, "default", json!({"heartbeat_interval_s": 1})).await;
+    let (status, v) = admin_call(
+        &manager.url,
+        Method::PUT,
+        "/v1/admin/site",
+        Some(json!({"application_learning": true})),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let apps = dir.path().join("apps");
+    std::fs::create_dir_all(&apps).unwrap();
+    std::fs::write(apps.join("scanner.exe"), b"MZ scanner").unwrap();
+    let a = dir.path().join("a");
+    let _agent = start_agent(
+        &a,
+        &[&manager.url],
+        "default",
+        &[
+            "--client-id",
+            "pc-apps",
+            "--apps-dir",
+            apps.to_str().unwrap(),
+        ],
+    );
+    wait_registered(&manager.url, "pc-apps", None).await;
+    let found = |q: &'static str| {
+        let u = manager.url.clone();
+        async move {
+            let (_, v) = admin_call(
+                &u,
+                Method::GET,
+                &format!("/v1/admin/applications?q={q}"),
+                None,
+            )
+            .await;
+            v["applications"].as_array().map_or(0, Vec::len)
+        }
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(found("scanner").await, 0, "learning is off for the group");
+
+    settings(&manager.url, "default", json!({"learn_applications": true})).await;
+    wait_for(20, "the application is learned", || async {
+        (found("scanner").await == 1).then_some(())
+    })
+    .await;
+    std::fs::write(apps.join("updater.exe"), b"MZ updater").unwrap();
+    wait_for(20, "a new application is learned", || async {
+        (found("updater").await == 1).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_user_mode_the_agent_follows_its_users_group_and_fetches_that_groups_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let manager = start_manager(&dir.path().join("m"), &[]);
+    settings(&manager.url, "default", json!({"heartbeat_interval_s": 1})).await;
+    let (status, v) = admin_call(
+        &manager.url,
+        Method::PUT,
+        "/v1/admin/groups/finance",
+        Some(json!({"parent": "default"})),
+    )
+    .await;
+    assert_eq!(status, 201, "{v}");
+    let serial = policy(&manager.url, "finance", json!({"scan": "finance"})).await;
+    let (status, v) = admin_call(
+        &manager.url,
+        Method::PUT,
+        "/v1/admin/users/alice",
+        Some(json!({"group": "finance"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let a = dir.path().join("a");
+    let _agent = start_agent(
+        &a,
+        &[&manager.url],
+        "default",
+        &[
+            "--client-id",
+            "pc-alice",
+            "--login-mode",
+            "user",
+            "--user",
+            "alice",
+        ],
+    );
+    wait_for(20, "the agent holds the finance policy", || {
+        let ok = policy_serial(&a) == Some(serial);
+        async move { ok.then_some(()) }
+    })
+    .await;
+    let status = agent_status(&a);
+    assert_eq!(status["group"], "finance", "{status}");
+    assert_eq!(status["install_group"], "default");
+    wait_registered(&manager.url, "pc-alice", Some("finance")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
