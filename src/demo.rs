@@ -100,7 +100,10 @@ pub async fn run(opts: &DemoOptions, shutdown: Shutdown) -> Result<(), DemoError
     let m_task = tokio::spawn(manager.run(manager_listener));
     let n_task = tokio::spawn(node.run(node_listener));
 
-    println!("gup demo: a management server, a branch-office node and {} agents on this machine", opts.clients);
+    println!(
+        "gup demo: a management server, a branch-office node and {} agents on this machine",
+        opts.clients
+    );
     println!(
         "  manager  {manager_url}   data {}",
         mc.manager.data_dir.display()

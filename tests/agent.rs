@@ -191,18 +191,16 @@ async fn new_content_waits_for_the_download_slot_and_an_urgent_item_does_not() {
     wait_registered(&manager.url, "pc-slot", None).await;
     let data = random_bytes(100_000, 5);
     publish_and_wait(&manager.url, &[], "defs.bin", "1", &data).await;
-    let not_before = wait_for(20, "the agent holds a slot", || {
-        let slot = agent_status(&a)["download_slot"]["not_before"].clone();
-        async move { slot.as_str().map(str::to_string) }
-    })
-    .await;
-    let not_before = chrono::DateTime::parse_from_rfc3339(&not_before).unwrap();
     let path = a.join("content/defs.bin");
     let arrived = wait_for(20, "the release arrives", || {
         let there = path.exists().then(chrono::Utc::now);
         async move { there }
     })
     .await;
+    let status = agent_status(&a);
+    assert_eq!(status["download_slot"]["catalog_revision"], 1, "{status}");
+    let not_before = status["download_slot"]["not_before"].as_str().unwrap();
+    let not_before = chrono::DateTime::parse_from_rfc3339(not_before).unwrap();
     // The file is renamed in only after the whole download, which starts at the slot.
     assert!(
         arrived >= not_before - chrono::Duration::milliseconds(100),

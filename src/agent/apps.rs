@@ -9,12 +9,12 @@
 //! out of the directories it was given.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use sha2::{Digest as _, Sha256};
 
+use super::home::hash_file;
 use super::wire::AppOut;
 
 /// Directory levels under an `--apps-dir` that are scanned.
@@ -44,20 +44,6 @@ fn looks_executable(path: &Path, meta: &std::fs::Metadata) -> bool {
             "exe" | "dll" | "msi" | "app"
         )
     })
-}
-
-fn hash_file(path: &Path) -> std::io::Result<String> {
-    let mut f = std::fs::File::open(path)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex::encode(h.finalize()))
 }
 
 impl Scanner {
@@ -93,7 +79,7 @@ impl Scanner {
                 let sha = match self.seen.get(&path) {
                     Some((s, m, sha)) if *s == size && *m == mtime => sha.clone(),
                     _ => match hash_file(&path) {
-                        Ok(sha) => sha,
+                        Ok((h, _)) => hex::encode(h.finalize()),
                         Err(_) => continue,
                     },
                 };

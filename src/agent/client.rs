@@ -523,8 +523,8 @@ impl Agent {
         if let Some(rev) = out.revision {
             self.saved.known_revision = self.saved.known_revision.max(rev);
             if !retry && !out.stopped {
+                // The slot stays in the state (and `agent status`) until the next revision's.
                 self.saved.catalog_revision = self.saved.catalog_revision.max(rev);
-                self.saved.slot = None;
                 newer = self.saved.known_revision > self.saved.catalog_revision;
             }
         }

@@ -10,7 +10,6 @@
 //! returns what it installed and the loop records it.
 
 use std::collections::{BTreeMap, HashSet};
-use std::io::Read;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,7 +20,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::time::{timeout, Instant};
 
 use super::ctx::{backoff, net_kind, status_kind, Ctx, IDLE_TIMEOUT, REQUEST_TIMEOUT};
-use super::home::{safe_name, Held};
+use super::home::{hash_file, safe_name, Held};
 use super::wire::{retry_after, Catalog, CatalogItem};
 
 /// Attempts of one item on one server before it is given up for this round.
@@ -185,29 +184,12 @@ impl Sink {
         };
         let p = path.clone();
         // The bytes already there are hashed again on a blocking thread.
-        let (hasher, len) =
-            tokio::task::spawn_blocking(move || -> std::io::Result<(Sha256, u64)> {
-                let mut h = Sha256::new();
-                let mut len = 0u64;
-                match std::fs::File::open(&p) {
-                    Ok(mut f) => {
-                        let mut buf = vec![0u8; 256 * 1024];
-                        loop {
-                            let n = f.read(&mut buf)?;
-                            if n == 0 {
-                                break;
-                            }
-                            h.update(&buf[..n]);
-                            len += n as u64;
-                        }
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(e),
-                }
-                Ok((h, len))
-            })
-            .await
-            .map_err(std::io::Error::other)??;
+        let (hasher, len) = tokio::task::spawn_blocking(move || match hash_file(&p) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok((Sha256::new(), 0)),
+            other => other,
+        })
+        .await
+        .map_err(std::io::Error::other)??;
         let file = tokio::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -261,6 +243,13 @@ impl Sink {
     }
 }
 
+/// Counts a failed attempt: the backoff before the next one, or none when the item is given
+/// up for this round.
+fn next_try(failures: &mut u32) -> Option<Duration> {
+    *failures += 1;
+    (*failures < MAX_ATTEMPTS).then(|| backoff(*failures))
+}
+
 /// Downloads one item, trying the servers in order after a mismatch.
 async fn download(ctx: &Ctx, bases: &[String], item: &CatalogItem, sha: &str, rev: u64) -> Got {
     for base in bases {
@@ -278,15 +267,6 @@ async fn download(ctx: &Ctx, bases: &[String], item: &CatalogItem, sha: &str, re
 async fn download_from(ctx: &Ctx, base: &str, item: &CatalogItem, sha: &str, rev: u64) -> Got {
     let url = format!("{base}/v1/content/{sha}");
     let mut failures = 0u32;
-    let fail = |ctx: &Ctx, failures: &mut u32| -> Option<Duration> {
-        *failures += 1;
-        if *failures >= MAX_ATTEMPTS {
-            let _ = ctx;
-            None
-        } else {
-            Some(backoff(*failures))
-        }
-    };
     loop {
         if ctx.stop.is_cancelled() {
             return Got::Stopped;
@@ -312,7 +292,7 @@ async fn download_from(ctx: &Ctx, base: &str, item: &CatalogItem, sha: &str, rev
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
                 ctx.obs.error(net_kind(&e));
-                match fail(ctx, &mut failures) {
+                match next_try(&mut failures) {
                     Some(d) if ctx.nap(d).await => continue,
                     Some(_) => return Got::Stopped,
                     None => return Got::Failed,
@@ -320,7 +300,7 @@ async fn download_from(ctx: &Ctx, base: &str, item: &CatalogItem, sha: &str, rev
             }
             Err(_) => {
                 ctx.obs.error("timeout");
-                match fail(ctx, &mut failures) {
+                match next_try(&mut failures) {
                     Some(_) => continue,
                     None => return Got::Failed,
                 }
@@ -345,7 +325,7 @@ async fn download_from(ctx: &Ctx, base: &str, item: &CatalogItem, sha: &str, rev
                 drop(resp);
                 sink.discard();
                 ctx.obs.error(&format!("content_{status}"));
-                match fail(ctx, &mut failures) {
+                match next_try(&mut failures) {
                     Some(_) => continue,
                     None => return Got::Failed,
                 }
@@ -368,7 +348,7 @@ async fn download_from(ctx: &Ctx, base: &str, item: &CatalogItem, sha: &str, rev
             _ => {
                 ctx.obs.error(&status_kind("content", resp.status()));
                 if resp.status().is_server_error() {
-                    match fail(ctx, &mut failures) {
+                    match next_try(&mut failures) {
                         Some(d) if ctx.nap(d).await => continue,
                         Some(_) => return Got::Stopped,
                         None => return Got::Failed,
@@ -414,7 +394,7 @@ async fn download_from(ctx: &Ctx, base: &str, item: &CatalogItem, sha: &str, rev
         if !complete {
             // What arrived stays for the next attempt to resume from.
             let _ = sink.sync().await;
-            match fail(ctx, &mut failures) {
+            match next_try(&mut failures) {
                 Some(d) if ctx.nap(d).await => continue,
                 Some(_) => return Got::Stopped,
                 None => return Got::Failed,

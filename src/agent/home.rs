@@ -16,6 +16,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
 
 use super::wire::DownloadSlot;
 
@@ -69,7 +70,7 @@ pub struct Saved {
     pub catalog_revision: u64,
     /// The newest revision a server named.
     pub known_revision: u64,
-    /// The download slot of the revision being fetched.
+    /// The download slot of the newest revision fetched or being fetched.
     pub slot: Option<DownloadSlot>,
     /// The current item of each name.
     pub items: BTreeMap<String, Held>,
@@ -132,6 +133,22 @@ fn make_dir(path: &Path) -> Result<(), HomeError> {
     #[cfg(unix)]
     std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
     b.create(path).map_err(io(path))
+}
+
+/// The SHA-256 state and length of the file at `path`, read in 256 KiB blocks.
+pub fn hash_file(path: &Path) -> std::io::Result<(Sha256, u64)> {
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut len = 0u64;
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = std::io::Read::read(&mut f, &mut buf)?;
+        if n == 0 {
+            return Ok((h, len));
+        }
+        h.update(&buf[..n]);
+        len += n as u64;
+    }
 }
 
 /// A new client id: `agent-` and 16 random hex digits.

@@ -30,23 +30,7 @@ impl Proc {
 
     /// [`Proc::start`] with extra environment variables for the process.
     pub fn start_env(args: &[&str], log: PathBuf, env: &[(&str, &str)]) -> Proc {
-        let file = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(gup())
-            .args(args)
-            .envs(env.iter().copied())
-            .env(
-                "RUST_LOG",
-                std::env::var("GUP_TEST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .expect("spawn gup");
-        let mut p = Proc {
-            child: Some(child),
-            url: String::new(),
-            log,
-        };
+        let mut p = Proc::spawn(args, log, env);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let text = std::fs::read_to_string(&p.log).unwrap_or_default();
@@ -74,22 +58,7 @@ impl Proc {
     /// Starts `gup ARGS` (a process that listens on nothing, such as `gup agent`) with
     /// stderr to `log`, and waits until its log says `ready` (a line containing it).
     pub fn start_until(args: &[&str], log: PathBuf, ready: &str) -> Proc {
-        let file = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(gup())
-            .args(args)
-            .env(
-                "RUST_LOG",
-                std::env::var("GUP_TEST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .expect("spawn gup");
-        let mut p = Proc {
-            child: Some(child),
-            url: String::new(),
-            log,
-        };
+        let mut p = Proc::spawn(args, log, &[]);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let text = std::fs::read_to_string(&p.log).unwrap_or_default();
@@ -104,6 +73,27 @@ impl Proc {
                 "gup {args:?} never logged {ready:?}:\n{text}"
             );
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Spawns `gup ARGS` with stderr to `log` (`RUST_LOG` from `GUP_TEST_LOG`, default info).
+    fn spawn(args: &[&str], log: PathBuf, env: &[(&str, &str)]) -> Proc {
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(gup())
+            .args(args)
+            .envs(env.iter().copied())
+            .env(
+                "RUST_LOG",
+                std::env::var("GUP_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("spawn gup");
+        Proc {
+            child: Some(child),
+            url: String::new(),
+            log,
         }
     }
 
