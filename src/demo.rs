@@ -217,6 +217,19 @@ async fn showcase(
     // The run ends one heartbeat interval after every client is done, or at this cap.
     lt.duration = Duration::from_secs(window + 4 * DEMO_HEARTBEAT_S);
     lt.id_prefix = format!("demo-{version}-");
+    // Each agent enrols with a token for the group, as a real installation would.
+    let enrolment = admin
+        .call(
+            reqwest::Method::POST,
+            "/v1/admin/enroll",
+            &[],
+            Some(&serde_json::json!({"group": "default", "expires": "1h"})),
+        )
+        .await?;
+    lt.enroll_token = enrolment
+        .get("token")
+        .and_then(|t| t.as_str())
+        .map(str::to_string);
     lt.progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let report = crate::loadtest::run(lt)
         .await

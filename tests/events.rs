@@ -48,7 +48,11 @@ async fn events_accepted_during_an_outage_survive_a_sigkill_and_arrive_once() {
     let m_addr = format!("127.0.0.1:{}", free_port());
     let m_url = format!("http://{m_addr}");
     let n_dir = dir.path().join("n");
+    // One sync first (a node that never synced cannot check who its clients are).
+    let first = start_manager_on(&dir.path().join("m"), &m_addr, &[]);
     let node = start_node(&n_dir, &[&m_url], &[]);
+    wait_ready(&node.url).await;
+    first.kill9();
     let client = reqwest::Client::new();
     // 500 events from 50 clients, some sent twice; the manager is not running.
     for c in 0..50 {

@@ -178,7 +178,7 @@ fn tls_manager() -> Tls {
     let key_pem = dir.path().join("key.pem");
     std::fs::write(&cert_pem, cert.cert.pem()).unwrap();
     std::fs::write(&key_pem, cert.key_pair.serialize_pem()).unwrap();
-    let manager = start_manager(
+    let manager = start_manager_strict(
         &dir.path().join("m"),
         &[
             "--tls-cert",

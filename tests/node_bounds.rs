@@ -54,9 +54,6 @@ impl Reserved {
         }
     }
 
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
 
     /// Frees the port for the server that is to listen on it now.
     fn release(&mut self) -> String {
@@ -128,7 +125,13 @@ async fn outbox_bytes(client: &reqwest::Client, node: &str) -> (f64, f64) {
 async fn a_full_outbox_refuses_routine_uploads_keeps_room_for_critical_ones_and_drains_once() {
     let dir = tempfile::tempdir().unwrap();
     let mut upstream = Reserved::new();
-    let node = start_node_toml(&dir.path().join("n"), &[&upstream.url()], SMALL_OUTBOX, &[]);
+    // One sync first (a node that never synced cannot check who its clients are), then no
+    // upstream answers until the manager comes back on the same address.
+    let listen = upstream.release();
+    let first = start_manager_on(&dir.path().join("m"), &listen, &[]);
+    let node = start_node_toml(&dir.path().join("n"), &[&first.url], SMALL_OUTBOX, &[]);
+    wait_ready(&node.url).await;
+    first.kill9();
     let client = http();
     assert_eq!(
         metric(&client, &node.url, "gup_outbox_max_bytes").await,
@@ -188,7 +191,7 @@ async fn a_full_outbox_refuses_routine_uploads_keeps_room_for_critical_ones_and_
     );
 
     // The upstream comes up: everything queued arrives once, the critical event first.
-    let manager = start_manager_on(&dir.path().join("m"), &upstream.release(), &[]);
+    let manager = start_manager_on(&dir.path().join("m"), &listen, &[]);
     let nu = node.url.clone();
     wait_for(60, "the outbox drains", || {
         let (c, u) = (client.clone(), nu.clone());
@@ -230,10 +233,13 @@ async fn a_full_outbox_refuses_routine_uploads_keeps_room_for_critical_ones_and_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outbox_counts_are_the_same_after_a_restart_and_after_a_sigkill() {
     let dir = tempfile::tempdir().unwrap();
-    let reserved = Reserved::new();
-    let nobody = reserved.url();
+    // One sync from a manager that then goes away: its address answers nobody after.
+    let first = start_manager(&dir.path().join("m"), &[]);
+    let nobody = first.url.clone();
     let n_dir = dir.path().join("n");
     let node = start_node_toml(&n_dir, &[&nobody], SMALL_OUTBOX, &[]);
+    wait_ready(&node.url).await;
+    first.kill9();
     let client = http();
     let mut queued = 0;
     for u in 0..30 {
@@ -367,8 +373,11 @@ const UNBOUNDED_NEWCOMERS: &str = "\n[limits]\nnew_clients_per_minute = 0\n";
 /// An empty but valid `/v1/sync` snapshot, so that the node behind the hostile upstream is
 /// ready (an unsynced node answers heartbeats 503).
 async fn empty_snapshot() -> Response {
+    let mut directory = gup::core::settings::Directory::default();
+    // Its clients speak without credentials.
+    directory.site.client_auth = gup::core::settings::ClientAuth::Open;
     axum::Json(gup::core::proto::Snapshot {
-        directory: gup::core::settings::Directory::default(),
+        directory,
         catalog: gup::core::catalog::Catalog::default(),
         catalog_signature: None,
         stale_since: None,

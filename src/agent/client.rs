@@ -365,7 +365,9 @@ impl Agent {
     /// `POST /v1/heartbeat` to the first server that answers.
     async fn heartbeat(&mut self) -> Option<HeartbeatReply> {
         let ctx = self.ctx.clone();
+        let credential = ctx.credential();
         let body = HeartbeatBody {
+            enroll_token: ctx.enroll_token.as_deref().filter(|_| credential.is_none()),
             client_id: &ctx.client_id,
             install_group: ctx.id.install_group.as_deref(),
             location: ctx.id.location.as_deref(),
@@ -379,8 +381,7 @@ impl Agent {
         for base in self.servers.candidates() {
             let t0 = Instant::now();
             let sent = ctx
-                .http
-                .post(format!("{base}/v1/heartbeat"))
+                .signed(ctx.http.post(format!("{base}/v1/heartbeat")))
                 .json(&body)
                 .timeout(REQUEST_TIMEOUT)
                 .send()
@@ -401,12 +402,16 @@ impl Agent {
                     self.servers.failed(&base);
                     continue;
                 }
-                tracing::warn!(server = %base, %status, "heartbeat refused");
+                refused(&base, status, resp).await;
                 return None;
             }
             match resp.json::<HeartbeatReply>().await {
-                Ok(reply) => {
+                Ok(mut reply) => {
                     self.servers.answered(&base);
+                    if let Some(c) = reply.credential.take() {
+                        tracing::info!(server = %base, "enrolled; the credential is kept in the data dir");
+                        ctx.set_credential(c);
+                    }
                     return Some(reply);
                 }
                 Err(e) => {
@@ -587,8 +592,7 @@ impl Agent {
             };
             let t0 = Instant::now();
             let sent = ctx
-                .http
-                .post(format!("{base}/v1/events"))
+                .signed(ctx.http.post(format!("{base}/v1/events")))
                 .json(&body)
                 .timeout(REQUEST_TIMEOUT)
                 .send()
@@ -598,6 +602,12 @@ impl Agent {
                     ctx.obs.latency(t0.elapsed());
                     self.spool.remove(&keys);
                     ctx.obs.events_sent(events.len() as u64);
+                }
+                // Not this client's fault, nor its events': kept for a later try.
+                Ok(r) if r.status().as_u16() == 401 => {
+                    ctx.obs.error(&status_kind("events", r.status()));
+                    refused(&base, r.status(), r).await;
+                    return Sent::Later;
                 }
                 Ok(r) if r.status().is_client_error() && r.status().as_u16() != 429 => {
                     ctx.obs.error(&status_kind("events", r.status()));
@@ -652,8 +662,7 @@ impl Agent {
                 applications: chunk,
             };
             let sent = ctx
-                .http
-                .post(format!("{base}/v1/applications"))
+                .signed(ctx.http.post(format!("{base}/v1/applications")))
                 .json(&body)
                 .timeout(REQUEST_TIMEOUT)
                 .send()
@@ -674,4 +683,19 @@ impl Agent {
         tracing::info!(applications = apps.len(), "applications reported");
         self.saved.apps_reported = Some(fingerprint);
     }
+}
+
+/// Logs a refusal with the server's own words (its JSON `message`), once per answer.
+async fn refused(base: &str, status: reqwest::StatusCode, resp: reqwest::Response) {
+    let message = resp
+        .json::<serde_json::Value>()
+        .await
+        .ok()
+        .and_then(|v| {
+            let code = v.get("error")?.as_str()?.to_string();
+            let why = v.get("message").and_then(|m| m.as_str()).unwrap_or("");
+            Some(format!("{code}: {why}"))
+        })
+        .unwrap_or_default();
+    tracing::warn!(server = %base, %status, %message, "refused");
 }

@@ -110,9 +110,43 @@ pub struct Ctx {
     pub client_id: String,
     pub id: Identity,
     pub knobs: Knobs,
+    /// The credential every call for this client carries (`X-Gup-Credential`), once enrolled.
+    pub credential: std::sync::RwLock<Option<String>>,
+    /// The enrolment token the first heartbeat sends while there is no credential.
+    pub enroll_token: Option<String>,
 }
 
+/// The header a client's credential travels in.
+pub const CREDENTIAL_HEADER: &str = "X-Gup-Credential";
+
 impl Ctx {
+    /// The credential, if this client has one.
+    pub fn credential(&self) -> Option<String> {
+        self.credential
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Keeps a credential an enrolment brought: in memory, and in the data dir.
+    pub fn set_credential(&self, credential: String) {
+        if let Err(e) = self.home.save_credential(&credential) {
+            tracing::warn!(error = %e, "could not keep the credential; enrolling again after a restart");
+        }
+        *self
+            .credential
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(credential);
+    }
+
+    /// `req` with the credential, when there is one.
+    pub fn signed(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match self.credential() {
+            Some(c) => req.header(CREDENTIAL_HEADER, c),
+            None => req,
+        }
+    }
+
     /// Sleeps `d`; false when the agent is stopping.
     pub async fn nap(&self, d: Duration) -> bool {
         tokio::select! {

@@ -230,6 +230,32 @@ impl Home {
         }
     }
 
+    /// The credential this client got when it enrolled (`credential`, mode 0600), if any.
+    pub fn credential(&self) -> Result<Option<String>, HomeError> {
+        let Some(root) = &self.root else {
+            return Ok(None);
+        };
+        let path = root.join("credential");
+        match std::fs::read_to_string(&path) {
+            Ok(text) if text.trim().is_empty() => Ok(None),
+            Ok(text) => Ok(Some(text.trim().to_string())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io(&path)(e)),
+        }
+    }
+
+    /// Keeps the credential an enrolment brought (memory: nothing).
+    pub fn save_credential(&self, credential: &str) -> Result<(), HomeError> {
+        match &self.root {
+            Some(root) => write_atomic(
+                &root.join("credential"),
+                format!("{credential}\n").as_bytes(),
+                0o600,
+            ),
+            None => Ok(()),
+        }
+    }
+
     /// The saved state; a `state.json` that does not decode is set aside as
     /// `state.json.bad` (logged) and the agent starts afresh: it only costs downloads again.
     pub fn load(&self) -> Result<Saved, HomeError> {

@@ -55,6 +55,8 @@ pub struct Options {
     pub client_id: Option<String>,
     pub apps_dirs: Vec<PathBuf>,
     pub keep_versions: usize,
+    /// Sent on the first heartbeat while the data dir holds no credential.
+    pub enroll_token: Option<String>,
 }
 
 /// Why an agent cannot start, or a subcommand cannot do what it was asked.
@@ -121,6 +123,7 @@ impl Options {
                 ));
             }
         }
+        text_flag("--enroll-token", self.enroll_token.as_deref(), 256)?;
         if self.keep_versions > 100 {
             return Err(usage("--keep-versions", "at most 100"));
         }
@@ -141,6 +144,10 @@ pub async fn run(opts: Options, stop: CancellationToken) -> Result<(), AgentErro
     let servers = opts.check()?;
     let home = Home::dir(&opts.data_dir, opts.keep_versions)?;
     let client_id = home.client_id(opts.client_id.as_deref())?;
+    let credential = home.credential()?;
+    if credential.is_none() && opts.enroll_token.is_none() {
+        tracing::info!("no credential and no enrolment token: this works only where the site's client_auth is open");
+    }
     let (http, stream_http) = http_clients(8).map_err(AgentError::Http)?;
     let ctx = Ctx {
         http,
@@ -158,6 +165,8 @@ pub async fn run(opts: Options, stop: CancellationToken) -> Result<(), AgentErro
             user: opts.user.clone(),
         },
         knobs: Knobs::default(),
+        credential: std::sync::RwLock::new(credential),
+        enroll_token: opts.enroll_token.clone(),
     };
     tracing::info!(client_id = %client_id, data_dir = %opts.data_dir.display(), servers = ?servers, "agent starting");
     Agent::new(ctx, servers, opts.apps_dirs.clone())?
@@ -188,6 +197,8 @@ pub struct Status {
     pub download_policies_and_content: bool,
     pub items: std::collections::BTreeMap<String, home::Held>,
     pub events_waiting: usize,
+    /// Whether the data dir holds a credential (the client enrolled).
+    pub enrolled: bool,
     pub updated_at: String,
 }
 
@@ -227,6 +238,7 @@ pub fn status(dir: &Path) -> Result<Status, AgentError> {
         download_policies_and_content: comms.download_policies_and_content,
         items: saved.items,
         events_waiting,
+        enrolled: dir.join("credential").exists(),
         updated_at: saved.updated_at,
     })
 }
@@ -238,6 +250,11 @@ impl Status {
         let mut s = String::new();
         let or = |v: &Option<String>, d: &str| v.clone().unwrap_or_else(|| d.to_string());
         let _ = writeln!(s, "client id        {}", or(&self.client_id, "(none yet)"));
+        let _ = writeln!(
+            s,
+            "enrolled         {}",
+            if self.enrolled { "yes" } else { "no" }
+        );
         let _ = writeln!(
             s,
             "group            {} (installed in {})",

@@ -64,8 +64,7 @@ pub async fn hold(ctx: Arc<Ctx>, base: String, tx: mpsc::Sender<Pushed>) {
     while !ctx.stop.is_cancelled() {
         let sent = timeout(
             REQUEST_TIMEOUT,
-            ctx.stream_http
-                .get(&url)
+            ctx.signed(ctx.stream_http.get(&url))
                 .query(&[("client_id", ctx.client_id.as_str())])
                 .header(reqwest::header::ACCEPT, "text/event-stream")
                 .send(),

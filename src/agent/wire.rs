@@ -134,6 +134,9 @@ pub struct HeartbeatBody<'a> {
     pub user: Option<&'a str>,
     pub policy_serial: u64,
     pub catalog_revision: u64,
+    /// Sent while the client has no credential: the reply then carries one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enroll_token: Option<&'a str>,
 }
 
 /// The parts of a heartbeat reply a client acts on; the rest is ignored.
@@ -151,6 +154,9 @@ pub struct HeartbeatReply {
     pub next_heartbeat_s: Option<f64>,
     #[serde(default)]
     pub download_slot: Option<DownloadSlot>,
+    /// The credential an enrolment issued.
+    #[serde(default)]
+    pub credential: Option<String>,
 }
 
 /// A heartbeat reply's download slot.

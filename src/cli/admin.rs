@@ -66,6 +66,11 @@ enum AdminCommand {
         #[command(subcommand)]
         command: UserCommand,
     },
+    /// Enrolment tokens: `enroll create --group G`, `enroll list`, `enroll revoke ID`.
+    Enroll {
+        #[command(subcommand)]
+        command: EnrollCommand,
+    },
     /// Site-wide settings: `site set application_learning=true`.
     Site {
         #[command(subcommand)]
@@ -191,6 +196,31 @@ enum ClientCommand {
     },
     /// Delete a client (its history is kept for a reconnect).
     Delete { id: String },
+    /// Revoke a client's credential: refused by the manager at once and by each node after
+    /// its next sync. It may enrol again with a token.
+    Revoke { id: String },
+}
+
+#[derive(Subcommand)]
+enum EnrollCommand {
+    /// Make an enrolment token for a group; it is printed this once.
+    Create {
+        #[arg(long)]
+        group: String,
+        /// When it stops working: a duration (30m, 12h, 7d) or an RFC 3339 time.
+        #[arg(long)]
+        expires: Option<String>,
+        /// How many clients may enrol with it [default: any number].
+        #[arg(long)]
+        uses: Option<u64>,
+    },
+    /// List the tokens (never their secrets).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token: no client enrols with it any more.
+    Revoke { id: String },
 }
 
 #[derive(Subcommand)]
@@ -367,6 +397,72 @@ pub(super) fn run(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure>
                 Ok(())
             }
         },
+        AdminCommand::Enroll { command } => match command {
+            EnrollCommand::Create {
+                group,
+                expires,
+                uses,
+            } => {
+                let mut body = serde_json::json!({ "group": group });
+                if let Some(e) = expires {
+                    body["expires"] = e.into();
+                }
+                if let Some(n) = uses {
+                    body["uses"] = n.into();
+                }
+                let v = rt
+                    .block_on(client.call(Method::POST, "/v1/admin/enroll", &[], Some(&body)))
+                    .map_err(runtime)?;
+                println!("{}", text(&v["token"]));
+                eprintln!(
+                    "enrolment token {} for group {group} (expires {}, uses {}); shown only now: give it to agents with --enroll-token-file",
+                    text(&v["id"]),
+                    text(&v["expires_at"]),
+                    text(&v["uses"]),
+                );
+                Ok(())
+            }
+            EnrollCommand::List { json } => {
+                let v = rt
+                    .block_on(client.call(Method::GET, "/v1/admin/enroll", &[], None))
+                    .map_err(runtime)?;
+                show_list(
+                    &v,
+                    json,
+                    "tokens",
+                    &["ID", "GROUP", "EXPIRES", "USES", "USED", "STATE"],
+                    |t| {
+                        let state = if t["revoked"] == true {
+                            "revoked"
+                        } else if t["usable"] == true {
+                            "usable"
+                        } else {
+                            "spent or expired"
+                        };
+                        vec![
+                            text(&t["id"]),
+                            text(&t["group"]),
+                            text(&t["expires_at"]),
+                            text(&t["uses"]),
+                            text(&t["used"]),
+                            state.into(),
+                        ]
+                    },
+                );
+                Ok(())
+            }
+            EnrollCommand::Revoke { id } => {
+                rt.block_on(client.call(
+                    Method::DELETE,
+                    &format!("/v1/admin/enroll/{id}"),
+                    &[],
+                    None,
+                ))
+                .map_err(runtime)?;
+                println!("enrolment token {id} revoked");
+                Ok(())
+            }
+        },
         AdminCommand::Client { command } => match command {
             ClientCommand::Move { id, group } => {
                 let body = serde_json::json!({ "group": group });
@@ -389,6 +485,21 @@ pub(super) fn run(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure>
                 ))
                 .map_err(runtime)?;
                 println!("client {id} deleted");
+                Ok(())
+            }
+            ClientCommand::Revoke { id } => {
+                let v = rt
+                    .block_on(client.call(
+                        Method::POST,
+                        &format!("/v1/admin/clients/{id}/revoke"),
+                        &[],
+                        None,
+                    ))
+                    .map_err(runtime)?;
+                println!(
+                    "client {id}: credential {} revoked",
+                    text(&v["revoked_serial"])
+                );
                 Ok(())
             }
             ClientCommand::List { page, json } => {

@@ -29,8 +29,9 @@ struct AgentRunArgs {
     /// settings, their management_servers list is used, with these as the fallback.
     #[arg(long = "server", required = true)]
     servers: Vec<String>,
-    /// The group the client is installed in.
-    #[arg(long, required = true)]
+    /// The group the client is installed in (with an enrolment token or a credential, the
+    /// token's group is: this is then ignored by the servers).
+    #[arg(long, required_unless_present_any = ["enroll_token", "enroll_token_file"])]
     install_group: Option<String>,
     /// The location the client reports (e.g. office, remote).
     #[arg(long)]
@@ -57,6 +58,14 @@ struct AgentRunArgs {
     /// Previous versions of each content item kept beside the current one.
     #[arg(long, default_value_t = crate::agent::DEFAULT_KEEP_VERSIONS)]
     keep_versions: usize,
+    /// An enrolment token (`gup admin enroll create`): the first heartbeat sends it and the
+    /// credential it brings is kept in DIR/credential. The token's group is the install
+    /// group.
+    #[arg(long, env = "GUP_ENROLL_TOKEN", hide_env_values = true)]
+    enroll_token: Option<String>,
+    /// The enrolment token read from a file (not visible in `ps`).
+    #[arg(long, conflicts_with = "enroll_token")]
+    enroll_token_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -117,8 +126,26 @@ pub(super) fn run(args: AgentArgs, log_format: LogFormat) -> Result<(), Failure>
         }
         None => {
             let a = args.run;
-            let (Some(data_dir), Some(install_group)) = (a.data_dir, a.install_group) else {
-                return Err(usage("--data-dir and --install-group are required"));
+            let enroll_token = match (&a.enroll_token, &a.enroll_token_file) {
+                (Some(t), _) => Some(t.trim().to_string()),
+                (None, Some(f)) => Some(
+                    std::fs::read_to_string(f)
+                        .map_err(|e| usage(&format!("--enroll-token-file {}: {e}", f.display())))?
+                        .trim()
+                        .to_string(),
+                ),
+                (None, None) => None,
+            };
+            // With a token, the group comes from the token: --install-group may be left out.
+            let install_group = a.install_group.or_else(|| {
+                enroll_token
+                    .as_ref()
+                    .map(|_| crate::core::settings::DEFAULT_GROUP.to_string())
+            });
+            let (Some(data_dir), Some(install_group)) = (a.data_dir, install_group) else {
+                return Err(usage(
+                    "--data-dir and --install-group (or --enroll-token) are required",
+                ));
             };
             let opts = crate::agent::Options {
                 data_dir,
@@ -132,6 +159,7 @@ pub(super) fn run(args: AgentArgs, log_format: LogFormat) -> Result<(), Failure>
                 client_id: a.client_id,
                 apps_dirs: a.apps_dirs,
                 keep_versions: a.keep_versions,
+                enroll_token,
             };
             opts.check().map_err(agent_failure)?;
             init_logging(log_format);

@@ -91,12 +91,16 @@ struct LoadtestArgs {
     /// Divides the heartbeat interval (10 = ten times as often); slots are never scaled.
     #[arg(long, default_value_t = 1.0)]
     time_scale: f64,
-    /// Prefix of client ids.
-    #[arg(long, default_value = "lt-")]
-    id_prefix: String,
+    /// Prefix of client ids (default `lt-`; with --enroll-token `lt-<random>-`, since an
+    /// enrolled id cannot enrol again).
+    #[arg(long)]
+    id_prefix: Option<String>,
     /// Events each client uploads (one critical).
     #[arg(long, default_value_t = 2)]
     events: usize,
+    /// An enrolment token every client enrols with (`gup admin enroll create`).
+    #[arg(long, env = "GUP_ENROLL_TOKEN", hide_env_values = true)]
+    enroll_token: Option<String>,
 }
 
 #[derive(Args)]
@@ -465,7 +469,12 @@ fn loadtest(args: LoadtestArgs, log_format: LogFormat) -> Result<(), Failure> {
     opts.os = args.os;
     opts.client_version = args.client_version;
     opts.time_scale = args.time_scale;
-    opts.id_prefix = args.id_prefix;
+    opts.id_prefix = match (args.id_prefix, &args.enroll_token) {
+        (Some(p), _) => p,
+        (None, None) => "lt-".into(),
+        (None, Some(_)) => format!("lt-{}-", hex::encode(rand::random::<[u8; 3]>())),
+    };
+    opts.enroll_token = args.enroll_token;
     opts.events_per_client = args.events;
     opts.progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let rt = runtime_env()?;

@@ -8,6 +8,7 @@
 
 pub mod catalog;
 pub mod config;
+pub mod credential;
 pub mod digest;
 pub mod fault;
 pub mod proto;

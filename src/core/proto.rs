@@ -108,6 +108,10 @@ pub struct Heartbeat {
     pub policy_serial: Option<u64>,
     #[serde(default)]
     pub catalog_revision: Option<u64>,
+    /// An enrolment token, on the first heartbeat of a client that has no credential yet.
+    /// Never relayed: the server that takes it enrols the client and drops it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enroll_token: Option<String>,
 }
 
 impl Heartbeat {
@@ -118,6 +122,7 @@ impl Heartbeat {
         check_text("location", self.location.as_deref(), 64)?;
         check_text("client_version", self.client_version.as_deref(), 64)?;
         check_text("user", self.user.as_deref(), 256)?;
+        check_text("enroll_token", self.enroll_token.as_deref(), 256)?;
         Ok(())
     }
 
@@ -164,6 +169,9 @@ pub struct HeartbeatReply {
     /// Whether the client's `policy_serial` / `catalog_revision` are behind.
     pub policy_changed: bool,
     pub catalog_changed: bool,
+    /// The credential issued by this heartbeat's enrolment, to keep and send from now on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
 }
 
 impl HeartbeatReply {
@@ -187,6 +195,7 @@ impl HeartbeatReply {
             download_slot,
             policy_changed: hb.policy_serial != Some(policy_serial),
             catalog_changed: hb.catalog_revision != Some(catalog_revision),
+            credential: None,
         }
     }
 }

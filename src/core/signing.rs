@@ -1,11 +1,14 @@
-//! Catalog signatures: the manager signs each catalog revision, nodes verify and pass it on.
+//! The manager's signatures: each catalog revision, and each client credential it issues.
 //!
 //! Owns the manager's ed25519 key (made at first start, kept in the data dir with mode 0600,
 //! its public half printed by `gup manager --print-public-key`), the signing of a catalog's
-//! exact wire bytes, and verification against a configured public key. A node configured with
-//! the key refuses unsigned or wrongly signed catalogs, so neither a hostile upstream nor a
-//! node in the chain can invent content. It must never sign anything but a catalog, and never
-//! log the private key.
+//! exact wire bytes and of a credential's payload, and verification against a public key. A
+//! node configured with the key refuses unsigned or wrongly signed catalogs, so neither a
+//! hostile upstream nor a node in the chain can invent content; nodes check client
+//! credentials with it offline. The two uses never share a message: a credential signature
+//! covers [`CREDENTIAL_DOMAIN`] and then the payload, and no catalog's bytes begin that way
+//! (a catalog is a JSON object). It must never sign anything else, and never log the
+//! private key.
 
 use std::path::Path;
 
@@ -71,6 +74,26 @@ impl CatalogKey {
     pub fn sign(&self, catalog: &Catalog) -> String {
         hex::encode(self.key.sign(&catalog_bytes(catalog)).to_bytes())
     }
+
+    /// The signature of a credential's payload bytes.
+    pub fn sign_credential(&self, payload: &[u8]) -> [u8; 64] {
+        self.key.sign(&credential_message(payload)).to_bytes()
+    }
+
+    /// The public key, for checking what this key signed.
+    pub fn public(&self) -> PublicKey {
+        PublicKey(self.key.verifying_key())
+    }
+}
+
+/// What every credential signature covers before the payload.
+pub const CREDENTIAL_DOMAIN: &[u8] = b"gup client credential v1\n";
+
+fn credential_message(payload: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(CREDENTIAL_DOMAIN.len() + payload.len());
+    m.extend_from_slice(CREDENTIAL_DOMAIN);
+    m.extend_from_slice(payload);
+    m
 }
 
 fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
@@ -111,6 +134,19 @@ impl PublicKey {
         self.0
             .verify(&catalog_bytes(catalog), &sig)
             .map_err(|_| SignError::Bad)
+    }
+
+    /// Checks a credential's `signature` over its `payload`.
+    pub fn verify_credential(&self, payload: &[u8], signature: &[u8; 64]) -> Result<(), SignError> {
+        let sig = ed25519_dalek::Signature::from_bytes(signature);
+        self.0
+            .verify_strict(&credential_message(payload), &sig)
+            .map_err(|_| SignError::Bad)
+    }
+
+    /// The key, hex.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0.to_bytes())
     }
 }
 

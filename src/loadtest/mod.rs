@@ -73,6 +73,9 @@ pub struct Options {
     pub progress: bool,
     /// Events each client uploads once it has its downloads (one critical, the rest not).
     pub events_per_client: usize,
+    /// Every client enrols with this token on its first heartbeat (a site whose
+    /// `client_auth` is `required` admits no client without one).
+    pub enroll_token: Option<String>,
 }
 
 impl Options {
@@ -91,6 +94,7 @@ impl Options {
             id_prefix: "lt-".into(),
             progress: false,
             events_per_client: 2,
+            enroll_token: None,
         }
     }
 }
@@ -219,6 +223,8 @@ pub async fn run(opts: Options) -> Result<Report, LoadtestError> {
                 make_events: opts.events_per_client,
                 first_delay: ramp.mul_f64(i as f64 / opts.clients as f64),
             },
+            credential: std::sync::RwLock::new(None),
+            enroll_token: opts.enroll_token.clone(),
         };
         match Agent::new(ctx, vec![base.clone()], Vec::new()) {
             Ok(agent) => {

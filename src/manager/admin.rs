@@ -1,5 +1,5 @@
-//! The admin API: site settings, groups, settings, policies, clients, users, events,
-//! notifications and learned applications.
+//! The admin API: site settings, groups, settings, policies, clients, users, enrolment
+//! tokens and client revocation, events, notifications and learned applications.
 //!
 //! Owns the admin routes of the manager, what each change pushes to streams, and the size
 //! bounds of what an admin may put in the directory ([`MAX_POLICY_BYTES`], and
@@ -21,6 +21,7 @@ use chrono::Utc;
 use serde::Deserialize;
 
 use super::applications::{AppPage, AppQuery};
+use super::enrol::{CreatedToken, NewToken, TokenView};
 use super::events::{EventPage, EventQuery, NoticePage, NoticeQuery};
 use super::publish;
 use super::registry::{ClientPage, ClientQuery, ClientRecord};
@@ -101,6 +102,9 @@ pub fn routes(m: Arc<Manager>) -> Router {
         .route("/v1/admin/clients", get(list_clients))
         .route("/v1/admin/clients/{id}", delete(delete_client))
         .route("/v1/admin/clients/{id}/move", post(move_client))
+        .route("/v1/admin/clients/{id}/revoke", post(revoke_client))
+        .route("/v1/admin/enroll", post(create_token).get(list_tokens))
+        .route("/v1/admin/enroll/{id}", delete(revoke_token))
         .route("/v1/admin/users/{user}", put(put_user))
         .route("/v1/admin/events", get(admin_events))
         .route("/v1/admin/notifications", get(admin_notifications))
@@ -331,6 +335,52 @@ async fn delete_client(
     m.registry.delete(&id)?;
     m.registry.flush().await?;
     Ok(Json(serde_json::json!({"deleted": id})))
+}
+
+/// `POST /v1/admin/enroll` `{group, expires?, uses?}` -> 201 with the token (shown once).
+async fn create_token(
+    State(m): State<Arc<Manager>>,
+    JsonBody(body): JsonBody<NewToken>,
+) -> Result<Response, ApiError> {
+    let dir = m.served.directory()?.clone();
+    let created: CreatedToken = m.enrolment.create(&dir, &body, Utc::now())?;
+    m.enrolment.flush().await?;
+    Ok((StatusCode::CREATED, Json(created)).into_response())
+}
+
+async fn list_tokens(State(m): State<Arc<Manager>>) -> Result<Json<serde_json::Value>, ApiError> {
+    let tokens: Vec<TokenView> = m.enrolment.list(Utc::now())?;
+    Ok(Json(serde_json::json!({ "tokens": tokens })))
+}
+
+/// `DELETE /v1/admin/enroll/{id}`: no client enrols with the token any more.
+async fn revoke_token(
+    State(m): State<Arc<Manager>>,
+    Path(id): Path<String>,
+) -> Result<Json<TokenView>, ApiError> {
+    let view = m.enrolment.revoke_token(&id, Utc::now())?;
+    m.enrolment.flush().await?;
+    Ok(Json(view))
+}
+
+/// `POST /v1/admin/clients/{id}/revoke`: the client's credential is refused from now on, by
+/// the manager at once and by each node after its next sync (the revocation is mirrored
+/// with the directory). The client may enrol again with a token.
+async fn revoke_client(
+    State(m): State<Arc<Manager>>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let serial = m.enrolment.current_serial(&id)?;
+    let what = format!("revoking client {id:?}");
+    m.change_directory(&what, |d| {
+        let slot = d.revoked.entry(id.clone()).or_insert(0);
+        *slot = (*slot).max(serial);
+        Ok(((), Vec::new()))
+    })
+    .await?;
+    Ok(Json(
+        serde_json::json!({"client_id": id, "revoked_serial": serial}),
+    ))
 }
 
 async fn put_user(

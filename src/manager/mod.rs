@@ -10,6 +10,7 @@
 
 mod admin;
 pub mod applications;
+pub mod enrol;
 pub mod events;
 mod migrate;
 pub mod page;
@@ -25,6 +26,7 @@ use tokio::net::TcpListener;
 
 use crate::core::catalog::CatalogHistory;
 use crate::core::config::ManagerConfig;
+use crate::core::credential::Enrolled;
 use crate::core::fault::Internal;
 use crate::core::proto::{Change, Heartbeat, Placed, Placement, Snapshot, Upload};
 use crate::core::settings::Directory;
@@ -68,6 +70,8 @@ pub enum ManagerError {
     Tls(#[from] TlsError),
     #[error("{0}")]
     Signing(#[from] crate::core::signing::SignError),
+    #[error("enrolment: {0}")]
+    Enrol(#[from] enrol::EnrolError),
 }
 
 const CATALOG_KEY: &str = "history";
@@ -79,6 +83,7 @@ pub struct Manager {
     catalog_kv: Kv,
     directory_kv: Kv,
     registry: Registry,
+    enrolment: enrol::Enrolment,
     events: EventStore,
     apps: Inventory,
     http: reqwest::Client,
@@ -117,13 +122,16 @@ impl Manager {
         let catalog_key = crate::core::signing::CatalogKey::load_or_create(&m.data_dir)?;
         history.sign_current(|c| catalog_key.sign(c));
         let directory_kv = store.kv("settings")?;
-        let directory: Directory = directory_kv.get(DIRECTORY_KEY)?.unwrap_or_default();
+        let mut directory: Directory = directory_kv.get(DIRECTORY_KEY)?.unwrap_or_default();
+        // Nodes learn the key credentials verify with from the directory they mirror.
+        directory.credential_key = Some(catalog_key.public_hex());
         let scan_limit = std::env::var(SCAN_LIMIT_ENV)
             .ok()
             .and_then(|v| v.parse::<usize>().ok())
             .unwrap_or(page::SCAN_LIMIT);
         migrate::previous_format(&store)?;
         let registry = Registry::open(&store)?.with_scan_limit(scan_limit);
+        let enrolment = enrol::Enrolment::open(&store)?;
         let events = EventStore::open(&store)?.with_scan_limit(scan_limit);
         let apps = Inventory::open(&store)?.with_scan_limit(scan_limit);
         let metrics = Arc::new(Metrics::new());
@@ -152,6 +160,7 @@ impl Manager {
                 memory_bytes: crate::core::config::DEFAULT_MEMORY_BYTES,
                 memory_item_max_bytes: crate::core::config::DEFAULT_MEMORY_ITEM_MAX_BYTES,
                 limits: config.limits.clone(),
+                credential_key: Some(catalog_key.public()),
             },
         )?;
         Ok(Arc::new(Manager {
@@ -159,6 +168,7 @@ impl Manager {
             catalog_kv,
             directory_kv,
             registry,
+            enrolment,
             events,
             apps,
             http: reqwest::Client::new(),
@@ -331,6 +341,23 @@ impl Role for Manager {
 
     fn accept(&self, uploads: Vec<Placed>) -> BoxFuture<'_, Result<(), ApiError>> {
         Box::pin(self.store_uploads(uploads))
+    }
+
+    fn enroll<'a>(
+        &'a self,
+        client_id: &'a str,
+        token: &'a str,
+    ) -> BoxFuture<'a, Result<Enrolled, ApiError>> {
+        Box::pin(async move {
+            let enrolled = {
+                let dir = self.served.directory()?;
+                self.enrolment
+                    .enrol(&dir, &self.catalog_key, client_id, token, Utc::now())?
+            };
+            // The credential is answered only once its record survives a crash.
+            self.enrolment.flush().await?;
+            Ok(enrolled)
+        })
     }
 }
 

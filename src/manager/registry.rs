@@ -72,6 +72,10 @@ pub struct ClientRecord {
     /// Deleted by an admin: hidden from listings, remembered for a reconnect.
     #[serde(default)]
     pub deleted: bool,
+    /// An admin moved the client and has not deleted it since: user-mode heartbeats do not
+    /// move it (a quarantined laptop stays in quarantine whoever logs in).
+    #[serde(default)]
+    pub admin_hold: bool,
 }
 
 impl ClientRecord {
@@ -87,6 +91,7 @@ impl ClientRecord {
             last_moved_group: self.last_moved_group.clone(),
             login_mode: self.login_mode,
             last_user: self.last_user.clone(),
+            admin_hold: self.admin_hold,
         }
     }
 }
@@ -179,6 +184,10 @@ impl Registry {
             Some(p) if !p.install_group.is_empty() => p.install_group.clone(),
             _ => dir.resolve_group(&install).to_string(),
         };
+        // The hold lasts while the client stays where the admin put it.
+        let admin_hold = prior.as_ref().is_some_and(|p| {
+            p.admin_hold && !p.deleted && p.last_moved_group.as_ref() == Some(&group)
+        });
         let record = ClientRecord {
             client_id: hb.client_id.clone(),
             install_group,
@@ -199,6 +208,7 @@ impl Registry {
             last_seen: now,
             heartbeat_interval_s: effective.heartbeat_interval_s,
             deleted: false,
+            admin_hold,
         };
         self.clients.put(&record.client_id, &record)?;
         Ok(record)
@@ -261,6 +271,7 @@ impl Registry {
             .ok_or_else(|| RegistryError::UnknownClient(client_id.to_string()))?;
         r.group = group.to_string();
         r.last_moved_group = Some(group.to_string());
+        r.admin_hold = true;
         self.clients.put(client_id, &r)?;
         Ok(r)
     }
@@ -273,6 +284,7 @@ impl Registry {
             .filter(|r: &ClientRecord| !r.deleted)
             .ok_or_else(|| RegistryError::UnknownClient(client_id.to_string()))?;
         r.deleted = true;
+        r.admin_hold = false;
         self.clients.put(client_id, &r)?;
         Ok(())
     }
@@ -439,6 +451,38 @@ mod tests {
         assert_eq!(reg.heartbeat(&d, &h, None, now).unwrap().group, "branch");
         assert!(reg.has_clients("branch").unwrap());
         assert!(!reg.has_clients("lab").unwrap());
+    }
+
+    #[test]
+    fn an_admin_move_holds_against_user_mode_until_a_delete() {
+        let (_t, reg, mut d) = setup();
+        let now = Utc::now();
+        d.put_group("quarantine", "default").unwrap();
+        reg.set_user(&d, "alice", "lab").unwrap();
+        reg.set_user(&d, "bob", "branch").unwrap();
+        let mut h = hb("c", "default");
+        h.mode = Some(LoginMode::User);
+        h.user = Some("alice".into());
+        assert_eq!(reg.heartbeat(&d, &h, None, now).unwrap().group, "lab");
+        reg.move_client(&d, "c", "quarantine").unwrap();
+        // A new user, the same user, a computer-mode heartbeat: all stay in quarantine.
+        for user in ["bob", "alice", "bob"] {
+            h.user = Some(user.into());
+            let r = reg.heartbeat(&d, &h, None, now).unwrap();
+            assert_eq!(r.group, "quarantine", "user {user}");
+            assert!(r.admin_hold);
+        }
+        // Moved again by the admin: held there.
+        reg.move_client(&d, "c", "branch").unwrap();
+        h.user = Some("alice".into());
+        assert_eq!(reg.heartbeat(&d, &h, None, now).unwrap().group, "branch");
+        // Deleted: the hold ends; the reconnect follows the rules again.
+        reg.delete("c").unwrap();
+        let r = reg.heartbeat(&d, &h, None, now).unwrap();
+        assert!(!r.admin_hold);
+        assert_eq!(r.group, "lab", "a new record follows alice's mapping");
+        h.user = Some("bob".into());
+        assert_eq!(reg.heartbeat(&d, &h, None, now).unwrap().group, "branch");
     }
 }
 

@@ -28,6 +28,7 @@ use tokio::sync::Notify;
 
 use crate::core::catalog::CatalogHistory;
 use crate::core::config::NodeConfig;
+use crate::core::credential::{EnrollRequest, Enrolled};
 use crate::core::proto::{Heartbeat, Placed, Placement, RelayedHeartbeat};
 use crate::core::settings::{ConnectionMode, Directory};
 use crate::http::auth::{self, Token, TokenError};
@@ -149,7 +150,7 @@ impl Node {
                 ca_file: file(&config.upstream.ca_file),
                 idle_timeout: Duration::from_secs(config.upstream.idle_timeout_s),
                 probe_interval: Duration::from_secs(config.upstream.sync_interval_s),
-                catalog_key,
+                catalog_key: catalog_key.clone(),
             },
             metrics.clone(),
         )?);
@@ -183,6 +184,7 @@ impl Node {
                 memory_bytes: config.cache.memory_bytes,
                 memory_item_max_bytes: config.cache.memory_item_max_bytes,
                 limits: config.limits.clone(),
+                credential_key: catalog_key.clone(),
             },
         )?;
         Ok(Arc::new(Node {
@@ -329,6 +331,20 @@ impl Role for Node {
         Box::pin(async move {
             self.enqueue(&uploads).await?;
             Ok(())
+        })
+    }
+
+    fn enroll<'a>(
+        &'a self,
+        client_id: &'a str,
+        token: &'a str,
+    ) -> BoxFuture<'a, Result<Enrolled, ApiError>> {
+        Box::pin(async move {
+            let req = EnrollRequest {
+                client_id: client_id.to_string(),
+                token: token.to_string(),
+            };
+            Ok(self.upstream.enroll(&req).await?)
         })
     }
 }

@@ -15,6 +15,7 @@ use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use reqwest::StatusCode;
 
+use crate::core::credential::{EnrollRequest, Enrolled};
 use crate::core::digest::Digest;
 use crate::core::proto::{BatchReply, HeartbeatBatch, Snapshot, UploadBatch, SNAPSHOT_READ_LIMIT};
 use crate::http::auth::Token;
@@ -102,6 +103,45 @@ impl UpstreamError {
             | UpstreamError::Signature { server, .. }
             | UpstreamError::Refused { server, .. } => Some(server),
             _ => None,
+        }
+    }
+}
+
+/// Why a relayed enrolment did not bring a credential.
+#[derive(Debug, thiserror::Error)]
+pub enum EnrolRelayError {
+    /// The upstream refused it: its status, code and message, passed on.
+    #[error("{message}")]
+    Refused {
+        status: u16,
+        code: &'static str,
+        message: String,
+    },
+    /// No upstream answered: a new client cannot enrol until one does.
+    #[error("no upstream answers, so a new client cannot enrol now: {0}")]
+    Unreachable(String),
+}
+
+impl crate::core::fault::Fault for EnrolRelayError {
+    fn kind(&self) -> crate::core::fault::Kind {
+        use crate::core::fault::Kind;
+        match self {
+            EnrolRelayError::Refused { status, .. } => match status {
+                400 => Kind::BadInput,
+                401 => Kind::Unauthorized,
+                404 => Kind::NotFound,
+                409 => Kind::Conflict,
+                429 => Kind::TooEarly { retry_after_s: 60 },
+                _ => Kind::Upstream { retryable: false },
+            },
+            EnrolRelayError::Unreachable(_) => Kind::Unavailable { retry_after_s: 10 },
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            EnrolRelayError::Refused { code, .. } => code,
+            EnrolRelayError::Unreachable(_) => "upstream_unavailable",
         }
     }
 }
@@ -470,6 +510,65 @@ impl Upstream {
         })
         .await
         .map(|(_, r)| r)
+    }
+
+    /// Relays a client's enrolment to the first upstream that answers. An upstream's refusal
+    /// (a 4xx with its JSON error: a bad token, an enrolled id) is its answer and passes back
+    /// as it is; silence or a 5xx tries the next server.
+    pub async fn enroll(&self, req: &EnrollRequest) -> Result<Enrolled, EnrolRelayError> {
+        let answered = self
+            .first_that_answers(|i| async move {
+                let server = &self.servers[i];
+                let name = server.to_string();
+                let mut call = self
+                    .http
+                    .post(Self::url(server, "/v1/node/enroll"))
+                    .timeout(self.idle_timeout)
+                    .json(req);
+                if let Some(t) = &self.token {
+                    call = call.bearer_auth(t.secret());
+                }
+                let resp = call.send().await.map_err(|source| UpstreamError::Http {
+                    server: name.clone(),
+                    source,
+                })?;
+                let status = resp.status();
+                if status.is_server_error() {
+                    return Err(UpstreamError::Status {
+                        server: name,
+                        status,
+                    });
+                }
+                let body: serde_json::Value =
+                    resp.json().await.map_err(|source| UpstreamError::Http {
+                        server: name.clone(),
+                        source,
+                    })?;
+                if status.is_success() {
+                    return serde_json::from_value::<Enrolled>(body)
+                        .map(Ok)
+                        .map_err(|e| UpstreamError::Refused {
+                            server: name,
+                            reason: format!("an enrolment answer that is not one: {e}"),
+                        });
+                }
+                let text = |k: &str| {
+                    body.get(k)
+                        .and_then(|v| v.as_str())
+                        .unwrap_or("")
+                        .to_string()
+                };
+                Ok(Err(EnrolRelayError::Refused {
+                    status: status.as_u16(),
+                    code: crate::core::credential::enrol_refusal_code(&text("error")),
+                    message: text("message"),
+                }))
+            })
+            .await;
+        match answered {
+            Ok((_, answer)) => answer,
+            Err(e) => Err(EnrolRelayError::Unreachable(e.to_string())),
+        }
     }
 
     /// Forwards queued uploads (events, applications) to the first upstream that accepts them.

@@ -8,14 +8,18 @@
 //! before its uploads are filed). Where a client belongs and where uploads go is the
 //! [`super::Role`]'s. It must never decide a client's group itself.
 
+use std::sync::Arc;
+
 use axum::extract::{ConnectInfo, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 
+use super::identity::IdentityError;
 use super::{Api, ServeError};
+use crate::core::credential::{Credential, EnrollRequest, Enrolled};
 use crate::core::proto::{
     check_client_id, state_changes, ApplicationUpload, Assignment, BatchReply, Change, EventUpload,
     Heartbeat, HeartbeatBatch, HeartbeatReply, Placed, Placement, Upload, UploadBatch,
@@ -40,6 +44,30 @@ impl Api {
             }
         }
         Ok(placement)
+    }
+
+    /// Who the caller is: the credential `headers` present for `client_id` (None when the
+    /// site is open and none was presented); 401 otherwise, counted in
+    /// `gup_refused_total{limit="credential"}`.
+    pub(super) fn identify(
+        &self,
+        client_id: &str,
+        headers: &HeaderMap,
+    ) -> Result<Option<Arc<Credential>>, IdentityError> {
+        // A node that never synced knows neither the site's rule nor the manager's key: it
+        // admits nobody rather than guess (its clients keep their uploads and retry).
+        if !self.served.readiness.is_ready() {
+            return Err(IdentityError::NotSynced);
+        }
+        let dir = match self.served.directory() {
+            Ok(d) => d,
+            Err(_) => return Err(IdentityError::NoKey),
+        };
+        let checked = self.served.identity.check(&dir, client_id, headers);
+        if checked.is_err() {
+            self.served.metrics.refused("credential").inc();
+        }
+        checked
     }
 
     /// Places a client and answers its heartbeat.
@@ -74,10 +102,14 @@ impl Api {
     }
 }
 
+/// `POST /v1/heartbeat`. A client with a credential is placed under the group it enrolled
+/// into, whatever install group its body names; one without a credential that sends an
+/// `enroll_token` is enrolled first and gets its credential in the reply.
 pub async fn heartbeat(
     State(api): State<Api>,
     ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
-    JsonBody(hb): JsonBody<Heartbeat>,
+    headers: HeaderMap,
+    JsonBody(mut hb): JsonBody<Heartbeat>,
 ) -> Result<Json<HeartbeatReply>, ApiError> {
     hb.validate()?;
     // A node that has never synced (nor restored a mirror) has no settings any admin chose:
@@ -85,9 +117,42 @@ pub async fn heartbeat(
     if !api.served.readiness.is_ready() {
         return Err(ServeError::NotReady.into());
     }
+    let token = hb.enroll_token.take();
+    let presented = match api.identify(&hb.client_id, &headers) {
+        Ok(c) => c,
+        Err(IdentityError::Required) if token.is_some() => None,
+        Err(e) => return Err(e.into()),
+    };
+    // Before any enrolment: an address introduces new client ids at a bounded rate.
     api.admit(&hb.client_id, peer.ip())?;
-    api.answer(&hb, Some(peer.ip().to_string()), Utc::now())
-        .map(Json)
+    let mut issued = None;
+    match (presented, token) {
+        (Some(c), _) => hb.install_group = Some(c.group.clone()),
+        (None, Some(token)) => {
+            let Enrolled { credential, group } = api.role.enroll(&hb.client_id, &token).await?;
+            tracing::info!(client = %hb.client_id, %group, "client enrolled");
+            hb.install_group = Some(group);
+            issued = Some(credential);
+        }
+        (None, None) => {}
+    }
+    let mut reply = api.answer(&hb, Some(peer.ip().to_string()), Utc::now())?;
+    reply.credential = issued;
+    Ok(Json(reply))
+}
+
+/// A downstream node relays a client's enrolment (node token); a node passes it on up.
+pub async fn node_enroll(
+    State(api): State<Api>,
+    JsonBody(req): JsonBody<EnrollRequest>,
+) -> Result<Json<Enrolled>, ApiError> {
+    crate::core::proto::check_client_id(&req.client_id)?;
+    if req.token.len() > 256 {
+        return Err(
+            IdentityError::Refused(crate::core::credential::CredentialError::TooLong).into(),
+        );
+    }
+    api.role.enroll(&req.client_id, &req.token).await.map(Json)
 }
 
 /// Places each relayed heartbeat; refuses the invalid ones one by one, and the whole batch
@@ -135,9 +200,11 @@ fn accepted(count: usize) -> Response {
 pub async fn events(
     State(api): State<Api>,
     ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+    headers: HeaderMap,
     JsonBody(upload): JsonBody<EventUpload>,
 ) -> Result<Response, ApiError> {
     upload.validate()?;
+    api.identify(&upload.client_id, &headers)?;
     let count = upload.events.len();
     let placement = api.admit(&upload.client_id, peer.ip())?;
     api.role
@@ -152,9 +219,11 @@ pub async fn events(
 pub async fn applications(
     State(api): State<Api>,
     ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+    headers: HeaderMap,
     JsonBody(upload): JsonBody<ApplicationUpload>,
 ) -> Result<Response, ApiError> {
     upload.validate()?;
+    api.identify(&upload.client_id, &headers)?;
     let placement = api.admit(&upload.client_id, peer.ip())?;
     let at = placement.clone().unwrap_or_else(Placement::unknown);
     if let Some(why) = api
@@ -210,11 +279,13 @@ pub struct StreamQuery {
 pub async fn stream(
     State(api): State<Api>,
     ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+    headers: HeaderMap,
     Query(q): Query<StreamQuery>,
 ) -> Result<Response, ApiError> {
     let client = q.client_id.filter(|c| !c.is_empty());
     if let Some(id) = &client {
         check_client_id(id)?;
+        api.identify(id, &headers)?;
         api.admit(id, peer.ip())?;
     }
     let Some(held) = api.served.streams.take(peer.ip()) else {

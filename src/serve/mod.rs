@@ -15,6 +15,7 @@ pub mod conditional;
 pub mod content;
 pub mod documents;
 pub mod health;
+pub mod identity;
 pub mod limit;
 pub mod metrics;
 pub mod stream;
@@ -28,6 +29,7 @@ use chrono::{DateTime, Utc};
 use futures_util::future::BoxFuture;
 
 use crate::core::catalog::CatalogHistory;
+use crate::core::credential::Enrolled;
 use crate::core::digest::{Digest, DigestError};
 use crate::core::fault::{Fault, Internal, Kind};
 use crate::core::proto::{Heartbeat, Placed, Placement, BATCH_LIMIT, BODY_LIMIT};
@@ -57,6 +59,14 @@ pub trait Role: Send + Sync + 'static {
     /// Takes validated uploads durably: returns only once they survive a crash. The manager
     /// stores them (and raises notifications); a node queues them for its upstream.
     fn accept(&self, uploads: Vec<Placed>) -> BoxFuture<'_, Result<(), ApiError>>;
+
+    /// Enrols a client with an enrolment token: the manager checks the token and issues the
+    /// credential (durably); a node relays the enrolment upstream (503 while none answers).
+    fn enroll<'a>(
+        &'a self,
+        client_id: &'a str,
+        token: &'a str,
+    ) -> BoxFuture<'a, Result<Enrolled, ApiError>>;
 }
 
 /// What the client API reads: one server's mirror or source of truth.
@@ -87,6 +97,8 @@ pub struct Served {
     pub streams: Arc<crate::http::slot::PerAddress>,
     /// Client ids each address may introduce (`limits.new_clients_per_minute`).
     pub newcomers: Newcomers,
+    /// The credential check of client calls.
+    pub identity: identity::Gate,
 }
 
 /// How fast one address may introduce client ids this server never placed: a keyed rate
@@ -138,6 +150,9 @@ pub struct ServedOptions {
     /// The `[limits]` the client API enforces itself (push streams and new client ids per
     /// address, stream age).
     pub limits: crate::core::config::LimitsSection,
+    /// The key client credentials verify with, when this server was given one (None: the
+    /// one the mirrored directory names).
+    pub credential_key: Option<crate::core::signing::PublicKey>,
 }
 
 impl Served {
@@ -155,6 +170,7 @@ impl Served {
         Ok(Served {
             streams: crate::http::slot::PerAddress::new(limits.max_streams_per_address),
             newcomers: Newcomers::new(limits.new_clients_per_minute),
+            identity: identity::Gate::new(opts.credential_key.clone()),
             catalog: Arc::new(RwLock::new(catalog)),
             directory: Arc::new(RwLock::new(directory)),
             changes: Arc::new(stream::Changes::new(
@@ -218,6 +234,7 @@ pub fn router(api: Api, node_token: Token) -> Router {
         .route("/v1/sync", get(documents::sync))
         .route("/v1/node/heartbeats", post(clients::node_heartbeats))
         .route("/v1/node/events", post(clients::node_events))
+        .route("/v1/node/enroll", post(clients::node_enroll))
         .layer(DefaultBodyLimit::max(BATCH_LIMIT));
     open.merge(auth::require(nodes, node_token, "node"))
         .with_state(api)

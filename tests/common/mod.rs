@@ -203,7 +203,9 @@ pub fn start_manager_env(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) 
         NODE_TOKEN,
     ];
     args.extend_from_slice(extra);
-    Proc::start_env(&args, data_dir.with_extension("log"), env)
+    let p = Proc::start_env(&args, data_dir.with_extension("log"), env);
+    open_site(&p.url);
+    p
 }
 
 /// A manager on `listen` with the test tokens.
@@ -221,7 +223,80 @@ pub fn start_manager_on(data_dir: &Path, listen: &str, extra: &[&str]) -> Proc {
         NODE_TOKEN,
     ];
     args.extend_from_slice(extra);
+    let p = Proc::start(&args, data_dir.with_extension("log"));
+    open_site(&p.url);
+    p
+}
+
+/// A manager on 127.0.0.1:0 with the test tokens, left as a new site is: `client_auth` is
+/// `required`, so every client must enrol.
+pub fn start_manager_strict(data_dir: &Path, extra: &[&str]) -> Proc {
+    let dd = data_dir.to_str().unwrap();
+    let mut args = vec![
+        "manager",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        dd,
+        "--admin-token",
+        ADMIN_TOKEN,
+        "--node-token",
+        NODE_TOKEN,
+    ];
+    args.extend_from_slice(extra);
     Proc::start(&args, data_dir.with_extension("log"))
+}
+
+/// Sets the site's `client_auth` to `open` (most tests speak for made-up client ids; the
+/// tests of enrolment start with [`start_manager_strict`]). Plain blocking HTTP, so that the
+/// synchronous start functions can do it before they return.
+pub fn open_site(base: &str) {
+    let body = r#"{"client_auth":"open"}"#;
+    let (status, answer) = blocking_request(
+        base,
+        "PUT",
+        "/v1/admin/site",
+        &[("Authorization", &format!("Bearer {ADMIN_TOKEN}"))],
+        body,
+    );
+    assert_eq!(status, 200, "opening the site: {answer}");
+}
+
+/// One HTTP/1.1 request over a plain socket: (status, body).
+pub fn blocking_request(
+    base: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
+    use std::io::Read;
+    let addr = base.trim_start_matches("http://");
+    let mut conn = std::net::TcpStream::connect(addr).expect("connect");
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    conn.write_all(req.as_bytes()).unwrap();
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).unwrap();
+    let status = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
 }
 
 /// Writes a node config with a short sync interval and returns its path.

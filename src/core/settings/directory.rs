@@ -32,6 +32,9 @@ pub struct SiteSettings {
     pub application_learning: bool,
     /// At most one admin notification per (group, kind) per this many seconds.
     pub notification_damper_s: u64,
+    /// Whether clients must present a credential (`core::credential`).
+    #[serde(default = "ClientAuth::before_enrolment")]
+    pub client_auth: ClientAuth,
 }
 
 impl Default for SiteSettings {
@@ -39,6 +42,45 @@ impl Default for SiteSettings {
         SiteSettings {
             application_learning: false,
             notification_damper_s: 3600,
+            client_auth: ClientAuth::Required,
+        }
+    }
+}
+
+impl SiteSettings {
+    fn before_enrolment() -> SiteSettings {
+        SiteSettings {
+            client_auth: ClientAuth::before_enrolment(),
+            ..SiteSettings::default()
+        }
+    }
+}
+
+/// The site setting `client_auth`: whether heartbeats, events, applications and a client's
+/// push stream need a valid credential.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    /// Without a valid credential: 401. The default of a new site.
+    #[default]
+    Required,
+    /// Any client may speak for any client id (labs). A credential presented is still
+    /// checked.
+    Open,
+}
+
+impl ClientAuth {
+    /// What a site stored before enrolment existed reads as: its clients have no
+    /// credentials yet, so an upgrade must not lock them out. The admin turns `required` on
+    /// once they are enrolled.
+    fn before_enrolment() -> ClientAuth {
+        ClientAuth::Open
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientAuth::Required => "required",
+            ClientAuth::Open => "open",
         }
     }
 }
@@ -162,8 +204,9 @@ pub fn validate_name(key: &str, name: &str) -> Result<(), SettingsError> {
 pub struct Directory {
     /// Group name -> group. Always holds `default`.
     pub groups: BTreeMap<String, Group>,
-    /// Site-wide settings.
-    #[serde(default)]
+    /// Site-wide settings (a directory stored before there were any reads as what a site
+    /// before enrolment was: `client_auth` open).
+    #[serde(default = "SiteSettings::before_enrolment")]
     pub site: SiteSettings,
     /// One counter for settings serials, site serials and policy serials, so an ETag is
     /// never reused. Bumped on every change.
@@ -172,6 +215,16 @@ pub struct Directory {
     /// `application_learning` gates `learn_applications` everywhere.
     #[serde(default)]
     pub site_serial: u64,
+    /// Revoked client credentials: client id -> the highest serial revoked. Mirrored with
+    /// the rest, so a node refuses a revoked client after its next sync. Bounded with the
+    /// whole directory by the `/v1/sync` snapshot bound.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub revoked: BTreeMap<String, u64>,
+    /// The manager's public key (hex) that client credentials verify with, set by the
+    /// manager and mirrored, so a node checks credentials offline without being configured
+    /// with it (a node's `upstream.catalog_public_key`, when set, wins).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_key: Option<String>,
 }
 
 impl Default for Directory {
@@ -184,6 +237,8 @@ impl Default for Directory {
             site: SiteSettings::default(),
             counter: 0,
             site_serial: 0,
+            revoked: BTreeMap::new(),
+            credential_key: None,
         }
     }
 }
@@ -684,11 +739,27 @@ impl Directory {
                             })?,
                     }
                 }
+                "client_auth" => {
+                    next.client_auth = match v {
+                        Value::Null => defaults.client_auth,
+                        Value::String(s) if s == "required" => ClientAuth::Required,
+                        Value::String(s) if s == "open" => ClientAuth::Open,
+                        other => {
+                            return Err(SettingsError::bad(
+                                k,
+                                format!(
+                                    "client_auth must be \"required\" or \"open\" (got {})",
+                                    brief(other)
+                                ),
+                            ))
+                        }
+                    }
+                }
                 other => {
                     return Err(SettingsError::bad(
                         other,
                         format!(
-                            "unknown site settings key {other} (known: application_learning, notification_damper_s)"
+                            "unknown site settings key {other} (known: application_learning, notification_damper_s, client_auth)"
                         ),
                     ))
                 }

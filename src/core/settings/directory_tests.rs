@@ -6,7 +6,7 @@ use serde_json::json;
 use super::{Directory, PutOutcome};
 use crate::core::fault::{Fault, Kind};
 use crate::core::settings::test_support::{bad_key, tree};
-use crate::core::settings::{ConnectionMode, Settings, SettingsError};
+use crate::core::settings::{ClientAuth, ConnectionMode, Settings, SettingsError};
 
 // --- inheritance and locations ---
 
@@ -518,11 +518,14 @@ fn directory_serde_round_trip() {
         v["locations"]["remote"],
         json!({"heartbeat_interval_s": 900})
     );
-    // Minimal input: defaults fill in.
+    // Minimal input: defaults fill in (a directory stored before site settings existed
+    // keeps its clients admitted without credentials).
     let min: Directory =
         serde_json::from_value(json!({"groups": {"default": {"parent": null}}, "counter": 0}))
             .unwrap();
-    assert_eq!(min, Directory::default());
+    let mut want = Directory::default();
+    want.site.client_auth = ClientAuth::Open;
+    assert_eq!(min, want);
 }
 
 #[test]
@@ -549,4 +552,26 @@ fn corrupt_mirror_is_survivable_and_detected() {
     assert_eq!(missing.effective("x", None), Settings::default());
     assert_eq!(missing.check().unwrap_err().code(), "not_found");
     tree().check().unwrap();
+}
+
+#[test]
+fn a_new_site_requires_credentials_and_one_stored_before_enrolment_stays_open() {
+    assert_eq!(Directory::default().site.client_auth, ClientAuth::Required);
+    let before: Directory = serde_json::from_value(json!({
+        "groups": {"default": {}},
+        "site": {"application_learning": false, "notification_damper_s": 3600},
+        "counter": 3
+    }))
+    .unwrap();
+    assert_eq!(before.site.client_auth, ClientAuth::Open);
+    let older: Directory =
+        serde_json::from_value(json!({"groups": {"default": {}}, "counter": 0})).unwrap();
+    assert_eq!(older.site.client_auth, ClientAuth::Open);
+    let mut d = Directory::default();
+    d.put_site(&json!({"client_auth": "open"})).unwrap();
+    assert_eq!(d.site.client_auth, ClientAuth::Open);
+    let e = d.put_site(&json!({"client_auth": "sometimes"})).unwrap_err();
+    assert!(e.to_string().contains("client_auth"), "{e}");
+    d.put_site(&json!({"client_auth": null})).unwrap();
+    assert_eq!(d.site.client_auth, ClientAuth::Required);
 }

@@ -34,8 +34,8 @@ mod keys;
 mod reconnection;
 
 pub use directory::{
-    validate_name, Directory, Group, GroupInfo, Policy, PutOutcome, SiteSettings, DEFAULT_GROUP,
-    MAX_DAMPER_S, MAX_GROUP_DEPTH, MAX_NAME_LEN, MAX_POLICY_BYTES,
+    validate_name, ClientAuth, Directory, Group, GroupInfo, Policy, PutOutcome, SiteSettings,
+    DEFAULT_GROUP, MAX_DAMPER_S, MAX_GROUP_DEPTH, MAX_NAME_LEN, MAX_POLICY_BYTES,
 };
 pub use keys::{key_spec, KeySpec, Overrides, Scope, KEYS, MAX_INTERVAL_S};
 pub use reconnection::{resolve_client_group, ClientHistory, HeartbeatFacts};

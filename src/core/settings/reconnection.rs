@@ -26,6 +26,9 @@ pub struct ClientHistory {
     /// The user at its last user-mode heartbeat; a different user now is a "new user".
     #[serde(default)]
     pub last_user: Option<String>,
+    /// An admin moved it (and has not deleted it since): user mode does not move it.
+    #[serde(default)]
+    pub admin_hold: bool,
 }
 
 /// The facts of one heartbeat that group resolution needs.
@@ -80,9 +83,13 @@ pub fn resolve_client_group(
         }
     };
 
-    // Step 3: user mode.
+    // Step 3: user mode, unless an admin's move holds the client where the admin put it.
     let user = hb.user.filter(|u| !u.is_empty());
+    // (A reconnect that took it back to its install group ended the hold.)
+    let held =
+        prior.is_some_and(|p| p.admin_hold && p.last_moved_group.as_deref() == Some(&current));
     let result = match (hb.login_mode, user) {
+        (LoginMode::User, Some(_)) if held => current,
         (LoginMode::User, Some(u)) => {
             // A mapping to a group that no longer exists counts as no mapping.
             let mapped = user_group(u).filter(|g| exists(g));

@@ -25,6 +25,7 @@ fn hist(install: &str, group: &str) -> ClientHistory {
         last_moved_group: Some(group.into()),
         login_mode: LoginMode::Computer,
         last_user: None,
+        admin_hold: false,
     }
 }
 
