@@ -12,6 +12,7 @@ pub mod credential;
 pub mod digest;
 pub mod fault;
 pub mod proto;
+pub mod push;
 pub mod settings;
 pub mod signing;
 pub mod slots;

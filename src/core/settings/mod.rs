@@ -32,6 +32,7 @@ mod check;
 mod directory;
 mod keys;
 mod reconnection;
+mod site;
 
 pub use directory::{
     validate_name, ClientAuth, Directory, Group, GroupInfo, Policy, PutOutcome, SiteSettings,
