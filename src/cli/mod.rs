@@ -278,6 +278,28 @@ where
     })
 }
 
+/// Binds `addr` (non-blocking, for tokio), with a message that says why it failed and which
+/// setting chose the address (`key`, or `--listen`).
+fn bind(addr: SocketAddr, key: &str) -> Result<std::net::TcpListener, Failure> {
+    let listener = std::net::TcpListener::bind(addr).map_err(|e| {
+        let why = match e.kind() {
+            std::io::ErrorKind::AddrInUse => {
+                "the port is in use by another process (is one already running?)".to_string()
+            }
+            std::io::ErrorKind::AddrNotAvailable => "no interface of this machine has it".into(),
+            std::io::ErrorKind::PermissionDenied => {
+                "permission denied (ports below 1024 need privileges)".into()
+            }
+            _ => e.to_string(),
+        };
+        runtime(format!(
+            "cannot listen on {addr} (--listen or {key}): {why}"
+        ))
+    })?;
+    listener.set_nonblocking(true).map_err(runtime)?;
+    Ok(listener)
+}
+
 fn non_empty(s: Option<String>) -> Option<String> {
     s.filter(|s| !s.is_empty())
 }
@@ -341,13 +363,13 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
             init_logging(cfg.log.format);
             crate::sys::raise_open_file_limit();
-            let listen = cfg.manager.listen;
+            // The port first: a busy one must fail before anything is written to the data dir.
+            let listener = bind(cfg.manager.listen, "manager.listen")?;
             with_shutdown(|shutdown| async move {
+                let listener = tokio::net::TcpListener::from_std(listener)
+                    .map_err(|e| format!("listening: {e}"))?;
                 let manager =
                     crate::manager::Manager::open(&cfg, shutdown).map_err(|e| e.to_string())?;
-                let listener = tokio::net::TcpListener::bind(listen)
-                    .await
-                    .map_err(|e| format!("binding {listen}: {e}"))?;
                 manager.run(listener).await.map_err(|e| e.to_string())
             })
         }
@@ -411,12 +433,12 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
             init_logging(cfg.log.format);
             crate::sys::raise_open_file_limit();
-            let listen = cfg.node.listen;
+            // The port first: a busy one must fail before anything is written to the data dir.
+            let listener = bind(cfg.node.listen, "node.listen")?;
             with_shutdown(|shutdown| async move {
+                let listener = tokio::net::TcpListener::from_std(listener)
+                    .map_err(|e| format!("listening: {e}"))?;
                 let node = crate::node::Node::open(&cfg, shutdown).map_err(|e| e.to_string())?;
-                let listener = tokio::net::TcpListener::bind(listen)
-                    .await
-                    .map_err(|e| format!("binding {listen}: {e}"))?;
                 node.run(listener).await.map_err(|e| e.to_string())
             })
         }
