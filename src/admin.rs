@@ -14,8 +14,12 @@ use crate::http::auth::Token;
 /// What went wrong calling the manager.
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
+    /// No answer at all: the cause first (connection refused, timed out, ...).
+    #[error("cannot reach the manager at {url}: {cause}")]
+    Unreachable { url: String, cause: String },
+    /// Any other failure of the exchange, with its causes.
     #[error("{0}")]
-    Http(#[from] reqwest::Error),
+    Http(String),
     #[error("the manager answered {status}: {code}: {message}")]
     Api {
         status: u16,
@@ -32,6 +36,27 @@ pub enum AdminError {
     BadUrl(String),
     #[error("the manager's {path} answered a next page cursor {cursor} that does not move on")]
     CursorStuck { path: String, cursor: String },
+}
+
+impl From<reqwest::Error> for AdminError {
+    fn from(e: reqwest::Error) -> AdminError {
+        use crate::core::fault::{chain, io_cause};
+        if e.is_connect() || e.is_timeout() {
+            let url = e
+                .url()
+                .map(|u| u.origin().ascii_serialization())
+                .unwrap_or_default();
+            let cause = io_cause(&e).unwrap_or_else(|| {
+                if e.is_timeout() {
+                    "timed out".into()
+                } else {
+                    chain(&e)
+                }
+            });
+            return AdminError::Unreachable { url, cause };
+        }
+        AdminError::Http(chain(&e))
+    }
 }
 
 /// An admin session with one manager.

@@ -13,8 +13,8 @@ use crate::core::config::LogFormat;
 
 #[derive(Args)]
 pub(super) struct AdminArgs {
-    /// Manager base URL, e.g. http://127.0.0.1:8014.
-    #[arg(long)]
+    /// Manager base URL.
+    #[arg(long, default_value = crate::core::config::DEFAULT_UPSTREAM)]
     manager: String,
     /// Admin token.
     #[arg(long, env = "GUP_ADMIN_TOKEN", hide_env_values = true)]
@@ -22,6 +22,10 @@ pub(super) struct AdminArgs {
     /// File holding the admin token.
     #[arg(long, conflicts_with = "token")]
     token_file: Option<PathBuf>,
+    /// The manager's data dir, on the manager's machine: without --token or --token-file the
+    /// admin token is read from DIR/admin.token [default: gup-data/manager, when it has one].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
     #[command(subcommand)]
     command: AdminCommand,
 }
@@ -210,17 +214,7 @@ enum SiteCommand {
 
 pub(super) fn run(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure> {
     init_logging(log_format);
-    let token = match (non_empty(args.token), args.token_file) {
-        (Some(t), _) => crate::http::auth::Token::new(t),
-        (None, Some(f)) => {
-            crate::http::auth::read_token_file(&f).map_err(|e| usage(e.to_string()))?
-        }
-        (None, None) => {
-            return Err(usage(
-                "admin needs a token: --token, --token-file or GUP_ADMIN_TOKEN",
-            ))
-        }
-    };
+    let token = admin_token(non_empty(args.token), args.token_file, args.data_dir)?;
     let client =
         crate::admin::AdminClient::new(&args.manager, token).map_err(|e| usage(e.to_string()))?;
     let rt = runtime_env()?;
@@ -574,6 +568,46 @@ pub(super) fn run(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure>
             Ok(())
         }
     }
+}
+
+/// The admin token: given (`--token`, `GUP_ADMIN_TOKEN`), else from `--token-file`, else
+/// from the manager's data dir (`--data-dir`, else the default one when it holds a token), as
+/// an operator on the manager's own machine has it.
+fn admin_token(
+    token: Option<String>,
+    token_file: Option<PathBuf>,
+    data_dir: Option<PathBuf>,
+) -> Result<crate::http::auth::Token, Failure> {
+    use crate::http::auth::{read_token_file, token_path, Token};
+    if let Some(t) = token {
+        return Ok(Token::new(t));
+    }
+    if let Some(f) = token_file {
+        return read_token_file(&f).map_err(|e| usage(format!("--token-file: {e}")));
+    }
+    if let Some(dir) = data_dir {
+        let path = token_path(&dir, "admin");
+        if !path.exists() {
+            return Err(usage(format!(
+                "--data-dir {}: no admin token there ({} does not exist; is it the manager's data dir?)",
+                dir.display(),
+                path.display()
+            )));
+        }
+        return read_token_file(&path).map_err(|e| usage(format!("--data-dir: {e}")));
+    }
+    let default_dir = crate::core::config::ManagerConfig::default()
+        .manager
+        .data_dir;
+    let path = token_path(&default_dir, "admin");
+    if path.exists() {
+        return read_token_file(&path).map_err(|e| usage(e.to_string()));
+    }
+    Err(usage(format!(
+        "admin needs a token: --token, --token-file, GUP_ADMIN_TOKEN, or --data-dir of the manager \
+         (there is no {})",
+        path.display()
+    )))
 }
 
 /// Under a table, the cursor of the next page when there is one: "more: --after N". A page

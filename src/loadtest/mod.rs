@@ -164,7 +164,11 @@ pub async fn run(opts: Options) -> Result<Report, LoadtestError> {
                 tracing::warn!(status = %resp.status(), "the target's /healthz is not 2xx");
             }
         }
-        Ok(Err(e)) => return Err(unreachable(e.to_string())),
+        Ok(Err(e)) => {
+            let cause =
+                crate::core::fault::io_cause(&e).unwrap_or_else(|| crate::core::fault::chain(&e));
+            return Err(unreachable(cause));
+        }
         Err(_) => return Err(unreachable("no answer within 5 s".into())),
     }
     let stats = Arc::new(Stats::new(opts.clients)?);
