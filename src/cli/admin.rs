@@ -233,9 +233,13 @@ pub(super) fn run(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure>
             } else {
                 "already published"
             };
-            println!(
+            outln!(
                 "{what}: {} {} sha256={} size={} revision={}",
-                r.name, r.version, r.sha256, r.size, r.revision
+                r.name,
+                r.version,
+                r.sha256,
+                r.size,
+                r.revision
             );
             Ok(())
         }
@@ -312,7 +316,7 @@ pub(super) fn run(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure>
                     Some(&doc),
                 ))
                 .map_err(runtime)?;
-            println!("policy of {group} set: serial {}", v["serial"]);
+            outln!("policy of {group} set: serial {}", v["serial"]);
             Ok(())
         }
         AdminCommand::Group { command } => match command {
@@ -325,7 +329,7 @@ pub(super) fn run(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure>
                     Some(&body),
                 ))
                 .map_err(runtime)?;
-                println!("group {group} (parent {parent})");
+                outln!("group {group} (parent {parent})");
                 Ok(())
             }
             GroupCommand::List { json } => {
@@ -357,7 +361,7 @@ pub(super) fn run(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure>
                     None,
                 ))
                 .map_err(runtime)?;
-                println!("group {group} deleted");
+                outln!("group {group} deleted");
                 Ok(())
             }
         },
@@ -371,7 +375,7 @@ pub(super) fn run(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure>
                     Some(&body),
                 ))
                 .map_err(runtime)?;
-                println!("client {id} moved to {group}");
+                outln!("client {id} moved to {group}");
                 Ok(())
             }
             ClientCommand::Delete { id } => {
@@ -382,7 +386,7 @@ pub(super) fn run(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure>
                     None,
                 ))
                 .map_err(runtime)?;
-                println!("client {id} deleted");
+                outln!("client {id} deleted");
                 Ok(())
             }
             ClientCommand::List { page, json } => {
@@ -438,7 +442,7 @@ pub(super) fn run(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure>
                 Some(&body),
             ))
             .map_err(runtime)?;
-            println!("user {user} -> group {group}");
+            outln!("user {user} -> group {group}");
             Ok(())
         }
         AdminCommand::Events {
@@ -614,12 +618,12 @@ fn admin_token(
 /// may be short (the manager's scan bound) while this still shows.
 fn print_more(v: &serde_json::Value, json: bool) {
     if !json && !v["next"].is_null() {
-        println!("more: --after {}", text(&v["next"]));
+        outln!("more: --after {}", text(&v["next"]));
     }
 }
 
 fn print_json(v: &serde_json::Value) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    outln!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
 /// A JSON value as a table cell: strings bare, null as "-".
@@ -669,7 +673,7 @@ fn print_table(headers: &[&str], rows: &[Vec<String>]) {
             .enumerate()
             .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
             .collect();
-        println!("{}", parts.join("  ").trim_end());
+        outln!("{}", parts.join("  ").trim_end());
     };
     line(headers.iter().map(|h| h.to_string()).collect());
     for r in rows {

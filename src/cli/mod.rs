@@ -6,6 +6,22 @@
 //! binary's edge, where errors become one line on stderr; it must never hold logic a role
 //! needs: it only builds their configs and starts them.
 
+/// `println!` for command output: a reader that went away (`gup admin ... | head -1`) ends
+/// the command quietly with exit 0 instead of a panic; any other failure to write stdout
+/// (a full disk) ends it with exit 1 and a message.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::cli::write_out(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `print!` for command output, as [`outln!`].
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cli::write_out(format_args!($($arg)*))
+    };
+}
+
 mod admin;
 mod agent;
 
@@ -195,6 +211,25 @@ struct DemoArgs {
     window: u64,
 }
 
+/// Writes command output to stdout; see [`outln!`].
+pub(crate) fn write_out(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout.write_fmt(args).and_then(|()| stdout.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        let _ = writeln!(std::io::stderr(), "gup: writing to stdout: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// One line on stderr, never a panic when stderr is closed.
+fn write_err(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{args}");
+}
+
 /// A failure with its exit code.
 struct Failure {
     code: u8,
@@ -225,7 +260,7 @@ pub fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
-            eprintln!("gup: {}", f.message);
+            write_err(format_args!("gup: {}", f.message));
             ExitCode::from(f.code)
         }
     }
@@ -348,16 +383,16 @@ fn run(cli: Cli) -> Result<(), Failure> {
             if args.print_public_key {
                 let key = crate::core::signing::CatalogKey::load_or_create(&cfg.manager.data_dir)
                     .map_err(runtime)?;
-                println!("{}", key.public_hex());
+                outln!("{}", key.public_hex());
                 return Ok(());
             }
             if args.print_admin_token || args.print_node_token {
                 let (admin, node) = crate::manager::tokens(&cfg).map_err(runtime)?;
                 if args.print_admin_token {
-                    println!("{}", admin.secret());
+                    outln!("{}", admin.secret());
                 }
                 if args.print_node_token {
-                    println!("{}", node.secret());
+                    outln!("{}", node.secret());
                 }
                 return Ok(());
             }
@@ -428,7 +463,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     "node",
                 )
                 .map_err(runtime)?;
-                println!("{}", token.secret());
+                outln!("{}", token.secret());
                 return Ok(());
             }
             init_logging(cfg.log.format);
@@ -469,10 +504,10 @@ fn loadtest(args: LoadtestArgs, log_format: LogFormat) -> Result<(), Failure> {
     init_logging_with(log_format, CROWD_LOG);
     let limit = crate::sys::raise_open_file_limit();
     if (limit as usize) < args.clients + 256 {
-        eprintln!(
+        write_err(format_args!(
             "gup: warning: the open-file limit is {limit}; {} clients may run out of sockets",
             args.clients
-        );
+        ));
     }
     let mut opts = crate::loadtest::Options::new(args.target, args.clients);
     opts.group = args.group;
@@ -498,12 +533,12 @@ fn loadtest(args: LoadtestArgs, log_format: LogFormat) -> Result<(), Failure> {
             | crate::loadtest::LoadtestError::BadTarget { .. } => usage(e.to_string()),
             other => runtime(other),
         })?;
-    println!("{}", report.summary());
-    println!("{}", report.histogram_text());
+    outln!("{}", report.summary());
+    outln!("{}", report.histogram_text());
     if let Some(path) = args.report {
         let json = serde_json::to_vec_pretty(&report).map_err(runtime)?;
         std::fs::write(&path, json).map_err(|e| runtime(format!("{}: {e}", path.display())))?;
-        println!("report written to {}", path.display());
+        outln!("report written to {}", path.display());
     }
     Ok(())
 }
@@ -520,6 +555,6 @@ fn check_config(file: &Path) -> Result<(), Failure> {
             .and_then(|c| c.validate())
             .map_err(config_failure)?,
     }
-    println!("{}: valid {role} config", file.display());
+    outln!("{}: valid {role} config", file.display());
     Ok(())
 }
