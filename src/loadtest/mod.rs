@@ -187,7 +187,7 @@ pub async fn run(opts: Options) -> Result<Report, LoadtestError> {
         let pb =
             ProgressBar::with_draw_target(Some(opts.clients as u64), ProgressDrawTarget::stderr());
         if let Ok(style) = ProgressStyle::with_template(
-            "{elapsed_precise} [{bar:30}] {pos}/{len} clients done  {msg}",
+            "{elapsed_precise} [{bar:30}] {pos}/{len} clients have the release  {msg}",
         ) {
             pb.set_style(style.progress_chars("=> "));
         }
@@ -241,7 +241,7 @@ pub async fn run(opts: Options) -> Result<Report, LoadtestError> {
         }
         let done = stats.settled_count();
         let st = &stats;
-        pb.set_position(done as u64);
+        pb.set_position(stats.current_count() as u64);
         pb.set_message(format!(
             "downloads ok {} failed {}  heartbeats {}  429s {}",
             Stats::get(&st.downloads_ok),
