@@ -288,6 +288,20 @@ fn init_logging_with(format: LogFormat, default: &str) {
     };
 }
 
+/// Logging into `file` (no colours), with `default` as the filter when `RUST_LOG` is not set.
+fn init_logging_to(format: LogFormat, default: &str, file: std::fs::File) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_writer(std::sync::Mutex::new(file));
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
 fn runtime_env() -> Result<tokio::runtime::Runtime, Failure> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -305,8 +319,9 @@ where
     let rt = runtime_env()?;
     rt.block_on(async move {
         let (trigger, shutdown) = crate::http::shutdown::shutdown_pair();
+        let signals = crate::http::shutdown::signals();
         tokio::spawn(async move {
-            crate::http::shutdown::signal().await;
+            signals.await;
             trigger.trigger();
         });
         f(shutdown).await.map_err(runtime)
@@ -485,8 +500,18 @@ fn run(cli: Cli) -> Result<(), Failure> {
             if args.window > 3600 {
                 return Err(usage("--window must be 0 to 3600 seconds"));
             }
-            // A crowd of agents would log each one's start and installs: warnings only.
-            init_logging_with(cli.log_format.unwrap_or_default(), CROWD_LOG);
+            // The screen is for the story: the servers and agents log to a file (a crowd of
+            // agents, warnings only).
+            std::fs::create_dir_all(&args.data_dir).map_err(|e| {
+                runtime(format!(
+                    "creating --data-dir {}: {e}",
+                    args.data_dir.display()
+                ))
+            })?;
+            let log = crate::demo::log_path(&args.data_dir);
+            let file = std::fs::File::create(&log)
+                .map_err(|e| runtime(format!("creating {}: {e}", log.display())))?;
+            init_logging_to(cli.log_format.unwrap_or_default(), CROWD_LOG, file);
             crate::sys::raise_open_file_limit();
             let opts = crate::demo::DemoOptions {
                 data_dir: args.data_dir,
