@@ -63,8 +63,17 @@ pub enum DemoError {
     Failed(String),
 }
 
+/// A testing knob, deliberately not a flag: set, the demo binds ephemeral ports only, so that
+/// tests never take 8014 or 2967 on a shared machine.
+const EPHEMERAL_PORTS_ENV: &str = "GUP_TEST_DEMO_EPHEMERAL_PORTS";
+
 /// Binds 127.0.0.1:`port`, or an ephemeral port when it is taken.
 async fn bind_loopback(port: u16) -> std::io::Result<TcpListener> {
+    let port = if std::env::var_os(EPHEMERAL_PORTS_ENV).is_some() {
+        0
+    } else {
+        port
+    };
     match TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))).await {
         Ok(l) => Ok(l),
         Err(_) => TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await,
@@ -96,6 +105,11 @@ fn sample_package() -> Vec<u8> {
 /// Runs the demo until `shutdown`; prints what happens on stdout.
 pub async fn run(opts: &DemoOptions, shutdown: Shutdown) -> Result<(), DemoError> {
     let data_dir = &opts.data_dir;
+    say!(
+        "gup demo: starting; data under {}, log in {}",
+        data_dir.display(),
+        log_path(data_dir).display()
+    );
     std::fs::create_dir_all(data_dir)?;
     let manager_listener = bind_loopback(MANAGER_PORT).await?;
     let node_listener = bind_loopback(NODE_PORT).await?;
@@ -121,7 +135,7 @@ pub async fn run(opts: &DemoOptions, shutdown: Shutdown) -> Result<(), DemoError
     let n_task = tokio::spawn(node.run(node_listener));
 
     say!(
-        "gup demo: a management server, a branch-office node and {} agents on this machine",
+        "a management server, a branch-office node and {} agents on this machine:",
         opts.clients
     );
     say!(
@@ -132,10 +146,7 @@ pub async fn run(opts: &DemoOptions, shutdown: Shutdown) -> Result<(), DemoError
         "  node     {node_url}   data {}",
         nc.node.data_dir.display()
     );
-    say!(
-        "  log      {}   (what the servers and agents log; this screen tells the story)",
-        log_path(data_dir).display()
-    );
+    say!("  (what they log goes to the log file; this screen tells the story)");
 
     let story = Story {
         opts,
