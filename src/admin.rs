@@ -20,8 +20,9 @@ pub enum AdminError {
     /// Any other failure of the exchange, with its causes.
     #[error("{0}")]
     Http(String),
-    #[error("the manager answered {status}: {code}: {message}")]
+    #[error("the manager at {manager} answered {status}: {code}: {message}")]
     Api {
+        manager: String,
         status: u16,
         code: String,
         message: String,
@@ -85,8 +86,10 @@ impl AdminClient {
         if resp.status().is_success() {
             return Ok((status, resp.json().await?));
         }
+        let manager = resp.url().origin().ascii_serialization();
         let body: serde_json::Value = resp.json().await.unwrap_or_default();
         Err(AdminError::Api {
+            manager,
             status,
             code: body["error"].as_str().unwrap_or("unknown").to_string(),
             message: body["message"].as_str().unwrap_or("").to_string(),

@@ -317,7 +317,7 @@ where
     E: std::fmt::Display,
 {
     let rt = runtime_env()?;
-    rt.block_on(async move {
+    let result = rt.block_on(async move {
         let (trigger, shutdown) = crate::http::shutdown::shutdown_pair();
         let signals = crate::http::shutdown::signals();
         tokio::spawn(async move {
@@ -325,8 +325,17 @@ where
             trigger.trigger();
         });
         f(shutdown).await.map_err(runtime)
-    })
+    });
+    // The role has stopped and flushed its store. Dropping the runtime would wait for every
+    // blocking task without end: seen, the two stages of a blob write whose fetch was cut by
+    // the stop kept `gup demo` from exiting (1 Ctrl-C in ~150); a temp file left behind is
+    // removed at the next start.
+    rt.shutdown_timeout(LEFTOVER_BLOCKING_WAIT);
+    result
 }
+
+/// How long a stopping process waits for blocking tasks that outlived its role.
+const LEFTOVER_BLOCKING_WAIT: std::time::Duration = std::time::Duration::from_millis(300);
 
 /// Binds `addr` (non-blocking, for tokio), with a message that says why it failed and which
 /// setting chose the address (`key`, or `--listen`).
