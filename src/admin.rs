@@ -14,10 +14,15 @@ use crate::http::auth::Token;
 /// What went wrong calling the manager.
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
+    /// No answer at all: the cause first (connection refused, timed out, ...).
+    #[error("cannot reach the manager at {url}: {cause}")]
+    Unreachable { url: String, cause: String },
+    /// Any other failure of the exchange, with its causes.
     #[error("{0}")]
-    Http(#[from] reqwest::Error),
-    #[error("the manager answered {status}: {code}: {message}")]
+    Http(String),
+    #[error("the manager at {manager} answered {status}: {code}: {message}")]
     Api {
+        manager: String,
         status: u16,
         code: String,
         message: String,
@@ -32,6 +37,27 @@ pub enum AdminError {
     BadUrl(String),
     #[error("the manager's {path} answered a next page cursor {cursor} that does not move on")]
     CursorStuck { path: String, cursor: String },
+}
+
+impl From<reqwest::Error> for AdminError {
+    fn from(e: reqwest::Error) -> AdminError {
+        use crate::core::fault::{chain, io_cause};
+        if e.is_connect() || e.is_timeout() {
+            let url = e
+                .url()
+                .map(|u| u.origin().ascii_serialization())
+                .unwrap_or_default();
+            let cause = io_cause(&e).unwrap_or_else(|| {
+                if e.is_timeout() {
+                    "timed out".into()
+                } else {
+                    chain(&e)
+                }
+            });
+            return AdminError::Unreachable { url, cause };
+        }
+        AdminError::Http(chain(&e))
+    }
 }
 
 /// An admin session with one manager.
@@ -60,8 +86,10 @@ impl AdminClient {
         if resp.status().is_success() {
             return Ok((status, resp.json().await?));
         }
+        let manager = resp.url().origin().ascii_serialization();
         let body: serde_json::Value = resp.json().await.unwrap_or_default();
         Err(AdminError::Api {
+            manager,
             status,
             code: body["error"].as_str().unwrap_or("unknown").to_string(),
             message: body["message"].as_str().unwrap_or("").to_string(),

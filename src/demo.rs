@@ -4,8 +4,11 @@
 //! (ports 8014 and 2967 when free, else ephemeral ones), data under one directory, push mode
 //! and a short randomization window, a new sample package published, and `--clients`
 //! agents (the `loadtest` crowd, the same code as `gup agent`) downloading it through the node
-//! at their slots; then the spread, WAN against LAN bytes and latencies. It must never listen on or
-//! send to anything but loopback, and it reuses the real roles: nothing here is a stand-in.
+//! at their slots; then the spread, WAN against LAN bytes and latencies, the admin notification
+//! their critical events raised, and three commands to paste next. The screen shows the story
+//! only (the servers log to `DIR/demo.log`, see [`log_path`]); Ctrl-C at any moment stops it
+//! within [`STOP_WITHIN`] with exit 0. It must never listen on or send to anything but
+//! loopback, and it reuses the real roles: nothing here is a stand-in.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -26,6 +29,23 @@ const SAMPLE_BYTES: usize = 4 << 20;
 /// Heartbeat interval of the demo's clients: short, so the demo ends soon after the window.
 const DEMO_HEARTBEAT_S: u64 = 5;
 
+/// How long the servers get to stop after Ctrl-C before the demo leaves without them: the
+/// whole stop must fit in 2 s (issue 17), on a busy machine too.
+const STOP_WITHIN: Duration = Duration::from_millis(1500);
+
+/// Where the demo's servers and agents log (the screen is for the story).
+pub fn log_path(data_dir: &std::path::Path) -> PathBuf {
+    data_dir.join("demo.log")
+}
+
+/// One line of the story on stdout. A reader that went away does not stop the demo.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 /// Why the demo stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
@@ -37,14 +57,23 @@ pub enum DemoError {
     Admin(#[from] AdminError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
-    #[error("download through the node: {0}")]
+    #[error("talking to the node: {}", crate::core::fault::chain(.0))]
     Download(#[from] reqwest::Error),
     #[error("{0}")]
     Failed(String),
 }
 
+/// A testing knob, deliberately not a flag: set, the demo binds ephemeral ports only, so that
+/// tests never take 8014 or 2967 on a shared machine.
+const EPHEMERAL_PORTS_ENV: &str = "GUP_TEST_DEMO_EPHEMERAL_PORTS";
+
 /// Binds 127.0.0.1:`port`, or an ephemeral port when it is taken.
 async fn bind_loopback(port: u16) -> std::io::Result<TcpListener> {
+    let port = if std::env::var_os(EPHEMERAL_PORTS_ENV).is_some() {
+        0
+    } else {
+        port
+    };
     match TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))).await {
         Ok(l) => Ok(l),
         Err(_) => TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await,
@@ -76,6 +105,11 @@ fn sample_package() -> Vec<u8> {
 /// Runs the demo until `shutdown`; prints what happens on stdout.
 pub async fn run(opts: &DemoOptions, shutdown: Shutdown) -> Result<(), DemoError> {
     let data_dir = &opts.data_dir;
+    say!(
+        "gup demo: starting; data under {}, log in {}",
+        data_dir.display(),
+        log_path(data_dir).display()
+    );
     std::fs::create_dir_all(data_dir)?;
     let manager_listener = bind_loopback(MANAGER_PORT).await?;
     let node_listener = bind_loopback(NODE_PORT).await?;
@@ -85,8 +119,8 @@ pub async fn run(opts: &DemoOptions, shutdown: Shutdown) -> Result<(), DemoError
     let mut mc = ManagerConfig::default();
     mc.manager.listen = manager_listener.local_addr()?;
     mc.manager.data_dir = data_dir.join("manager");
-    let (admin_token, node_token) = manager::tokens(&mc).map_err(ManagerError::from)?;
     let manager = Manager::open(&mc, shutdown.clone())?;
+    let (admin_token, node_token) = manager::tokens(&mc).map_err(ManagerError::from)?;
 
     let mut nc = NodeConfig::default();
     nc.node.listen = node_listener.local_addr()?;
@@ -100,37 +134,67 @@ pub async fn run(opts: &DemoOptions, shutdown: Shutdown) -> Result<(), DemoError
     let m_task = tokio::spawn(manager.run(manager_listener));
     let n_task = tokio::spawn(node.run(node_listener));
 
-    println!(
-        "gup demo: a management server, a branch-office node and {} agents on this machine",
+    say!(
+        "a management server, a branch-office node and {} agents on this machine:",
         opts.clients
     );
-    println!(
+    say!(
         "  manager  {manager_url}   data {}",
         mc.manager.data_dir.display()
     );
-    println!(
+    say!(
         "  node     {node_url}   data {}",
         nc.node.data_dir.display()
     );
-    println!(
-        "  admin token in {}",
-        crate::http::auth::token_path(&mc.manager.data_dir, "admin").display()
-    );
+    say!("  (what they log goes to the log file; this screen tells the story)");
 
-    let outcome = showcase(opts, &manager_url, &node_url, admin_token).await;
-    match &outcome {
-        Ok(()) => {
-            println!("try:  curl -s {node_url}/v1/catalog");
-            println!("      curl -s {node_url}/metrics | grep gup_");
-            println!("serving until Ctrl-C");
+    let story = Story {
+        opts,
+        manager_url: &manager_url,
+        node_url: &node_url,
+    };
+    // Ctrl-C ends the story wherever it is (dropping it stops the agents); then the servers.
+    let outcome = tokio::select! {
+        biased;
+        _ = shutdown.clone().wait() => None,
+        r = story.tell(admin_token) => Some(r),
+    };
+    // A step that failed because Ctrl-C just stopped the servers under it (in the moment
+    // between the signal and this task seeing it) is the Ctrl-C, not a failure.
+    let outcome = outcome.filter(|r| r.is_ok() || !shutdown.is_shutting_down());
+    let outcome = match outcome {
+        Some(Ok(sha256)) => {
+            story.next_steps(&mc.manager.data_dir, &sha256);
+            say!("serving until Ctrl-C");
+            shutdown.clone().wait().await;
+            Ok(())
         }
-        Err(e) => println!("demo failed: {e}"),
+        Some(Err(e)) => {
+            say!("demo failed: {e}");
+            say!("serving what there is until Ctrl-C");
+            shutdown.clone().wait().await;
+            Err(e)
+        }
+        None => Ok(()),
+    };
+    say!("stopping (Ctrl-C)");
+    let stopped = tokio::time::timeout(STOP_WITHIN, async {
+        let _ = m_task.await;
+        let _ = n_task.await;
+    })
+    .await;
+    if stopped.is_err() {
+        tracing::warn!("the demo's servers did not stop within {STOP_WITHIN:?}; leaving anyway");
     }
-    shutdown.wait().await;
-    let _ = m_task.await;
-    let _ = n_task.await;
-    println!("demo stopped");
+    say!("demo stopped");
     outcome
+}
+
+/// The part of the demo that can be cut short by Ctrl-C.
+struct Story<'a> {
+    opts: &'a DemoOptions,
+    manager_url: &'a str,
+    node_url: &'a str,
 }
 
 /// A metric of a server's `/metrics` (0 when absent).
@@ -149,115 +213,203 @@ async fn metric(http: &reqwest::Client, base: &str, name: &str) -> Result<f64, D
         .unwrap_or(0.0))
 }
 
-async fn showcase(
-    opts: &DemoOptions,
-    manager_url: &str,
-    node_url: &str,
-    admin_token: crate::http::auth::Token,
-) -> Result<(), DemoError> {
-    let admin = AdminClient::new(manager_url, admin_token)?;
-    let window = opts.window_s;
-    admin
-        .call(
-            reqwest::Method::PUT,
-            "/v1/admin/groups/default/settings",
-            &[],
-            Some(&serde_json::json!({
-                "mode": "push",
-                "heartbeat_interval_s": DEMO_HEARTBEAT_S,
-                "randomization": {"enabled": true, "window_s": window},
-            })),
-        )
-        .await?;
-    println!("settings: push mode, heartbeat every {DEMO_HEARTBEAT_S} s, randomization window {window} s");
-
-    let bytes = sample_package();
-    let digest = Digest::of(&bytes);
-    let file: PathBuf = opts.data_dir.join("sample-definitions.bin");
-    tokio::fs::write(&file, &bytes).await?;
-    let version = chrono::Utc::now().format("%Y%m%d.%H%M%S").to_string();
-    let (_, published) = admin
-        .publish(&file, "sample-definitions", Some(&version), false)
-        .await?;
-    println!(
-        "published {} {} ({} bytes, sha256 {}) as catalog revision {}",
-        published.name, published.version, published.size, published.sha256, published.revision
-    );
-
-    let http = reqwest::Client::new();
-    let start = Instant::now();
-    loop {
-        let catalog: crate::core::catalog::Catalog = http
-            .get(format!("{node_url}/v1/catalog"))
-            .send()
-            .await?
-            .json()
+impl Story<'_> {
+    /// Publishes the sample, waits for the node to mirror it and runs the agents; returns the
+    /// sample's SHA-256 (hex).
+    async fn tell(&self, admin_token: crate::http::auth::Token) -> Result<String, DemoError> {
+        let (opts, manager_url, node_url) = (self.opts, self.manager_url, self.node_url);
+        let admin = AdminClient::new(manager_url, admin_token)?;
+        let window = opts.window_s;
+        admin
+            .call(
+                reqwest::Method::PUT,
+                "/v1/admin/groups/default/settings",
+                &[],
+                Some(&serde_json::json!({
+                    "mode": "push",
+                    "heartbeat_interval_s": DEMO_HEARTBEAT_S,
+                    "randomization": {"enabled": true, "window_s": window},
+                })),
+            )
             .await?;
-        if catalog.items.iter().any(|i| i.sha256 == digest) {
-            println!(
-                "node mirrored catalog revision {} after {} ms (pushed)",
+        say!("settings: push mode, heartbeat every {DEMO_HEARTBEAT_S} s, randomization window {window} s");
+
+        let bytes = sample_package();
+        let digest = Digest::of(&bytes);
+        let file: PathBuf = opts.data_dir.join("sample-definitions.bin");
+        tokio::fs::write(&file, &bytes).await?;
+        let version = chrono::Utc::now().format("%Y%m%d.%H%M%S").to_string();
+        let (_, published) = admin
+            .publish(&file, "sample-definitions", Some(&version), false)
+            .await?;
+        say!(
+            "published {} {} ({} bytes, sha256 {}...) as catalog revision {}",
+            published.name,
+            published.version,
+            published.size,
+            &published.sha256.to_hex()[..12],
+            published.revision
+        );
+
+        let http = reqwest::Client::new();
+        let start = Instant::now();
+        loop {
+            let catalog: crate::core::catalog::Catalog = http
+                .get(format!("{node_url}/v1/catalog"))
+                .send()
+                .await?
+                .json()
+                .await?;
+            if catalog.items.iter().any(|i| i.sha256 == digest) {
+                say!(
+                "node mirrored catalog revision {} after {} ms (pushed) and fetches the package once over the \"WAN\"",
                 catalog.revision,
                 start.elapsed().as_millis()
             );
-            break;
+                break;
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                return Err(DemoError::Failed(
+                    "the node did not mirror the catalog in 30 s".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        if start.elapsed() > Duration::from_secs(30) {
-            return Err(DemoError::Failed(
-                "the node did not mirror the catalog in 30 s".into(),
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 
-    println!(
-        "{} agents connect to the node and each downloads the release at its slot in the {window} s window...",
+        say!(
+        "{} agents connect to the node; each downloads the release at its slot in the {window} s window and checks its sha256",
         opts.clients
     );
-    let mut lt = crate::loadtest::Options::new(node_url, opts.clients);
-    // The run ends one heartbeat interval after every client is done, or at this cap.
-    lt.duration = Duration::from_secs(window + 4 * DEMO_HEARTBEAT_S);
-    lt.id_prefix = format!("demo-{version}-");
-    // Each agent enrols with a token for the group, as a real installation would.
-    let enrolment = admin
-        .call(
-            reqwest::Method::POST,
-            "/v1/admin/enroll",
-            &[],
-            Some(&serde_json::json!({"group": "default", "expires": "1h"})),
-        )
-        .await?;
-    lt.enroll_token = enrolment
-        .get("token")
-        .and_then(|t| t.as_str())
-        .map(str::to_string);
-    lt.progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let report = crate::loadtest::run(lt)
-        .await
-        .map_err(|e| DemoError::Failed(format!("agents: {e}")))?;
-    println!("{}", report.summary());
-    println!("{}", report.histogram_text());
-
-    let wan = metric(&http, node_url, "gup_upstream_bytes_total").await?;
-    let lan = metric(&http, node_url, "gup_served_bytes_total").await?;
-    let fetches = metric(&http, node_url, "gup_upstream_fetches_total").await?;
-    println!(
-        "WAN (node <- manager): {:.1} MiB in {fetches} fetches;  LAN (node -> clients): {:.1} MiB",
-        wan / 1048576.0,
-        lan / 1048576.0
+        say!(
+        "then each uploads two events, as a real client reports what it finds: a critical one (kind risk, a virus found), at once, \
+         and a routine one (system_change) with its next heartbeat; critical events raise an admin notification on the manager \
+         (one per group and kind per hour, counting the rest)"
     );
-    println!(
+        let mut lt = crate::loadtest::Options::new(node_url, opts.clients);
+        // The run ends one heartbeat interval after every client is done, or at this cap.
+        lt.duration = Duration::from_secs(window + 4 * DEMO_HEARTBEAT_S);
+        lt.id_prefix = format!("demo-{version}-");
+        // Each agent enrols with a token for the group, as a real installation would.
+        let enrolment = admin
+            .call(
+                reqwest::Method::POST,
+                "/v1/admin/enroll",
+                &[],
+                Some(&serde_json::json!({"group": "default", "expires": "1h"})),
+            )
+            .await?;
+        lt.enroll_token = enrolment
+            .get("token")
+            .and_then(|t| t.as_str())
+            .map(str::to_string);
+        lt.progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let report = crate::loadtest::run(lt)
+            .await
+            .map_err(|e| DemoError::Failed(format!("agents: {e}")))?;
+        say!("{}", report.summary());
+        say!("{}", report.histogram_text());
+
+        let wan = metric(&http, node_url, "gup_upstream_bytes_total").await?;
+        let lan = metric(&http, node_url, "gup_served_bytes_total").await?;
+        let fetches = metric(&http, node_url, "gup_upstream_fetches_total").await?;
+        say!(
+            "WAN (node <- manager): {:.1} MiB in {fetches} {};  LAN (node -> clients): {:.1} MiB",
+            wan / 1048576.0,
+            if fetches == 1.0 { "fetch" } else { "fetches" },
+            lan / 1048576.0
+        );
+        say!(
         "download starts peak/mean {:.2} over the window; request latency p50 {:.1} ms, p99 {:.1} ms",
         report.peak_to_mean, report.latency_ms.p50, report.latency_ms.p99
     );
-    if report.downloads_ok < opts.clients as u64 || report.digest_mismatches > 0 {
-        return Err(DemoError::Failed(format!(
-            "{} of {} clients verified the release ({} digest mismatches)",
-            report.downloads_ok, opts.clients, report.digest_mismatches
-        )));
+        if report.downloads_ok < opts.clients as u64 || report.digest_mismatches > 0 {
+            return Err(DemoError::Failed(format!(
+                "{} of {} clients verified the release ({} digest mismatches)",
+                report.downloads_ok, opts.clients, report.digest_mismatches
+            )));
+        }
+        say!(
+            "all {} clients downloaded the release through the node, every sha256 verified",
+            opts.clients
+        );
+        let notes = admin
+            .call(
+                reqwest::Method::GET,
+                "/v1/admin/notifications",
+                &[("limit", "10")],
+                None,
+            )
+            .await?;
+        match notes["notifications"].as_array().map(Vec::as_slice) {
+            Some([]) | None => {
+                say!("no admin notification yet (the critical events are on their way)")
+            }
+            Some(list) => {
+                for n in list {
+                    say!(
+                    "admin notification: {} events in group {}, {} counted: the agents' critical events",
+                    n["kind"].as_str().unwrap_or("?"),
+                    n["group"].as_str().unwrap_or("?"),
+                    n["count"]
+                );
+                }
+            }
+        }
+        Ok(digest.to_hex())
     }
-    println!(
-        "all {} clients downloaded the release through the node, every sha256 verified",
-        opts.clients
-    );
-    Ok(())
+
+    /// Three commands to paste into another shell while the demo serves: the clients, the
+    /// notifications, and a download checked against its digest.
+    fn next_steps(&self, manager_data_dir: &std::path::Path, sha256: &str) {
+        let gup = self_command();
+        let manager = if self.manager_url == crate::core::config::DEFAULT_UPSTREAM {
+            String::new()
+        } else {
+            format!(" --manager {}", self.manager_url)
+        };
+        let dir = shell_word(&manager_data_dir.display().to_string());
+        say!("next, in another shell (from this directory):");
+        say!("  {gup} admin{manager} --data-dir {dir} client list");
+        say!("  {gup} admin{manager} --data-dir {dir} notifications");
+        say!(
+            "  curl -s {}/v1/content/{sha256} | sha256sum   # prints {sha256}",
+            self.node_url
+        );
+    }
+}
+
+/// How to run this binary from the current directory: `gup` when the PATH finds this very
+/// file, else its path (relative when under the current directory).
+fn self_command() -> String {
+    let Ok(me) = std::env::current_exe().and_then(|p| p.canonicalize()) else {
+        return "gup".into();
+    };
+    let on_path = std::env::var_os("PATH").is_some_and(|paths| {
+        std::env::split_paths(&paths)
+            .any(|d| d.join("gup").canonicalize().is_ok_and(|found| found == me))
+    });
+    if on_path {
+        return "gup".into();
+    }
+    let shown = std::env::current_dir()
+        .ok()
+        .and_then(|cwd| {
+            me.strip_prefix(cwd)
+                .ok()
+                .map(|p| format!("./{}", p.display()))
+        })
+        .unwrap_or_else(|| me.display().to_string());
+    shell_word(&shown)
+}
+
+/// `s` as one shell word: bare when it is plain, else single-quoted.
+fn shell_word(s: &str) -> String {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/._-+:=@".contains(c))
+    {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
 }

@@ -399,20 +399,24 @@ async fn enrolment_tokens_from_the_cli_and_an_agent_that_enrols() {
         "agent starting",
     );
     let id = read_id(&a_dir);
-    wait_for(30, "the restarted agent's heartbeat reaches the manager", || {
-        let (m, id, t) = (m.clone(), id.clone(), restarted_at);
-        async move {
-            let (_, v) = admin_call(&m, reqwest::Method::GET, "/v1/admin/clients", None).await;
-            let seen = v["clients"]
-                .as_array()?
-                .iter()
-                .find(|c| c["client_id"] == id.as_str())?["last_seen"]
-                .as_str()?
-                .parse::<chrono::DateTime<chrono::Utc>>()
-                .ok()?;
-            (seen > t).then_some(())
-        }
-    })
+    wait_for(
+        30,
+        "the restarted agent's heartbeat reaches the manager",
+        || {
+            let (m, id, t) = (m.clone(), id.clone(), restarted_at);
+            async move {
+                let (_, v) = admin_call(&m, reqwest::Method::GET, "/v1/admin/clients", None).await;
+                let seen = v["clients"]
+                    .as_array()?
+                    .iter()
+                    .find(|c| c["client_id"] == id.as_str())?["last_seen"]
+                    .as_str()?
+                    .parse::<chrono::DateTime<chrono::Utc>>()
+                    .ok()?;
+                (seen > t).then_some(())
+            }
+        },
+    )
     .await;
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(!text.contains("refused"), "{text}");

@@ -54,7 +54,6 @@ impl Reserved {
         }
     }
 
-
     /// Frees the port for the server that is to listen on it now.
     fn release(&mut self) -> String {
         self.socket = None;

@@ -332,6 +332,7 @@ fn demo_publishes_and_verifies_through_the_node() {
     let mut child = Command::new(gup())
         .args(["demo", "--clients", "20", "--window", "3", "--data-dir"])
         .arg(dir.path().join("demo"))
+        .env("GUP_TEST_DEMO_EPHEMERAL_PORTS", "1")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()

@@ -173,6 +173,7 @@ impl Agent {
                 }
             }
             ctx.obs.settled(self.settled(job.is_none()));
+            ctx.obs.current(job.is_none() && self.is_current());
         }
         self.save();
     }
@@ -211,10 +212,14 @@ impl Agent {
     /// Done, for a load test: has every item of the newest revision it knows, has made its
     /// events, and has nothing left to upload.
     fn settled(&self, idle: bool) -> bool {
-        idle && self.saved.known_revision > 0
-            && self.saved.catalog_revision >= self.saved.known_revision
+        idle && self.is_current()
             && (self.ctx.knobs.make_events == 0 || self.events_made)
             && self.spool.is_empty()
+    }
+
+    /// Has every item of the newest revision it knows (of a revision above 0).
+    fn is_current(&self) -> bool {
+        self.saved.known_revision > 0 && self.saved.catalog_revision >= self.saved.known_revision
     }
 
     /// Whether a pushed event says something the agent does not know yet.

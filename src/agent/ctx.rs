@@ -65,6 +65,9 @@ pub trait Observer: Send + Sync {
     fn events_sent(&self, _n: u64) {}
     /// Whether the agent has every item of the newest revision it knows and nothing to upload.
     fn settled(&self, _settled: bool) {}
+    /// Whether the agent has every item of the newest revision it knows (its downloads are
+    /// done, verified), whatever it has still to upload.
+    fn current(&self, _current: bool) {}
 }
 
 /// The observer of an agent nobody counts.

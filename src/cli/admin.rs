@@ -13,8 +13,8 @@ use crate::core::config::LogFormat;
 
 #[derive(Args)]
 pub(super) struct AdminArgs {
-    /// Manager base URL, e.g. http://127.0.0.1:8014.
-    #[arg(long)]
+    /// Manager base URL.
+    #[arg(long, default_value = crate::core::config::DEFAULT_UPSTREAM)]
     manager: String,
     /// Admin token.
     #[arg(long, env = "GUP_ADMIN_TOKEN", hide_env_values = true)]
@@ -22,6 +22,10 @@ pub(super) struct AdminArgs {
     /// File holding the admin token.
     #[arg(long, conflicts_with = "token")]
     token_file: Option<PathBuf>,
+    /// The manager's data dir, on the manager's machine: without --token or --token-file the
+    /// admin token is read from DIR/admin.token [default: gup-data/manager, when it has one].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
     #[command(subcommand)]
     command: AdminCommand,
 }
@@ -240,17 +244,7 @@ enum SiteCommand {
 
 pub(super) fn run(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure> {
     init_logging(log_format);
-    let token = match (non_empty(args.token), args.token_file) {
-        (Some(t), _) => crate::http::auth::Token::new(t),
-        (None, Some(f)) => {
-            crate::http::auth::read_token_file(&f).map_err(|e| usage(e.to_string()))?
-        }
-        (None, None) => {
-            return Err(usage(
-                "admin needs a token: --token, --token-file or GUP_ADMIN_TOKEN",
-            ))
-        }
-    };
+    let token = admin_token(non_empty(args.token), args.token_file, args.data_dir)?;
     let client =
         crate::admin::AdminClient::new(&args.manager, token).map_err(|e| usage(e.to_string()))?;
     let rt = runtime_env()?;
@@ -269,9 +263,13 @@ pub(super) fn run(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure>
             } else {
                 "already published"
             };
-            println!(
+            outln!(
                 "{what}: {} {} sha256={} size={} revision={}",
-                r.name, r.version, r.sha256, r.size, r.revision
+                r.name,
+                r.version,
+                r.sha256,
+                r.size,
+                r.revision
             );
             Ok(())
         }
@@ -348,7 +346,7 @@ pub(super) fn run(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure>
                     Some(&doc),
                 ))
                 .map_err(runtime)?;
-            println!("policy of {group} set: serial {}", v["serial"]);
+            outln!("policy of {group} set: serial {}", v["serial"]);
             Ok(())
         }
         AdminCommand::Group { command } => match command {
@@ -361,7 +359,7 @@ pub(super) fn run(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure>
                     Some(&body),
                 ))
                 .map_err(runtime)?;
-                println!("group {group} (parent {parent})");
+                outln!("group {group} (parent {parent})");
                 Ok(())
             }
             GroupCommand::List { json } => {
@@ -393,7 +391,7 @@ pub(super) fn run(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure>
                     None,
                 ))
                 .map_err(runtime)?;
-                println!("group {group} deleted");
+                outln!("group {group} deleted");
                 Ok(())
             }
         },
@@ -413,7 +411,7 @@ pub(super) fn run(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure>
                 let v = rt
                     .block_on(client.call(Method::POST, "/v1/admin/enroll", &[], Some(&body)))
                     .map_err(runtime)?;
-                println!("{}", text(&v["token"]));
+                outln!("{}", text(&v["token"]));
                 eprintln!(
                     "enrolment token {} for group {group} (expires {}, uses {}); shown only now: give it to agents with --enroll-token-file",
                     text(&v["id"]),
@@ -459,7 +457,7 @@ pub(super) fn run(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure>
                     None,
                 ))
                 .map_err(runtime)?;
-                println!("enrolment token {id} revoked");
+                outln!("enrolment token {id} revoked");
                 Ok(())
             }
         },
@@ -473,7 +471,7 @@ pub(super) fn run(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure>
                     Some(&body),
                 ))
                 .map_err(runtime)?;
-                println!("client {id} moved to {group}");
+                outln!("client {id} moved to {group}");
                 Ok(())
             }
             ClientCommand::Delete { id } => {
@@ -484,7 +482,7 @@ pub(super) fn run(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure>
                     None,
                 ))
                 .map_err(runtime)?;
-                println!("client {id} deleted");
+                outln!("client {id} deleted");
                 Ok(())
             }
             ClientCommand::Revoke { id } => {
@@ -496,7 +494,7 @@ pub(super) fn run(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure>
                         None,
                     ))
                     .map_err(runtime)?;
-                println!(
+                outln!(
                     "client {id}: credential {} revoked",
                     text(&v["revoked_serial"])
                 );
@@ -555,7 +553,7 @@ pub(super) fn run(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure>
                 Some(&body),
             ))
             .map_err(runtime)?;
-            println!("user {user} -> group {group}");
+            outln!("user {user} -> group {group}");
             Ok(())
         }
         AdminCommand::Events {
@@ -687,16 +685,56 @@ pub(super) fn run(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure>
     }
 }
 
+/// The admin token: given (`--token`, `GUP_ADMIN_TOKEN`), else from `--token-file`, else
+/// from the manager's data dir (`--data-dir`, else the default one when it holds a token), as
+/// an operator on the manager's own machine has it.
+fn admin_token(
+    token: Option<String>,
+    token_file: Option<PathBuf>,
+    data_dir: Option<PathBuf>,
+) -> Result<crate::http::auth::Token, Failure> {
+    use crate::http::auth::{read_token_file, token_path, Token};
+    if let Some(t) = token {
+        return Ok(Token::new(t));
+    }
+    if let Some(f) = token_file {
+        return read_token_file(&f).map_err(|e| usage(format!("--token-file: {e}")));
+    }
+    if let Some(dir) = data_dir {
+        let path = token_path(&dir, "admin");
+        if !path.exists() {
+            return Err(usage(format!(
+                "--data-dir {}: no admin token there ({} does not exist; is it the manager's data dir?)",
+                dir.display(),
+                path.display()
+            )));
+        }
+        return read_token_file(&path).map_err(|e| usage(format!("--data-dir: {e}")));
+    }
+    let default_dir = crate::core::config::ManagerConfig::default()
+        .manager
+        .data_dir;
+    let path = token_path(&default_dir, "admin");
+    if path.exists() {
+        return read_token_file(&path).map_err(|e| usage(e.to_string()));
+    }
+    Err(usage(format!(
+        "admin needs a token: --token, --token-file, GUP_ADMIN_TOKEN, or --data-dir of the manager \
+         (there is no {})",
+        path.display()
+    )))
+}
+
 /// Under a table, the cursor of the next page when there is one: "more: --after N". A page
 /// may be short (the manager's scan bound) while this still shows.
 fn print_more(v: &serde_json::Value, json: bool) {
     if !json && !v["next"].is_null() {
-        println!("more: --after {}", text(&v["next"]));
+        outln!("more: --after {}", text(&v["next"]));
     }
 }
 
 fn print_json(v: &serde_json::Value) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    outln!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
 /// A JSON value as a table cell: strings bare, null as "-".
@@ -746,7 +784,7 @@ fn print_table(headers: &[&str], rows: &[Vec<String>]) {
             .enumerate()
             .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
             .collect();
-        println!("{}", parts.join("  ").trim_end());
+        outln!("{}", parts.join("  ").trim_end());
     };
     line(headers.iter().map(|h| h.to_string()).collect());
     for r in rows {

@@ -107,9 +107,9 @@ pub(super) fn run(args: AgentArgs, log_format: LogFormat) -> Result<(), Failure>
             let status = crate::agent::status(&data_dir).map_err(agent_failure)?;
             if json {
                 let text = serde_json::to_string_pretty(&status).map_err(runtime)?;
-                println!("{text}");
+                outln!("{text}");
             } else {
-                print!("{}", status.text());
+                out!("{}", status.text());
             }
             Ok(())
         }
@@ -121,7 +121,7 @@ pub(super) fn run(args: AgentArgs, log_format: LogFormat) -> Result<(), Failure>
         }) => {
             let id = crate::agent::add_event(&data_dir, &kind, subkind.as_deref(), data.as_deref())
                 .map_err(agent_failure)?;
-            println!("event {id} spooled");
+            outln!("event {id} spooled");
             Ok(())
         }
         None => {

@@ -6,6 +6,22 @@
 //! binary's edge, where errors become one line on stderr; it must never hold logic a role
 //! needs: it only builds their configs and starts them.
 
+/// `println!` for command output: a reader that went away (`gup admin ... | head -1`) ends
+/// the command quietly with exit 0 instead of a panic; any other failure to write stdout
+/// (a full disk) ends it with exit 1 and a message.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::cli::write_out(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `print!` for command output, as [`outln!`].
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cli::write_out(format_args!($($arg)*))
+    };
+}
+
 mod admin;
 mod agent;
 
@@ -199,6 +215,25 @@ struct DemoArgs {
     window: u64,
 }
 
+/// Writes command output to stdout; see [`outln!`].
+pub(crate) fn write_out(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout.write_fmt(args).and_then(|()| stdout.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        let _ = writeln!(std::io::stderr(), "gup: writing to stdout: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// One line on stderr, never a panic when stderr is closed.
+fn write_err(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{args}");
+}
+
 /// A failure with its exit code.
 struct Failure {
     code: u8,
@@ -229,7 +264,7 @@ pub fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
-            eprintln!("gup: {}", f.message);
+            write_err(format_args!("gup: {}", f.message));
             ExitCode::from(f.code)
         }
     }
@@ -257,6 +292,20 @@ fn init_logging_with(format: LogFormat, default: &str) {
     };
 }
 
+/// Logging into `file` (no colours), with `default` as the filter when `RUST_LOG` is not set.
+fn init_logging_to(format: LogFormat, default: &str, file: std::fs::File) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_writer(std::sync::Mutex::new(file));
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
 fn runtime_env() -> Result<tokio::runtime::Runtime, Failure> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -272,14 +321,46 @@ where
     E: std::fmt::Display,
 {
     let rt = runtime_env()?;
-    rt.block_on(async move {
+    let result = rt.block_on(async move {
         let (trigger, shutdown) = crate::http::shutdown::shutdown_pair();
+        let signals = crate::http::shutdown::signals();
         tokio::spawn(async move {
-            crate::http::shutdown::signal().await;
+            signals.await;
             trigger.trigger();
         });
         f(shutdown).await.map_err(runtime)
-    })
+    });
+    // The role has stopped and flushed its store. Dropping the runtime would wait for every
+    // blocking task without end: seen, the two stages of a blob write whose fetch was cut by
+    // the stop kept `gup demo` from exiting (1 Ctrl-C in ~150); a temp file left behind is
+    // removed at the next start.
+    rt.shutdown_timeout(LEFTOVER_BLOCKING_WAIT);
+    result
+}
+
+/// How long a stopping process waits for blocking tasks that outlived its role.
+const LEFTOVER_BLOCKING_WAIT: std::time::Duration = std::time::Duration::from_millis(300);
+
+/// Binds `addr` (non-blocking, for tokio), with a message that says why it failed and which
+/// setting chose the address (`key`, or `--listen`).
+fn bind(addr: SocketAddr, key: &str) -> Result<std::net::TcpListener, Failure> {
+    let listener = std::net::TcpListener::bind(addr).map_err(|e| {
+        let why = match e.kind() {
+            std::io::ErrorKind::AddrInUse => {
+                "the port is in use by another process (is one already running?)".to_string()
+            }
+            std::io::ErrorKind::AddrNotAvailable => "no interface of this machine has it".into(),
+            std::io::ErrorKind::PermissionDenied => {
+                "permission denied (ports below 1024 need privileges)".into()
+            }
+            _ => e.to_string(),
+        };
+        runtime(format!(
+            "cannot listen on {addr} (--listen or {key}): {why}"
+        ))
+    })?;
+    listener.set_nonblocking(true).map_err(runtime)?;
+    Ok(listener)
 }
 
 fn non_empty(s: Option<String>) -> Option<String> {
@@ -330,28 +411,28 @@ fn run(cli: Cli) -> Result<(), Failure> {
             if args.print_public_key {
                 let key = crate::core::signing::CatalogKey::load_or_create(&cfg.manager.data_dir)
                     .map_err(runtime)?;
-                println!("{}", key.public_hex());
+                outln!("{}", key.public_hex());
                 return Ok(());
             }
             if args.print_admin_token || args.print_node_token {
                 let (admin, node) = crate::manager::tokens(&cfg).map_err(runtime)?;
                 if args.print_admin_token {
-                    println!("{}", admin.secret());
+                    outln!("{}", admin.secret());
                 }
                 if args.print_node_token {
-                    println!("{}", node.secret());
+                    outln!("{}", node.secret());
                 }
                 return Ok(());
             }
             init_logging(cfg.log.format);
             crate::sys::raise_open_file_limit();
-            let listen = cfg.manager.listen;
+            // The port first: a busy one must fail before anything is written to the data dir.
+            let listener = bind(cfg.manager.listen, "manager.listen")?;
             with_shutdown(|shutdown| async move {
+                let listener = tokio::net::TcpListener::from_std(listener)
+                    .map_err(|e| format!("listening: {e}"))?;
                 let manager =
                     crate::manager::Manager::open(&cfg, shutdown).map_err(|e| e.to_string())?;
-                let listener = tokio::net::TcpListener::bind(listen)
-                    .await
-                    .map_err(|e| format!("binding {listen}: {e}"))?;
                 manager.run(listener).await.map_err(|e| e.to_string())
             })
         }
@@ -410,17 +491,17 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     "node",
                 )
                 .map_err(runtime)?;
-                println!("{}", token.secret());
+                outln!("{}", token.secret());
                 return Ok(());
             }
             init_logging(cfg.log.format);
             crate::sys::raise_open_file_limit();
-            let listen = cfg.node.listen;
+            // The port first: a busy one must fail before anything is written to the data dir.
+            let listener = bind(cfg.node.listen, "node.listen")?;
             with_shutdown(|shutdown| async move {
+                let listener = tokio::net::TcpListener::from_std(listener)
+                    .map_err(|e| format!("listening: {e}"))?;
                 let node = crate::node::Node::open(&cfg, shutdown).map_err(|e| e.to_string())?;
-                let listener = tokio::net::TcpListener::bind(listen)
-                    .await
-                    .map_err(|e| format!("binding {listen}: {e}"))?;
                 node.run(listener).await.map_err(|e| e.to_string())
             })
         }
@@ -432,8 +513,18 @@ fn run(cli: Cli) -> Result<(), Failure> {
             if args.window > 3600 {
                 return Err(usage("--window must be 0 to 3600 seconds"));
             }
-            // A crowd of agents would log each one's start and installs: warnings only.
-            init_logging_with(cli.log_format.unwrap_or_default(), CROWD_LOG);
+            // The screen is for the story: the servers and agents log to a file (a crowd of
+            // agents, warnings only).
+            std::fs::create_dir_all(&args.data_dir).map_err(|e| {
+                runtime(format!(
+                    "creating --data-dir {}: {e}",
+                    args.data_dir.display()
+                ))
+            })?;
+            let log = crate::demo::log_path(&args.data_dir);
+            let file = std::fs::File::create(&log)
+                .map_err(|e| runtime(format!("creating {}: {e}", log.display())))?;
+            init_logging_to(cli.log_format.unwrap_or_default(), CROWD_LOG, file);
             crate::sys::raise_open_file_limit();
             let opts = crate::demo::DemoOptions {
                 data_dir: args.data_dir,
@@ -451,10 +542,10 @@ fn loadtest(args: LoadtestArgs, log_format: LogFormat) -> Result<(), Failure> {
     init_logging_with(log_format, CROWD_LOG);
     let limit = crate::sys::raise_open_file_limit();
     if (limit as usize) < args.clients + 256 {
-        eprintln!(
+        write_err(format_args!(
             "gup: warning: the open-file limit is {limit}; {} clients may run out of sockets",
             args.clients
-        );
+        ));
     }
     let mut opts = crate::loadtest::Options::new(args.target, args.clients);
     opts.group = args.group;
@@ -485,12 +576,12 @@ fn loadtest(args: LoadtestArgs, log_format: LogFormat) -> Result<(), Failure> {
             | crate::loadtest::LoadtestError::BadTarget { .. } => usage(e.to_string()),
             other => runtime(other),
         })?;
-    println!("{}", report.summary());
-    println!("{}", report.histogram_text());
+    outln!("{}", report.summary());
+    outln!("{}", report.histogram_text());
     if let Some(path) = args.report {
         let json = serde_json::to_vec_pretty(&report).map_err(runtime)?;
         std::fs::write(&path, json).map_err(|e| runtime(format!("{}: {e}", path.display())))?;
-        println!("report written to {}", path.display());
+        outln!("report written to {}", path.display());
     }
     Ok(())
 }
@@ -507,6 +598,6 @@ fn check_config(file: &Path) -> Result<(), Failure> {
             .and_then(|c| c.validate())
             .map_err(config_failure)?,
     }
-    println!("{}: valid {role} config", file.display());
+    outln!("{}: valid {role} config", file.display());
     Ok(())
 }

@@ -276,14 +276,23 @@ impl CatalogHistory {
             }
         }
         let current = self.current();
-        if current
-            .items
-            .iter()
-            .any(|i| i.name == name && i.version == version && i.urgent == urgent)
-        {
+        let same = |i: &CatalogItem| {
+            i.name == name && i.version == version && i.sha256 == sha256 && i.urgent == urgent
+        };
+        if current.items.iter().any(same) {
+            // Already published: the revision that published it (the oldest of the unbroken
+            // run of retained revisions ending at the current one that hold it), not the
+            // current one, which may have come later for another package.
+            let revision = self
+                .revisions
+                .iter()
+                .rev()
+                .take_while(|r| r.catalog.items.iter().any(same))
+                .last()
+                .map_or(current.revision, |r| r.catalog.revision);
             return Ok(Published {
                 created: false,
-                revision: current.revision,
+                revision,
             });
         }
         let mut items: Vec<CatalogItem> = current
@@ -438,6 +447,26 @@ mod tests {
         assert_eq!(h.current().items[0].name, "defs");
         assert_eq!(h.current().items[1].version, d("e").to_hex()[..12]);
         assert!(h.current().items[1].urgent);
+    }
+
+    #[test]
+    fn the_same_bytes_again_name_the_revision_that_published_them() {
+        let now = Utc::now();
+        let mut h = CatalogHistory::new(3);
+        h.publish("defs", Some("1"), d("a"), 1, false, now).unwrap();
+        h.publish("engine", Some("7"), d("e"), 1, false, now)
+            .unwrap();
+        assert_eq!(h.revision(), 2);
+        let p = h.publish("defs", Some("1"), d("a"), 1, false, now).unwrap();
+        assert_eq!(
+            p,
+            Published {
+                created: false,
+                revision: 1
+            },
+            "defs 1 came in revision 1; revision 2 was the engine's"
+        );
+        assert_eq!(h.revision(), 2, "nothing new was made");
     }
 
     #[test]

@@ -148,6 +148,24 @@ fn validate_tls(section: &str, cert: &str, key: &str) -> Result<(), ConfigError>
     }
 }
 
+/// A token file that will be read (its token is not given directly) must exist, be readable
+/// and hold a token: found now, this is bad config (exit 2 naming `key` and the file), not a
+/// failure at the first request. `flag` is the command-line flag that sets the same key.
+fn validate_token_file(key: &str, flag: &str, token: &str, file: &str) -> Result<(), ConfigError> {
+    if !token.is_empty() || file.is_empty() {
+        return Ok(());
+    }
+    match std::fs::read_to_string(file) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(bad(
+            key,
+            format!("token file {file} does not exist (set by {key} or {flag})"),
+        )),
+        Err(e) => Err(bad(key, format!("cannot read token file {file}: {e}"))),
+        Ok(text) if text.trim().is_empty() => Err(bad(key, format!("token file {file} is empty"))),
+        Ok(_) => Ok(()),
+    }
+}
+
 /// `[log]`
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -224,6 +242,18 @@ impl ManagerConfig {
             ));
         }
         validate_tls("manager", &m.tls_cert, &m.tls_key)?;
+        validate_token_file(
+            "manager.admin_token_file",
+            "--admin-token-file",
+            &m.admin_token,
+            &m.admin_token_file,
+        )?;
+        validate_token_file(
+            "manager.node_token_file",
+            "--node-token-file",
+            &m.node_token,
+            &m.node_token_file,
+        )?;
         self.limits.validate()?;
         let hook = &self.notifications.webhook_url;
         if !hook.is_empty() {
@@ -412,6 +442,18 @@ impl NodeConfig {
             ));
         }
         validate_tls("node", &self.node.tls_cert, &self.node.tls_key)?;
+        validate_token_file(
+            "upstream.token_file",
+            "--upstream-token-file",
+            &u.token,
+            &u.token_file,
+        )?;
+        validate_token_file(
+            "node.node_token_file",
+            "--node-token-file",
+            &self.node.node_token,
+            &self.node.node_token_file,
+        )?;
         if !u.catalog_public_key.is_empty() {
             super::signing::PublicKey::parse(&u.catalog_public_key)
                 .map_err(|e| bad("upstream.catalog_public_key", e.to_string()))?;
@@ -586,6 +628,28 @@ mod tests {
         assert_eq!(NodeConfig::default().upstreams(), vec![DEFAULT_UPSTREAM]);
         assert_eq!(ManagerConfig::default().manager.listen.port(), 8014);
         assert_eq!(NodeConfig::default().node.listen.port(), 2967);
+    }
+
+    #[test]
+    fn a_token_file_that_will_be_read_must_hold_a_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope.token");
+        let mut n = NodeConfig::default();
+        n.upstream.token_file = missing.display().to_string();
+        let e = n.validate().unwrap_err();
+        assert_eq!(e.key, "upstream.token_file");
+        assert!(e.message.contains(&n.upstream.token_file), "{e}");
+        assert!(e.message.contains("does not exist"), "{e}");
+        std::fs::write(&missing, "  \n").unwrap();
+        assert!(n.validate().unwrap_err().message.contains("is empty"));
+        std::fs::write(&missing, "t0ken\n").unwrap();
+        n.validate().unwrap();
+        let mut m = ManagerConfig::default();
+        m.manager.admin_token_file = dir.path().join("gone").display().to_string();
+        assert_eq!(m.validate().unwrap_err().key, "manager.admin_token_file");
+        m.manager.admin_token = "given".into();
+        m.validate()
+            .expect("a token given directly wins: the file is not read");
     }
 
     #[test]

@@ -71,3 +71,39 @@ impl Fault for Internal {
         "internal"
     }
 }
+
+/// An error and its causes on one line, each cause once: reqwest's "error sending request
+/// for url (...)" alone does not say that the connection was refused; its sources do.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !text.is_empty() && !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+/// The first I/O error among `e` and its causes, said plainly when it is a common one
+/// ("connection refused"), for a message that leads with the cause.
+pub fn io_cause(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind as K;
+            return Some(match io.kind() {
+                K::ConnectionRefused => "connection refused (nothing listens there)".into(),
+                K::ConnectionReset => "connection reset".into(),
+                K::TimedOut => "timed out".into(),
+                K::AddrNotAvailable => "address not available".into(),
+                _ => io.to_string(),
+            });
+        }
+        cur = err.source();
+    }
+    None
+}

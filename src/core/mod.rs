@@ -2,7 +2,7 @@
 //!
 //! Owns what both roles (and clients) must agree on: settings and their inheritance, the
 //! catalog and its revisions, digests, catalog signatures, download slots, configuration
-//! files, the wire types of the client API, and the kinds of failure. Nothing here does
+//! files, the wire types of the client API, the kinds of failure, and secret files made once. Nothing here does
 //! network I/O, reads the clock (times arrive as arguments) or touches sled; persistence is
 //! the caller's.
 
@@ -13,6 +13,7 @@ pub mod digest;
 pub mod fault;
 pub mod proto;
 pub mod push;
+pub mod secret_file;
 pub mod settings;
 pub mod signing;
 pub mod slots;

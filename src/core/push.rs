@@ -90,4 +90,3 @@ pub fn directory_changes(old: &Directory, new: &Directory) -> Vec<Change> {
     }
     out
 }
-

@@ -47,21 +47,22 @@ impl CatalogKey {
             path: path.display().to_string(),
             reason,
         };
-        if path.exists() {
-            let text = std::fs::read_to_string(&path).map_err(|e| err(e.to_string()))?;
-            let mut bytes = [0u8; 32];
-            hex::decode_to_slice(text.trim(), &mut bytes)
-                .map_err(|_| err("not 64 hex characters".into()))?;
+        let secret: [u8; 32] = rand::random();
+        let made = super::secret_file::create_once(&path, hex::encode(secret).as_bytes())
+            .map_err(|e| err(e.to_string()))?;
+        if made == super::secret_file::Made::Created {
+            tracing::info!(path = %path.display(), "made a new catalog signing key at first start");
             return Ok(CatalogKey {
-                key: SigningKey::from_bytes(&bytes),
+                key: SigningKey::from_bytes(&secret),
             });
         }
-        let secret: [u8; 32] = rand::random();
-        std::fs::create_dir_all(data_dir).map_err(|e| err(e.to_string()))?;
-        write_private(&path, &hex::encode(secret)).map_err(|e| err(e.to_string()))?;
-        tracing::info!(path = %path.display(), "made a new catalog signing key at first start");
+        // Made earlier, or by another process a moment ago: the file's key is the one.
+        let text = std::fs::read_to_string(&path).map_err(|e| err(e.to_string()))?;
+        let mut bytes = [0u8; 32];
+        hex::decode_to_slice(text.trim(), &mut bytes)
+            .map_err(|_| err("not 64 hex characters".into()))?;
         Ok(CatalogKey {
-            key: SigningKey::from_bytes(&secret),
+            key: SigningKey::from_bytes(&bytes),
         })
     }
 
@@ -94,20 +95,6 @@ fn credential_message(payload: &[u8]) -> Vec<u8> {
     m.extend_from_slice(CREDENTIAL_DOMAIN);
     m.extend_from_slice(payload);
     m
-}
-
-fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let mut f = opts.open(path)?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()
 }
 
 /// A public key nodes verify catalogs with.

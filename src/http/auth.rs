@@ -14,6 +14,7 @@ use subtle::ConstantTimeEq;
 
 use super::error::ApiError;
 use crate::core::fault::{Fault, Kind};
+use crate::core::secret_file::{self, Made};
 
 /// A secret bearer token. `Debug` does not print it.
 #[derive(Clone)]
@@ -143,16 +144,23 @@ pub fn resolve(
         return read_token_file(Path::new(token_file));
     }
     let path = token_path(data_dir, name);
-    if path.exists() {
-        return read_token_file(&path);
-    }
     let secret = generate();
-    write_private(&path, &secret).map_err(|source| TokenError::Write {
-        path: path.clone(),
-        source,
-    })?;
-    tracing::info!(path = %path.display(), "made a new {name} token at first start");
-    Ok(Token::new(secret))
+    let made =
+        secret_file::create_once(&path, format!("{secret}\n").as_bytes()).map_err(|source| {
+            TokenError::Write {
+                path: path.clone(),
+                source,
+            }
+        })?;
+    match made {
+        Made::Created => {
+            tracing::info!(path = %path.display(), "made a new {name} token at first start");
+            Ok(Token::new(secret))
+        }
+        // Made earlier, or a moment ago by another process (a server starting while
+        // `--print-*-token` runs): the file's token is the one.
+        Made::Existed => read_token_file(&path),
+    }
 }
 
 /// Where a server keeps a token it made itself.
@@ -164,24 +172,6 @@ pub fn token_path(data_dir: &Path, name: &str) -> PathBuf {
 pub fn generate() -> String {
     let bytes: [u8; 32] = rand::random();
     hex::encode(bytes)
-}
-
-fn write_private(path: &Path, secret: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let mut f = opts.open(path)?;
-    f.write_all(secret.as_bytes())?;
-    f.write_all(b"\n")?;
-    f.sync_all()
 }
 
 #[cfg(test)]

@@ -47,17 +47,32 @@ impl Shutdown {
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).
 pub async fn signal() {
+    signals().await
+}
+
+/// Resolves on SIGTERM or SIGINT (Ctrl-C), with both handlers installed when this is called
+/// (inside a runtime), not when the future is first polled: a Ctrl-C a moment after start
+/// must stop the process gracefully, never kill it with the default action.
+pub fn signals() -> impl std::future::Future<Output = ()> + Send + 'static {
     use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
             }
+            (Ok(mut term), Err(_)) => {
+                term.recv().await;
+            }
+            (Err(_), Ok(mut int)) => {
+                int.recv().await;
+            }
+            (Err(_), Err(_)) => std::future::pending::<()>().await,
         }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
+        tracing::info!("shutdown requested");
     }
-    tracing::info!("shutdown requested");
 }

@@ -168,7 +168,11 @@ pub async fn run(opts: Options) -> Result<Report, LoadtestError> {
                 tracing::warn!(status = %resp.status(), "the target's /healthz is not 2xx");
             }
         }
-        Ok(Err(e)) => return Err(unreachable(e.to_string())),
+        Ok(Err(e)) => {
+            let cause =
+                crate::core::fault::io_cause(&e).unwrap_or_else(|| crate::core::fault::chain(&e));
+            return Err(unreachable(cause));
+        }
         Err(_) => return Err(unreachable("no answer within 5 s".into())),
     }
     let stats = Arc::new(Stats::new(opts.clients)?);
@@ -187,7 +191,7 @@ pub async fn run(opts: Options) -> Result<Report, LoadtestError> {
         let pb =
             ProgressBar::with_draw_target(Some(opts.clients as u64), ProgressDrawTarget::stderr());
         if let Ok(style) = ProgressStyle::with_template(
-            "{elapsed_precise} [{bar:30}] {pos}/{len} clients done  {msg}",
+            "{elapsed_precise} [{bar:30}] {pos}/{len} clients have the release  {msg}",
         ) {
             pb.set_style(style.progress_chars("=> "));
         }
@@ -243,7 +247,7 @@ pub async fn run(opts: Options) -> Result<Report, LoadtestError> {
         }
         let done = stats.settled_count();
         let st = &stats;
-        pb.set_position(done as u64);
+        pb.set_position(stats.current_count() as u64);
         pb.set_message(format!(
             "downloads ok {} failed {}  heartbeats {}  429s {}",
             Stats::get(&st.downloads_ok),

@@ -156,11 +156,11 @@ impl Report {
             row(
                 "push heard",
                 format!(
-                    "revision {}: {} clients, first to last {} ms (last at unix ms {})",
+                    "revision {}: {} clients, first to last {} ms (last at {})",
                     h.revision,
                     h.clients,
                     h.last_unix_ms.saturating_sub(h.first_unix_ms),
-                    h.last_unix_ms
+                    human_time(h.last_unix_ms)
                 ),
             );
         }
@@ -206,6 +206,16 @@ impl Report {
     pub fn histogram_text(&self) -> String {
         let mut s = String::new();
         let peak = self.start_histogram.iter().copied().max().unwrap_or(0);
+        let _ = writeln!(
+            s,
+            "download starts per {} s, by seconds since the release was announced{}:",
+            trim_float(self.bucket_s),
+            match self.histogram_revision {
+                Some(r) => format!(" (revision {r})"),
+                None => String::new(),
+            }
+        );
+        let _ = writeln!(s, "{:>9} {:>7}", "from", "starts");
         for (i, n) in self.start_histogram.iter().enumerate() {
             let bar = if peak == 0 {
                 0
@@ -233,6 +243,21 @@ impl Report {
         );
         s
     }
+}
+
+/// A Unix time in milliseconds as a reader wants it: `2026-11-25 10:22:33.123 UTC`.
+pub(super) fn human_time(unix_ms: u64) -> String {
+    i64::try_from(unix_ms)
+        .ok()
+        .and_then(chrono::DateTime::from_timestamp_millis)
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S%.3f UTC").to_string())
+        .unwrap_or_else(|| format!("{unix_ms} ms after 1970"))
+}
+
+/// `0.5` as "0.5", `1.0` as "1".
+fn trim_float(x: f64) -> String {
+    let t = format!("{x:.2}");
+    t.trim_end_matches('0').trim_end_matches('.').to_string()
 }
 
 /// Bucket width and count for a window: `window_s / 60` wide, at least 1 s; enough buckets

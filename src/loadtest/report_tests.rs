@@ -66,8 +66,19 @@ fn report_json_has_every_contract_key() {
     assert_eq!(back, r);
     // The text forms.
     let text = r.histogram_text();
-    assert_eq!(text.lines().count(), 4);
-    assert!(text.lines().nth(1).unwrap().ends_with(&"#".repeat(50)));
+    assert_eq!(
+        text.lines().count(),
+        6,
+        "a header, column names, 3 buckets, peak/mean"
+    );
+    assert!(text.starts_with("download starts per "), "{text}");
+    assert!(text.lines().nth(1).unwrap().contains("starts"), "{text}");
+    assert!(text.lines().nth(3).unwrap().ends_with(&"#".repeat(50)));
     assert!(text.contains("peak/mean 2.00"));
     assert!(r.summary().contains("downloads ok"));
+}
+
+#[test]
+fn times_read_as_dates() {
+    assert_eq!(human_time(1_796_218_166_571), "2026-12-02 13:29:26.571 UTC");
 }

@@ -53,6 +53,10 @@ pub(super) struct Stats {
     pub(super) max_interval_ms: AtomicU64,
     /// Per agent: done (has the newest revision it knows, and its events are uploaded).
     pub(super) settled: Vec<AtomicBool>,
+    /// Per agent: has every item of the newest revision it knows (what the progress bar
+    /// counts: a client is through as soon as its download is verified, not one heartbeat
+    /// later when its last event went up).
+    pub(super) current: Vec<AtomicBool>,
 }
 
 impl Stats {
@@ -96,6 +100,7 @@ impl Stats {
             mode: Mutex::new(None),
             max_interval_ms: AtomicU64::new(0),
             settled: (0..clients).map(|_| AtomicBool::new(false)).collect(),
+            current: (0..clients).map(|_| AtomicBool::new(false)).collect(),
         })
     }
 
@@ -109,6 +114,13 @@ impl Stats {
 
     pub(super) fn error(&self, kind: impl Into<String>) {
         *lock(&self.errors).entry(kind.into()).or_insert(0) += 1;
+    }
+
+    pub(super) fn current_count(&self) -> usize {
+        self.current
+            .iter()
+            .filter(|b| b.load(Ordering::Relaxed))
+            .count()
     }
 
     pub(super) fn settled_count(&self) -> usize {

@@ -92,4 +92,10 @@ impl Observer for Watch {
             s.store(settled, Ordering::Relaxed);
         }
     }
+
+    fn current(&self, current: bool) {
+        if let Some(s) = self.stats.current.get(self.idx) {
+            s.store(current, Ordering::Relaxed);
+        }
+    }
 }

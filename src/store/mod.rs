@@ -1,6 +1,7 @@
 //! The content store: immutable blobs on disk named by SHA-256, plus the one sled database.
 //!
-//! Owns every file under `data_dir/blobs` and `data_dir/tmp`, and every sled call in the crate
+//! Owns every file under `data_dir/blobs` and `data_dir/tmp`, the data dir's `lock` (one
+//! process at a time, its pid inside), and every sled call in the crate
 //! (other modules persist their state through the narrow [`Kv`] interface, so the engine could
 //! change in this one file). A blob becomes visible only after its bytes were written to a temp
 //! file, hashed while written, fsynced, checked against the expected digest, renamed into
@@ -57,6 +58,9 @@ pub enum StoreError {
     Join(String),
     #[error("the database is being reopened after a failed write")]
     Reopening,
+    /// Another process (or another store of this one) has the data dir open.
+    #[error("data dir {dir} is in use by another process{}: stop it, or give this one another --data-dir", match pid { Some(p) => format!(" (pid {p})"), None => String::new() })]
+    InUse { dir: String, pid: Option<u32> },
 }
 
 impl Fault for StoreError {
@@ -128,6 +132,10 @@ pub struct Store {
 }
 
 struct Inner {
+    /// The data dir's `lock` file, holding its flock for as long as the store lives: two
+    /// processes on one data dir would clean each other's temp files and fight over sled's own
+    /// lock, whose error says nothing of who holds it.
+    _lock: std::fs::File,
     blobs_dir: PathBuf,
     tmp_dir: PathBuf,
     db: Arc<db::Database>,
@@ -167,6 +175,47 @@ impl Drop for ReadGuard {
     }
 }
 
+/// How long opening waits for the data dir's lock held by a store of this process that is
+/// still closing (as [`db`] waits for sled's).
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Takes the flock of `data_dir/lock` and writes this process's id into it, waiting up to
+/// [`LOCK_WAIT`]; [`StoreError::InUse`] names the holder's pid when its file says it.
+fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File, StoreError> {
+    use std::io::{Read, Seek, Write};
+    let path = data_dir.join("lock");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io(format!("opening {}", path.display())))?;
+    let started = std::time::Instant::now();
+    loop {
+        if crate::sys::try_lock_exclusive(&file)
+            .map_err(io(format!("locking {}", path.display())))?
+        {
+            break;
+        }
+        if started.elapsed() >= LOCK_WAIT {
+            let mut text = String::new();
+            let _ = file.read_to_string(&mut text);
+            return Err(StoreError::InUse {
+                dir: data_dir.display().to_string(),
+                pid: text.trim().parse().ok(),
+            });
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let written = file
+        .set_len(0)
+        .and_then(|()| file.rewind())
+        .and_then(|()| writeln!(file, "{}", std::process::id()));
+    written.map_err(io(format!("writing {}", path.display())))?;
+    Ok(file)
+}
+
 impl Store {
     /// Opens (creating if needed) the store under `data_dir`, removes temp files a crash left
     /// behind, and reconciles the index with the blob files.
@@ -174,7 +223,11 @@ impl Store {
         let blobs_dir = data_dir.join("blobs");
         let tmp_dir = data_dir.join("tmp");
         let db_dir = data_dir.join("db");
-        for dir in [data_dir, &blobs_dir, &tmp_dir] {
+        std::fs::create_dir_all(data_dir)
+            .map_err(io(format!("creating {}", data_dir.display())))?;
+        // Before anything else is touched: temp files may be another process's.
+        let lock = lock_data_dir(data_dir)?;
+        for dir in [&blobs_dir, &tmp_dir] {
             std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
         }
         // The database holds the registry, events and settings: readable by this user only.
@@ -188,6 +241,7 @@ impl Store {
         let index = Kv::new(db.clone(), "blobs");
         let store = Store {
             inner: Arc::new(Inner {
+                _lock: lock,
                 blobs_dir,
                 tmp_dir,
                 db,

@@ -308,3 +308,20 @@ fn the_database_is_private_to_its_user() {
         }
     }
 }
+
+#[test]
+fn a_data_dir_in_use_is_refused_naming_the_holders_pid() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = Store::open(dir.path()).unwrap();
+    let second = Store::open(dir.path())
+        .err()
+        .expect("the second open is refused");
+    let text = second.to_string();
+    assert!(
+        matches!(second, StoreError::InUse { pid: Some(p), .. } if p == std::process::id()),
+        "{text}"
+    );
+    assert!(text.contains("in use by another process (pid "), "{text}");
+    drop(first);
+    Store::open(dir.path()).expect("free again once the first store is gone");
+}

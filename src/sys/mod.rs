@@ -2,7 +2,7 @@
 //!
 //! Owns thin, safe wrappers over the system calls and mappings gup needs that the standard
 //! library and tokio do not offer: read-only file mappings, sendfile(2) and sendmsg(2) with
-//! MSG_MORE, sync_file_range(2), statvfs(2), the open-file limit, and a listener registered
+//! MSG_MORE, sync_file_range(2), statvfs(2), flock(2), the open-file limit, and a listener registered
 //! with the reactor of the thread that calls. Each block states why it is sound (SAFETY). It must never
 //! hold state or decide policy; `zerocopy` is the safe module built on these calls. The crate
 //! denies `unsafe_code` everywhere else.
@@ -95,6 +95,24 @@ pub fn register_listener(
         tokio::io::unix::AsyncFd::register_with_interest(listener, tokio::io::Interest::READABLE)
     }
     .map_err(|e| e.into_parts().1)
+}
+
+/// flock(2) `LOCK_EX | LOCK_NB`: takes the exclusive advisory lock of `file` without
+/// waiting. `Ok(false)` when another open file (of this or another process) holds it. The lock
+/// lasts until `file` is closed, and the kernel drops it when its process dies.
+pub fn try_lock_exclusive(file: &std::fs::File) -> std::io::Result<bool> {
+    // SAFETY: the descriptor is borrowed from an open file for the duration of the call, and
+    // flock takes no pointers.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(false)
+    } else {
+        Err(e)
+    }
 }
 
 /// The open-file (soft) limit now in force.

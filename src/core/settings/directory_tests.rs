@@ -570,7 +570,9 @@ fn a_new_site_requires_credentials_and_one_stored_before_enrolment_stays_open() 
     let mut d = Directory::default();
     d.put_site(&json!({"client_auth": "open"})).unwrap();
     assert_eq!(d.site.client_auth, ClientAuth::Open);
-    let e = d.put_site(&json!({"client_auth": "sometimes"})).unwrap_err();
+    let e = d
+        .put_site(&json!({"client_auth": "sometimes"}))
+        .unwrap_err();
     assert!(e.to_string().contains("client_auth"), "{e}");
     d.put_site(&json!({"client_auth": null})).unwrap();
     assert_eq!(d.site.client_auth, ClientAuth::Required);
