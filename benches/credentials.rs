@@ -42,13 +42,15 @@ impl Drop for Proc {
 /// Starts `gup ARGS` and returns it with the address it logged.
 fn start(args: &[&str], log: &Path) -> (Proc, String) {
     let file = std::fs::File::create(log).expect("log file");
-    let child = Command::new(env!("CARGO_BIN_EXE_gup"))
-        .args(args)
-        .env("RUST_LOG", "warn,gup=info")
-        .stdout(Stdio::null())
-        .stderr(file)
-        .spawn()
-        .expect("spawn gup");
+    let child = Proc(
+        Command::new(env!("CARGO_BIN_EXE_gup"))
+            .args(args)
+            .env("RUST_LOG", "warn,gup=info")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("spawn gup"),
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let text = std::fs::read_to_string(log).unwrap_or_default();
@@ -58,7 +60,7 @@ fn start(args: &[&str], log: &Path) -> (Proc, String) {
             .and_then(|l| l.split("addr=").nth(1))
             .and_then(|r| r.split_whitespace().next())
         {
-            return (Proc(child), format!("http://{addr}"));
+            return (child, format!("http://{addr}"));
         }
         assert!(
             Instant::now() < deadline,

@@ -130,7 +130,7 @@ pub(super) fn run(args: AgentArgs, log_format: LogFormat) -> Result<(), Failure>
                 (Some(t), _) => Some(t.trim().to_string()),
                 (None, Some(f)) => Some(
                     std::fs::read_to_string(f)
-                        .map_err(|e| usage(&format!("--enroll-token-file {}: {e}", f.display())))?
+                        .map_err(|e| usage(format!("--enroll-token-file {}: {e}", f.display())))?
                         .trim()
                         .to_string(),
                 ),
