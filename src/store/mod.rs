@@ -57,6 +57,10 @@ pub enum StoreError {
     Join(String),
     #[error("the database is being reopened after a failed write")]
     Reopening,
+    #[error(
+        "trees {first:?} and {second:?} are of different databases: no atomic write spans them"
+    )]
+    Apart { first: String, second: String },
 }
 
 impl Fault for StoreError {
