@@ -501,13 +501,17 @@ impl EventStore {
     }
 
     /// The first record stored for (client, id), if any. A dedupe key whose record is
-    /// missing (never written by this format; possible only in a damaged store) counts as
-    /// absent, so that the event is stored again rather than dropped.
+    /// missing or is another event's (never written by this format; possible only in a
+    /// damaged store) counts as absent, so that the event is stored again rather than
+    /// dropped.
     fn first_record(&self, client: &str, id: &str) -> Result<Option<StoredEvent>, StoreError> {
-        match self.log.get::<u64>(&dedupe_key(client, id))? {
-            Some(seq) => self.log.get::<StoredEvent>(&record_key(seq)),
-            None => Ok(None),
-        }
+        let Some(seq) = self.log.get::<u64>(&dedupe_key(client, id))? else {
+            return Ok(None);
+        };
+        Ok(self
+            .log
+            .get::<StoredEvent>(&record_key(seq))?
+            .filter(|r| r.client_id == client && r.id == id))
     }
 
     /// A page of events matching `q` in seq order, and the cursor of the next page. Walks

@@ -666,4 +666,19 @@ fn a_dedupe_key_without_its_record_does_not_drop_the_event() {
         )
         .unwrap()
         .is_empty());
+    // A key pointing at another event's record: the same.
+    store
+        .kv(LOG_TREE)
+        .unwrap()
+        .put("i/pc\0astray", &stored[0].seq)
+        .unwrap();
+    let astray = es
+        .add_events(
+            &upload("pc", vec![ev("astray", "risk", None)]),
+            &placed("lab"),
+            now,
+        )
+        .unwrap();
+    assert_eq!(astray.len(), 1);
+    assert_eq!(astray[0].conflict_of, None);
 }
