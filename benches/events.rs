@@ -9,7 +9,8 @@
 //! pages by client, group, kind and since, and a few combinations. It prints a table, the
 //! open's resident memory and the machine (CPU model from /proc/cpuinfo).
 //!
-//! Run with `cargo bench --bench events` (or `EVENTS=300000 cargo bench --bench events`).
+//! Run with `cargo bench --bench events` (or `EVENTS=300000 cargo bench --bench events`;
+//! `EVENTS_NOTIFY=1` fills through the manager's intake with notifications instead).
 //! `EVENTS_DIR=DIR` keeps the filled store in DIR and reuses it when it is already there.
 
 use std::path::{Path, PathBuf};
@@ -48,6 +49,9 @@ fn group_of(client: u64) -> String {
 fn fill(dir: &Path, n: u64) -> Duration {
     let store = Store::open(dir).expect("store");
     let es = EventStore::open(&store).expect("event store");
+    // `EVENTS_NOTIFY=1`: fill as the manager's intake does, raising and counting the
+    // notifications of the critical events (damper 3600 s) as it goes.
+    let notify = std::env::var("EVENTS_NOTIFY").is_ok_and(|v| v == "1");
     let started = Instant::now();
     let mut i = 0u64;
     let uploads = n.div_ceil(PER_UPLOAD);
@@ -79,7 +83,13 @@ fn fill(dir: &Path, n: u64) -> Duration {
             client_id: format!("pc-{client:05}"),
             events,
         };
-        es.add_events(&upload, &origin, Utc::now()).expect("add");
+        if notify {
+            // The manager's intake: the events and their notifications in one step.
+            es.accept(&upload, &origin, 3600, Utc::now())
+                .expect("accept");
+        } else {
+            es.add_events(&upload, &origin, Utc::now()).expect("add");
+        }
         i += count;
         if u % 5000 == 4999 {
             eprintln!("  filled {i} of {n} events");

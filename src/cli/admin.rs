@@ -594,7 +594,10 @@ pub(super) fn run(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure>
                         text(&e["group"]),
                         text(&e["kind"]),
                         text(&e["subkind"]),
-                        text(&e["id"]),
+                        match e["conflict_of"].as_u64() {
+                            Some(of) => format!("{} (conflict of seq {of})", text(&e["id"])),
+                            None => text(&e["id"]),
+                        },
                     ]
                 },
             );

@@ -1,27 +1,43 @@
 //! The manager's event records and the admin notifications critical events raise.
 //!
-//! Owns each event stored once per (client_id, id) under the group its client was placed
-//! in, the paged queries over them, the notifications (at most one per (group, kind) per
-//! damper period, counting what it held back) and the delivery of a new notification to the
-//! admin's webhook. All event data lives in one tree, [`LOG_TREE`], so that an event's
-//! record, its dedupe key and its index entries are written in one atomic batch: after any
-//! crash all of them are there or none, so an acknowledged event is never lost and a re-sent
-//! one is never stored twice.
+//! Owns each event stored once per (client_id, id, content) under the group its client was
+//! placed in, the paged queries over them, the notifications (at most one per (group, kind)
+//! per damper period, counting what it held back) and the delivery of a new notification to
+//! the admin's webhook. All event data lives in one tree, [`LOG_TREE`], so that an event's
+//! record, its dedupe key, its index entries and the conflict count are written in one
+//! atomic batch, and the notifications it raises or counts in the same step
+//! ([`EventStore::accept`], one transaction over both trees): after any crash all of them
+//! are there or none, so an acknowledged event is never lost, a re-sent one is never stored
+//! twice, and a notification counts exactly the stored critical events.
+//!
+//! An id re-sent with other content (kind, subkind, time as an instant, or data) is a
+//! **conflict**: stored as a record of its own whose `conflict_of` is the seq of the id's
+//! first record, counted (`s/conflicts`, the `gup_event_conflicts_total` metric), and
+//! notified like any event; the same conflicting content again is stored once. There is no
+//! bound per id: any cap would let whoever fills it first hide the real event again (the
+//! pre-sent-ids attack of issue 16), and a refusal would stall a node, which keeps a
+//! refused batch queued. Conflicts are bounded as every event is: each is one event of an
+//! upload within the 1 MiB body limit, and detecting one costs one key lookup however many
+//! variants an id has.
 //!
 //! | key | value |
 //! |---|---|
 //! | `r/{seq:020}` | the [`StoredEvent`] |
-//! | `i/{client}\0{id}` | its seq: the dedupe key |
+//! | `i/{client}\0{id}` | the seq of the id's first record: the dedupe key |
+//! | `x/{client}\0{id}\0{content sha256}` | the seq of a conflict with that content |
+//! | `s/conflicts` | how many conflicts are stored |
 //! | `c/{client}\0{seq:020}`, `g/{group}\0{seq:020}`, `k/{kind}\0{seq:020}` | the event's time, so `since` needs no record |
 //! | `t/{seq:020}` | the event's time: a `since` alone walks these small entries, not the records |
 //!
 //! Notifications live in [`NOTICES_TREE`]: `n/{id:020}` holds each, `p/{group}\0{kind}\0{id:020}`
-//! finds the latest of a (group, kind). Free text in a key is escaped (`page::part`).
+//! finds the latest of a (group, kind). Free text in a key is escaped (`page::part`). The
+//! webhook is called after the step is durable, at most once: a crash before it is sent
+//! loses the call, never the notification.
 //! Nothing is loaded whole: the next seq is the last record's at open, a query walks the
 //! most selective index it is given and visits at most [`SCAN_LIMIT`] entries. Persistence
 //! is through `store::Kv`. It must never decide where a client belongs.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
@@ -29,8 +45,9 @@ use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 
 use super::page::{self, part, seq_after, seq_part, BadLimit, DEFAULT_LIMIT, MAX_LIMIT};
+use crate::core::digest::Digest;
 use crate::core::fault::{Fault, Internal, Kind};
-use crate::core::proto::{is_critical, EventUpload, Placement};
+use crate::core::proto::{is_critical, Event, EventUpload, Placement};
 use crate::store::{Batch, Kv, Store, StoreError};
 
 pub use super::page::SCAN_LIMIT;
@@ -83,6 +100,32 @@ pub struct StoredEvent {
     pub received_at: DateTime<Utc>,
     /// Position in arrival order; the pagination cursor.
     pub seq: u64,
+    /// Set on a conflict: an upload that reused the id of the record with this seq (the
+    /// id's first) with other content. Absent on an id's first record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conflict_of: Option<u64>,
+}
+
+impl StoredEvent {
+    /// Whether `e` (at `time`) has this record's content: kind, subkind, time as an
+    /// instant, and data.
+    fn same_content(&self, e: &Event, time: &DateTime<Utc>) -> bool {
+        self.kind == e.kind
+            && self.subkind == e.subkind
+            && self.time == *time
+            && self.data == e.data
+    }
+}
+
+/// What one upload did ([`EventStore::accept`]).
+#[derive(Debug, Default)]
+pub struct Intake {
+    /// The records stored now, conflicts among them; a re-sent event is not.
+    pub stored: Vec<StoredEvent>,
+    /// How many of `stored` are conflicts.
+    pub conflicts: u64,
+    /// The notifications raised now (for the webhook); counted ones are not.
+    pub created: Vec<Notification>,
 }
 
 /// An admin notification: critical events of one (group, kind) within a damper period.
@@ -152,6 +195,60 @@ fn dedupe_key(client: &str, id: &str) -> String {
     format!("i/{}\0{}", part(client), part(id))
 }
 
+fn conflict_key(client: &str, id: &str, content: &str) -> String {
+    format!("x/{}\0{}\0{content}", part(client), part(id))
+}
+
+/// The key of the number of conflicts stored.
+const CONFLICTS_KEY: &str = "s/conflicts";
+
+/// The SHA-256 (hex) of an event's content: kind, subkind, time as an instant and data, the
+/// data's object keys in sorted order, so that one content always gives one digest.
+fn content_digest(e: &Event, time: &DateTime<Utc>) -> String {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    let (secs, nanos) = stamp(time);
+    let head = serde_json::json!([e.kind, e.subkind, secs, nanos]);
+    h.update(head.to_string().as_bytes());
+    h.update(b"\n");
+    canonical(&e.data, &mut h);
+    Digest::from_hasher(h).to_hex()
+}
+
+/// Feeds `v` to `h` as JSON with every object's keys sorted (whatever order serde_json
+/// keeps them in).
+fn canonical(v: &serde_json::Value, h: &mut sha2::Sha256) {
+    use serde_json::Value;
+    use sha2::Digest as _;
+    match v {
+        Value::Object(m) => {
+            let mut entries: Vec<_> = m.iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(b.0));
+            h.update(b"{");
+            for (i, (k, v)) in entries.into_iter().enumerate() {
+                if i > 0 {
+                    h.update(b",");
+                }
+                h.update(Value::String(k.clone()).to_string().as_bytes());
+                h.update(b":");
+                canonical(v, h);
+            }
+            h.update(b"}");
+        }
+        Value::Array(items) => {
+            h.update(b"[");
+            for (i, v) in items.iter().enumerate() {
+                if i > 0 {
+                    h.update(b",");
+                }
+                canonical(v, h);
+            }
+            h.update(b"]");
+        }
+        other => h.update(other.to_string().as_bytes()),
+    }
+}
+
 /// The prefix of one index's entries for `value` (`c` client, `g` group, `k` kind).
 fn index_prefix(tag: char, value: &str) -> String {
     format!("{tag}/{}\0", part(value))
@@ -161,11 +258,22 @@ fn notice_key(id: u64) -> String {
     format!("n/{}", seq_part(id))
 }
 
-/// Adds an event's record, dedupe key and index entries to `batch`.
+/// Adds an id's first record, its dedupe key and its index entries to `batch`.
 pub(super) fn put_event(batch: &mut Batch, e: &StoredEvent) -> Result<(), StoreError> {
+    batch.put(&dedupe_key(&e.client_id, &e.id), &e.seq)?;
+    put_record(batch, e)
+}
+
+/// Adds a conflict's record, its key (by content digest) and its index entries to `batch`.
+fn put_conflict(batch: &mut Batch, e: &StoredEvent, content: &str) -> Result<(), StoreError> {
+    batch.put(&conflict_key(&e.client_id, &e.id, content), &e.seq)?;
+    put_record(batch, e)
+}
+
+/// Adds a record and its index entries to `batch`.
+fn put_record(batch: &mut Batch, e: &StoredEvent) -> Result<(), StoreError> {
     let seq = seq_part(e.seq);
     batch.put(&format!("r/{seq}"), e)?;
-    batch.put(&dedupe_key(&e.client_id, &e.id), &e.seq)?;
     let time = stamp(&e.time);
     for (tag, value) in [('c', &e.client_id), ('g', &e.group), ('k', &e.kind)] {
         batch.put(&format!("{}{seq}", index_prefix(tag, value)), &time)?;
@@ -205,17 +313,27 @@ fn exhausted(what: &str) -> Internal {
     Internal(format!("{what} numbers are exhausted"))
 }
 
+/// What intake keeps between uploads: the numbers the next write continues from.
+#[derive(Debug, Clone, Copy)]
+struct Counters {
+    /// The next event's seq.
+    seq: u64,
+    /// The next notification's id.
+    notice: u64,
+    /// Conflicts stored (the value at [`CONFLICTS_KEY`]).
+    conflicts: u64,
+}
+
 /// The manager's event records.
 #[derive(Clone)]
 pub struct EventStore {
     log: Kv,
     notices: Kv,
-    /// The next event's seq, held while an upload is checked against the dedupe keys and
-    /// written, so that two uploads of one id cannot both store it.
-    intake: Arc<Mutex<u64>>,
-    /// The next notification's id, held while a notification is raised or counted (a read,
-    /// then a write).
-    notifying: Arc<Mutex<u64>>,
+    /// Held while an upload is checked against the dedupe keys and written with the
+    /// notifications it raises or counts, so that two uploads of one id cannot both store
+    /// it and two events cannot both raise the notification of a (group, kind). Updated
+    /// only after a write succeeded.
+    counters: Arc<Mutex<Counters>>,
     /// Entries one query visits at most: [`SCAN_LIMIT`], smaller in tests.
     scan_limit: usize,
 }
@@ -232,13 +350,28 @@ impl EventStore {
         let next_id = last_seq(&notices, "n/")?
             .checked_add(1)
             .ok_or_else(|| exhausted("notification"))?;
+        let conflicts = log.get::<u64>(CONFLICTS_KEY)?.unwrap_or(0);
         Ok(EventStore {
             log,
             notices,
-            intake: Arc::new(Mutex::new(next_seq)),
-            notifying: Arc::new(Mutex::new(next_id)),
+            counters: Arc::new(Mutex::new(Counters {
+                seq: next_seq,
+                notice: next_id,
+                conflicts,
+            })),
             scan_limit: SCAN_LIMIT,
         })
+    }
+
+    /// How many conflicts are stored (for `gup_event_conflicts_total` at start).
+    pub fn conflicts(&self) -> Result<u64, EventsError> {
+        Ok(self.lock()?.conflicts)
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Counters>, Internal> {
+        self.counters
+            .lock()
+            .map_err(|_| Internal::poisoned("event intake"))
     }
 
     /// The same records, with queries visiting at most `entries` each (at least 1).
@@ -247,33 +380,64 @@ impl EventStore {
         self
     }
 
-    /// Stores each event of `upload` once per (client_id, id), each with its dedupe key and
-    /// index entries, in one atomic batch. Returns the events newly stored (for
-    /// notifications); a re-sent id is not among them.
+    /// Stores the events of `upload` as [`EventStore::accept`] does, raising no
+    /// notification. Returns the records stored.
     pub fn add_events(
         &self,
         upload: &EventUpload,
         origin: &Placement,
         now: DateTime<Utc>,
     ) -> Result<Vec<StoredEvent>, EventsError> {
-        let mut next = self
-            .intake
-            .lock()
-            .map_err(|_| Internal::poisoned("event intake"))?;
-        let mut seq = *next;
+        Ok(self.intake(upload, origin, None, now)?.stored)
+    }
+
+    /// Stores each event of `upload` once per (client_id, id, content): an id's first
+    /// upload as its record, the same content again not at all, other content as a
+    /// conflict (once per content). The records, their keys and index entries, the conflict
+    /// count, and the notifications the critical ones among them raise or count (damper
+    /// `damper_s`, as [`EventStore::notify`]) are written in one atomic step.
+    pub fn accept(
+        &self,
+        upload: &EventUpload,
+        origin: &Placement,
+        damper_s: u64,
+        now: DateTime<Utc>,
+    ) -> Result<Intake, EventsError> {
+        self.intake(upload, origin, Some(damper_s), now)
+    }
+
+    fn intake(
+        &self,
+        upload: &EventUpload,
+        origin: &Placement,
+        damper_s: Option<u64>,
+        now: DateTime<Utc>,
+    ) -> Result<Intake, EventsError> {
+        let mut counters = self.lock()?;
+        let mut next = *counters;
         let mut batch = Batch::default();
-        let mut seen = HashSet::new();
-        let mut stored = Vec::new();
+        let client = upload.client_id.as_str();
+        // The first record of each id met so far: stored before (read once) or in this
+        // upload; None when the id is new.
+        let mut firsts: HashMap<&str, Option<StoredEvent>> = HashMap::new();
+        // The conflicts of this upload, by (id, content digest).
+        let mut variants: HashSet<(&str, String)> = HashSet::new();
+        let mut out = Intake::default();
         for e in &upload.events {
+            // `EventUpload::validate` refuses an upload with a time that does not parse
+            // (400) before it gets here.
             let Some(time) = e.parsed_time() else {
                 continue;
             };
-            if !seen.insert(e.id.as_str())
-                || self.log.contains(&dedupe_key(&upload.client_id, &e.id))?
-            {
-                continue;
-            }
-            let record = StoredEvent {
+            let first = match firsts.get(e.id.as_str()) {
+                Some(known) => known.clone(),
+                None => {
+                    let found = self.first_record(client, &e.id)?;
+                    firsts.insert(e.id.as_str(), found.clone());
+                    found
+                }
+            };
+            let mut record = StoredEvent {
                 id: e.id.clone(),
                 client_id: upload.client_id.clone(),
                 group: origin.group.clone(),
@@ -283,17 +447,71 @@ impl EventStore {
                 time,
                 data: e.data.clone(),
                 received_at: now,
-                seq,
+                seq: next.seq,
+                conflict_of: None,
             };
-            put_event(&mut batch, &record)?;
-            stored.push(record);
-            seq = seq.checked_add(1).ok_or_else(|| exhausted("event"))?;
+            match first {
+                None => {
+                    put_event(&mut batch, &record)?;
+                    firsts.insert(e.id.as_str(), Some(record.clone()));
+                }
+                Some(first) if first.same_content(e, &time) => continue,
+                Some(first) => {
+                    let content = content_digest(e, &time);
+                    let key = conflict_key(client, &e.id, &content);
+                    if variants.contains(&(e.id.as_str(), content.clone()))
+                        || self.log.contains(&key)?
+                    {
+                        continue;
+                    }
+                    record.conflict_of = Some(first.seq);
+                    put_conflict(&mut batch, &record, &content)?;
+                    variants.insert((e.id.as_str(), content));
+                    next.conflicts = next
+                        .conflicts
+                        .checked_add(1)
+                        .ok_or_else(|| exhausted("conflict"))?;
+                    out.conflicts += 1;
+                }
+            }
+            out.stored.push(record);
+            next.seq = next.seq.checked_add(1).ok_or_else(|| exhausted("event"))?;
         }
-        if !stored.is_empty() {
+        if out.stored.is_empty() {
+            return Ok(out);
+        }
+        if out.conflicts > 0 {
+            batch.put(CONFLICTS_KEY, &next.conflicts)?;
+        }
+        let mut notices = Batch::default();
+        if let Some(damper_s) = damper_s {
+            out.created = self.plan_notices(&out.stored, damper_s, now, &mut next, &mut notices)?;
+        }
+        if notices.is_empty() {
             self.log.apply(batch)?;
-            *next = seq;
+        } else {
+            self.log.apply_with(batch, &self.notices, notices)?;
         }
-        Ok(stored)
+        *counters = next;
+        drop(counters);
+        for c in out.stored.iter().filter(|e| e.conflict_of.is_some()) {
+            tracing::warn!(client = %c.client_id, id = %c.id, seq = c.seq, conflict_of = ?c.conflict_of, "an upload reused an event id with other content: stored as a conflict");
+        }
+        Ok(out)
+    }
+
+    /// The first record stored for (client, id), if any. A dedupe key whose record is
+    /// missing or is another event's (never written by this format; possible only in a
+    /// damaged store) counts as absent, so that the event is stored again rather than
+    /// dropped.
+    fn first_record(&self, client: &str, id: &str) -> Result<Option<StoredEvent>, StoreError> {
+        let Some(seq) = self.log.get::<u64>(&dedupe_key(client, id))? else {
+            return Ok(None);
+        };
+        Ok(self
+            .log
+            .get::<StoredEvent>(&record_key(seq))?
+            .filter(|r| r.client_id == client && r.id == id))
     }
 
     /// A page of events matching `q` in seq order, and the cursor of the next page. Walks
@@ -377,40 +595,68 @@ impl EventStore {
         Ok(fits.then_some(e))
     }
 
-    /// Raises or counts notifications for the critical events among `stored`. At most one
-    /// notification per (group, kind) per `damper_s`; 0 means every event notifies. The
-    /// latest of a (group, kind) is found with one lookup from the end of its entries.
-    /// Returns the notifications created (for the webhook).
+    /// Raises or counts notifications for the critical events among `stored`, in one
+    /// atomic batch. At most one notification per (group, kind) per `damper_s`; 0 means
+    /// every event notifies. Returns the notifications created (for the webhook).
+    /// [`EventStore::accept`] does this in the same step as it stores the events.
     pub fn notify(
         &self,
         stored: &[StoredEvent],
         damper_s: u64,
         now: DateTime<Utc>,
     ) -> Result<Vec<Notification>, EventsError> {
-        let mut next = self
-            .notifying
-            .lock()
-            .map_err(|_| Internal::poisoned("notifications"))?;
+        let mut counters = self.lock()?;
+        let mut next = *counters;
+        let mut batch = Batch::default();
+        let created = self.plan_notices(stored, damper_s, now, &mut next, &mut batch)?;
+        if !batch.is_empty() {
+            self.notices.apply(batch)?;
+        }
+        *counters = next;
+        Ok(created)
+    }
+
+    /// Puts into `batch` what the critical events among `stored` do to the notifications:
+    /// each raises one, numbered from `next.notice`, or counts onto the latest of its
+    /// (group, kind) while that is younger than `damper_s` (0: every event raises one).
+    /// The latest of a (group, kind) is found with one lookup from the end of its entries,
+    /// or among those this batch already touched. Returns the notifications raised.
+    fn plan_notices(
+        &self,
+        stored: &[StoredEvent],
+        damper_s: u64,
+        now: DateTime<Utc>,
+        next: &mut Counters,
+        batch: &mut Batch,
+    ) -> Result<Vec<Notification>, EventsError> {
         let damper = i64::try_from(damper_s).unwrap_or(i64::MAX);
-        let mut created = Vec::new();
+        // Every notification this batch raised or counted onto, by id, and whether it
+        // raised it; and the latest of each (group, kind) among them.
+        let mut touched: BTreeMap<u64, (Notification, bool)> = BTreeMap::new();
+        let mut latest: HashMap<(String, String), u64> = HashMap::new();
         for e in stored {
             if !is_critical(&e.kind, e.subkind.as_deref()) {
                 continue;
             }
-            let prefix = format!("p/{}\0{}\0", part(&e.group), part(&e.kind));
-            let latest = match self.notices.last::<u64>(&prefix)? {
-                Some((_, id)) => self.notices.get::<Notification>(&notice_key(id))?,
-                None => None,
-            };
-            match latest {
-                Some(mut n) if damper > 0 && (now - n.first_at).num_seconds() < damper => {
+            let at = (e.group.clone(), e.kind.clone());
+            if !latest.contains_key(&at) {
+                let prefix = format!("p/{}\0{}\0", part(&e.group), part(&e.kind));
+                if let Some((_, id)) = self.notices.last::<u64>(&prefix)? {
+                    if let Some(n) = self.notices.get::<Notification>(&notice_key(id))? {
+                        touched.insert(id, (n, false));
+                        latest.insert(at.clone(), id);
+                    }
+                }
+            }
+            let current = latest.get(&at).and_then(|id| touched.get_mut(id));
+            match current {
+                Some((n, _)) if damper > 0 && (now - n.first_at).num_seconds() < damper => {
                     n.count += 1;
                     n.last_at = now;
-                    self.notices.put(&notice_key(n.id), &n)?;
                 }
                 _ => {
                     let n = Notification {
-                        id: *next,
+                        id: next.notice,
                         group: e.group.clone(),
                         kind: e.kind.clone(),
                         first_at: now,
@@ -419,14 +665,22 @@ impl EventStore {
                         client_id: e.client_id.clone(),
                         event_id: e.id.clone(),
                     };
-                    let mut batch = Batch::default();
-                    put_notice(&mut batch, &n)?;
-                    self.notices.apply(batch)?;
-                    *next = next
+                    next.notice = next
+                        .notice
                         .checked_add(1)
                         .ok_or_else(|| exhausted("notification"))?;
-                    created.push(n);
+                    latest.insert(at, n.id);
+                    touched.insert(n.id, (n, true));
                 }
+            }
+        }
+        let mut created = Vec::new();
+        for (n, raised) in touched.into_values() {
+            if raised {
+                put_notice(batch, &n)?;
+                created.push(n);
+            } else {
+                batch.put(&notice_key(n.id), &n)?;
             }
         }
         Ok(created)

@@ -397,6 +397,7 @@ fn the_previous_format_is_moved_once_and_a_lost_record_can_be_sent_again() {
     let dir = tempfile::tempdir().unwrap();
     let now = "2026-11-24T10:00:00Z".parse::<DateTime<Utc>>().unwrap();
     let old_event = |seq: u64, id: &str| StoredEvent {
+        conflict_of: None,
         id: id.into(),
         client_id: "pc".into(),
         group: "lab".into(),
@@ -464,10 +465,14 @@ fn the_previous_format_is_moved_once_and_a_lost_record_can_be_sent_again() {
         .unwrap();
     assert_eq!(by_client.events.len(), 5, "the moved events are indexed");
     // The event whose key was left without its record is stored when sent again; a moved
-    // one is not.
+    // one (the same content) is not.
+    let moved = Event {
+        data: serde_json::json!({"n": 14}),
+        ..ev("e7", "risk", None)
+    };
     let again = EventUpload {
         client_id: "pc".into(),
-        events: vec![ev("lost", "risk", None), ev("e7", "risk", None)],
+        events: vec![ev("lost", "risk", None), moved],
     };
     let stored = es.add_events(&again, &placed("lab"), now).unwrap();
     assert_eq!(stored.len(), 1);
@@ -484,4 +489,196 @@ fn the_previous_format_is_moved_once_and_a_lost_record_can_be_sent_again() {
     previous_format(&store).unwrap();
     let _es = EventStore::open(&store).unwrap();
     assert_eq!(dump(&store, LOG_TREE), before);
+}
+
+fn upload(client: &str, events: Vec<Event>) -> EventUpload {
+    EventUpload {
+        client_id: client.into(),
+        events,
+    }
+}
+
+#[test]
+fn an_id_reused_with_other_content_is_a_conflict_stored_once() {
+    let (t, store, es) = open();
+    let now = Utc::now();
+    let first = ev("42", "system_change", None);
+    es.add_events(&upload("pc", vec![first.clone()]), &placed("lab"), now)
+        .unwrap();
+    let real = Event {
+        data: serde_json::json!({"port": 445, "proto": "tcp"}),
+        ..ev("42", "intrusion", Some("port_scan"))
+    };
+    // The same content is a re-send, other content a conflict: once per content, also
+    // when it comes twice in one upload.
+    let intake = es
+        .accept(
+            &upload("pc", vec![first.clone(), real.clone(), real.clone()]),
+            &placed("lab"),
+            3600,
+            now,
+        )
+        .unwrap();
+    assert_eq!(intake.stored.len(), 1);
+    assert_eq!(intake.conflicts, 1);
+    let c = &intake.stored[0];
+    assert_eq!(c.conflict_of, Some(1));
+    assert_eq!(c.kind, "intrusion");
+    // A critical conflict raises a notification like any event.
+    assert_eq!(intake.created.len(), 1);
+    assert_eq!(intake.created[0].event_id, "42");
+    // Its data in another key order, and its time written another way, is the same content.
+    let reordered = Event {
+        data: serde_json::from_str(r#"{"proto": "tcp", "port": 445}"#).unwrap(),
+        time: "2026-11-24T11:00:00+01:00".into(),
+        ..real.clone()
+    };
+    let again = es
+        .accept(&upload("pc", vec![reordered]), &placed("lab"), 3600, now)
+        .unwrap();
+    assert!(again.stored.is_empty(), "{:?}", again.stored);
+    // A second, different content is a second conflict of the same first record.
+    let other = Event {
+        time: "2026-11-24T12:00:00Z".into(),
+        ..real.clone()
+    };
+    let second = es
+        .add_events(&upload("pc", vec![other]), &placed("lab"), now)
+        .unwrap();
+    assert_eq!(second.len(), 1);
+    assert_eq!(second[0].conflict_of, Some(1));
+    assert_eq!(es.conflicts().unwrap(), 2);
+    // Another client's "42" is its own first record.
+    let theirs = es
+        .add_events(&upload("pc-2", vec![real]), &placed("lab"), now)
+        .unwrap();
+    assert_eq!(theirs[0].conflict_of, None);
+    // The admin query shows the mark; the count survives a reopen.
+    let page = es.query(&EventQuery::default()).unwrap();
+    let marks: Vec<Option<u64>> = page.events.iter().map(|e| e.conflict_of).collect();
+    assert_eq!(marks, vec![None, Some(1), Some(1), None]);
+    let json = serde_json::to_value(&page.events[1]).unwrap();
+    assert_eq!(json["conflict_of"], 1);
+    assert!(serde_json::to_value(&page.events[0])
+        .unwrap()
+        .get("conflict_of")
+        .is_none());
+    drop(es);
+    drop(store);
+    let store = Store::open(t.path()).unwrap();
+    let es = EventStore::open(&store).unwrap();
+    assert_eq!(es.conflicts().unwrap(), 2);
+    let keys: Vec<String> = dump(&store, LOG_TREE).into_iter().map(|(k, _)| k).collect();
+    assert_eq!(keys.iter().filter(|k| k.starts_with("x/pc\0")).count(), 2);
+    assert!(keys.contains(&"s/conflicts".to_string()));
+}
+
+#[test]
+fn accept_writes_the_events_and_their_notifications_together() {
+    let (_t, store, es) = open();
+    let now = Utc::now();
+    let events = vec![
+        ev("1", "intrusion", None),
+        ev("2", "intrusion", None),
+        ev("3", "risk", Some("virus")),
+        ev("4", "risk", Some("cookie")),
+        ev("5", "system_change", None),
+    ];
+    let intake = es
+        .accept(&upload("pc", events.clone()), &placed("lab"), 3600, now)
+        .unwrap();
+    assert_eq!(intake.stored.len(), 5);
+    // One per (group, kind): intrusion counting two, risk one; the cookie is not critical.
+    let mut counts: Vec<(String, u64)> = intake
+        .created
+        .iter()
+        .map(|n| (n.kind.clone(), n.count))
+        .collect();
+    counts.sort();
+    assert_eq!(
+        counts,
+        vec![("intrusion".to_string(), 2), ("risk".to_string(), 1)]
+    );
+    let stored: Vec<(String, serde_json::Value)> = dump(&store, NOTICES_TREE);
+    assert_eq!(
+        stored.len(),
+        4,
+        "two notifications and their (group, kind) entries"
+    );
+    // A re-send counts nothing; a new event in the period counts onto the same one.
+    assert!(es
+        .accept(&upload("pc", events), &placed("lab"), 3600, now)
+        .unwrap()
+        .created
+        .is_empty());
+    let more = es
+        .accept(
+            &upload("pc", vec![ev("6", "intrusion", None)]),
+            &placed("lab"),
+            3600,
+            now,
+        )
+        .unwrap();
+    assert!(more.created.is_empty());
+    let page = es.notifications(&NoticeQuery::default()).unwrap();
+    let total: u64 = page.notifications.iter().map(|n| n.count).sum();
+    assert_eq!(total, 4);
+    // Damper 0: every critical event raises its own, numbered on.
+    let each = es
+        .accept(
+            &upload(
+                "pc",
+                vec![ev("7", "intrusion", None), ev("8", "intrusion", None)],
+            ),
+            &placed("lab"),
+            0,
+            now,
+        )
+        .unwrap();
+    let ids: Vec<u64> = each.created.iter().map(|n| n.id).collect();
+    assert_eq!(ids, vec![3, 4]);
+}
+
+#[test]
+fn a_dedupe_key_without_its_record_does_not_drop_the_event() {
+    let (_t, store, es) = open();
+    let now = Utc::now();
+    // A damaged store: a dedupe key pointing at no record.
+    store
+        .kv(LOG_TREE)
+        .unwrap()
+        .put("i/pc\0lost", &7u64)
+        .unwrap();
+    let stored = es
+        .add_events(
+            &upload("pc", vec![ev("lost", "risk", None)]),
+            &placed("lab"),
+            now,
+        )
+        .unwrap();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].conflict_of, None);
+    assert!(es
+        .add_events(
+            &upload("pc", vec![ev("lost", "risk", None)]),
+            &placed("lab"),
+            now
+        )
+        .unwrap()
+        .is_empty());
+    // A key pointing at another event's record: the same.
+    store
+        .kv(LOG_TREE)
+        .unwrap()
+        .put("i/pc\0astray", &stored[0].seq)
+        .unwrap();
+    let astray = es
+        .add_events(
+            &upload("pc", vec![ev("astray", "risk", None)]),
+            &placed("lab"),
+            now,
+        )
+        .unwrap();
+    assert_eq!(astray.len(), 1);
+    assert_eq!(astray[0].conflict_of, None);
 }

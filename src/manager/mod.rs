@@ -135,6 +135,7 @@ impl Manager {
         let events = EventStore::open(&store)?.with_scan_limit(scan_limit);
         let apps = Inventory::open(&store)?.with_scan_limit(scan_limit);
         let metrics = Arc::new(Metrics::new());
+        metrics.event_conflicts.inc_by(events.conflicts()?);
         let serving = serve::serving(
             &config.limits,
             tls::optional(&m.tls_cert, &m.tls_key)?,
@@ -303,12 +304,15 @@ impl Manager {
             let placement = placed.placement.unwrap_or_else(Placement::unknown);
             match placed.upload {
                 Upload::Events(u) => {
-                    let stored = self.events.add_events(&u, &placement, now)?;
-                    created.extend(self.events.notify(&stored, damper, now)?);
+                    // The events and the notifications they raise or count, in one step.
+                    let intake = self.events.accept(&u, &placement, damper, now)?;
+                    self.served.metrics.event_conflicts.inc_by(intake.conflicts);
+                    created.extend(intake.created);
                 }
                 Upload::Applications(u) => self.apps.add(&u, now)?,
             }
         }
+        // Durable before the 202 (the caller answers after this returns).
         self.events.flush().await?;
         for n in created {
             tracing::warn!(group = %n.group, kind = %n.kind, client = %n.client_id, "critical event: admin notification raised");

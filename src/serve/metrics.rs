@@ -44,6 +44,9 @@ pub struct Metrics {
     pub store_writable: Gauge,
     /// Requests and connections refused by a per-address limit, by reason.
     refused: Family<Vec<(String, String)>, Counter>,
+    /// Conflicts stored by the manager (an event id re-sent with other content); it starts
+    /// from the count stored, so it agrees with the records across restarts.
+    pub event_conflicts: Counter,
 }
 
 impl Default for Metrics {
@@ -123,6 +126,12 @@ impl Metrics {
             "Requests and connections refused by a per-address limit, by reason",
             refused.clone(),
         );
+        let event_conflicts = Counter::default();
+        registry.register(
+            "gup_event_conflicts",
+            "Events stored as conflicts: an id re-sent with other content",
+            event_conflicts.clone(),
+        );
         let upstream_up = Family::<Vec<(String, String)>, Gauge>::default();
         registry.register(
             "gup_upstream_up",
@@ -174,6 +183,7 @@ impl Metrics {
             relay_dropped,
             store_writable,
             refused,
+            event_conflicts,
             stream_clients,
             slot_deferrals,
             events_queued,

@@ -1,7 +1,7 @@
 //! The key-value index: named trees of JSON records in the one sled database.
 //!
 //! Owns [`Kv`], the narrow database interface the rest of the crate persists through: single
-//! records, atomic batches of writes to one tree, ordered visits that decode one record at a
+//! records, atomic batches of writes to one tree (or to two, together), ordered visits that decode one record at a
 //! time (a page of a large tree never loads the rest of it), and the group commit that lets
 //! concurrent acknowledgements share one disk flush. A `Kv` looks its tree up on every use,
 //! so that a database reopened after a failed write (`db`) serves it again. Every sled call of
@@ -56,6 +56,8 @@ pub struct Batch {
     inner: sled::Batch,
     /// Bytes of the values put, for callers that keep a byte count.
     bytes: u64,
+    /// Writes (puts and removes) added.
+    writes: usize,
 }
 
 impl Batch {
@@ -64,13 +66,20 @@ impl Batch {
         let bytes = encode(key, value)?;
         let len = bytes.len() as u64;
         self.bytes += len;
+        self.writes += 1;
         self.inner.insert(key.as_bytes(), bytes);
         Ok(len)
     }
 
     /// Removes `key` when the batch is applied.
     pub fn remove(&mut self, key: &str) {
+        self.writes += 1;
         self.inner.remove(key.as_bytes());
+    }
+
+    /// Whether nothing was added.
+    pub fn is_empty(&self) -> bool {
+        self.writes == 0
     }
 
     /// Bytes of the values put so far.
@@ -144,6 +153,36 @@ impl Kv {
     pub fn apply(&self, batch: Batch) -> Result<(), StoreError> {
         let tree = self.tree()?;
         self.db.check(tree.apply_batch(batch.inner))
+    }
+
+    /// Applies `batch` to this tree and `other_batch` to `other`, atomically: after a crash,
+    /// every write of both or none (one sled transaction over the two trees). Both must be
+    /// trees of the same database.
+    pub fn apply_with(
+        &self,
+        batch: Batch,
+        other: &Kv,
+        other_batch: Batch,
+    ) -> Result<(), StoreError> {
+        use sled::transaction::{ConflictableTransactionError, TransactionError};
+        use sled::Transactional;
+        if !Arc::ptr_eq(&self.db, &other.db) {
+            return Err(StoreError::Apart {
+                first: self.name.to_string(),
+                second: other.name.to_string(),
+            });
+        }
+        let (mine, theirs) = (self.tree()?, other.tree()?);
+        let r = (&mine, &theirs).transaction(|(a, b)| {
+            a.apply_batch(&batch.inner)?;
+            b.apply_batch(&other_batch.inner)?;
+            Ok::<(), ConflictableTransactionError<std::convert::Infallible>>(())
+        });
+        match r {
+            Ok(()) => Ok(()),
+            Err(TransactionError::Storage(e)) => self.db.check(Err(e)),
+            Err(TransactionError::Abort(never)) => match never {},
+        }
     }
 
     /// Every record whose key starts with `prefix`, in key order. For a small tree only:

@@ -61,6 +61,10 @@ pub enum StoreError {
     /// Another process (or another store of this one) has the data dir open.
     #[error("data dir {dir} is in use by another process{}: stop it, or give this one another --data-dir", match pid { Some(p) => format!(" (pid {p})"), None => String::new() })]
     InUse { dir: String, pid: Option<u32> },
+    #[error(
+        "trees {first:?} and {second:?} are of different databases: no atomic write spans them"
+    )]
+    Apart { first: String, second: String },
 }
 
 impl Fault for StoreError {

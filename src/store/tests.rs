@@ -325,3 +325,29 @@ fn a_data_dir_in_use_is_refused_naming_the_holders_pid() {
     drop(first);
     Store::open(dir.path()).expect("free again once the first store is gone");
 }
+
+#[test]
+fn a_batch_on_two_trees_is_applied_together_and_only_within_one_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let (a, b) = (store.kv("a").unwrap(), store.kv("b").unwrap());
+    let (mut first, mut second) = (Batch::default(), Batch::default());
+    assert!(first.is_empty());
+    first.put("k", &1u64).unwrap();
+    second.put("k", &2u64).unwrap();
+    second.remove("gone");
+    assert!(!first.is_empty());
+    a.apply_with(first, &b, second).unwrap();
+    assert_eq!(a.get::<u64>("k").unwrap(), Some(1));
+    assert_eq!(b.get::<u64>("k").unwrap(), Some(2));
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = Store::open(other_dir.path()).unwrap();
+    let elsewhere = other.kv("b").unwrap();
+    let mut batch = Batch::default();
+    batch.put("k", &3u64).unwrap();
+    let e = a
+        .apply_with(batch, &elsewhere, Batch::default())
+        .unwrap_err();
+    assert!(matches!(e, StoreError::Apart { .. }), "{e}");
+    assert_eq!(a.get::<u64>("k").unwrap(), Some(1));
+}
