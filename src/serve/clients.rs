@@ -2,11 +2,13 @@
 //! downstream node relays of them.
 //!
 //! Owns the handlers of `POST /v1/heartbeat`, `/v1/events`, `/v1/applications`,
-//! `/v1/node/heartbeats`, `/v1/node/events` and `GET /v1/stream`, the same for both roles:
-//! validation, the reply (effective settings, policy serial, catalog revision, download slot),
-//! the application-learning gate, and the order of a node batch (its heartbeats are placed
-//! before its uploads are filed). Where a client belongs and where uploads go is the
-//! [`super::Role`]'s. It must never decide a client's group itself.
+//! `/v1/node/heartbeats`, `/v1/node/events`, `/v1/node/enroll` and `GET /v1/stream`, the
+//! same for both roles: validation, who the caller is (`identity`; an `enroll_token` on a
+//! heartbeat enrols through the role), the reply (effective settings, policy serial, catalog
+//! revision, download slot, an issued credential), the application-learning gate, and the
+//! order of a node batch (its heartbeats are placed before its uploads are filed). Where a
+//! client belongs, where uploads go and who issues credentials is the [`super::Role`]'s. It
+//! must never decide a client's group itself.
 
 use std::sync::Arc;
 
