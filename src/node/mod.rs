@@ -72,6 +72,9 @@ const DIRECTORY_KEY: &str = "directory";
 
 /// A node's state.
 pub struct Node {
+    /// This node's id: made at its first start, kept in its store (`node`/`id`); how its
+    /// upstream tells it apart from other nodes.
+    id: String,
     served: Arc<Served>,
     upstream: Arc<Upstream>,
     fetches: Arc<Fetches>,
@@ -170,6 +173,7 @@ impl Node {
         )?;
         let assignments = store.kv("assignments")?;
         let locations = store.kv("locations")?;
+        let id = node_id(&store)?;
         let served = Served::new(
             store,
             history,
@@ -188,6 +192,7 @@ impl Node {
             },
         )?;
         Ok(Arc::new(Node {
+            id,
             served: Arc::new(served),
             upstream,
             fetches,
@@ -208,6 +213,11 @@ impl Node {
         }))
     }
 
+    /// This node's id (made at its first start, persisted).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
     /// All routes of the node: the client API, nothing else.
     pub fn router(self: &Arc<Self>) -> Router {
         let api = Api {
@@ -226,7 +236,7 @@ impl Node {
             .iter()
             .map(|u| u.to_string())
             .collect();
-        tracing::info!(%addr, ?upstreams, mode = ?self.mode, tls = self.serving.tls.is_some(), max_connections = self.serving.limits.max_connections, "node listening");
+        tracing::info!(node_id = %self.id, %addr, ?upstreams, mode = ?self.mode, tls = self.serving.tls.is_some(), max_connections = self.serving.limits.max_connections, "node listening");
         let mut tasks = vec![
             tokio::spawn(self.clone().mirror_loop()),
             tokio::spawn(self.clone().prefetch_loop()),
@@ -288,6 +298,18 @@ impl Node {
     }
 }
 
+/// The node's id from its store, made (`node-` and 16 random hex digits) and kept at the
+/// first start.
+fn node_id(store: &Store) -> Result<String, StoreError> {
+    let kv = store.kv("node")?;
+    if let Some(id) = kv.get::<String>("id")? {
+        return Ok(id);
+    }
+    let id = format!("node-{}", hex::encode(rand::random::<[u8; 8]>()));
+    kv.put("id", &id)?;
+    Ok(id)
+}
+
 impl Role for Node {
     fn heartbeat(
         &self,
@@ -346,5 +368,21 @@ impl Role for Node {
             };
             Ok(self.upstream.enroll(&req).await?)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_keeps_the_id_it_made_at_its_first_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = node_id(&Store::open(dir.path()).unwrap()).unwrap();
+        assert!(first.starts_with("node-") && first.len() == 21, "{first}");
+        let again = node_id(&Store::open(dir.path()).unwrap()).unwrap();
+        assert_eq!(first, again);
+        let other = tempfile::tempdir().unwrap();
+        assert_ne!(first, node_id(&Store::open(other.path()).unwrap()).unwrap());
     }
 }
