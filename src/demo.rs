@@ -319,7 +319,7 @@ impl Story<'_> {
             lan / 1048576.0
         );
         say!(
-        "download starts peak/mean {:.2} over the window; request latency p50 {:.1} ms, p99 {:.1} ms",
+        "download starts: most in any 1 s over the mean per second {:.2}; request latency p50 {:.1} ms, p99 {:.1} ms",
         report.peak_to_mean, report.latency_ms.p50, report.latency_ms.p99
     );
         if report.downloads_ok < opts.clients as u64 || report.digest_mismatches > 0 {

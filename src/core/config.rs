@@ -359,6 +359,9 @@ pub struct UpstreamSection {
     /// Clients whose latest heartbeat waits to be relayed; beyond it, heartbeats of further
     /// clients are answered but not relayed until there is room (counted).
     pub max_pending_heartbeats: usize,
+    /// The window within which the upstream gives this node its slot to prefetch a new
+    /// revision's non-urgent items, seconds; 0 = prefetch at once.
+    pub prefetch_window_s: u64,
 }
 
 impl Default for UpstreamSection {
@@ -374,6 +377,7 @@ impl Default for UpstreamSection {
             ca_file: String::new(),
             catalog_public_key: String::new(),
             max_pending_heartbeats: 100_000,
+            prefetch_window_s: 300,
         }
     }
 }
@@ -491,6 +495,16 @@ impl NodeConfig {
             return Err(bad(
                 "upstream.max_pending_heartbeats",
                 format!("must be 1 to 10000000 (got {})", u.max_pending_heartbeats),
+            ));
+        }
+        if u.prefetch_window_s > crate::core::slots::MAX_PREFETCH_WINDOW_S {
+            return Err(bad(
+                "upstream.prefetch_window_s",
+                format!(
+                    "must be 0 to {} seconds (got {})",
+                    crate::core::slots::MAX_PREFETCH_WINDOW_S,
+                    u.prefetch_window_s
+                ),
             ));
         }
         if self.events.outbox_max_bytes < 1 << 20 {

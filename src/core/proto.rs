@@ -155,6 +155,24 @@ pub struct DownloadSlot {
     pub window_s: u64,
 }
 
+/// `POST /v1/node/slot` (node token): a node asks its upstream when to prefetch a revision.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PrefetchSlotRequest {
+    /// The asking node's id (checked like a client id).
+    pub node_id: String,
+    /// The revision it mirrored and would fetch.
+    pub catalog_revision: u64,
+    /// Its `upstream.prefetch_window_s` (the upstream caps it at 86,400).
+    pub window_s: u64,
+}
+
+/// `POST /v1/node/slot` answer: the node's slot, or null to fetch at once.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PrefetchSlotReply {
+    pub download_slot: Option<DownloadSlot>,
+}
+
 /// `POST /v1/heartbeat` answer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HeartbeatReply {

@@ -79,17 +79,127 @@ fn late_arrivals_get_what_remains_and_none_after_the_window() {
     assert_eq!(s.slot("x", 2, t0, 0, t0).unwrap(), None, "window 0 is off");
 }
 
+/// Offsets in seconds from `t0` of the slots of `n` clients, client `i` asking at
+/// `arrival(i)` seconds into a window of `window_s`.
+fn offsets(s: &Slots, n: usize, window_s: u64, arrival: impl Fn(usize) -> f64) -> Vec<f64> {
+    let t0 = Utc::now();
+    (0..n)
+        .map(|i| {
+            let now = t0 + Duration::microseconds((arrival(i) * 1e6) as i64);
+            let slot = s.slot(&format!("c{i}"), 1, t0, window_s, now).unwrap();
+            let slot = slot.expect("inside the window");
+            assert!(slot >= now, "never in the past");
+            (slot - t0).num_microseconds().unwrap() as f64 / 1e6
+        })
+        .collect()
+}
+
+/// Counts `n` clients in the census of windows of `window_s`, as their heartbeats would.
+fn census(s: &Slots, n: usize, window_s: u64) {
+    let now = Utc::now();
+    for i in 0..n {
+        s.note(&format!("c{i}"), window_s, now + secs(600), now);
+    }
+}
+
 #[test]
-fn two_choices_balance_better_than_chance() {
+fn every_one_second_interval_holds_close_to_the_mean_when_all_ask_at_once() {
+    // Nothing in the census: buckets fill one level at a time, earliest first.
+    let s = slots(&MemoryLog::default());
+    let p = sliding_peak_to_mean(&offsets(&s, 3000, 60, |_| 0.0), 60.0);
+    assert!(p <= 1.10, "sliding peak/mean {p}");
+    // With the census: the same.
+    let s = slots(&MemoryLog::default());
+    census(&s, 3000, 60);
+    let p = sliding_peak_to_mean(&offsets(&s, 3000, 60, |i| i as f64 * 1e-4), 60.0);
+    assert!(p <= 1.10, "sliding peak/mean {p}");
+}
+
+#[test]
+fn clients_arriving_over_time_stay_even_when_the_server_expects_them() {
+    let arrival = |i: usize| i as f64 * 20.0 / 3000.0;
+    let s = slots(&MemoryLog::default());
+    census(&s, 3000, 60);
+    let expected = sliding_peak_to_mean(&offsets(&s, 3000, 60, arrival), 60.0);
+    assert!(expected <= 1.15, "sliding peak/mean {expected}");
+    // Without the census the early buckets close before they fill.
+    let s = slots(&MemoryLog::default());
+    let blind = sliding_peak_to_mean(&offsets(&s, 3000, 60, arrival), 60.0);
+    assert!(blind > expected, "{blind} against {expected}");
+}
+
+#[test]
+fn fewer_clients_than_expected_never_start_faster_than_the_expected_rate() {
+    let s = slots(&MemoryLog::default());
+    census(&s, 3000, 60);
+    let got = offsets(&s, 1000, 60, |_| 0.0);
+    let mut per_second = [0u32; 60];
+    for o in &got {
+        per_second[(*o as usize).min(59)] += 1;
+    }
+    assert!(per_second.iter().all(|c| *c <= 50), "{per_second:?}");
+}
+
+#[test]
+fn the_census_counts_only_clients_of_the_window_that_still_count() {
+    let s = slots(&MemoryLog::default());
+    let now = Utc::now();
+    for i in 0..600 {
+        s.note(&format!("c{i}"), 60, now + secs(60), now);
+        s.note(&format!("old{i}"), 60, now - secs(1), now);
+        s.note(&format!("other{i}"), 30, now + secs(60), now);
+    }
+    // 600 expected over 60 buckets: the first ten clients all fill bucket 1 (bucket 0 has
+    // begun) before bucket 2 gets one.
+    let got = offsets(&s, 11, 60, |_| 0.001);
+    assert!(got[..10].iter().all(|o| (1.0..2.0).contains(o)), "{got:?}");
+    assert!((2.0..3.0).contains(&got[10]), "{got:?}");
+}
+
+#[test]
+fn sliding_peak_finds_the_busiest_second_wherever_it_lies() {
+    let even: Vec<f64> = (0..600).map(|i| i as f64 / 10.0).collect();
+    assert!((sliding_peak_to_mean(&even, 60.0) - 1.0).abs() < 1e-9);
+    // 20 starts straddling a bucket edge: 10 per aligned bucket, 20 in one sliding second.
+    let mut edge = even.clone();
+    edge.extend((0..20).map(|i| 29.55 + i as f64 * 0.045));
+    let p = sliding_peak_to_mean(&edge, 60.0);
+    let mean = edge.len() as f64 / 60.0;
+    assert!((p - 30.0 / mean).abs() < 1e-9, "{p}");
+    assert_eq!(sliding_peak_to_mean(&[], 60.0), 0.0);
+    // No window: the mean is over the span of the starts (7 s here), at least 1 s.
+    assert_eq!(
+        sliding_peak_to_mean(&[3.0, 3.0, 3.5, 10.0], 0.0),
+        3.0 / (4.0 / 7.0)
+    );
+    assert_eq!(sliding_peak_to_mean(&[3.0, 3.0], 0.0), 1.0);
+}
+
+#[test]
+fn nodes_prefetching_at_once_spread_over_their_window() {
     let s = slots(&MemoryLog::default());
     let t0 = Utc::now();
-    let mut counts = vec![0u32; 60];
-    for i in 0..3000 {
-        let slot = s.slot(&format!("c{i}"), 1, t0, 60, t0).unwrap().unwrap();
-        counts[((slot - t0).num_milliseconds() / 1000) as usize] += 1;
+    let mut h = CatalogHistory::new(3);
+    publish(&mut h, "defs", false, t0);
+    let rev = h.revision();
+    let mut at = Vec::new();
+    for i in 0..20 {
+        let now = t0 + Duration::milliseconds(300 + i);
+        let slot = s
+            .for_prefetch(&format!("node-{i}"), rev, 20, &h, now)
+            .unwrap();
+        let slot = slot.expect("a slot inside the window");
+        assert_eq!((slot.catalog_revision, slot.window_s), (rev, 20));
+        at.push((slot.not_before - t0).num_milliseconds() as f64 / 1000.0);
     }
-    let p = peak_to_mean(&counts);
-    assert!(p <= 1.15, "peak/mean {p}");
+    // 20 starts over 20 s: a mean of one a second, so the peak over mean is the peak.
+    let p = sliding_peak_to_mean(&at, 20.0);
+    assert!(p <= 3.0, "at most 3 in a second: {at:?}");
+    assert!(at.iter().all(|o| *o < 20.0));
+    assert_eq!(s.for_prefetch("node-x", rev + 1, 20, &h, t0).unwrap(), None);
+    assert_eq!(s.for_prefetch("node-y", rev, 0, &h, t0).unwrap(), None);
+    let capped = s.for_prefetch("node-z", rev, u64::MAX, &h, t0).unwrap();
+    assert_eq!(capped.map(|c| c.window_s), Some(MAX_PREFETCH_WINDOW_S));
 }
 
 #[test]
@@ -99,8 +209,8 @@ fn prune_forgets_old_revisions() {
     s.slot("a", 1, t, 60, t).unwrap();
     s.slot("a", 2, t, 60, t).unwrap();
     s.prune(2).unwrap();
-    assert_eq!(s.held("a", 1, t, 60).unwrap(), None);
-    assert!(s.held("a", 2, t, 60).unwrap().is_some());
+    assert_eq!(s.held("a", 1, t, 60, t).unwrap(), None);
+    assert!(s.held("a", 2, t, 60, t).unwrap().is_some());
 }
 
 #[test]
@@ -278,4 +388,34 @@ fn a_client_told_null_for_an_older_revision_waits_for_a_new_one() {
         waited > 50,
         "only {waited} of 100 were spread over the window"
     );
+}
+
+#[test]
+fn a_pass_lets_a_client_in_before_a_window_that_starts_later() {
+    // A node waiting for its prefetch slot: the revision becomes available in 10 s.
+    let (d, mut h) = world();
+    let set = d.effective("default", None);
+    let now = Utc::now();
+    publish(&mut h, "defs", false, now);
+    let later = now + secs(10);
+    let mut future = CatalogHistory::new(3);
+    future.mirror(h.current(), None, later).unwrap();
+    let s = slots(&MemoryLog::default());
+    let rev = future.revision();
+    assert_eq!(
+        s.for_heartbeat("has-it", Some(rev), &set, &future, now)
+            .unwrap(),
+        None
+    );
+    let d0 = future.current().items[0].sha256;
+    assert_eq!(s.admit("has-it", &d0, &set, &future, now), Ok(()));
+    let slot = s
+        .for_heartbeat("new", Some(0), &set, &future, now)
+        .unwrap()
+        .unwrap();
+    assert!(
+        slot.not_before >= later,
+        "a slot is inside the window, which starts later"
+    );
+    assert!(s.admit("new", &d0, &set, &future, now).is_err());
 }

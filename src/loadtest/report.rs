@@ -46,8 +46,11 @@ pub struct Latency {
 ///   no more). Starts after the window land in the last bucket. `window_s` comes from the
 ///   slots, else from the effective `randomization.window_s` (0 when randomization is off,
 ///   then 60 buckets of 1 s).
-/// - `peak_to_mean` is the largest bucket over the mean bucket (1.0 is perfectly even; 0.0
-///   when nothing started).
+/// - `peak_to_mean` is the most starts in any one-second interval (sliding, not aligned to
+///   the buckets) over the mean starts per second across the window (across the span of the
+///   starts when there is no window): what the target felt. 1.0 is perfectly even; 0.0 when
+///   nothing started. `bucket_peak_to_mean` is the largest bucket of `start_histogram` over
+///   the mean bucket, beside it.
 /// - `latency_ms` is over every HTTP request the clients made, measured to the arrival of
 ///   the response headers: heartbeats, catalog, content (including 429/503 answers) and
 ///   events; not the push stream. `latency_samples` counts them.
@@ -108,6 +111,9 @@ pub struct Report {
     pub push_heard: Vec<Heard>,
     #[serde(default)]
     pub latency_samples: u64,
+    /// The largest bucket of `start_histogram` over the mean bucket.
+    #[serde(default)]
+    pub bucket_peak_to_mean: f64,
 }
 
 impl Report {
@@ -176,8 +182,9 @@ impl Report {
             "start spread",
             match self.histogram_revision {
                 Some(rev) => format!(
-                    "peak/mean {:.2}: {} starts of revision {rev} in {} buckets of {:.2} s (window {} s)",
+                    "peak/mean {:.2} in any 1 s ({:.2} by bucket): {} starts of revision {rev} in {} buckets of {:.2} s (window {} s)",
                     self.peak_to_mean,
+                    self.bucket_peak_to_mean,
                     self.download_starts,
                     self.start_histogram.len(),
                     self.bucket_s,
@@ -238,8 +245,8 @@ impl Report {
         };
         let _ = writeln!(
             s,
-            "peak/mean {:.2} (peak {peak}, mean {mean:.2}, {total} starts)",
-            self.peak_to_mean
+            "largest bucket over the mean bucket {:.2} (peak {peak}, mean {mean:.2}, {total} starts); most starts in any 1 s over the mean per second {:.2}",
+            self.bucket_peak_to_mean, self.peak_to_mean
         );
         s
     }
@@ -351,7 +358,8 @@ pub(super) fn build_report(
         downloads_failed: Stats::get(&st.downloads_failed),
         digest_mismatches: Stats::get(&st.digest_mismatches),
         bytes: Stats::get(&st.bytes),
-        peak_to_mean: peak_to_mean(&start_histogram),
+        peak_to_mean: crate::core::slots::sliding_peak_to_mean(&offsets, window_s as f64),
+        bucket_peak_to_mean: peak_to_mean(&start_histogram),
         download_starts: offsets.len() as u64,
         start_histogram,
         latency_ms,

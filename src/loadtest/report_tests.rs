@@ -37,7 +37,8 @@ fn report_json_has_every_contract_key() {
     let r = Report {
         clients: 3,
         start_histogram: vec![1, 2, 0],
-        peak_to_mean: 2.0,
+        peak_to_mean: 2.5,
+        bucket_peak_to_mean: 2.0,
         bucket_s: 1.0,
         ..Report::default()
     };
@@ -74,7 +75,8 @@ fn report_json_has_every_contract_key() {
     assert!(text.starts_with("download starts per "), "{text}");
     assert!(text.lines().nth(1).unwrap().contains("starts"), "{text}");
     assert!(text.lines().nth(3).unwrap().ends_with(&"#".repeat(50)));
-    assert!(text.contains("peak/mean 2.00"));
+    assert!(text.contains("mean bucket 2.00"), "{text}");
+    assert!(text.contains("mean per second 2.50"), "{text}");
     assert!(r.summary().contains("downloads ok"));
 }
 

@@ -288,7 +288,7 @@ impl Manager {
     async fn persist_catalog(&self) -> Result<(), ApiError> {
         let history = self.served.catalog()?.clone();
         self.catalog_kv.put(CATALOG_KEY, &history)?;
-        if let Err(e) = self.served.slots.prune(history.oldest_revision()) {
+        if let Err(e) = self.served.prune_slots(history.oldest_revision()) {
             tracing::warn!(error = %e, "could not prune old download slots");
         }
         self.catalog_kv.flush().await?;

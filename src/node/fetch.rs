@@ -355,7 +355,13 @@ impl Fetcher for NodeFetcher {
 }
 
 fn fetch_error(digest: Digest, e: &UpstreamError) -> FetchError {
-    if e.is_no_room() {
+    if let UpstreamError::Held { retry_after_s } = e {
+        FetchError::Busy {
+            digest,
+            message: e.to_string(),
+            retry_after_s: *retry_after_s,
+        }
+    } else if e.is_no_room() {
         FetchError::NoRoom {
             digest,
             message: e.to_string(),

@@ -9,12 +9,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 
 use super::upstream::Synced;
 use super::{Node, NodeError, CATALOG_KEY, DIRECTORY_KEY};
+use crate::core::catalog::{Catalog, CatalogItem};
 use crate::core::fault::Internal;
-use crate::core::proto::{directory_changes, Change};
+use crate::core::proto::{directory_changes, Change, PrefetchSlotRequest};
 
 impl Node {
     /// Syncs at start, then on each upstream event (push) or every `sync_interval` (pull).
@@ -96,6 +97,7 @@ impl Node {
             }
         };
         let stale_since = snapshot.stale_since;
+        let available_at = self.prefetch_moment(index, &snapshot.catalog).await;
         let mut changes = Vec::new();
         let new_history = {
             let mut history = self
@@ -103,7 +105,7 @@ impl Node {
                 .catalog
                 .write()
                 .map_err(|_| Internal::poisoned("catalog"))?;
-            match history.mirror(snapshot.catalog, snapshot.catalog_signature, Utc::now()) {
+            match history.mirror(snapshot.catalog, snapshot.catalog_signature, available_at) {
                 Ok(true) => {
                     changes.push(Change::Catalog {
                         revision: history.revision(),
@@ -147,7 +149,7 @@ impl Node {
             );
             self.catalog_changed.send_replace(history.revision());
             // Slots of revisions no longer retained are not needed any more.
-            if let Err(e) = self.served.slots.prune(history.oldest_revision()) {
+            if let Err(e) = self.served.prune_slots(history.oldest_revision()) {
                 tracing::warn!(error = %e, "could not prune old download slots");
             }
         }
@@ -160,32 +162,91 @@ impl Node {
         Ok(self.upstream.servers()[index].to_string())
     }
 
-    /// Fetches every item of the current catalog the store lacks, whenever it changes.
+    /// When this node may prefetch `catalog`, just synced from server `index`: now, unless it
+    /// is a new revision with a non-urgent item the store lacks; then the slot the upstream
+    /// gives this node within `upstream.prefetch_window_s` (kept inside now and now plus the
+    /// window, whatever the clocks say). The revision becomes available to this node's
+    /// clients at that moment: their windows start there. An ask that fails (an upstream
+    /// without `/v1/node/slot`, silence) means now: no worse than before slots.
+    async fn prefetch_moment(&self, index: usize, catalog: &Catalog) -> DateTime<Utc> {
+        let now = Utc::now();
+        let have = self.served.catalog().map_or(0, |c| c.revision());
+        let waits = self.prefetch
+            && self.prefetch_window_s > 0
+            && catalog.revision > have
+            && catalog
+                .items
+                .iter()
+                .any(|i| !i.urgent && !self.served.store.contains(&i.sha256));
+        if !waits {
+            if catalog.revision > have {
+                self.served.metrics.prefetch_slot.set(0.0);
+            }
+            return now;
+        }
+        let req = PrefetchSlotRequest {
+            node_id: self.id.clone(),
+            catalog_revision: catalog.revision,
+            window_s: self.prefetch_window_s,
+        };
+        let at = match self.upstream.prefetch_slot(index, &req).await {
+            Ok(Some(slot)) => {
+                let latest = now + chrono::Duration::seconds(self.prefetch_window_s as i64);
+                let at = slot.not_before.clamp(now, latest);
+                tracing::info!(revision = catalog.revision, not_before = %at, "prefetch slot from the upstream");
+                at
+            }
+            Ok(None) => now,
+            Err(e) => {
+                tracing::warn!(error = %e, "no prefetch slot from the upstream; prefetching at once");
+                now
+            }
+        };
+        let gauge = if at > now {
+            at.timestamp_micros() as f64 / 1e6
+        } else {
+            0.0
+        };
+        self.served.metrics.prefetch_slot.set(gauge);
+        at
+    }
+
+    /// Fetches every item of the current catalog the store lacks, whenever it changes: urgent
+    /// items at once, the others from the revision's prefetch slot (its `available_at`) on.
     pub(super) async fn prefetch_loop(self: Arc<Self>) {
         if !self.prefetch {
             return;
         }
         let mut changed = self.catalog_changed.subscribe();
         loop {
-            let wanted: Vec<_> = match self.served.catalog.read() {
-                Ok(c) => c
-                    .current()
-                    .items
-                    .into_iter()
-                    .filter(|i| !self.served.store.contains(&i.sha256))
-                    .collect(),
-                Err(_) => Vec::new(),
+            let (wanted, slot) = match self.served.catalog.read() {
+                Ok(c) => (
+                    c.current()
+                        .items
+                        .into_iter()
+                        .filter(|i| !self.served.store.contains(&i.sha256))
+                        .collect(),
+                    c.revisions().last().map(|r| r.available_at),
+                ),
+                Err(_) => (Vec::new(), None),
             };
-            for item in wanted {
+            let early = slot.is_some_and(|t| t > Utc::now());
+            let (now, later): (Vec<CatalogItem>, Vec<CatalogItem>) =
+                wanted.into_iter().partition(|i| i.urgent || !early);
+            for item in now {
                 tracing::debug!(sha256 = %item.sha256, "prefetching");
                 self.enforce_budget(item.size).await;
                 if let Err(e) = self.fetches.fetch(item.sha256, item.size).await {
                     tracing::warn!(name = %item.name, sha256 = %item.sha256, error = %e, "prefetch failed; will retry");
                 }
             }
+            let wait = match (later.is_empty(), slot) {
+                (false, Some(t)) => (t - Utc::now()).to_std().unwrap_or(Duration::ZERO),
+                _ => self.sync_interval,
+            };
             tokio::select! {
                 _ = changed.changed() => {}
-                _ = tokio::time::sleep(self.sync_interval) => {}
+                _ = tokio::time::sleep(wait) => {}
                 _ = self.shutdown.clone().wait() => return,
             }
         }

@@ -91,6 +91,8 @@ pub struct Node {
     mode: ConnectionMode,
     sync_interval: Duration,
     prefetch: bool,
+    /// `upstream.prefetch_window_s`.
+    prefetch_window_s: u64,
     /// `cache.max_bytes`.
     max_bytes: u64,
     /// Wakes the prefetch worker when the mirrored catalog changed.
@@ -205,6 +207,7 @@ impl Node {
             mode: config.upstream.mode,
             sync_interval: Duration::from_secs(config.upstream.sync_interval_s),
             prefetch: config.cache.prefetch,
+            prefetch_window_s: config.upstream.prefetch_window_s,
             max_bytes: config.cache.max_bytes,
             catalog_changed: tokio::sync::watch::channel(0).0,
             upstream_event: Notify::new(),

@@ -17,7 +17,10 @@ use reqwest::StatusCode;
 
 use crate::core::credential::{EnrollRequest, Enrolled};
 use crate::core::digest::Digest;
-use crate::core::proto::{BatchReply, HeartbeatBatch, Snapshot, UploadBatch, SNAPSHOT_READ_LIMIT};
+use crate::core::proto::{
+    BatchReply, DownloadSlot, HeartbeatBatch, PrefetchSlotReply, PrefetchSlotRequest, Snapshot,
+    UploadBatch, SNAPSHOT_READ_LIMIT,
+};
 use crate::http::auth::Token;
 use crate::serve::metrics::Metrics;
 use crate::store::StoreError;
@@ -33,6 +36,16 @@ pub enum UpstreamError {
     },
     #[error("{server}: answered {status}")]
     Status { server: String, status: StatusCode },
+    /// A 429 or 503 with `Retry-After`: the server is asked again no sooner.
+    #[error("{server}: answered {status}, retry after {retry_after_s} s")]
+    Busy {
+        server: String,
+        status: StatusCode,
+        retry_after_s: u64,
+    },
+    /// Every upstream asked this node to wait (`Retry-After`) and none was asked now.
+    #[error("every upstream asked this node to wait; the next try is in {retry_after_s} s")]
+    Held { retry_after_s: u64 },
     #[error("{server}: no byte for {secs} s")]
     Idle { server: String, secs: u64 },
     /// The bytes a server sent are not the blob they should be.
@@ -77,7 +90,10 @@ impl UpstreamError {
     /// will be the same next time.
     pub fn retryable(&self) -> bool {
         match self {
-            UpstreamError::Http { .. } | UpstreamError::Idle { .. } => true,
+            UpstreamError::Http { .. }
+            | UpstreamError::Idle { .. }
+            | UpstreamError::Busy { .. }
+            | UpstreamError::Held { .. } => true,
             UpstreamError::Status { status, .. } => {
                 status.is_server_error()
                     || *status == StatusCode::TOO_MANY_REQUESTS
@@ -98,6 +114,7 @@ impl UpstreamError {
         match self {
             UpstreamError::Http { server, .. }
             | UpstreamError::Status { server, .. }
+            | UpstreamError::Busy { server, .. }
             | UpstreamError::Idle { server, .. }
             | UpstreamError::Mismatch { server, .. }
             | UpstreamError::Signature { server, .. }
@@ -164,11 +181,45 @@ pub enum Synced {
 /// Most items a mirrored catalog may hold.
 const MAX_CATALOG_ITEMS: usize = 100_000;
 
+/// The longest `Retry-After` an upstream is obeyed for; a longer one is cut to this.
+pub const MAX_RETRY_AFTER_S: u64 = 3600;
+
+/// The error for a non-success answer: [`UpstreamError::Busy`] for a 429 or 503 that says
+/// when to come back (`Retry-After` in seconds or as an HTTP date, at most
+/// [`MAX_RETRY_AFTER_S`]), else [`UpstreamError::Status`].
+fn status_error(server: String, resp: &reqwest::Response) -> UpstreamError {
+    let status = resp.status();
+    let busy = status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE;
+    let retry_after_s = resp
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let v = v.trim();
+            v.parse::<u64>().ok().or_else(|| {
+                let at = httpdate::parse_http_date(v).ok()?;
+                let wait = at.duration_since(std::time::SystemTime::now()).ok()?;
+                Some(wait.as_secs_f64().ceil() as u64)
+            })
+        });
+    match retry_after_s {
+        Some(s) if busy => UpstreamError::Busy {
+            server,
+            status,
+            retry_after_s: s.clamp(1, MAX_RETRY_AFTER_S),
+        },
+        _ => UpstreamError::Status { server, status },
+    }
+}
+
 struct Health {
     /// Delays before the next try after each consecutive failure (jittered, 0.5 s to 30 s).
     backoff: backon::ExponentialBackoff,
     /// Skip this server until then (another in the list is tried meanwhile).
     retry_at: Option<tokio::time::Instant>,
+    /// The server said when to come back (`Retry-After`): not asked before then, even when
+    /// every server is backing off.
+    held_until: Option<tokio::time::Instant>,
     /// How its last call went (None: not tried yet); failures are logged on a change.
     last_ok: Option<bool>,
 }
@@ -234,6 +285,7 @@ impl Upstream {
             .map(|_| Health {
                 backoff: new_backoff(),
                 retry_at: None,
+                held_until: None,
                 last_ok: None,
             })
             .collect();
@@ -293,19 +345,38 @@ impl Upstream {
     }
 
     /// The servers to try now, by priority: those not backing off first; when every one is
-    /// backing off, all of them (an outage is retried at the caller's pace).
-    fn order(&self) -> Vec<usize> {
+    /// backing off, all but those that said when to come back (an outage is retried at the
+    /// caller's pace, a `Retry-After` is obeyed). Err: every server is held, and the seconds
+    /// until the first may be asked again.
+    fn order(&self) -> Result<Vec<usize>, u64> {
         let now = tokio::time::Instant::now();
         let Ok(health) = self.health.lock() else {
-            return (0..self.servers.len()).collect();
+            return Ok((0..self.servers.len()).collect());
         };
         let ready: Vec<usize> = (0..self.servers.len())
             .filter(|i| health[*i].retry_at.is_none_or(|t| t <= now))
             .collect();
-        if ready.is_empty() {
-            (0..self.servers.len()).collect()
-        } else {
-            ready
+        if !ready.is_empty() {
+            return Ok(ready);
+        }
+        let free: Vec<usize> = (0..self.servers.len())
+            .filter(|i| health[*i].held_until.is_none_or(|t| t <= now))
+            .collect();
+        if !free.is_empty() {
+            return Ok(free);
+        }
+        let first = health.iter().filter_map(|h| h.held_until).min();
+        Err(first.map_or(1, |t| {
+            t.duration_since(now).as_secs_f64().ceil().max(1.0) as u64
+        }))
+    }
+
+    /// Holds server `i` for `secs` (it answered `Retry-After`).
+    fn hold(&self, i: usize, secs: u64) {
+        if let Ok(mut health) = self.health.lock() {
+            let until = tokio::time::Instant::now() + Duration::from_secs(secs);
+            health[i].retry_at = Some(until);
+            health[i].held_until = Some(until);
         }
     }
 
@@ -321,6 +392,7 @@ impl Upstream {
             if ok {
                 h.backoff = new_backoff();
                 h.retry_at = None;
+                h.held_until = None;
             } else {
                 let delay = h.backoff.next().unwrap_or(Duration::from_secs(30));
                 h.retry_at = Some(tokio::time::Instant::now() + delay);
@@ -341,7 +413,10 @@ impl Upstream {
     {
         let mut failures = Vec::new();
         let mut retryable = false;
-        for i in self.order() {
+        let order = self
+            .order()
+            .map_err(|retry_after_s| UpstreamError::Held { retry_after_s })?;
+        for i in order {
             match op(i).await {
                 Ok(v) => {
                     self.mark(i, true);
@@ -353,6 +428,9 @@ impl Upstream {
                     // can tell; either way the next server is tried.
                     if self.mark(i, false) {
                         tracing::warn!(server = %self.servers[i], error = %e, "upstream failed; trying the next one");
+                    }
+                    if let UpstreamError::Busy { retry_after_s, .. } = &e {
+                        self.hold(i, *retry_after_s);
                     }
                     retryable |= e.retryable();
                     failures.push(e.to_string());
@@ -404,10 +482,7 @@ impl Upstream {
             }
         }
         if !resp.status().is_success() {
-            return Err(UpstreamError::Status {
-                server: name.clone(),
-                status: resp.status(),
-            });
+            return Err(status_error(name.clone(), &resp));
         }
         let etag = resp
             .headers()
@@ -486,12 +561,24 @@ impl Upstream {
             source,
         })?;
         if !resp.status().is_success() {
-            return Err(UpstreamError::Status {
-                server: name,
-                status: resp.status(),
-            });
+            return Err(status_error(name, &resp));
         }
         Ok(resp)
+    }
+
+    /// Asks server `i` (the one the revision was mirrored from) when this node may prefetch
+    /// it: None to fetch at once.
+    pub async fn prefetch_slot(
+        &self,
+        i: usize,
+        req: &PrefetchSlotRequest,
+    ) -> Result<Option<DownloadSlot>, UpstreamError> {
+        let resp = self.post_json(i, "/v1/node/slot", req).await?;
+        let reply: PrefetchSlotReply = resp.json().await.map_err(|source| UpstreamError::Http {
+            server: self.servers[i].to_string(),
+            source,
+        })?;
+        Ok(reply.download_slot)
     }
 
     /// Relays a batch of client heartbeats to the first upstream that accepts it.
@@ -534,10 +621,7 @@ impl Upstream {
                 })?;
                 let status = resp.status();
                 if status.is_server_error() {
-                    return Err(UpstreamError::Status {
-                        server: name,
-                        status,
-                    });
+                    return Err(status_error(name, &resp));
                 }
                 let body: serde_json::Value =
                     resp.json().await.map_err(|source| UpstreamError::Http {
@@ -691,10 +775,7 @@ impl Upstream {
                 source,
             })?;
         if resp.status() != StatusCode::OK {
-            return Err(UpstreamError::Status {
-                server: name,
-                status: resp.status(),
-            });
+            return Err(status_error(name, &resp));
         }
         Ok(resp)
     }
@@ -709,3 +790,7 @@ impl Upstream {
         self.servers[i].to_string()
     }
 }
+
+#[cfg(test)]
+#[path = "upstream_tests.rs"]
+mod tests;

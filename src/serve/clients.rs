@@ -24,7 +24,8 @@ use super::{Api, ServeError};
 use crate::core::credential::{Credential, EnrollRequest, Enrolled};
 use crate::core::proto::{
     check_client_id, state_changes, ApplicationUpload, Assignment, BatchReply, Change, EventUpload,
-    Heartbeat, HeartbeatBatch, HeartbeatReply, Placed, Placement, Upload, UploadBatch,
+    Heartbeat, HeartbeatBatch, HeartbeatReply, Placed, Placement, PrefetchSlotReply,
+    PrefetchSlotRequest, Upload, UploadBatch,
 };
 use crate::core::settings::DEFAULT_GROUP;
 use crate::http::error::ApiError;
@@ -189,6 +190,25 @@ pub async fn node_heartbeats(
     JsonBody(batch): JsonBody<HeartbeatBatch>,
 ) -> Result<Json<BatchReply>, ApiError> {
     place_relayed(&api, batch.heartbeats, Utc::now()).map(Json)
+}
+
+/// A downstream node asks when it may prefetch a revision (node token): its slot in the
+/// window it asks for, from the same balancer as clients' slots but in books of their own
+/// (`Served::node_slots`); null to fetch at once.
+pub async fn node_slot(
+    State(api): State<Api>,
+    JsonBody(req): JsonBody<PrefetchSlotRequest>,
+) -> Result<Json<PrefetchSlotReply>, ApiError> {
+    check_client_id(&req.node_id)?;
+    let history = api.served.catalog()?;
+    let download_slot = api.served.node_slots.for_prefetch(
+        &req.node_id,
+        req.catalog_revision,
+        req.window_s,
+        &history,
+        Utc::now(),
+    )?;
+    Ok(Json(PrefetchSlotReply { download_slot }))
 }
 
 fn accepted(count: usize) -> Response {

@@ -69,6 +69,13 @@ pub enum FetchError {
     /// This server failed to keep the bytes (a lock, a bug): no upstream's fault.
     #[error("fetching {digest}: {message}")]
     Local { digest: Digest, message: String },
+    /// Every upstream asked this server to wait (`Retry-After`); it asks none before then.
+    #[error("fetching {digest}: {message}")]
+    Busy {
+        digest: Digest,
+        message: String,
+        retry_after_s: u64,
+    },
     /// This server cannot take the bytes now (its disk is full or failing, or the blob does
     /// not fit): no upstream's fault, and no fetch is started until the retry.
     #[error("fetching {digest}: {message}")]
@@ -86,9 +93,11 @@ impl Fault for FetchError {
                 retryable: *retryable,
             },
             FetchError::Local { .. } => Kind::Local,
-            FetchError::NoRoom { retry_after_s, .. } => Kind::Unavailable {
-                retry_after_s: *retry_after_s,
-            },
+            FetchError::NoRoom { retry_after_s, .. } | FetchError::Busy { retry_after_s, .. } => {
+                Kind::Unavailable {
+                    retry_after_s: *retry_after_s,
+                }
+            }
         }
     }
 
@@ -97,6 +106,7 @@ impl Fault for FetchError {
             FetchError::Upstream { .. } => "upstream_failed",
             FetchError::Local { .. } => "fetch_failed",
             FetchError::NoRoom { .. } => "storage_unavailable",
+            FetchError::Busy { .. } => "upstream_busy",
         }
     }
 }

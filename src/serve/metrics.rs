@@ -42,6 +42,9 @@ pub struct Metrics {
     pub relay_dropped: Counter,
     /// 1 while the store can write, 0 while it cannot (a full or failing disk).
     pub store_writable: Gauge,
+    /// A node's prefetch slot of the current revision (Unix seconds, from its upstream), 0
+    /// when it prefetches at once.
+    pub prefetch_slot: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// Requests and connections refused by a per-address limit, by reason.
     refused: Family<Vec<(String, String)>, Counter>,
     /// Conflicts stored by the manager (an event id re-sent with other content); it starts
@@ -113,6 +116,12 @@ impl Metrics {
             "Heartbeats not relayed: over the pending bound, or refused upstream",
             relay_dropped.clone(),
         );
+        let prefetch_slot = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "gup_prefetch_slot_timestamp_seconds",
+            "When this node prefetches the current revision's non-urgent items (Unix seconds; 0: at once)",
+            prefetch_slot.clone(),
+        );
         let store_writable = Gauge::default();
         store_writable.set(1);
         registry.register(
@@ -182,6 +191,7 @@ impl Metrics {
             relay_pending,
             relay_dropped,
             store_writable,
+            prefetch_slot,
             refused,
             event_conflicts,
             stream_clients,

@@ -79,8 +79,10 @@ pub struct Served {
     pub changes: Arc<stream::Changes>,
     pub metrics: Arc<metrics::Metrics>,
     pub readiness: Arc<health::Readiness>,
-    /// Download slots of this server.
+    /// Download slots of this server's clients.
     pub slots: Slots,
+    /// Prefetch slots of the nodes that use this server as their upstream (`node_slots`).
+    pub node_slots: Slots,
     /// None on the manager: what is in its catalog is in its store.
     pub fetcher: Option<Arc<dyn content::Fetcher>>,
     /// The budget all content responses share (`serve.max_bytes_per_sec`).
@@ -166,6 +168,7 @@ impl Served {
         opts: ServedOptions,
     ) -> Result<Served, crate::store::StoreError> {
         let slots = Slots::new(Box::new(KvSlotLog(store.kv("slots")?)));
+        let node_slots = Slots::new(Box::new(KvSlotLog(store.kv("node_slots")?)));
         let limits = &opts.limits;
         Ok(Served {
             streams: crate::http::slot::PerAddress::new(limits.max_streams_per_address),
@@ -179,6 +182,7 @@ impl Served {
             )),
             readiness: Arc::new(opts.readiness),
             slots,
+            node_slots,
             fetcher: opts.fetcher,
             lan: limit::ByteLimiter::new(opts.max_bytes_per_sec),
             downloads: (opts.max_concurrent_downloads > 0)
@@ -196,6 +200,13 @@ impl Served {
         self.catalog
             .read()
             .map_err(|_| Internal::poisoned("catalog"))
+    }
+
+    /// Forgets the client and node slots of revisions older than `oldest` (no longer
+    /// retained).
+    pub fn prune_slots(&self, oldest: u64) -> Result<(), crate::core::slots::SlotError> {
+        self.slots.prune(oldest)?;
+        self.node_slots.prune(oldest)
     }
 
     /// The directory, read-locked.
@@ -235,6 +246,7 @@ pub fn router(api: Api, node_token: Token) -> Router {
         .route("/v1/node/heartbeats", post(clients::node_heartbeats))
         .route("/v1/node/events", post(clients::node_events))
         .route("/v1/node/enroll", post(clients::node_enroll))
+        .route("/v1/node/slot", post(clients::node_slot))
         .layer(DefaultBodyLimit::max(BATCH_LIMIT));
     open.merge(auth::require(nodes, node_token, "node"))
         .with_state(api)

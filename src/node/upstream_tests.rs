@@ -1,0 +1,102 @@
+//! Unit tests of how a node reads its upstream's refusals, and of holding a server that said
+//! when to come back.
+
+use super::*;
+
+fn answer(status: u16, retry_after: Option<&str>) -> reqwest::Response {
+    let mut b = axum::http::Response::builder().status(status);
+    if let Some(v) = retry_after {
+        b = b.header("retry-after", v);
+    }
+    reqwest::Response::from(b.body("").unwrap())
+}
+
+fn busy_secs(e: UpstreamError) -> Option<u64> {
+    match e {
+        UpstreamError::Busy { retry_after_s, .. } => Some(retry_after_s),
+        _ => None,
+    }
+}
+
+#[test]
+fn a_429_or_503_with_retry_after_is_busy_for_that_long_and_anything_else_is_a_status() {
+    let s = || "http://127.0.0.1:1/".to_string();
+    assert_eq!(
+        busy_secs(status_error(s(), &answer(503, Some("7")))),
+        Some(7)
+    );
+    assert_eq!(
+        busy_secs(status_error(s(), &answer(429, Some(" 2 ")))),
+        Some(2)
+    );
+    let later = std::time::SystemTime::now() + Duration::from_secs(30);
+    let date = httpdate::fmt_http_date(later);
+    let secs = busy_secs(status_error(s(), &answer(503, Some(&date)))).unwrap();
+    assert!((29..=31).contains(&secs), "{secs}");
+    assert_eq!(
+        busy_secs(status_error(s(), &answer(503, Some("99999999")))),
+        Some(MAX_RETRY_AFTER_S),
+        "capped"
+    );
+    assert_eq!(
+        busy_secs(status_error(s(), &answer(503, Some("0")))),
+        Some(1)
+    );
+    for (status, header) in [
+        (503, None),
+        (503, Some("soon")),
+        (500, Some("5")),
+        (404, Some("5")),
+    ] {
+        let e = status_error(s(), &answer(status, header));
+        assert!(
+            matches!(e, UpstreamError::Status { .. }),
+            "{status} {header:?}: {e}"
+        );
+    }
+}
+
+fn upstream(servers: usize) -> Upstream {
+    let servers = (0..servers)
+        .map(|i| url::Url::parse(&format!("http://127.0.0.1:{}/", 1 + i)).unwrap())
+        .collect();
+    Upstream::new(
+        UpstreamOptions {
+            servers,
+            token: None,
+            ca_file: None,
+            idle_timeout: Duration::from_secs(1),
+            probe_interval: Duration::from_secs(1),
+            catalog_key: None,
+        },
+        std::sync::Arc::new(Metrics::new()),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_held_server_is_not_asked_until_its_time_even_when_all_others_back_off() {
+    let u = upstream(2);
+    u.hold(0, 60);
+    assert_eq!(u.order(), Ok(vec![1]), "the other server is asked");
+    u.mark(1, false);
+    assert_eq!(
+        u.order(),
+        Ok(vec![1]),
+        "backing off, but not held: still asked"
+    );
+    u.hold(1, 30);
+    let Err(secs) = u.order() else {
+        panic!("every server is held");
+    };
+    assert!((29..=30).contains(&secs), "{secs}");
+    let calls = std::sync::atomic::AtomicUsize::new(0);
+    let r: Result<(usize, ()), _> = u
+        .first_that_answers(|_| {
+            calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            async { Ok(()) }
+        })
+        .await;
+    assert!(matches!(r, Err(UpstreamError::Held { .. })), "{r:?}");
+    assert_eq!(calls.into_inner(), 0, "no server was called");
+}
