@@ -23,12 +23,13 @@ free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0)
 
 # start_manager_and_node: a manager (admin token "a", node token "n") and a node mirroring it,
 # on free 127.0.0.1 ports, logs in WORK; sets PM, PN, M, N (their URLs) and NODE_PID, and
-# returns once both answer (the node ready).
+# returns once both answer (the node ready). NODE_ARGS (an array, optional) is added to the
+# node's command line (e.g. --config FILE).
 start_manager_and_node() {
   PM=$(free_port); PN=$(free_port)
   M=http://127.0.0.1:$PM; N=http://127.0.0.1:$PN
   "$GUP" manager --listen 127.0.0.1:$PM --data-dir "$WORK/m" --admin-token a --node-token n 2>"$WORK/m.log" & PIDS+=($!)
-  "$GUP" node --listen 127.0.0.1:$PN --data-dir "$WORK/n" --upstream $M --upstream-token n 2>"$WORK/n.log" & PIDS+=($!)
+  "$GUP" node --listen 127.0.0.1:$PN --data-dir "$WORK/n" --upstream $M --upstream-token n "${NODE_ARGS[@]+"${NODE_ARGS[@]}"}" 2>"$WORK/n.log" & PIDS+=($!)
   NODE_PID=$!
   for _ in $(seq 100); do
     curl -sf $N/readyz >/dev/null && curl -sf $M/healthz >/dev/null && return 0

@@ -168,7 +168,7 @@ impl Book {
     /// over the buckets, or one more than the least loaded bucket ahead once they are all
     /// there), at the bucket's next evenly spread moment. In the last bucket, not before
     /// `elapsed_ms`.
-    fn choose(&mut self, elapsed_ms: u64) -> u64 {
+    fn choose(&self, elapsed_ms: u64) -> u64 {
         let n = self.counts.len();
         let first = (elapsed_ms.div_ceil(self.bucket_ms) as usize).min(n - 1);
         let ahead = &self.counts[first..];

@@ -3,8 +3,10 @@
 //! Owns syncing (`/v1/sync` at start, then on each event of the one push stream the node
 //! holds to its upstream, or every `upstream.sync_interval_s` in pull mode), persisting the
 //! mirror so a restart serves what it had, telling the node's own push clients what changed,
-//! and prefetching new catalog items. It must never accept a directory that fails its checks
-//! or a catalog that goes backwards.
+//! and prefetching new catalog items at the prefetch slot the upstream gives this node (the
+//! moment a new revision becomes available to the node's own clients). It must never accept a
+//! directory that fails its checks or a catalog that goes backwards, and never prefetch a
+//! non-urgent item before its slot.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -82,6 +82,7 @@ impl Api {
     ) -> Result<HeartbeatReply, ApiError> {
         let placement = self.role.heartbeat(hb, address, now)?;
         let s = &self.served;
+        s.metrics.heartbeats_received.inc();
         let history = s.catalog()?;
         let dir = s.directory()?;
         let settings = dir.effective(&placement.group, hb.location());
@@ -173,10 +174,13 @@ fn place_relayed(
             continue;
         }
         match api.role.heartbeat(&item.heartbeat, item.address, now) {
-            Ok(p) => reply.assignments.push(Assignment {
-                client_id: id,
-                group: p.group,
-            }),
+            Ok(p) => {
+                api.served.metrics.heartbeats_received.inc();
+                reply.assignments.push(Assignment {
+                    client_id: id,
+                    group: p.group,
+                })
+            }
             Err(e) if e.status.is_client_error() => reply.rejected.push((id, e.message)),
             Err(e) => return Err(e),
         }
@@ -235,6 +239,7 @@ pub async fn events(
             placement,
         }])
         .await?;
+    api.served.metrics.events_received.inc_by(count as u64);
     Ok(accepted(count))
 }
 
@@ -262,6 +267,7 @@ pub async fn applications(
             placement,
         }])
         .await?;
+    api.served.metrics.events_received.inc_by(count as u64);
     Ok(accepted(count))
 }
 
@@ -287,6 +293,7 @@ pub async fn node_events(
         })
         .collect();
     api.role.accept(uploads).await?;
+    api.served.metrics.events_received.inc_by(count as u64);
     Ok(accepted(count))
 }
 

@@ -28,6 +28,10 @@ pub struct Metrics {
     pub events_queued: Gauge,
     /// Events (and applications) a node forwarded and its upstream accepted.
     pub events_forwarded: Counter,
+    /// Heartbeats this server placed: from its own clients and relayed by nodes below it.
+    pub heartbeats_received: Counter,
+    /// Events (and applications) this server accepted: from its own clients and relayed.
+    pub events_received: Counter,
     /// Per upstream server: 1 when its last call succeeded, 0 when it failed.
     upstream_up: Family<Vec<(String, String)>, Gauge>,
     /// Bytes a node's outbox holds, per lane (`critical`, `normal`).
@@ -71,6 +75,18 @@ impl Metrics {
         let slot_deferrals = Counter::default();
         let events_queued = Gauge::default();
         let events_forwarded = Counter::default();
+        let heartbeats_received = Counter::default();
+        registry.register(
+            "gup_heartbeats_received",
+            "Heartbeats placed: from this server's own clients and relayed by nodes below it",
+            heartbeats_received.clone(),
+        );
+        let events_received = Counter::default();
+        registry.register(
+            "gup_events_received",
+            "Events and applications accepted: from this server's own clients and relayed",
+            events_received.clone(),
+        );
         registry.register(
             "gup_events_queued",
             "Events accepted and not yet forwarded upstream",
@@ -198,6 +214,8 @@ impl Metrics {
             slot_deferrals,
             events_queued,
             events_forwarded,
+            heartbeats_received,
+            events_received,
             upstream_up,
             upstream_fetches,
             upstream_bytes,
