@@ -31,8 +31,8 @@ use super::servers::Servers;
 use super::spool::Spool;
 use super::stream::{hold, Pushed};
 use super::wire::{
-    critical_at_once, slot_delay, AppOut, AppsBody, EventOut, EventsBody, HeartbeatBody,
-    HeartbeatReply,
+    critical_at_once, slot_delay, window_age, AppOut, AppsBody, EventOut, EventsBody,
+    HeartbeatBody, HeartbeatReply,
 };
 
 /// Heartbeats never come faster than this, whatever the time scale.
@@ -328,9 +328,11 @@ impl Agent {
                     .slot
                     .as_ref()
                     .map(|s| Instant::now() + slot_delay(s, chrono::Utc::now()));
+                let now = chrono::Utc::now();
                 self.ctx.obs.learned(
                     reply.catalog_revision,
                     self.saved.slot.as_ref().and_then(|s| s.window_s),
+                    self.saved.slot.as_ref().and_then(|s| window_age(s, now)),
                 );
                 let task = round(
                     self.ctx.clone(),

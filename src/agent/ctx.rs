@@ -45,8 +45,10 @@ pub trait Observer: Send + Sync {
     /// A heartbeat was answered; the next comes after `interval`; the settings say this
     /// randomization window (0: off) and mode.
     fn heartbeat(&self, _interval: Duration, _window_s: u64, _mode: ConnectionMode) {}
-    /// A download round for `revision` starts, with the slot's window if it has a slot.
-    fn learned(&self, _revision: u64, _window_s: Option<u64>) {}
+    /// A download round for `revision` starts, with the slot's window if it has a slot and
+    /// how many seconds ago that window opened at the server (negative: it opens later), when
+    /// it said so.
+    fn learned(&self, _revision: u64, _window_s: Option<u64>, _window_age: Option<f64>) {}
     /// A blob's download starts (its response is 200/206).
     fn download_started(&self, _revision: u64) {}
     /// A blob arrived whole and checked.

@@ -81,6 +81,18 @@ pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<f64> {
     (s.is_finite() && s >= 0.0).then_some(s)
 }
 
+/// Seconds since the slot's window opened at the server, by this host's clock: negative when
+/// it opens later (a node announces a revision before its prefetch slot). None when the
+/// server did not say, or when the answer is beyond the window or a day ahead (a skewed
+/// clock).
+pub fn window_age(slot: &DownloadSlot, now: chrono::DateTime<chrono::Utc>) -> Option<f64> {
+    let start = chrono::DateTime::parse_from_rfc3339(slot.window_start.as_deref()?).ok()?;
+    let age = (now - start.with_timezone(&chrono::Utc)).num_milliseconds() as f64 / 1000.0;
+    (-86_400.0..=slot.window_s.unwrap_or(0) as f64)
+        .contains(&age)
+        .then_some(age)
+}
+
 /// How long to wait for a slot. `delay_s` is whole seconds; `not_before` is precise, so it
 /// is used when this host's clock agrees with it (within 1.5 s of `delay_s`), plus 20 ms so
 /// as not to arrive a hair early; `delay_s` otherwise (a skewed clock).
@@ -170,6 +182,9 @@ pub struct DownloadSlot {
     pub delay_s: f64,
     #[serde(default)]
     pub window_s: Option<u64>,
+    /// When the window opened at the server (RFC 3339); absent from older servers.
+    #[serde(default)]
+    pub window_start: Option<String>,
 }
 
 /// `GET /v1/catalog`.

@@ -52,6 +52,7 @@ fn slot_delay_prefers_a_consistent_not_before() {
         not_before: nb.map(str::to_string),
         delay_s,
         window_s: Some(20),
+        window_start: Some("2029-12-31T23:59:55Z".to_string()),
     };
     let precise = slot(Some("2030-01-01T00:00:15.250Z"), 16.0);
     assert_eq!(slot_delay(&precise, now), Duration::from_millis(15_270));
@@ -62,6 +63,30 @@ fn slot_delay_prefers_a_consistent_not_before() {
     assert_eq!(slot_delay(&slot(Some("junk"), 0.0), now), Duration::ZERO);
     let past = slot(Some("2029-12-31T23:59:59.500Z"), 0.0);
     assert_eq!(slot_delay(&past, now), Duration::from_millis(20));
+}
+
+#[test]
+fn window_age_counts_from_the_servers_opening_either_side_of_now() {
+    let now = chrono::DateTime::parse_from_rfc3339("2030-01-01T00:00:00Z")
+        .unwrap()
+        .with_timezone(&chrono::Utc);
+    let slot = |start: Option<&str>| DownloadSlot {
+        catalog_revision: 1,
+        not_before: None,
+        delay_s: 0.0,
+        window_s: Some(60),
+        window_start: start.map(str::to_string),
+    };
+    let opened = slot(Some("2029-12-31T23:59:45.500Z"));
+    assert_eq!(window_age(&opened, now), Some(14.5));
+    // A node announces a revision before its prefetch slot opens the window.
+    let opens_later = slot(Some("2030-01-01T00:00:01.500Z"));
+    assert_eq!(window_age(&opens_later, now), Some(-1.5));
+    // Beyond the window or a day ahead: a skewed clock, not an answer.
+    assert_eq!(window_age(&slot(Some("2029-12-31T23:58:00Z")), now), None);
+    assert_eq!(window_age(&slot(Some("2030-01-03T00:00:00Z")), now), None);
+    assert_eq!(window_age(&slot(None), now), None);
+    assert_eq!(window_age(&slot(Some("junk")), now), None);
 }
 
 #[test]

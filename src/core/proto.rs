@@ -153,6 +153,9 @@ pub struct DownloadSlot {
     /// `not_before` as seconds from now (rounded up), for clients with skewed clocks.
     pub delay_s: u64,
     pub window_s: u64,
+    /// When the window opened at this server (the revision became available here), so that
+    /// a client or a load tester can tell where in the window its slot falls.
+    pub window_start: DateTime<Utc>,
 }
 
 /// `POST /v1/node/slot` (node token): a node asks its upstream when to prefetch a revision.

@@ -450,6 +450,7 @@ impl Slots {
             not_before,
             delay_s: secs_until(not_before, now),
             window_s,
+            window_start: current.available_at,
         }))
     }
 
@@ -480,6 +481,7 @@ impl Slots {
             not_before,
             delay_s: secs_until(not_before, now),
             window_s,
+            window_start: rev.available_at,
         }))
     }
 

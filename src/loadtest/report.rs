@@ -39,8 +39,10 @@ pub struct Latency {
 /// - `bytes` are the bytes of verified downloads.
 /// - `start_histogram` counts download starts (the moment a 200's headers arrived) of the
 ///   newest catalog revision any client downloaded (`histogram_revision`), per bucket of
-///   `bucket_s` seconds from the window start: the earliest heartbeat reply that announced
-///   that revision with a download slot, or the earliest start when no client got a slot.
+///   `bucket_s` seconds from the window start: when the server says the window opened (the
+///   slot's `window_start`: a node's window opens when it has the revision, which may be after
+///   it first announced it), else the earliest heartbeat reply that announced that revision
+///   with a download slot, or the earliest start when no client got a slot.
 ///   `bucket_s` is `window_s / 60`, at least 1 s; the histogram has 60 buckets, or one per
 ///   second when the window is shorter than 60 s (so that the buckets cover the window and
 ///   no more). Starts after the window land in the last bucket. `window_s` comes from the

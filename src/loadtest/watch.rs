@@ -40,8 +40,17 @@ impl Observer for Watch {
         *lock(&self.stats.mode) = Some(mode);
     }
 
-    fn learned(&self, revision: u64, window_s: Option<u64>) {
-        let now = Instant::now();
+    fn learned(&self, revision: u64, window_s: Option<u64>, window_age: Option<f64>) {
+        // The window opens at the server apart from when this client heard of it (later: a
+        // node announces a revision before its prefetch slot; earlier: a client that
+        // heartbeats late): count from the opening when the server says.
+        let heard = Instant::now();
+        let now = match window_age {
+            Some(age) if age >= 0.0 => heard.checked_sub(Duration::from_secs_f64(age)),
+            Some(ahead) => heard.checked_add(Duration::from_secs_f64(-ahead)),
+            None => None,
+        }
+        .unwrap_or(heard);
         let mut learned = lock(&self.stats.learned);
         let e = learned
             .entry(revision)
