@@ -86,6 +86,33 @@ async fn fifty_clients_at_once_cause_one_upstream_fetch_and_get_the_bytes_while_
         at_first < data.len() as f64,
         "the first client byte left the node after the whole fetch ({at_first} bytes upstream)"
     );
+    // Metrics by source: the first client (at least) streamed the blob while it arrived, and
+    // the bytes by source add up to the bytes served.
+    let source = |s: &str| format!("gup_served_source_bytes_total{{source=\"{s}\"}}");
+    let arriving = metric(&client, &node.url, &source("arriving")).await;
+    assert!(arriving > 0.0, "bytes served from the arriving blob");
+    let mut by_source = arriving;
+    for s in ["memory", "disk"] {
+        by_source += metric(&client, &node.url, &source(s)).await;
+    }
+    assert_eq!(
+        by_source,
+        (50 * data.len()) as f64,
+        "every byte has a source"
+    );
+    assert_eq!(
+        metric(&client, &node.url, "gup_served_bytes_total").await,
+        by_source
+    );
+    assert!(
+        metric(
+            &client,
+            &node.url,
+            "gup_served_responses_total{source=\"arriving\"}"
+        )
+        .await
+            >= 1.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -113,6 +140,27 @@ async fn a_cached_blobs_range_is_served_from_the_store_without_a_new_fetch() {
         metric(&client, &node.url, "gup_upstream_fetches_total").await,
         1.0,
         "no new fetch for the range"
+    );
+    // The range came from the store: memory (the hot cache) or disk, never "arriving".
+    let responses = |s: &str| format!("gup_served_responses_total{{source=\"{s}\"}}");
+    let stored = metric(&client, &node.url, &responses("memory")).await
+        + metric(&client, &node.url, &responses("disk")).await;
+    assert!(
+        stored >= 1.0,
+        "the range is counted as served from the store"
+    );
+    // Each request's time is in the histogram of its route template.
+    let content = "gup_request_duration_seconds_count{route=\"/v1/content/{sha256}\"}";
+    assert!(metric(&client, &node.url, content).await >= 2.0);
+    // The node has synced (seconds since, from 0); a manager never mirrors (-1).
+    let age = metric(&client, &node.url, "gup_mirror_age_seconds").await;
+    assert!(
+        (0.0..120.0).contains(&age),
+        "seconds since the last sync: {age}"
+    );
+    assert_eq!(
+        metric(&client, &manager.url, "gup_mirror_age_seconds").await,
+        -1.0
     );
 }
 

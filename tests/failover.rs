@@ -79,6 +79,17 @@ async fn a_node_fails_over_to_the_next_upstream_and_fails_back_when_the_first_re
         Some(1.0),
         "before: the primary is up"
     );
+    // The second upstream was never called: it reads as not tried, not as down.
+    assert_eq!(
+        upstream_state(&client, &u.x.url, &u.m_url).await.as_deref(),
+        Some("not_tried"),
+        "before: the second upstream is not tried yet"
+    );
+    assert_eq!(
+        upstream_up(&client, &u.x.url, &u.m_url).await,
+        None,
+        "before: no up/down for an upstream never called"
+    );
 
     // Failover: the primary dies; new content arrives through the manager.
     let Upstreams {
@@ -104,6 +115,11 @@ async fn a_node_fails_over_to_the_next_upstream_and_fails_back_when_the_first_re
         upstream_up(&client, &x.url, &p_url).await,
         Some(0.0),
         "failover: the primary is down"
+    );
+    assert_eq!(
+        upstream_state(&client, &x.url, &p_url).await.as_deref(),
+        Some("down"),
+        "failover: the primary's state is down"
     );
     assert_eq!(
         upstream_up(&client, &x.url, &m_url).await,

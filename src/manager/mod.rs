@@ -196,7 +196,10 @@ impl Manager {
             self.admin_token.clone(),
             "admin",
         );
-        serve::finish(serve::router(api, self.node_token.clone()).merge(admin))
+        serve::finish(
+            serve::router(api, self.node_token.clone()).merge(admin),
+            &self.served.metrics,
+        )
     }
 
     /// Serves until `shutdown`, then flushes the store.

@@ -30,6 +30,7 @@ impl Node {
         loop {
             match self.sync_once().await {
                 Ok(server) => {
+                    self.served.metrics.mirrored(Utc::now());
                     if last_ok != Some(true) {
                         tracing::info!(%server, "synced with upstream");
                     }

@@ -227,7 +227,10 @@ impl Node {
             served: self.served.clone(),
             role: self.clone(),
         };
-        serve::finish(serve::router(api, self.node_token.clone()))
+        serve::finish(
+            serve::router(api, self.node_token.clone()),
+            &self.served.metrics,
+        )
     }
 
     /// Serves and mirrors until `shutdown`.

@@ -2,7 +2,7 @@
 //!
 //! Owns the HTTP client to the upstreams (manager or another node), the order they are tried
 //! in (priority = list order, first that answers wins, jittered backoff for one that failed,
-//! back to a higher one when it answers again), their health (`gup_upstream_up`), and the
+//! back to a higher one when it answers again), their health (`gup_upstream_up`, `gup_upstream_state`), and the
 //! calls: the `/v1/sync` snapshot, heartbeat and upload batches, the push stream, and a blob's
 //! body. Every failure says which server and whether a retry may help; a failure of this
 //! node's own (its disk) is never blamed on an upstream and never makes it try another. It
@@ -22,7 +22,9 @@ use crate::core::proto::{
     UploadBatch, SNAPSHOT_READ_LIMIT,
 };
 use crate::http::auth::Token;
-use crate::serve::metrics::Metrics;
+use crate::serve::metrics::{
+    Metrics, UPSTREAM_DOWN, UPSTREAM_HELD, UPSTREAM_NOT_TRIED, UPSTREAM_UP,
+};
 use crate::store::StoreError;
 
 /// What can go wrong talking to an upstream.
@@ -290,7 +292,7 @@ impl Upstream {
             })
             .collect();
         for s in &servers {
-            metrics.upstream_up(s.as_str()).set(0);
+            metrics.upstream_state(s.as_str(), UPSTREAM_NOT_TRIED);
         }
         let mut builder = reqwest::Client::builder();
         if let Some(path) = ca_file.as_deref() {
@@ -378,6 +380,8 @@ impl Upstream {
             health[i].retry_at = Some(until);
             health[i].held_until = Some(until);
         }
+        self.metrics
+            .upstream_state(self.servers[i].as_str(), UPSTREAM_HELD);
     }
 
     /// Records how a call to server `i` went: success resets its backoff, failure pushes its
@@ -398,9 +402,10 @@ impl Upstream {
                 h.retry_at = Some(tokio::time::Instant::now() + delay);
             }
         }
-        self.metrics
-            .upstream_up(self.servers[i].as_str())
-            .set(i64::from(ok));
+        let server = self.servers[i].as_str();
+        self.metrics.upstream_up(server).set(i64::from(ok));
+        let state = if ok { UPSTREAM_UP } else { UPSTREAM_DOWN };
+        self.metrics.upstream_state(server, state);
         changed
     }
 

@@ -17,6 +17,7 @@ use chrono::Utc;
 use futures_util::future::BoxFuture;
 
 use super::conditional::{decide_range, if_none_match, not_modified, RangeDecision, BLOB_CACHE};
+use super::metrics::{ServedBytes, ServedFrom};
 use super::{Api, ServeError, Served};
 use crate::core::digest::Digest;
 use crate::core::fault::{Fault, Internal, Kind};
@@ -200,7 +201,7 @@ pub async fn content(
         s.metrics.cache_hits.inc();
         // The eviction order still learns of the read; a failure here costs nothing served.
         let _ = s.store.mark_read(&digest);
-        let source = Source::Stored(body, permit);
+        let source = Source::Stored(body, ServedFrom::Memory, permit);
         return blob_response(s, source, size, &etag, &method, &headers).await;
     }
     // A blob the hot cache may keep is opened without holding it in use: the cache entry
@@ -237,15 +238,20 @@ pub async fn content(
         s.hot.offer(digest, &open.bytes);
     }
     let size = open.meta.size;
-    let source = Source::Stored(open.bytes, permit);
+    let source = Source::Stored(open.bytes, ServedFrom::Disk, permit);
     blob_response(s, source, size, &etag, &method, &headers).await
 }
 
 /// The bytes behind a content response.
 pub enum Source {
     /// The bytes of a verified blob (in memory or mapped; a mapping keeps the blob from
-    /// eviction while any slice of it lives), and the download permit the response holds.
-    Stored(bytes::Bytes, Option<tokio::sync::OwnedSemaphorePermit>),
+    /// eviction while any slice of it lives), where they were found, and the download permit
+    /// the response holds.
+    Stored(
+        bytes::Bytes,
+        ServedFrom,
+        Option<tokio::sync::OwnedSemaphorePermit>,
+    ),
     /// A temp file still being fetched: its last byte is withheld until the digest checks,
     /// and the response is cut if it fails.
     Growing {
@@ -262,7 +268,7 @@ struct GrowingRead {
     pos: u64,
     end: u64,
     len: u64,
-    served: prometheus_client::metrics::counter::Counter,
+    served: ServedBytes,
     by: Arc<Served>,
 }
 
@@ -339,9 +345,9 @@ pub async fn blob_response(
     let body = if method == Method::HEAD {
         Body::empty()
     } else {
-        let served = served_by.metrics.served_bytes.clone();
         match source {
-            Source::Stored(bytes, permit) => {
+            Source::Stored(bytes, from, permit) => {
+                let served = served_by.metrics.served(from);
                 let range = bytes.slice(start as usize..(start + count) as usize);
                 stored_body(range, permit, served, served_by)
             }
@@ -351,6 +357,7 @@ pub async fn blob_response(
                 permit,
             } => {
                 let file = Arc::new(file.into_std().await);
+                let served = served_by.metrics.served(ServedFrom::Arriving);
                 growing_body(GrowingRead {
                     _permit: permit,
                     file,
@@ -376,7 +383,7 @@ pub async fn blob_response(
 fn stored_body(
     bytes: bytes::Bytes,
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
-    served: prometheus_client::metrics::counter::Counter,
+    served: ServedBytes,
     by: &Arc<Served>,
 ) -> Body {
     let unlimited = by.lan.is_unlimited();

@@ -7,7 +7,72 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+
+/// An upstream no call has gone to yet (a lower-priority server while a higher one answers).
+pub const UPSTREAM_NOT_TRIED: &str = "not_tried";
+/// An upstream whose last call succeeded.
+pub const UPSTREAM_UP: &str = "up";
+/// An upstream whose last call failed (backing off).
+pub const UPSTREAM_DOWN: &str = "down";
+/// An upstream that answered 429/503 with `Retry-After`: not asked again until then.
+pub const UPSTREAM_HELD: &str = "held";
+/// The states of `gup_upstream_state`.
+pub const UPSTREAM_STATES: [&str; 4] = [
+    UPSTREAM_NOT_TRIED,
+    UPSTREAM_UP,
+    UPSTREAM_DOWN,
+    UPSTREAM_HELD,
+];
+
+/// Buckets of `gup_request_duration_seconds`: 100 µs doubling to about 3.3 s (16 buckets):
+/// a heartbeat answered from memory is well under a millisecond, a content response's head
+/// comes after at most one upstream round trip.
+fn duration_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0001, 2.0, 16))
+}
+
+/// `gup_request_duration_seconds`: one histogram per route.
+type Durations = Family<Vec<(String, String)>, Histogram, fn() -> Histogram>;
+
+/// Where a content response's bytes come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServedFrom {
+    /// The hot cache of small blobs in memory.
+    Memory = 0,
+    /// A stored blob, read or mapped from disk (also one fetched for this very request).
+    Disk = 1,
+    /// A blob still arriving from upstream, streamed from its growing temp file.
+    Arriving = 2,
+}
+
+impl ServedFrom {
+    const ALL: [ServedFrom; 3] = [ServedFrom::Memory, ServedFrom::Disk, ServedFrom::Arriving];
+
+    /// The `source` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServedFrom::Memory => "memory",
+            ServedFrom::Disk => "disk",
+            ServedFrom::Arriving => "arriving",
+        }
+    }
+}
+
+/// The byte counters one content response adds to: the total and its source's.
+#[derive(Clone)]
+pub struct ServedBytes {
+    total: Counter,
+    source: Counter,
+}
+
+impl ServedBytes {
+    pub fn inc_by(&self, n: u64) {
+        self.total.inc_by(n);
+        self.source.inc_by(n);
+    }
+}
 
 /// The counters and gauges of one server.
 pub struct Metrics {
@@ -16,6 +81,10 @@ pub struct Metrics {
     pub upstream_fetches: Counter,
     pub upstream_bytes: Counter,
     pub served_bytes: Counter,
+    /// Content responses by [`ServedFrom`] (`gup_served_responses_total{source}`), made once.
+    responses_from: [Counter; 3],
+    /// Content bytes sent by [`ServedFrom`] (`gup_served_source_bytes_total{source}`).
+    bytes_from: [Counter; 3],
     pub cache_hits: Counter,
     pub cache_misses: Counter,
     /// Bytes of blobs in the store.
@@ -32,8 +101,12 @@ pub struct Metrics {
     pub heartbeats_received: Counter,
     /// Events (and applications) this server accepted: from its own clients and relayed.
     pub events_received: Counter,
-    /// Per upstream server: 1 when its last call succeeded, 0 when it failed.
+    /// Per upstream server: 1 when its last call succeeded, 0 when it failed; absent until
+    /// it is first called (see `upstream_state`).
     upstream_up: Family<Vec<(String, String)>, Gauge>,
+    /// Per upstream server and state of [`UPSTREAM_STATES`]: 1 for the state it is in, 0
+    /// for the others (so a server never called reads `not_tried`, not down).
+    upstream_state: Family<Vec<(String, String)>, Gauge>,
     /// Bytes a node's outbox holds, per lane (`critical`, `normal`).
     outbox_bytes: Family<Vec<(String, String)>, Gauge>,
     /// `events.outbox_max_bytes`.
@@ -49,6 +122,14 @@ pub struct Metrics {
     /// A node's prefetch slot of the current revision (Unix seconds, from its upstream), 0
     /// when it prefetches at once.
     pub prefetch_slot: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Time from a request's arrival to its response head, per route template (the route
+    /// set is fixed, so the label's values are bounded; `unmatched` for the rest).
+    request_duration: Durations,
+    /// When a node last synced with an upstream (Unix ms; 0: never, and always on a manager).
+    last_mirror_ms: std::sync::atomic::AtomicU64,
+    /// Seconds since then, worked out from `last_mirror_ms` as `/metrics` is read; -1 before
+    /// the first sync.
+    mirror_age: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// Requests and connections refused by a per-address limit, by reason.
     refused: Family<Vec<(String, String)>, Counter>,
     /// Conflicts stored by the manager (an event id re-sent with other content); it starts
@@ -163,6 +244,40 @@ impl Metrics {
             "Per upstream server: 1 if its last call succeeded, else 0",
             upstream_up.clone(),
         );
+        let upstream_state = Family::<Vec<(String, String)>, Gauge>::default();
+        registry.register(
+            "gup_upstream_state",
+            "Per upstream server: 1 for the state it is in (not_tried, up, down, held), 0 for the others",
+            upstream_state.clone(),
+        );
+        let source = |s: ServedFrom| vec![("source".to_string(), s.as_str().to_string())];
+        let responses = Family::<Vec<(String, String)>, Counter>::default();
+        registry.register(
+            "gup_served_responses",
+            "Content responses by where their bytes come from (memory, disk, arriving)",
+            responses.clone(),
+        );
+        let responses_from = ServedFrom::ALL.map(|s| responses.get_or_create(&source(s)).clone());
+        let bytes = Family::<Vec<(String, String)>, Counter>::default();
+        registry.register(
+            "gup_served_source_bytes",
+            "Content bytes sent by where they come from (memory, disk, arriving)",
+            bytes.clone(),
+        );
+        let bytes_from = ServedFrom::ALL.map(|s| bytes.get_or_create(&source(s)).clone());
+        let request_duration = Durations::new_with_constructor(duration_histogram);
+        registry.register(
+            "gup_request_duration_seconds",
+            "Time from a request's arrival to its response head, per route",
+            request_duration.clone(),
+        );
+        let mirror_age = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        mirror_age.set(-1.0);
+        registry.register(
+            "gup_mirror_age_seconds",
+            "Seconds since this node last synced with an upstream (-1: never; a manager: always -1)",
+            mirror_age.clone(),
+        );
         // prometheus-client appends `_total` to counters itself.
         registry.register(
             "gup_upstream_fetches",
@@ -217,9 +332,15 @@ impl Metrics {
             heartbeats_received,
             events_received,
             upstream_up,
+            upstream_state,
+            request_duration,
+            last_mirror_ms: std::sync::atomic::AtomicU64::new(0),
+            mirror_age,
             upstream_fetches,
             upstream_bytes,
             served_bytes,
+            responses_from,
+            bytes_from,
             cache_hits,
             cache_misses,
             cache_bytes,
@@ -231,6 +352,35 @@ impl Metrics {
         self.upstream_up
             .get_or_create(&vec![("server".to_string(), server.to_string())])
             .clone()
+    }
+
+    /// Puts server `server` in `state` (one of [`UPSTREAM_STATES`]) in `gup_upstream_state`.
+    pub fn upstream_state(&self, server: &str, state: &str) {
+        for s in UPSTREAM_STATES {
+            let labels = vec![
+                ("server".to_string(), server.to_string()),
+                ("state".to_string(), s.to_string()),
+            ];
+            self.upstream_state
+                .get_or_create(&labels)
+                .set(i64::from(s == state));
+        }
+    }
+
+    /// Records one request to `route` (a route template) that took `seconds` to its head.
+    pub fn request_took(&self, route: &str, seconds: f64) {
+        self.request_duration
+            .get_or_create(&vec![("route".to_string(), route.to_string())])
+            .observe(seconds);
+    }
+
+    /// Counts a content response served from `from`; the counters its body's bytes go to.
+    pub fn served(&self, from: ServedFrom) -> ServedBytes {
+        self.responses_from[from as usize].inc();
+        ServedBytes {
+            total: self.served_bytes.clone(),
+            source: self.bytes_from[from as usize].clone(),
+        }
     }
 
     /// The `gup_outbox_bytes` gauge of one lane.
@@ -247,8 +397,26 @@ impl Metrics {
             .clone()
     }
 
+    /// A node synced with an upstream at `at` (a 304 counts: the mirror is current).
+    pub fn mirrored(&self, at: chrono::DateTime<chrono::Utc>) {
+        let ms = u64::try_from(at.timestamp_millis()).unwrap_or(0);
+        self.last_mirror_ms
+            .store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Seconds since the last sync with an upstream at `now`; None before the first.
+    pub fn mirror_age(&self, now: chrono::DateTime<chrono::Utc>) -> Option<f64> {
+        let last = self
+            .last_mirror_ms
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let now = u64::try_from(now.timestamp_millis()).unwrap_or(0);
+        (last > 0).then(|| now.saturating_sub(last) as f64 / 1000.0)
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
+        self.mirror_age
+            .set(self.mirror_age(chrono::Utc::now()).unwrap_or(-1.0));
         let mut out = String::new();
         if encode(&mut out, &self.registry).is_err() {
             out.clear();

@@ -252,11 +252,28 @@ pub fn router(api: Api, node_token: Token) -> Router {
         .with_state(api)
 }
 
-/// JSON 404 and 405 for a role's whole router.
-pub fn finish(router: Router) -> Router {
+/// JSON 404 and 405 for a role's whole router, and every request's time to its response
+/// head in `gup_request_duration_seconds{route}` (push streams served lean bypass it).
+pub fn finish(router: Router, metrics: &Arc<metrics::Metrics>) -> Router {
+    let metrics = metrics.clone();
     router
         .fallback(|| async { ApiError::from(Refused::NoEndpoint) })
         .method_not_allowed_fallback(|| async { ApiError::from(Refused::Method) })
+        .layer(axum::middleware::from_fn(
+            move |req: axum::extract::Request, next: axum::middleware::Next| {
+                let metrics = metrics.clone();
+                async move {
+                    let route = req
+                        .extensions()
+                        .get::<axum::extract::MatchedPath>()
+                        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+                    let started = std::time::Instant::now();
+                    let response = next.run(req).await;
+                    metrics.request_took(&route, started.elapsed().as_secs_f64());
+                    response
+                }
+            },
+        ))
 }
 
 /// How a role serves its connections: its `[limits]`, TLS, push streams served lean, and

@@ -449,6 +449,31 @@ pub async fn upstream_up(client: &reqwest::Client, node: &str, upstream: &str) -
         .and_then(|v| v.parse().ok())
 }
 
+/// The state `gup_upstream_state` puts one upstream in (`not_tried`, `up`, `down`, `held`).
+pub async fn upstream_state(
+    client: &reqwest::Client,
+    node: &str,
+    upstream: &str,
+) -> Option<String> {
+    let text = client
+        .get(format!("{node}/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    let key = format!(
+        "gup_upstream_state{{server=\"{}/\",state=\"",
+        upstream.trim_end_matches('/')
+    );
+    text.lines()
+        .filter_map(|l| l.strip_prefix(&key))
+        .filter_map(|rest| rest.split_once("\"} "))
+        .find(|(_, v)| v.trim() == "1")
+        .map(|(state, _)| state.to_string())
+}
+
 /// A metric's value from `/metrics`.
 pub async fn metric(client: &reqwest::Client, base: &str, name: &str) -> f64 {
     let text = client
