@@ -21,6 +21,21 @@ bench_cleanup() {
 
 free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
 
+# crowd_from_one_address: every simulated client of `gup loadtest` comes from 127.0.0.1, so
+# lift the node's per-address limits meant for a LAN (1,024 connections, 512 streams, 600 new
+# client ids a minute per address): a crowd bench measures the node, not those limits.
+crowd_from_one_address() {
+  printf '[node]\n[limits]\nmax_connections_per_address = 100000\nmax_streams_per_address = 100000\nnew_clients_per_minute = 0\n' > "$WORK/node.toml"
+  NODE_ARGS=(--config "$WORK/node.toml")
+}
+
+# open_site: the manager takes clients without enrolment (`client_auth = open`), as a crowd
+# of simulated agents has no credentials.
+open_site() {
+  curl -sf -X PUT -H "Authorization: Bearer a" -H 'content-type: application/json' \
+    --data '{"client_auth":"open"}' "$M/v1/admin/site" >/dev/null
+}
+
 # start_manager_and_node: a manager (admin token "a", node token "n") and a node mirroring it,
 # on free 127.0.0.1 ports, logs in WORK; sets PM, PN, M, N (their URLs) and NODE_PID, and
 # returns once both answer (the node ready). NODE_ARGS (an array, optional) is added to the

@@ -18,7 +18,9 @@ CLIENTS=${CLIENTS:-10000}
 source benches/lib.sh
 bench_setup push
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+crowd_from_one_address
 start_manager_and_node
+open_site
 
 metric() { curl -s "$N/metrics" | awk -v m="$1" '$1 == m {print $2}'; }
 revision() { curl -s "$N/v1/catalog" | python3 -c 'import json,sys; print(json.load(sys.stdin)["revision"])'; }

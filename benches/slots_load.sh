@@ -20,9 +20,7 @@ WINDOW_S=60
 source benches/lib.sh
 bench_setup slots-load
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-# Every agent comes from 127.0.0.1: lift the per-address limits meant for a LAN.
-printf '[node]\n[limits]\nmax_connections_per_address = 100000\nmax_streams_per_address = 100000\nnew_clients_per_minute = 0\n' > "$WORK/node.toml"
-NODE_ARGS=(--config "$WORK/node.toml")
+crowd_from_one_address
 
 admin() { # METHOD PATH BODY
   curl -sf -X "$1" -H "Authorization: Bearer a" -H 'content-type: application/json' \
@@ -36,7 +34,7 @@ run_case() { # NAME MODE HEARTBEAT_S
   local saved=$WORK; WORK=$WORK_CASE
   start_manager_and_node
   WORK=$saved
-  admin PUT /v1/admin/site '{"client_auth":"open"}'
+  open_site
   admin PUT /v1/admin/groups/default/settings \
     "{\"randomization\": {\"window_s\": $WINDOW_S}, \"heartbeat_interval_s\": $hb, \"mode\": \"$mode\"}"
   # Every client heartbeats once before the release (the node's census of whom to expect).
