@@ -23,6 +23,7 @@ macro_rules! out {
 }
 
 mod admin;
+mod admin_print;
 mod agent;
 
 use std::net::SocketAddr;

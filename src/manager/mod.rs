@@ -13,6 +13,7 @@ pub mod applications;
 pub mod enrol;
 pub mod events;
 mod migrate;
+pub mod notices;
 pub mod page;
 mod publish;
 pub mod registry;
