@@ -16,6 +16,7 @@ mod mirror;
 pub mod outbox;
 mod relay;
 pub mod upstream;
+mod upstream_error;
 
 use std::sync::Arc;
 use std::time::Duration;
