@@ -116,6 +116,13 @@ enum AdminCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Nodes that report to this manager (directly or through other nodes): each one's last
+    /// report, the node it reports through, revisions behind, and whether it is overdue (no
+    /// report for three of its sync intervals).
+    Nodes {
+        #[arg(long)]
+        json: bool,
+    },
     /// Learned applications: `apps search TEXT`.
     Apps {
         #[command(subcommand)]
@@ -190,12 +197,16 @@ enum GroupCommand {
 enum ClientCommand {
     /// Move a client to a group.
     Move { id: String, group: String },
-    /// List every client with group, last seen and whether overdue (all pages, in client
-    /// id order; --json prints them as one list).
+    /// List every client with group, the node it is behind, when it sent its last
+    /// heartbeat and whether overdue (all pages, in client id order; --json prints them as
+    /// one list).
     List {
         /// Clients asked for per request (1 to 10000).
         #[arg(long, default_value_t = 1000)]
         page: usize,
+        /// Only the clients in this group (not its subgroups).
+        #[arg(long)]
+        group: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -501,16 +512,18 @@ pub(super) fn run(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure>
                 );
                 Ok(())
             }
-            ClientCommand::List { page, json } => {
+            ClientCommand::List { page, group, json } => {
                 let page_s = page.to_string();
+                let mut q: Vec<(&str, &str)> = vec![("limit", &page_s)];
+                if let Some(g) = &group {
+                    q.push(("group", g));
+                }
                 let mut clients: Vec<serde_json::Value> = Vec::new();
-                rt.block_on(
-                    client.pages("/v1/admin/clients", &[("limit", &page_s)], |mut v| {
-                        if let serde_json::Value::Array(items) = v["clients"].take() {
-                            clients.extend(items);
-                        }
-                    }),
-                )
+                rt.block_on(client.pages("/v1/admin/clients", &q, |mut v| {
+                    if let serde_json::Value::Array(items) = v["clients"].take() {
+                        clients.extend(items);
+                    }
+                }))
                 .map_err(runtime)?;
                 let all = serde_json::json!({ "clients": clients });
                 show_list(
@@ -522,7 +535,10 @@ pub(super) fn run(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure>
                         "GROUP",
                         "INSTALL GROUP",
                         "OS",
-                        "LAST SEEN",
+                        "VERSION",
+                        "LOCATION",
+                        "VIA",
+                        "SENT AT",
                         "OVERDUE",
                     ],
                     |c| {
@@ -531,7 +547,10 @@ pub(super) fn run(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure>
                             text(&c["group"]),
                             text(&c["install_group"]),
                             text(&c["os"]),
-                            text(&c["last_seen"]),
+                            text(&c["client_version"]),
+                            text(&c["location"]),
+                            text(&c["via"]),
+                            text(&c["sent_at"]),
                             if c["overdue"] == true {
                                 "yes".into()
                             } else {
@@ -605,6 +624,7 @@ pub(super) fn run(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure>
             print_more(&v, json);
             Ok(())
         }
+        AdminCommand::Nodes { json } => super::admin_nodes::run(&client, &rt, json),
         AdminCommand::Notifications { limit, after, json } => {
             let limit_s = limit.to_string();
             let after_s = after.map(|a| a.to_string());

@@ -23,6 +23,7 @@ macro_rules! out {
 }
 
 mod admin;
+mod admin_nodes;
 mod admin_print;
 mod agent;
 

@@ -6,7 +6,9 @@
 //! count them (planned into the same atomic step as the events, see
 //! [`EventStore::accept`]), their pages, and the webhook call. Notification ids come from the
 //! event store's counters, so they are numbered under the same lock as the events that raise
-//! them. It must never store events or decide where a client belongs.
+//! them. A node gone overdue raises one too ([`EventStore::raise_node`], damped per node:
+//! `d/{node}\0{kind}\0{id:020}` finds the latest about a node). It must never store events
+//! or decide where a client belongs.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -20,7 +22,8 @@ use super::page::{self, part, seq_part, DEFAULT_LIMIT, MAX_LIMIT};
 use crate::core::proto::is_critical;
 use crate::store::{Batch, StoreError};
 
-/// An admin notification: critical events of one (group, kind) within a damper period.
+/// An admin notification: critical events of one (group, kind) within a damper period, or a
+/// node gone overdue (kind `node_overdue`, one per node within a damper period).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Notification {
     pub id: u64,
@@ -30,9 +33,13 @@ pub struct Notification {
     pub last_at: DateTime<Utc>,
     /// Events counted onto it, its first included.
     pub count: u64,
-    /// The first event's client and id.
+    /// The first event's client and id (for `node_overdue`: the node's id, and empty).
     pub client_id: String,
     pub event_id: String,
+    /// The node a `node_overdue` notification is about (its `group` is then `default`, the
+    /// root of the tree every node serves).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
 }
 
 /// A page of `GET /v1/admin/notifications`, newest first.
@@ -67,7 +74,57 @@ pub(super) fn put_notice(batch: &mut Batch, n: &Notification) -> Result<(), Stor
     Ok(())
 }
 
+/// The prefix of the entries that find the latest notification of `kind` about node `node`.
+fn node_prefix(node: &str, kind: &str) -> String {
+    format!("d/{}\0{}\0", part(node), part(kind))
+}
+
 impl EventStore {
+    /// Raises a notification of `kind` about node `node_id`, damped per node: within
+    /// `damper_s` (0: never) of the latest one about that node and kind, that one counts it
+    /// instead and None is returned. Durable after [`EventStore::flush`].
+    pub fn raise_node(
+        &self,
+        node_id: &str,
+        kind: &str,
+        damper_s: u64,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Notification>, EventsError> {
+        let mut counters = self.lock()?;
+        let prefix = node_prefix(node_id, kind);
+        let damper = i64::try_from(damper_s).unwrap_or(i64::MAX);
+        if let Some((_, id)) = self.notices.last::<u64>(&prefix)? {
+            if let Some(mut n) = self.notices.get::<Notification>(&notice_key(id))? {
+                if damper > 0 && (now - n.first_at).num_seconds() < damper {
+                    n.count += 1;
+                    n.last_at = now;
+                    self.notices.put(&notice_key(id), &n)?;
+                    return Ok(None);
+                }
+            }
+        }
+        let n = Notification {
+            id: counters.notice,
+            group: crate::core::settings::DEFAULT_GROUP.to_string(),
+            kind: kind.to_string(),
+            first_at: now,
+            last_at: now,
+            count: 1,
+            client_id: node_id.to_string(),
+            event_id: String::new(),
+            node_id: Some(node_id.to_string()),
+        };
+        let next =
+            n.id.checked_add(1)
+                .ok_or_else(|| exhausted("notification"))?;
+        let mut batch = Batch::default();
+        batch.put(&notice_key(n.id), &n)?;
+        batch.put(&format!("{prefix}{}", seq_part(n.id)), &n.id)?;
+        self.notices.apply(batch)?;
+        counters.notice = next;
+        Ok(Some(n))
+    }
+
     /// Raises or counts notifications for the critical events among `stored`, in one
     /// atomic batch. At most one notification per (group, kind) per `damper_s`; 0 means
     /// every event notifies. Returns the notifications created (for the webhook).
@@ -137,6 +194,7 @@ impl EventStore {
                         count: 1,
                         client_id: e.client_id.clone(),
                         event_id: e.id.clone(),
+                        node_id: None,
                     };
                     next.notice = next
                         .notice

@@ -4,7 +4,7 @@
 //! in (priority = list order, first that answers wins, jittered backoff for one that failed,
 //! back to a higher one when it answers again), their health (`gup_upstream_up`), and the
 //! calls: the `/v1/sync` snapshot, heartbeat and upload batches, the push stream, and a blob's
-//! body. Every failure says which server and whether a retry may help; a failure of this
+//! body, the node reports. Every failure says which server and whether a retry may help; a failure of this
 //! node's own (its disk) is never blamed on an upstream and never makes it try another. It
 //! must never answer clients or write to the store: `fetch` fills the store.
 
@@ -17,6 +17,7 @@ use reqwest::StatusCode;
 
 use crate::core::credential::{EnrollRequest, Enrolled};
 use crate::core::digest::Digest;
+use crate::core::fleet::ReportBatch;
 use crate::core::proto::{
     BatchReply, DownloadSlot, HeartbeatBatch, PrefetchSlotReply, PrefetchSlotRequest, Snapshot,
     UploadBatch, SNAPSHOT_READ_LIMIT,
@@ -646,6 +647,21 @@ impl Upstream {
     /// How long a call or fetch may go without a byte.
     pub fn idle_timeout(&self) -> Duration {
         self.idle_timeout
+    }
+
+    /// The upstream this node mirrored from last (None before its first sync).
+    pub fn in_use(&self) -> Option<String> {
+        let last = self.last_sync.lock().ok()?;
+        last.as_ref().map(|(i, _, _)| self.name(*i))
+    }
+
+    /// Sends a batch of node reports to the first upstream that accepts it.
+    pub async fn post_reports(&self, batch: &ReportBatch) -> Result<(), UpstreamError> {
+        self.first_that_answers(|i| async move {
+            self.post_json(i, "/v1/node/reports", batch).await.map(drop)
+        })
+        .await
+        .map(drop)
     }
 
     /// The name of server `i` (its URL).
