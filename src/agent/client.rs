@@ -384,6 +384,7 @@ impl Agent {
             user: ctx.id.user.as_deref(),
             policy_serial: self.saved.policy_serial,
             catalog_revision: self.saved.catalog_revision,
+            sent_at: chrono::Utc::now(),
         };
         for base in self.servers.candidates() {
             let t0 = Instant::now();

@@ -149,6 +149,9 @@ pub struct HeartbeatBody<'a> {
     /// Sent while the client has no credential: the reply then carries one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub enroll_token: Option<&'a str>,
+    /// When the agent sent it, by its clock: the manager shows it as the client's last
+    /// heartbeat (cut to the first server's time when the clock runs ahead).
+    pub sent_at: chrono::DateTime<chrono::Utc>,
 }
 
 /// The parts of a heartbeat reply a client acts on; the rest is ignored.

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 use reqwest::Method;
 
+use super::admin_print::{print_json, print_more, print_settings, show_list, text};
 use super::{init_logging, non_empty, runtime, runtime_env, usage, Failure};
 use crate::core::config::LogFormat;
 
@@ -115,6 +116,13 @@ enum AdminCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Nodes that report to this manager (directly or through other nodes): each one's last
+    /// report, the node it reports through, revisions behind, and whether it is overdue (no
+    /// report for three of its sync intervals).
+    Nodes {
+        #[arg(long)]
+        json: bool,
+    },
     /// Learned applications: `apps search TEXT`.
     Apps {
         #[command(subcommand)]
@@ -189,12 +197,16 @@ enum GroupCommand {
 enum ClientCommand {
     /// Move a client to a group.
     Move { id: String, group: String },
-    /// List every client with group, last seen and whether overdue (all pages, in client
-    /// id order; --json prints them as one list).
+    /// List every client with group, the node it is behind, when it sent its last
+    /// heartbeat and whether overdue (all pages, in client id order; --json prints them as
+    /// one list).
     List {
         /// Clients asked for per request (1 to 10000).
         #[arg(long, default_value_t = 1000)]
         page: usize,
+        /// Only the clients in this group (not its subgroups).
+        #[arg(long)]
+        group: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -500,16 +512,18 @@ pub(super) fn run(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure>
                 );
                 Ok(())
             }
-            ClientCommand::List { page, json } => {
+            ClientCommand::List { page, group, json } => {
                 let page_s = page.to_string();
+                let mut q: Vec<(&str, &str)> = vec![("limit", &page_s)];
+                if let Some(g) = &group {
+                    q.push(("group", g));
+                }
                 let mut clients: Vec<serde_json::Value> = Vec::new();
-                rt.block_on(
-                    client.pages("/v1/admin/clients", &[("limit", &page_s)], |mut v| {
-                        if let serde_json::Value::Array(items) = v["clients"].take() {
-                            clients.extend(items);
-                        }
-                    }),
-                )
+                rt.block_on(client.pages("/v1/admin/clients", &q, |mut v| {
+                    if let serde_json::Value::Array(items) = v["clients"].take() {
+                        clients.extend(items);
+                    }
+                }))
                 .map_err(runtime)?;
                 let all = serde_json::json!({ "clients": clients });
                 show_list(
@@ -521,7 +535,10 @@ pub(super) fn run(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure>
                         "GROUP",
                         "INSTALL GROUP",
                         "OS",
-                        "LAST SEEN",
+                        "VERSION",
+                        "LOCATION",
+                        "VIA",
+                        "SENT AT",
                         "OVERDUE",
                     ],
                     |c| {
@@ -530,7 +547,10 @@ pub(super) fn run(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure>
                             text(&c["group"]),
                             text(&c["install_group"]),
                             text(&c["os"]),
-                            text(&c["last_seen"]),
+                            text(&c["client_version"]),
+                            text(&c["location"]),
+                            text(&c["via"]),
+                            text(&c["sent_at"]),
                             if c["overdue"] == true {
                                 "yes".into()
                             } else {
@@ -604,6 +624,7 @@ pub(super) fn run(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure>
             print_more(&v, json);
             Ok(())
         }
+        AdminCommand::Nodes { json } => super::admin_nodes::run(&client, &rt, json),
         AdminCommand::Notifications { limit, after, json } => {
             let limit_s = limit.to_string();
             let after_s = after.map(|a| a.to_string());
@@ -726,116 +747,4 @@ fn admin_token(
          (there is no {})",
         path.display()
     )))
-}
-
-/// Under a table, the cursor of the next page when there is one: "more: --after N". A page
-/// may be short (the manager's scan bound) while this still shows.
-fn print_more(v: &serde_json::Value, json: bool) {
-    if !json && !v["next"].is_null() {
-        outln!("more: --after {}", text(&v["next"]));
-    }
-}
-
-fn print_json(v: &serde_json::Value) {
-    outln!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
-}
-
-/// A JSON value as a table cell: strings bare, null as "-".
-fn text(v: &serde_json::Value) -> String {
-    match v {
-        serde_json::Value::String(s) => s.clone(),
-        serde_json::Value::Null => "-".into(),
-        other => other.to_string(),
-    }
-}
-
-/// Prints `v` as JSON, or its array `key` as a table.
-fn show_list(
-    v: &serde_json::Value,
-    json: bool,
-    key: &str,
-    headers: &[&str],
-    row: impl Fn(&serde_json::Value) -> Vec<String>,
-) {
-    if json {
-        print_json(v);
-    } else {
-        print_table(headers, &table_rows(&v[key], row));
-    }
-}
-
-/// One table row per element of a JSON array (none when it is not an array).
-fn table_rows(
-    list: &serde_json::Value,
-    row: impl Fn(&serde_json::Value) -> Vec<String>,
-) -> Vec<Vec<String>> {
-    list.as_array()
-        .map(|items| items.iter().map(row).collect())
-        .unwrap_or_default()
-}
-
-fn print_table(headers: &[&str], rows: &[Vec<String>]) {
-    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
-    for r in rows {
-        for (i, c) in r.iter().enumerate() {
-            widths[i] = widths[i].max(c.chars().count());
-        }
-    }
-    let line = |cells: Vec<String>| {
-        let parts: Vec<String> = cells
-            .iter()
-            .enumerate()
-            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
-            .collect();
-        outln!("{}", parts.join("  ").trim_end());
-    };
-    line(headers.iter().map(|h| h.to_string()).collect());
-    for r in rows {
-        line(r.clone());
-    }
-}
-
-/// Effective settings as KEY / VALUE / WHERE rows ("own" when the group or location sets it).
-fn print_settings(
-    effective: &serde_json::Value,
-    own: &serde_json::Value,
-    location: &serde_json::Value,
-) {
-    fn flatten(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, serde_json::Value)>) {
-        match v {
-            serde_json::Value::Object(m) if prefix.is_empty() || !m.contains_key("url") => {
-                for (k, v) in m {
-                    let key = if prefix.is_empty() {
-                        k.clone()
-                    } else {
-                        format!("{prefix}.{k}")
-                    };
-                    flatten(&key, v, out);
-                }
-            }
-            other => out.push((prefix.to_string(), other.clone())),
-        }
-    }
-    let mut eff = Vec::new();
-    flatten("", effective, &mut eff);
-    let mut own_keys = Vec::new();
-    flatten("", own, &mut own_keys);
-    let mut loc_keys = Vec::new();
-    flatten("", location, &mut loc_keys);
-    let rows: Vec<Vec<String>> = eff
-        .into_iter()
-        .map(|(k, v)| {
-            let source = if loc_keys.iter().any(|(lk, _)| *lk == k) {
-                "location"
-            } else if own_keys.iter().any(|(ok, _)| *ok == k) {
-                "group"
-            } else if k == "serial" {
-                ""
-            } else {
-                "inherited"
-            };
-            vec![k, text(&v), source.to_string()]
-        })
-        .collect();
-    print_table(&["KEY", "VALUE", "SET BY"], &rows);
 }

@@ -23,6 +23,8 @@ macro_rules! out {
 }
 
 mod admin;
+mod admin_nodes;
+mod admin_print;
 mod agent;
 
 use std::net::SocketAddr;

@@ -318,6 +318,12 @@ pub struct NodeSection {
     /// PEM certificate chain and private key: with both, the port speaks only TLS.
     pub tls_cert: String,
     pub tls_key: String,
+    /// The name this node reports to its upstream; empty: the host name.
+    pub name: String,
+    /// The URL this node reports as where it is reached; empty: derived from `listen` when
+    /// that is a specific address, else none (a node on all interfaces cannot know which of
+    /// its addresses its clients use).
+    pub advertised_url: String,
 }
 
 impl Default for NodeSection {
@@ -329,6 +335,8 @@ impl Default for NodeSection {
             node_token_file: String::new(),
             tls_cert: String::new(),
             tls_key: String::new(),
+            name: String::new(),
+            advertised_url: String::new(),
         }
     }
 }
@@ -446,6 +454,26 @@ impl NodeConfig {
             ));
         }
         validate_tls("node", &self.node.tls_cert, &self.node.tls_key)?;
+        let name = &self.node.name;
+        if name.chars().count() > super::fleet::MAX_NODE_NAME || name.chars().any(char::is_control)
+        {
+            return Err(bad(
+                "node.name",
+                format!(
+                    "at most {} characters, no control characters",
+                    super::fleet::MAX_NODE_NAME
+                ),
+            ));
+        }
+        if !self.node.advertised_url.is_empty() {
+            if self.node.advertised_url.len() > super::fleet::MAX_REPORT_URL {
+                return Err(bad(
+                    "node.advertised_url",
+                    format!("at most {} characters", super::fleet::MAX_REPORT_URL),
+                ));
+            }
+            validate_url(&self.node.advertised_url).map_err(|m| bad("node.advertised_url", m))?;
+        }
         validate_token_file(
             "upstream.token_file",
             "--upstream-token-file",

@@ -11,6 +11,7 @@ pub mod config;
 pub mod credential;
 pub mod digest;
 pub mod fault;
+pub mod fleet;
 pub mod proto;
 pub mod push;
 pub mod secret_file;

@@ -112,6 +112,11 @@ pub struct Heartbeat {
     /// Never relayed: the server that takes it enrols the client and drops it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enroll_token: Option<String>,
+    /// When the client sent this heartbeat, by its own clock (set by the agent; relayed as
+    /// it is). The manager records it no later than the time the first server received the
+    /// heartbeat: a clock running ahead cannot put a client's last heartbeat in the future.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sent_at: Option<DateTime<Utc>>,
 }
 
 impl Heartbeat {
@@ -256,6 +261,33 @@ pub struct RelayedHeartbeat {
     pub heartbeat: Heartbeat,
     /// The client's address as the node saw it.
     pub address: Option<String>,
+    /// The node the client is behind (the first node that relayed it); a node relaying a
+    /// relayed heartbeat keeps it, so a chain keeps the nearest node. None from an older node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<String>,
+    /// When the first server received the heartbeat (that server's clock), passed along so
+    /// the manager never takes the time a relay reached it for the time the client sent it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub received_at: Option<DateTime<Utc>>,
+}
+
+/// Where a heartbeat came from, as the server placing it learns: the client's address, and
+/// for a relayed one the node it is behind and when the first server received it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Origin {
+    pub address: Option<String>,
+    pub via: Option<String>,
+    pub received_at: Option<DateTime<Utc>>,
+}
+
+impl Origin {
+    /// A heartbeat a client sent to this server itself.
+    pub fn direct(address: Option<String>) -> Origin {
+        Origin {
+            address,
+            ..Origin::default()
+        }
+    }
 }
 
 /// `POST /v1/node/heartbeats` body.

@@ -1,9 +1,9 @@
-//! The manager's event records and the admin notifications critical events raise.
+//! The manager's event records.
 //!
 //! Owns each event stored once per (client_id, id, content) under the group its client was
-//! placed in, the paged queries over them, the notifications (at most one per (group, kind)
-//! per damper period, counting what it held back) and the delivery of a new notification to
-//! the admin's webhook. All event data lives in one tree, [`LOG_TREE`], so that an event's
+//! placed in and the paged queries over them; the notifications critical events raise are
+//! `notices`' (planned into the same step here). All event data lives in one tree,
+//! [`LOG_TREE`], so that an event's
 //! record, its dedupe key, its index entries and the conflict count are written in one
 //! atomic batch, and the notifications it raises or counts in the same step
 //! ([`EventStore::accept`], one transaction over both trees): after any crash all of them
@@ -29,15 +29,13 @@
 //! | `c/{client}\0{seq:020}`, `g/{group}\0{seq:020}`, `k/{kind}\0{seq:020}` | the event's time, so `since` needs no record |
 //! | `t/{seq:020}` | the event's time: a `since` alone walks these small entries, not the records |
 //!
-//! Notifications live in [`NOTICES_TREE`]: `n/{id:020}` holds each, `p/{group}\0{kind}\0{id:020}`
-//! finds the latest of a (group, kind). Free text in a key is escaped (`page::part`). The
-//! webhook is called after the step is durable, at most once: a crash before it is sent
-//! loses the call, never the notification.
+//! Notifications live in [`NOTICES_TREE`] (see `notices`). Free text in a key is escaped
+//! (`page::part`).
 //! Nothing is loaded whole: the next seq is the last record's at open, a query walks the
 //! most selective index it is given and visits at most [`SCAN_LIMIT`] entries. Persistence
 //! is through `store::Kv`. It must never decide where a client belongs.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
@@ -47,9 +45,11 @@ use serde::{Deserialize, Serialize};
 use super::page::{self, part, seq_after, seq_part, BadLimit, DEFAULT_LIMIT, MAX_LIMIT};
 use crate::core::digest::Digest;
 use crate::core::fault::{Fault, Internal, Kind};
-use crate::core::proto::{is_critical, Event, EventUpload, Placement};
+use crate::core::proto::{Event, EventUpload, Placement};
 use crate::store::{Batch, Kv, Store, StoreError};
 
+pub(super) use super::notices::put_notice;
+pub use super::notices::{deliver_webhook, NoticePage, NoticeQuery, Notification};
 pub use super::page::SCAN_LIMIT;
 
 /// The one tree of event records, dedupe keys and index entries.
@@ -128,21 +128,6 @@ pub struct Intake {
     pub created: Vec<Notification>,
 }
 
-/// An admin notification: critical events of one (group, kind) within a damper period.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Notification {
-    pub id: u64,
-    pub group: String,
-    pub kind: String,
-    pub first_at: DateTime<Utc>,
-    pub last_at: DateTime<Utc>,
-    /// Events counted onto it, its first included.
-    pub count: u64,
-    /// The first event's client and id.
-    pub client_id: String,
-    pub event_id: String,
-}
-
 /// A filter of `GET /v1/admin/events`.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct EventQuery {
@@ -161,21 +146,6 @@ pub struct EventQuery {
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct EventPage {
     pub events: Vec<StoredEvent>,
-    pub next: Option<u64>,
-}
-
-/// A page of `GET /v1/admin/notifications`, newest first.
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct NoticeQuery {
-    pub limit: Option<usize>,
-    /// The id of the last notification of the previous page: this page holds older ones.
-    pub after: Option<u64>,
-}
-
-/// One answer of `GET /v1/admin/notifications`.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
-pub struct NoticePage {
-    pub notifications: Vec<Notification>,
     pub next: Option<u64>,
 }
 
@@ -254,10 +224,6 @@ fn index_prefix(tag: char, value: &str) -> String {
     format!("{tag}/{}\0", part(value))
 }
 
-fn notice_key(id: u64) -> String {
-    format!("n/{}", seq_part(id))
-}
-
 /// Adds an id's first record, its dedupe key and its index entries to `batch`.
 pub(super) fn put_event(batch: &mut Batch, e: &StoredEvent) -> Result<(), StoreError> {
     batch.put(&dedupe_key(&e.client_id, &e.id), &e.seq)?;
@@ -287,19 +253,6 @@ pub(super) fn has_event(kv: &Kv, e: &StoredEvent) -> Result<bool, StoreError> {
     kv.contains(&dedupe_key(&e.client_id, &e.id))
 }
 
-/// Adds a notification and its (group, kind) entry to `batch`.
-pub(super) fn put_notice(batch: &mut Batch, n: &Notification) -> Result<(), StoreError> {
-    batch.put(&notice_key(n.id), n)?;
-    let latest = format!(
-        "p/{}\0{}\0{}",
-        part(&n.group),
-        part(&n.kind),
-        seq_part(n.id)
-    );
-    batch.put(&latest, &n.id)?;
-    Ok(())
-}
-
 /// The greatest sequence number among the keys of `kv` under `prefix` (0 when none), found
 /// with one lookup from the end.
 fn last_seq(kv: &Kv, prefix: &str) -> Result<u64, StoreError> {
@@ -309,26 +262,26 @@ fn last_seq(kv: &Kv, prefix: &str) -> Result<u64, StoreError> {
         .unwrap_or(0))
 }
 
-fn exhausted(what: &str) -> Internal {
+pub(super) fn exhausted(what: &str) -> Internal {
     Internal(format!("{what} numbers are exhausted"))
 }
 
 /// What intake keeps between uploads: the numbers the next write continues from.
 #[derive(Debug, Clone, Copy)]
-struct Counters {
+pub(super) struct Counters {
     /// The next event's seq.
-    seq: u64,
+    pub(super) seq: u64,
     /// The next notification's id.
-    notice: u64,
+    pub(super) notice: u64,
     /// Conflicts stored (the value at [`CONFLICTS_KEY`]).
-    conflicts: u64,
+    pub(super) conflicts: u64,
 }
 
 /// The manager's event records.
 #[derive(Clone)]
 pub struct EventStore {
     log: Kv,
-    notices: Kv,
+    pub(super) notices: Kv,
     /// Held while an upload is checked against the dedupe keys and written with the
     /// notifications it raises or counts, so that two uploads of one id cannot both store
     /// it and two events cannot both raise the notification of a (group, kind). Updated
@@ -368,7 +321,7 @@ impl EventStore {
         Ok(self.lock()?.conflicts)
     }
 
-    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Counters>, Internal> {
+    pub(super) fn lock(&self) -> Result<std::sync::MutexGuard<'_, Counters>, Internal> {
         self.counters
             .lock()
             .map_err(|_| Internal::poisoned("event intake"))
@@ -595,123 +548,6 @@ impl EventStore {
         Ok(fits.then_some(e))
     }
 
-    /// Raises or counts notifications for the critical events among `stored`, in one
-    /// atomic batch. At most one notification per (group, kind) per `damper_s`; 0 means
-    /// every event notifies. Returns the notifications created (for the webhook).
-    /// [`EventStore::accept`] does this in the same step as it stores the events.
-    pub fn notify(
-        &self,
-        stored: &[StoredEvent],
-        damper_s: u64,
-        now: DateTime<Utc>,
-    ) -> Result<Vec<Notification>, EventsError> {
-        let mut counters = self.lock()?;
-        let mut next = *counters;
-        let mut batch = Batch::default();
-        let created = self.plan_notices(stored, damper_s, now, &mut next, &mut batch)?;
-        if !batch.is_empty() {
-            self.notices.apply(batch)?;
-        }
-        *counters = next;
-        Ok(created)
-    }
-
-    /// Puts into `batch` what the critical events among `stored` do to the notifications:
-    /// each raises one, numbered from `next.notice`, or counts onto the latest of its
-    /// (group, kind) while that is younger than `damper_s` (0: every event raises one).
-    /// The latest of a (group, kind) is found with one lookup from the end of its entries,
-    /// or among those this batch already touched. Returns the notifications raised.
-    fn plan_notices(
-        &self,
-        stored: &[StoredEvent],
-        damper_s: u64,
-        now: DateTime<Utc>,
-        next: &mut Counters,
-        batch: &mut Batch,
-    ) -> Result<Vec<Notification>, EventsError> {
-        let damper = i64::try_from(damper_s).unwrap_or(i64::MAX);
-        // Every notification this batch raised or counted onto, by id, and whether it
-        // raised it; and the latest of each (group, kind) among them.
-        let mut touched: BTreeMap<u64, (Notification, bool)> = BTreeMap::new();
-        let mut latest: HashMap<(String, String), u64> = HashMap::new();
-        for e in stored {
-            if !is_critical(&e.kind, e.subkind.as_deref()) {
-                continue;
-            }
-            let at = (e.group.clone(), e.kind.clone());
-            if !latest.contains_key(&at) {
-                let prefix = format!("p/{}\0{}\0", part(&e.group), part(&e.kind));
-                if let Some((_, id)) = self.notices.last::<u64>(&prefix)? {
-                    if let Some(n) = self.notices.get::<Notification>(&notice_key(id))? {
-                        touched.insert(id, (n, false));
-                        latest.insert(at.clone(), id);
-                    }
-                }
-            }
-            let current = latest.get(&at).and_then(|id| touched.get_mut(id));
-            match current {
-                Some((n, _)) if damper > 0 && (now - n.first_at).num_seconds() < damper => {
-                    n.count += 1;
-                    n.last_at = now;
-                }
-                _ => {
-                    let n = Notification {
-                        id: next.notice,
-                        group: e.group.clone(),
-                        kind: e.kind.clone(),
-                        first_at: now,
-                        last_at: now,
-                        count: 1,
-                        client_id: e.client_id.clone(),
-                        event_id: e.id.clone(),
-                    };
-                    next.notice = next
-                        .notice
-                        .checked_add(1)
-                        .ok_or_else(|| exhausted("notification"))?;
-                    latest.insert(at, n.id);
-                    touched.insert(n.id, (n, true));
-                }
-            }
-        }
-        let mut created = Vec::new();
-        for (n, raised) in touched.into_values() {
-            if raised {
-                put_notice(batch, &n)?;
-                created.push(n);
-            } else {
-                batch.put(&notice_key(n.id), &n)?;
-            }
-        }
-        Ok(created)
-    }
-
-    /// Notifications newest first, at most `limit`, older than the id `after`.
-    pub fn notifications(&self, q: &NoticeQuery) -> Result<NoticePage, EventsError> {
-        let limit = page::limit(q.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
-        let from = match q.after.map(|a| a.checked_sub(1)) {
-            None => "n/".to_string(),
-            Some(Some(before)) => notice_key(before),
-            Some(None) => return Ok(NoticePage::default()),
-        };
-        let mut out: Vec<Notification> = Vec::new();
-        let mut more = false;
-        self.notices
-            .visit::<Notification>("n/", &from, true, |_, n| {
-                if out.len() == limit {
-                    more = true;
-                    return false;
-                }
-                out.push(n);
-                true
-            })?;
-        let next = if more { out.last().map(|n| n.id) } else { None };
-        Ok(NoticePage {
-            notifications: out,
-            next,
-        })
-    }
-
     /// Makes everything stored so far durable (before a 202).
     pub async fn flush(&self) -> Result<(), EventsError> {
         self.log.flush().await?;
@@ -803,31 +639,6 @@ impl Walk {
             events: self.out,
             next,
         })
-    }
-}
-
-/// POSTs a notification to the webhook, retrying with backoff (5 tries).
-pub async fn deliver_webhook(http: reqwest::Client, url: String, n: Notification) {
-    use backon::{ExponentialBuilder, Retryable};
-    let send = || async {
-        http.post(&url)
-            .timeout(std::time::Duration::from_secs(10))
-            .json(&n)
-            .send()
-            .await
-            .and_then(|r| r.error_for_status())
-    };
-    let result = send
-        .retry(
-            ExponentialBuilder::default()
-                .with_min_delay(std::time::Duration::from_millis(500))
-                .with_max_times(5)
-                .with_jitter(),
-        )
-        .sleep(tokio::time::sleep)
-        .await;
-    if let Err(e) = result {
-        tracing::warn!(error = %e, %url, "notification webhook failed after retries");
     }
 }
 

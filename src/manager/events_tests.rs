@@ -430,6 +430,7 @@ fn the_previous_format_is_moved_once_and_a_lost_record_can_be_sent_again() {
             count: 3,
             client_id: "pc".into(),
             event_id: "e1".into(),
+            node_id: None,
         };
         notices
             .put(&format!("lab\0risk\0{}", seq_part(n.id)), &n)

@@ -1,7 +1,7 @@
 //! The management server: the source of truth nodes mirror.
 //!
 //! Owns the manager's state (catalog history, published blobs through `store`, the settings
-//! directory, the client registry, the event records, the application inventory, tokens,
+//! directory, the client registry, the node table, the event records, the application inventory, tokens,
 //! the catalog signing key), its [`Role`] behind the shared client API (heartbeats resolve
 //! groups in the registry, uploads are stored and raise notifications), the admin API
 //! behind the admin token, and the bound on what a directory change may make of the
@@ -13,6 +13,8 @@ pub mod applications;
 pub mod enrol;
 pub mod events;
 mod migrate;
+pub mod nodes;
+pub mod notices;
 pub mod page;
 mod publish;
 pub mod registry;
@@ -28,7 +30,8 @@ use crate::core::catalog::CatalogHistory;
 use crate::core::config::ManagerConfig;
 use crate::core::credential::Enrolled;
 use crate::core::fault::Internal;
-use crate::core::proto::{Change, Heartbeat, Placed, Placement, Snapshot, Upload};
+use crate::core::fleet::NodeReport;
+use crate::core::proto::{Change, Heartbeat, Origin, Placed, Placement, Snapshot, Upload};
 use crate::core::settings::Directory;
 use crate::http::auth::{self, Token, TokenError};
 use crate::http::error::ApiError;
@@ -72,6 +75,8 @@ pub enum ManagerError {
     Signing(#[from] crate::core::signing::SignError),
     #[error("enrolment: {0}")]
     Enrol(#[from] enrol::EnrolError),
+    #[error("nodes: {0}")]
+    Nodes(#[from] nodes::NodesError),
 }
 
 const CATALOG_KEY: &str = "history";
@@ -83,6 +88,8 @@ pub struct Manager {
     catalog_kv: Kv,
     directory_kv: Kv,
     registry: Registry,
+    /// The latest report of every node below this manager (`GET /v1/admin/nodes`).
+    nodes: nodes::NodeTable,
     enrolment: enrol::Enrolment,
     events: EventStore,
     apps: Inventory,
@@ -132,6 +139,7 @@ impl Manager {
         migrate::previous_format(&store)?;
         let registry = Registry::open(&store)?.with_scan_limit(scan_limit);
         let enrolment = enrol::Enrolment::open(&store)?;
+        let node_table = nodes::NodeTable::open(&store)?;
         let events = EventStore::open(&store)?.with_scan_limit(scan_limit);
         let apps = Inventory::open(&store)?.with_scan_limit(scan_limit);
         let metrics = Arc::new(Metrics::new());
@@ -169,6 +177,7 @@ impl Manager {
             catalog_kv,
             directory_kv,
             registry,
+            nodes: node_table,
             enrolment,
             events,
             apps,
@@ -206,6 +215,7 @@ impl Manager {
     pub async fn run(self: Arc<Self>, listener: TcpListener) -> Result<(), ManagerError> {
         let addr = listener.local_addr()?;
         tracing::info!(%addr, tls = self.serving.tls.is_some(), max_connections = self.serving.limits.max_connections, "manager listening");
+        let overdue = tokio::spawn(self.clone().overdue_loop());
         server::run(
             listener,
             self.router(),
@@ -213,8 +223,10 @@ impl Manager {
             self.serving.clone(),
         )
         .await?;
+        overdue.abort();
         self.served.store.flush().await?;
         self.registry.flush().await?;
+        self.nodes.flush().await?;
         tracing::info!("manager stopped");
         Ok(())
     }
@@ -331,11 +343,11 @@ impl Role for Manager {
     fn heartbeat(
         &self,
         hb: &Heartbeat,
-        address: Option<String>,
+        origin: Origin,
         now: DateTime<Utc>,
     ) -> Result<Placement, ApiError> {
         let dir = self.served.directory()?;
-        let record = self.registry.heartbeat(&dir, hb, address, now)?;
+        let record = self.registry.heartbeat(&dir, hb, origin, now)?;
         Ok(Placement {
             group: record.group,
             location: record.location,
@@ -344,6 +356,14 @@ impl Role for Manager {
 
     fn placement(&self, client_id: &str) -> Option<Placement> {
         self.registry.placement(client_id)
+    }
+
+    fn reports(&self, reports: Vec<NodeReport>, now: DateTime<Utc>) -> Result<(), ApiError> {
+        let refused = self.nodes.record(reports, now)?;
+        if !refused.is_empty() {
+            tracing::warn!(refused = refused.len(), first = %refused[0], max = nodes::MAX_NODES, "node table full: reports of new nodes refused");
+        }
+        Ok(())
     }
 
     fn accept(&self, uploads: Vec<Placed>) -> BoxFuture<'_, Result<(), ApiError>> {

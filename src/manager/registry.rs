@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::page::{self, BadLimit, DEFAULT_LIMIT, MAX_LIMIT, SCAN_LIMIT};
 use crate::core::fault::{Fault, Kind};
-use crate::core::proto::{Heartbeat, Placement};
+use crate::core::proto::{Heartbeat, Origin, Placement};
 use crate::core::settings::{ClientHistory, Directory, HeartbeatFacts, LoginMode, Os};
 use crate::store::{Kv, Store, StoreError};
 
@@ -76,6 +76,36 @@ pub struct ClientRecord {
     /// move it (a quarantined laptop stays in quarantine whoever logs in).
     #[serde(default)]
     pub admin_hold: bool,
+    /// The node the client is behind (the nearest node that relayed its last heartbeat), or
+    /// [`DIRECT`] for a client that talks to the manager itself.
+    #[serde(default = "direct")]
+    pub via: String,
+    /// When the client sent its last heartbeat: its own `sent_at`, else when the first
+    /// server received it, never later than that (a clock running ahead is cut to it), and
+    /// never the time a relay reached the manager (that is `last_seen`). None in records of
+    /// an older manager.
+    #[serde(default)]
+    pub sent_at: Option<DateTime<Utc>>,
+}
+
+/// The `via` of a client that talks to the manager itself.
+pub const DIRECT: &str = "direct";
+
+fn direct() -> String {
+    DIRECT.to_string()
+}
+
+/// When the client sent `hb`, as the manager records it: the client's `sent_at` no later
+/// than when the first server received it (`received_at`, no later than `now`), else that
+/// time. A client whose clock runs ahead is not refused (its heartbeat is still the truth of
+/// its state); its time is cut to the first server's, which is the latest it can have sent.
+pub fn sent_at(
+    hb: &Heartbeat,
+    received_at: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> DateTime<Utc> {
+    let first = received_at.map_or(now, |t| t.min(now));
+    hb.sent_at.map_or(first, |t| t.min(first))
 }
 
 impl ClientRecord {
@@ -108,6 +138,8 @@ pub struct ClientView {
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct ClientQuery {
     pub limit: Option<usize>,
+    /// Only the clients currently in this group (its subgroups not included).
+    pub group: Option<String>,
     /// The last client id of the previous page (exclusive).
     pub after: Option<String>,
 }
@@ -153,7 +185,7 @@ impl Registry {
         &self,
         dir: &Directory,
         hb: &Heartbeat,
-        address: Option<String>,
+        origin: Origin,
         now: DateTime<Utc>,
     ) -> Result<ClientRecord, RegistryError> {
         hb.validate().map_err(|e| RegistryError::Invalid {
@@ -203,7 +235,9 @@ impl Registry {
             os: hb.os(),
             client_version: hb.client_version.clone(),
             location: hb.location().map(str::to_string),
-            address,
+            address: origin.address,
+            via: origin.via.unwrap_or_else(direct),
+            sent_at: Some(sent_at(hb, origin.received_at, now)),
             first_seen: prior.as_ref().map_or(now, |p| p.first_seen),
             last_seen: now,
             heartbeat_interval_s: effective.heartbeat_interval_s,
@@ -214,9 +248,10 @@ impl Registry {
         Ok(record)
     }
 
-    /// A page of the clients that are not deleted, in client id order after `q.after`
-    /// (exclusive), with whether each is overdue. Stops after [`SCAN_LIMIT`] records (deleted
-    /// ones count) with `next` where it stopped, so a page may be short while `next` is set.
+    /// A page of the clients that are not deleted (and in `q.group` when given), in client
+    /// id order after `q.after` (exclusive), with whether each is overdue. Stops after
+    /// [`SCAN_LIMIT`] records (deleted and filtered-out ones count) with `next` where it
+    /// stopped, so a page may be short while `next` is set.
     pub fn list(&self, q: &ClientQuery, now: DateTime<Utc>) -> Result<ClientPage, RegistryError> {
         let limit = page::limit(q.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
         // Client ids hold no NUL: the smallest key after the cursor is the cursor and a NUL.
@@ -230,11 +265,12 @@ impl Registry {
         let mut stopped = false;
         self.clients
             .visit::<ClientRecord>("", &from, false, |key, r| {
-                if !r.deleted && clients.len() == limit {
+                let listed = !r.deleted && q.group.as_ref().is_none_or(|g| *g == r.group);
+                if listed && clients.len() == limit {
                     stopped = true;
                     return false;
                 }
-                if !r.deleted {
+                if listed {
                     clients.push(ClientView {
                         overdue: r.overdue(now),
                         record: r,
@@ -383,19 +419,27 @@ mod tests {
         let (_t, reg, mut d) = setup();
         let now = Utc::now();
         // 1. Install group.
-        let r = reg.heartbeat(&d, &hb("c1", "branch"), None, now).unwrap();
+        let r = reg
+            .heartbeat(&d, &hb("c1", "branch"), Origin::default(), now)
+            .unwrap();
         assert_eq!(r.group, "branch");
         // Unknown install group -> default.
-        let r = reg.heartbeat(&d, &hb("c2", "nowhere"), None, now).unwrap();
+        let r = reg
+            .heartbeat(&d, &hb("c2", "nowhere"), Origin::default(), now)
+            .unwrap();
         assert_eq!(r.group, "default");
         // A moved client that keeps heartbeating stays.
         reg.move_client(&d, "c1", "lab").unwrap();
-        let r = reg.heartbeat(&d, &hb("c1", "branch"), None, now).unwrap();
+        let r = reg
+            .heartbeat(&d, &hb("c1", "branch"), Origin::default(), now)
+            .unwrap();
         assert_eq!(r.group, "lab");
         // Deleted, then reconnects: back to install group (lab has no use_last_group).
         reg.delete("c1").unwrap();
         assert!(all(&reg, now).iter().all(|v| v.record.client_id != "c1"));
-        let r = reg.heartbeat(&d, &hb("c1", "branch"), None, now).unwrap();
+        let r = reg
+            .heartbeat(&d, &hb("c1", "branch"), Origin::default(), now)
+            .unwrap();
         assert_eq!(r.group, "branch");
         // 2. use_last_group on the last group: a deleted client reconnects there.
         d.put_settings(
@@ -406,13 +450,15 @@ mod tests {
         .unwrap();
         reg.move_client(&d, "c1", "lab").unwrap();
         reg.delete("c1").unwrap();
-        let r = reg.heartbeat(&d, &hb("c1", "branch"), None, now).unwrap();
+        let r = reg
+            .heartbeat(&d, &hb("c1", "branch"), Origin::default(), now)
+            .unwrap();
         assert_eq!(r.group, "lab");
         // Overdue counts as a reconnect too; Linux ignores use_last_group.
         let mut linux = hb("c1", "branch");
         linux.os = Some(Os::Linux);
         let later = now + Duration::seconds(3 * 300 + 1);
-        let r = reg.heartbeat(&d, &linux, None, later).unwrap();
+        let r = reg.heartbeat(&d, &linux, Origin::default(), later).unwrap();
         assert_eq!(r.group, "branch");
         let c1 = |t| {
             all(&reg, t)
@@ -437,9 +483,15 @@ mod tests {
         let mut h = hb("c", "default");
         h.mode = Some(LoginMode::User);
         h.user = Some("alice".into());
-        assert_eq!(reg.heartbeat(&d, &h, None, now).unwrap().group, "lab");
+        assert_eq!(
+            reg.heartbeat(&d, &h, Origin::default(), now).unwrap().group,
+            "lab"
+        );
         h.user = Some("bob".into());
-        assert_eq!(reg.heartbeat(&d, &h, None, now).unwrap().group, "branch");
+        assert_eq!(
+            reg.heartbeat(&d, &h, Origin::default(), now).unwrap().group,
+            "branch"
+        );
         // use_last_mode on the current group: a new user does not move it.
         d.put_settings(
             "branch",
@@ -448,7 +500,10 @@ mod tests {
         )
         .unwrap();
         h.user = Some("alice".into());
-        assert_eq!(reg.heartbeat(&d, &h, None, now).unwrap().group, "branch");
+        assert_eq!(
+            reg.heartbeat(&d, &h, Origin::default(), now).unwrap().group,
+            "branch"
+        );
         assert!(reg.has_clients("branch").unwrap());
         assert!(!reg.has_clients("lab").unwrap());
     }
@@ -463,26 +518,35 @@ mod tests {
         let mut h = hb("c", "default");
         h.mode = Some(LoginMode::User);
         h.user = Some("alice".into());
-        assert_eq!(reg.heartbeat(&d, &h, None, now).unwrap().group, "lab");
+        assert_eq!(
+            reg.heartbeat(&d, &h, Origin::default(), now).unwrap().group,
+            "lab"
+        );
         reg.move_client(&d, "c", "quarantine").unwrap();
         // A new user, the same user, a computer-mode heartbeat: all stay in quarantine.
         for user in ["bob", "alice", "bob"] {
             h.user = Some(user.into());
-            let r = reg.heartbeat(&d, &h, None, now).unwrap();
+            let r = reg.heartbeat(&d, &h, Origin::default(), now).unwrap();
             assert_eq!(r.group, "quarantine", "user {user}");
             assert!(r.admin_hold);
         }
         // Moved again by the admin: held there.
         reg.move_client(&d, "c", "branch").unwrap();
         h.user = Some("alice".into());
-        assert_eq!(reg.heartbeat(&d, &h, None, now).unwrap().group, "branch");
+        assert_eq!(
+            reg.heartbeat(&d, &h, Origin::default(), now).unwrap().group,
+            "branch"
+        );
         // Deleted: the hold ends; the reconnect follows the rules again.
         reg.delete("c").unwrap();
-        let r = reg.heartbeat(&d, &h, None, now).unwrap();
+        let r = reg.heartbeat(&d, &h, Origin::default(), now).unwrap();
         assert!(!r.admin_hold);
         assert_eq!(r.group, "lab", "a new record follows alice's mapping");
         h.user = Some("bob".into());
-        assert_eq!(reg.heartbeat(&d, &h, None, now).unwrap().group, "branch");
+        assert_eq!(
+            reg.heartbeat(&d, &h, Origin::default(), now).unwrap().group,
+            "branch"
+        );
     }
 }
 
@@ -502,7 +566,7 @@ mod paging_tests {
                 client_id: format!("c{i:03}"),
                 ..Default::default()
             };
-            reg.heartbeat(&d, &hb, None, now).unwrap();
+            reg.heartbeat(&d, &hb, Origin::default(), now).unwrap();
         }
         (dir, reg, d, now)
     }
@@ -514,6 +578,7 @@ mod paging_tests {
         let q = |limit, after: Option<&str>| ClientQuery {
             limit: Some(limit),
             after: after.map(str::to_string),
+            group: None,
         };
         let first = reg.list(&q(10, None), now).unwrap();
         let ids: Vec<_> = first

@@ -5,7 +5,8 @@
 //! install group until the upstream's answer arrives) and queued for the upstream; accepted
 //! uploads go to the durable outbox. Its parts: the upstream list (`upstream`), single-flight
 //! fetches into the store (`fetch`), the mirror of catalog and directory kept fresh by push or
-//! pull (`mirror`), the relay of heartbeats and uploads (`relay`, `outbox`), and eviction
+//! pull (`mirror`), the relay of heartbeats and uploads (`relay`, `outbox`), its reports to
+//! its upstream and those of the nodes behind it (`report`), and eviction
 //! within the disk budget (`evict`). Group resolution stays the manager's. It must never
 //! answer a client with bytes that did not come through the store, and never ask an upstream
 //! for a digest that is not in its mirrored catalog.
@@ -15,7 +16,9 @@ pub mod fetch;
 mod mirror;
 pub mod outbox;
 mod relay;
+pub mod report;
 pub mod upstream;
+mod upstream_error;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,7 +32,8 @@ use tokio::sync::Notify;
 use crate::core::catalog::CatalogHistory;
 use crate::core::config::NodeConfig;
 use crate::core::credential::{EnrollRequest, Enrolled};
-use crate::core::proto::{Heartbeat, Placed, Placement, RelayedHeartbeat};
+use crate::core::fleet::NodeReport;
+use crate::core::proto::{Heartbeat, Origin, Placed, Placement, RelayedHeartbeat};
 use crate::core::settings::{ConnectionMode, Directory};
 use crate::http::auth::{self, Token, TokenError};
 use crate::http::error::ApiError;
@@ -86,6 +90,13 @@ pub struct Node {
     locations: Kv,
     /// Heartbeats and uploads on their way upstream.
     relay: Relay,
+    /// Reports of the nodes behind this one, on their way upstream.
+    relayed: report::Relayed,
+    /// `node.name` (default the host name) and the advertised URL, as reported upstream.
+    name: String,
+    advertised_url: Option<String>,
+    /// When this node started (its reported uptime).
+    started: std::time::Instant,
     /// Checked on `/v1/sync` and batches when another node uses this one as its upstream.
     node_token: Token,
     mode: ConnectionMode,
@@ -176,6 +187,10 @@ impl Node {
         let assignments = store.kv("assignments")?;
         let locations = store.kv("locations")?;
         let id = node_id(&store)?;
+        let name = match n.name.as_str() {
+            "" => report::host_name().unwrap_or_else(|| id.clone()),
+            name => name.to_string(),
+        };
         let served = Served::new(
             store,
             history,
@@ -203,6 +218,10 @@ impl Node {
             assignments,
             locations,
             relay,
+            relayed: report::Relayed::default(),
+            name,
+            advertised_url: report::advertised_url(n),
+            started: std::time::Instant::now(),
             node_token,
             mode: config.upstream.mode,
             sync_interval: Duration::from_secs(config.upstream.sync_interval_s),
@@ -320,8 +339,8 @@ impl Role for Node {
     fn heartbeat(
         &self,
         hb: &Heartbeat,
-        address: Option<String>,
-        _now: DateTime<Utc>,
+        origin: Origin,
+        now: DateTime<Utc>,
     ) -> Result<Placement, ApiError> {
         let group = {
             let dir = self.served.directory()?;
@@ -333,9 +352,12 @@ impl Role for Node {
             self.assignments.put(&hb.client_id, &group)?;
         }
         self.remember_location(&hb.client_id, hb.location());
+        // The nearest node stamps itself, and the first server's time travels on.
         self.relay.queue(RelayedHeartbeat {
             heartbeat: hb.clone(),
-            address,
+            address: origin.address,
+            via: origin.via.or_else(|| Some(self.id.clone())),
+            received_at: origin.received_at.or(Some(now)),
         });
         Ok(Placement {
             group,
@@ -353,6 +375,11 @@ impl Role for Node {
             group,
             location: self.locations.get(client_id).ok().flatten(),
         })
+    }
+
+    fn reports(&self, reports: Vec<NodeReport>, _now: DateTime<Utc>) -> Result<(), ApiError> {
+        self.keep_reports(reports);
+        Ok(())
     }
 
     fn accept(&self, uploads: Vec<Placed>) -> BoxFuture<'_, Result<(), ApiError>> {

@@ -196,7 +196,8 @@ impl Node {
                     _ = self.shutdown.clone().wait() => return,
                 }
             }
-            self.relay_once().await;
+            let clients = self.relay_once().await;
+            self.send_reports(clients).await;
             more = self.forward(false, Some(self.sync_interval)).await == Pass::More;
         }
     }
@@ -343,10 +344,11 @@ impl Node {
     /// an upstream confirmed (and that no newer one replaced meanwhile) stop being pending,
     /// and the upstream's placements are recorded. A batch refused for good is dropped and
     /// the next one sent; a failure that may pass keeps it and the rest for the next try.
-    pub(super) async fn relay_once(&self) {
+    /// Returns how many distinct clients had a heartbeat pending.
+    pub(super) async fn relay_once(&self) -> usize {
         let ids: Vec<String> = match self.relay.pending.lock() {
             Ok(q) => q.keys().cloned().collect(),
-            Err(_) => return,
+            Err(_) => return 0,
         };
         let mut next = 0;
         while next < ids.len() {
@@ -379,10 +381,11 @@ impl Node {
                 Err(e) => {
                     tracing::debug!(error = %e, "heartbeat relay failed; keeping them for the next try");
                     self.relay.answered(false);
-                    return;
+                    return ids.len();
                 }
             }
         }
+        ids.len()
     }
 }
 
@@ -409,6 +412,8 @@ mod tests {
                 ..Heartbeat::default()
             },
             address: Some("127.0.0.1".into()),
+            via: None,
+            received_at: None,
         }
     }
 

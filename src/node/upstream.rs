@@ -4,7 +4,7 @@
 //! in (priority = list order, first that answers wins, jittered backoff for one that failed,
 //! back to a higher one when it answers again), their health (`gup_upstream_up`, `gup_upstream_state`), and the
 //! calls: the `/v1/sync` snapshot, heartbeat and upload batches, the push stream, and a blob's
-//! body. Every failure says which server and whether a retry may help; a failure of this
+//! body, the node reports. Every failure says which server and whether a retry may help; a failure of this
 //! node's own (its disk) is never blamed on an upstream and never makes it try another. It
 //! must never answer clients or write to the store: `fetch` fills the store.
 
@@ -17,6 +17,7 @@ use reqwest::StatusCode;
 
 use crate::core::credential::{EnrollRequest, Enrolled};
 use crate::core::digest::Digest;
+use crate::core::fleet::ReportBatch;
 use crate::core::proto::{
     BatchReply, DownloadSlot, HeartbeatBatch, PrefetchSlotReply, PrefetchSlotRequest, Snapshot,
     UploadBatch, SNAPSHOT_READ_LIMIT,
@@ -25,145 +26,8 @@ use crate::http::auth::Token;
 use crate::serve::metrics::{
     Metrics, UPSTREAM_DOWN, UPSTREAM_HELD, UPSTREAM_NOT_TRIED, UPSTREAM_UP,
 };
-use crate::store::StoreError;
 
-/// What can go wrong talking to an upstream.
-#[derive(Debug, thiserror::Error)]
-pub enum UpstreamError {
-    #[error("{server}: {source}")]
-    Http {
-        server: String,
-        #[source]
-        source: reqwest::Error,
-    },
-    #[error("{server}: answered {status}")]
-    Status { server: String, status: StatusCode },
-    /// A 429 or 503 with `Retry-After`: the server is asked again no sooner.
-    #[error("{server}: answered {status}, retry after {retry_after_s} s")]
-    Busy {
-        server: String,
-        status: StatusCode,
-        retry_after_s: u64,
-    },
-    /// Every upstream asked this node to wait (`Retry-After`) and none was asked now.
-    #[error("every upstream asked this node to wait; the next try is in {retry_after_s} s")]
-    Held { retry_after_s: u64 },
-    #[error("{server}: no byte for {secs} s")]
-    Idle { server: String, secs: u64 },
-    /// The bytes a server sent are not the blob they should be.
-    #[error("{server}: {source}")]
-    Mismatch {
-        server: String,
-        #[source]
-        source: StoreError,
-    },
-    /// This node failed to keep what a server sent (its disk): not the server's fault.
-    #[error("this node: {0}")]
-    Local(#[source] StoreError),
-    #[error("no upstream answered: {}", .failures.join("; "))]
-    AllFailed {
-        failures: Vec<String>,
-        /// Whether any of the failures may go away on a later try.
-        retryable: bool,
-    },
-    #[error("building the HTTP client: {0}")]
-    Client(reqwest::Error),
-    #[error("upstream CA file {path}: {reason}")]
-    Ca { path: String, reason: String },
-    #[error("{server}: catalog refused: {reason}")]
-    Signature { server: String, reason: String },
-    #[error("{server}: refused: {reason}")]
-    Refused { server: String, reason: String },
-}
-
-impl UpstreamError {
-    /// A failure of this node itself, not of any upstream.
-    pub fn is_local(&self) -> bool {
-        matches!(self, UpstreamError::Local(_))
-    }
-
-    /// This node's disk refusing the bytes (full or failing).
-    pub fn is_no_room(&self) -> bool {
-        matches!(self, UpstreamError::Local(e) if e.is_disk_failure())
-    }
-
-    /// Whether trying again later (this server or another) may succeed: a connection that
-    /// failed, an answer of 5xx, 408 or 429, silence. A refused body, a bad signature or a 4xx
-    /// will be the same next time.
-    pub fn retryable(&self) -> bool {
-        match self {
-            UpstreamError::Http { .. }
-            | UpstreamError::Idle { .. }
-            | UpstreamError::Busy { .. }
-            | UpstreamError::Held { .. } => true,
-            UpstreamError::Status { status, .. } => {
-                status.is_server_error()
-                    || *status == StatusCode::TOO_MANY_REQUESTS
-                    || *status == StatusCode::REQUEST_TIMEOUT
-            }
-            UpstreamError::AllFailed { retryable, .. } => *retryable,
-            UpstreamError::Local(_) => true,
-            UpstreamError::Mismatch { .. }
-            | UpstreamError::Client(_)
-            | UpstreamError::Ca { .. }
-            | UpstreamError::Signature { .. }
-            | UpstreamError::Refused { .. } => false,
-        }
-    }
-
-    /// The server the failure is about, when it is about one.
-    pub fn server(&self) -> Option<&str> {
-        match self {
-            UpstreamError::Http { server, .. }
-            | UpstreamError::Status { server, .. }
-            | UpstreamError::Busy { server, .. }
-            | UpstreamError::Idle { server, .. }
-            | UpstreamError::Mismatch { server, .. }
-            | UpstreamError::Signature { server, .. }
-            | UpstreamError::Refused { server, .. } => Some(server),
-            _ => None,
-        }
-    }
-}
-
-/// Why a relayed enrolment did not bring a credential.
-#[derive(Debug, thiserror::Error)]
-pub enum EnrolRelayError {
-    /// The upstream refused it: its status, code and message, passed on.
-    #[error("{message}")]
-    Refused {
-        status: u16,
-        code: &'static str,
-        message: String,
-    },
-    /// No upstream answered: a new client cannot enrol until one does.
-    #[error("no upstream answers, so a new client cannot enrol now: {0}")]
-    Unreachable(String),
-}
-
-impl crate::core::fault::Fault for EnrolRelayError {
-    fn kind(&self) -> crate::core::fault::Kind {
-        use crate::core::fault::Kind;
-        match self {
-            EnrolRelayError::Refused { status, .. } => match status {
-                400 => Kind::BadInput,
-                401 => Kind::Unauthorized,
-                404 => Kind::NotFound,
-                409 => Kind::Conflict,
-                429 => Kind::TooEarly { retry_after_s: 60 },
-                _ => Kind::Upstream { retryable: false },
-            },
-            EnrolRelayError::Unreachable(_) => Kind::Unavailable { retry_after_s: 10 },
-        }
-    }
-
-    fn code(&self) -> &'static str {
-        match self {
-            EnrolRelayError::Refused { code, .. } => code,
-            EnrolRelayError::Unreachable(_) => "upstream_unavailable",
-        }
-    }
-}
+pub use super::upstream_error::{EnrolRelayError, UpstreamError};
 
 /// The server, ETag and reported staleness of the snapshot a node last mirrored.
 type LastSync = (usize, String, Option<DateTime<Utc>>);
@@ -788,6 +652,21 @@ impl Upstream {
     /// How long a call or fetch may go without a byte.
     pub fn idle_timeout(&self) -> Duration {
         self.idle_timeout
+    }
+
+    /// The upstream this node mirrored from last (None before its first sync).
+    pub fn in_use(&self) -> Option<String> {
+        let last = self.last_sync.lock().ok()?;
+        last.as_ref().map(|(i, _, _)| self.name(*i))
+    }
+
+    /// Sends a batch of node reports to the first upstream that accepts it.
+    pub async fn post_reports(&self, batch: &ReportBatch) -> Result<(), UpstreamError> {
+        self.first_that_answers(|i| async move {
+            self.post_json(i, "/v1/node/reports", batch).await.map(drop)
+        })
+        .await
+        .map(drop)
     }
 
     /// The name of server `i` (its URL).

@@ -2,7 +2,8 @@
 //! downstream node relays of them.
 //!
 //! Owns the handlers of `POST /v1/heartbeat`, `/v1/events`, `/v1/applications`,
-//! `/v1/node/heartbeats`, `/v1/node/events`, `/v1/node/enroll` and `GET /v1/stream`, the
+//! `/v1/node/heartbeats`, `/v1/node/events`, `/v1/node/enroll`, `/v1/node/reports` and
+//! `GET /v1/stream`, the
 //! same for both roles: validation, who the caller is (`identity`; an `enroll_token` on a
 //! heartbeat enrols through the role), the reply (effective settings, policy serial, catalog
 //! revision, download slot, an issued credential), the application-learning gate, and the
@@ -24,7 +25,7 @@ use super::{Api, ServeError};
 use crate::core::credential::{Credential, EnrollRequest, Enrolled};
 use crate::core::proto::{
     check_client_id, state_changes, ApplicationUpload, Assignment, BatchReply, Change, EventUpload,
-    Heartbeat, HeartbeatBatch, HeartbeatReply, Placed, Placement, PrefetchSlotReply,
+    Heartbeat, HeartbeatBatch, HeartbeatReply, Origin, Placed, Placement, PrefetchSlotReply,
     PrefetchSlotRequest, Upload, UploadBatch,
 };
 use crate::core::settings::DEFAULT_GROUP;
@@ -80,7 +81,7 @@ impl Api {
         address: Option<String>,
         now: DateTime<Utc>,
     ) -> Result<HeartbeatReply, ApiError> {
-        let placement = self.role.heartbeat(hb, address, now)?;
+        let placement = self.role.heartbeat(hb, Origin::direct(address), now)?;
         let s = &self.served;
         s.metrics.heartbeats_received.inc();
         let history = s.catalog()?;
@@ -173,7 +174,18 @@ fn place_relayed(
             reply.rejected.push((id, e.to_string()));
             continue;
         }
-        match api.role.heartbeat(&item.heartbeat, item.address, now) {
+        let origin = Origin {
+            address: item.address,
+            via: item.via,
+            received_at: item.received_at,
+        };
+        if let Some(via) = &origin.via {
+            if let Err(e) = check_client_id(via) {
+                reply.rejected.push((id, format!("via: {}", e.reason)));
+                continue;
+            }
+        }
+        match api.role.heartbeat(&item.heartbeat, origin, now) {
             Ok(p) => {
                 api.served.metrics.heartbeats_received.inc();
                 reply.assignments.push(Assignment {
@@ -213,6 +225,19 @@ pub async fn node_slot(
         Utc::now(),
     )?;
     Ok(Json(PrefetchSlotReply { download_slot }))
+}
+
+/// A downstream node reports itself and the nodes behind it (node token): at most
+/// `fleet::MAX_REPORTS_PER_BATCH` reports, each validated, the whole batch refused with 400
+/// naming the field when one is not. 202 `{accepted}`.
+pub async fn node_reports(
+    State(api): State<Api>,
+    JsonBody(batch): JsonBody<crate::core::fleet::ReportBatch>,
+) -> Result<Response, ApiError> {
+    batch.validate()?;
+    let count = batch.reports.len();
+    api.role.reports(batch.reports, Utc::now())?;
+    Ok(accepted(count))
 }
 
 fn accepted(count: usize) -> Response {

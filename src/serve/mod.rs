@@ -32,7 +32,8 @@ use crate::core::catalog::CatalogHistory;
 use crate::core::credential::Enrolled;
 use crate::core::digest::{Digest, DigestError};
 use crate::core::fault::{Fault, Internal, Kind};
-use crate::core::proto::{Heartbeat, Placed, Placement, BATCH_LIMIT, BODY_LIMIT};
+use crate::core::fleet::NodeReport;
+use crate::core::proto::{Heartbeat, Origin, Placed, Placement, BATCH_LIMIT, BODY_LIMIT};
 use crate::core::settings::Directory;
 use crate::core::slots::{SlotLog, SlotRecord, Slots};
 use crate::http::auth::{self, Token};
@@ -49,9 +50,14 @@ pub trait Role: Send + Sync + 'static {
     fn heartbeat(
         &self,
         hb: &Heartbeat,
-        address: Option<String>,
+        origin: Origin,
         now: DateTime<Utc>,
     ) -> Result<Placement, ApiError>;
+
+    /// Takes validated reports of downstream nodes (`POST /v1/node/reports`): the manager
+    /// records them in its node table; a node keeps the latest of each to relay upward,
+    /// stamping itself as `via` where none is set.
+    fn reports(&self, reports: Vec<NodeReport>, now: DateTime<Utc>) -> Result<(), ApiError>;
 
     /// Where a client is as this server knows it; None for a client it never placed.
     fn placement(&self, client_id: &str) -> Option<Placement>;
@@ -247,6 +253,7 @@ pub fn router(api: Api, node_token: Token) -> Router {
         .route("/v1/node/events", post(clients::node_events))
         .route("/v1/node/enroll", post(clients::node_enroll))
         .route("/v1/node/slot", post(clients::node_slot))
+        .route("/v1/node/reports", post(clients::node_reports))
         .layer(DefaultBodyLimit::max(BATCH_LIMIT));
     open.merge(auth::require(nodes, node_token, "node"))
         .with_state(api)

@@ -1,0 +1,270 @@
+//! The admin notifications: at most one per (group, kind) per damper period, counting what
+//! it held back, listed newest first, and delivered once to the admin's webhook.
+//!
+//! Owns the [`Notification`] records in [`NOTICES_TREE`] (`n/{id:020}` each,
+//! `p/{group}\0{kind}\0{id:020}` the latest of a (group, kind)), how critical events raise or
+//! count them (planned into the same atomic step as the events, see
+//! [`EventStore::accept`]), their pages, and the webhook call. Notification ids come from the
+//! event store's counters, so they are numbered under the same lock as the events that raise
+//! them. A node gone overdue raises one too ([`EventStore::raise_node`], damped per node:
+//! `d/{node}\0{kind}\0{id:020}` finds the latest about a node). It must never store events
+//! or decide where a client belongs.
+
+use std::collections::{BTreeMap, HashMap};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+#[cfg(doc)]
+use super::events::NOTICES_TREE;
+use super::events::{exhausted, Counters, EventStore, EventsError, StoredEvent};
+use super::page::{self, part, seq_part, DEFAULT_LIMIT, MAX_LIMIT};
+use crate::core::proto::is_critical;
+use crate::store::{Batch, StoreError};
+
+/// An admin notification: critical events of one (group, kind) within a damper period, or a
+/// node gone overdue (kind `node_overdue`, one per node within a damper period).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Notification {
+    pub id: u64,
+    pub group: String,
+    pub kind: String,
+    pub first_at: DateTime<Utc>,
+    pub last_at: DateTime<Utc>,
+    /// Events counted onto it, its first included.
+    pub count: u64,
+    /// The first event's client and id (for `node_overdue`: the node's id, and empty).
+    pub client_id: String,
+    pub event_id: String,
+    /// The node a `node_overdue` notification is about (its `group` is then `default`, the
+    /// root of the tree every node serves).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
+}
+
+/// A page of `GET /v1/admin/notifications`, newest first.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct NoticeQuery {
+    pub limit: Option<usize>,
+    /// The id of the last notification of the previous page: this page holds older ones.
+    pub after: Option<u64>,
+}
+
+/// One answer of `GET /v1/admin/notifications`.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct NoticePage {
+    pub notifications: Vec<Notification>,
+    pub next: Option<u64>,
+}
+
+pub(super) fn notice_key(id: u64) -> String {
+    format!("n/{}", seq_part(id))
+}
+
+/// Adds a notification and its (group, kind) entry to `batch`.
+pub(super) fn put_notice(batch: &mut Batch, n: &Notification) -> Result<(), StoreError> {
+    batch.put(&notice_key(n.id), n)?;
+    let latest = format!(
+        "p/{}\0{}\0{}",
+        part(&n.group),
+        part(&n.kind),
+        seq_part(n.id)
+    );
+    batch.put(&latest, &n.id)?;
+    Ok(())
+}
+
+/// The prefix of the entries that find the latest notification of `kind` about node `node`.
+fn node_prefix(node: &str, kind: &str) -> String {
+    format!("d/{}\0{}\0", part(node), part(kind))
+}
+
+impl EventStore {
+    /// Raises a notification of `kind` about node `node_id`, damped per node: within
+    /// `damper_s` (0: never) of the latest one about that node and kind, that one counts it
+    /// instead and None is returned. Durable after [`EventStore::flush`].
+    pub fn raise_node(
+        &self,
+        node_id: &str,
+        kind: &str,
+        damper_s: u64,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Notification>, EventsError> {
+        let mut counters = self.lock()?;
+        let prefix = node_prefix(node_id, kind);
+        let damper = i64::try_from(damper_s).unwrap_or(i64::MAX);
+        if let Some((_, id)) = self.notices.last::<u64>(&prefix)? {
+            if let Some(mut n) = self.notices.get::<Notification>(&notice_key(id))? {
+                if damper > 0 && (now - n.first_at).num_seconds() < damper {
+                    n.count += 1;
+                    n.last_at = now;
+                    self.notices.put(&notice_key(id), &n)?;
+                    return Ok(None);
+                }
+            }
+        }
+        let n = Notification {
+            id: counters.notice,
+            group: crate::core::settings::DEFAULT_GROUP.to_string(),
+            kind: kind.to_string(),
+            first_at: now,
+            last_at: now,
+            count: 1,
+            client_id: node_id.to_string(),
+            event_id: String::new(),
+            node_id: Some(node_id.to_string()),
+        };
+        let next =
+            n.id.checked_add(1)
+                .ok_or_else(|| exhausted("notification"))?;
+        let mut batch = Batch::default();
+        batch.put(&notice_key(n.id), &n)?;
+        batch.put(&format!("{prefix}{}", seq_part(n.id)), &n.id)?;
+        self.notices.apply(batch)?;
+        counters.notice = next;
+        Ok(Some(n))
+    }
+
+    /// Raises or counts notifications for the critical events among `stored`, in one
+    /// atomic batch. At most one notification per (group, kind) per `damper_s`; 0 means
+    /// every event notifies. Returns the notifications created (for the webhook).
+    /// [`EventStore::accept`] does this in the same step as it stores the events.
+    pub fn notify(
+        &self,
+        stored: &[StoredEvent],
+        damper_s: u64,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Notification>, EventsError> {
+        let mut counters = self.lock()?;
+        let mut next = *counters;
+        let mut batch = Batch::default();
+        let created = self.plan_notices(stored, damper_s, now, &mut next, &mut batch)?;
+        if !batch.is_empty() {
+            self.notices.apply(batch)?;
+        }
+        *counters = next;
+        Ok(created)
+    }
+
+    /// Puts into `batch` what the critical events among `stored` do to the notifications:
+    /// each raises one, numbered from `next.notice`, or counts onto the latest of its
+    /// (group, kind) while that is younger than `damper_s` (0: every event raises one).
+    /// The latest of a (group, kind) is found with one lookup from the end of its entries,
+    /// or among those this batch already touched. Returns the notifications raised.
+    pub(super) fn plan_notices(
+        &self,
+        stored: &[StoredEvent],
+        damper_s: u64,
+        now: DateTime<Utc>,
+        next: &mut Counters,
+        batch: &mut Batch,
+    ) -> Result<Vec<Notification>, EventsError> {
+        let damper = i64::try_from(damper_s).unwrap_or(i64::MAX);
+        // Every notification this batch raised or counted onto, by id, and whether it
+        // raised it; and the latest of each (group, kind) among them.
+        let mut touched: BTreeMap<u64, (Notification, bool)> = BTreeMap::new();
+        let mut latest: HashMap<(String, String), u64> = HashMap::new();
+        for e in stored {
+            if !is_critical(&e.kind, e.subkind.as_deref()) {
+                continue;
+            }
+            let at = (e.group.clone(), e.kind.clone());
+            if !latest.contains_key(&at) {
+                let prefix = format!("p/{}\0{}\0", part(&e.group), part(&e.kind));
+                if let Some((_, id)) = self.notices.last::<u64>(&prefix)? {
+                    if let Some(n) = self.notices.get::<Notification>(&notice_key(id))? {
+                        touched.insert(id, (n, false));
+                        latest.insert(at.clone(), id);
+                    }
+                }
+            }
+            let current = latest.get(&at).and_then(|id| touched.get_mut(id));
+            match current {
+                Some((n, _)) if damper > 0 && (now - n.first_at).num_seconds() < damper => {
+                    n.count += 1;
+                    n.last_at = now;
+                }
+                _ => {
+                    let n = Notification {
+                        id: next.notice,
+                        group: e.group.clone(),
+                        kind: e.kind.clone(),
+                        first_at: now,
+                        last_at: now,
+                        count: 1,
+                        client_id: e.client_id.clone(),
+                        event_id: e.id.clone(),
+                        node_id: None,
+                    };
+                    next.notice = next
+                        .notice
+                        .checked_add(1)
+                        .ok_or_else(|| exhausted("notification"))?;
+                    latest.insert(at, n.id);
+                    touched.insert(n.id, (n, true));
+                }
+            }
+        }
+        let mut created = Vec::new();
+        for (n, raised) in touched.into_values() {
+            if raised {
+                put_notice(batch, &n)?;
+                created.push(n);
+            } else {
+                batch.put(&notice_key(n.id), &n)?;
+            }
+        }
+        Ok(created)
+    }
+
+    /// Notifications newest first, at most `limit`, older than the id `after`.
+    pub fn notifications(&self, q: &NoticeQuery) -> Result<NoticePage, EventsError> {
+        let limit = page::limit(q.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
+        let from = match q.after.map(|a| a.checked_sub(1)) {
+            None => "n/".to_string(),
+            Some(Some(before)) => notice_key(before),
+            Some(None) => return Ok(NoticePage::default()),
+        };
+        let mut out: Vec<Notification> = Vec::new();
+        let mut more = false;
+        self.notices
+            .visit::<Notification>("n/", &from, true, |_, n| {
+                if out.len() == limit {
+                    more = true;
+                    return false;
+                }
+                out.push(n);
+                true
+            })?;
+        let next = if more { out.last().map(|n| n.id) } else { None };
+        Ok(NoticePage {
+            notifications: out,
+            next,
+        })
+    }
+}
+
+/// POSTs a notification to the webhook, retrying with backoff (5 tries).
+pub async fn deliver_webhook(http: reqwest::Client, url: String, n: Notification) {
+    use backon::{ExponentialBuilder, Retryable};
+    let send = || async {
+        http.post(&url)
+            .timeout(std::time::Duration::from_secs(10))
+            .json(&n)
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+    };
+    let result = send
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(std::time::Duration::from_millis(500))
+                .with_max_times(5)
+                .with_jitter(),
+        )
+        .sleep(tokio::time::sleep)
+        .await;
+    if let Err(e) = result {
+        tracing::warn!(error = %e, %url, "notification webhook failed after retries");
+    }
+}
