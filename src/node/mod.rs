@@ -15,6 +15,7 @@ pub mod fetch;
 mod mirror;
 pub mod outbox;
 mod relay;
+pub mod status_page;
 pub mod upstream;
 
 use std::sync::Arc;
@@ -101,6 +102,8 @@ pub struct Node {
     upstream_event: Notify,
     shutdown: Shutdown,
     serving: Serving,
+    /// The last hour of the counters the status page plots.
+    history: status_page::PageHistory,
 }
 
 impl Node {
@@ -213,6 +216,7 @@ impl Node {
             upstream_event: Notify::new(),
             shutdown,
             serving,
+            history: Default::default(),
         }))
     }
 
@@ -221,13 +225,14 @@ impl Node {
         &self.id
     }
 
-    /// All routes of the node: the client API, nothing else.
+    /// All routes of the node: the client API and the status page.
     pub fn router(self: &Arc<Self>) -> Router {
         let api = Api {
             served: self.served.clone(),
             role: self.clone(),
         };
-        serve::finish(serve::router(api, self.node_token.clone()))
+        let page = status_page::routes(self.clone());
+        serve::finish(serve::router(api, self.node_token.clone()).merge(page))
     }
 
     /// Serves and mirrors until `shutdown`.
@@ -246,6 +251,7 @@ impl Node {
             tokio::spawn(self.clone().relay_loop()),
             tokio::spawn(self.clone().evict_loop()),
             tokio::spawn(self.clone().critical_loop()),
+            tokio::spawn(self.clone().sample_loop()),
         ];
         if self.mode == ConnectionMode::Push {
             tasks.push(tokio::spawn(self.clone().push_loop()));
