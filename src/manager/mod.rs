@@ -16,8 +16,10 @@ mod migrate;
 pub mod page;
 mod publish;
 pub mod registry;
+pub mod session;
+pub mod status_page;
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use axum::Router;
 use chrono::{DateTime, Utc};
@@ -98,6 +100,12 @@ pub struct Manager {
     admin_lock: tokio::sync::Mutex<()>,
     shutdown: Shutdown,
     serving: Serving,
+    /// Logins of the status page.
+    sessions: session::Sessions,
+    /// The last hour of the counters the status page plots.
+    history: status_page::PageHistory,
+    /// Clients per group as last counted for the status page.
+    tally: RwLock<status_page::Tally>,
 }
 
 /// Tokens a manager uses, resolved from config, files, or its data dir.
@@ -182,6 +190,9 @@ impl Manager {
             admin_lock: tokio::sync::Mutex::new(()),
             shutdown,
             serving,
+            sessions: Default::default(),
+            history: Default::default(),
+            tally: Default::default(),
         }))
     }
 
@@ -196,13 +207,22 @@ impl Manager {
             self.admin_token.clone(),
             "admin",
         );
-        serve::finish(serve::router(api, self.node_token.clone()).merge(admin))
+        let page = status_page::routes(self.clone());
+        serve::finish(
+            serve::router(api, self.node_token.clone())
+                .merge(admin)
+                .merge(page),
+        )
     }
 
     /// Serves until `shutdown`, then flushes the store.
     pub async fn run(self: Arc<Self>, listener: TcpListener) -> Result<(), ManagerError> {
         let addr = listener.local_addr()?;
         tracing::info!(%addr, tls = self.serving.tls.is_some(), max_connections = self.serving.limits.max_connections, "manager listening");
+        let tasks = [
+            tokio::spawn(self.clone().sample_loop()),
+            tokio::spawn(self.clone().tally_loop()),
+        ];
         server::run(
             listener,
             self.router(),
@@ -210,6 +230,9 @@ impl Manager {
             self.serving.clone(),
         )
         .await?;
+        for t in tasks {
+            t.abort();
+        }
         self.served.store.flush().await?;
         self.registry.flush().await?;
         tracing::info!("manager stopped");
