@@ -29,6 +29,8 @@ pub mod http;
 
 pub mod serve;
 
+pub mod page;
+
 pub mod admin;
 pub mod agent;
 pub mod manager;

@@ -18,3 +18,4 @@ pub mod secret_file;
 pub mod settings;
 pub mod signing;
 pub mod slots;
+pub mod starts;

@@ -18,8 +18,10 @@ pub mod notices;
 pub mod page;
 mod publish;
 pub mod registry;
+pub mod session;
+pub mod status_page;
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use axum::Router;
 use chrono::{DateTime, Utc};
@@ -105,6 +107,12 @@ pub struct Manager {
     admin_lock: tokio::sync::Mutex<()>,
     shutdown: Shutdown,
     serving: Serving,
+    /// Logins of the status page.
+    sessions: session::Sessions,
+    /// The last hour of the counters the status page plots.
+    history: status_page::PageHistory,
+    /// Clients per group as last counted for the status page.
+    tally: RwLock<status_page::Tally>,
 }
 
 /// Tokens a manager uses, resolved from config, files, or its data dir.
@@ -191,6 +199,9 @@ impl Manager {
             admin_lock: tokio::sync::Mutex::new(()),
             shutdown,
             serving,
+            sessions: Default::default(),
+            history: Default::default(),
+            tally: Default::default(),
         }))
     }
 
@@ -205,8 +216,11 @@ impl Manager {
             self.admin_token.clone(),
             "admin",
         );
+        let page = status_page::routes(self.clone());
         serve::finish(
-            serve::router(api, self.node_token.clone()).merge(admin),
+            serve::router(api, self.node_token.clone())
+                .merge(admin)
+                .merge(page),
             &self.served.metrics,
         )
     }
@@ -215,7 +229,11 @@ impl Manager {
     pub async fn run(self: Arc<Self>, listener: TcpListener) -> Result<(), ManagerError> {
         let addr = listener.local_addr()?;
         tracing::info!(%addr, tls = self.serving.tls.is_some(), max_connections = self.serving.limits.max_connections, "manager listening");
-        let overdue = tokio::spawn(self.clone().overdue_loop());
+        let tasks = [
+            tokio::spawn(self.clone().overdue_loop()),
+            tokio::spawn(self.clone().sample_loop()),
+            tokio::spawn(self.clone().tally_loop()),
+        ];
         server::run(
             listener,
             self.router(),
@@ -223,7 +241,9 @@ impl Manager {
             self.serving.clone(),
         )
         .await?;
-        overdue.abort();
+        for t in tasks {
+            t.abort();
+        }
         self.served.store.flush().await?;
         self.registry.flush().await?;
         self.nodes.flush().await?;

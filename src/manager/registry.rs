@@ -110,8 +110,7 @@ pub fn sent_at(
 
 impl ClientRecord {
     pub fn overdue(&self, now: DateTime<Utc>) -> bool {
-        let secs = (now - self.last_seen).num_seconds();
-        secs > 0 && secs as u64 > self.heartbeat_interval_s.saturating_mul(3)
+        overdue(self.last_seen, self.heartbeat_interval_s, now)
     }
 
     fn history(&self) -> ClientHistory {
@@ -125,6 +124,16 @@ impl ClientRecord {
         }
     }
 }
+
+/// Whether a client last seen at `last_seen` that heartbeats every `interval_s` is overdue
+/// at `now`: no heartbeat for three intervals.
+fn overdue(last_seen: DateTime<Utc>, interval_s: u64, now: DateTime<Utc>) -> bool {
+    let secs = (now - last_seen).num_seconds();
+    secs > 0 && secs as u64 > interval_s.saturating_mul(3)
+}
+
+/// Group -> (live clients, of them overdue).
+pub type GroupCounts = std::collections::BTreeMap<String, (u64, u64)>;
 
 /// One line of `GET /v1/admin/clients`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -355,6 +364,42 @@ impl Registry {
             !found
         })?;
         Ok(found)
+    }
+
+    /// Per group, its live clients and how many of them are overdue at `now`, visiting at
+    /// most `max_records` records (only the fields needed decoded); true when it stopped
+    /// there before the end. For the status page, which counts in the background.
+    pub fn tally(
+        &self,
+        now: DateTime<Utc>,
+        max_records: usize,
+    ) -> Result<(GroupCounts, bool), RegistryError> {
+        #[derive(Deserialize)]
+        struct Seen {
+            group: String,
+            #[serde(default)]
+            deleted: bool,
+            last_seen: DateTime<Utc>,
+            heartbeat_interval_s: u64,
+        }
+        let mut out = GroupCounts::new();
+        let mut visited = 0usize;
+        let mut stopped = false;
+        self.clients.visit::<Seen>("", "", false, |_, r| {
+            if visited == max_records {
+                stopped = true;
+                return false;
+            }
+            visited += 1;
+            if !r.deleted {
+                let late = overdue(r.last_seen, r.heartbeat_interval_s, now);
+                let e = out.entry(r.group).or_default();
+                e.0 += 1;
+                e.1 += late as u64;
+            }
+            true
+        })?;
+        Ok((out, stopped))
     }
 
     pub async fn flush(&self) -> Result<(), RegistryError> {

@@ -17,6 +17,7 @@ mod mirror;
 pub mod outbox;
 mod relay;
 pub mod report;
+pub mod status_page;
 pub mod upstream;
 mod upstream_error;
 
@@ -112,6 +113,8 @@ pub struct Node {
     upstream_event: Notify,
     shutdown: Shutdown,
     serving: Serving,
+    /// The last hour of the counters the status page plots.
+    history: status_page::PageHistory,
 }
 
 impl Node {
@@ -232,6 +235,7 @@ impl Node {
             upstream_event: Notify::new(),
             shutdown,
             serving,
+            history: Default::default(),
         }))
     }
 
@@ -240,14 +244,15 @@ impl Node {
         &self.id
     }
 
-    /// All routes of the node: the client API, nothing else.
+    /// All routes of the node: the client API and the status page.
     pub fn router(self: &Arc<Self>) -> Router {
         let api = Api {
             served: self.served.clone(),
             role: self.clone(),
         };
+        let page = status_page::routes(self.clone());
         serve::finish(
-            serve::router(api, self.node_token.clone()),
+            serve::router(api, self.node_token.clone()).merge(page),
             &self.served.metrics,
         )
     }
@@ -268,6 +273,7 @@ impl Node {
             tokio::spawn(self.clone().relay_loop()),
             tokio::spawn(self.clone().evict_loop()),
             tokio::spawn(self.clone().critical_loop()),
+            tokio::spawn(self.clone().sample_loop()),
         ];
         if self.mode == ConnectionMode::Push {
             tasks.push(tokio::spawn(self.clone().push_loop()));

@@ -675,6 +675,8 @@ impl Upstream {
     }
 }
 
+#[path = "upstream_state.rs"]
+mod state;
 #[cfg(test)]
 #[path = "upstream_tests.rs"]
 mod tests;

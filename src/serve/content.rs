@@ -148,6 +148,37 @@ impl Served {
     }
 }
 
+impl Served {
+    /// Counts a download start of `digest` now, when it is in the current revision.
+    pub fn note_download_start(&self, digest: &Digest) {
+        // The catalog lock is let go before the directory's is taken: never both at once.
+        let current = match self.catalog() {
+            Ok(history) => history
+                .revisions()
+                .last()
+                .filter(|r| r.catalog.items.iter().any(|i| i.sha256 == *digest))
+                .map(|r| (r.catalog.revision, r.available_at)),
+            Err(_) => None,
+        };
+        let Some((revision, available_at)) = current else {
+            return;
+        };
+        let window = || match self.directory() {
+            Ok(dir) => {
+                let r = dir.effective("default", None).randomization;
+                if r.enabled && r.window_s > 0 {
+                    r.window_s
+                } else {
+                    crate::core::starts::NO_WINDOW_S
+                }
+            }
+            Err(_) => crate::core::starts::NO_WINDOW_S,
+        };
+        self.starts
+            .record(revision, available_at, window, Utc::now());
+    }
+}
+
 pub async fn content(
     State(api): State<Api>,
     ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
@@ -202,7 +233,7 @@ pub async fn content(
         // The eviction order still learns of the read; a failure here costs nothing served.
         let _ = s.store.mark_read(&digest);
         let source = Source::Stored(body, ServedFrom::Memory, permit);
-        return blob_response(s, source, size, &etag, &method, &headers).await;
+        return blob_response(s, source, size, &digest, &method, &headers).await;
     }
     // A blob the hot cache may keep is opened without holding it in use: the cache entry
     // must not pin it against eviction (the node drops evicted blobs from the cache).
@@ -229,7 +260,7 @@ pub async fn content(
                         progress,
                         permit,
                     };
-                    return blob_response(s, source, size, &etag, &method, &headers).await;
+                    return blob_response(s, source, size, &digest, &method, &headers).await;
                 }
             }
         }
@@ -239,7 +270,7 @@ pub async fn content(
     }
     let size = open.meta.size;
     let source = Source::Stored(open.bytes, ServedFrom::Disk, permit);
-    blob_response(s, source, size, &etag, &method, &headers).await
+    blob_response(s, source, size, &digest, &method, &headers).await
 }
 
 /// The bytes behind a content response.
@@ -319,10 +350,11 @@ pub async fn blob_response(
     served_by: &Arc<Served>,
     source: Source,
     len: u64,
-    etag: &str,
+    digest: &Digest,
     method: &Method,
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
+    let etag = &format!("\"{digest}\"");
     let decision = decide_range(headers, etag, len);
     // Static values are not parsed again on every response.
     let mut builder = Response::builder()
@@ -342,6 +374,10 @@ pub async fn blob_response(
         RangeDecision::Unsatisfiable => return Err(ServeError::RangeNotSatisfiable(len).into()),
     };
     builder = builder.status(status).header(header::CONTENT_LENGTH, count);
+    // A download starts once: a resumed range (not from byte 0) is the same download.
+    if start == 0 && method == Method::GET {
+        served_by.note_download_start(digest);
+    }
     let body = if method == Method::HEAD {
         Body::empty()
     } else {

@@ -107,6 +107,8 @@ pub struct Served {
     pub newcomers: Newcomers,
     /// The credential check of client calls.
     pub identity: identity::Gate,
+    /// Download starts of the current revision, for the status page.
+    pub starts: crate::core::starts::Starts,
 }
 
 /// How fast one address may introduce client ids this server never placed: a keyed rate
@@ -195,6 +197,7 @@ impl Served {
                 .then(|| Arc::new(tokio::sync::Semaphore::new(opts.max_concurrent_downloads))),
             hot: Arc::new(HotBlobs::new(opts.memory_bytes, opts.memory_item_max_bytes)),
             catalog_body: RwLock::new(None),
+            starts: crate::core::starts::Starts::default(),
             store,
             metrics,
             shutdown,
