@@ -291,6 +291,9 @@ async fn heartbeat_burst(node: &str, prefix: &str, n: usize) -> usize {
                 let relayed = gup::core::proto::RelayedHeartbeat {
                     heartbeat: serde_json::from_value(body.clone()).unwrap(),
                     address: Some("127.0.0.1".into()),
+                    // As the node stamps them: its id and the time it received the heartbeat.
+                    via: Some("node-0123456789abcdef".into()),
+                    received_at: Some(chrono::Utc::now()),
                 };
                 let len = serde_json::to_vec(&relayed).unwrap().len();
                 let r = c.post(url).json(&body).send().await.unwrap();

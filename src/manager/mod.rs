@@ -1,9 +1,10 @@
 //! The management server: the source of truth nodes mirror.
 //!
 //! Owns the manager's state (catalog history, published blobs through `store`, the settings
-//! directory, the client registry, the node table, the event records, the application inventory, tokens,
-//! the catalog signing key), its [`Role`] behind the shared client API (heartbeats resolve
-//! groups in the registry, uploads are stored and raise notifications), the admin API
+//! directory, the client registry, the node table, the event records, the application
+//! inventory, tokens, the catalog signing key), its [`Role`] behind the shared client API
+//! (heartbeats resolve groups in the registry, node reports go to the node table, uploads
+//! are stored and raise notifications), the admin API
 //! behind the admin token, and the bound on what a directory change may make of the
 //! `/v1/sync` snapshot. It must never fetch from anywhere: nothing is upstream of the
 //! manager.

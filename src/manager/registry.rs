@@ -684,4 +684,50 @@ mod paging_tests {
         reg.delete("c003").unwrap();
         assert!(!reg.has_clients("lab").unwrap());
     }
+
+    #[test]
+    fn a_record_shows_the_nearest_node_and_a_send_time_never_in_the_future() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::open(&Store::open(dir.path()).unwrap()).unwrap();
+        let mut d = Directory::default();
+        d.put_group("branch", "default").unwrap();
+        let hb = |id: &str, group: &str| Heartbeat {
+            client_id: id.into(),
+            install_group: Some(group.into()),
+            ..Default::default()
+        };
+        let now = Utc::now();
+        let direct = reg
+            .heartbeat(&d, &hb("c1", "branch"), Origin::default(), now)
+            .unwrap();
+        assert_eq!(direct.via, DIRECT);
+        assert_eq!(
+            direct.sent_at,
+            Some(now),
+            "no sent_at: when it was received"
+        );
+        let mut h = hb("c2", "branch");
+        let first = now - chrono::Duration::seconds(20);
+        h.sent_at = Some(first - chrono::Duration::seconds(1));
+        let origin = Origin {
+            address: None,
+            via: Some("node-a".into()),
+            received_at: Some(first),
+        };
+        let relayed = reg.heartbeat(&d, &h, origin.clone(), now).unwrap();
+        assert_eq!(relayed.via, "node-a");
+        assert_eq!(relayed.sent_at, h.sent_at, "the client's own time");
+        assert_eq!(relayed.last_seen, now);
+        // A clock an hour ahead is cut to the first server's time.
+        h.sent_at = Some(now + chrono::Duration::hours(1));
+        let skewed = reg.heartbeat(&d, &h, origin, now).unwrap();
+        assert_eq!(skewed.sent_at, Some(first));
+        // A relay claiming a first reception after now is cut to now.
+        h.sent_at = None;
+        let late = Origin {
+            received_at: Some(now + chrono::Duration::hours(1)),
+            ..Origin::default()
+        };
+        assert_eq!(reg.heartbeat(&d, &h, late, now).unwrap().sent_at, Some(now));
+    }
 }

@@ -260,8 +260,10 @@ mod tests {
 
     #[test]
     fn relayed_reports_are_bounded_latest_per_node_and_sent_once() {
-        let mut r = Relayed::default();
-        r.max = 3;
+        let r = Relayed {
+            max: 3,
+            ..Relayed::default()
+        };
         let t0 = Instant::now();
         for (i, id) in ["a", "b", "c"].iter().enumerate() {
             r.keep(
