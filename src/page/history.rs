@@ -231,7 +231,11 @@ mod tests {
             [13],
             "the slot ending at 600"
         );
-        assert_eq!(h.growth_over(630, 150, [103]), [23], "the slots ending at 540 and 600");
+        assert_eq!(
+            h.growth_over(630, 150, [103]),
+            [23],
+            "the slots ending at 540 and 600"
+        );
         assert_eq!(h.growth_over(630, u64::MAX, [103]), [103]);
         assert_eq!(History::<1>::default().growth_over(5, 60, [9]), [0]);
     }

@@ -3,6 +3,8 @@
 //! address from its log, so tests never race for ports.
 #![allow(dead_code)]
 
+pub mod browser;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
