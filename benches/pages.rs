@@ -2,7 +2,7 @@
 //!
 //! The node page with 50 catalog items, a full hour of WAN and LAN history (61 points each)
 //! and the download starts of a one-hour window (3,600 one-second cells binned into 60
-//! bars); the manager page with 500 groups in a tree (laid out by the page's own
+//! bars); the manager page with 200 nodes, 500 groups in a tree (laid out by the page's own
 //! `group_tree` from a directory), 10 notifications, 3 revisions of 50 items and a full hour
 //! of heartbeats and events. Both through the renderers the handlers call
 //! (`page::node_page::render`, `page::manager_page::render`); what the handlers add is
@@ -18,7 +18,7 @@ use gup::core::settings::Directory;
 use gup::core::starts::Starts;
 use gup::manager::status_page::group_tree;
 use gup::page::history::History;
-use gup::page::manager_page::{self, CatalogRow, ManagerView, NoticeRow, RevisionRow};
+use gup::page::manager_page::{self, CatalogRow, ManagerView, NodeRow, NoticeRow, RevisionRow};
 use gup::page::node_page::{self, ItemRow, NodeView, UpstreamRow, UpstreamState};
 
 fn hour<const K: usize>() -> [Vec<(f64, f64)>; K] {
@@ -108,7 +108,21 @@ fn manager_view() -> ManagerView {
     ManagerView {
         version: "0.1.0".into(),
         now,
-        nodes: None,
+        nodes: (0..200)
+            .map(|i| NodeRow {
+                id: format!("node-{i:016x}"),
+                name: format!("branch-{i}"),
+                url: format!("http://10.0.{}.{}:8080/", i / 250, i % 250),
+                revision: 7,
+                revisions_behind: (i % 5 == 0) as u64,
+                via: (i % 4 == 0).then(|| format!("node-{:016x}", i + 1)),
+                overdue: i % 50 == 0,
+                stale_since: None,
+                clients: 150,
+                events_queued: i,
+                last_report: now,
+            })
+            .collect(),
         groups: group_tree(&dir, &counts),
         counted_at: Some(now),
         counts_partial: false,

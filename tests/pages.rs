@@ -6,7 +6,8 @@
 //! - the manager's `GET /admin` without a credential is the login form (401); a wrong token
 //!   is refused (401), a form without a token is a 400 with a JSON error; `Authorization:
 //!   Bearer` shows the page; the browser logs in through the form, gets an HttpOnly,
-//!   SameSite=Strict session cookie, and sees the group tree with its clients, the
+//!   SameSite=Strict session cookie, and sees the node reporting and current, the group
+//!   tree with its clients, the
 //!   notification raised, the catalog, and the heartbeat and event plots with their points;
 //!   logging out brings the form back.
 //!
@@ -70,7 +71,12 @@ async fn both_status_pages_render_their_state_and_plots_in_a_browser() {
     )
     .await;
     assert_eq!(status, 200, "{v}");
-    let node = start_node(&tmp.path().join("n"), &[&m], &[]);
+    let node = start_node_toml(
+        &tmp.path().join("n"),
+        &[&m],
+        "sync_interval_s = 1\n[node]\nname = \"branch-a\"\n",
+        &[],
+    );
     let n = node.url.clone();
     wait_ready(&n).await;
     let data = random_bytes(300_000, 19);
@@ -215,6 +221,21 @@ async fn both_status_pages_render_their_state_and_plots_in_a_browser() {
     .await;
     let groups = browser.text("#groups").await;
     assert!(groups.contains("default 2 0"), "{groups}");
+    // The node reports itself each sync interval: its row says it is current and reporting.
+    until(
+        &browser,
+        &admin,
+        30,
+        "the node listed",
+        "#nodes",
+        "branch-a",
+    )
+    .await;
+    let nodes = browser.text("#nodes").await;
+    assert!(
+        nodes.contains("direct") && nodes.contains("current") && nodes.contains("reporting"),
+        "{nodes}"
+    );
     assert!(browser.text("#notifications").await.contains("intrusion"));
     assert!(browser.text("#catalog").await.contains("defs"));
     assert!(browser.text("#revisions").await.contains('1'));

@@ -3,7 +3,7 @@
 //! Owns who may see the page (`Authorization: Bearer <admin token>`, or a session cookie
 //! from `POST /admin/login`, whose token is compared in constant time; `POST /admin/logout`
 //! ends it), gathering a [`ManagerView`] (the group tree with the client counts of the last
-//! [`Tally`], recent notifications, the retained catalog revisions, heartbeats and events per
+//! [`Tally`], the node table, recent notifications, the retained catalog revisions, heartbeats and events per
 //! second from the per-minute history) and the background work behind it: the sampler of
 //! the history and [`Manager::tally_loop`], which counts clients per group so that no page
 //! load walks the registry. It must never put a token on a page, never answer the page
@@ -26,7 +26,9 @@ use super::Manager;
 use crate::core::fault::{Fault, Internal, Kind};
 use crate::http::error::ApiError;
 use crate::page::history::{self, History};
-use crate::page::manager_page::{self, CatalogRow, GroupRow, ManagerView, NoticeRow, RevisionRow};
+use crate::page::manager_page::{
+    self, CatalogRow, GroupRow, ManagerView, NodeRow, NoticeRow, RevisionRow,
+};
 
 /// The manager's page history: heartbeats received, events received.
 pub type PageHistory = Arc<Mutex<History<2>>>;
@@ -188,7 +190,7 @@ impl Manager {
                 client_id: n.client_id,
             })
             .collect();
-        let (revisions, catalog) = {
+        let (revisions, catalog, revision) = {
             let history = self.served.catalog()?;
             let revisions = history
                 .revisions()
@@ -216,8 +218,27 @@ impl Manager {
                         .collect()
                 })
                 .unwrap_or_default();
-            (revisions, catalog)
+            (revisions, catalog, history.revision())
         };
+        let nodes = self
+            .nodes
+            .list(revision, now)?
+            .nodes
+            .into_iter()
+            .map(|n| NodeRow {
+                id: n.report.node_id,
+                name: n.report.name,
+                url: n.report.advertised_url.unwrap_or_default(),
+                revision: n.report.catalog_revision,
+                revisions_behind: n.revisions_behind,
+                via: n.report.via,
+                overdue: n.overdue,
+                stale_since: n.report.stale_since,
+                clients: n.report.clients_last_interval,
+                events_queued: n.report.events_queued,
+                last_report: n.received_at,
+            })
+            .collect();
         let [heartbeats, events] = self
             .history
             .lock()
@@ -226,7 +247,7 @@ impl Manager {
         Ok(ManagerView {
             version: env!("CARGO_PKG_VERSION").to_string(),
             now,
-            nodes: None,
+            nodes,
             groups,
             counted_at: tally.at,
             counts_partial: tally.partial,

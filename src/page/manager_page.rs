@@ -1,7 +1,6 @@
 //! The manager's status page (`GET /admin`) and its login form, as plain data and HTML.
 //!
-//! Owns what the page shows: the nodes with their health ([`nodes_table`], fed once the
-//! manager lists its nodes), the group tree with client and overdue counts, recent
+//! Owns what the page shows: the nodes with their health ([`nodes_table`]), the group tree with client and overdue counts, recent
 //! notifications, the retained catalog revisions and the current items, and heartbeats and
 //! events per second over the last hour. It must never show a token (the login form posts
 //! one and is never filled back) and never read the manager's state or check a credential:
@@ -66,6 +65,11 @@ pub struct NodeRow {
     /// The node it reports through, None when directly.
     pub via: Option<String>,
     pub overdue: bool,
+    /// No upstream has answered the node since then.
+    pub stale_since: Option<DateTime<Utc>>,
+    /// Clients whose heartbeats it relayed in its last round.
+    pub clients: u64,
+    pub events_queued: u64,
     pub last_report: DateTime<Utc>,
 }
 
@@ -74,8 +78,8 @@ pub struct NodeRow {
 pub struct ManagerView {
     pub version: String,
     pub now: DateTime<Utc>,
-    /// None until the manager lists its nodes.
-    pub nodes: Option<Vec<NodeRow>>,
+    /// Every node that reported, in id order.
+    pub nodes: Vec<NodeRow>,
     pub groups: Vec<GroupRow>,
     /// When the client counts were taken (None: not counted yet), and whether the count
     /// stopped at its bound before the end of the registry.
@@ -114,11 +118,15 @@ pub fn nodes_table(out: &mut String, rows: &[NodeRow]) {
                 } else {
                     cell_class("bad", &format!("{} behind", n.revisions_behind))
                 },
-                if n.overdue {
-                    cell_class("bad", "overdue")
-                } else {
-                    cell_class("ok", "reporting")
+                match (n.overdue, n.stale_since) {
+                    (true, _) => cell_class("bad", "overdue"),
+                    (false, Some(since)) => {
+                        cell_class("bad", &format!("stale since {}", time(since)))
+                    }
+                    (false, None) => cell_class("ok", "reporting"),
                 },
+                num(n.clients),
+                num(n.events_queued),
                 cell(&time(n.last_report)),
             ]
         })
@@ -134,6 +142,8 @@ pub fn nodes_table(out: &mut String, rows: &[NodeRow]) {
             "revision",
             "catalog",
             "health",
+            "clients",
+            "events queued",
             "last report",
         ],
         &rows,
@@ -159,12 +169,7 @@ pub fn render(v: &ManagerView) -> String {
         );
     }
     out.push_str("</p>\n<h2>Nodes</h2>\n");
-    match &v.nodes {
-        Some(rows) => nodes_table(&mut out, rows),
-        None => out.push_str(
-            "<p id=\"nodes\" class=\"dim\">this manager does not list its nodes yet</p>\n",
-        ),
-    }
+    nodes_table(&mut out, &v.nodes);
 
     out.push_str("<h2>Activity</h2>\n");
     let axes = Axes {
@@ -325,7 +330,7 @@ mod tests {
         ManagerView {
             version: "0.1.0".into(),
             now: DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
-            nodes: None,
+            nodes: vec![],
             groups: vec![
                 GroupRow {
                     name: "default".into(),
@@ -357,9 +362,9 @@ mod tests {
         assert!(html.contains("&lt;lab&gt;") && !html.contains("<lab>"));
         assert_eq!(html.matches("<circle class=\"point\"").count(), 3);
         assert!(html.contains("id=\"logout\""));
-        assert!(html.contains("does not list its nodes yet"));
+        assert!(html.contains("no node has reported yet"));
         let mut v = view();
-        v.nodes = Some(vec![NodeRow {
+        v.nodes = vec![NodeRow {
             id: "node-1".into(),
             name: "branch <1>".into(),
             url: "http://10.0.0.1".into(),
@@ -367,8 +372,11 @@ mod tests {
             revisions_behind: 1,
             via: None,
             overdue: true,
+            stale_since: None,
+            clients: 12,
+            events_queued: 0,
             last_report: v.now,
-        }]);
+        }];
         let html = render(&v);
         assert!(html.contains("branch &lt;1&gt;") && html.contains("1 behind"));
         assert!(html.contains("overdue") && html.contains("direct"));
