@@ -200,6 +200,7 @@ async fn both_status_pages_render_their_state_and_plots_in_a_browser() {
     assert_eq!(browser.count("#groups").await, 0);
     browser.type_into("#token", ADMIN_TOKEN).await;
     browser.click("#submit").await;
+    browser.wait_for("#groups", 20).await;
     let cookies = browser.cookies().await;
     let session = cookies
         .iter()
@@ -246,7 +247,8 @@ async fn both_status_pages_render_their_state_and_plots_in_a_browser() {
     save(&browser.screenshot().await, "manager-page.png");
 
     browser.click("#logout").await;
-    assert_eq!(browser.count("form#login").await, 1, "logged out");
+    browser.wait_for("form#login", 20).await;
+    assert_eq!(browser.count("#groups").await, 0, "logged out");
     browser.goto(&admin).await;
     assert_eq!(browser.count("#groups").await, 0, "the session is gone");
     drop(agents);

@@ -143,6 +143,19 @@ impl Browser {
         self.find_all(css).await.len()
     }
 
+    /// Waits (bounded) until an element matches: a click that submits a form returns before
+    /// the next page has loaded, so a test that reads right after it races the navigation.
+    pub async fn wait_for(&self, css: &str, secs: u64) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+        while self.count(css).await == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{css} did not appear within {secs} s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// The rendered text of the first element matching (empty when none does).
     pub async fn text(&self, css: &str) -> String {
         match self.find_all(css).await.first() {
