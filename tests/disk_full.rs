@@ -95,7 +95,8 @@ async fn a_blob_that_cannot_fit_is_refused_without_fetching_it_again_and_again()
     let node = start_node_toml(
         &disk.0,
         &[&manager.url],
-        "\n[cache]\nprefetch = false\n",
+        // A disk this small keeps no more than the fetch's own margin free.
+        "\n[cache]\nprefetch = false\nmin_free_bytes = 0\n",
         &[],
     );
     wait_ready(&node.url).await;
@@ -143,7 +144,12 @@ async fn a_node_whose_disk_filled_heals_when_space_returns() {
     let manager = start_manager(&dir.path().join("m"), &[]);
     let small = random_bytes(1 << 20, 62);
     let disk = Tmpfs::mount(&dir.path().join("n"), "32m");
-    let node = start_node(&disk.0, &[&manager.url], &[]);
+    let node = start_node_toml(
+        &disk.0,
+        &[&manager.url],
+        "\n[cache]\nmin_free_bytes = 0\n",
+        &[],
+    );
     wait_ready(&node.url).await;
     let (status, v) = post_json(&node.url, "/v1/events", event("before")).await;
     assert_eq!(status, 202, "{v}");

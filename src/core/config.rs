@@ -174,6 +174,49 @@ pub struct LogSection {
     pub format: LogFormat,
 }
 
+/// `[store]` of either role: the background scrub of the blobs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSection {
+    /// Each blob is read back and re-hashed this long after it was last verified (0: never).
+    pub scrub_interval_s: u64,
+    /// How fast the scrub reads, over all blobs.
+    pub scrub_bytes_per_sec: u64,
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        StoreSection {
+            scrub_interval_s: 86_400,
+            scrub_bytes_per_sec: 50 << 20,
+        }
+    }
+}
+
+impl StoreSection {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.scrub_interval_s > 366 * 86_400 {
+            return Err(bad(
+                "store.scrub_interval_s",
+                format!(
+                    "must be 0 (no scrub) to 31622400 seconds (a year), got {}",
+                    self.scrub_interval_s
+                ),
+            ));
+        }
+        if self.scrub_bytes_per_sec < 1 << 20 {
+            return Err(bad(
+                "store.scrub_bytes_per_sec",
+                format!(
+                    "must be at least 1048576 (1 MiB/s), got {}",
+                    self.scrub_bytes_per_sec
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 // === manager ===
 
 /// `config/manager.toml`
@@ -181,6 +224,7 @@ pub struct LogSection {
 #[serde(deny_unknown_fields, default)]
 pub struct ManagerConfig {
     pub manager: ManagerSection,
+    pub store: StoreSection,
     pub notifications: NotificationsSection,
     pub limits: LimitsSection,
     pub log: LogSection,
@@ -242,6 +286,7 @@ impl ManagerConfig {
             ));
         }
         validate_tls("manager", &m.tls_cert, &m.tls_key)?;
+        self.store.validate()?;
         validate_token_file(
             "manager.admin_token_file",
             "--admin-token-file",
@@ -272,6 +317,7 @@ pub struct NodeConfig {
     pub node: NodeSection,
     pub upstream: UpstreamSection,
     pub cache: CacheSection,
+    pub store: StoreSection,
     pub serve: ServeSection,
     pub events: NodeEventsSection,
     pub limits: LimitsSection,
@@ -409,6 +455,15 @@ pub struct CacheSection {
     pub memory_bytes: u64,
     /// Largest blob kept in memory, in bytes.
     pub memory_item_max_bytes: u64,
+    /// Eviction starts when the blobs (with one about to arrive) would pass this percentage
+    /// of `max_bytes`...
+    pub high_watermark_percent: u8,
+    /// ...and stops once they are down to this one, so that a full cache evicts in batches,
+    /// not one blob per new blob.
+    pub low_watermark_percent: u8,
+    /// Bytes the filesystem keeps free whatever `max_bytes` says: below it the node evicts
+    /// what it may and fetches nothing that would not fit above it.
+    pub min_free_bytes: u64,
 }
 
 impl Default for CacheSection {
@@ -419,6 +474,9 @@ impl Default for CacheSection {
             max_bytes: 10 << 30,
             memory_bytes: DEFAULT_MEMORY_BYTES,
             memory_item_max_bytes: DEFAULT_MEMORY_ITEM_MAX_BYTES,
+            high_watermark_percent: 95,
+            low_watermark_percent: 85,
+            min_free_bytes: 1 << 30,
         }
     }
 }
@@ -454,6 +512,7 @@ impl NodeConfig {
             ));
         }
         validate_tls("node", &self.node.tls_cert, &self.node.tls_key)?;
+        self.store.validate()?;
         let name = &self.node.name;
         if name.chars().count() > super::fleet::MAX_NODE_NAME || name.chars().any(char::is_control)
         {
@@ -541,6 +600,22 @@ impl NodeConfig {
                 format!(
                     "must be at least 1048576 (1 MiB), got {}",
                     self.events.outbox_max_bytes
+                ),
+            ));
+        }
+        let c = &self.cache;
+        if !(1..=100).contains(&c.high_watermark_percent) {
+            return Err(bad(
+                "cache.high_watermark_percent",
+                format!("must be 1 to 100 (got {})", c.high_watermark_percent),
+            ));
+        }
+        if c.low_watermark_percent > c.high_watermark_percent {
+            return Err(bad(
+                "cache.low_watermark_percent",
+                format!(
+                    "must be at most cache.high_watermark_percent ({}), got {}",
+                    c.high_watermark_percent, c.low_watermark_percent
                 ),
             ));
         }
@@ -670,6 +745,35 @@ mod tests {
         assert_eq!(NodeConfig::default().upstreams(), vec![DEFAULT_UPSTREAM]);
         assert_eq!(ManagerConfig::default().manager.listen.port(), 8014);
         assert_eq!(NodeConfig::default().node.listen.port(), 2967);
+    }
+
+    #[test]
+    fn scrub_and_watermark_keys_are_checked_by_name() {
+        let mut n = NodeConfig::default();
+        n.store.scrub_bytes_per_sec = 1000;
+        assert_eq!(n.validate().unwrap_err().key, "store.scrub_bytes_per_sec");
+        let mut n = NodeConfig::default();
+        n.store.scrub_interval_s = 400 * 86_400;
+        assert_eq!(n.validate().unwrap_err().key, "store.scrub_interval_s");
+        n.store.scrub_interval_s = 0;
+        n.validate().expect("0 turns the scrub off");
+        let mut n = NodeConfig::default();
+        n.cache.low_watermark_percent = 96;
+        assert_eq!(n.validate().unwrap_err().key, "cache.low_watermark_percent");
+        n.cache.high_watermark_percent = 0;
+        assert_eq!(
+            n.validate().unwrap_err().key,
+            "cache.high_watermark_percent"
+        );
+        let mut m = ManagerConfig::default();
+        m.store.scrub_bytes_per_sec = 0;
+        assert_eq!(m.validate().unwrap_err().key, "store.scrub_bytes_per_sec");
+        let parsed: ManagerConfig = parse("[store]\nscrub_interval_s = 5\n").unwrap();
+        assert_eq!(parsed.store.scrub_interval_s, 5);
+        assert_eq!(
+            infer_role("[store]\nscrub_interval_s = 5\n[node]\n").unwrap(),
+            Role::Node
+        );
     }
 
     #[test]

@@ -431,6 +431,9 @@ fn the_previous_format_is_moved_once_and_a_lost_record_can_be_sent_again() {
             client_id: "pc".into(),
             event_id: "e1".into(),
             node_id: None,
+            item: None,
+            version: None,
+            sha256: None,
         };
         notices
             .put(&format!("lab\0risk\0{}", seq_part(n.id)), &n)

@@ -21,6 +21,7 @@ mod publish;
 pub mod registry;
 pub mod session;
 pub mod status_page;
+mod upkeep;
 
 use std::sync::{Arc, RwLock};
 
@@ -114,6 +115,10 @@ pub struct Manager {
     history: status_page::PageHistory,
     /// Clients per group as last counted for the status page.
     tally: RwLock<status_page::Tally>,
+    /// Wakes the garbage collection after a catalog change (`upkeep`).
+    catalog_changed: tokio::sync::Notify,
+    /// `[store]`: the background scrub.
+    scrub: crate::store::scrub::ScrubOptions,
 }
 
 /// Tokens a manager uses, resolved from config, files, or its data dir.
@@ -203,6 +208,11 @@ impl Manager {
             sessions: Default::default(),
             history: Default::default(),
             tally: Default::default(),
+            catalog_changed: tokio::sync::Notify::new(),
+            scrub: crate::store::scrub::ScrubOptions {
+                interval: std::time::Duration::from_secs(config.store.scrub_interval_s),
+                bytes_per_sec: config.store.scrub_bytes_per_sec,
+            },
         }))
     }
 
@@ -230,7 +240,15 @@ impl Manager {
     pub async fn run(self: Arc<Self>, listener: TcpListener) -> Result<(), ManagerError> {
         let addr = listener.local_addr()?;
         tracing::info!(%addr, tls = self.serving.tls.is_some(), max_connections = self.serving.limits.max_connections, "manager listening");
+        let upkeep = upkeep::Upkeep(Arc::downgrade(&self));
         let tasks = [
+            tokio::spawn(
+                self.served
+                    .store
+                    .clone()
+                    .scrub_loop(self.scrub, Arc::new(upkeep)),
+            ),
+            tokio::spawn(self.clone().collect_loop()),
             tokio::spawn(self.clone().overdue_loop()),
             tokio::spawn(self.clone().sample_loop()),
             tokio::spawn(self.clone().tally_loop()),

@@ -40,6 +40,35 @@ pub struct Notification {
     /// root of the tree every node serves).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_id: Option<String>,
+    /// The content a `content_corrupt` notification is about: its item's name and version
+    /// (empty when no retained revision lists it any more) and its digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub item: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+}
+
+impl Notification {
+    /// A notification `id` of `kind` raised `now`, counting one, about nothing yet: its
+    /// group is `default` (the root of the tree) until the caller says otherwise.
+    fn new(id: u64, kind: &str, now: DateTime<Utc>) -> Notification {
+        Notification {
+            id,
+            group: crate::core::settings::DEFAULT_GROUP.to_string(),
+            kind: kind.to_string(),
+            first_at: now,
+            last_at: now,
+            count: 1,
+            client_id: String::new(),
+            event_id: String::new(),
+            node_id: None,
+            item: None,
+            version: None,
+            sha256: None,
+        }
+    }
 }
 
 /// A page of `GET /v1/admin/notifications`, newest first.
@@ -90,10 +119,49 @@ impl EventStore {
         damper_s: u64,
         now: DateTime<Utc>,
     ) -> Result<Option<Notification>, EventsError> {
+        self.raise_damped(&node_prefix(node_id, kind), damper_s, now, |id| {
+            Notification {
+                client_id: node_id.to_string(),
+                node_id: Some(node_id.to_string()),
+                ..Notification::new(id, kind, now)
+            }
+        })
+    }
+
+    /// Raises a notification of `kind` about stored content (`digest`, listed as item
+    /// `name` `version`), damped per digest as [`EventStore::raise_node`] is per node.
+    pub fn raise_content(
+        &self,
+        digest: &crate::core::digest::Digest,
+        name: &str,
+        version: &str,
+        kind: &str,
+        damper_s: u64,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Notification>, EventsError> {
+        let hex = digest.to_hex();
+        let prefix = format!("b/{}\0{}\0", part(&hex), part(kind));
+        self.raise_damped(&prefix, damper_s, now, |id| Notification {
+            item: Some(name.to_string()),
+            version: Some(version.to_string()),
+            sha256: Some(hex.clone()),
+            ..Notification::new(id, kind, now)
+        })
+    }
+
+    /// Raises the notification `make` builds (given its id), damped by the latest one under
+    /// `prefix`: within `damper_s` (0: never) of that one's first, it counts this instead
+    /// and None is returned. Durable after [`EventStore::flush`].
+    fn raise_damped(
+        &self,
+        prefix: &str,
+        damper_s: u64,
+        now: DateTime<Utc>,
+        make: impl FnOnce(u64) -> Notification,
+    ) -> Result<Option<Notification>, EventsError> {
         let mut counters = self.lock()?;
-        let prefix = node_prefix(node_id, kind);
         let damper = i64::try_from(damper_s).unwrap_or(i64::MAX);
-        if let Some((_, id)) = self.notices.last::<u64>(&prefix)? {
+        if let Some((_, id)) = self.notices.last::<u64>(prefix)? {
             if let Some(mut n) = self.notices.get::<Notification>(&notice_key(id))? {
                 if damper > 0 && (now - n.first_at).num_seconds() < damper {
                     n.count += 1;
@@ -103,17 +171,7 @@ impl EventStore {
                 }
             }
         }
-        let n = Notification {
-            id: counters.notice,
-            group: crate::core::settings::DEFAULT_GROUP.to_string(),
-            kind: kind.to_string(),
-            first_at: now,
-            last_at: now,
-            count: 1,
-            client_id: node_id.to_string(),
-            event_id: String::new(),
-            node_id: Some(node_id.to_string()),
-        };
+        let n = make(counters.notice);
         let next =
             n.id.checked_add(1)
                 .ok_or_else(|| exhausted("notification"))?;
@@ -186,15 +244,10 @@ impl EventStore {
                 }
                 _ => {
                     let n = Notification {
-                        id: next.notice,
                         group: e.group.clone(),
-                        kind: e.kind.clone(),
-                        first_at: now,
-                        last_at: now,
-                        count: 1,
                         client_id: e.client_id.clone(),
                         event_id: e.id.clone(),
-                        node_id: None,
+                        ..Notification::new(next.notice, &e.kind, now)
                     };
                     next.notice = next
                         .notice

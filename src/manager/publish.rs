@@ -4,7 +4,8 @@
 //! it to the catalog (a new revision, signed, persisted, pushed), and unpublishing. The same
 //! bytes again are not a new revision; the same name and version with other bytes is a
 //! conflict. It must never leave a blob in the store that no retained revision references
-//! because its publish was refused.
+//! because its publish was refused; blobs that fall out of the retained revisions later are
+//! `upkeep`'s to collect.
 
 use std::sync::Arc;
 
@@ -78,9 +79,11 @@ pub async fn publish(
         let chunk = chunk.map_err(|e| PublishError::Body(e.to_string()))?;
         writer.write(&chunk).await?;
     }
+    // The lock comes before the blob is visible: the garbage collection (which takes it
+    // too) must never see a blob stored for a publish that has not reached the catalog.
+    let _guard = m.publish_lock.lock().await;
     let (digest, meta) = writer.finish(None).await?;
 
-    let _guard = m.publish_lock.lock().await;
     let outcome = {
         let mut catalog = m
             .served
@@ -117,6 +120,8 @@ pub async fn publish(
         m.served.changes.send(Change::Catalog {
             revision: published.revision,
         });
+        // A blob may have left the retained revisions.
+        m.catalog_changed.notify_one();
     }
     let version = q
         .version
@@ -157,6 +162,7 @@ pub async fn unpublish(
     };
     m.persist_catalog().await?;
     m.served.changes.send(Change::Catalog { revision });
+    m.catalog_changed.notify_one();
     tracing::info!(%name, revision, "unpublished");
     Ok(Json(
         serde_json::json!({"name": name, "revision": revision}),

@@ -14,17 +14,52 @@ use crate::core::catalog::CatalogHistory;
 use crate::core::digest::Digest;
 use crate::store::BlobMeta;
 
-/// The blobs to remove, in order, so that the store holds at most `budget - reserve` bytes
-/// (room for a blob of `reserve` bytes about to arrive). It may not get there when the current
-/// revision alone is larger: then it names everything it may.
+/// The disk the store may use and what the node knows of its filesystem.
+#[derive(Debug, Clone, Copy)]
+pub struct Budget {
+    /// `cache.max_bytes`.
+    pub max_bytes: u64,
+    /// `cache.high_watermark_percent` and `cache.low_watermark_percent`.
+    pub high_percent: u8,
+    pub low_percent: u8,
+    /// `cache.min_free_bytes`.
+    pub min_free_bytes: u64,
+}
+
+impl Budget {
+    fn share(&self, percent: u8) -> u64 {
+        (u128::from(self.max_bytes) * u128::from(percent) / 100) as u64
+    }
+
+    /// How many bytes of blobs to get down to, or None when nothing needs to go: with
+    /// `total` bytes stored and a blob of `reserve` bytes about to arrive, eviction starts
+    /// when they would pass the high watermark and goes down to the low one (room for the
+    /// new blob kept), and it takes whatever more it must so that the filesystem, with `free`
+    /// bytes free now, keeps `min_free_bytes` after the new blob.
+    pub fn target(&self, total: u64, reserve: u64, free: Option<u64>) -> Option<u64> {
+        let mut target = None;
+        if total.saturating_add(reserve) > self.share(self.high_percent) {
+            target = Some(self.share(self.low_percent).saturating_sub(reserve));
+        }
+        if let Some(free) = free {
+            let wanted = self.min_free_bytes.saturating_add(reserve);
+            if free < wanted {
+                let floor = total.saturating_sub(wanted - free);
+                target = Some(target.map_or(floor, |t: u64| t.min(floor)));
+            }
+        }
+        target.filter(|t| *t < total)
+    }
+}
+
+/// The blobs to remove, in order, so that the store holds at most `target` bytes. It may not
+/// get there when the current revision alone is larger: then it names everything it may.
 pub fn plan(
     blobs: &[(Digest, BlobMeta)],
     history: &CatalogHistory,
     in_use: &HashSet<Digest>,
-    budget: u64,
-    reserve: u64,
+    target: u64,
 ) -> Vec<Digest> {
-    let target = budget.saturating_sub(reserve);
     let mut total: u64 = blobs.iter().map(|(_, m)| m.size).sum();
     if total <= target {
         return Vec::new();
@@ -75,33 +110,39 @@ impl Node {
         }
     }
 
-    /// Evicts what `evict::plan` names so that `reserve` more bytes fit in the budget.
+    /// Evicts what `evict::plan` names so that `reserve` more bytes fit in the budget and
+    /// on the filesystem (see [`Budget::target`]).
     pub(super) async fn enforce_budget(&self, reserve: u64) {
         let store = &self.served.store;
-        let victims = match self.served.catalog.read() {
-            Ok(history) => plan(
-                &store.list(),
-                &history,
-                &store.in_use(),
-                self.max_bytes,
-                reserve,
-            ),
-            Err(_) => return,
+        let target = self
+            .budget
+            .target(store.total_bytes(), reserve, store.free_bytes());
+        let victims = match (target, self.served.catalog.read()) {
+            (Some(target), Ok(history)) => plan(&store.list(), &history, &store.in_use(), target),
+            _ => Vec::new(),
         };
+        if !victims.is_empty() {
+            tracing::info!(
+                bytes = store.total_bytes(),
+                target = target.unwrap_or_default(),
+                blobs = victims.len(),
+                "evicting down to the low watermark"
+            );
+        }
         for digest in victims {
             match store.remove(&digest).await {
                 Ok(()) => {
                     // A cached mapping would keep the unlinked file's space until dropped.
                     self.served.hot.remove(&digest);
-                    tracing::info!(%digest, "evicted to stay within cache.max_bytes")
+                    tracing::debug!(%digest, "evicted")
                 }
                 Err(e) => tracing::warn!(%digest, error = %e, "eviction failed"),
             }
         }
-        if store.total_bytes() > self.max_bytes {
+        if store.total_bytes() > self.budget.max_bytes {
             tracing::warn!(
                 bytes = store.total_bytes(),
-                max_bytes = self.max_bytes,
+                max_bytes = self.budget.max_bytes,
                 "over cache.max_bytes: the current catalog revision alone is larger"
             );
         }
@@ -123,6 +164,7 @@ mod tests {
             size,
             stored_at: t,
             last_access: t,
+            verified_at: None,
         }
     }
 
@@ -144,22 +186,50 @@ mod tests {
             (d("a4"), meta(10, 0)),
         ];
         let none = HashSet::new();
-        // 60 bytes, budget 60: nothing to do.
-        assert!(plan(&blobs, &h, &none, 60, 0).is_empty());
-        // Budget 30: the three orphans (LRU first), then a2 (the oldest retained revision).
+        // 60 bytes, target 60: nothing to do.
+        assert!(plan(&blobs, &h, &none, 60).is_empty());
+        // Target 30: the three orphans (LRU first), then a2 (the oldest retained revision).
         assert_eq!(
-            plan(&blobs, &h, &none, 30, 0),
+            plan(&blobs, &h, &none, 30),
             vec![d("orphan-old"), d("a1"), d("orphan-new")]
         );
         assert_eq!(
-            plan(&blobs, &h, &none, 20, 0),
+            plan(&blobs, &h, &none, 20),
             vec![d("orphan-old"), d("a1"), d("orphan-new"), d("a2")]
         );
-        // Room for 10 more bytes is one more eviction; the current item never goes.
-        assert_eq!(plan(&blobs, &h, &none, 20, 10).len(), 5);
-        assert!(!plan(&blobs, &h, &none, 0, 0).contains(&d("a4")));
+        assert_eq!(plan(&blobs, &h, &none, 10).len(), 5);
+        // The current item never goes.
+        assert!(!plan(&blobs, &h, &none, 0).contains(&d("a4")));
         // A blob being read is skipped.
         let busy: HashSet<Digest> = [d("orphan-old")].into_iter().collect();
-        assert!(!plan(&blobs, &h, &busy, 30, 0).contains(&d("orphan-old")));
+        assert!(!plan(&blobs, &h, &busy, 30).contains(&d("orphan-old")));
+    }
+
+    #[test]
+    fn eviction_starts_at_the_high_watermark_and_stops_at_the_low_one() {
+        let b = Budget {
+            max_bytes: 1000,
+            high_percent: 95,
+            low_percent: 85,
+            min_free_bytes: 100,
+        };
+        let plenty = Some(1 << 30);
+        // Below the high watermark nothing goes, even with a blob about to arrive.
+        assert_eq!(b.target(900, 0, plenty), None);
+        assert_eq!(b.target(900, 50, plenty), None);
+        // Past it: down to the low watermark, with room for the arriving blob.
+        assert_eq!(b.target(951, 0, plenty), Some(850));
+        assert_eq!(b.target(900, 60, plenty), Some(790));
+        // So the next blobs arrive without evicting again: 850 + 60 + 40 is still under 950.
+        assert_eq!(b.target(850 + 60, 40, plenty), None);
+        // A filesystem short of min_free_bytes takes what it lacks, whatever the budget says.
+        assert_eq!(b.target(500, 0, Some(40)), Some(440));
+        assert_eq!(b.target(500, 10, Some(40)), Some(430));
+        assert_eq!(b.target(951, 0, Some(40)), Some(850));
+        assert_eq!(b.target(951, 0, Some(0)), Some(850));
+        // More than is stored cannot be freed: everything the plan may.
+        assert_eq!(b.target(50, 0, Some(0)), Some(0));
+        // Unknown free space: the watermarks alone.
+        assert_eq!(b.target(500, 0, None), None);
     }
 }

@@ -67,7 +67,15 @@ pub struct Fetches {
     /// Blobs that did not fit, or whose fetch failed for want of disk, and until when they
     /// are not fetched again. At most one entry per blob of the catalog.
     no_room: Mutex<HashMap<Digest, std::time::Instant>>,
+    /// `cache.min_free_bytes`: a fetch must leave this much of the filesystem free.
+    min_free_bytes: u64,
+    /// Makes room for a blob of this many bytes before a client's miss fetches it (the
+    /// node's eviction, set once the node exists).
+    room: std::sync::OnceLock<RoomMaker>,
 }
+
+/// Evicts so that a blob of the given size fits (see `evict`).
+pub type RoomMaker = Arc<dyn Fn(u64) -> BoxFuture<'static, ()> + Send + Sync>;
 
 impl Fetches {
     pub fn new(
@@ -75,6 +83,7 @@ impl Fetches {
         store: Store,
         metrics: Arc<Metrics>,
         max_bytes_per_sec: u64,
+        min_free_bytes: u64,
     ) -> Fetches {
         Fetches {
             upstream,
@@ -84,7 +93,30 @@ impl Fetches {
             stored: tokio::sync::Notify::new(),
             inflight: Mutex::new(HashMap::new()),
             no_room: Mutex::new(HashMap::new()),
+            min_free_bytes,
+            room: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Sets what makes room before a client's miss is fetched (once; later calls are
+    /// ignored).
+    pub fn set_room_maker(&self, room: RoomMaker) {
+        let _ = self.room.set(room);
+    }
+
+    /// Whether a fetch of `digest` may start for a client now: one already running is
+    /// joined; a new one first makes room (eviction), then must fit on the disk.
+    async fn admit(&self, digest: &Digest, size: u64) -> Option<FetchError> {
+        if self.store.contains(digest) {
+            return None;
+        }
+        if self.inflight.lock().is_ok_and(|f| f.contains_key(digest)) {
+            return None;
+        }
+        if let Some(room) = self.room.get() {
+            room(size).await;
+        }
+        self.no_room(digest, size)
     }
 
     /// Why `digest` (of `size` bytes) is not fetched now, if it is not: it failed for want
@@ -102,10 +134,13 @@ impl Fetches {
             }
         }
         let free = self.store.free_bytes()?;
-        let needs = size.saturating_add(FREE_MARGIN);
+        let keep = FREE_MARGIN.max(self.min_free_bytes);
+        let needs = size.saturating_add(keep);
         (free < needs).then(|| FetchError::NoRoom {
             digest: *digest,
-            message: format!("{size} bytes do not fit: the disk has {free} bytes free"),
+            message: format!(
+                "{size} bytes do not fit: the disk has {free} bytes free and keeps {keep} (cache.min_free_bytes)"
+            ),
             retry_after_s: NO_ROOM_BACKOFF.as_secs(),
         })
     }
@@ -319,10 +354,8 @@ impl Fetcher for NodeFetcher {
     ) -> BoxFuture<'static, Result<Attached, FetchError>> {
         let fetches = self.0.clone();
         async move {
-            if !fetches.store.contains(&digest) {
-                if let Some(e) = fetches.no_room(&digest, size) {
-                    return Err(e);
-                }
+            if let Some(e) = fetches.admit(&digest, size).await {
+                return Err(e);
             }
             let (mut done, mut attempt) = fetches.start(digest, size);
             loop {

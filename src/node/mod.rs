@@ -16,6 +16,7 @@ pub mod fetch;
 mod mirror;
 pub mod outbox;
 mod relay;
+mod repair;
 pub mod report;
 pub mod status_page;
 pub mod upstream;
@@ -105,8 +106,10 @@ pub struct Node {
     prefetch: bool,
     /// `upstream.prefetch_window_s`.
     prefetch_window_s: u64,
-    /// `cache.max_bytes`.
-    max_bytes: u64,
+    /// `cache.max_bytes`, its watermarks and `cache.min_free_bytes`.
+    budget: evict::Budget,
+    /// `[store]`: the background scrub.
+    scrub: crate::store::scrub::ScrubOptions,
     /// Wakes the prefetch worker when the mirrored catalog changed.
     catalog_changed: tokio::sync::watch::Sender<u64>,
     /// Wakes the mirror loop when the upstream pushed an event.
@@ -178,6 +181,7 @@ impl Node {
             store.clone(),
             metrics.clone(),
             config.upstream.max_bytes_per_sec,
+            config.cache.min_free_bytes,
         ));
         let relay = Relay::open(
             &store,
@@ -230,7 +234,16 @@ impl Node {
             sync_interval: Duration::from_secs(config.upstream.sync_interval_s),
             prefetch: config.cache.prefetch,
             prefetch_window_s: config.upstream.prefetch_window_s,
-            max_bytes: config.cache.max_bytes,
+            budget: evict::Budget {
+                max_bytes: config.cache.max_bytes,
+                high_percent: config.cache.high_watermark_percent,
+                low_percent: config.cache.low_watermark_percent,
+                min_free_bytes: config.cache.min_free_bytes,
+            },
+            scrub: crate::store::scrub::ScrubOptions {
+                interval: Duration::from_secs(config.store.scrub_interval_s),
+                bytes_per_sec: config.store.scrub_bytes_per_sec,
+            },
             catalog_changed: tokio::sync::watch::channel(0).0,
             upstream_event: Notify::new(),
             shutdown,
@@ -267,7 +280,29 @@ impl Node {
             .map(|u| u.to_string())
             .collect();
         tracing::info!(node_id = %self.id, %addr, ?upstreams, mode = ?self.mode, tls = self.serving.tls.is_some(), max_connections = self.serving.limits.max_connections, "node listening");
+        // A client's miss makes room first, as a prefetch does (the node outlives neither).
+        let weak = Arc::downgrade(&self);
+        self.fetches.set_room_maker(Arc::new(move |size| {
+            let node = weak.clone();
+            Box::pin(async move {
+                if let Some(node) = node.upgrade() {
+                    node.enforce_budget(size).await;
+                }
+            })
+        }));
+        let repair = repair::Repair {
+            metrics: self.served.metrics.clone(),
+            hot: self.served.hot.clone(),
+            catalog: self.served.catalog.clone(),
+            fetches: self.fetches.clone(),
+        };
         let mut tasks = vec![
+            tokio::spawn(
+                self.served
+                    .store
+                    .clone()
+                    .scrub_loop(self.scrub, Arc::new(repair)),
+            ),
             tokio::spawn(self.clone().mirror_loop()),
             tokio::spawn(self.clone().prefetch_loop()),
             tokio::spawn(self.clone().relay_loop()),

@@ -228,12 +228,19 @@ pub async fn content(
         },
         _ => None,
     };
-    if let Some(body) = s.hot.get(&digest) {
-        s.metrics.cache_hits.inc();
-        // The eviction order still learns of the read; a failure here costs nothing served.
-        let _ = s.store.mark_read(&digest);
-        let source = Source::Stored(body, ServedFrom::Memory, permit);
-        return blob_response(s, source, size, &digest, &method, &headers).await;
+    if let Some((body, stored_at)) = s.hot.get(&digest) {
+        // The eviction order learns of the read, and the store says the copy is of the blob
+        // it holds now: a copy of a blob the scrub found rotten (or that left the store, or
+        // was stored again since) is never served.
+        if s.store
+            .mark_read(&digest)
+            .is_some_and(|m| m.stored_at == stored_at)
+        {
+            s.metrics.cache_hits.inc();
+            let source = Source::Stored(body, ServedFrom::Memory, permit);
+            return blob_response(s, source, size, &digest, &method, &headers).await;
+        }
+        s.hot.remove(&digest);
     }
     // A blob the hot cache may keep is opened without holding it in use: the cache entry
     // must not pin it against eviction (the node drops evicted blobs from the cache).
@@ -266,7 +273,7 @@ pub async fn content(
         }
     };
     if keep {
-        s.hot.offer(digest, &open.bytes);
+        s.hot.offer(digest, &open.bytes, open.meta.stored_at);
     }
     let size = open.meta.size;
     let source = Source::Stored(open.bytes, ServedFrom::Disk, permit);

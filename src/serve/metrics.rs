@@ -135,6 +135,10 @@ pub struct Metrics {
     /// Conflicts stored by the manager (an event id re-sent with other content); it starts
     /// from the count stored, so it agrees with the records across restarts.
     pub event_conflicts: Counter,
+    /// Blobs the scrub found no longer matching their digest (quarantined).
+    pub scrub_failures: Counter,
+    /// Bytes the scrub read back and found matching.
+    pub scrub_bytes: Counter,
 }
 
 impl Default for Metrics {
@@ -238,6 +242,18 @@ impl Metrics {
             "Events stored as conflicts: an id re-sent with other content",
             event_conflicts.clone(),
         );
+        let scrub_failures = Counter::default();
+        registry.register(
+            "gup_scrub_failures",
+            "Stored blobs the scrub found no longer matching their digest (quarantined)",
+            scrub_failures.clone(),
+        );
+        let scrub_bytes = Counter::default();
+        registry.register(
+            "gup_scrub_bytes",
+            "Bytes the scrub read back and found matching",
+            scrub_bytes.clone(),
+        );
         let upstream_up = Family::<Vec<(String, String)>, Gauge>::default();
         registry.register(
             "gup_upstream_up",
@@ -309,6 +325,13 @@ impl Metrics {
             "Bytes of blobs in the store",
             cache_bytes.clone(),
         );
+        // The same gauge under the name the manager's operators look for (issue 20); the
+        // older name stays for the dashboards that read it.
+        registry.register(
+            "gup_store_bytes",
+            "Bytes of blobs in the store",
+            cache_bytes.clone(),
+        );
         registry.register(
             "gup_stream_clients",
             "Open push (server-sent events) connections",
@@ -325,6 +348,8 @@ impl Metrics {
             prefetch_slot,
             refused,
             event_conflicts,
+            scrub_failures,
+            scrub_bytes,
             stream_clients,
             slot_deferrals,
             events_queued,

@@ -333,7 +333,7 @@ pub enum ServeError {
     LearningOff(String),
     #[error("the blob has {0} bytes")]
     RangeNotSatisfiable(u64),
-    #[error("{0} is in the catalog but not in the store")]
+    #[error("{0} is in the catalog but not in the store (lost, or found corrupt by the scrub and quarantined: publish its bytes again)")]
     NotStored(Digest),
     #[error("this address holds as many push streams as limits.max_streams_per_address allows")]
     TooManyStreams,

@@ -10,6 +10,7 @@
 //! entry only costs one read from the store.
 
 use bytes::Bytes;
+use chrono::{DateTime, Utc};
 use quick_cache::sync::Cache;
 
 use crate::core::digest::Digest;
@@ -18,16 +19,21 @@ use crate::core::digest::Digest;
 #[derive(Clone)]
 struct ByLength;
 
-impl quick_cache::Weighter<Digest, Bytes> for ByLength {
-    fn weight(&self, _: &Digest, body: &Bytes) -> u64 {
-        (body.len() as u64).max(1)
+/// A body with the `stored_at` of the blob it was read from: a copy is good only while the
+/// store still holds that very blob (not one stored again since, after the scrub found it
+/// rotten, say).
+type Entry = (Bytes, DateTime<Utc>);
+
+impl quick_cache::Weighter<Digest, Entry> for ByLength {
+    fn weight(&self, _: &Digest, entry: &Entry) -> u64 {
+        (entry.0.len() as u64).max(1)
     }
 }
 
 /// The hot-blob cache of one server. Cheap to share behind an `Arc`.
 pub struct HotBlobs {
     /// None when `capacity` is 0: the cache is off.
-    cache: Option<Cache<Digest, Bytes, ByLength>>,
+    cache: Option<Cache<Digest, Entry, ByLength>>,
     item_max: u64,
 }
 
@@ -52,17 +58,18 @@ impl HotBlobs {
         }
     }
 
-    /// The body of `digest`, when it is hot.
-    pub fn get(&self, digest: &Digest) -> Option<Bytes> {
+    /// The body of `digest` and the `stored_at` of the blob it came from, when it is hot.
+    /// The caller serves it only if the store still holds a blob of that `stored_at`.
+    pub fn get(&self, digest: &Digest) -> Option<Entry> {
         self.cache.as_ref()?.get(digest)
     }
 
-    /// Offers a verified body read from the store; kept when small enough. The caller
-    /// guarantees `body` is the whole blob `digest`.
-    pub fn offer(&self, digest: Digest, body: &Bytes) {
+    /// Offers a body read from the store's blob stored at `stored_at`; kept when small
+    /// enough. The caller guarantees `body` is the whole blob `digest`.
+    pub fn offer(&self, digest: Digest, body: &Bytes, stored_at: DateTime<Utc>) {
         if let Some(cache) = &self.cache {
             if body.len() as u64 <= self.item_max {
-                cache.insert(digest, body.clone());
+                cache.insert(digest, (body.clone(), stored_at));
             }
         }
     }
@@ -92,9 +99,9 @@ mod tests {
     #[test]
     fn keeps_small_bodies_and_refuses_big_ones() {
         let hot = HotBlobs::new(1 << 20, 1000);
-        hot.offer(digest(1), &Bytes::from(vec![7u8; 1000]));
-        hot.offer(digest(2), &Bytes::from(vec![7u8; 1001]));
-        assert_eq!(hot.get(&digest(1)).map(|b| b.len()), Some(1000));
+        hot.offer(digest(1), &Bytes::from(vec![7u8; 1000]), Utc::now());
+        hot.offer(digest(2), &Bytes::from(vec![7u8; 1001]), Utc::now());
+        assert_eq!(hot.get(&digest(1)).map(|b| b.0.len()), Some(1000));
         assert!(hot.get(&digest(2)).is_none());
         assert_eq!(hot.item_max(), 1000);
     }
@@ -104,7 +111,7 @@ mod tests {
         let capacity = 64 << 10;
         let hot = HotBlobs::new(capacity, 4 << 10);
         for n in 0..100u8 {
-            hot.offer(digest(n), &Bytes::from(vec![n; 4 << 10]));
+            hot.offer(digest(n), &Bytes::from(vec![n; 4 << 10]), Utc::now());
             assert!(hot.bytes() <= capacity, "holds {} bytes", hot.bytes());
         }
         let kept = (0..100u8)
@@ -113,7 +120,7 @@ mod tests {
         assert!(kept > 0 && kept <= 16, "kept {kept} of 100");
         // What it returns is what was offered.
         for n in 0..100u8 {
-            if let Some(b) = hot.get(&digest(n)) {
+            if let Some((b, _)) = hot.get(&digest(n)) {
                 assert!(b.iter().all(|x| *x == n));
             }
         }
@@ -122,7 +129,7 @@ mod tests {
     #[test]
     fn zero_capacity_is_off() {
         let hot = HotBlobs::new(0, 1000);
-        hot.offer(digest(1), &Bytes::from_static(b"x"));
+        hot.offer(digest(1), &Bytes::from_static(b"x"), Utc::now());
         assert!(hot.get(&digest(1)).is_none());
         assert_eq!(hot.item_max(), 0);
         assert_eq!(hot.bytes(), 0);

@@ -23,6 +23,7 @@ use crate::core::fault::{Fault, Kind};
 mod db;
 pub mod hot;
 mod kv;
+pub mod scrub;
 #[cfg(test)]
 mod tests;
 mod writer;
@@ -127,6 +128,10 @@ pub struct BlobMeta {
     pub stored_at: DateTime<Utc>,
     /// Last time a client read it; eviction picks the least recent first.
     pub last_access: DateTime<Utc>,
+    /// Last time the scrub read it back and found it matching (None: not since it was
+    /// stored, when it was verified as written).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified_at: Option<DateTime<Utc>>,
 }
 
 /// The blob store and database of one role's data directory. Cheap to clone.
@@ -142,6 +147,8 @@ struct Inner {
     _lock: std::fs::File,
     blobs_dir: PathBuf,
     tmp_dir: PathBuf,
+    /// Where the scrub moves rotten blobs (`scrub`).
+    quarantine_dir: PathBuf,
     db: Arc<db::Database>,
     /// digest (hex) -> [`BlobMeta`].
     index: Kv,
@@ -248,6 +255,7 @@ impl Store {
                 _lock: lock,
                 blobs_dir,
                 tmp_dir,
+                quarantine_dir: data_dir.join("quarantine"),
                 db,
                 index,
                 memory: RwLock::new(HashMap::new()),
@@ -301,6 +309,7 @@ impl Store {
                 size,
                 stored_at: now,
                 last_access: now,
+                verified_at: None,
             };
             self.put_index(&digest, &meta)?;
             memory.insert(digest, (meta, now));
@@ -409,9 +418,36 @@ impl Store {
     }
 
     /// Marks a blob as read now (the eviction order), for a read served without the store,
-    /// such as from the hot-blob cache.
-    pub fn mark_read(&self, digest: &Digest) -> Result<(), StoreError> {
-        self.touch(digest).map(|_| ())
+    /// such as from the hot-blob cache, and returns its index entry. None when the blob is no
+    /// longer stored (evicted, collected, or quarantined by the scrub): a copy held elsewhere
+    /// must not be served then, nor when the entry's `stored_at` is not the copy's. Failing
+    /// to persist the time is logged, not returned: it costs nothing served.
+    pub fn mark_read(&self, digest: &Digest) -> Option<BlobMeta> {
+        match self.touch(digest) {
+            Ok(meta) => meta,
+            Err(e) => {
+                tracing::debug!(%digest, error = %e, "could not persist a blob's read time");
+                self.get(digest)
+            }
+        }
+    }
+
+    /// Records that the scrub found the blob matching at `at`.
+    pub(crate) fn mark_verified(
+        &self,
+        digest: &Digest,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let Ok(mut guard) = self.inner.memory.write() else {
+            return Ok(());
+        };
+        let Some((meta, _)) = guard.get_mut(digest) else {
+            return Ok(());
+        };
+        meta.verified_at = Some(at);
+        // Written under the lock: a blob forgotten meanwhile must not get its entry back.
+        let meta = *meta;
+        self.put_index(digest, &meta)
     }
 
     /// Marks a blob as read now; writes the time to sled at most once a minute per blob.

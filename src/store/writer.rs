@@ -272,6 +272,7 @@ impl BlobWriter {
             size,
             stored_at: now,
             last_access: now,
+            verified_at: None,
         };
         // The blob is durable now (file and directory fsynced). Its index entry is flushed by
         // sled in the background: if a crash loses it, start-up indexes the file again
