@@ -814,6 +814,39 @@ mod tests {
         );
     }
 
+    /// Every key of every section is written out in the shipped examples (the defaults
+    /// above prove their values; this proves none is left undocumented).
+    #[test]
+    fn shipped_examples_show_every_key() {
+        fn keys(v: &toml::Value, prefix: &str, out: &mut Vec<String>) {
+            if let toml::Value::Table(t) = v {
+                for (k, v) in t {
+                    let name = format!("{prefix}{k}");
+                    match v {
+                        toml::Value::Table(_) => keys(v, &format!("{name}."), out),
+                        _ => out.push(name),
+                    }
+                }
+            }
+        }
+        let check = |text: &str, defaults: toml::Value| {
+            let shipped: toml::Value = toml::from_str(text).unwrap();
+            let (mut want, mut have) = (Vec::new(), Vec::new());
+            keys(&defaults, "", &mut want);
+            keys(&shipped, "", &mut have);
+            let missing: Vec<_> = want.iter().filter(|k| !have.contains(k)).collect();
+            assert!(missing.is_empty(), "undocumented keys: {missing:?}");
+        };
+        check(
+            include_str!("../../config/manager.toml"),
+            toml::Value::try_from(ManagerConfig::default()).unwrap(),
+        );
+        check(
+            include_str!("../../config/node.toml"),
+            toml::Value::try_from(NodeConfig::default()).unwrap(),
+        );
+    }
+
     #[test]
     fn errors_name_the_key() {
         let e = parse::<NodeConfig>("[upstream]\nsync_intervall_s = 3\n").unwrap_err();

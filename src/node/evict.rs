@@ -121,23 +121,27 @@ impl Node {
             (Some(target), Ok(history)) => plan(&store.list(), &history, &store.in_use(), target),
             _ => Vec::new(),
         };
-        if !victims.is_empty() {
-            tracing::info!(
-                bytes = store.total_bytes(),
-                target = target.unwrap_or_default(),
-                blobs = victims.len(),
-                "evicting down to the low watermark"
-            );
-        }
+        let before = store.total_bytes();
+        let mut evicted = 0usize;
         for digest in victims {
             match store.remove(&digest).await {
                 Ok(()) => {
                     // A cached mapping would keep the unlinked file's space until dropped.
                     self.served.hot.remove(&digest);
-                    tracing::debug!(%digest, "evicted")
+                    evicted += 1;
+                    tracing::debug!(%digest, "evicted");
                 }
                 Err(e) => tracing::warn!(%digest, error = %e, "eviction failed"),
             }
+        }
+        if evicted > 0 {
+            tracing::info!(
+                blobs = evicted,
+                bytes = before.saturating_sub(store.total_bytes()),
+                store_bytes = store.total_bytes(),
+                target = target.unwrap_or_default(),
+                "evicted down to the low watermark (or to keep cache.min_free_bytes free)"
+            );
         }
         if store.total_bytes() > self.budget.max_bytes {
             tracing::warn!(
