@@ -121,7 +121,7 @@ impl Fetches {
 
     /// Why `digest` (of `size` bytes) is not fetched now, if it is not: it failed for want
     /// of disk a moment ago, or the disk has no room for it.
-    fn no_room(&self, digest: &Digest, size: u64) -> Option<FetchError> {
+    pub(super) fn no_room(&self, digest: &Digest, size: u64) -> Option<FetchError> {
         let now = std::time::Instant::now();
         if let Ok(mut held) = self.no_room.lock() {
             held.retain(|_, until| *until > now);
