@@ -26,6 +26,7 @@ mod admin;
 mod admin_nodes;
 mod admin_print;
 mod agent;
+mod reload;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -121,7 +122,7 @@ struct LoadtestArgs {
     enroll_token: Option<String>,
 }
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 struct ManagerArgs {
     /// TOML config file (see config/manager.toml); flags override it.
     #[arg(long)]
@@ -161,7 +162,7 @@ struct ManagerArgs {
     print_node_token: bool,
 }
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 struct NodeArgs {
     /// TOML config file (see config/node.toml); flags override it.
     #[arg(long)]
@@ -280,17 +281,33 @@ fn init_logging(format: LogFormat) {
     init_logging_with(format, "info");
 }
 
-/// Logging with `default` as the filter when `RUST_LOG` is not set.
+/// Logging with `default` as the filter when `RUST_LOG` is not set; a reload may change
+/// that filter later ([`reload::set_log_level`]).
 fn init_logging_with(format: LogFormat, default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let from_env = tracing_subscriber::EnvFilter::try_from_default_env();
+    let env_set = from_env.is_ok();
+    let filter = from_env.unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => {
+            let builder = builder.with_filter_reloading();
+            let handle = builder.reload_handle();
+            reload::keep_log_handle(env_set, move |f| {
+                handle.reload(f).map_err(|e| e.to_string())
+            });
+            builder.try_init()
+        }
+        LogFormat::Json => {
+            let builder = builder.json().with_filter_reloading();
+            let handle = builder.reload_handle();
+            reload::keep_log_handle(env_set, move |f| {
+                handle.reload(f).map_err(|e| e.to_string())
+            });
+            builder.try_init()
+        }
     };
 }
 
@@ -373,43 +390,103 @@ fn path_string(p: Option<PathBuf>) -> Option<String> {
     p.map(|p| p.display().to_string())
 }
 
+/// The manager's config: the file (when given), the flags over it, validated. A reload
+/// builds it again the same way.
+fn manager_config(
+    args: &ManagerArgs,
+    log_format: Option<LogFormat>,
+) -> Result<ManagerConfig, Failure> {
+    let mut cfg: ManagerConfig = match &args.config {
+        Some(p) => config::load(p).map_err(config_failure)?,
+        None => ManagerConfig::default(),
+    };
+    let m = &mut cfg.manager;
+    if let Some(v) = args.listen {
+        m.listen = v;
+    }
+    if let Some(v) = args.data_dir.clone() {
+        m.data_dir = v;
+    }
+    if let Some(v) = non_empty(args.admin_token.clone()) {
+        m.admin_token = v;
+    }
+    if let Some(v) = path_string(args.admin_token_file.clone()) {
+        m.admin_token_file = v;
+    }
+    if let Some(v) = non_empty(args.node_token.clone()) {
+        m.node_token = v;
+    }
+    if let Some(v) = path_string(args.node_token_file.clone()) {
+        m.node_token_file = v;
+    }
+    if let Some(v) = path_string(args.tls_cert.clone()) {
+        m.tls_cert = v;
+    }
+    if let Some(v) = path_string(args.tls_key.clone()) {
+        m.tls_key = v;
+    }
+    if let Some(f) = log_format {
+        cfg.log.format = f;
+    }
+    cfg.validate().map_err(config_failure)?;
+    Ok(cfg)
+}
+
+/// The node's config: the file (when given), the flags over it, validated. A reload builds
+/// it again the same way.
+fn node_config(args: &NodeArgs, log_format: Option<LogFormat>) -> Result<NodeConfig, Failure> {
+    let mut cfg: NodeConfig = match &args.config {
+        Some(p) => config::load(p).map_err(config_failure)?,
+        None => NodeConfig::default(),
+    };
+    if let Some(v) = args.listen {
+        cfg.node.listen = v;
+    }
+    if let Some(v) = args.data_dir.clone() {
+        cfg.node.data_dir = v;
+    }
+    if !args.upstream.is_empty() {
+        for (i, u) in args.upstream.iter().enumerate() {
+            config::validate_url(u).map_err(|m| usage(format!("--upstream #{}: {m}", i + 1)))?;
+        }
+        cfg.upstream.servers = args.upstream.clone();
+    }
+    if let Some(v) = non_empty(args.upstream_token.clone()) {
+        cfg.upstream.token = v;
+    }
+    if let Some(v) = path_string(args.upstream_token_file.clone()) {
+        cfg.upstream.token_file = v;
+    }
+    if let Some(v) = non_empty(args.node_token.clone()) {
+        cfg.node.node_token = v;
+    }
+    if let Some(v) = path_string(args.node_token_file.clone()) {
+        cfg.node.node_token_file = v;
+    }
+    if let Some(v) = path_string(args.tls_cert.clone()) {
+        cfg.node.tls_cert = v;
+    }
+    if let Some(v) = path_string(args.tls_key.clone()) {
+        cfg.node.tls_key = v;
+    }
+    if let Some(v) = path_string(args.upstream_ca.clone()) {
+        cfg.upstream.ca_file = v;
+    }
+    if let Some(v) = non_empty(args.catalog_public_key.clone()) {
+        cfg.upstream.catalog_public_key = v;
+    }
+    if let Some(f) = log_format {
+        cfg.log.format = f;
+    }
+    cfg.validate().map_err(config_failure)?;
+    Ok(cfg)
+}
+
 fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::CheckConfig { file } => check_config(&file),
         Command::Manager(args) => {
-            let mut cfg: ManagerConfig = match &args.config {
-                Some(p) => config::load(p).map_err(config_failure)?,
-                None => ManagerConfig::default(),
-            };
-            let m = &mut cfg.manager;
-            if let Some(v) = args.listen {
-                m.listen = v;
-            }
-            if let Some(v) = args.data_dir {
-                m.data_dir = v;
-            }
-            if let Some(v) = non_empty(args.admin_token) {
-                m.admin_token = v;
-            }
-            if let Some(v) = path_string(args.admin_token_file) {
-                m.admin_token_file = v;
-            }
-            if let Some(v) = non_empty(args.node_token) {
-                m.node_token = v;
-            }
-            if let Some(v) = path_string(args.node_token_file) {
-                m.node_token_file = v;
-            }
-            if let Some(v) = path_string(args.tls_cert) {
-                m.tls_cert = v;
-            }
-            if let Some(v) = path_string(args.tls_key) {
-                m.tls_key = v;
-            }
-            if let Some(f) = cli.log_format {
-                cfg.log.format = f;
-            }
-            cfg.validate().map_err(config_failure)?;
+            let cfg = manager_config(&args, cli.log_format)?;
             if args.print_public_key {
                 let key = crate::core::signing::CatalogKey::load_or_create(&cfg.manager.data_dir)
                     .map_err(runtime)?;
@@ -426,64 +503,30 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 }
                 return Ok(());
             }
-            init_logging(cfg.log.format);
+            init_logging_with(cfg.log.format, &cfg.log.level);
             crate::sys::raise_open_file_limit();
             // The port first: a busy one must fail before anything is written to the data dir.
             let listener = bind(cfg.manager.listen, "manager.listen")?;
+            let log_format = cli.log_format;
             with_shutdown(|shutdown| async move {
                 let listener = tokio::net::TcpListener::from_std(listener)
                     .map_err(|e| format!("listening: {e}"))?;
                 let manager =
                     crate::manager::Manager::open(&cfg, shutdown).map_err(|e| e.to_string())?;
-                manager.run(listener).await.map_err(|e| e.to_string())
+                let role = manager.clone();
+                let hangup = reload::on_hangup(
+                    move || manager_config(&args, log_format).map_err(|f| f.message),
+                    move |c| role.reload(c),
+                    |c| c.log.level.clone(),
+                )
+                .map_err(|e| format!("listening for SIGHUP: {e}"))?;
+                let result = manager.run(listener).await.map_err(|e| e.to_string());
+                hangup.abort();
+                result
             })
         }
         Command::Node(args) => {
-            let mut cfg: NodeConfig = match &args.config {
-                Some(p) => config::load(p).map_err(config_failure)?,
-                None => NodeConfig::default(),
-            };
-            if let Some(v) = args.listen {
-                cfg.node.listen = v;
-            }
-            if let Some(v) = args.data_dir {
-                cfg.node.data_dir = v;
-            }
-            if !args.upstream.is_empty() {
-                for (i, u) in args.upstream.iter().enumerate() {
-                    config::validate_url(u)
-                        .map_err(|m| usage(format!("--upstream #{}: {m}", i + 1)))?;
-                }
-                cfg.upstream.servers = args.upstream;
-            }
-            if let Some(v) = non_empty(args.upstream_token) {
-                cfg.upstream.token = v;
-            }
-            if let Some(v) = path_string(args.upstream_token_file) {
-                cfg.upstream.token_file = v;
-            }
-            if let Some(v) = non_empty(args.node_token) {
-                cfg.node.node_token = v;
-            }
-            if let Some(v) = path_string(args.node_token_file) {
-                cfg.node.node_token_file = v;
-            }
-            if let Some(v) = path_string(args.tls_cert) {
-                cfg.node.tls_cert = v;
-            }
-            if let Some(v) = path_string(args.tls_key) {
-                cfg.node.tls_key = v;
-            }
-            if let Some(v) = path_string(args.upstream_ca) {
-                cfg.upstream.ca_file = v;
-            }
-            if let Some(v) = non_empty(args.catalog_public_key) {
-                cfg.upstream.catalog_public_key = v;
-            }
-            if let Some(f) = cli.log_format {
-                cfg.log.format = f;
-            }
-            cfg.validate().map_err(config_failure)?;
+            let cfg = node_config(&args, cli.log_format)?;
             if args.print_node_token {
                 let n = &cfg.node;
                 let token = crate::http::auth::resolve(
@@ -496,15 +539,25 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 outln!("{}", token.secret());
                 return Ok(());
             }
-            init_logging(cfg.log.format);
+            init_logging_with(cfg.log.format, &cfg.log.level);
             crate::sys::raise_open_file_limit();
             // The port first: a busy one must fail before anything is written to the data dir.
             let listener = bind(cfg.node.listen, "node.listen")?;
+            let log_format = cli.log_format;
             with_shutdown(|shutdown| async move {
                 let listener = tokio::net::TcpListener::from_std(listener)
                     .map_err(|e| format!("listening: {e}"))?;
                 let node = crate::node::Node::open(&cfg, shutdown).map_err(|e| e.to_string())?;
-                node.run(listener).await.map_err(|e| e.to_string())
+                let role = node.clone();
+                let hangup = reload::on_hangup(
+                    move || node_config(&args, log_format).map_err(|f| f.message),
+                    move |c| role.reload(c),
+                    |c| c.log.level.clone(),
+                )
+                .map_err(|e| format!("listening for SIGHUP: {e}"))?;
+                let result = node.run(listener).await.map_err(|e| e.to_string());
+                hangup.abort();
+                result
             })
         }
         Command::Admin(args) => admin::run(args, cli.log_format.unwrap_or_default()),

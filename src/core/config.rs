@@ -167,11 +167,97 @@ fn validate_token_file(key: &str, flag: &str, token: &str, file: &str) -> Result
 }
 
 /// `[log]`
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogSection {
     /// `text` or `json`.
     pub format: LogFormat,
+    /// What is logged: a `tracing` filter such as `info` or `info,gup::node=debug`
+    /// (`RUST_LOG`, when set at start, wins).
+    pub level: String,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        LogSection {
+            format: LogFormat::default(),
+            level: "info".into(),
+        }
+    }
+}
+
+impl LogSection {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let ok = !self.level.trim().is_empty()
+            && self.level.len() <= 1024
+            && self
+                .level
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || ",=_:.-".contains(c));
+        if !ok {
+            return Err(bad(
+                "log.level",
+                format!(
+                    "must be a filter such as \"info\" or \"info,gup::node=debug\", got {:?}",
+                    self.level
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What a reload of the config file changes: the keys whose new value takes effect now, and
+/// those that keep their running value until a restart (each `section.key`).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ReloadPlan {
+    pub live: Vec<String>,
+    pub restart: Vec<String>,
+}
+
+/// The keys whose values differ between `running` and `new`, sorted into those `live` names
+/// (a key, or a section as `"limits."`) and the rest.
+pub fn plan_reload<T: Serialize>(running: &T, new: &T, live: &[&str]) -> ReloadPlan {
+    fn flatten(
+        v: &toml::Value,
+        prefix: &str,
+        out: &mut std::collections::BTreeMap<String, String>,
+    ) {
+        match v {
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    flatten(v, &format!("{prefix}{k}."), out);
+                }
+            }
+            other => {
+                out.insert(prefix.trim_end_matches('.').to_string(), other.to_string());
+            }
+        }
+    }
+    let values = |c: &T| {
+        let mut out = std::collections::BTreeMap::new();
+        if let Ok(v) = toml::Value::try_from(c) {
+            flatten(&v, "", &mut out);
+        }
+        out
+    };
+    let (old, new) = (values(running), values(new));
+    let mut plan = ReloadPlan::default();
+    let keys: std::collections::BTreeSet<&String> = old.keys().chain(new.keys()).collect();
+    for key in keys {
+        if old.get(key) == new.get(key) {
+            continue;
+        }
+        let is_live = live
+            .iter()
+            .any(|l| key == l || (l.ends_with('.') && key.starts_with(l)));
+        if is_live {
+            plan.live.push(key.clone());
+        } else {
+            plan.restart.push(key.clone());
+        }
+    }
+    plan
 }
 
 /// `[store]` of either role: the background scrub of the blobs.
@@ -247,9 +333,13 @@ pub struct ManagerSection {
     /// Empty: use `admin_token_file`, else the token kept in the data dir.
     pub admin_token: String,
     pub admin_token_file: String,
+    /// Also accepted while admins move to a new admin token (empty: none).
+    pub admin_token_previous: String,
     /// What nodes must present on `/v1/sync` and batch calls.
     pub node_token: String,
     pub node_token_file: String,
+    /// Also accepted while nodes move to a new node token (empty: none).
+    pub node_token_previous: String,
     /// How many catalog revisions count as "in the catalog".
     pub retain_revisions: usize,
     /// PEM certificate chain and private key: with both, the port speaks only TLS.
@@ -264,8 +354,10 @@ impl Default for ManagerSection {
             data_dir: PathBuf::from("gup-data/manager"),
             admin_token: String::new(),
             admin_token_file: String::new(),
+            admin_token_previous: String::new(),
             node_token: String::new(),
             node_token_file: String::new(),
+            node_token_previous: String::new(),
             retain_revisions: 3,
             tls_cert: String::new(),
             tls_key: String::new(),
@@ -287,6 +379,7 @@ impl ManagerConfig {
         }
         validate_tls("manager", &m.tls_cert, &m.tls_key)?;
         self.store.validate()?;
+        self.log.validate()?;
         validate_token_file(
             "manager.admin_token_file",
             "--admin-token-file",
@@ -361,6 +454,8 @@ pub struct NodeSection {
     /// What a downstream node must present when this node is its upstream (chaining).
     pub node_token: String,
     pub node_token_file: String,
+    /// Also accepted while downstream nodes move to a new node token (empty: none).
+    pub node_token_previous: String,
     /// PEM certificate chain and private key: with both, the port speaks only TLS.
     pub tls_cert: String,
     pub tls_key: String,
@@ -379,6 +474,7 @@ impl Default for NodeSection {
             data_dir: PathBuf::from("gup-data/node"),
             node_token: String::new(),
             node_token_file: String::new(),
+            node_token_previous: String::new(),
             tls_cert: String::new(),
             tls_key: String::new(),
             name: String::new(),
@@ -513,6 +609,7 @@ impl NodeConfig {
         }
         validate_tls("node", &self.node.tls_cert, &self.node.tls_key)?;
         self.store.validate()?;
+        self.log.validate()?;
         let name = &self.node.name;
         if name.chars().count() > super::fleet::MAX_NODE_NAME || name.chars().any(char::is_control)
         {
@@ -745,6 +842,37 @@ mod tests {
         assert_eq!(NodeConfig::default().upstreams(), vec![DEFAULT_UPSTREAM]);
         assert_eq!(ManagerConfig::default().manager.listen.port(), 8014);
         assert_eq!(NodeConfig::default().node.listen.port(), 2967);
+    }
+
+    #[test]
+    fn a_reload_sorts_changed_keys_into_live_and_restart() {
+        let old = NodeConfig::default();
+        let mut new = old.clone();
+        assert_eq!(
+            plan_reload(&old, &new, &["log.level"]),
+            ReloadPlan::default()
+        );
+        new.log.level = "debug".into();
+        new.node.listen = "127.0.0.1:1".parse().unwrap();
+        new.limits.max_connections = 5;
+        new.node.node_token_previous = "old".into();
+        let plan = plan_reload(
+            &old,
+            &new,
+            &["log.level", "limits.", "node.node_token_previous"],
+        );
+        assert_eq!(
+            plan.live,
+            vec![
+                "limits.max_connections",
+                "log.level",
+                "node.node_token_previous"
+            ]
+        );
+        assert_eq!(plan.restart, vec!["node.listen"]);
+        let mut bad_level = NodeConfig::default();
+        bad_level.log.level = "info; rm -rf".into();
+        assert_eq!(bad_level.validate().unwrap_err().key, "log.level");
     }
 
     #[test]

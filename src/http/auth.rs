@@ -50,6 +50,11 @@ impl Token {
         Token(secret.into())
     }
 
+    /// A token setting that may be empty (`*_token_previous`): None when it is.
+    pub fn optional(setting: &str) -> Option<Token> {
+        (!setting.is_empty()).then(|| Token::new(setting))
+    }
+
     /// The secret itself, for an `Authorization` header or `--print-*-token`.
     pub fn secret(&self) -> &str {
         &self.0
@@ -62,19 +67,76 @@ impl Token {
 
     /// Checks `Authorization: Bearer <token>`.
     pub fn check(&self, headers: &HeaderMap, what: &'static str) -> Result<(), Unauthorized> {
-        let presented = headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            // The scheme is case-insensitive (RFC 9110 §11.1).
-            .and_then(|v| v.split_once(' '))
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map(|(_, token)| token.trim());
-        match presented {
+        match bearer(headers) {
             Some(t) if self.matches(t) => Ok(()),
             Some(_) => Err(Unauthorized::Invalid(what)),
             None => Err(Unauthorized::Missing(what)),
         }
     }
+}
+
+/// The tokens a server accepts for one purpose: the current one and, while a rotation is
+/// under way, the previous one (`*_token_previous`). Shared by every clone, and replaced as a
+/// whole when the config is reloaded, so removing the previous token ends it at once.
+#[derive(Clone, Debug)]
+pub struct Accepted(std::sync::Arc<std::sync::RwLock<Vec<Token>>>);
+
+impl Accepted {
+    /// `current`, and `previous` when given (not empty).
+    pub fn new(current: Token, previous: Option<Token>) -> Accepted {
+        Accepted(std::sync::Arc::new(std::sync::RwLock::new(Self::list(
+            current, previous,
+        ))))
+    }
+
+    fn list(current: Token, previous: Option<Token>) -> Vec<Token> {
+        let mut tokens = vec![current];
+        tokens.extend(previous.filter(|p| !p.0.is_empty()));
+        tokens
+    }
+
+    /// Accepts `current` and `previous` from now on, and no other.
+    pub fn set(&self, current: Token, previous: Option<Token>) {
+        if let Ok(mut t) = self.0.write() {
+            *t = Self::list(current, previous);
+        }
+    }
+
+    /// The current token (what this server would present itself, or print).
+    pub fn current(&self) -> Option<Token> {
+        self.0.read().ok().and_then(|t| t.first().cloned())
+    }
+
+    /// Whether `presented` is one of the accepted tokens (each compared in constant time;
+    /// all are compared, so the time says nothing of which matched).
+    pub fn matches(&self, presented: &str) -> bool {
+        let Ok(tokens) = self.0.read() else {
+            return false;
+        };
+        tokens
+            .iter()
+            .fold(false, |found, t| t.matches(presented) | found)
+    }
+
+    /// Checks `Authorization: Bearer <token>` against every accepted token.
+    pub fn check(&self, headers: &HeaderMap, what: &'static str) -> Result<(), Unauthorized> {
+        match bearer(headers) {
+            Some(t) if self.matches(t) => Ok(()),
+            Some(_) => Err(Unauthorized::Invalid(what)),
+            None => Err(Unauthorized::Missing(what)),
+        }
+    }
+}
+
+/// The token of `Authorization: Bearer <token>`, when there is one.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        // The scheme is case-insensitive (RFC 9110 §11.1).
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim())
 }
 
 /// Why a request was refused for its credentials.
@@ -96,15 +158,19 @@ impl Fault for Unauthorized {
     }
 }
 
-/// Puts every route of `router` behind `token` (named `what` in the error message): a
-/// request without it never reaches a handler.
-pub fn require<S>(router: axum::Router<S>, token: Token, what: &'static str) -> axum::Router<S>
+/// Puts every route of `router` behind the `accepted` tokens (named `what` in the error
+/// message): a request without one never reaches a handler.
+pub fn require<S>(
+    router: axum::Router<S>,
+    accepted: Accepted,
+    what: &'static str,
+) -> axum::Router<S>
 where
     S: Clone + Send + Sync + 'static,
 {
     router.route_layer(axum::middleware::from_fn(
         move |req: axum::extract::Request, next: axum::middleware::Next| {
-            let checked = token.check(req.headers(), what);
+            let checked = accepted.check(req.headers(), what);
             async move {
                 match checked {
                     Ok(()) => next.run(req).await,
@@ -198,6 +264,24 @@ mod tests {
         assert!(explicit.matches("s3cret"));
         assert!(!explicit.matches("s3cre"));
         assert_eq!(format!("{explicit:?}"), "Token(***)");
+    }
+
+    #[test]
+    fn a_previous_token_is_accepted_until_removed() {
+        let a = Accepted::new(Token::new("new"), Some(Token::new("old")));
+        let mut h = HeaderMap::new();
+        h.insert("authorization", "Bearer old".parse().unwrap());
+        assert!(a.check(&h, "node").is_ok());
+        h.insert("authorization", "Bearer new".parse().unwrap());
+        assert!(a.check(&h, "node").is_ok());
+        a.set(Token::new("new"), None);
+        assert!(a.check(&h, "node").is_ok());
+        h.insert("authorization", "Bearer old".parse().unwrap());
+        assert_eq!(a.check(&h, "node"), Err(Unauthorized::Invalid("node")));
+        // An empty previous token accepts nothing more.
+        a.set(Token::new("new"), Some(Token::new("")));
+        assert!(!a.matches(""));
+        assert_eq!(a.current().unwrap().secret(), "new");
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod notices;
 pub mod page;
 mod publish;
 pub mod registry;
+mod reload;
 pub mod session;
 pub mod status_page;
 mod upkeep;
@@ -99,8 +100,8 @@ pub struct Manager {
     apps: Inventory,
     http: reqwest::Client,
     webhook: Option<String>,
-    admin_token: Token,
-    node_token: Token,
+    admin_token: auth::Accepted,
+    node_token: auth::Accepted,
     /// Serializes catalog changes with their persistence, so revisions hit disk in order.
     publish_lock: tokio::sync::Mutex<()>,
     /// Signs each catalog revision.
@@ -119,6 +120,10 @@ pub struct Manager {
     catalog_changed: tokio::sync::Notify,
     /// `[store]`: the background scrub.
     scrub: crate::store::scrub::ScrubOptions,
+    /// TLS of the port, when it speaks TLS (a reload swaps the certificate).
+    certs: Option<Arc<tls::Certs>>,
+    /// The config in force (what a reload compares the file with).
+    running: std::sync::Mutex<ManagerConfig>,
 }
 
 /// Tokens a manager uses, resolved from config, files, or its data dir.
@@ -158,9 +163,10 @@ impl Manager {
         let apps = Inventory::open(&store)?.with_scan_limit(scan_limit);
         let metrics = Arc::new(Metrics::new());
         metrics.event_conflicts.inc_by(events.conflicts()?);
+        let certs = tls::optional(&m.tls_cert, &m.tls_key)?;
         let serving = serve::serving(
             &config.limits,
-            tls::optional(&m.tls_cert, &m.tls_key)?,
+            certs.as_ref().map(|c| c.acceptor.clone()),
             &metrics,
         );
         tracing::info!(
@@ -198,8 +204,8 @@ impl Manager {
             http: reqwest::Client::new(),
             webhook: (!config.notifications.webhook_url.is_empty())
                 .then(|| config.notifications.webhook_url.clone()),
-            admin_token,
-            node_token,
+            admin_token: auth::Accepted::new(admin_token, Token::optional(&m.admin_token_previous)),
+            node_token: auth::Accepted::new(node_token, Token::optional(&m.node_token_previous)),
             publish_lock: tokio::sync::Mutex::new(()),
             catalog_key,
             admin_lock: tokio::sync::Mutex::new(()),
@@ -213,6 +219,8 @@ impl Manager {
                 interval: std::time::Duration::from_secs(config.store.scrub_interval_s),
                 bytes_per_sec: config.store.scrub_bytes_per_sec,
             },
+            certs,
+            running: std::sync::Mutex::new(config.clone()),
         }))
     }
 
@@ -249,6 +257,10 @@ impl Manager {
                     .scrub_loop(self.scrub, Arc::new(upkeep)),
             ),
             tokio::spawn(self.clone().collect_loop()),
+            tokio::spawn(match self.certs.clone() {
+                Some(c) => futures_util::future::Either::Left(tls::watch(c, tls::WATCH_INTERVAL)),
+                None => futures_util::future::Either::Right(std::future::ready(())),
+            }),
             tokio::spawn(self.clone().overdue_loop()),
             tokio::spawn(self.clone().sample_loop()),
             tokio::spawn(self.clone().tally_loop()),

@@ -27,6 +27,16 @@ pub struct Budget {
 }
 
 impl Budget {
+    /// The budget `[cache]` sets.
+    pub fn of(cache: &crate::core::config::CacheSection) -> Budget {
+        Budget {
+            max_bytes: cache.max_bytes,
+            high_percent: cache.high_watermark_percent,
+            low_percent: cache.low_watermark_percent,
+            min_free_bytes: cache.min_free_bytes,
+        }
+    }
+
     fn share(&self, percent: u8) -> u64 {
         (u128::from(self.max_bytes) * u128::from(percent) / 100) as u64
     }
@@ -96,6 +106,14 @@ pub fn plan(
 }
 
 impl Node {
+    /// The disk budget in force.
+    pub(super) fn budget(&self) -> Budget {
+        match self.budget.read() {
+            Ok(b) => *b,
+            Err(poisoned) => *poisoned.into_inner(),
+        }
+    }
+
     /// Keeps the store within `cache.max_bytes` after every stored blob and catalog change.
     pub(super) async fn evict_loop(self: Arc<Self>) {
         let mut changed = self.catalog_changed.subscribe();
@@ -114,9 +132,8 @@ impl Node {
     /// on the filesystem (see [`Budget::target`]).
     pub(super) async fn enforce_budget(&self, reserve: u64) {
         let store = &self.served.store;
-        let target = self
-            .budget
-            .target(store.total_bytes(), reserve, store.free_bytes());
+        let budget = self.budget();
+        let target = budget.target(store.total_bytes(), reserve, store.free_bytes());
         let victims = match (target, self.served.catalog.read()) {
             (Some(target), Ok(history)) => plan(&store.list(), &history, &store.in_use(), target),
             _ => Vec::new(),
@@ -143,10 +160,10 @@ impl Node {
                 "evicted down to the low watermark (or to keep cache.min_free_bytes free)"
             );
         }
-        if store.total_bytes() > self.budget.max_bytes {
+        if store.total_bytes() > budget.max_bytes {
             tracing::warn!(
                 bytes = store.total_bytes(),
-                max_bytes = self.budget.max_bytes,
+                max_bytes = budget.max_bytes,
                 "over cache.max_bytes: the current catalog revision alone is larger"
             );
         }

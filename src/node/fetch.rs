@@ -68,7 +68,7 @@ pub struct Fetches {
     /// are not fetched again. At most one entry per blob of the catalog.
     no_room: Mutex<HashMap<Digest, std::time::Instant>>,
     /// `cache.min_free_bytes`: a fetch must leave this much of the filesystem free.
-    min_free_bytes: u64,
+    min_free_bytes: std::sync::atomic::AtomicU64,
     /// Makes room for a blob of this many bytes before a client's miss fetches it (the
     /// node's eviction, set once the node exists).
     room: std::sync::OnceLock<RoomMaker>,
@@ -93,9 +93,16 @@ impl Fetches {
             stored: tokio::sync::Notify::new(),
             inflight: Mutex::new(HashMap::new()),
             no_room: Mutex::new(HashMap::new()),
-            min_free_bytes,
+            min_free_bytes: std::sync::atomic::AtomicU64::new(min_free_bytes),
             room: std::sync::OnceLock::new(),
         }
+    }
+
+    /// New `upstream.max_bytes_per_sec` and `cache.min_free_bytes` (a config reload).
+    pub fn set_limits(&self, wan_bytes_per_sec: u64, min_free_bytes: u64) {
+        self.wan.set_rate(wan_bytes_per_sec);
+        self.min_free_bytes
+            .store(min_free_bytes, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Sets what makes room before a client's miss is fetched (once; later calls are
@@ -134,7 +141,10 @@ impl Fetches {
             }
         }
         let free = self.store.free_bytes()?;
-        let keep = FREE_MARGIN.max(self.min_free_bytes);
+        let keep = FREE_MARGIN.max(
+            self.min_free_bytes
+                .load(std::sync::atomic::Ordering::Relaxed),
+        );
         let needs = size.saturating_add(keep);
         (free < needs).then(|| FetchError::NoRoom {
             digest: *digest,

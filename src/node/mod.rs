@@ -16,6 +16,7 @@ pub mod fetch;
 mod mirror;
 pub mod outbox;
 mod relay;
+mod reload;
 mod repair;
 pub mod report;
 pub mod status_page;
@@ -100,14 +101,14 @@ pub struct Node {
     /// When this node started (its reported uptime).
     started: std::time::Instant,
     /// Checked on `/v1/sync` and batches when another node uses this one as its upstream.
-    node_token: Token,
+    node_token: auth::Accepted,
     mode: ConnectionMode,
     sync_interval: Duration,
     prefetch: bool,
     /// `upstream.prefetch_window_s`.
     prefetch_window_s: u64,
-    /// `cache.max_bytes`, its watermarks and `cache.min_free_bytes`.
-    budget: evict::Budget,
+    /// `cache.max_bytes`, its watermarks and `cache.min_free_bytes` (a reload changes them).
+    budget: std::sync::RwLock<evict::Budget>,
     /// `[store]`: the background scrub.
     scrub: crate::store::scrub::ScrubOptions,
     /// Wakes the prefetch worker when the mirrored catalog changed.
@@ -118,6 +119,10 @@ pub struct Node {
     serving: Serving,
     /// The last hour of the counters the status page plots.
     history: status_page::PageHistory,
+    /// TLS of the port, when it speaks TLS (a reload swaps the certificate).
+    certs: Option<Arc<tls::Certs>>,
+    /// The config in force (what a reload compares the file with).
+    running: std::sync::Mutex<NodeConfig>,
 }
 
 impl Node {
@@ -153,9 +158,10 @@ impl Node {
             readiness.mark_restored(Utc::now());
         }
         let metrics = Arc::new(Metrics::new());
+        let certs = tls::optional(&n.tls_cert, &n.tls_key)?;
         let serving = serve::serving(
             &config.limits,
-            tls::optional(&n.tls_cert, &n.tls_key)?,
+            certs.as_ref().map(|c| c.acceptor.clone()),
             &metrics,
         );
         let catalog_key = match config.upstream.catalog_public_key.as_str() {
@@ -229,17 +235,12 @@ impl Node {
             name,
             advertised_url: report::advertised_url(n),
             started: std::time::Instant::now(),
-            node_token,
+            node_token: auth::Accepted::new(node_token, Token::optional(&n.node_token_previous)),
             mode: config.upstream.mode,
             sync_interval: Duration::from_secs(config.upstream.sync_interval_s),
             prefetch: config.cache.prefetch,
             prefetch_window_s: config.upstream.prefetch_window_s,
-            budget: evict::Budget {
-                max_bytes: config.cache.max_bytes,
-                high_percent: config.cache.high_watermark_percent,
-                low_percent: config.cache.low_watermark_percent,
-                min_free_bytes: config.cache.min_free_bytes,
-            },
+            budget: std::sync::RwLock::new(evict::Budget::of(&config.cache)),
             scrub: crate::store::scrub::ScrubOptions {
                 interval: Duration::from_secs(config.store.scrub_interval_s),
                 bytes_per_sec: config.store.scrub_bytes_per_sec,
@@ -249,6 +250,8 @@ impl Node {
             shutdown,
             serving,
             history: Default::default(),
+            certs,
+            running: std::sync::Mutex::new(config.clone()),
         }))
     }
 
@@ -304,6 +307,10 @@ impl Node {
                     .scrub_loop(self.scrub, Arc::new(repair)),
             ),
             tokio::spawn(self.clone().mirror_loop()),
+            tokio::spawn(match self.certs.clone() {
+                Some(c) => futures_util::future::Either::Left(tls::watch(c, tls::WATCH_INTERVAL)),
+                None => futures_util::future::Either::Right(std::future::ready(())),
+            }),
             tokio::spawn(self.clone().prefetch_loop()),
             tokio::spawn(self.clone().relay_loop()),
             tokio::spawn(self.clone().evict_loop()),

@@ -184,7 +184,7 @@ impl Node {
             catalog_mirrored_at: mirrored_at,
             stale_since: s.readiness.stale_since(),
             cache_bytes: s.store.total_bytes(),
-            cache_budget_bytes: self.budget.max_bytes,
+            cache_budget_bytes: self.budget().max_bytes,
             blobs: s.store.list().len() as u64,
             wan_bytes: m.upstream_bytes.get(),
             lan_bytes: m.served_bytes.get(),

@@ -129,7 +129,7 @@ impl Node {
             revision_at,
             items,
             cache_bytes: s.store.total_bytes(),
-            cache_budget: self.budget.max_bytes,
+            cache_budget: self.budget().max_bytes,
             blobs: s.store.list().len(),
             wan,
             lan,

@@ -36,7 +36,7 @@ use crate::core::fleet::NodeReport;
 use crate::core::proto::{Heartbeat, Origin, Placed, Placement, BATCH_LIMIT, BODY_LIMIT};
 use crate::core::settings::Directory;
 use crate::core::slots::{SlotLog, SlotRecord, Slots};
-use crate::http::auth::{self, Token};
+use crate::http::auth;
 use crate::http::error::{ApiError, Refused};
 use crate::http::shutdown::Shutdown;
 use crate::store::hot::HotBlobs;
@@ -236,7 +236,7 @@ pub struct Api {
 /// Every client route, the node-token routes behind `node_token`, and JSON answers for
 /// unknown endpoints and methods. A role merges its own routes (the manager's admin API) in
 /// before calling [`finish`].
-pub fn router(api: Api, node_token: Token) -> Router {
+pub fn router(api: Api, node_token: auth::Accepted) -> Router {
     let open = Router::new()
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))

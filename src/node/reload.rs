@@ -1,0 +1,99 @@
+//! Reload: the node's part of re-reading its config file (SIGHUP, `systemctl reload`).
+//!
+//! Owns which keys take effect at once ([`LIVE`]: the node token with its previous value, the
+//! TLS certificate and key, the disk budget and its watermarks, the WAN and LAN bandwidth
+//! budgets, the log filter) and applying them: what can fail (a token file, a certificate) is
+//! read first, so a bad file changes nothing. Every other changed key keeps its running value
+//! until a restart, and the caller logs it by name. It must never apply half a reload.
+
+use super::{evict, Node};
+use crate::core::config::{plan_reload, NodeConfig, ReloadPlan};
+use crate::http::auth::{self, Token, TokenError};
+use crate::http::tls::TlsError;
+
+/// The keys a reload applies at once.
+pub const LIVE: &[&str] = &[
+    "node.node_token",
+    "node.node_token_file",
+    "node.node_token_previous",
+    "node.tls_cert",
+    "node.tls_key",
+    "cache.max_bytes",
+    "cache.high_watermark_percent",
+    "cache.low_watermark_percent",
+    "cache.min_free_bytes",
+    "upstream.max_bytes_per_sec",
+    "serve.max_bytes_per_sec",
+    "log.level",
+];
+
+/// Why a reload changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("node.node_token: {0}")]
+    Token(#[from] TokenError),
+    #[error("node.tls_cert / node.tls_key: {0}")]
+    Tls(#[from] TlsError),
+    #[error("the running config is unreadable (a panic held its lock)")]
+    Poisoned,
+}
+
+impl Node {
+    /// Applies what of `new` can change live and returns what changed; on an error nothing
+    /// changed.
+    pub fn reload(&self, new: &NodeConfig) -> Result<ReloadPlan, ReloadError> {
+        let mut running = self.running.lock().map_err(|_| ReloadError::Poisoned)?;
+        let mut plan = plan_reload(&*running, new, LIVE);
+        let tls_keys = ["node.tls_cert", "node.tls_key"];
+        let tls_changed = plan.live.iter().any(|k| tls_keys.contains(&k.as_str()));
+        let swap_certs = match &self.certs {
+            Some(certs) if tls_changed && !new.node.tls_cert.is_empty() => Some(certs),
+            _ => {
+                if tls_changed {
+                    plan.live.retain(|k| !tls_keys.contains(&k.as_str()));
+                    plan.restart.extend(tls_keys.iter().map(|k| k.to_string()));
+                }
+                None
+            }
+        };
+        let n = &new.node;
+        let token = auth::resolve(
+            &n.node_token,
+            &n.node_token_file,
+            &running.node.data_dir,
+            "node",
+        )?;
+        if let Some(certs) = swap_certs {
+            certs.reload(
+                std::path::Path::new(&n.tls_cert),
+                std::path::Path::new(&n.tls_key),
+            )?;
+            running.node.tls_cert = n.tls_cert.clone();
+            running.node.tls_key = n.tls_key.clone();
+        }
+        self.node_token
+            .set(token, Token::optional(&n.node_token_previous));
+        running.node.node_token = n.node_token.clone();
+        running.node.node_token_file = n.node_token_file.clone();
+        running.node.node_token_previous = n.node_token_previous.clone();
+        let c = &new.cache;
+        let budget = evict::Budget::of(c);
+        match self.budget.write() {
+            Ok(mut b) => *b = budget,
+            Err(poisoned) => *poisoned.into_inner() = budget,
+        }
+        running.cache.max_bytes = c.max_bytes;
+        running.cache.high_watermark_percent = c.high_watermark_percent;
+        running.cache.low_watermark_percent = c.low_watermark_percent;
+        running.cache.min_free_bytes = c.min_free_bytes;
+        self.fetches
+            .set_limits(new.upstream.max_bytes_per_sec, c.min_free_bytes);
+        running.upstream.max_bytes_per_sec = new.upstream.max_bytes_per_sec;
+        self.served.lan.set_rate(new.serve.max_bytes_per_sec);
+        running.serve.max_bytes_per_sec = new.serve.max_bytes_per_sec;
+        running.log.level = new.log.level.clone();
+        // A smaller budget evicts now, not at the next stored blob.
+        self.fetches.stored.notify_one();
+        Ok(plan)
+    }
+}
