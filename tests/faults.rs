@@ -237,7 +237,14 @@ async fn disk_full_during_fetch_fails_cleanly_and_recovers() {
     }
     let _unmount = Unmount(n_dir.clone());
 
-    let node = start_node(&n_dir, &[&manager.url], &[]);
+    // A 12 MiB disk keeps no more free than a fetch's own margin (cache.min_free_bytes is
+    // 1 GiB by default): this test is about the disk filling during a fetch.
+    let node = start_node_toml(
+        &n_dir,
+        &[&manager.url],
+        "\n[cache]\nmin_free_bytes = 0\n",
+        &[],
+    );
     let client = reqwest::Client::new();
     let (nu, s) = (node.url.clone(), small_sha.clone());
     wait_for(30, "the small blob is served", || {

@@ -128,7 +128,7 @@ impl Fetches {
 
     /// Why `digest` (of `size` bytes) is not fetched now, if it is not: it failed for want
     /// of disk a moment ago, or the disk has no room for it.
-    pub(super) fn no_room(&self, digest: &Digest, size: u64) -> Option<FetchError> {
+    fn no_room(&self, digest: &Digest, size: u64) -> Option<FetchError> {
         let now = std::time::Instant::now();
         if let Ok(mut held) = self.no_room.lock() {
             held.retain(|_, until| *until > now);
@@ -150,6 +150,26 @@ impl Fetches {
             digest: *digest,
             message: format!(
                 "{size} bytes do not fit: the disk has {free} bytes free and keeps {keep} (cache.min_free_bytes)"
+            ),
+            retry_after_s: NO_ROOM_BACKOFF.as_secs(),
+        })
+    }
+
+    /// Why a prefetch of `size` bytes must wait: the filesystem would keep less than
+    /// `cache.min_free_bytes` free after it (0 keeps nothing back: a prefetch then fails only
+    /// when the disk itself is full, as it always did).
+    pub(super) fn below_min_free(&self, digest: &Digest, size: u64) -> Option<FetchError> {
+        let keep = self
+            .min_free_bytes
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if keep == 0 {
+            return None;
+        }
+        let free = self.store.free_bytes()?;
+        (free < size.saturating_add(keep)).then(|| FetchError::NoRoom {
+            digest: *digest,
+            message: format!(
+                "{size} bytes would leave less than cache.min_free_bytes ({keep}) of the disk's {free} free bytes"
             ),
             retry_after_s: NO_ROOM_BACKOFF.as_secs(),
         })

@@ -240,7 +240,7 @@ impl Node {
                 tracing::debug!(sha256 = %item.sha256, "prefetching");
                 self.enforce_budget(item.size).await;
                 // Whatever the budget says, the filesystem keeps cache.min_free_bytes.
-                if let Some(e) = self.fetches.no_room(&item.sha256, item.size) {
+                if let Some(e) = self.fetches.below_min_free(&item.sha256, item.size) {
                     tracing::warn!(name = %item.name, sha256 = %item.sha256, error = %e, "not prefetched: no room on the disk; will retry");
                     continue;
                 }
