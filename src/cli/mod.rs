@@ -328,6 +328,7 @@ where
         let signals = crate::http::shutdown::signals();
         tokio::spawn(async move {
             signals.await;
+            crate::sys::notify::stopping();
             trigger.trigger();
         });
         f(shutdown).await.map_err(runtime)
@@ -338,6 +339,17 @@ where
     // removed at the next start.
     rt.shutdown_timeout(LEFTOVER_BLOCKING_WAIT);
     result
+}
+
+/// Tells systemd (`Type=notify`) that a server is up: its port is bound and listening (since
+/// `bind`) and its data dir is open, so a connection made now is served. A no-op outside
+/// systemd.
+fn notify_ready(role: &str, listener: &tokio::net::TcpListener) {
+    let status = match listener.local_addr() {
+        Ok(addr) => format!("{role} serving on {addr}"),
+        Err(_) => format!("{role} serving"),
+    };
+    crate::sys::notify::ready(&status);
 }
 
 /// How long a stopping process waits for blocking tasks that outlived its role.
@@ -435,6 +447,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     .map_err(|e| format!("listening: {e}"))?;
                 let manager =
                     crate::manager::Manager::open(&cfg, shutdown).map_err(|e| e.to_string())?;
+                notify_ready("manager", &listener);
                 manager.run(listener).await.map_err(|e| e.to_string())
             })
         }
@@ -504,6 +517,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 let listener = tokio::net::TcpListener::from_std(listener)
                     .map_err(|e| format!("listening: {e}"))?;
                 let node = crate::node::Node::open(&cfg, shutdown).map_err(|e| e.to_string())?;
+                notify_ready("node", &listener);
                 node.run(listener).await.map_err(|e| e.to_string())
             })
         }
