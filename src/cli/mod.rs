@@ -345,6 +345,7 @@ where
         let signals = crate::http::shutdown::signals();
         tokio::spawn(async move {
             signals.await;
+            crate::sys::notify::stopping();
             trigger.trigger();
         });
         f(shutdown).await.map_err(runtime)
@@ -355,6 +356,17 @@ where
     // removed at the next start.
     rt.shutdown_timeout(LEFTOVER_BLOCKING_WAIT);
     result
+}
+
+/// Tells systemd (`Type=notify`) that a server is up: its port is bound and listening (since
+/// `bind`) and its data dir is open, so a connection made now is served. A no-op outside
+/// systemd.
+fn notify_ready(role: &str, listener: &tokio::net::TcpListener) {
+    let status = match listener.local_addr() {
+        Ok(addr) => format!("{role} serving on {addr}"),
+        Err(_) => format!("{role} serving"),
+    };
+    crate::sys::notify::ready(&status);
 }
 
 /// How long a stopping process waits for blocking tasks that outlived its role.
@@ -520,6 +532,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     |c| c.log.level.clone(),
                 )
                 .map_err(|e| format!("listening for SIGHUP: {e}"))?;
+                notify_ready("manager", &listener);
                 let result = manager.run(listener).await.map_err(|e| e.to_string());
                 hangup.abort();
                 result
@@ -555,6 +568,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     |c| c.log.level.clone(),
                 )
                 .map_err(|e| format!("listening for SIGHUP: {e}"))?;
+                notify_ready("node", &listener);
                 let result = node.run(listener).await.map_err(|e| e.to_string());
                 hangup.abort();
                 result

@@ -42,7 +42,8 @@ fn set_log_level(level: &str) -> Result<(), String> {
 /// Waits for SIGHUP, forever, and on each: `load` builds the config again (an error: one
 /// line, nothing changes), `apply` hands it to the role, and the outcome is logged by key.
 /// `level` is the new config's `log.level`. Listening starts at once, so that a SIGHUP sent
-/// once the role runs never takes the default action (ending the process).
+/// once the role runs never takes the default action (ending the process). The service
+/// manager hears RELOADING=1 and READY=1 around each.
 pub(super) fn on_hangup<C, E>(
     load: impl Fn() -> Result<C, String> + Send + 'static,
     apply: impl Fn(&C) -> Result<ReloadPlan, E> + Send + 'static,
@@ -55,34 +56,45 @@ where
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     Ok(tokio::spawn(async move {
         while hup.recv().await.is_some() {
-            let new = match load() {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!("reload refused, the running config stays: {e}");
-                    continue;
-                }
-            };
-            let plan = match apply(&new) {
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::warn!("reload refused, the running config stays: {e}");
-                    continue;
-                }
-            };
-            if plan.live.iter().any(|k| k == "log.level") {
-                if let Err(e) = set_log_level(&level(&new)) {
-                    tracing::warn!("log.level not applied: {e}");
-                }
-            }
-            for key in &plan.live {
-                tracing::info!(key = %key, "config reloaded: the new value is in force");
-            }
-            for key in &plan.restart {
-                tracing::warn!(key = %key, "config reloaded: this key changed but takes effect at the next restart");
-            }
-            if plan.live.is_empty() && plan.restart.is_empty() {
-                tracing::info!("config reloaded: nothing changed");
-            }
+            crate::sys::notify::reloading();
+            reload_once(&load, &apply, &level);
+            crate::sys::notify::ready("reloaded");
         }
     }))
+}
+
+/// One reload: build the config, apply it, set the log filter, log what changed.
+fn reload_once<C, E: std::fmt::Display>(
+    load: &impl Fn() -> Result<C, String>,
+    apply: &impl Fn(&C) -> Result<ReloadPlan, E>,
+    level: &impl Fn(&C) -> String,
+) {
+    let new = match load() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!("reload refused, the running config stays: {e}");
+            return;
+        }
+    };
+    let plan = match apply(&new) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!("reload refused, the running config stays: {e}");
+            return;
+        }
+    };
+    if plan.live.iter().any(|k| k == "log.level") {
+        if let Err(e) = set_log_level(&level(&new)) {
+            tracing::warn!("log.level not applied: {e}");
+        }
+    }
+    for key in &plan.live {
+        tracing::info!(key = %key, "config reloaded: the new value is in force");
+    }
+    for key in &plan.restart {
+        tracing::warn!(key = %key, "config reloaded: this key changed but takes effect at the next restart");
+    }
+    if plan.live.is_empty() && plan.restart.is_empty() {
+        tracing::info!("config reloaded: nothing changed");
+    }
 }

@@ -4,10 +4,12 @@
 //! library and tokio do not offer: read-only file mappings, sendfile(2) and sendmsg(2) with
 //! MSG_MORE, sync_file_range(2), statvfs(2), flock(2), the open-file limit, and a listener registered
 //! with the reactor of the thread that calls. Each block states why it is sound (SAFETY). It must never
-//! hold state or decide policy; `zerocopy` is the safe module built on these calls. The crate
-//! denies `unsafe_code` everywhere else.
+//! hold state or decide policy; `zerocopy` is the safe module built on these calls, `notify`
+//! the safe one that tells systemd a server is ready or stopping. The crate denies
+//! `unsafe_code` everywhere else.
 #![allow(unsafe_code)]
 
+pub mod notify;
 pub mod zerocopy;
 
 use std::io::IoSlice;
