@@ -159,6 +159,22 @@ struct ManagerArgs {
     /// Print the node token (made at first start if needed) and exit.
     #[arg(long)]
     print_node_token: bool,
+    #[command(subcommand)]
+    action: Option<ManagerCommand>,
+}
+
+#[derive(Subcommand)]
+enum ManagerCommand {
+    /// Build a new manager data dir from a backup file (`gup admin backup`); afterwards,
+    /// start `gup manager --data-dir DIR` on it. The whole file is verified against its
+    /// manifest before anything is written; DIR must be new or empty (exit 2 otherwise).
+    Restore {
+        /// The data dir to build (absent or empty).
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The backup file.
+        file: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -242,6 +258,23 @@ struct Failure {
     message: String,
 }
 
+/// Any other error is a runtime failure (exit 1). `Failure` itself is not `Display`, so
+/// this does not overlap the identity conversion.
+impl<E: std::fmt::Display> From<E> for Failure {
+    fn from(e: E) -> Failure {
+        runtime(e)
+    }
+}
+
+/// A role that could not open its data dir: exit 2 when the operator must act on the dir
+/// (in use, made by a newer gup, an unfinished restore), else 1.
+fn open_failure(e: impl std::fmt::Display, refusal: bool) -> Failure {
+    Failure {
+        code: if refusal { 2 } else { 1 },
+        message: e.to_string(),
+    }
+}
+
 fn usage(message: impl Into<String>) -> Failure {
     Failure {
         code: 2,
@@ -320,7 +353,7 @@ fn with_shutdown<F, Fut, E>(f: F) -> Result<(), Failure>
 where
     F: FnOnce(crate::http::shutdown::Shutdown) -> Fut,
     Fut: std::future::Future<Output = Result<(), E>>,
-    E: std::fmt::Display,
+    E: Into<Failure>,
 {
     let rt = runtime_env()?;
     let result = rt.block_on(async move {
@@ -330,7 +363,7 @@ where
             signals.await;
             trigger.trigger();
         });
-        f(shutdown).await.map_err(runtime)
+        f(shutdown).await.map_err(Into::into)
     });
     // The role has stopped and flushed its store. Dropping the runtime would wait for every
     // blocking task without end: seen, the two stages of a blob write whose fetch was cut by
@@ -376,6 +409,20 @@ fn path_string(p: Option<PathBuf>) -> Option<String> {
 fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::CheckConfig { file } => check_config(&file),
+        Command::Manager(ManagerArgs {
+            action: Some(ManagerCommand::Restore { data_dir, file }),
+            config,
+            listen,
+            data_dir: outer_dir,
+            ..
+        }) => {
+            if config.is_some() || listen.is_some() || outer_dir.is_some() {
+                return Err(usage(
+                    "restore takes only its own flags: gup manager restore --data-dir DIR FILE",
+                ));
+            }
+            restore(&file, &data_dir, cli.log_format.unwrap_or_default())
+        }
         Command::Manager(args) => {
             let mut cfg: ManagerConfig = match &args.config {
                 Some(p) => config::load(p).map_err(config_failure)?,
@@ -432,10 +479,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let listener = bind(cfg.manager.listen, "manager.listen")?;
             with_shutdown(|shutdown| async move {
                 let listener = tokio::net::TcpListener::from_std(listener)
-                    .map_err(|e| format!("listening: {e}"))?;
-                let manager =
-                    crate::manager::Manager::open(&cfg, shutdown).map_err(|e| e.to_string())?;
-                manager.run(listener).await.map_err(|e| e.to_string())
+                    .map_err(|e| runtime(format!("listening: {e}")))?;
+                let manager = crate::manager::Manager::open(&cfg, shutdown)
+                    .map_err(|e| open_failure(&e, e.is_refusal()))?;
+                manager.run(listener).await.map_err(runtime)
             })
         }
         Command::Node(args) => {
@@ -502,9 +549,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let listener = bind(cfg.node.listen, "node.listen")?;
             with_shutdown(|shutdown| async move {
                 let listener = tokio::net::TcpListener::from_std(listener)
-                    .map_err(|e| format!("listening: {e}"))?;
-                let node = crate::node::Node::open(&cfg, shutdown).map_err(|e| e.to_string())?;
-                node.run(listener).await.map_err(|e| e.to_string())
+                    .map_err(|e| runtime(format!("listening: {e}")))?;
+                let node = crate::node::Node::open(&cfg, shutdown)
+                    .map_err(|e| open_failure(&e, e.is_refusal()))?;
+                node.run(listener).await.map_err(runtime)
             })
         }
         Command::Admin(args) => admin::run(args, cli.log_format.unwrap_or_default()),
@@ -585,6 +633,35 @@ fn loadtest(args: LoadtestArgs, log_format: LogFormat) -> Result<(), Failure> {
         std::fs::write(&path, json).map_err(|e| runtime(format!("{}: {e}", path.display())))?;
         outln!("report written to {}", path.display());
     }
+    Ok(())
+}
+
+/// `gup manager restore --data-dir DIR FILE`.
+fn restore(file: &Path, data_dir: &Path, log_format: LogFormat) -> Result<(), Failure> {
+    init_logging(log_format);
+    let rt = runtime_env()?;
+    let restored = rt
+        .block_on(crate::manager::backup::restore(file, data_dir))
+        .map_err(|e| {
+            if e.is_bad_input() {
+                usage(e.to_string())
+            } else {
+                runtime(e)
+            }
+        })?;
+    let m = &restored.manifest;
+    outln!(
+        "restored {} into {}: catalog revision {}, {} records, {} blobs{} (backup made by gup {} at {}); start it with: gup manager --data-dir {}",
+        file.display(),
+        data_dir.display(),
+        m.catalog_revision,
+        restored.records,
+        restored.blobs,
+        if m.with_content { "" } else { ", without content: publish the items again" },
+        m.gup_version,
+        m.created_at.to_rfc3339(),
+        data_dir.display()
+    );
     Ok(())
 }
 
