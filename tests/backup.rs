@@ -10,7 +10,9 @@
 //!   data dir keeps, restored with mode 0600;
 //! - a restore refuses a non-empty dir, a damaged file and a cut file with one line and exit
 //!   2, writing nothing; a wrong admin token leaves no file behind;
-//! - a start on a dir whose restore did not finish is refused with one line and exit 2.
+//! - a start on a dir whose restore did not finish is refused with one line and exit 2;
+//! - a backup read slowly keeps every blob of the catalog it captured while later publishes
+//!   push that catalog out of the retained revisions (the collection would remove them).
 
 mod common;
 
@@ -516,8 +518,12 @@ async fn the_keys_and_tokens_come_back_and_bad_restores_write_nothing() {
 
     let good = std::fs::read(&file).unwrap();
     let mut damaged = good.clone();
-    // A byte of the first entry's data (after its 512-byte header).
-    damaged[600] ^= 0x20;
+    // A byte of `catalog.json`'s data: `"retain":3` says 2.
+    let at = good
+        .windows(10)
+        .position(|w| w == b"\"retain\":3")
+        .expect("the catalog's retain in the file");
+    damaged[at + 9] = b'2';
     let cut = &good[..good.len() - 2048];
     for (what, bytes) in [("damaged", damaged.as_slice()), ("cut", cut)] {
         let f = dir.path().join(format!("{what}.tar"));
@@ -553,5 +559,58 @@ async fn the_keys_and_tokens_come_back_and_bad_restores_write_nothing() {
         "{t}"
     );
 
+    assert_eq!(m.stop(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_backup_keeps_the_blobs_it_captured_while_later_publishes_collect_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = start_manager(&dir.path().join("m"), &[]);
+    let base = m.url.clone();
+    let http = reqwest::Client::new();
+    // `defs` is large, so the stream stalls in it; `pack` 1 sorts after it (blobs stream in
+    // digest order), so it is still to come while the stream waits.
+    let defs = random_bytes(16 << 20, 7);
+    let pack = (1..1000)
+        .map(|seed| random_bytes(1 << 20, 1000 + seed))
+        .find(|p| sha256_hex(p) > sha256_hex(&defs))
+        .unwrap();
+    publish_bytes(&http, &base, "defs", "1", defs.clone()).await;
+    publish_bytes(&http, &base, "pack", "1", pack.clone()).await;
+
+    let mut resp = http
+        .get(format!("{base}/v1/admin/backup?content=true"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "application/x-tar");
+    let mut file = resp.chunk().await.unwrap().unwrap().to_vec();
+    // The snapshot is taken (the answer has begun): pack 1 leaves the retained revisions.
+    for v in 2..=5 {
+        let bytes = random_bytes(1 << 20, 5000 + v);
+        publish_bytes(&http, &base, "pack", &v.to_string(), bytes).await;
+    }
+    let old = sha256_hex(&pack);
+    wait_for(30, "pack 1 to leave the catalog", || {
+        let base = base.clone();
+        let old = old.clone();
+        async move { (content(&base, &old).await.0 == 404).then_some(()) }
+    })
+    .await;
+    // Read on, slowly; bounded by the stream's end (about 17 MiB).
+    let started = Instant::now();
+    while let Some(chunk) = resp.chunk().await.unwrap() {
+        file.extend_from_slice(&chunk);
+        assert!(file.len() < 64 << 20, "the stream ends");
+        assert!(started.elapsed().as_secs() < 60, "the stream ends in time");
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    let manifest = gup::core::backup::verify(&file[..]).expect("a whole, good backup");
+    let blobs: HashSet<String> = manifest.blobs().map(|(d, _)| d.to_hex()).collect();
+    assert!(blobs.contains(&old), "pack 1 is in the backup: {blobs:?}");
+    assert!(blobs.contains(&sha256_hex(&defs)));
+    assert_eq!(manifest.catalog_revision, 2);
     assert_eq!(m.stop(), Some(0));
 }

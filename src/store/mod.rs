@@ -1,8 +1,9 @@
 //! The content store: immutable blobs on disk named by SHA-256, plus the one sled database.
 //!
 //! Owns every file under `data_dir/blobs` and `data_dir/tmp`, the data dir's `lock` (one
-//! process at a time, its pid inside), its `format` (the one version check of every start,
-//! `format`), the export and import of its records (`export`), and every sled call in the crate
+//! process at a time, its pid inside), its `format` file (the one version check of every
+//! start, and the upgrade it runs: module `format`), the mark of a restore in progress, the
+//! export and import of its records (`export`), and every sled call in the crate
 //! (other modules persist their state through the narrow [`Kv`] interface, so the engine could
 //! change in this one file). A blob becomes visible only after its bytes were written to a temp
 //! file, hashed while written, fsynced, checked against the expected digest, renamed into
