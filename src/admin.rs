@@ -1,13 +1,17 @@
 //! The admin API's client side, used by `gup admin` and `gup demo`.
 //!
 //! Owns the HTTP calls an operator makes to a manager with the admin token, streaming uploads
-//! from disk (a 1 GiB package is never read into memory) and turning the manager's JSON
-//! errors into typed errors. It must never touch a data dir or hold state.
+//! from disk (a 1 GiB package is never read into memory), downloading a backup to a file
+//! (streamed to a private temp file, verified against its manifest, then renamed into place)
+//! and turning the manager's JSON errors into typed errors. It must never touch a data dir
+//! or hold state.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
+use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
 
+use crate::core::backup::{BackupError, Manifest};
 use crate::core::proto::PublishResult;
 use crate::http::auth::Token;
 
@@ -37,6 +41,17 @@ pub enum AdminError {
     BadUrl(String),
     #[error("the manager's {path} answered a next page cursor {cursor} that does not move on")]
     CursorStuck { path: String, cursor: String },
+    /// The backup stream ended before its end (the manager's log says why).
+    #[error("the manager's backup was cut short ({cause}); nothing was written to {path}")]
+    BackupCut { path: String, cause: String },
+    #[error(
+        "the backup the manager sent does not verify ({source}); nothing was written to {path}"
+    )]
+    BackupBad {
+        path: String,
+        #[source]
+        source: BackupError,
+    },
 }
 
 impl From<reqwest::Error> for AdminError {
@@ -86,14 +101,20 @@ impl AdminClient {
         if resp.status().is_success() {
             return Ok((status, resp.json().await?));
         }
+        Err(Self::refusal(resp).await)
+    }
+
+    /// The manager's JSON error of an answer that is not a success.
+    async fn refusal(resp: reqwest::Response) -> AdminError {
+        let status = resp.status().as_u16();
         let manager = resp.url().origin().ascii_serialization();
         let body: serde_json::Value = resp.json().await.unwrap_or_default();
-        Err(AdminError::Api {
+        AdminError::Api {
             manager,
             status,
             code: body["error"].as_str().unwrap_or("unknown").to_string(),
             message: body["message"].as_str().unwrap_or("").to_string(),
-        })
+        }
     }
 
     /// Calls `method path` with an optional JSON body; returns the JSON answer.
@@ -195,6 +216,118 @@ impl AdminClient {
             .send()
             .await?;
         Self::decode(resp).await
+    }
+}
+
+/// A backup written by [`AdminClient::backup`].
+#[derive(Debug)]
+pub struct BackupWritten {
+    pub manifest: Manifest,
+    /// Bytes of the file.
+    pub bytes: u64,
+}
+
+/// A temp file removed on drop unless it was renamed into place.
+struct TempFile(Option<PathBuf>);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+impl AdminClient {
+    /// Downloads a backup of the manager (`GET /v1/admin/backup`, with the blobs when
+    /// `with_content`) into `out`: streamed to a temp file beside it (mode 0600: the backup
+    /// holds the signing key and the tokens), synced, verified against its manifest, then
+    /// renamed over `out` and the directory synced. On any failure `out` is left as it was.
+    pub async fn backup(
+        &self,
+        out: &Path,
+        with_content: bool,
+    ) -> Result<BackupWritten, AdminError> {
+        let shown = out.display().to_string();
+        let file_err = |source: std::io::Error| AdminError::File {
+            path: shown.clone(),
+            source,
+        };
+        let dir = match out.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let name = out
+            .file_name()
+            .ok_or_else(|| {
+                file_err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "names no file",
+                ))
+            })?
+            .to_string_lossy()
+            .into_owned();
+        let tmp_path = dir.join(format!(
+            ".{name}.{}.{:08x}.part",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        let mut req = self
+            .http
+            .get(format!("{}/v1/admin/backup", self.base))
+            .bearer_auth(self.token.secret());
+        if with_content {
+            req = req.query(&[("content", "true")]);
+        }
+        let resp = req.send().await?;
+        if !resp.status().is_success() {
+            return Err(Self::refusal(resp).await);
+        }
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create_new(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.mode(0o600);
+        }
+        let std_file = opts.open(&tmp_path).map_err(&file_err)?;
+        let mut tmp = TempFile(Some(tmp_path.clone()));
+        let mut file = tokio::fs::File::from_std(std_file);
+        let mut body = resp.bytes_stream();
+        let mut bytes = 0u64;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| AdminError::BackupCut {
+                path: shown.clone(),
+                cause: crate::core::fault::chain(&e),
+            })?;
+            bytes += chunk.len() as u64;
+            tokio::io::AsyncWriteExt::write_all(&mut file, &chunk)
+                .await
+                .map_err(&file_err)?;
+        }
+        file.sync_all().await.map_err(&file_err)?;
+        drop(file);
+        let check = tmp_path.clone();
+        let verified = tokio::task::spawn_blocking(move || {
+            let f = std::fs::File::open(&check)?;
+            Ok::<_, std::io::Error>(crate::core::backup::verify(
+                std::io::BufReader::with_capacity(1 << 20, f),
+            ))
+        })
+        .await
+        .map_err(|e| AdminError::Http(e.to_string()))?
+        .map_err(&file_err)?;
+        let manifest = verified.map_err(|source| AdminError::BackupBad {
+            path: shown.clone(),
+            source,
+        })?;
+        std::fs::rename(&tmp_path, out).map_err(&file_err)?;
+        // In place: nothing to remove any more.
+        tmp.0 = None;
+        if let Ok(d) = std::fs::File::open(&dir) {
+            let _ = d.sync_all();
+        }
+        Ok(BackupWritten { manifest, bytes })
     }
 }
 

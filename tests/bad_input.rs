@@ -17,7 +17,7 @@
 //! - admin bodies and names: `bad_json` for what does not parse, `bad_setting` for settings,
 //!   site keys and group names, 404 `not_found` for unknown groups, clients and content, 409
 //!   `conflict` for the root group;
-//! - admin query strings (events, settings locations, applications): `bad_query` for what
+//! - admin query strings (events, settings locations, applications, backup): `bad_query` for what
 //!   does not parse, `bad_request` or `bad_setting` for values out of range;
 //! - publish query strings (`POST /v1/admin/content`): `bad_request` for a missing or invalid
 //!   name, version or `urgent`, `bad_query` for a repeated key, 409 `conflict` for other bytes
@@ -244,6 +244,8 @@ const ADMIN_AUTH: &[Case] = &[
     case("PUT", "/v1/admin/groups/g1", Some("{\"parent\": \"default\"}"), Some("wrong"), 401, "unauthorized"),
     case("DELETE", "/v1/admin/content/x", None, None, 401, "unauthorized"),
     case("GET", "/v1/admin/events", None, NODE, 401, "unauthorized"),
+    case("GET", "/v1/admin/backup", None, None, 401, "unauthorized"),
+    case("GET", "/v1/admin/backup?content=true", None, NODE, 401, "unauthorized"),
     // With the token: an unknown admin endpoint and a wrong method.
     case("GET", "/v1/admin/nope", None, ADMIN, 404, "not_found"),
     case("DELETE", "/v1/admin/site", None, ADMIN, 405, "method_not_allowed"),
@@ -308,6 +310,8 @@ const ADMIN_QUERIES: &[Case] = &[
     case("GET", "/v1/admin/events?after=-1", None, ADMIN, 400, "bad_query"),
     case("GET", "/v1/admin/events?after=abc", None, ADMIN, 400, "bad_query"),
     case("GET", "/v1/admin/applications?q=a&q=b", None, ADMIN, 400, "bad_query"),
+    case("GET", "/v1/admin/backup?content=maybe", None, ADMIN, 400, "bad_request"),
+    case("GET", "/v1/admin/backup?content=true&content=false", None, ADMIN, 400, "bad_query"),
     case("PUT", "/v1/admin/groups/default/settings?location=a%2Fb", Some("{\"mode\": \"push\"}"), ADMIN, 400, "bad_setting"),
     case("PUT", "/v1/admin/groups/default/settings?location=a&location=b", Some("{\"mode\": \"push\"}"), ADMIN, 400, "bad_query"),
     case("PUT", "/v1/admin/groups/default/settings?location=remote", Some("{\"use_group_settings\": \"yes\"}"), ADMIN, 400, "bad_setting"),

@@ -3,8 +3,8 @@
 //! - `gup admin ... | head -1` with a closed pipe ends without a panic;
 //! - `gup admin` defaults `--manager` to http://127.0.0.1:8014 and reads the admin token from
 //!   `--data-dir` (or the default data dir `gup-data/manager`) when none is given;
-//! - an unreachable manager says "connection refused"; a data dir in use names the holder's
-//!   pid; a busy port fails before anything is written to the data dir; a missing token file
+//! - an unreachable manager says "connection refused"; a data dir in use (by a manager or a
+//!   node) names the holder's pid in one line, exit 2; a busy port fails before anything is written to the data dir; a missing token file
 //!   is bad config (exit 2 naming the key and the file) in `check-config` and at start;
 //! - two processes making a data dir's tokens at once agree on them;
 //! - re-publishing identical bytes names the revision that published them.
@@ -173,30 +173,35 @@ fn a_data_dir_in_use_names_the_process_holding_it() {
     let dir = tempfile::tempdir().unwrap();
     let mdir = dir.path().join("m");
     let first = start_manager(&mdir, &[]);
-    let out = run(
-        &[
-            "manager",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            mdir.to_str().unwrap(),
-            "--admin-token",
-            ADMIN_TOKEN,
-            "--node-token",
-            NODE_TOKEN,
-        ],
-        dir.path(),
-    );
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    let t = text(&out);
-    assert!(
-        t.contains(&format!("in use by another process (pid {})", first.pid())),
-        "{t}"
-    );
-    assert!(
-        !t.contains("could not acquire lock"),
-        "not sled's raw error: {t}"
-    );
+    let ndir = dir.path().join("n");
+    let node = start_node(&ndir, &[&first.url], &[]);
+    for (role, data_dir, holder) in [("manager", &mdir, &first), ("node", &ndir, &node)] {
+        let out = run(
+            &[
+                role,
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+                data_dir.to_str().unwrap(),
+                "--node-token",
+                NODE_TOKEN,
+            ],
+            dir.path(),
+        );
+        // The operator must act (stop the other, or pick another dir): bad usage.
+        assert_eq!(out.status.code(), Some(2), "{role}: {}", text(&out));
+        let t = text(&out);
+        assert!(
+            t.contains(&format!("in use by another process (pid {})", holder.pid())),
+            "{role}: {t}"
+        );
+        assert!(
+            !t.contains("could not acquire lock"),
+            "{role}: not sled's raw error: {t}"
+        );
+        assert_eq!(t.lines().count(), 1, "{role}: one line: {t}");
+    }
+    assert_eq!(node.stop(), Some(0));
     assert_eq!(first.stop(), Some(0));
 }
 

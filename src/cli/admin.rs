@@ -123,6 +123,21 @@ enum AdminCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Take a backup of the running manager into FILE, which is written whole or not at all
+    /// (a temp file beside it, verified, then renamed) with mode 0600: the catalog with its
+    /// signatures, groups and settings, policies, clients, users, events, notifications,
+    /// applications, enrolment tokens, the node table, and the catalog signing key and
+    /// tokens the manager's data dir keeps. The file is a secret: keep it like the key.
+    /// Restore it with `gup manager restore --data-dir DIR FILE`.
+    Backup {
+        /// Where to write the backup.
+        #[arg(long)]
+        out: PathBuf,
+        /// Include the content (the blobs of every retained catalog revision); without it,
+        /// items must be published again after a restore.
+        #[arg(long)]
+        with_content: bool,
+    },
     /// Learned applications: `apps search TEXT`.
     Apps {
         #[command(subcommand)]
@@ -625,6 +640,30 @@ pub(super) fn run(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure>
             Ok(())
         }
         AdminCommand::Nodes { json } => super::admin_nodes::run(&client, &rt, json),
+        AdminCommand::Backup { out, with_content } => {
+            let written = rt
+                .block_on(client.backup(&out, with_content))
+                .map_err(runtime)?;
+            let m = &written.manifest;
+            let blobs = m.blobs().count();
+            outln!(
+                "backup written to {}: {} bytes, catalog revision {}, {} records, {}",
+                out.display(),
+                written.bytes,
+                m.catalog_revision,
+                m.records,
+                if m.with_content {
+                    format!("{blobs} blobs")
+                } else {
+                    "without content".to_string()
+                }
+            );
+            eprintln!(
+                "gup: {} holds the catalog signing key and the manager's tokens (mode 0600): keep it secret",
+                out.display()
+            );
+            Ok(())
+        }
         AdminCommand::Notifications { limit, after, json } => {
             let limit_s = limit.to_string();
             let after_s = after.map(|a| a.to_string());

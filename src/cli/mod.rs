@@ -160,6 +160,22 @@ struct ManagerArgs {
     /// Print the node token (made at first start if needed) and exit.
     #[arg(long)]
     print_node_token: bool,
+    #[command(subcommand)]
+    action: Option<ManagerCommand>,
+}
+
+#[derive(Subcommand, Clone)]
+enum ManagerCommand {
+    /// Build a new manager data dir from a backup file (`gup admin backup`); afterwards,
+    /// start `gup manager --data-dir DIR` on it. The whole file is verified against its
+    /// manifest before anything is written; DIR must be new or empty (exit 2 otherwise).
+    Restore {
+        /// The data dir to build (absent or empty).
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The backup file.
+        file: PathBuf,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -241,6 +257,23 @@ fn write_err(args: std::fmt::Arguments<'_>) {
 struct Failure {
     code: u8,
     message: String,
+}
+
+/// Any other error is a runtime failure (exit 1). `Failure` itself is not `Display`, so
+/// this does not overlap the identity conversion.
+impl<E: std::fmt::Display> From<E> for Failure {
+    fn from(e: E) -> Failure {
+        runtime(e)
+    }
+}
+
+/// A role that could not open its data dir: exit 2 when the operator must act on the dir
+/// (in use, made by a newer gup, an unfinished restore), else 1.
+fn open_failure(e: impl std::fmt::Display, refusal: bool) -> Failure {
+    Failure {
+        code: if refusal { 2 } else { 1 },
+        message: e.to_string(),
+    }
 }
 
 fn usage(message: impl Into<String>) -> Failure {
@@ -337,7 +370,7 @@ fn with_shutdown<F, Fut, E>(f: F) -> Result<(), Failure>
 where
     F: FnOnce(crate::http::shutdown::Shutdown) -> Fut,
     Fut: std::future::Future<Output = Result<(), E>>,
-    E: std::fmt::Display,
+    E: Into<Failure>,
 {
     let rt = runtime_env()?;
     let result = rt.block_on(async move {
@@ -348,7 +381,7 @@ where
             crate::sys::notify::stopping();
             trigger.trigger();
         });
-        f(shutdown).await.map_err(runtime)
+        f(shutdown).await.map_err(Into::into)
     });
     // The role has stopped and flushed its store. Dropping the runtime would wait for every
     // blocking task without end: seen, the two stages of a blob write whose fetch was cut by
@@ -497,6 +530,20 @@ fn node_config(args: &NodeArgs, log_format: Option<LogFormat>) -> Result<NodeCon
 fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::CheckConfig { file } => check_config(&file),
+        Command::Manager(ManagerArgs {
+            action: Some(ManagerCommand::Restore { data_dir, file }),
+            config,
+            listen,
+            data_dir: outer_dir,
+            ..
+        }) => {
+            if config.is_some() || listen.is_some() || outer_dir.is_some() {
+                return Err(usage(
+                    "restore takes only its own flags: gup manager restore --data-dir DIR FILE",
+                ));
+            }
+            restore(&file, &data_dir, cli.log_format.unwrap_or_default())
+        }
         Command::Manager(args) => {
             let cfg = manager_config(&args, cli.log_format)?;
             if args.print_public_key {
@@ -522,18 +569,18 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let log_format = cli.log_format;
             with_shutdown(|shutdown| async move {
                 let listener = tokio::net::TcpListener::from_std(listener)
-                    .map_err(|e| format!("listening: {e}"))?;
-                let manager =
-                    crate::manager::Manager::open(&cfg, shutdown).map_err(|e| e.to_string())?;
+                    .map_err(|e| runtime(format!("listening: {e}")))?;
+                let manager = crate::manager::Manager::open(&cfg, shutdown)
+                    .map_err(|e| open_failure(&e, e.is_refusal()))?;
                 let role = manager.clone();
                 let hangup = reload::on_hangup(
                     move || manager_config(&args, log_format).map_err(|f| f.message),
                     move |c| role.reload(c),
                     |c| c.log.level.clone(),
                 )
-                .map_err(|e| format!("listening for SIGHUP: {e}"))?;
+                .map_err(|e| runtime(format!("listening for SIGHUP: {e}")))?;
                 notify_ready("manager", &listener);
-                let result = manager.run(listener).await.map_err(|e| e.to_string());
+                let result = manager.run(listener).await.map_err(runtime);
                 hangup.abort();
                 result
             })
@@ -559,17 +606,18 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let log_format = cli.log_format;
             with_shutdown(|shutdown| async move {
                 let listener = tokio::net::TcpListener::from_std(listener)
-                    .map_err(|e| format!("listening: {e}"))?;
-                let node = crate::node::Node::open(&cfg, shutdown).map_err(|e| e.to_string())?;
+                    .map_err(|e| runtime(format!("listening: {e}")))?;
+                let node = crate::node::Node::open(&cfg, shutdown)
+                    .map_err(|e| open_failure(&e, e.is_refusal()))?;
                 let role = node.clone();
                 let hangup = reload::on_hangup(
                     move || node_config(&args, log_format).map_err(|f| f.message),
                     move |c| role.reload(c),
                     |c| c.log.level.clone(),
                 )
-                .map_err(|e| format!("listening for SIGHUP: {e}"))?;
+                .map_err(|e| runtime(format!("listening for SIGHUP: {e}")))?;
                 notify_ready("node", &listener);
-                let result = node.run(listener).await.map_err(|e| e.to_string());
+                let result = node.run(listener).await.map_err(runtime);
                 hangup.abort();
                 result
             })
@@ -652,6 +700,35 @@ fn loadtest(args: LoadtestArgs, log_format: LogFormat) -> Result<(), Failure> {
         std::fs::write(&path, json).map_err(|e| runtime(format!("{}: {e}", path.display())))?;
         outln!("report written to {}", path.display());
     }
+    Ok(())
+}
+
+/// `gup manager restore --data-dir DIR FILE`.
+fn restore(file: &Path, data_dir: &Path, log_format: LogFormat) -> Result<(), Failure> {
+    init_logging(log_format);
+    let rt = runtime_env()?;
+    let restored = rt
+        .block_on(crate::manager::backup::restore(file, data_dir))
+        .map_err(|e| {
+            if e.is_bad_input() {
+                usage(e.to_string())
+            } else {
+                runtime(e)
+            }
+        })?;
+    let m = &restored.manifest;
+    outln!(
+        "restored {} into {}: catalog revision {}, {} records, {} blobs{} (backup made by gup {} at {}); start it with: gup manager --data-dir {}",
+        file.display(),
+        data_dir.display(),
+        m.catalog_revision,
+        restored.records,
+        restored.blobs,
+        if m.with_content { "" } else { ", without content: publish the items again" },
+        m.gup_version,
+        m.created_at.to_rfc3339(),
+        data_dir.display()
+    );
     Ok(())
 }
 

@@ -2,10 +2,12 @@
 //!
 //! Owns what both roles (and clients) must agree on: settings and their inheritance, the
 //! catalog and its revisions, digests, catalog signatures, download slots, configuration
-//! files, the wire types of the client API, the kinds of failure, and secret files made once. Nothing here does
+//! files, the wire types of the client API, the kinds of failure, secret files made once,
+//! and the format of the manager's backup file. Nothing here does
 //! network I/O, reads the clock (times arrive as arguments) or touches sled; persistence is
 //! the caller's.
 
+pub mod backup;
 pub mod catalog;
 pub mod config;
 pub mod credential;

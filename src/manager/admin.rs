@@ -109,6 +109,7 @@ pub fn routes(m: Arc<Manager>) -> Router {
         .route("/v1/admin/events", get(admin_events))
         .route("/v1/admin/notifications", get(admin_notifications))
         .route("/v1/admin/nodes", get(super::nodes::admin_nodes))
+        .route("/v1/admin/backup", get(super::backup::backup))
         .route("/v1/admin/applications", get(admin_applications))
         .layer(DefaultBodyLimit::max(BODY_LIMIT));
     // Publishing streams its raw body to disk, which no body limit applies to.

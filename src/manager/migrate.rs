@@ -1,12 +1,13 @@
-//! Moving a data dir of the previous format to the current one, once, at open.
+//! Moving a data dir of an older format to the current one, once, at open (the store's
+//! version check calls [`upgrade`]).
 //!
 //! Owns reading the trees the manager wrote before (`events` and `event_ids`,
 //! `notifications`, `applications`) into the current ones, in bounded batches: at most
 //! [`BATCH_RECORDS`] records or [`BATCH_BYTES`] bytes are written at a time, then removed
 //! from the old tree. Each step is safe to repeat: a crash between writing a batch and
 //! removing its source leaves records that the next open finds already moved (their keys
-//! and values are the same) and only removes. When the old trees are empty (every open
-//! after the first) it costs one lookup each. The old dedupe keys are not carried over:
+//! and values are the same) and only removes; a crash before the new format is recorded
+//! runs it again, which finds nothing left to move. The old dedupe keys are not carried over:
 //! every moved event gets its own from its record, so a key the old format wrote without
 //! its record (a crash between the two writes) no longer makes a re-sent event be dropped.
 //! It must never run while the manager serves.
@@ -26,8 +27,18 @@ pub const BATCH_RECORDS: usize = 10_000;
 /// Bytes written per batch at most (a batch stops growing once it holds this much).
 pub const BATCH_BYTES: u64 = 16 << 20;
 
+/// The manager's part of upgrading a data dir of format `from` (`store::format`), run by
+/// the store's version check at open, before anything else reads the records.
+pub(super) fn upgrade(store: &Store, from: u32) -> Result<(), StoreError> {
+    if from < 2 {
+        // Format 1 (gup 0.1.0) may still hold the trees of the event format before it.
+        previous_format(store)?;
+    }
+    Ok(())
+}
+
 /// Moves every tree of the previous format (events, notifications, applications) into the
-/// current ones; called once at open, before the event store and the inventory open.
+/// current ones; run by [`upgrade`] for a data dir of format 1.
 pub(super) fn previous_format(store: &Store) -> Result<(), StoreError> {
     events(store, &store.kv(super::events::LOG_TREE)?)?;
     notifications(store, &store.kv(super::events::NOTICES_TREE)?)?;

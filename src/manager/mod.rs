@@ -11,6 +11,7 @@
 
 mod admin;
 pub mod applications;
+pub mod backup;
 pub mod enrol;
 pub mod events;
 mod migrate;
@@ -84,6 +85,14 @@ pub enum ManagerError {
     Nodes(#[from] nodes::NodesError),
 }
 
+impl ManagerError {
+    /// Whether the data dir cannot be used as it is (in use, newer, an unfinished restore):
+    /// the operator must act (exit 2).
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, ManagerError::Store(e) if e.is_refusal())
+    }
+}
+
 const CATALOG_KEY: &str = "history";
 const DIRECTORY_KEY: &str = "directory";
 
@@ -138,7 +147,7 @@ impl Manager {
     /// Opens the data dir: store, catalog, directory, registry, events, tokens.
     pub fn open(config: &ManagerConfig, shutdown: Shutdown) -> Result<Arc<Manager>, ManagerError> {
         let m = &config.manager;
-        let store = Store::open(&m.data_dir)?;
+        let store = Store::open_with(&m.data_dir, &migrate::upgrade)?;
         let (admin_token, node_token) = tokens(config)?;
         let catalog_kv = store.kv("catalog")?;
         let mut history: CatalogHistory = catalog_kv
@@ -155,7 +164,6 @@ impl Manager {
             .ok()
             .and_then(|v| v.parse::<usize>().ok())
             .unwrap_or(page::SCAN_LIMIT);
-        migrate::previous_format(&store)?;
         let registry = Registry::open(&store)?.with_scan_limit(scan_limit);
         let enrolment = enrol::Enrolment::open(&store)?;
         let node_table = nodes::NodeTable::open(&store)?;

@@ -72,6 +72,14 @@ pub enum NodeError {
     Internal(#[from] crate::core::fault::Internal),
 }
 
+impl NodeError {
+    /// Whether the data dir cannot be used as it is (in use, newer, an unfinished restore):
+    /// the operator must act (exit 2).
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, NodeError::Store(e) if e.is_refusal())
+    }
+}
+
 const CATALOG_KEY: &str = "history";
 /// How long the last relay at shutdown may take.
 const FINAL_RELAY: Duration = Duration::from_secs(5);
@@ -129,6 +137,8 @@ impl Node {
     /// Opens the data dir and restores the mirror of an earlier run.
     pub fn open(config: &NodeConfig, shutdown: Shutdown) -> Result<Arc<Node>, NodeError> {
         let n = &config.node;
+        // No records of the node's change between formats: the outbox moves an older queue
+        // itself at open (it needs the lanes' counts), as it always did.
         let store = Store::open(&n.data_dir)?;
         let file = |f: &str| (!f.is_empty()).then(|| std::path::PathBuf::from(f));
         let node_token = auth::resolve(&n.node_token, &n.node_token_file, &n.data_dir, "node")?;

@@ -8,11 +8,14 @@
 //! trusting it again. Trees are looked up here on every use, never kept elsewhere, so that a
 //! reopen can drop them all. It must never hide a failure: an operation that failed fails,
 //! and only the next one may find the database healed.
+//!
+//! Also owns the journal of an export (`export`): while one reads the trees, every write
+//! through [`Database::write`] is also recorded, in the order the writes took effect.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use super::StoreError;
@@ -43,6 +46,50 @@ pub(super) struct Database {
     open: RwLock<Option<Open>>,
     broken: AtomicBool,
     last_heal: Mutex<Option<Instant>>,
+    /// The journal of the export in progress, if any. Writers hold the read side for the
+    /// length of their sled call, so starting and stopping a recording waits for writes in
+    /// flight and no write falls between the two; while recording, the inner lock orders
+    /// each write with its journal entry.
+    recording: RwLock<Option<Mutex<Journal>>>,
+}
+
+/// Bytes of keys and values the journal of one export holds at most: past it the export
+/// fails ([`StoreError::ExportOverrun`]) rather than take memory without end.
+pub const MAX_JOURNAL_BYTES: u64 = 256 << 20;
+
+/// One recorded write: `value` None is a removal.
+pub(super) struct Op {
+    pub tree: Arc<str>,
+    pub key: sled::IVec,
+    pub value: Option<sled::IVec>,
+}
+
+/// The writes made while an export reads the trees.
+#[derive(Default)]
+pub(super) struct Journal {
+    pub ops: Vec<Op>,
+    bytes: u64,
+    /// More than [`MAX_JOURNAL_BYTES`] were written: the export fails.
+    pub overrun: bool,
+}
+
+impl Journal {
+    pub(super) fn push(&mut self, tree: &Arc<str>, key: &sled::IVec, value: Option<&sled::IVec>) {
+        if self.overrun {
+            return;
+        }
+        self.bytes += (key.len() + value.map_or(0, |v| v.len())) as u64;
+        if self.bytes > MAX_JOURNAL_BYTES {
+            self.overrun = true;
+            self.ops = Vec::new();
+            return;
+        }
+        self.ops.push(Op {
+            tree: tree.clone(),
+            key: key.clone(),
+            value: value.cloned(),
+        });
+    }
 }
 
 fn config(path: &Path) -> sled::Config {
@@ -82,7 +129,90 @@ impl Database {
             })),
             broken: AtomicBool::new(false),
             last_heal: Mutex::new(None),
+            recording: RwLock::new(None),
         })
+    }
+
+    /// Runs one write `f` (a single sled call), and when an export is recording, records
+    /// what it wrote (`record`, given `f`'s result) in the same step.
+    pub(super) fn write<T>(
+        &self,
+        f: impl FnOnce() -> Result<T, StoreError>,
+        record: impl FnOnce(&T, &mut Journal),
+    ) -> Result<T, StoreError> {
+        let gate = self
+            .recording
+            .read()
+            .map_err(|_| StoreError::Join("export lock poisoned".into()))?;
+        match gate.as_ref() {
+            None => f(),
+            Some(journal) => {
+                let mut journal = journal
+                    .lock()
+                    .map_err(|_| StoreError::Join("export journal poisoned".into()))?;
+                let out = f()?;
+                record(&out, &mut journal);
+                Ok(out)
+            }
+        }
+    }
+
+    /// Starts recording writes for an export ([`StoreError::ExportBusy`] while another is).
+    pub(super) fn start_recording(&self) -> Result<(), StoreError> {
+        let mut gate = self
+            .recording
+            .write()
+            .map_err(|_| StoreError::Join("export lock poisoned".into()))?;
+        if gate.is_some() {
+            return Err(StoreError::ExportBusy);
+        }
+        *gate = Some(Mutex::new(Journal::default()));
+        Ok(())
+    }
+
+    /// Stops recording and hands over what was recorded.
+    pub(super) fn stop_recording(&self) -> Result<Journal, StoreError> {
+        let mut gate = self
+            .recording
+            .write()
+            .map_err(|_| StoreError::Join("export lock poisoned".into()))?;
+        let journal = gate
+            .take()
+            .ok_or(StoreError::Join("no export is recording".into()))?;
+        journal
+            .into_inner()
+            .map_err(|_| StoreError::Join("export journal poisoned".into()))
+    }
+
+    /// The names of every tree the database holds (those that are not UTF-8 left out: every
+    /// tree gup makes is named by a `&str`).
+    pub(super) fn tree_names(&self) -> Result<Vec<String>, StoreError> {
+        let guard = self
+            .open
+            .read()
+            .map_err(|_| StoreError::Join("database lock poisoned".into()))?;
+        let open = guard.as_ref().ok_or(StoreError::Reopening)?;
+        let mut names: Vec<String> = open
+            .db
+            .tree_names()
+            .into_iter()
+            .filter_map(|n| String::from_utf8(n.to_vec()).ok())
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// Makes every write so far durable, blocking (for start-up, before any async use).
+    pub(super) fn flush_blocking(&self) -> Result<(), StoreError> {
+        let db = self
+            .open
+            .read()
+            .map_err(|_| StoreError::Join("database lock poisoned".into()))?
+            .as_ref()
+            .map(|o| o.db.clone())
+            .ok_or(StoreError::Reopening)?;
+        let r = db.flush();
+        self.check(r).map(|_| ())
     }
 
     /// Whether the last write worked (or a heal proved it can write again).

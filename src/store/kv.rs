@@ -3,7 +3,8 @@
 //! Owns [`Kv`], the narrow database interface the rest of the crate persists through: single
 //! records, atomic batches of writes to one tree (or to two, together), ordered visits that decode one record at a
 //! time (a page of a large tree never loads the rest of it), and the group commit that lets
-//! concurrent acknowledgements share one disk flush. A `Kv` looks its tree up on every use,
+//! concurrent acknowledgements share one disk flush. Every write goes through
+//! `Database::write`, so that an export in progress records it. A `Kv` looks its tree up on every use,
 //! so that a database reopened after a failed write (`db`) serves it again. Every sled call of
 //! the crate is in `store`; this file must never know what the records mean.
 
@@ -13,7 +14,7 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::db::Database;
+use super::db::{Database, Journal};
 use super::StoreError;
 
 fn encode<T: Serialize>(key: &str, value: &T) -> Result<Vec<u8>, StoreError> {
@@ -53,11 +54,11 @@ struct GroupCommit {
 /// Writes to one tree that take effect together or not at all ([`Kv::apply`]).
 #[derive(Default)]
 pub struct Batch {
-    inner: sled::Batch,
+    /// In the order added (a later write of a key wins, as in sled's batch); kept as a
+    /// list so that an export's journal can record them.
+    ops: Vec<(sled::IVec, Option<sled::IVec>)>,
     /// Bytes of the values put, for callers that keep a byte count.
     bytes: u64,
-    /// Writes (puts and removes) added.
-    writes: usize,
 }
 
 impl Batch {
@@ -66,25 +67,42 @@ impl Batch {
         let bytes = encode(key, value)?;
         let len = bytes.len() as u64;
         self.bytes += len;
-        self.writes += 1;
-        self.inner.insert(key.as_bytes(), bytes);
+        self.ops.push((key.as_bytes().into(), Some(bytes.into())));
         Ok(len)
     }
 
     /// Removes `key` when the batch is applied.
     pub fn remove(&mut self, key: &str) {
-        self.writes += 1;
-        self.inner.remove(key.as_bytes());
+        self.ops.push((key.as_bytes().into(), None));
     }
 
     /// Whether nothing was added.
     pub fn is_empty(&self) -> bool {
-        self.writes == 0
+        self.ops.is_empty()
     }
 
     /// Bytes of the values put so far.
     pub fn bytes(&self) -> u64 {
         self.bytes
+    }
+
+    /// The batch as sled applies it (values are shared, not copied).
+    fn to_sled(&self) -> sled::Batch {
+        let mut b = sled::Batch::default();
+        for (k, v) in &self.ops {
+            match v {
+                Some(v) => b.insert(k.clone(), v.clone()),
+                None => b.remove(k.clone()),
+            }
+        }
+        b
+    }
+
+    /// Records every write in an export's journal.
+    fn record(&self, tree: &Arc<str>, journal: &mut Journal) {
+        for (k, v) in &self.ops {
+            journal.push(tree, k, v.as_ref());
+        }
     }
 }
 
@@ -116,34 +134,61 @@ impl Kv {
     }
 
     pub fn put<T: Serialize>(&self, key: &str, value: &T) -> Result<(), StoreError> {
-        let bytes = encode(key, value)?;
+        let value: sled::IVec = encode(key, value)?.into();
+        let key: sled::IVec = key.as_bytes().into();
         let tree = self.tree()?;
-        self.db
-            .check(tree.insert(key.as_bytes(), bytes))
-            .map(|_| ())
+        self.db.write(
+            || self.db.check(tree.insert(key.clone(), value.clone())),
+            |_, j| j.push(&self.name, &key, Some(&value)),
+        )?;
+        Ok(())
     }
 
     /// Stores `value` only if `key` is absent; returns whether it stored it.
     pub fn put_if_absent<T: Serialize>(&self, key: &str, value: &T) -> Result<bool, StoreError> {
-        let bytes = encode(key, value)?;
+        let value: sled::IVec = encode(key, value)?.into();
+        let key: sled::IVec = key.as_bytes().into();
         let tree = self.tree()?;
-        let swapped = self.db.check(tree.compare_and_swap(
-            key.as_bytes(),
-            None as Option<&[u8]>,
-            Some(bytes),
-        ))?;
-        Ok(swapped.is_ok())
+        let swapped = self.db.write(
+            || {
+                let r = self.db.check(tree.compare_and_swap(
+                    key.clone(),
+                    None as Option<&[u8]>,
+                    Some(value.clone()),
+                ))?;
+                Ok(r.is_ok())
+            },
+            |swapped, j| {
+                if *swapped {
+                    j.push(&self.name, &key, Some(&value))
+                }
+            },
+        )?;
+        Ok(swapped)
     }
 
     pub fn remove(&self, key: &str) -> Result<(), StoreError> {
+        self.remove_raw(key)?;
+        Ok(())
+    }
+
+    /// Removes `key`, returning the bytes that were there.
+    fn remove_raw(&self, key: &str) -> Result<Option<sled::IVec>, StoreError> {
+        let key: sled::IVec = key.as_bytes().into();
         let tree = self.tree()?;
-        self.db.check(tree.remove(key.as_bytes())).map(|_| ())
+        self.db.write(
+            || self.db.check(tree.remove(key.clone())),
+            |old, j| {
+                if old.is_some() {
+                    j.push(&self.name, &key, None)
+                }
+            },
+        )
     }
 
     /// Removes a record and returns it, atomically (None when it was not there).
     pub fn take<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
-        let tree = self.tree()?;
-        match self.db.check(tree.remove(key.as_bytes()))? {
+        match self.remove_raw(key)? {
             None => Ok(None),
             Some(v) => decode::<T>(key.as_bytes(), &v).map(|(_, v)| Some(v)),
         }
@@ -152,7 +197,10 @@ impl Kv {
     /// Applies every write of `batch`, atomically: after a crash, all of them or none.
     pub fn apply(&self, batch: Batch) -> Result<(), StoreError> {
         let tree = self.tree()?;
-        self.db.check(tree.apply_batch(batch.inner))
+        self.db.write(
+            || self.db.check(tree.apply_batch(batch.to_sled())),
+            |_, j| batch.record(&self.name, j),
+        )
     }
 
     /// Applies `batch` to this tree and `other_batch` to `other`, atomically: after a crash,
@@ -173,16 +221,25 @@ impl Kv {
             });
         }
         let (mine, theirs) = (self.tree()?, other.tree()?);
-        let r = (&mine, &theirs).transaction(|(a, b)| {
-            a.apply_batch(&batch.inner)?;
-            b.apply_batch(&other_batch.inner)?;
-            Ok::<(), ConflictableTransactionError<std::convert::Infallible>>(())
-        });
-        match r {
-            Ok(()) => Ok(()),
-            Err(TransactionError::Storage(e)) => self.db.check(Err(e)),
-            Err(TransactionError::Abort(never)) => match never {},
-        }
+        let (ours, others) = (batch.to_sled(), other_batch.to_sled());
+        self.db.write(
+            || {
+                let r = (&mine, &theirs).transaction(|(a, b)| {
+                    a.apply_batch(&ours)?;
+                    b.apply_batch(&others)?;
+                    Ok::<(), ConflictableTransactionError<std::convert::Infallible>>(())
+                });
+                match r {
+                    Ok(()) => Ok(()),
+                    Err(TransactionError::Storage(e)) => self.db.check(Err(e)),
+                    Err(TransactionError::Abort(never)) => match never {},
+                }
+            },
+            |_, j| {
+                batch.record(&self.name, j);
+                other_batch.record(&other.name, j);
+            },
+        )
     }
 
     /// Every record whose key starts with `prefix`, in key order. For a small tree only:

@@ -1,7 +1,9 @@
 //! The content store: immutable blobs on disk named by SHA-256, plus the one sled database.
 //!
 //! Owns every file under `data_dir/blobs` and `data_dir/tmp`, the data dir's `lock` (one
-//! process at a time, its pid inside), and every sled call in the crate
+//! process at a time, its pid inside), its `format` file (the one version check of every
+//! start, and the upgrade it runs: module `format`), the mark of a restore in progress, the
+//! export and import of its records (`export`), and every sled call in the crate
 //! (other modules persist their state through the narrow [`Kv`] interface, so the engine could
 //! change in this one file). A blob becomes visible only after its bytes were written to a temp
 //! file, hashed while written, fsynced, checked against the expected digest, renamed into
@@ -21,6 +23,8 @@ use crate::core::digest::Digest;
 use crate::core::fault::{Fault, Kind};
 
 mod db;
+mod export;
+pub mod format;
 pub mod hot;
 mod kv;
 pub mod scrub;
@@ -28,6 +32,8 @@ pub mod scrub;
 mod tests;
 mod writer;
 
+pub use export::{Export, Recorded};
+pub use format::FORMAT;
 pub use kv::{Batch, Kv};
 pub use writer::BlobWriter;
 
@@ -66,6 +72,29 @@ pub enum StoreError {
         "trees {first:?} and {second:?} are of different databases: no atomic write spans them"
     )]
     Apart { first: String, second: String },
+    /// The data dir was made or upgraded by a newer gup.
+    #[error(
+        "data dir {dir} has format {found}, but this gup ({}) reads formats up to {}: run the newer gup that wrote it, or restore a backup into a new dir",
+        env!("CARGO_PKG_VERSION"),
+        format::FORMAT
+    )]
+    TooNew { dir: String, found: u32 },
+    #[error("{path} should hold the data dir's format number, but says {text:?}")]
+    BadFormatFile { path: String, text: String },
+    /// A restore into this dir did not finish (stopped, or the disk failed).
+    #[error("data dir {dir} holds a restore that did not finish ({RESTORING} is there): empty the dir and run `gup manager restore` again")]
+    Unfinished { dir: String },
+    /// A restore must build a new data dir.
+    #[error(
+        "--data-dir {dir} is not empty: a restore builds a new data dir (give a new or empty one)"
+    )]
+    NotEmpty { dir: String },
+    #[error("a backup of this data dir is already being taken: wait for it to finish")]
+    ExportBusy,
+    #[error("the database took more than {limit} bytes of writes while the backup read it; try again when it is quieter")]
+    ExportOverrun { limit: u64 },
+    #[error("records line {line}: {reason}")]
+    BadRecord { line: u64, reason: String },
 }
 
 impl Fault for StoreError {
@@ -78,6 +107,8 @@ impl Fault for StoreError {
             // store only noticed. Callers that fetched them say whose fault it was.
             StoreError::DigestMismatch { .. } | StoreError::SizeMismatch { .. } => Kind::BadInput,
             e if e.is_disk_failure() => Kind::Unavailable { retry_after_s: 30 },
+            StoreError::ExportBusy => Kind::Conflict,
+            StoreError::ExportOverrun { .. } => Kind::Unavailable { retry_after_s: 60 },
             _ => Kind::Local,
         }
     }
@@ -87,6 +118,8 @@ impl Fault for StoreError {
             StoreError::DigestMismatch { .. } => "digest_mismatch",
             StoreError::SizeMismatch { .. } => "size_mismatch",
             e if e.is_disk_failure() => "storage_unavailable",
+            StoreError::ExportBusy => "backup_running",
+            StoreError::ExportOverrun { .. } => "backup_overrun",
             _ => "storage",
         }
     }
@@ -104,6 +137,21 @@ impl StoreError {
             StoreError::Reopening => true,
             _ => false,
         }
+    }
+
+    /// Whether the data dir cannot be used as it is by this process: another one has it, a
+    /// newer gup wrote it, its format file is unreadable, a restore into it did not finish,
+    /// or (for a restore) it is not empty. The operator must act: a usage error (exit 2),
+    /// not a failure that a retry could cure.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            StoreError::InUse { .. }
+                | StoreError::TooNew { .. }
+                | StoreError::BadFormatFile { .. }
+                | StoreError::Unfinished { .. }
+                | StoreError::NotEmpty { .. }
+        )
     }
 
     /// Whether the bytes given did not match what they should be (the sender's fault), as
@@ -145,6 +193,7 @@ struct Inner {
     /// processes on one data dir would clean each other's temp files and fight over sled's own
     /// lock, whose error says nothing of who holds it.
     _lock: std::fs::File,
+    data_dir: PathBuf,
     blobs_dir: PathBuf,
     tmp_dir: PathBuf,
     /// Where the scrub moves rotten blobs (`scrub`).
@@ -227,17 +276,113 @@ fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File, StoreError> {
     Ok(file)
 }
 
+/// The file a restore keeps in the data dir until it has finished: a start refuses the dir
+/// while it is there.
+pub const RESTORING: &str = "restore.incomplete";
+
+/// A role's upgrade of its own records from an older data dir format (`from`) to
+/// [`FORMAT`], run by [`Store::open_with`] before the new format is recorded. Each step must
+/// be safe to run again (a crash before the format is written runs it again).
+pub type Upgrade<'a> = &'a dyn Fn(&Store, u32) -> Result<(), StoreError>;
+
+/// No records of a role to upgrade.
+pub fn no_upgrade(_: &Store, _: u32) -> Result<(), StoreError> {
+    Ok(())
+}
+
 impl Store {
-    /// Opens (creating if needed) the store under `data_dir`, removes temp files a crash left
-    /// behind, and reconciles the index with the blob files.
+    /// Opens (creating if needed) the store under `data_dir`, as [`Store::open_with`] with
+    /// no records of a role to upgrade.
     pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
-        let blobs_dir = data_dir.join("blobs");
-        let tmp_dir = data_dir.join("tmp");
-        let db_dir = data_dir.join("db");
+        Store::open_with(data_dir, &no_upgrade)
+    }
+
+    /// Opens (creating if needed) the store under `data_dir`: checks its format (refusing a
+    /// newer one before sled touches it, [`StoreError::TooNew`]), removes temp files a crash
+    /// left behind, reconciles the index with the blob files, and upgrades a dir of an older
+    /// format in place (`upgrade`, then the new format recorded).
+    pub fn open_with(data_dir: &Path, upgrade: Upgrade<'_>) -> Result<Store, StoreError> {
         std::fs::create_dir_all(data_dir)
             .map_err(io(format!("creating {}", data_dir.display())))?;
         // Before anything else is touched: temp files may be another process's.
         let lock = lock_data_dir(data_dir)?;
+        if data_dir.join(RESTORING).exists() {
+            return Err(StoreError::Unfinished {
+                dir: data_dir.display().to_string(),
+            });
+        }
+        let found = format::read(data_dir)?;
+        format::check(data_dir, found)?;
+        if found == format::Found::New {
+            format::write(data_dir, FORMAT)?;
+        }
+        let store = Store::open_locked(data_dir, lock)?;
+        if let format::Found::Format(from) = found {
+            if from < FORMAT {
+                tracing::info!(dir = %data_dir.display(), from, to = FORMAT, "upgrading the data dir");
+                upgrade(&store, from)?;
+                store.inner.db.flush_blocking()?;
+                format::write(data_dir, FORMAT)?;
+                tracing::info!(dir = %data_dir.display(), from, to = FORMAT, "upgraded the data dir");
+            }
+        }
+        Ok(store)
+    }
+
+    /// Makes a new store under `data_dir` for a restore, which must be absent or an empty
+    /// directory ([`StoreError::NotEmpty`]): the dir is marked unfinished ([`RESTORING`])
+    /// until [`Store::restored`], and its format is recorded as `format`, the backup's (a
+    /// dir of an older format is upgraded at its first start, as any other).
+    pub fn create_for_restore(data_dir: &Path, format: u32) -> Result<Store, StoreError> {
+        let not_empty = || StoreError::NotEmpty {
+            dir: data_dir.display().to_string(),
+        };
+        match std::fs::read_dir(data_dir) {
+            Ok(mut entries) => {
+                if entries.next().is_some() {
+                    return Err(not_empty());
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => return Err(not_empty()),
+            Err(e) => return Err(io(format!("reading {}", data_dir.display()))(e)),
+        }
+        if format > FORMAT {
+            return Err(StoreError::TooNew {
+                dir: data_dir.display().to_string(),
+                found: format,
+            });
+        }
+        std::fs::create_dir_all(data_dir)
+            .map_err(io(format!("creating {}", data_dir.display())))?;
+        let lock = lock_data_dir(data_dir)?;
+        let marker = data_dir.join(RESTORING);
+        std::fs::File::create(&marker)
+            .and_then(|f| f.sync_all())
+            .map_err(io(format!("creating {}", marker.display())))?;
+        fsync_dir(data_dir)?;
+        format::write(data_dir, format)?;
+        Store::open_locked(data_dir, lock)
+    }
+
+    /// Ends a restore begun by [`Store::create_for_restore`]: every record durable, then the
+    /// unfinished mark removed.
+    pub async fn restored(&self) -> Result<(), StoreError> {
+        self.flush().await?;
+        let marker = self.inner.data_dir.join(RESTORING);
+        std::fs::remove_file(&marker).map_err(io(format!("removing {}", marker.display())))?;
+        fsync_dir(&self.inner.data_dir)
+    }
+
+    /// The data dir this store is in.
+    pub fn data_dir(&self) -> &Path {
+        &self.inner.data_dir
+    }
+
+    fn open_locked(data_dir: &Path, lock: std::fs::File) -> Result<Store, StoreError> {
+        let blobs_dir = data_dir.join("blobs");
+        let tmp_dir = data_dir.join("tmp");
+        let db_dir = data_dir.join("db");
         for dir in [&blobs_dir, &tmp_dir] {
             std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
         }
@@ -253,6 +398,7 @@ impl Store {
         let store = Store {
             inner: Arc::new(Inner {
                 _lock: lock,
+                data_dir: data_dir.to_path_buf(),
                 blobs_dir,
                 tmp_dir,
                 quarantine_dir: data_dir.join("quarantine"),
@@ -358,6 +504,61 @@ impl Store {
             Ok(g) => g.iter().map(|(d, (m, _))| (*d, *m)).collect(),
             Err(_) => Vec::new(),
         }
+    }
+
+    /// Marks a stored blob as being read until the guard drops, so that neither the
+    /// manager's collection nor a node's eviction removes it meanwhile (a backup holds the
+    /// blobs of the catalog it captured this way). None when it is not stored.
+    pub fn hold(&self, digest: &Digest) -> Option<ReadGuard> {
+        let mut r = self.inner.readers.lock().ok()?;
+        if !self.contains(digest) {
+            return None;
+        }
+        *r.entry(*digest).or_insert(0) += 1;
+        Some(ReadGuard {
+            store: self.clone(),
+            digest: *digest,
+        })
+    }
+
+    /// A stored blob's file, opened for reading, with its size (checked against the
+    /// index). Blocking.
+    pub fn blob_file(&self, digest: &Digest) -> Result<(std::fs::File, u64), StoreError> {
+        let meta = self.get(digest).ok_or_else(|| StoreError::Io {
+            context: format!("blob {digest}"),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "not stored"),
+        })?;
+        let path = self.blob_path(digest);
+        let file = std::fs::File::open(&path).map_err(io(format!("opening blob {digest}")))?;
+        let len = file
+            .metadata()
+            .map_err(io(format!("reading blob {digest}")))?
+            .len();
+        if len != meta.size {
+            return Err(StoreError::SizeMismatch {
+                expected: meta.size,
+                actual: len,
+            });
+        }
+        Ok((file, len))
+    }
+
+    /// A new temp file under `tmp/`, already unlinked: it is gone once the handle drops,
+    /// even after a crash. Blocking.
+    pub fn scratch_file(&self) -> Result<std::fs::File, StoreError> {
+        let path = self.inner.tmp_dir.join(format!(
+            "{:016x}{:016x}.scratch",
+            rand::random::<u64>(),
+            rand::random::<u64>()
+        ));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| self.failed(io(format!("creating {}", path.display()))(e)))?;
+        std::fs::remove_file(&path).map_err(io(format!("removing {}", path.display())))?;
+        Ok(file)
     }
 
     /// The blobs some response is reading now.

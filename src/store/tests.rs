@@ -351,3 +351,202 @@ fn a_batch_on_two_trees_is_applied_together_and_only_within_one_database() {
     assert!(matches!(e, StoreError::Apart { .. }), "{e}");
     assert_eq!(a.get::<u64>("k").unwrap(), Some(1));
 }
+
+/// Every record of every tree but the store's own, as raw bytes.
+fn dump(store: &Store) -> std::collections::BTreeMap<(String, Vec<u8>), Vec<u8>> {
+    let db = &store.inner.db;
+    let mut out = std::collections::BTreeMap::new();
+    for name in db.tree_names().unwrap() {
+        if ["blobs", "probe", "__sled__default"].contains(&name.as_str()) {
+            continue;
+        }
+        for entry in db.tree(&name).unwrap().iter() {
+            let (k, v) = entry.unwrap();
+            out.insert((name.clone(), k.to_vec()), v.to_vec());
+        }
+    }
+    out
+}
+
+#[test]
+fn an_export_while_writes_go_on_imports_as_the_database_at_its_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let (a, b) = (store.kv("a").unwrap(), store.kv("b").unwrap());
+    for i in 0..3000u64 {
+        a.put(&format!("k{i:05}"), &i).unwrap();
+        b.put(&format!("k{i:05}"), &(i * 2)).unwrap();
+    }
+    let export = store.begin_export().unwrap();
+    assert!(matches!(store.begin_export(), Err(StoreError::ExportBusy)));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Writes of every kind, in both trees, while the trees are read: batches spanning both,
+    // removals, takes, puts of new keys, puts only where absent.
+    let writer = {
+        let (a, b, stop) = (a.clone(), b.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) && n < 200_000 {
+                n += 1;
+                let i = n * 7919 % 3000;
+                let (mut x, mut y) = (Batch::default(), Batch::default());
+                x.put(&format!("k{i:05}"), &(n + 1_000_000)).unwrap();
+                y.put(&format!("k{i:05}"), &(n + 2_000_000)).unwrap();
+                y.remove(&format!("k{:05}", (i + 1) % 3000));
+                a.apply_with(x, &b, y).unwrap();
+                a.put(&format!("new{n:06}"), &n).unwrap();
+                if n.is_multiple_of(3) {
+                    a.remove(&format!("k{:05}", (i + 2) % 3000)).unwrap();
+                }
+                if n.is_multiple_of(5) {
+                    let _ = b.take::<u64>(&format!("k{:05}", (i + 3) % 3000)).unwrap();
+                }
+                b.put_if_absent(&format!("k{:05}", (i + 4) % 3000), &n)
+                    .unwrap();
+            }
+            n
+        })
+    };
+    let mut records = Vec::new();
+    let read = export.write_records(&mut records, &[]).unwrap();
+    stop.store(true, Ordering::Relaxed);
+    let writes = writer.join().unwrap();
+    assert!(writes > 0 && read > 0);
+    let recorded = export.stop().unwrap();
+    assert!(!recorded.is_empty(), "writes overlapped the reading");
+    recorded.write(&mut records, &[]).unwrap();
+    // Nothing is written after the stop, so the database now is the database then.
+    let want = dump(&store);
+    assert!(
+        store.begin_export().is_ok(),
+        "one export at a time, not one ever"
+    );
+
+    let other = tempfile::tempdir().unwrap();
+    let copy = Store::open(other.path()).unwrap();
+    let lines = copy.import_records(&records[..]).unwrap();
+    assert_eq!(lines as usize, records.split(|b| *b == b'\n').count() - 1);
+    assert_eq!(dump(&copy), want, "every tree, every key, every value");
+}
+
+#[test]
+fn an_export_leaves_out_the_stores_own_trees_and_the_ones_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    store.kv("keep").unwrap().put("k", &"v").unwrap();
+    store.kv("skip").unwrap().put("k", &"v").unwrap();
+    store
+        .put_index(
+            &Digest::of(b"x"),
+            &BlobMeta {
+                size: 1,
+                stored_at: Utc::now(),
+                last_access: Utc::now(),
+                verified_at: None,
+            },
+        )
+        .unwrap();
+    let export = store.begin_export().unwrap();
+    let mut out = Vec::new();
+    assert_eq!(export.write_records(&mut out, &["skip"]).unwrap(), 1);
+    let text = String::from_utf8(out).unwrap();
+    assert_eq!(text, "{\"tree\":\"keep\",\"key\":\"k\",\"value\":\"v\"}\n");
+    drop(export);
+    // A record of the store's own trees, or a line that is not a record, is refused.
+    let other = tempfile::tempdir().unwrap();
+    let copy = Store::open(other.path()).unwrap();
+    for bad in [
+        "{\"tree\":\"blobs\",\"key\":\"k\",\"value\":1}\n",
+        "{\"tree\":\"t\",\"value\":1}\n",
+        "{\"tree\":\"t\",\"key\":\"k\"}\n",
+        "not json\n",
+    ] {
+        let e = copy.import_records(bad.as_bytes()).unwrap_err();
+        assert!(
+            matches!(e, StoreError::BadRecord { line: 1, .. }),
+            "{bad}: {e}"
+        );
+    }
+    // Bytes that are neither UTF-8 keys nor JSON values go through as hex.
+    let mut raw = Vec::new();
+    super::export::tests_line(&mut raw, "t", &[0xff, 0], Some(&[0xfe]));
+    let n = copy.import_records(&raw[..]).unwrap();
+    assert_eq!(n, 1);
+    let got = copy.inner.db.tree("t").unwrap().get([0xff, 0]).unwrap();
+    assert_eq!(got.as_deref(), Some(&[0xfe][..]));
+}
+
+#[test]
+fn the_format_is_checked_and_an_older_dir_upgraded_once() {
+    let dir = tempfile::tempdir().unwrap();
+    // A new dir records the current format.
+    drop(Store::open(dir.path()).unwrap());
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("format")).unwrap(),
+        format!("{FORMAT}\n")
+    );
+    // A dir with a database but no format file is format 1: upgraded once.
+    std::fs::remove_file(dir.path().join("format")).unwrap();
+    let calls = std::sync::Mutex::new(Vec::new());
+    let upgrade = |_: &Store, from: u32| {
+        calls.lock().unwrap().push(from);
+        Ok(())
+    };
+    drop(Store::open_with(dir.path(), &upgrade).unwrap());
+    drop(Store::open_with(dir.path(), &upgrade).unwrap());
+    assert_eq!(*calls.lock().unwrap(), vec![format::UNRECORDED]);
+    // A failed upgrade leaves the old format recorded, so the next start tries again.
+    std::fs::write(dir.path().join("format"), "1\n").unwrap();
+    let failing = |_: &Store, _: u32| Err(StoreError::Join("no".into()));
+    assert!(Store::open_with(dir.path(), &failing).is_err());
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("format")).unwrap(),
+        "1\n"
+    );
+    // A newer format is refused before the database is opened.
+    let newer = tempfile::tempdir().unwrap();
+    std::fs::write(newer.path().join("format"), format!("{}\n", FORMAT + 1)).unwrap();
+    let e = Store::open(newer.path()).err().expect("refused");
+    assert!(
+        matches!(e, StoreError::TooNew { .. }) && e.is_refusal(),
+        "{e}"
+    );
+    assert!(!newer.path().join("db").exists(), "sled never opened it");
+}
+
+#[tokio::test]
+async fn a_restore_builds_only_into_an_empty_dir_and_is_marked_until_done() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("x"), b"").unwrap();
+    let e = Store::create_for_restore(dir.path(), FORMAT)
+        .err()
+        .expect("refused");
+    assert!(matches!(e, StoreError::NotEmpty { .. }), "{e}");
+    let target = dir.path().join("new");
+    let store = Store::create_for_restore(&target, format::UNRECORDED).unwrap();
+    assert!(target.join(RESTORING).exists());
+    let held = Store::open(&target).err().expect("in use while restoring");
+    assert!(matches!(held, StoreError::InUse { .. }), "{held}");
+    drop(store);
+    let e = Store::open(&target)
+        .err()
+        .expect("an unfinished restore is refused");
+    assert!(
+        matches!(e, StoreError::Unfinished { .. }) && e.is_refusal(),
+        "{e}"
+    );
+    std::fs::remove_file(target.join(RESTORING)).unwrap();
+    let store = Store::create_for_restore(&dir.path().join("again"), FORMAT).unwrap();
+    store.restored().await.unwrap();
+    assert!(!dir.path().join("again").join(RESTORING).exists());
+    drop(store);
+    drop(Store::open(&dir.path().join("again")).unwrap());
+    // The backup's older format is what the next start upgrades from.
+    let calls = std::sync::Mutex::new(Vec::new());
+    let upgrade = |_: &Store, from: u32| {
+        calls.lock().unwrap().push(from);
+        Ok(())
+    };
+    drop(Store::open_with(&target, &upgrade).unwrap());
+    assert_eq!(*calls.lock().unwrap(), vec![format::UNRECORDED]);
+}
