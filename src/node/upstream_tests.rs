@@ -58,12 +58,15 @@ fn a_429_or_503_with_retry_after_is_busy_for_that_long_and_anything_else_is_a_st
 
 fn upstream(servers: usize) -> Upstream {
     let servers = (0..servers)
-        .map(|i| url::Url::parse(&format!("http://127.0.0.1:{}/", 1 + i)).unwrap())
+        .map(|i| Server {
+            url: url::Url::parse(&format!("http://127.0.0.1:{}/", 1 + i)).unwrap(),
+            token: None,
+        })
         .collect();
     Upstream::new(
         UpstreamOptions {
             servers,
-            token: None,
+            proxy: ProxyChoice::Environment,
             ca_file: None,
             idle_timeout: Duration::from_secs(1),
             probe_interval: Duration::from_secs(1),
