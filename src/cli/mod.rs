@@ -26,6 +26,7 @@ mod admin;
 mod admin_nodes;
 mod admin_print;
 mod agent;
+mod node_seed;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -163,6 +164,7 @@ struct ManagerArgs {
 
 #[derive(Args)]
 #[command(
+    args_conflicts_with_subcommands = true,
     after_help = "Each upstream presents --upstream-token (or --upstream-token-file) unless \
                   --upstream-token-for / --upstream-token-file-for give it its own, e.g. a node \
                   listing another node first and the manager second:\n  \
@@ -175,6 +177,8 @@ struct ManagerArgs {
                   included; NO_PROXY lists hosts reached directly either way."
 )]
 struct NodeArgs {
+    #[command(subcommand)]
+    command: Option<NodeCommand>,
     /// TOML config file (see config/node.toml); flags override it.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -227,6 +231,14 @@ struct NodeArgs {
     /// Print this node's node token (made at first start if needed) and exit.
     #[arg(long)]
     print_node_token: bool,
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// Import content from a directory (a disk carried to the branch) into a stopped node's
+    /// store: files whose SHA-256 is in the node's mirrored catalog are verified and stored,
+    /// others listed and skipped.
+    Seed(node_seed::SeedArgs),
 }
 
 #[derive(Args)]
@@ -464,6 +476,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
             })
         }
         Command::Node(args) => {
+            if let Some(NodeCommand::Seed(seed)) = args.command {
+                return node_seed::run(seed, cli.log_format.unwrap_or_default());
+            }
             let mut cfg: NodeConfig = match &args.config {
                 Some(p) => config::load(p).map_err(config_failure)?,
                 None => NodeConfig::default(),

@@ -6,10 +6,11 @@
 //! uploads go to the durable outbox. Its parts: the upstream list (`upstream`), single-flight
 //! fetches into the store (`fetch`), the mirror of catalog and directory kept fresh by push or
 //! pull (`mirror`), the relay of heartbeats and uploads (`relay`, `outbox`), its reports to
-//! its upstream and those of the nodes behind it (`report`), and eviction
-//! within the disk budget (`evict`). Group resolution stays the manager's. It must never
-//! answer a client with bytes that did not come through the store, and never ask an upstream
-//! for a digest that is not in its mirrored catalog.
+//! its upstream and those of the nodes behind it (`report`), eviction within the disk
+//! budget (`evict`), and seeding a stopped node's store from a carried disk (`seed`). Group
+//! resolution stays the manager's. It must never answer a client with bytes that did not
+//! come through the store, and never ask an upstream for a digest that is not in its
+//! mirrored catalog.
 
 mod evict;
 pub mod fetch;
@@ -18,6 +19,7 @@ pub mod outbox;
 mod relay;
 mod repair;
 pub mod report;
+pub mod seed;
 pub mod status_page;
 pub mod upstream;
 mod upstream_error;
