@@ -103,3 +103,22 @@ async fn a_held_server_is_not_asked_until_its_time_even_when_all_others_back_off
     assert!(matches!(r, Err(UpstreamError::Held { .. })), "{r:?}");
     assert_eq!(calls.into_inner(), 0, "no server was called");
 }
+
+#[test]
+fn a_configured_proxy_is_shown_without_its_credentials_and_a_bad_one_is_refused() {
+    let builder = || reqwest::Client::builder();
+    let (_, shown) = with_proxy(
+        builder(),
+        &ProxyChoice::Configured("http://branch:s3cret@127.0.0.1:3128".into()),
+    )
+    .unwrap();
+    assert_eq!(shown.as_deref(), Some("http://***@127.0.0.1:3128"));
+    let Err(e) = with_proxy(
+        builder(),
+        &ProxyChoice::Configured("http://branch:s3cret@[::1".into()),
+    ) else {
+        panic!("an unparsable proxy URL is refused");
+    };
+    assert!(matches!(e, UpstreamError::Proxy { .. }), "{e}");
+    assert!(!e.to_string().contains("s3cret"), "{e}");
+}
