@@ -55,6 +55,7 @@ fn node_view() -> NodeView {
                 state: UpstreamState::NotTried,
             },
         ],
+        proxy: None,
         ready: true,
         stale_since: None,
         revision: 7,

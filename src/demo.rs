@@ -125,7 +125,7 @@ pub async fn run(opts: &DemoOptions, shutdown: Shutdown) -> Result<(), DemoError
     let mut nc = NodeConfig::default();
     nc.node.listen = node_listener.local_addr()?;
     nc.node.data_dir = data_dir.join("node");
-    nc.upstream.servers = vec![manager_url.clone()];
+    nc.upstream.servers = vec![manager_url.clone().into()];
     nc.upstream.token = node_token.secret().to_string();
     // Relay heartbeats and events every 2 s, so the manager's view is fresh in a short demo.
     nc.upstream.sync_interval_s = 2;

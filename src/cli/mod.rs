@@ -26,6 +26,7 @@ mod admin;
 mod admin_nodes;
 mod admin_print;
 mod agent;
+mod node_seed;
 mod reload;
 
 use std::net::SocketAddr;
@@ -179,7 +180,22 @@ enum ManagerCommand {
 }
 
 #[derive(Args, Clone)]
+#[command(
+    args_conflicts_with_subcommands = true,
+    after_help = "Each upstream presents --upstream-token (or --upstream-token-file) unless \
+                  --upstream-token-for / --upstream-token-file-for give it its own, e.g. a node \
+                  listing another node first and the manager second:\n  \
+                  gup node --upstream http://branch-a:2967 --upstream https://manager:8014 \\\n    \
+                  --upstream-token-file a.token --upstream-token-file-for https://manager:8014=manager.token\n\
+                  In the config file an entry of upstream.servers may be a table \
+                  { url = \"...\", token_file = \"...\" }.\n\
+                  Upstream calls go through --upstream-proxy (upstream.proxy) when set, else \
+                  through HTTPS_PROXY / HTTP_PROXY / ALL_PROXY from the environment, loopback \
+                  included; NO_PROXY lists hosts reached directly either way."
+)]
 struct NodeArgs {
+    #[command(subcommand)]
+    command: Option<NodeCommand>,
     /// TOML config file (see config/node.toml); flags override it.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -198,6 +214,19 @@ struct NodeArgs {
     /// File holding the upstream token.
     #[arg(long)]
     upstream_token_file: Option<PathBuf>,
+    /// One upstream's own node token, as URL=TOKEN (repeatable); the URL must be in the
+    /// upstream list. Others present --upstream-token. A command line is visible to `ps`:
+    /// prefer --upstream-token-file-for.
+    #[arg(long, value_name = "URL=TOKEN")]
+    upstream_token_for: Vec<String>,
+    /// One upstream's own node token from a file, as URL=FILE (repeatable).
+    #[arg(long, value_name = "URL=FILE")]
+    upstream_token_file_for: Vec<String>,
+    /// Outbound proxy for every call to an upstream (the push stream too): an http or https
+    /// URL, credentials allowed (http://user:pass@host:3128; prefer upstream.proxy in the
+    /// config file, which `ps` does not show). Wins over HTTPS_PROXY/HTTP_PROXY.
+    #[arg(long, value_name = "URL")]
+    upstream_proxy: Option<String>,
     /// Token downstream nodes must present (when this node is an upstream).
     #[arg(long, env = "GUP_NODE_TOKEN", hide_env_values = true)]
     node_token: Option<String>,
@@ -219,6 +248,14 @@ struct NodeArgs {
     /// Print this node's node token (made at first start if needed) and exit.
     #[arg(long)]
     print_node_token: bool,
+}
+
+#[derive(Subcommand, Clone)]
+enum NodeCommand {
+    /// Import content from a directory (a disk carried to the branch) into a stopped node's
+    /// store: files whose SHA-256 is in the node's mirrored catalog are verified and stored,
+    /// others listed and skipped.
+    Seed(node_seed::SeedArgs),
 }
 
 #[derive(Args)]
@@ -494,13 +531,18 @@ fn node_config(args: &NodeArgs, log_format: Option<LogFormat>) -> Result<NodeCon
         for (i, u) in args.upstream.iter().enumerate() {
             config::validate_url(u).map_err(|m| usage(format!("--upstream #{}: {m}", i + 1)))?;
         }
-        cfg.upstream.servers = args.upstream.clone();
+        cfg.upstream.servers = args.upstream.iter().cloned().map(Into::into).collect();
     }
     if let Some(v) = non_empty(args.upstream_token.clone()) {
         cfg.upstream.token = v;
     }
     if let Some(v) = path_string(args.upstream_token_file.clone()) {
         cfg.upstream.token_file = v;
+    }
+    upstream_tokens_for(&mut cfg, &args.upstream_token_for, false)?;
+    upstream_tokens_for(&mut cfg, &args.upstream_token_file_for, true)?;
+    if let Some(v) = args.upstream_proxy.clone() {
+        cfg.upstream.proxy = v;
     }
     if let Some(v) = non_empty(args.node_token.clone()) {
         cfg.node.node_token = v;
@@ -586,6 +628,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
             })
         }
         Command::Node(args) => {
+            if let Some(NodeCommand::Seed(seed)) = args.command {
+                return node_seed::run(seed, cli.log_format.unwrap_or_default());
+            }
             let cfg = node_config(&args, cli.log_format)?;
             if args.print_node_token {
                 let n = &cfg.node;
@@ -653,6 +698,37 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Loadtest(args) => loadtest(args, cli.log_format.unwrap_or_default()),
         Command::Agent(args) => agent::run(args, cli.log_format.unwrap_or_default()),
     }
+}
+
+/// Applies `--upstream-token-for URL=TOKEN` (or, with `file`, `--upstream-token-file-for
+/// URL=FILE`) to the upstream list. A bad value is named by its URL, never by its token.
+fn upstream_tokens_for(cfg: &mut NodeConfig, specs: &[String], file: bool) -> Result<(), Failure> {
+    let flag = match file {
+        true => "--upstream-token-file-for",
+        false => "--upstream-token-for",
+    };
+    for spec in specs {
+        // A token may end in `=` (base64), a base URL holds none: split at the first.
+        let Some((url, value)) = spec.split_once('=') else {
+            return Err(usage(format!(
+                "{flag}: expected URL={}",
+                if file { "FILE" } else { "TOKEN" }
+            )));
+        };
+        if value.trim().is_empty() {
+            return Err(usage(format!(
+                "{flag} {url}: the {} is empty",
+                if file { "file name" } else { "token" }
+            )));
+        }
+        let (token, token_file) = match file {
+            true => (None, Some(value.to_string())),
+            false => (Some(value.to_string()), None),
+        };
+        cfg.set_upstream_token(url, token, token_file)
+            .map_err(|m| usage(format!("{flag} {url}: {m}")))?;
+    }
+    Ok(())
 }
 
 fn loadtest(args: LoadtestArgs, log_format: LogFormat) -> Result<(), Failure> {

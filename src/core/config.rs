@@ -10,6 +10,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+#[path = "config_upstream.rs"]
+mod upstream;
+pub use upstream::{redact_credentials, validate_proxy, UpstreamServer};
+
 /// Default port of the manager.
 pub const MANAGER_PORT: u16 = 8014;
 /// Default port of a node.
@@ -488,10 +492,16 @@ impl Default for NodeSection {
 #[serde(deny_unknown_fields, default)]
 pub struct UpstreamSection {
     /// Management servers (or nodes), highest priority first. Empty: `DEFAULT_UPSTREAM`.
-    pub servers: Vec<String>,
-    /// The node token this node presents upstream.
+    /// Each entry may carry its own token; those without one present `token`.
+    #[serde(deserialize_with = "upstream::deserialize_servers")]
+    pub servers: Vec<UpstreamServer>,
+    /// The node token this node presents upstream (to every server without one of its own).
     pub token: String,
     pub token_file: String,
+    /// The outbound proxy every call to an upstream goes through (http or https URL,
+    /// credentials allowed). Empty: the `HTTPS_PROXY`/`HTTP_PROXY`/`ALL_PROXY` environment,
+    /// if any. `NO_PROXY` names hosts reached directly either way.
+    pub proxy: String,
     /// `push`: hold one `/v1/stream` to the upstream and re-sync on each event; `pull`: re-sync
     /// every `sync_interval_s`.
     pub mode: super::settings::ConnectionMode,
@@ -520,6 +530,7 @@ impl Default for UpstreamSection {
             servers: Vec::new(),
             token: String::new(),
             token_file: String::new(),
+            proxy: String::new(),
             mode: super::settings::ConnectionMode::Push,
             sync_interval_s: 10,
             idle_timeout_s: 30,
@@ -579,21 +590,54 @@ impl Default for CacheSection {
 
 impl NodeConfig {
     /// The upstream list to use (the default when none is configured).
-    pub fn upstreams(&self) -> Vec<String> {
+    pub fn upstreams(&self) -> Vec<UpstreamServer> {
         if self.upstream.servers.is_empty() {
-            vec![DEFAULT_UPSTREAM.to_string()]
+            vec![UpstreamServer::from(DEFAULT_UPSTREAM)]
         } else {
             self.upstream.servers.clone()
         }
+    }
+
+    /// Gives the upstream `url` (compared as URLs: `http://h:1` and `http://h:1/` are one) its
+    /// own token or token file, for `--upstream-token-for` / `--upstream-token-file-for`.
+    /// With no list configured, the default upstream is the list. Err: `url` is not in it.
+    pub fn set_upstream_token(
+        &mut self,
+        url: &str,
+        token: Option<String>,
+        token_file: Option<String>,
+    ) -> Result<(), String> {
+        let wanted = validate_url(url)?;
+        let mut list = self.upstreams();
+        let mut found = false;
+        for s in list.iter_mut() {
+            if url::Url::parse(&s.url).is_ok_and(|u| u == wanted) {
+                found = true;
+                if let Some(t) = &token {
+                    s.token = t.clone();
+                }
+                if let Some(f) = &token_file {
+                    s.token_file = f.clone();
+                }
+            }
+        }
+        if !found {
+            let known: Vec<&str> = list.iter().map(|s| s.url.as_str()).collect();
+            return Err(format!(
+                "{url} is not in the upstream list ({})",
+                known.join(", ")
+            ));
+        }
+        self.upstream.servers = list;
+        Ok(())
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.node.data_dir.as_os_str().is_empty() {
             return Err(bad("node.data_dir", "must not be empty"));
         }
-        for (i, s) in self.upstream.servers.iter().enumerate() {
-            validate_url(s).map_err(|m| bad(&format!("upstream.servers[{i}]"), m))?;
-        }
+        upstream::validate_servers(&self.upstream.servers)?;
+        validate_proxy(&self.upstream.proxy)?;
         let u = &self.upstream;
         if !(1..=86_400).contains(&u.sync_interval_s) {
             return Err(bad(
@@ -793,6 +837,22 @@ pub fn load<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigErro
 /// Turns a multi-line toml error into one line naming `section.key`.
 fn toml_error(text: &str, e: &toml::de::Error) -> ConfigError {
     let message = e.message().trim().replace('\n', " ");
+    // A nested reader that knows the key says so first: `upstream.servers[1]: ...`.
+    if let Some((key, rest)) = message.split_once(": ") {
+        let keyish = |c: char| c.is_ascii_alphanumeric() || "_.[]".contains(c);
+        if key.contains('.') && key.chars().all(keyish) {
+            let line = e
+                .span()
+                .map(|sp| text[..sp.start.min(text.len())].matches('\n').count() + 1);
+            return bad(
+                key,
+                match line {
+                    Some(n) => format!("{rest} (line {n})"),
+                    None => rest.to_string(),
+                },
+            );
+        }
+    }
     let Some(span) = e.span() else {
         return bad("(file)", message);
     };
@@ -839,7 +899,10 @@ mod tests {
     fn defaults_validate() {
         ManagerConfig::default().validate().unwrap();
         NodeConfig::default().validate().unwrap();
-        assert_eq!(NodeConfig::default().upstreams(), vec![DEFAULT_UPSTREAM]);
+        assert_eq!(
+            NodeConfig::default().upstreams(),
+            vec![UpstreamServer::from(DEFAULT_UPSTREAM)]
+        );
         assert_eq!(ManagerConfig::default().manager.listen.port(), 8014);
         assert_eq!(NodeConfig::default().node.listen.port(), 2967);
     }
@@ -902,6 +965,90 @@ mod tests {
             infer_role("[store]\nscrub_interval_s = 5\n[node]\n").unwrap(),
             Role::Node
         );
+    }
+
+    #[test]
+    fn an_upstream_entry_is_a_url_or_a_table_with_its_own_token() {
+        let n: NodeConfig = parse(
+            "[upstream]\ntoken = \"dflt\"\nservers = [\n  \"http://a:2967\",\n  { url = \"http://m:8014\", token = \"t1\" },\n  { url = \"http://c:1\", token_file = \"/x\" },\n]\n",
+        )
+        .unwrap();
+        let s = &n.upstream.servers;
+        assert_eq!(s[0], UpstreamServer::from("http://a:2967"));
+        assert!(!s[0].has_own_token());
+        assert_eq!(
+            (s[1].url.as_str(), s[1].token.as_str()),
+            ("http://m:8014", "t1")
+        );
+        assert_eq!(s[2].token_file, "/x");
+        // Written back, plain entries stay strings and the others tables.
+        let text = toml::to_string(&n).unwrap();
+        assert_eq!(parse::<NodeConfig>(&text).unwrap(), n, "{text}");
+        assert!(text.contains("\"http://a:2967\""), "{text}");
+
+        let e = parse::<NodeConfig>(
+            "[upstream]\nservers = [\n  \"http://a:1\",\n  { url = \"http://m:8014\", tokn = \"t\" },\n]\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "upstream.servers[1]", "{e}");
+        assert!(e.message.contains("tokn"), "{e}");
+        let e = parse::<NodeConfig>("[upstream]\nservers = [{ token = \"t\" }]\n").unwrap_err();
+        assert_eq!(e.key, "upstream.servers[0]", "{e}");
+        assert!(e.message.contains("url"), "{e}");
+        let e = parse::<NodeConfig>("[upstream]\nservers = [\"http://a:1\", 5]\n").unwrap_err();
+        assert_eq!(e.key, "upstream.servers[1]", "{e}");
+        let e = parse::<NodeConfig>("[upstream]\nservers = \"http://a:1\"\n").unwrap_err();
+        assert_eq!(e.key, "upstream.servers", "{e}");
+
+        // A token file that will be read is checked where it is named.
+        let dir = tempfile::tempdir().unwrap();
+        let mut n = NodeConfig::default();
+        n.upstream.servers = vec![
+            "http://a:1".into(),
+            UpstreamServer {
+                url: "http://m:8014".into(),
+                token_file: dir.path().join("gone").display().to_string(),
+                ..Default::default()
+            },
+        ];
+        let e = n.validate().unwrap_err();
+        assert_eq!(e.key, "upstream.servers[1].token_file", "{e}");
+        n.upstream.servers[1].token = "given".into();
+        n.validate()
+            .expect("a token given directly wins: the file is not read");
+    }
+
+    #[test]
+    fn a_token_for_one_upstream_is_set_by_its_url() {
+        let mut n = NodeConfig::default();
+        n.set_upstream_token("http://127.0.0.1:8014/", Some("t".into()), None)
+            .expect("the default upstream is the list when none is configured");
+        assert_eq!(n.upstream.servers.len(), 1);
+        assert_eq!(n.upstream.servers[0].token, "t");
+        n.upstream.servers = vec!["http://a:1/".into(), "http://m:8014".into()];
+        n.set_upstream_token("http://M:8014", None, Some("/f".into()))
+            .unwrap();
+        assert_eq!(n.upstream.servers[1].token_file, "/f");
+        assert!(!n.upstream.servers[0].has_own_token());
+        let e = n
+            .set_upstream_token("http://other:1", Some("t".into()), None)
+            .unwrap_err();
+        assert!(
+            e.contains("not in the upstream list") && e.contains("http://a:1/"),
+            "{e}"
+        );
+        assert!(n.set_upstream_token("nonsense", None, None).is_err());
+    }
+
+    #[test]
+    fn the_proxy_key_is_checked_by_name() {
+        let mut n = NodeConfig::default();
+        n.upstream.proxy = "http://user:pw@127.0.0.1:3128".into();
+        n.validate().unwrap();
+        n.upstream.proxy = "ftp://user:pw@127.0.0.1:21".into();
+        let e = n.validate().unwrap_err();
+        assert_eq!(e.key, "upstream.proxy");
+        assert!(!e.to_string().contains("pw@"), "{e}");
     }
 
     #[test]
@@ -986,6 +1133,16 @@ mod tests {
         n.upstream.sync_interval_s = 0;
         assert_eq!(n.validate().unwrap_err().key, "upstream.sync_interval_s");
         n = NodeConfig::default();
+        n.upstream.servers = vec!["ftp://x".into()];
+        assert_eq!(n.validate().unwrap_err().key, "upstream.servers[0]");
+        n.upstream.servers = vec![
+            "http://a:1".into(),
+            UpstreamServer {
+                url: "gopher://b".into(),
+                ..Default::default()
+            },
+        ];
+        assert_eq!(n.validate().unwrap_err().key, "upstream.servers[1]");
         n.upstream.servers = vec!["ftp://x".into()];
         assert_eq!(n.validate().unwrap_err().key, "upstream.servers[0]");
         n = NodeConfig::default();

@@ -6,10 +6,11 @@
 //! uploads go to the durable outbox. Its parts: the upstream list (`upstream`), single-flight
 //! fetches into the store (`fetch`), the mirror of catalog and directory kept fresh by push or
 //! pull (`mirror`), the relay of heartbeats and uploads (`relay`, `outbox`), its reports to
-//! its upstream and those of the nodes behind it (`report`), and eviction
-//! within the disk budget (`evict`). Group resolution stays the manager's. It must never
-//! answer a client with bytes that did not come through the store, and never ask an upstream
-//! for a digest that is not in its mirrored catalog.
+//! its upstream and those of the nodes behind it (`report`), eviction within the disk
+//! budget (`evict`), and seeding a stopped node's store from a carried disk (`seed`). Group
+//! resolution stays the manager's. It must never answer a client with bytes that did not
+//! come through the store, and never ask an upstream for a digest that is not in its
+//! mirrored catalog.
 
 mod evict;
 pub mod fetch;
@@ -19,6 +20,7 @@ mod relay;
 mod reload;
 mod repair;
 pub mod report;
+pub mod seed;
 pub mod status_page;
 pub mod upstream;
 mod upstream_error;
@@ -142,19 +144,34 @@ impl Node {
         let store = Store::open(&n.data_dir)?;
         let file = |f: &str| (!f.is_empty()).then(|| std::path::PathBuf::from(f));
         let node_token = auth::resolve(&n.node_token, &n.node_token_file, &n.data_dir, "node")?;
-        let upstream_token = if !config.upstream.token.is_empty() {
-            Some(Token::new(config.upstream.token.clone()))
-        } else if let Some(f) = file(&config.upstream.token_file) {
-            Some(auth::read_token_file(&f)?)
-        } else {
-            None
+        // The list's default token, and each server's own where it has one.
+        let token_of = |token: &str, token_file: &str| -> Result<Option<Token>, NodeError> {
+            Ok(if !token.is_empty() {
+                Some(Token::new(token))
+            } else if let Some(f) = file(token_file) {
+                Some(auth::read_token_file(&f)?)
+            } else {
+                None
+            })
         };
+        let default_token = token_of(&config.upstream.token, &config.upstream.token_file)?;
         let servers = config
             .upstreams()
             .iter()
-            .map(|s| crate::core::config::validate_url(s))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(NodeError::BadUpstream)?;
+            .map(|s| {
+                let url =
+                    crate::core::config::validate_url(&s.url).map_err(NodeError::BadUpstream)?;
+                let token = match s.has_own_token() {
+                    true => token_of(&s.token, &s.token_file)?,
+                    false => default_token.clone(),
+                };
+                Ok(upstream::Server { url, token })
+            })
+            .collect::<Result<Vec<_>, NodeError>>()?;
+        let proxy = match config.upstream.proxy.as_str() {
+            "" => upstream::ProxyChoice::Environment,
+            url => upstream::ProxyChoice::Configured(url.to_string()),
+        };
         let catalog_kv = store.kv("catalog")?;
         let mut history: CatalogHistory = catalog_kv
             .get(CATALOG_KEY)?
@@ -184,7 +201,7 @@ impl Node {
         let upstream = Arc::new(Upstream::new(
             upstream::UpstreamOptions {
                 servers,
-                token: upstream_token,
+                proxy,
                 ca_file: file(&config.upstream.ca_file),
                 idle_timeout: Duration::from_secs(config.upstream.idle_timeout_s),
                 probe_interval: Duration::from_secs(config.upstream.sync_interval_s),
@@ -292,7 +309,8 @@ impl Node {
             .iter()
             .map(|u| u.to_string())
             .collect();
-        tracing::info!(node_id = %self.id, %addr, ?upstreams, mode = ?self.mode, tls = self.serving.tls.is_some(), max_connections = self.serving.limits.max_connections, "node listening");
+        let proxy = self.upstream.proxy().unwrap_or("none");
+        tracing::info!(node_id = %self.id, %addr, ?upstreams, %proxy, mode = ?self.mode, tls = self.serving.tls.is_some(), max_connections = self.serving.limits.max_connections, "node listening");
         // A client's miss makes room first, as a prefetch does (the node outlives neither).
         let weak = Arc::downgrade(&self);
         self.fetches.set_room_maker(Arc::new(move |size| {

@@ -123,6 +123,7 @@ impl Node {
             version: env!("CARGO_PKG_VERSION").to_string(),
             now,
             upstreams,
+            proxy: self.upstream.proxy().map(str::to_string),
             ready: s.readiness.is_ready(),
             stale_since: s.readiness.stale_since(),
             revision,

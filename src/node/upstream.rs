@@ -1,12 +1,14 @@
 //! The node's side of the WAN: the upstream list and the calls a node makes to it.
 //!
-//! Owns the HTTP client to the upstreams (manager or another node), the order they are tried
-//! in (priority = list order, first that answers wins, jittered backoff for one that failed,
-//! back to a higher one when it answers again), their health (`gup_upstream_up`, `gup_upstream_state`), and the
-//! calls: the `/v1/sync` snapshot, heartbeat and upload batches, the push stream, and a blob's
-//! body, the node reports. Every failure says which server and whether a retry may help; a failure of this
-//! node's own (its disk) is never blamed on an upstream and never makes it try another. It
-//! must never answer clients or write to the store: `fetch` fills the store.
+//! Owns the HTTP client to the upstreams (manager or another node) and the outbound proxy it
+//! goes through, the order they are tried in (priority = list order, first that answers wins,
+//! jittered backoff for one that failed, back to a higher one when it answers again), their
+//! health (`gup_upstream_up`, `gup_upstream_state`), and the calls: the `/v1/sync` snapshot,
+//! heartbeat and upload batches, the push stream, a blob's body, enrolments and the node
+//! reports, each presenting the node token of the server it goes to. Every failure says which
+//! server and whether a retry may help; a failure of this node's own (its disk) is never
+//! blamed on an upstream and never makes it try another. It must never answer clients or
+//! write to the store (`fetch` fills the store), nor show a proxy's credentials.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -103,8 +105,12 @@ fn new_backoff() -> backon::ExponentialBackoff {
 /// The upstream list and how each server is doing.
 pub struct Upstream {
     servers: Vec<url::Url>,
-    token: Option<Token>,
+    /// Per server, in list order: the node token presented to it (its own, else the list's
+    /// default), so that a node and a manager with different node tokens can share a list.
+    tokens: Vec<Option<Token>>,
     http: reqwest::Client,
+    /// Where the calls go out, for the log and the status page (credentials redacted).
+    proxy: Option<String>,
     idle_timeout: Duration,
     metrics: std::sync::Arc<Metrics>,
     /// Per server, in list order: backoff after failures.
@@ -117,12 +123,29 @@ pub struct Upstream {
     last_sync: Mutex<Option<LastSync>>,
 }
 
+/// One upstream and the node token presented to it.
+pub struct Server {
+    pub url: url::Url,
+    pub token: Option<Token>,
+}
+
+/// The outbound proxy of the calls to upstreams.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProxyChoice {
+    /// `upstream.proxy`: every call goes through it (hosts in `NO_PROXY` excepted); the
+    /// environment's proxies are not read.
+    Configured(String),
+    /// Empty `upstream.proxy`: reqwest reads `HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY` and
+    /// `NO_PROXY` (or their lower-case forms) as curl does, loopback included.
+    Environment,
+}
+
 /// How a node talks to its upstreams (from `[upstream]`).
 pub struct UpstreamOptions {
-    /// Highest priority first.
-    pub servers: Vec<url::Url>,
-    /// The node token presented upstream.
-    pub token: Option<Token>,
+    /// Highest priority first, each with its token.
+    pub servers: Vec<Server>,
+    /// Where the calls go out.
+    pub proxy: ProxyChoice,
     /// CA certificates trusted for https upstreams besides the system roots.
     pub ca_file: Option<std::path::PathBuf>,
     /// A call or blob fetch that receives no byte this long is abandoned.
@@ -140,12 +163,14 @@ impl Upstream {
     ) -> Result<Upstream, UpstreamError> {
         let UpstreamOptions {
             servers,
-            token,
+            proxy,
             ca_file,
             idle_timeout,
             probe_interval,
             catalog_key,
         } = opts;
+        let (servers, tokens): (Vec<url::Url>, Vec<Option<Token>>) =
+            servers.into_iter().map(|s| (s.url, s.token)).unzip();
         let health = servers
             .iter()
             .map(|_| Health {
@@ -174,6 +199,7 @@ impl Upstream {
                 builder = builder.add_root_certificate(c);
             }
         }
+        let (builder, proxy) = with_proxy(builder, &proxy)?;
         let http = builder
             .connect_timeout(Duration::from_secs(10))
             .read_timeout(idle_timeout)
@@ -183,8 +209,9 @@ impl Upstream {
             .map_err(UpstreamError::Client)?;
         Ok(Upstream {
             servers,
-            token,
+            tokens,
             http,
+            proxy,
             idle_timeout,
             metrics,
             health: Mutex::new(health),
@@ -202,12 +229,22 @@ impl Upstream {
         format!("{}{}", server.as_str().trim_end_matches('/'), path)
     }
 
-    fn get(&self, url: &str) -> reqwest::RequestBuilder {
-        let req = self.http.get(url);
-        match &self.token {
+    /// Where the calls go out (credentials redacted), None when straight to the servers.
+    pub fn proxy(&self) -> Option<&str> {
+        self.proxy.as_deref()
+    }
+
+    /// `req` with the node token of server `i`.
+    fn authorized(&self, i: usize, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match self.tokens.get(i).and_then(Option::as_ref) {
             Some(t) => req.bearer_auth(t.secret()),
             None => req,
         }
+    }
+
+    /// A GET of `path` on server `i`, with its token.
+    fn get(&self, i: usize, path: &str) -> reqwest::RequestBuilder {
+        self.authorized(i, self.http.get(Self::url(&self.servers[i], path)))
     }
 
     /// The servers to try now, by priority: those not backing off first; when every one is
@@ -338,9 +375,7 @@ impl Upstream {
             .ok()
             .and_then(|l| l.clone())
             .filter(|(at, _, _)| *at == i);
-        let mut req = self
-            .get(&Self::url(server, "/v1/sync"))
-            .timeout(self.idle_timeout);
+        let mut req = self.get(i, "/v1/sync").timeout(self.idle_timeout);
         if let Some((_, etag, _)) = &known {
             req = req.header(reqwest::header::IF_NONE_MATCH, etag.as_str());
         }
@@ -417,18 +452,19 @@ impl Upstream {
     ) -> Result<reqwest::Response, UpstreamError> {
         let server = &self.servers[i];
         let name = server.to_string();
-        let mut req = self
+        let req = self
             .http
             .post(Self::url(server, path))
             .timeout(self.idle_timeout)
             .json(body);
-        if let Some(t) = &self.token {
-            req = req.bearer_auth(t.secret());
-        }
-        let resp = req.send().await.map_err(|source| UpstreamError::Http {
-            server: name.clone(),
-            source,
-        })?;
+        let resp = self
+            .authorized(i, req)
+            .send()
+            .await
+            .map_err(|source| UpstreamError::Http {
+                server: name.clone(),
+                source,
+            })?;
         if !resp.status().is_success() {
             return Err(status_error(name, &resp));
         }
@@ -476,17 +512,16 @@ impl Upstream {
             .first_that_answers(|i| async move {
                 let server = &self.servers[i];
                 let name = server.to_string();
-                let mut call = self
+                let call = self
                     .http
                     .post(Self::url(server, "/v1/node/enroll"))
                     .timeout(self.idle_timeout)
                     .json(req);
-                if let Some(t) = &self.token {
-                    call = call.bearer_auth(t.secret());
-                }
-                let resp = call.send().await.map_err(|source| UpstreamError::Http {
-                    server: name.clone(),
-                    source,
+                let resp = self.authorized(i, call).send().await.map_err(|source| {
+                    UpstreamError::Http {
+                        server: name.clone(),
+                        source,
+                    }
                 })?;
                 let status = resp.status();
                 if status.is_server_error() {
@@ -546,14 +581,12 @@ impl Upstream {
             .first_that_answers(|i| async move {
                 let server = &self.servers[i];
                 let name = server.to_string();
-                let resp = self
-                    .get(&Self::url(server, "/v1/stream"))
-                    .send()
-                    .await
-                    .map_err(|source| UpstreamError::Http {
+                let resp = self.get(i, "/v1/stream").send().await.map_err(|source| {
+                    UpstreamError::Http {
                         server: name.clone(),
                         source,
-                    })?;
+                    }
+                })?;
                 if !resp.status().is_success() {
                     return Err(UpstreamError::Status {
                         server: name,
@@ -636,7 +669,7 @@ impl Upstream {
         let server = &self.servers[i];
         let name = server.to_string();
         let resp = self
-            .get(&Self::url(server, &format!("/v1/content/{digest}")))
+            .get(i, &format!("/v1/content/{digest}"))
             .send()
             .await
             .map_err(|source| UpstreamError::Http {
@@ -673,6 +706,81 @@ impl Upstream {
     pub fn name(&self, i: usize) -> String {
         self.servers[i].to_string()
     }
+}
+
+/// Applies the proxy choice to the client; returns it with what to show of the proxy
+/// (credentials redacted), None when calls go straight to the servers.
+fn with_proxy(
+    builder: reqwest::ClientBuilder,
+    choice: &ProxyChoice,
+) -> Result<(reqwest::ClientBuilder, Option<String>), UpstreamError> {
+    use crate::core::config::redact_credentials;
+    match choice {
+        ProxyChoice::Configured(raw) => {
+            let shown = redact_credentials(raw);
+            let refused = |reason: String| UpstreamError::Proxy {
+                shown: shown.clone(),
+                reason,
+            };
+            // The URL as the url crate writes it (credentials percent-encoded), since
+            // hyper-util drops a proxy it cannot read as a URI without a word, and the calls
+            // would then go direct.
+            let url = url::Url::parse(raw).map_err(|e| refused(e.to_string()))?;
+            if url.as_str().parse::<axum::http::Uri>().is_err() {
+                return Err(refused("not a URI an HTTP client can use".into()));
+            }
+            let proxy = reqwest::Proxy::all(url.as_str())
+                .map_err(|_| refused("not a proxy URL reqwest accepts".into()))?
+                .no_proxy(reqwest::NoProxy::from_env());
+            Ok((builder.proxy(proxy), Some(shown)))
+        }
+        ProxyChoice::Environment => Ok((builder, environment_proxy())),
+    }
+}
+
+/// The proxies the environment gives the client (as reqwest reads them: the upper-case name
+/// first, `ALL_PROXY` for a scheme without its own), redacted, for the log and the status
+/// page; warns of a value the client will ignore, since then the calls go direct.
+fn environment_proxy() -> Option<String> {
+    use crate::core::config::redact_credentials;
+    // reqwest ignores proxy variables in a CGI process (httpoxy).
+    if std::env::var_os("REQUEST_METHOD").is_some() {
+        return None;
+    }
+    fn first(names: [&'static str; 2]) -> Option<(&'static str, String)> {
+        names
+            .into_iter()
+            .find_map(|n| std::env::var(n).ok().map(|v| (n, v)))
+            .filter(|(_, v)| !v.is_empty())
+    }
+    let mut shown = Vec::new();
+    for names in [
+        ["HTTPS_PROXY", "https_proxy"],
+        ["HTTP_PROXY", "http_proxy"],
+        ["ALL_PROXY", "all_proxy"],
+    ] {
+        let Some((name, value)) = first(names) else {
+            continue;
+        };
+        let usable = value
+            .parse::<axum::http::Uri>()
+            .ok()
+            .filter(|u| u.authority().is_some())
+            .is_some_and(|u| matches!(u.scheme_str(), None | Some("http" | "https")));
+        let value = redact_credentials(&value);
+        if usable {
+            shown.push(format!("{name}={value}"));
+        } else {
+            tracing::warn!(variable = name, value = %value, "a proxy variable that is not an http(s) proxy URL: the node cannot use it");
+        }
+    }
+    if shown.is_empty() {
+        return None;
+    }
+    if let Some((name, value)) = first(["NO_PROXY", "no_proxy"]) {
+        shown.push(format!("{name}={value}"));
+    }
+    Some(format!("environment: {}", shown.join(", ")))
 }
 
 #[path = "upstream_state.rs"]

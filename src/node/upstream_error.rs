@@ -52,6 +52,9 @@ pub enum UpstreamError {
     Client(reqwest::Error),
     #[error("upstream CA file {path}: {reason}")]
     Ca { path: String, reason: String },
+    /// `upstream.proxy` cannot be used; `shown` has its credentials redacted.
+    #[error("upstream.proxy {shown}: {reason}")]
+    Proxy { shown: String, reason: String },
     #[error("{server}: catalog refused: {reason}")]
     Signature { server: String, reason: String },
     #[error("{server}: refused: {reason}")]
@@ -88,6 +91,7 @@ impl UpstreamError {
             UpstreamError::Mismatch { .. }
             | UpstreamError::Client(_)
             | UpstreamError::Ca { .. }
+            | UpstreamError::Proxy { .. }
             | UpstreamError::Signature { .. }
             | UpstreamError::Refused { .. } => false,
         }

@@ -58,12 +58,15 @@ fn a_429_or_503_with_retry_after_is_busy_for_that_long_and_anything_else_is_a_st
 
 fn upstream(servers: usize) -> Upstream {
     let servers = (0..servers)
-        .map(|i| url::Url::parse(&format!("http://127.0.0.1:{}/", 1 + i)).unwrap())
+        .map(|i| Server {
+            url: url::Url::parse(&format!("http://127.0.0.1:{}/", 1 + i)).unwrap(),
+            token: None,
+        })
         .collect();
     Upstream::new(
         UpstreamOptions {
             servers,
-            token: None,
+            proxy: ProxyChoice::Environment,
             ca_file: None,
             idle_timeout: Duration::from_secs(1),
             probe_interval: Duration::from_secs(1),
@@ -99,4 +102,23 @@ async fn a_held_server_is_not_asked_until_its_time_even_when_all_others_back_off
         .await;
     assert!(matches!(r, Err(UpstreamError::Held { .. })), "{r:?}");
     assert_eq!(calls.into_inner(), 0, "no server was called");
+}
+
+#[test]
+fn a_configured_proxy_is_shown_without_its_credentials_and_a_bad_one_is_refused() {
+    let builder = || reqwest::Client::builder();
+    let (_, shown) = with_proxy(
+        builder(),
+        &ProxyChoice::Configured("http://branch:s3cret@127.0.0.1:3128".into()),
+    )
+    .unwrap();
+    assert_eq!(shown.as_deref(), Some("http://***@127.0.0.1:3128"));
+    let Err(e) = with_proxy(
+        builder(),
+        &ProxyChoice::Configured("http://branch:s3cret@[::1".into()),
+    ) else {
+        panic!("an unparsable proxy URL is refused");
+    };
+    assert!(matches!(e, UpstreamError::Proxy { .. }), "{e}");
+    assert!(!e.to_string().contains("s3cret"), "{e}");
 }

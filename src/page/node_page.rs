@@ -53,6 +53,8 @@ pub struct NodeView {
     pub version: String,
     pub now: DateTime<Utc>,
     pub upstreams: Vec<UpstreamRow>,
+    /// The outbound proxy the upstream calls go through, credentials redacted (None: direct).
+    pub proxy: Option<String>,
     /// Synced at least once (or restored from an earlier run).
     pub ready: bool,
     pub stale_since: Option<DateTime<Utc>>,
@@ -134,6 +136,11 @@ pub fn render(v: &NodeView) -> String {
     );
     escape_into(&mut out, &mirror.1);
     out.push_str("</span></p>\n");
+    if let Some(proxy) = &v.proxy {
+        out.push_str("<p id=\"proxy\">Through proxy: ");
+        escape_into(&mut out, proxy);
+        out.push_str("</p>\n");
+    }
     let rows: Vec<Vec<String>> = v
         .upstreams
         .iter()
