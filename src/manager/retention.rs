@@ -1,0 +1,298 @@
+//! Retention of the manager's events: the oldest go once they are past `events.retain_days`
+//! or outside the newest `events.max_count`, in the background, without stalling intake.
+//!
+//! Owns which events are due, how one is deleted ([`EventStore::expire_step`]) and the
+//! background loop that deletes them ([`Manager::expire_loop`]).
+//!
+//! - **Age is by `received_at`**, when the manager stored the event, not by the event's own
+//!   `time`: retention bounds what this server holds, and a client's clock (or an agent that
+//!   was offline for a month) must not decide how long the manager keeps an event.
+//!   `received_at` is taken under the intake lock as seqs are given out, so seq order is
+//!   arrival order and the due events are always a prefix of the records: a step walks
+//!   `r/` from its start and stops at the first event still kept. (After the wall clock
+//!   steps back, a few events may briefly sit behind a younger one; they go with it.)
+//! - **The count is by seq**: an event is outside the newest `max_count` when its seq is
+//!   at least `max_count` below the next one. Seqs are given out without gaps and only
+//!   retention deletes records, oldest first, so this is exactly "keep the newest
+//!   `max_count`", found with no count kept anywhere and no extra write per upload.
+//! - **Deleting an event removes every key that points at it** in one atomic batch: its
+//!   record, its time entry and its client, group and kind entries, and its dedupe key
+//!   (`i/`, when it points at this record) or, for a conflict, its conflict key (`x/`, when
+//!   it points at this record) with the conflict count (`s/conflicts`) lowered to match.
+//!   After a crash an event is there whole or not at all: no query ever finds an index
+//!   entry without its record, and the conflict count is the conflicts stored.
+//! - **Bounded steps.** A step deletes at most [`EXPIRE_BATCH`] events. It walks and plans
+//!   without the intake lock (intake writes only new seqs, and a dedupe or conflict key
+//!   only where none is), and takes the lock only to write a batch that lowers the conflict
+//!   count; then the loop pauses as long as the step took ([`pause_after`]), so a backlog
+//!   (the first start after an upgrade, a lowered `max_count`) costs at most half of one
+//!   core while intake runs beside it. `cargo bench --bench retention` measures intake with
+//!   and without a backlog being deleted.
+//! - **Dedupe ends with the event.** Its dedupe key goes with it, so a copy re-sent after
+//!   its deletion is stored again, as a new event (and notified again if critical). Kept
+//!   dedupe keys would grow without bound, which is what retention is for, and the case is
+//!   rare: a node re-sends only what is still in its outbox and an agent only its spool,
+//!   both of which drop an upload as soon as it was accepted, so a re-send comes within
+//!   minutes or hours of the first, not `retain_days` later. The count bound can delete
+//!   young events, but only under a flood past `max_count`, when storing a re-sent one
+//!   again is the least of it.
+//!
+//! Notifications are not events: they stay (an acknowledged one clears the list, see
+//! `notices`), and their `event_ids` may name events deleted since. It must never delete
+//! an event that is still within both bounds.
+
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+
+use super::events::{
+    conflict_key, dedupe_key, index_prefix, record_key, stored_digest, EventStore, EventsError,
+    StoredEvent, CONFLICTS_KEY, EXPIRED_KEY,
+};
+use super::page::{seq_after, seq_part};
+use super::Manager;
+use crate::core::config::ManagerEventsSection;
+use crate::core::fault::Internal;
+use crate::store::{Batch, StoreError};
+
+/// Events one retention step deletes at most: about 7,000 keys in one batch, a few
+/// milliseconds of writing (see the module doc on pacing).
+pub const EXPIRE_BATCH: usize = 1_000;
+
+/// How often the manager looks for due events once none are left: an event goes within
+/// this long of passing `retain_days`, and the store exceeds `max_count` by at most what
+/// arrives in this long. A look that finds nothing due reads one record.
+pub const EXPIRE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The shortest pause between two steps of one pass, so that even steps that find little
+/// leave the intake lock and the disk to others.
+const MIN_PAUSE: Duration = Duration::from_millis(1);
+
+/// The bounds retention keeps the events within.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Events received longer ago than this many days are deleted.
+    pub retain_days: u32,
+    /// At most this many events are kept: the newest.
+    pub max_count: u64,
+}
+
+impl From<&ManagerEventsSection> for Retention {
+    fn from(c: &ManagerEventsSection) -> Retention {
+        Retention {
+            retain_days: c.retain_days,
+            max_count: c.max_count,
+        }
+    }
+}
+
+/// What one retention step did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Expired {
+    /// Events deleted, each with every key that pointed at it.
+    pub events: u64,
+    /// How many of them were conflicts.
+    pub conflicts: u64,
+    /// More events are due: another step should follow (after a pause).
+    pub more: bool,
+}
+
+/// What deleting a due event needs of its record: the parts of its keys. Its data is not
+/// kept (a step would otherwise hold up to [`EXPIRE_BATCH`] events of up to 1 MiB each).
+struct Due {
+    seq: u64,
+    client_id: String,
+    id: String,
+    group: String,
+    kind: String,
+    /// For a conflict, the digest of its content: the last part of its conflict key.
+    conflict: Option<String>,
+}
+
+impl Due {
+    fn of(e: StoredEvent) -> Due {
+        Due {
+            conflict: e.conflict_of.map(|_| stored_digest(&e)),
+            seq: e.seq,
+            client_id: e.client_id,
+            id: e.id,
+            group: e.group,
+            kind: e.kind,
+        }
+    }
+}
+
+/// The pause after a step that took `step`: as long again (at least [`MIN_PAUSE`]), so
+/// that deleting a backlog takes at most half of one core.
+pub fn pause_after(step: Duration) -> Duration {
+    step.max(MIN_PAUSE)
+}
+
+impl EventStore {
+    /// Deletes up to `batch` (at least 1) of the oldest events due at `now`: received more
+    /// than `retain_days` before it, or outside the newest `max_count`. Each goes with its
+    /// index entries and its dedupe or conflict key in one atomic batch (see the module
+    /// doc). An oldest record that cannot be read (a damaged store) is deleted on its own,
+    /// with its time entry, so that it stops neither retention nor the listing.
+    pub fn expire_step(
+        &self,
+        retention: &Retention,
+        now: DateTime<Utc>,
+        batch: usize,
+    ) -> Result<Expired, EventsError> {
+        let batch = batch.max(1);
+        let _only = self
+            .expiring
+            .lock()
+            .map_err(|_| Internal::poisoned("event retention"))?;
+        let keep_from = self.lock()?.seq.saturating_sub(retention.max_count);
+        let oldest_kept = now - chrono::Duration::days(i64::from(retention.retain_days));
+        let mut due: Vec<Due> = Vec::new();
+        let mut more = false;
+        let walked = self.log.visit::<StoredEvent>("r/", "r/", false, |_, e| {
+            if e.seq >= keep_from && e.received_at >= oldest_kept {
+                return false;
+            }
+            if due.len() == batch {
+                more = true;
+                return false;
+            }
+            due.push(Due::of(e));
+            true
+        });
+        match walked {
+            Ok(()) => {}
+            Err(StoreError::Decode { key, source }) if due.is_empty() => {
+                return self.drop_unreadable(&key, &source.to_string());
+            }
+            // The unreadable record goes at the next step, once these are gone.
+            Err(StoreError::Decode { .. }) => more = true,
+            Err(e) => return Err(e.into()),
+        }
+        if due.is_empty() {
+            return Ok(Expired::default());
+        }
+        let mut out = Batch::default();
+        let mut conflicts = 0u64;
+        for e in &due {
+            let seq = seq_part(e.seq);
+            out.remove(&record_key(e.seq));
+            out.remove(&format!("t/{seq}"));
+            for (tag, value) in [('c', &e.client_id), ('g', &e.group), ('k', &e.kind)] {
+                out.remove(&format!("{}{seq}", index_prefix(tag, value)));
+            }
+            let key = match &e.conflict {
+                None => dedupe_key(&e.client_id, &e.id),
+                Some(content) => {
+                    conflicts += 1;
+                    conflict_key(&e.client_id, &e.id, content)
+                }
+            };
+            // Only a key that points at this record is its own: a key another record
+            // wrote (possible only in a damaged store) stays with that record. A key that
+            // cannot be read goes: intake could not read it either.
+            match self.log.get::<u64>(&key) {
+                Ok(Some(s)) if s == e.seq => out.remove(&key),
+                Ok(_) => {}
+                Err(StoreError::Decode { .. }) => out.remove(&key),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        // `due` is in seq order: its last is the greatest seq deleted.
+        if let Some(last) = due.last() {
+            out.put(EXPIRED_KEY, &last.seq)?;
+        }
+        if conflicts > 0 {
+            // The count is intake's too: lowered under its lock, with the records.
+            let mut counters = self.lock()?;
+            let left = counters.conflicts.saturating_sub(conflicts);
+            out.put(CONFLICTS_KEY, &left)?;
+            self.log.apply(out)?;
+            counters.conflicts = left;
+        } else {
+            self.log.apply(out)?;
+        }
+        Ok(Expired {
+            events: due.len() as u64,
+            conflicts,
+            more,
+        })
+    }
+
+    /// Deletes the record at `key`, which does not decode, with its time entry.
+    fn drop_unreadable(&self, key: &str, why: &str) -> Result<Expired, EventsError> {
+        let Some(seq) = seq_after(key, "r/") else {
+            return Err(Internal(format!("event retention stopped at {key:?}: {why}")).into());
+        };
+        tracing::warn!(%key, error = %why, "an event record that cannot be read was deleted by retention (its index entries may stay; queries skip them)");
+        let mut out = Batch::default();
+        out.remove(key);
+        out.remove(&format!("t/{}", seq_part(seq)));
+        out.put(EXPIRED_KEY, &seq)?;
+        self.log.apply(out)?;
+        Ok(Expired {
+            events: 1,
+            conflicts: 0,
+            more: true,
+        })
+    }
+}
+
+impl Manager {
+    /// Deletes the events past retention until shutdown: a pass of steps (each on a
+    /// blocking thread, paused after as [`pause_after`] says) until none are due, then a
+    /// look every [`EXPIRE_INTERVAL`]. The first pass starts at once.
+    pub(super) async fn expire_loop(self: std::sync::Arc<Self>) {
+        let retention = self.retention;
+        loop {
+            let mut pass = Expired::default();
+            let started = Instant::now();
+            loop {
+                let events = self.events.clone();
+                let step_started = Instant::now();
+                let step = tokio::task::spawn_blocking(move || {
+                    events.expire_step(&retention, Utc::now(), EXPIRE_BATCH)
+                })
+                .await;
+                let step = match step {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "could not delete events past retention");
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the event retention step stopped");
+                        break;
+                    }
+                };
+                pass.events += step.events;
+                pass.conflicts += step.conflicts;
+                if !step.more {
+                    break;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(pause_after(step_started.elapsed())) => {}
+                    _ = self.shutdown.clone().wait() => return,
+                }
+            }
+            if pass.events > 0 {
+                tracing::info!(
+                    expired = pass.events,
+                    conflicts = pass.conflicts,
+                    took_ms = started.elapsed().as_millis() as u64,
+                    retain_days = retention.retain_days,
+                    max_count = retention.max_count,
+                    "events past retention deleted"
+                );
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(EXPIRE_INTERVAL) => {}
+                _ = self.shutdown.clone().wait() => return,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "retention_tests.rs"]
+mod tests;
