@@ -51,7 +51,9 @@ use crate::core::proto::{Event, EventUpload, Placement};
 use crate::store::{Batch, Kv, Store, StoreError};
 
 pub(super) use super::notices::put_notice;
-pub use super::notices::{deliver_webhook, NoticePage, NoticeQuery, Notification};
+pub use super::notices::{
+    deliver_webhook, AckError, AckedAll, NoticePage, NoticeQuery, Notification,
+};
 pub use super::page::SCAN_LIMIT;
 
 /// The one tree of event records, dedupe keys and index entries.
@@ -68,6 +70,8 @@ pub enum EventsError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Internal(#[from] Internal),
+    #[error(transparent)]
+    Ack(#[from] AckError),
 }
 
 impl Fault for EventsError {
@@ -76,6 +80,7 @@ impl Fault for EventsError {
             EventsError::Limit(e) => e.kind(),
             EventsError::Store(e) => e.kind(),
             EventsError::Internal(e) => e.kind(),
+            EventsError::Ack(e) => e.kind(),
         }
     }
 
@@ -84,6 +89,7 @@ impl Fault for EventsError {
             EventsError::Limit(e) => e.code(),
             EventsError::Store(e) => e.code(),
             EventsError::Internal(e) => e.code(),
+            EventsError::Ack(e) => e.code(),
         }
     }
 }

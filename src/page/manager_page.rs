@@ -33,6 +33,8 @@ pub struct NoticeRow {
     pub last_at: DateTime<Utc>,
     pub count: u64,
     pub client_id: String,
+    /// When an admin acknowledged it; None while open.
+    pub acked_at: Option<DateTime<Utc>>,
 }
 
 /// One retained catalog revision.
@@ -249,13 +251,25 @@ pub fn render(v: &ManagerView) -> String {
                 num(n.count),
                 cell(&time(n.last_at)),
                 cell(&n.client_id),
+                match n.acked_at {
+                    Some(at) => cell(&time(at)),
+                    None => cell_class("bad", "open"),
+                },
             ]
         })
         .collect();
     table(
         &mut out,
         "notifications",
-        &["first", "group", "kind", "count", "last", "first client"],
+        &[
+            "first",
+            "group",
+            "kind",
+            "count",
+            "last",
+            "first client",
+            "acknowledged",
+        ],
         &rows,
         "no notification",
     );
