@@ -1,0 +1,339 @@
+//! Event intake while retention deletes a backlog beside it (issue 20.3: "intake of 10,000
+//! events per second is not slowed by the cleanup").
+//!
+//! Fills a fresh store with `OLD` events (default 1,000,000) received 100 days ago, in
+//! uploads of 100 of one client (10,000 clients, 50 groups, 5 kinds, one conflict per
+//! upload), so that with `retain_days = 90` every one of them is due. Then:
+//!
+//! 1. criterion: one upload of 100 new events through `EventStore::accept` (the manager's
+//!    intake, notifications included, damper 3600 s), alone and followed by the flush the
+//!    manager's 202 waits for, each with nothing else running (`idle`) and with the cleanup
+//!    running in a thread beside it (`cleanup`) as `Manager::expire_loop` runs it:
+//!    `expire_step` of `EXPIRE_BATCH` events, paused `pause_after` the step. The ratio of
+//!    the means (cleanup over idle) is printed after, read from criterion's estimates.
+//! 2. paced: 10,000 events per second (an upload of 100 every 10 ms) for `PACED_S` seconds
+//!    (default 5), accept and flush, without and then with the cleanup: the rate reached
+//!    and the latency of an upload (p50, p99, max).
+//!
+//! Each cleanup run prints how many events it deleted, how fast, and how many old ones were
+//! left: a run that ran out of work would measure nothing. Prints the CPU model and the
+//! transparent huge pages setting too.
+//!
+//! Run with `cargo bench --bench retention -- --warm-up-time 1 --measurement-time 5`
+//! (`OLD=300000` for a quicker fill).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
+use gup::core::proto::{Event, EventUpload, Placement};
+use gup::manager::events::{EventQuery, EventStore};
+use gup::manager::retention::{pause_after, Retention, EXPIRE_BATCH};
+use gup::store::Store;
+
+const PER_UPLOAD: u64 = 100;
+const CLIENTS: u64 = 10_000;
+const KINDS: [&str; 5] = ["risk", "scan", "system_change", "intrusion", "update"];
+const RETENTION: Retention = Retention {
+    retain_days: 90,
+    max_count: 1_000_000_000,
+};
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A cheap reproducible spread (splitmix64).
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// Upload number `n` (ids unique across the run; `tag` keeps the fill and the runs apart):
+/// its client, its placement and 100 events, the last a conflict of the first's id.
+fn upload(tag: &str, n: u64) -> (EventUpload, Placement) {
+    let client = mix(n) % CLIENTS;
+    let mut events: Vec<Event> = (0..PER_UPLOAD)
+        .map(|k| {
+            let seq = n * PER_UPLOAD + k;
+            Event {
+                id: format!("{tag}-{seq}"),
+                kind: KINDS[(mix(seq ^ 0xabc) % 5) as usize].to_string(),
+                subkind: Some("virus".into()),
+                time: "2026-11-24T10:00:00Z".into(),
+                data: serde_json::json!({
+                    "file": format!("C:\\Users\\user{client}\\Downloads\\setup-{seq}.exe"),
+                    "action": "quarantined",
+                }),
+            }
+        })
+        .collect();
+    if let Some(last) = events.last_mut() {
+        last.id = format!("{tag}-{}", n * PER_UPLOAD);
+        last.data = serde_json::json!({"variant": n});
+    }
+    let origin = Placement {
+        group: format!("group-{}", client % 50),
+        location: None,
+    };
+    (
+        EventUpload {
+            client_id: format!("pc-{client:05}"),
+            events,
+        },
+        origin,
+    )
+}
+
+fn fill(es: &EventStore, n: u64) -> Duration {
+    let old = Utc::now() - chrono::Duration::days(100);
+    let started = Instant::now();
+    for u in 0..n.div_ceil(PER_UPLOAD) {
+        let (up, origin) = upload("old", u);
+        es.add_events(&up, &origin, old).expect("fill");
+        if u % 2000 == 1999 {
+            eprintln!("  filled {} of {n} events", (u + 1) * PER_UPLOAD);
+        }
+    }
+    started.elapsed()
+}
+
+/// The cleanup as the manager runs it, in a thread, until stopped.
+struct Cleanup {
+    stop: Arc<AtomicBool>,
+    deleted: Arc<AtomicU64>,
+    ran_out: Arc<AtomicBool>,
+    started: Instant,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Cleanup {
+    fn start(es: &EventStore) -> Cleanup {
+        let stop = Arc::new(AtomicBool::new(false));
+        let deleted = Arc::new(AtomicU64::new(0));
+        let ran_out = Arc::new(AtomicBool::new(false));
+        let (s, d, r, es) = (stop.clone(), deleted.clone(), ran_out.clone(), es.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                let x = es
+                    .expire_step(&RETENTION, Utc::now(), EXPIRE_BATCH)
+                    .expect("expire");
+                d.fetch_add(x.events, Ordering::Relaxed);
+                if !x.more {
+                    r.store(true, Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(10));
+                } else {
+                    std::thread::sleep(pause_after(t.elapsed()));
+                }
+            }
+        });
+        Cleanup {
+            stop,
+            deleted,
+            ran_out,
+            started: Instant::now(),
+            thread,
+        }
+    }
+
+    fn finish(self, what: &str, es: &EventStore) {
+        self.stop.store(true, Ordering::Relaxed);
+        let took = self.started.elapsed();
+        self.thread.join().expect("cleanup thread");
+        let n = self.deleted.load(Ordering::Relaxed);
+        let left = old_left(es);
+        println!(
+            "cleanup during {what}: deleted {n} old events in {:.1} s ({:.0}/s); {left} old events left{}",
+            took.as_secs_f64(),
+            n as f64 / took.as_secs_f64(),
+            if self.ran_out.load(Ordering::Relaxed) {
+                " (RAN OUT OF WORK: the run measured less than it claims)"
+            } else {
+                ""
+            }
+        );
+    }
+}
+
+/// Old events still stored: the oldest record's seq tells where the backlog starts, the
+/// fill's size where it ends.
+fn old_left(es: &EventStore) -> u64 {
+    let filled = env_u64("OLD", 1_000_000);
+    let first = es
+        .query(&EventQuery {
+            limit: Some(1),
+            ..Default::default()
+        })
+        .ok()
+        .and_then(|p| p.events.first().map(|e| e.seq))
+        .unwrap_or(u64::MAX);
+    (filled + 1).saturating_sub(first)
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// The store the benches share, filled once.
+fn store() -> (tempfile::TempDir, Store, EventStore) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Store::open(dir.path()).expect("store");
+    let es = EventStore::open(&store).expect("event store");
+    let n = env_u64("OLD", 1_000_000);
+    eprintln!("filling {n} events received 100 days ago...");
+    let took = fill(&es, n);
+    runtime().block_on(es.flush()).expect("flush");
+    eprintln!(
+        "filled in {:.1} s ({:.0} events/s); {} MiB on disk",
+        took.as_secs_f64(),
+        n as f64 / took.as_secs_f64(),
+        dir_bytes(dir.path()) >> 20
+    );
+    (dir, store, es)
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => stack.push(e.path()),
+                Ok(m) => total += m.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}
+
+fn intake(c: &mut Criterion) {
+    let (_dir, _store, es) = store();
+    let rt = runtime();
+    let next = AtomicU64::new(0);
+    let up = || upload("new", next.fetch_add(1, Ordering::Relaxed));
+    let mut g = c.benchmark_group("intake");
+    g.throughput(Throughput::Elements(PER_UPLOAD));
+    for (name, flush) in [("accept", false), ("accept+flush", true)] {
+        for cleanup in [false, true] {
+            let running = cleanup.then(|| Cleanup::start(&es));
+            let which = if cleanup { "cleanup" } else { "idle" };
+            let id = format!("{name}/{which}");
+            g.bench_function(BenchmarkId::new(name, which), |b| {
+                b.iter_batched(
+                    up,
+                    |(u, origin)| {
+                        es.accept(&u, &origin, 3600, Utc::now()).expect("accept");
+                        if flush {
+                            rt.block_on(es.flush()).expect("flush");
+                        }
+                    },
+                    BatchSize::SmallInput,
+                )
+            });
+            if let Some(c) = running {
+                c.finish(&id, &es);
+            }
+        }
+    }
+    g.finish();
+    for name in ["accept", "accept+flush"] {
+        let mean = |which: &str| estimate(&format!("intake/{name}/{which}"));
+        if let (Some(idle), Some(busy)) = (mean("idle"), mean("cleanup")) {
+            println!(
+                "{name}: {:.0} events/s idle, {:.0} events/s with the cleanup; ratio (cleanup/idle time per upload) {:.2}",
+                PER_UPLOAD as f64 / idle,
+                PER_UPLOAD as f64 / busy,
+                busy / idle
+            );
+        }
+    }
+    paced(&es, &rt, &next);
+    machine();
+}
+
+/// 10,000 events per second for `PACED_S` seconds, without and with the cleanup.
+fn paced(es: &EventStore, rt: &tokio::runtime::Runtime, next: &AtomicU64) {
+    let secs = env_u64("PACED_S", 5);
+    for cleanup in [false, true] {
+        let running = cleanup.then(|| Cleanup::start(es));
+        let mut latency = hdrhistogram::Histogram::<u64>::new(3).expect("histogram");
+        let uploads = secs * 100;
+        let start = Instant::now();
+        let mut behind = 0u64;
+        for i in 0..uploads {
+            let due = start + Duration::from_millis(i * 10);
+            match due.checked_duration_since(Instant::now()) {
+                Some(wait) => std::thread::sleep(wait),
+                None => behind += 1,
+            }
+            let (u, origin) = upload("paced", next.fetch_add(1, Ordering::Relaxed));
+            let t = Instant::now();
+            es.accept(&u, &origin, 3600, Utc::now()).expect("accept");
+            rt.block_on(es.flush()).expect("flush");
+            let _ = latency.record(t.elapsed().as_micros() as u64);
+        }
+        let took = start.elapsed().as_secs_f64();
+        let what = if cleanup { "with the cleanup" } else { "idle" };
+        println!(
+            "paced 10,000 events/s for {secs} s, {what}: {:.0} events/s reached, {behind} of {uploads} uploads started late; upload latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            (uploads * PER_UPLOAD) as f64 / took,
+            latency.value_at_quantile(0.5) as f64 / 1000.0,
+            latency.value_at_quantile(0.99) as f64 / 1000.0,
+            latency.max() as f64 / 1000.0,
+        );
+        if let Some(c) = running {
+            c.finish(&format!("paced intake {what}"), es);
+        }
+    }
+}
+
+/// The mean time of one iteration of criterion benchmark `id` in seconds, from its saved
+/// estimates.
+fn estimate(id: &str) -> Option<f64> {
+    let dir = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"));
+    let path = dir
+        .join("criterion")
+        .join(id.replace('/', std::path::MAIN_SEPARATOR_STR))
+        .join("new")
+        .join("estimates.json");
+    let text = std::fs::read_to_string(path).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v["mean"]["point_estimate"].as_f64().map(|ns| ns / 1e9)
+}
+
+fn machine() {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+        .unwrap_or_else(|_| "unknown".into());
+    println!(
+        "machine: {cpu}, {} CPUs; transparent huge pages: {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        thp.trim()
+    );
+}
+
+criterion_group!(benches, intake);
+criterion_main!(benches);
