@@ -6,18 +6,22 @@
 //! upload), so that with `retain_days = 90` every one of them is due. Then:
 //!
 //! 1. criterion: one upload of 100 new events through `EventStore::accept` (the manager's
-//!    intake, notifications included, damper 3600 s), alone and followed by the flush the
-//!    manager's 202 waits for, each with nothing else running (`idle`) and with the cleanup
-//!    running in a thread beside it (`cleanup`) as `Manager::expire_loop` runs it:
-//!    `expire_step` of `EXPIRE_BATCH` events, paused `pause_after` the step. The ratio of
-//!    the means (cleanup over idle) is printed after, read from criterion's estimates.
-//! 2. paced: 10,000 events per second (an upload of 100 every 10 ms) for `PACED_S` seconds
-//!    (default 5), accept and flush, without and then with the cleanup: the rate reached
-//!    and the latency of an upload (p50, p99, max).
+//!    intake step: dedupe, records, index entries and notifications in one atomic write,
+//!    damper 3600 s) with nothing else running (`idle`) and with the cleanup running in a
+//!    thread beside it (`cleanup`) as `Manager::expire_loop` runs it: `expire_step` of
+//!    `EXPIRE_BATCH` events, paused `pause_after` the step. The ratio of the means (cleanup
+//!    over idle) is printed after, read from criterion's estimates.
+//! 2. paced, as the manager takes uploads: one upload of 100 events every 10 ms (10,000
+//!    events per second) for `PACED_S` seconds (default 5), each in its own task as a
+//!    request is (accept on a blocking thread, then the flush the 202 waits for, shared by
+//!    concurrent uploads), on a 2-thread runtime; without and then with the cleanup. It
+//!    prints the rate reached and each upload's latency from when it was due (p50, p99,
+//!    max).
 //!
 //! Each cleanup run prints how many events it deleted, how fast, and how many old ones were
-//! left: a run that ran out of work would measure nothing. Prints the CPU model and the
-//! transparent huge pages setting too.
+//! left: a run that ran out of work would measure nothing. Prints the CPU model, the
+//! transparent huge pages setting and the load average (the machine may be shared).
+//! `BATCH=N` runs the cleanup with steps of N events instead of `EXPIRE_BATCH` (to compare).
 //!
 //! Run with `cargo bench --bench retention -- --warm-up-time 1 --measurement-time 5`
 //! (`OLD=300000` for a quicker fill).
@@ -125,7 +129,7 @@ impl Cleanup {
             while !s.load(Ordering::Relaxed) {
                 let t = Instant::now();
                 let x = es
-                    .expire_step(&RETENTION, Utc::now(), EXPIRE_BATCH)
+                    .expire_step(&RETENTION, Utc::now(), step_batch())
                     .expect("expire");
                 d.fetch_add(x.events, Ordering::Relaxed);
                 if !x.more {
@@ -162,6 +166,11 @@ impl Cleanup {
             }
         );
     }
+}
+
+/// Events one cleanup step deletes: `EXPIRE_BATCH` unless `BATCH` says otherwise.
+fn step_batch() -> usize {
+    env_u64("BATCH", EXPIRE_BATCH as u64) as usize
 }
 
 /// Old events still stored: the oldest record's seq tells where the backlog starts, the
@@ -224,72 +233,90 @@ fn intake(c: &mut Criterion) {
     let rt = runtime();
     let next = AtomicU64::new(0);
     let up = || upload("new", next.fetch_add(1, Ordering::Relaxed));
+    println!(
+        "cleanup steps of {} events; load average {}",
+        step_batch(),
+        loadavg()
+    );
     let mut g = c.benchmark_group("intake");
     g.throughput(Throughput::Elements(PER_UPLOAD));
-    for (name, flush) in [("accept", false), ("accept+flush", true)] {
-        for cleanup in [false, true] {
-            let running = cleanup.then(|| Cleanup::start(&es));
-            let which = if cleanup { "cleanup" } else { "idle" };
-            let id = format!("{name}/{which}");
-            g.bench_function(BenchmarkId::new(name, which), |b| {
-                b.iter_batched(
-                    up,
-                    |(u, origin)| {
-                        es.accept(&u, &origin, 3600, Utc::now()).expect("accept");
-                        if flush {
-                            rt.block_on(es.flush()).expect("flush");
-                        }
-                    },
-                    BatchSize::SmallInput,
-                )
-            });
-            if let Some(c) = running {
-                c.finish(&id, &es);
-            }
+    for which in ["idle", "cleanup"] {
+        let running = (which == "cleanup").then(|| Cleanup::start(&es));
+        g.bench_function(BenchmarkId::new("accept", which), |b| {
+            b.iter_batched(
+                up,
+                |(u, origin)| es.accept(&u, &origin, 3600, Utc::now()).expect("accept"),
+                BatchSize::SmallInput,
+            )
+        });
+        if let Some(c) = running {
+            c.finish(&format!("accept/{which}"), &es);
         }
     }
     g.finish();
-    for name in ["accept", "accept+flush"] {
-        let mean = |which: &str| estimate(&format!("intake/{name}/{which}"));
-        if let (Some(idle), Some(busy)) = (mean("idle"), mean("cleanup")) {
-            println!(
-                "{name}: {:.0} events/s idle, {:.0} events/s with the cleanup; ratio (cleanup/idle time per upload) {:.2}",
-                PER_UPLOAD as f64 / idle,
-                PER_UPLOAD as f64 / busy,
-                busy / idle
-            );
-        }
+    let mean = |which: &str| estimate(&format!("intake/accept/{which}"));
+    if let (Some(idle), Some(busy)) = (mean("idle"), mean("cleanup")) {
+        println!(
+            "accept: {:.0} events/s idle, {:.0} events/s with the cleanup; ratio (time per upload, cleanup/idle) {:.2}",
+            PER_UPLOAD as f64 / idle,
+            PER_UPLOAD as f64 / busy,
+            busy / idle
+        );
     }
-    paced(&es, &rt, &next);
+    drop(rt);
+    paced(&es, &next);
+    println!("load average {}", loadavg());
     machine();
 }
 
-/// 10,000 events per second for `PACED_S` seconds, without and with the cleanup.
-fn paced(es: &EventStore, rt: &tokio::runtime::Runtime, next: &AtomicU64) {
+/// 10,000 events per second for `PACED_S` seconds, as concurrent requests: without and with
+/// the cleanup.
+fn paced(es: &EventStore, next: &AtomicU64) {
     let secs = env_u64("PACED_S", 5);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
     for cleanup in [false, true] {
         let running = cleanup.then(|| Cleanup::start(es));
-        let mut latency = hdrhistogram::Histogram::<u64>::new(3).expect("histogram");
         let uploads = secs * 100;
-        let start = Instant::now();
-        let mut behind = 0u64;
-        for i in 0..uploads {
-            let due = start + Duration::from_millis(i * 10);
-            match due.checked_duration_since(Instant::now()) {
-                Some(wait) => std::thread::sleep(wait),
-                None => behind += 1,
+        let (start, latencies) = rt.block_on(async {
+            let start = tokio::time::Instant::now();
+            let mut tasks = Vec::with_capacity(uploads as usize);
+            for i in 0..uploads {
+                let due = start + Duration::from_millis(i * 10);
+                tokio::time::sleep_until(due).await;
+                let (u, origin) = upload("paced", next.fetch_add(1, Ordering::Relaxed));
+                let es = es.clone();
+                tasks.push(tokio::spawn(async move {
+                    let intake = es.clone();
+                    tokio::task::spawn_blocking(move || {
+                        intake.accept(&u, &origin, 3600, Utc::now()).map(|_| ())
+                    })
+                    .await
+                    .expect("accept task")
+                    .expect("accept");
+                    es.flush().await.expect("flush");
+                    due.elapsed()
+                }));
             }
-            let (u, origin) = upload("paced", next.fetch_add(1, Ordering::Relaxed));
-            let t = Instant::now();
-            es.accept(&u, &origin, 3600, Utc::now()).expect("accept");
-            rt.block_on(es.flush()).expect("flush");
-            let _ = latency.record(t.elapsed().as_micros() as u64);
-        }
+            let mut latencies = Vec::with_capacity(tasks.len());
+            for t in tasks {
+                latencies.push(t.await.expect("upload task"));
+            }
+            (start, latencies)
+        });
         let took = start.elapsed().as_secs_f64();
+        let mut latency = hdrhistogram::Histogram::<u64>::new(3).expect("histogram");
+        for l in &latencies {
+            let _ = latency.record(l.as_micros() as u64);
+        }
         let what = if cleanup { "with the cleanup" } else { "idle" };
         println!(
-            "paced 10,000 events/s for {secs} s, {what}: {:.0} events/s reached, {behind} of {uploads} uploads started late; upload latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            "paced 10,000 events/s for {secs} s, {what}: {:.0} events/s reached (the last upload done {:.2} s after the first was due); upload latency from its due time p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
             (uploads * PER_UPLOAD) as f64 / took,
+            took,
             latency.value_at_quantile(0.5) as f64 / 1000.0,
             latency.value_at_quantile(0.99) as f64 / 1000.0,
             latency.max() as f64 / 1000.0,
@@ -298,6 +325,12 @@ fn paced(es: &EventStore, rt: &tokio::runtime::Runtime, next: &AtomicU64) {
             c.finish(&format!("paced intake {what}"), es);
         }
     }
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
 }
 
 /// The mean time of one iteration of criterion benchmark `id` in seconds, from its saved

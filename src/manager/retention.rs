@@ -44,6 +44,7 @@
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use serde::Deserialize;
 
 use super::events::{
     conflict_key, dedupe_key, index_prefix, record_key, stored_digest, EventStore, EventsError,
@@ -97,29 +98,19 @@ pub struct Expired {
     pub more: bool,
 }
 
-/// What deleting a due event needs of its record: the parts of its keys. Its data is not
-/// kept (a step would otherwise hold up to [`EXPIRE_BATCH`] events of up to 1 MiB each).
+/// What a step reads of a record: its age and the parts of its keys. The rest (its data
+/// above all) is skipped as it is parsed, never built: a step would otherwise decode and
+/// hold up to [`EXPIRE_BATCH`] events of up to 1 MiB each.
+#[derive(Deserialize)]
 struct Due {
     seq: u64,
     client_id: String,
     id: String,
     group: String,
     kind: String,
-    /// For a conflict, the digest of its content: the last part of its conflict key.
-    conflict: Option<String>,
-}
-
-impl Due {
-    fn of(e: StoredEvent) -> Due {
-        Due {
-            conflict: e.conflict_of.map(|_| stored_digest(&e)),
-            seq: e.seq,
-            client_id: e.client_id,
-            id: e.id,
-            group: e.group,
-            kind: e.kind,
-        }
-    }
+    received_at: DateTime<Utc>,
+    #[serde(default)]
+    conflict_of: Option<u64>,
 }
 
 /// The pause after a step that took `step`: as long again (at least [`MIN_PAUSE`]), so
@@ -149,7 +140,7 @@ impl EventStore {
         let oldest_kept = now - chrono::Duration::days(i64::from(retention.retain_days));
         let mut due: Vec<Due> = Vec::new();
         let mut more = false;
-        let walked = self.log.visit::<StoredEvent>("r/", "r/", false, |_, e| {
+        let walked = self.log.visit::<Due>("r/", "r/", false, |_, e| {
             if e.seq >= keep_from && e.received_at >= oldest_kept {
                 return false;
             }
@@ -157,7 +148,7 @@ impl EventStore {
                 more = true;
                 return false;
             }
-            due.push(Due::of(e));
+            due.push(e);
             true
         });
         match walked {
@@ -181,11 +172,17 @@ impl EventStore {
             for (tag, value) in [('c', &e.client_id), ('g', &e.group), ('k', &e.kind)] {
                 out.remove(&format!("{}{seq}", index_prefix(tag, value)));
             }
-            let key = match &e.conflict {
+            let key = match e.conflict_of {
                 None => dedupe_key(&e.client_id, &e.id),
-                Some(content) => {
+                Some(_) => {
                     conflicts += 1;
-                    conflict_key(&e.client_id, &e.id, content)
+                    // A conflict's key ends in the digest of its content: read it whole
+                    // (conflicts are rare). One that no longer decodes keeps its key.
+                    match self.log.get::<StoredEvent>(&record_key(e.seq)) {
+                        Ok(Some(r)) => conflict_key(&e.client_id, &e.id, &stored_digest(&r)),
+                        Ok(None) | Err(StoreError::Decode { .. }) => continue,
+                        Err(e) => return Err(e.into()),
+                    }
                 }
             };
             // Only a key that points at this record is its own: a key another record
