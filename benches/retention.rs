@@ -9,14 +9,18 @@
 //!    intake step: dedupe, records, index entries and notifications in one atomic write,
 //!    damper 3600 s) with nothing else running (`idle`) and with the cleanup running in a
 //!    thread beside it (`cleanup`) as `Manager::expire_loop` runs it: `expire_step` of
-//!    `EXPIRE_BATCH` events, paused `pause_after` the step. The ratio of the means (cleanup
+//!    `EXPIRE_BATCH` events, paced by `retention::Pacer`. The ratio of the means (cleanup
 //!    over idle) is printed after, read from criterion's estimates.
-//! 2. paced, as the manager takes uploads: one upload of 100 events every 10 ms (10,000
-//!    events per second) for `PACED_S` seconds (default 5), each in its own task as a
-//!    request is (accept on a blocking thread, then the flush the 202 waits for, shared by
-//!    concurrent uploads), on a 2-thread runtime; without and then with the cleanup. It
-//!    prints the rate reached and each upload's latency from when it was due (p50, p99,
-//!    max).
+//!    Then one step alone, of 100 and of 1,000 events: how long a step holds sled's write
+//!    lock (every other write waits for it) and what deleting an event costs.
+//! 2. rounds, as the manager takes uploads (accept on a blocking thread, then the flush the
+//!    202 waits for, shared by concurrent uploads; a 2-thread runtime): paced at 10,000
+//!    events per second (an upload of 100 every 10 ms, each its own task as a request is),
+//!    then flat out (8 uploaders one after the other). `ROUNDS` pairs (default 4) of
+//!    `ROUND_S`-second rounds (default 3), idle and with the cleanup in turns (A B B A ...),
+//!    so that a shared machine whose load drifts weighs on both alike; it prints each
+//!    round, then the medians and their ratio: events per second reached and the latency
+//!    of an upload (from when it was due, paced; from its start, flat out).
 //!
 //! Each cleanup run prints how many events it deleted, how fast, and how many old ones were
 //! left: a run that ran out of work would measure nothing. Prints the CPU model, the
@@ -35,7 +39,7 @@ use chrono::Utc;
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use gup::core::proto::{Event, EventUpload, Placement};
 use gup::manager::events::{EventQuery, EventStore};
-use gup::manager::retention::{pause_after, Retention, EXPIRE_BATCH};
+use gup::manager::retention::{Pacer, Retention, EXPIRE_BATCH};
 use gup::store::Store;
 
 const PER_UPLOAD: u64 = 100;
@@ -126,6 +130,7 @@ impl Cleanup {
         let ran_out = Arc::new(AtomicBool::new(false));
         let (s, d, r, es) = (stop.clone(), deleted.clone(), ran_out.clone(), es.clone());
         let thread = std::thread::spawn(move || {
+            let mut pacer = Pacer::new(&es);
             while !s.load(Ordering::Relaxed) {
                 let t = Instant::now();
                 let x = es
@@ -136,7 +141,7 @@ impl Cleanup {
                     r.store(true, Ordering::Relaxed);
                     std::thread::sleep(Duration::from_millis(10));
                 } else {
-                    std::thread::sleep(pause_after(t.elapsed()));
+                    std::thread::sleep(pacer.pause_after(&es, t.elapsed()));
                 }
             }
         });
@@ -254,6 +259,19 @@ fn intake(c: &mut Criterion) {
         }
     }
     g.finish();
+    // One step alone, at two sizes: how long it holds sled's write lock (which every other
+    // write waits for) and what an event costs to delete.
+    let mut g = c.benchmark_group("expire");
+    for batch in [100u64, 1000] {
+        g.throughput(Throughput::Elements(batch));
+        g.bench_function(BenchmarkId::new("step", batch), |b| {
+            b.iter(|| {
+                es.expire_step(&RETENTION, Utc::now(), batch as usize)
+                    .expect("expire")
+            })
+        });
+    }
+    g.finish();
     let mean = |which: &str| estimate(&format!("intake/accept/{which}"));
     if let (Some(idle), Some(busy)) = (mean("idle"), mean("cleanup")) {
         println!(
@@ -264,66 +282,154 @@ fn intake(c: &mut Criterion) {
         );
     }
     drop(rt);
-    paced(&es, &next);
+    rounds(&es, &next);
     println!("load average {}", loadavg());
     machine();
 }
 
-/// 10,000 events per second for `PACED_S` seconds, as concurrent requests: without and with
-/// the cleanup.
-fn paced(es: &EventStore, next: &AtomicU64) {
-    let secs = env_u64("PACED_S", 5);
+/// What one round of intake measured.
+struct Round {
+    /// Events per second stored (and flushed).
+    rate: f64,
+    /// Upload latency from when it was due (paced) or started (flat out), ms.
+    p50: f64,
+    p99: f64,
+    max: f64,
+}
+
+/// One upload of 100 new events as the manager takes a request: accept on a blocking
+/// thread, then the flush the 202 waits for (shared by concurrent uploads).
+async fn take(es: EventStore, n: u64) {
+    let (u, origin) = upload("round", n);
+    let intake = es.clone();
+    tokio::task::spawn_blocking(move || intake.accept(&u, &origin, 3600, Utc::now()).map(|_| ()))
+        .await
+        .expect("accept task")
+        .expect("accept");
+    es.flush().await.expect("flush");
+}
+
+/// One round of `secs` seconds on `rt`: paced (an upload every 10 ms, each its own task as
+/// a request is; latency from when it was due) or flat out ([`FLAT_OUT_TASKS`] tasks each
+/// uploading one after the other; latency from its start).
+fn round(
+    rt: &tokio::runtime::Runtime,
+    es: &EventStore,
+    next: &AtomicU64,
+    paced: bool,
+    secs: u64,
+) -> Round {
+    let (took, latencies) = rt.block_on(async {
+        let start = tokio::time::Instant::now();
+        let end = start + Duration::from_secs(secs);
+        let mut tasks = Vec::new();
+        if paced {
+            let mut due = start;
+            while due < end {
+                tokio::time::sleep_until(due).await;
+                let (es, n) = (es.clone(), next.fetch_add(1, Ordering::Relaxed));
+                tasks.push(tokio::spawn(async move {
+                    take(es, n).await;
+                    vec![due.elapsed()]
+                }));
+                due += Duration::from_millis(10);
+            }
+        } else {
+            for _ in 0..FLAT_OUT_TASKS {
+                let es = es.clone();
+                // Each task numbers its uploads apart from the others'.
+                let first = next.fetch_add(1_000_000, Ordering::Relaxed);
+                tasks.push(tokio::spawn(async move {
+                    let mut out = Vec::new();
+                    for n in first.. {
+                        let t = tokio::time::Instant::now();
+                        if t >= end {
+                            break;
+                        }
+                        take(es.clone(), n).await;
+                        out.push(t.elapsed());
+                    }
+                    out
+                }));
+            }
+        }
+        let mut latencies = Vec::new();
+        for t in tasks {
+            latencies.extend(t.await.expect("upload task"));
+        }
+        (start.elapsed(), latencies)
+    });
+    let mut h = hdrhistogram::Histogram::<u64>::new(3).expect("histogram");
+    for l in &latencies {
+        let _ = h.record(l.as_micros() as u64);
+    }
+    Round {
+        rate: (latencies.len() as u64 * PER_UPLOAD) as f64 / took.as_secs_f64(),
+        p50: h.value_at_quantile(0.5) as f64 / 1000.0,
+        p99: h.value_at_quantile(0.99) as f64 / 1000.0,
+        max: h.max() as f64 / 1000.0,
+    }
+}
+
+/// Concurrent uploaders of a flat-out round (as many nodes sending at once).
+const FLAT_OUT_TASKS: usize = 8;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// `ROUNDS` pairs (default 4) of `ROUND_S`-second rounds (default 3), idle and with the
+/// cleanup in turns (A B B A ...), so that a machine whose load drifts weighs on both
+/// alike: paced 10,000 events/s, then flat out. Prints each round and the medians.
+fn rounds(es: &EventStore, next: &AtomicU64) {
+    let pairs = env_u64("ROUNDS", 4);
+    let secs = env_u64("ROUND_S", 3);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("runtime");
-    for cleanup in [false, true] {
-        let running = cleanup.then(|| Cleanup::start(es));
-        let uploads = secs * 100;
-        let (start, latencies) = rt.block_on(async {
-            let start = tokio::time::Instant::now();
-            let mut tasks = Vec::with_capacity(uploads as usize);
-            for i in 0..uploads {
-                let due = start + Duration::from_millis(i * 10);
-                tokio::time::sleep_until(due).await;
-                let (u, origin) = upload("paced", next.fetch_add(1, Ordering::Relaxed));
-                let es = es.clone();
-                tasks.push(tokio::spawn(async move {
-                    let intake = es.clone();
-                    tokio::task::spawn_blocking(move || {
-                        intake.accept(&u, &origin, 3600, Utc::now()).map(|_| ())
-                    })
-                    .await
-                    .expect("accept task")
-                    .expect("accept");
-                    es.flush().await.expect("flush");
-                    due.elapsed()
-                }));
+    for paced in [true, false] {
+        let what = if paced {
+            "paced 10,000 events/s"
+        } else {
+            "flat out"
+        };
+        let mut idle = Vec::new();
+        let mut busy = Vec::new();
+        for i in 0..pairs * 2 {
+            let cleanup = matches!(i % 4, 1 | 2);
+            let running = cleanup.then(|| Cleanup::start(es));
+            let r = round(&rt, es, next, paced, secs);
+            let mode = if cleanup { "cleanup" } else { "idle" };
+            println!(
+                "  {what}, {mode}: {:.0} events/s, upload p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (load {})",
+                r.rate, r.p50, r.p99, r.max, loadavg()
+            );
+            if let Some(c) = running {
+                c.finish(&format!("{what} round {i}"), es);
             }
-            let mut latencies = Vec::with_capacity(tasks.len());
-            for t in tasks {
-                latencies.push(t.await.expect("upload task"));
+            if cleanup {
+                busy.push(r)
+            } else {
+                idle.push(r)
             }
-            (start, latencies)
-        });
-        let took = start.elapsed().as_secs_f64();
-        let mut latency = hdrhistogram::Histogram::<u64>::new(3).expect("histogram");
-        for l in &latencies {
-            let _ = latency.record(l.as_micros() as u64);
         }
-        let what = if cleanup { "with the cleanup" } else { "idle" };
+        let m = |v: &[Round], f: fn(&Round) -> f64| median(v.iter().map(f).collect());
+        let (ri, rb) = (m(&idle, |r| r.rate), m(&busy, |r| r.rate));
+        let (pi, pb) = (m(&idle, |r| r.p99), m(&busy, |r| r.p99));
         println!(
-            "paced 10,000 events/s for {secs} s, {what}: {:.0} events/s reached (the last upload done {:.2} s after the first was due); upload latency from its due time p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-            (uploads * PER_UPLOAD) as f64 / took,
-            took,
-            latency.value_at_quantile(0.5) as f64 / 1000.0,
-            latency.value_at_quantile(0.99) as f64 / 1000.0,
-            latency.max() as f64 / 1000.0,
+            "{what}, medians of {pairs} rounds each: idle {ri:.0} events/s (p50 {:.1} ms, p99 {pi:.1} ms), with the cleanup {rb:.0} events/s (p50 {:.1} ms, p99 {pb:.1} ms); rate ratio (cleanup/idle) {:.2}, p99 ratio {:.2}",
+            m(&idle, |r| r.p50),
+            m(&busy, |r| r.p50),
+            rb / ri,
+            pb / pi
         );
-        if let Some(c) = running {
-            c.finish(&format!("paced intake {what}"), es);
-        }
     }
 }
 

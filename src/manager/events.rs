@@ -38,6 +38,7 @@
 //! is through `store::Kv`. It must never decide where a client belongs.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
@@ -319,6 +320,8 @@ pub struct EventStore {
     /// so that two steps never plan the deletion of the same records. Intake never takes
     /// it.
     pub(super) expiring: Arc<Mutex<()>>,
+    /// Uploads intake has begun: retention yields while this moves (`retention::Pacer`).
+    pub(super) intakes: Arc<AtomicU64>,
 }
 
 impl EventStore {
@@ -348,6 +351,7 @@ impl EventStore {
             })),
             scan_limit: SCAN_LIMIT,
             expiring: Arc::new(Mutex::new(())),
+            intakes: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -401,6 +405,7 @@ impl EventStore {
         damper_s: Option<u64>,
         now: DateTime<Utc>,
     ) -> Result<Intake, EventsError> {
+        self.intakes.fetch_add(1, Ordering::Relaxed);
         let mut counters = self.lock()?;
         let mut next = *counters;
         let mut batch = Batch::default();

@@ -21,13 +21,20 @@
 //!   it points at this record) with the conflict count (`s/conflicts`) lowered to match.
 //!   After a crash an event is there whole or not at all: no query ever finds an index
 //!   entry without its record, and the conflict count is the conflicts stored.
-//! - **Bounded steps.** A step deletes at most [`EXPIRE_BATCH`] events. It walks and plans
-//!   without the intake lock (intake writes only new seqs, and a dedupe or conflict key
-//!   only where none is), and takes the lock only to write a batch that lowers the conflict
-//!   count; then the loop pauses as long as the step took ([`pause_after`]), so a backlog
-//!   (the first start after an upgrade, a lowered `max_count`) costs at most half of one
-//!   core while intake runs beside it. `cargo bench --bench retention` measures intake with
-//!   and without a backlog being deleted.
+//! - **Bounded steps, intake first.** A step deletes at most [`EXPIRE_BATCH`] events, about
+//!   as many keys as one upload writes, so the write lock sled holds while it applies a
+//!   batch stalls an upload no longer than another upload would. It walks and plans without
+//!   the intake lock (intake writes only new seqs, and a dedupe or conflict key only where
+//!   none is), and takes the lock only to write a batch that lowers the conflict count.
+//!   Between steps the [`Pacer`] pauses: as long as the step took while no upload arrives
+//!   (a backlog, such as the first start after an upgrade or a lowered `max_count`, then
+//!   costs at most half of one core), nine times as long while uploads arrive (a tenth).
+//!   Deleting an event costs about what storing it did, so under a flood that keeps the
+//!   cores busy the count may run past `max_count` until the flood ends; age-based
+//!   deletion keeps up as long as the average rate of uploads does. `cargo bench --bench
+//!   retention` measures intake with and without a backlog being deleted beside it.
+//! - **Seqs are never reused**: each step also records the greatest seq it deleted
+//!   (`s/expired_through`), and the store numbers on after it even when no record is left.
 //! - **Dedupe ends with the event.** Its dedupe key goes with it, so a copy re-sent after
 //!   its deletion is stored again, as a new event (and notified again if critical). Kept
 //!   dedupe keys would grow without bound, which is what retention is for, and the case is
@@ -41,6 +48,7 @@
 //! `notices`), and their `event_ids` may name events deleted since. It must never delete
 //! an event that is still within both bounds.
 
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -56,9 +64,13 @@ use crate::core::config::ManagerEventsSection;
 use crate::core::fault::Internal;
 use crate::store::{Batch, StoreError};
 
-/// Events one retention step deletes at most: about 7,000 keys in one batch, a few
-/// milliseconds of writing (see the module doc on pacing).
-pub const EXPIRE_BATCH: usize = 1_000;
+/// Events one retention step deletes at most: about 800 keys in one atomic batch, as many
+/// as one upload of 100 events writes. sled applies a batch under a write lock that every
+/// other write waits for, so a step stalls intake for as long as it writes; at this size
+/// that is about as long as an upload's own write, so the two interleave evenly (1,000 a
+/// step would stall uploads ten times as long; `cargo bench --bench retention` measures
+/// both).
+pub const EXPIRE_BATCH: usize = 100;
 
 /// How often the manager looks for due events once none are left: an event goes within
 /// this long of passing `retain_days`, and the store exceeds `max_count` by at most what
@@ -68,6 +80,10 @@ pub const EXPIRE_INTERVAL: Duration = Duration::from_secs(10);
 /// The shortest pause between two steps of one pass, so that even steps that find little
 /// leave the intake lock and the disk to others.
 const MIN_PAUSE: Duration = Duration::from_millis(1);
+
+/// While uploads arrive, the pause after a step is this many times as long as the step:
+/// retention then takes at most a tenth of one core (see [`Pacer`]).
+pub const BUSY_PAUSE_FACTOR: u32 = 9;
 
 /// The bounds retention keeps the events within.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,10 +129,37 @@ struct Due {
     conflict_of: Option<u64>,
 }
 
-/// The pause after a step that took `step`: as long again (at least [`MIN_PAUSE`]), so
-/// that deleting a backlog takes at most half of one core.
-pub fn pause_after(step: Duration) -> Duration {
-    step.max(MIN_PAUSE)
+/// Paces the steps of a pass so that intake comes first: after a step, a pause as long as
+/// the step while no upload arrived since the previous step (retention then takes at most
+/// half of one core), [`BUSY_PAUSE_FACTOR`] times as long while uploads arrive (at most a
+/// tenth). Deleting costs about what storing does (the same keys, in sled), so on a
+/// machine whose cores intake keeps busy every step taken is intake slowed; retention
+/// yields and catches up when the flood ends, and never stops altogether, so the count
+/// bound holds again soon after.
+pub struct Pacer {
+    /// The intake count at the previous step.
+    seen: u64,
+}
+
+impl Pacer {
+    pub fn new(events: &EventStore) -> Pacer {
+        Pacer {
+            seen: events.intakes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The pause after a step that took `step`.
+    pub fn pause_after(&mut self, events: &EventStore, step: Duration) -> Duration {
+        let now = events.intakes.load(Ordering::Relaxed);
+        let busy = now != self.seen;
+        self.seen = now;
+        let pause = step.max(MIN_PAUSE);
+        if busy {
+            pause * BUSY_PAUSE_FACTOR
+        } else {
+            pause
+        }
+    }
 }
 
 impl EventStore {
@@ -237,10 +280,11 @@ impl EventStore {
 
 impl Manager {
     /// Deletes the events past retention until shutdown: a pass of steps (each on a
-    /// blocking thread, paused after as [`pause_after`] says) until none are due, then a
+    /// blocking thread, paused after as [`Pacer`] says) until none are due, then a
     /// look every [`EXPIRE_INTERVAL`]. The first pass starts at once.
     pub(super) async fn expire_loop(self: std::sync::Arc<Self>) {
         let retention = self.retention;
+        let mut pacer = Pacer::new(&self.events);
         loop {
             let mut pass = Expired::default();
             let started = Instant::now();
@@ -268,7 +312,7 @@ impl Manager {
                     break;
                 }
                 tokio::select! {
-                    _ = tokio::time::sleep(pause_after(step_started.elapsed())) => {}
+                    _ = tokio::time::sleep(pacer.pause_after(&self.events, step_started.elapsed())) => {}
                     _ = self.shutdown.clone().wait() => return,
                 }
             }

@@ -397,6 +397,25 @@ mod tests {
     }
 
     #[test]
+    fn each_notification_says_whether_it_is_open_or_when_it_was_acknowledged() {
+        let mut v = view();
+        let row = |acked_at| NoticeRow {
+            group: "lab".into(),
+            kind: "intrusion".into(),
+            first_at: v.now,
+            last_at: v.now,
+            count: 2,
+            client_id: "pc-1".into(),
+            acked_at,
+        };
+        v.notices = vec![row(None), row(Some(v.now))];
+        let html = render(&v);
+        assert!(html.contains("<th>acknowledged</th>"), "{html}");
+        assert_eq!(html.matches("<td class=\"bad\">open</td>").count(), 1);
+        assert!(html.contains(&format!("<td>{}</td>", time(v.now))));
+    }
+
+    #[test]
     fn the_login_form_never_refreshes_and_escapes_its_problem() {
         let html = login(Some("bad <token>"));
         assert!(html.contains("bad &lt;token&gt;"));
