@@ -141,7 +141,7 @@ impl Cleanup {
                     r.store(true, Ordering::Relaxed);
                     std::thread::sleep(Duration::from_millis(10));
                 } else {
-                    std::thread::sleep(pacer.pause_after(&es, t.elapsed()));
+                    std::thread::sleep(pacer.pause_after(&es, &RETENTION, &x, t.elapsed()));
                 }
             }
         });

@@ -28,11 +28,13 @@
 //!   none is), and takes the lock only to write a batch that lowers the conflict count.
 //!   Between steps the [`Pacer`] pauses: as long as the step took while no upload arrives
 //!   (a backlog, such as the first start after an upgrade or a lowered `max_count`, then
-//!   costs at most half of one core), nine times as long while uploads arrive (a tenth).
-//!   Deleting an event costs about what storing it did, so under a flood that keeps the
-//!   cores busy the count may run past `max_count` until the flood ends; age-based
-//!   deletion keeps up as long as the average rate of uploads does. `cargo bench --bench
-//!   retention` measures intake with and without a backlog being deleted beside it.
+//!   costs at most half of one core), nineteen times as long while uploads arrive (a
+//!   twentieth). Deleting an event costs intake about twice what storing it did, so under
+//!   uploads that keep the cores busy retention falls behind and catches up when they
+//!   pause; age-based deletion keeps up as long as the average rate of uploads does. Only a
+//!   store past `max_count` by more than a tenth of it stops the yielding: a long flood
+//!   must not fill the disk. `cargo bench --bench retention` measures intake with and
+//!   without a backlog being deleted beside it.
 //! - **Seqs are never reused**: each step also records the greatest seq it deleted
 //!   (`s/expired_through`), and the store numbers on after it even when no record is left.
 //! - **Dedupe ends with the event.** Its dedupe key goes with it, so a copy re-sent after
@@ -82,8 +84,12 @@ pub const EXPIRE_INTERVAL: Duration = Duration::from_secs(10);
 const MIN_PAUSE: Duration = Duration::from_millis(1);
 
 /// While uploads arrive, the pause after a step is this many times as long as the step:
-/// retention then takes at most a tenth of one core (see [`Pacer`]).
-pub const BUSY_PAUSE_FACTOR: u32 = 9;
+/// retention then takes at most a twentieth of one core (see [`Pacer`]).
+pub const BUSY_PAUSE_FACTOR: u32 = 19;
+
+/// Past `max_count` by more than this part of it (a tenth), the store is running away
+/// (a long flood) and retention no longer yields: the disk comes before intake's speed.
+pub const RUNAWAY_PART: u64 = 10;
 
 /// The bounds retention keeps the events within.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,6 +118,8 @@ pub struct Expired {
     pub conflicts: u64,
     /// More events are due: another step should follow (after a pause).
     pub more: bool,
+    /// How many events past `max_count` the store held when the step began.
+    pub over_count: u64,
 }
 
 /// What a step reads of a record: its age and the parts of its keys. The rest (its data
@@ -132,10 +140,11 @@ struct Due {
 /// Paces the steps of a pass so that intake comes first: after a step, a pause as long as
 /// the step while no upload arrived since the previous step (retention then takes at most
 /// half of one core), [`BUSY_PAUSE_FACTOR`] times as long while uploads arrive (at most a
-/// tenth). Deleting costs about what storing does (the same keys, in sled), so on a
-/// machine whose cores intake keeps busy every step taken is intake slowed; retention
-/// yields and catches up when the flood ends, and never stops altogether, so the count
-/// bound holds again soon after.
+/// twentieth). Deleting an event costs intake about twice what storing one does (sled
+/// writes a tombstone per key, under the same write lock, after reading the record), so
+/// every step taken beside a busy intake slows it; retention yields, and catches up when
+/// the uploads pause. Only a store past `max_count` by more than a tenth of it
+/// ([`RUNAWAY_PART`]) stops the yielding, so that a long flood cannot fill the disk.
 pub struct Pacer {
     /// The intake count at the previous step.
     seen: u64,
@@ -148,13 +157,20 @@ impl Pacer {
         }
     }
 
-    /// The pause after a step that took `step`.
-    pub fn pause_after(&mut self, events: &EventStore, step: Duration) -> Duration {
+    /// The pause after step `done`, which took `step`, under `retention`.
+    pub fn pause_after(
+        &mut self,
+        events: &EventStore,
+        retention: &Retention,
+        done: &Expired,
+        step: Duration,
+    ) -> Duration {
         let now = events.intakes.load(Ordering::Relaxed);
         let busy = now != self.seen;
         self.seen = now;
+        let runaway = done.over_count > retention.max_count / RUNAWAY_PART;
         let pause = step.max(MIN_PAUSE);
-        if busy {
+        if busy && !runaway {
             pause * BUSY_PAUSE_FACTOR
         } else {
             pause
@@ -203,6 +219,7 @@ impl EventStore {
             Err(StoreError::Decode { .. }) => more = true,
             Err(e) => return Err(e.into()),
         }
+        let over_count = due.first().map_or(0, |e| keep_from.saturating_sub(e.seq));
         if due.is_empty() {
             return Ok(Expired::default());
         }
@@ -256,6 +273,7 @@ impl EventStore {
             events: due.len() as u64,
             conflicts,
             more,
+            over_count,
         })
     }
 
@@ -272,8 +290,8 @@ impl EventStore {
         self.log.apply(out)?;
         Ok(Expired {
             events: 1,
-            conflicts: 0,
             more: true,
+            ..Expired::default()
         })
     }
 }
@@ -312,7 +330,7 @@ impl Manager {
                     break;
                 }
                 tokio::select! {
-                    _ = tokio::time::sleep(pacer.pause_after(&self.events, step_started.elapsed())) => {}
+                    _ = tokio::time::sleep(pacer.pause_after(&self.events, &retention, &step, step_started.elapsed())) => {}
                     _ = self.shutdown.clone().wait() => return,
                 }
             }

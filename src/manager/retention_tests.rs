@@ -177,7 +177,9 @@ fn beyond_max_count_the_oldest_go_and_seqs_continue_after_them() {
             es.add_events(&upload("pc", events), &placed("lab"), now)
                 .unwrap();
         }
-        assert_eq!(expire_all(&es, &keep(90, 10), now, 4), 15);
+        let first = es.expire_step(&keep(90, 10), now, 4).unwrap();
+        assert_eq!((first.events, first.over_count), (4, 15), "15 past the bound");
+        assert_eq!(expire_all(&es, &keep(90, 10), now, 4), 11);
         let left: Vec<u64> = all(&es).iter().map(|e| e.seq).collect();
         assert_eq!(left, (16..=25).collect::<Vec<_>>(), "the newest ten");
         check_whole(&store.kv(LOG_TREE).unwrap());
@@ -326,4 +328,37 @@ fn intake_goes_on_while_steps_delete_beside_it() {
         .notifications(&crate::manager::events::NoticeQuery::default())
         .unwrap();
     assert_eq!(notices.notifications.len(), 100);
+}
+
+#[test]
+fn the_pacer_yields_to_intake_unless_the_store_runs_away() {
+    let (_t, _s, es) = open();
+    let r = keep(90, 1000);
+    let mut pacer = Pacer::new(&es);
+    let step = std::time::Duration::from_millis(10);
+    let behind = Expired {
+        events: 100,
+        more: true,
+        over_count: 100,
+        ..Expired::default()
+    };
+    assert_eq!(pacer.pause_after(&es, &r, &behind, step), step, "no upload");
+    let send = |id: &str| {
+        es.add_events(&upload("pc", vec![ev(id, "scan")]), &placed("lab"), Utc::now())
+            .unwrap();
+    };
+    send("a");
+    let yielding = step * BUSY_PAUSE_FACTOR;
+    assert_eq!(pacer.pause_after(&es, &r, &behind, step), yielding);
+    assert_eq!(pacer.pause_after(&es, &r, &behind, step), step, "none since");
+    // More than a tenth past max_count: the disk first.
+    send("b");
+    let runaway = Expired {
+        over_count: 101,
+        ..behind
+    };
+    assert_eq!(pacer.pause_after(&es, &r, &runaway, step), step);
+    // A step that found little still pauses a little.
+    let none = std::time::Duration::ZERO;
+    assert!(pacer.pause_after(&es, &r, &Expired::default(), none) > none);
 }
