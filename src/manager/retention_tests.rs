@@ -178,7 +178,11 @@ fn beyond_max_count_the_oldest_go_and_seqs_continue_after_them() {
                 .unwrap();
         }
         let first = es.expire_step(&keep(90, 10), now, 4).unwrap();
-        assert_eq!((first.events, first.over_count), (4, 15), "15 past the bound");
+        assert_eq!(
+            (first.events, first.over_count),
+            (4, 15),
+            "15 past the bound"
+        );
         assert_eq!(expire_all(&es, &keep(90, 10), now, 4), 11);
         let left: Vec<u64> = all(&es).iter().map(|e| e.seq).collect();
         assert_eq!(left, (16..=25).collect::<Vec<_>>(), "the newest ten");
@@ -344,13 +348,21 @@ fn the_pacer_yields_to_intake_unless_the_store_runs_away() {
     };
     assert_eq!(pacer.pause_after(&es, &r, &behind, step), step, "no upload");
     let send = |id: &str| {
-        es.add_events(&upload("pc", vec![ev(id, "scan")]), &placed("lab"), Utc::now())
-            .unwrap();
+        es.add_events(
+            &upload("pc", vec![ev(id, "scan")]),
+            &placed("lab"),
+            Utc::now(),
+        )
+        .unwrap();
     };
     send("a");
     let yielding = step * BUSY_PAUSE_FACTOR;
     assert_eq!(pacer.pause_after(&es, &r, &behind, step), yielding);
-    assert_eq!(pacer.pause_after(&es, &r, &behind, step), step, "none since");
+    assert_eq!(
+        pacer.pause_after(&es, &r, &behind, step),
+        step,
+        "none since"
+    );
     // More than a tenth past max_count: the disk first.
     send("b");
     let runaway = Expired {
