@@ -135,6 +135,7 @@ fn manager_view() -> ManagerView {
                 last_at: now,
                 count: 3,
                 client_id: format!("pc-{i}"),
+                acked_at: (i % 2 == 0).then_some(now),
             })
             .collect(),
         revisions: (5..8)

@@ -105,14 +105,21 @@ enum AdminCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Admin notifications raised by critical events, newest first.
+    /// Admin notifications raised by critical events (and overdue nodes), newest first;
+    /// `notifications ack ID` or `notifications ack --all` clears them.
+    #[command(args_conflicts_with_subcommands = true)]
     Notifications {
+        #[command(subcommand)]
+        command: Option<NotificationsCommand>,
         /// Page size (1 to 10000).
         #[arg(long, default_value_t = 1000)]
         limit: usize,
         /// Cursor from a previous page's `next`: older notifications.
         #[arg(long)]
         after: Option<u64>,
+        /// Only those not acknowledged (a page may then be short while more follow).
+        #[arg(long)]
+        unacked: bool,
         #[arg(long)]
         json: bool,
     },
@@ -142,6 +149,25 @@ enum AdminCommand {
     Apps {
         #[command(subcommand)]
         command: AppsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum NotificationsCommand {
+    /// Acknowledge (clear) notification ID, or with --all every one raised so far. Again is
+    /// harmless: an acknowledged notification keeps its first acknowledgement time.
+    Ack {
+        /// The notification's id (the ID column of `notifications`).
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<u64>,
+        /// Every notification raised so far.
+        #[arg(long)]
+        all: bool,
+        /// With --all: only those with an id up to this one (the newest you saw).
+        #[arg(long, requires = "all")]
+        up_to: Option<u64>,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -664,12 +690,25 @@ pub(super) fn run(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure>
             );
             Ok(())
         }
-        AdminCommand::Notifications { limit, after, json } => {
+        AdminCommand::Notifications {
+            command: Some(command),
+            ..
+        } => ack_notifications(&client, &rt, command),
+        AdminCommand::Notifications {
+            command: None,
+            limit,
+            after,
+            unacked,
+            json,
+        } => {
             let limit_s = limit.to_string();
             let after_s = after.map(|a| a.to_string());
             let mut q: Vec<(&str, &str)> = vec![("limit", &limit_s)];
             if let Some(a) = &after_s {
                 q.push(("after", a));
+            }
+            if unacked {
+                q.push(("unacked", "true"));
             }
             let v = rt
                 .block_on(client.call(Method::GET, "/v1/admin/notifications", &q, None))
@@ -678,14 +717,16 @@ pub(super) fn run(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure>
                 &v,
                 json,
                 "notifications",
-                &["FIRST", "GROUP", "KIND", "COUNT", "LAST"],
+                &["ID", "FIRST", "GROUP", "KIND", "COUNT", "LAST", "ACKED"],
                 |n| {
                     vec![
+                        text(&n["id"]),
                         text(&n["first_at"]),
                         text(&n["group"]),
                         text(&n["kind"]),
                         text(&n["count"]),
                         text(&n["last_at"]),
+                        text(&n["acked_at"]),
                     ]
                 },
             );
@@ -746,6 +787,68 @@ pub(super) fn run(args: AdminArgs, log_format: LogFormat) -> Result<(), Failure>
             Ok(())
         }
     }
+}
+
+/// `gup admin notifications ack ID | --all [--up-to ID]`.
+fn ack_notifications(
+    client: &crate::admin::AdminClient,
+    rt: &tokio::runtime::Runtime,
+    command: NotificationsCommand,
+) -> Result<(), Failure> {
+    let NotificationsCommand::Ack {
+        id,
+        all,
+        up_to,
+        json,
+    } = command;
+    if all {
+        let mut body = serde_json::json!({ "all": true });
+        if let Some(u) = up_to {
+            body["up_to"] = u.into();
+        }
+        let v = rt
+            .block_on(client.call(
+                Method::POST,
+                "/v1/admin/notifications/ack",
+                &[],
+                Some(&body),
+            ))
+            .map_err(runtime)?;
+        if json {
+            print_json(&v);
+        } else {
+            outln!(
+                "{} notifications acknowledged (every one up to id {} is)",
+                text(&v["acked"]),
+                text(&v["through"])
+            );
+        }
+        return Ok(());
+    }
+    // clap requires the id without --all.
+    let Some(id) = id else {
+        return Err(usage("notifications ack: an ID or --all"));
+    };
+    let v = rt
+        .block_on(client.call(
+            Method::POST,
+            &format!("/v1/admin/notifications/{id}/ack"),
+            &[],
+            None,
+        ))
+        .map_err(runtime)?;
+    if json {
+        print_json(&v);
+    } else {
+        outln!(
+            "notification {id} ({} in group {}, {} events) acknowledged at {}",
+            text(&v["kind"]),
+            text(&v["group"]),
+            text(&v["count"]),
+            text(&v["acked_at"])
+        );
+    }
+    Ok(())
 }
 
 /// The admin token: given (`--token`, `GUP_ADMIN_TOKEN`), else from `--token-file`, else

@@ -315,9 +315,61 @@ impl StoreSection {
 pub struct ManagerConfig {
     pub manager: ManagerSection,
     pub store: StoreSection,
+    pub events: ManagerEventsSection,
     pub notifications: NotificationsSection,
     pub limits: LimitsSection,
     pub log: LogSection,
+}
+
+/// Default `events.retain_days` of the manager.
+pub const DEFAULT_RETAIN_DAYS: u32 = 90;
+/// Default `events.max_count` of the manager: ten million events, about 18 GiB of sled on
+/// disk (1.8 KiB an event of a few hundred bytes with its index entries, measured by
+/// `cargo bench --bench retention` and `--bench events`), and 90 days of 110,000 events a
+/// day: a fleet of 10,000 clients sending eleven a day each.
+pub const DEFAULT_MAX_EVENTS: u64 = 10_000_000;
+/// The keys of a manager's `[events]`, for telling the role of a file.
+const MANAGER_EVENTS_KEYS: [&str; 2] = ["retain_days", "max_count"];
+/// The keys of a node's `[events]`.
+const NODE_EVENTS_KEYS: [&str; 1] = ["outbox_max_bytes"];
+
+/// `[events]` of the manager: how long and how many events it keeps (a background task
+/// deletes the oldest beyond either bound, `manager::retention`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ManagerEventsSection {
+    /// Events received longer ago than this many days are deleted (by when the manager
+    /// received them, not by the time the client gave them).
+    pub retain_days: u32,
+    /// At most this many events are kept: beyond it the oldest are deleted.
+    pub max_count: u64,
+}
+
+impl Default for ManagerEventsSection {
+    fn default() -> Self {
+        ManagerEventsSection {
+            retain_days: DEFAULT_RETAIN_DAYS,
+            max_count: DEFAULT_MAX_EVENTS,
+        }
+    }
+}
+
+impl ManagerEventsSection {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=36_500).contains(&self.retain_days) {
+            return Err(bad(
+                "events.retain_days",
+                format!("must be 1 to 36500 days (got {})", self.retain_days),
+            ));
+        }
+        if !(1..=1_000_000_000).contains(&self.max_count) {
+            return Err(bad(
+                "events.max_count",
+                format!("must be 1 to 1000000000 (got {})", self.max_count),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// `[notifications]`
@@ -397,6 +449,7 @@ impl ManagerConfig {
             &m.node_token_file,
         )?;
         self.limits.validate()?;
+        self.events.validate()?;
         let hook = &self.notifications.webhook_url;
         if !hook.is_empty() {
             validate_url(hook).map_err(|e| bad("notifications.webhook_url", e))?;
@@ -800,22 +853,44 @@ impl std::fmt::Display for Role {
     }
 }
 
-/// Infers the role from the file's sections: `[manager]` or `[node]`/`[upstream]`/`[cache]`.
+/// Infers the role from the file's sections: `[manager]` or `[notifications]`, or
+/// `[node]`/`[upstream]`/`[cache]`/`[serve]`. Both roles have an `[events]` section, told
+/// apart by its keys (`retain_days`, `max_count`: manager; `outbox_max_bytes`: node); an
+/// `[events]` with neither decides nothing (and an unknown key in it is named when the file
+/// is parsed for its role).
 pub fn infer_role(text: &str) -> Result<Role, ConfigError> {
     let table: toml::Table = toml::from_str(text).map_err(|e| toml_error(text, &e))?;
-    let manager = table.contains_key("manager") || table.contains_key("notifications");
+    let events = table.get("events").and_then(|v| v.as_table());
+    // What in the file belongs to each role, named as a message would name it.
+    let said = |sections: &[&str], event_keys: &[&str]| -> Vec<String> {
+        let mut out: Vec<String> = sections
+            .iter()
+            .filter(|k| table.contains_key(**k))
+            .map(|k| format!("[{k}]"))
+            .collect();
+        out.extend(
+            event_keys
+                .iter()
+                .filter(|k| events.is_some_and(|t| t.contains_key(**k)))
+                .map(|k| format!("events.{k}")),
+        );
+        out
+    };
+    let manager = said(&["manager", "notifications"], &MANAGER_EVENTS_KEYS);
     // `[limits]` and `[log]` belong to both roles and decide nothing.
-    let node = ["node", "upstream", "cache", "serve"]
-        .iter()
-        .any(|k| table.contains_key(*k));
-    match (manager, node) {
-        (true, false) => Ok(Role::Manager),
-        (false, true) => Ok(Role::Node),
-        (true, true) => Err(bad(
-            "manager",
-            "a file is for one role: it has [manager] and node sections",
-        )),
+    let node = said(&["node", "upstream", "cache", "serve"], &NODE_EVENTS_KEYS);
+    match (manager.is_empty(), node.is_empty()) {
+        (false, true) => Ok(Role::Manager),
+        (true, false) => Ok(Role::Node),
         (false, false) => Err(bad(
+            manager[0].trim_matches(|c| c == '[' || c == ']'),
+            format!(
+                "a file is for one role: it has manager keys ({}) and node keys ({})",
+                manager.join(", "),
+                node.join(", ")
+            ),
+        )),
+        (true, true) => Err(bad(
             "(file)",
             "cannot tell the role: expected a [manager] or a [node] section",
         )),
@@ -1120,6 +1195,63 @@ mod tests {
             include_str!("../../config/node.toml"),
             toml::Value::try_from(NodeConfig::default()).unwrap(),
         );
+    }
+
+    #[test]
+    fn an_events_section_tells_the_roles_apart_by_its_keys() {
+        let manager = "[manager]\ndata_dir = \"m\"\n[events]\nretain_days = 30\n";
+        assert_eq!(infer_role(manager), Ok(Role::Manager));
+        // The manager's keys alone are enough, and so are the node's.
+        assert_eq!(
+            infer_role("[events]\nmax_count = 1000\n"),
+            Ok(Role::Manager)
+        );
+        assert_eq!(
+            infer_role("[events]\noutbox_max_bytes = 1048576\n"),
+            Ok(Role::Node)
+        );
+        assert_eq!(
+            infer_role("[node]\n[events]\noutbox_max_bytes = 1048576\n"),
+            Ok(Role::Node)
+        );
+        // An [events] of neither role decides nothing; parsing for the role names the key.
+        assert_eq!(
+            infer_role("[manager]\n[events]\nretain_dayz = 3\n"),
+            Ok(Role::Manager)
+        );
+        let e = parse::<ManagerConfig>("[manager]\n[events]\nretain_dayz = 3\n").unwrap_err();
+        assert_eq!(e.key, "events.retain_dayz");
+        assert_eq!(infer_role("[events]\n").unwrap_err().key, "(file)");
+        // A node's [events] key in a manager file is a mix, named as such.
+        let e = infer_role("[manager]\n[events]\noutbox_max_bytes = 1048576\n").unwrap_err();
+        assert_eq!(e.key, "manager");
+        assert!(e.message.contains("events.outbox_max_bytes"), "{e}");
+        let e = infer_role("[cache]\n[events]\nretain_days = 3\n").unwrap_err();
+        assert_eq!(e.key, "events.retain_days");
+        assert!(e.message.contains("[cache]"), "{e}");
+        let m: ManagerConfig = parse(manager).unwrap();
+        assert_eq!(m.events.retain_days, 30);
+        assert_eq!(m.events.max_count, DEFAULT_MAX_EVENTS);
+        m.validate().unwrap();
+    }
+
+    #[test]
+    fn retention_bounds_are_checked_naming_the_key() {
+        let mut m = ManagerConfig::default();
+        assert_eq!(m.events.retain_days, 90);
+        m.events.retain_days = 0;
+        let e = m.validate().unwrap_err();
+        assert_eq!(e.key, "events.retain_days");
+        assert_eq!(
+            e.to_string(),
+            "events.retain_days: must be 1 to 36500 days (got 0)"
+        );
+        m.events.retain_days = 36_500;
+        m.validate().unwrap();
+        m.events.max_count = 0;
+        assert_eq!(m.validate().unwrap_err().key, "events.max_count");
+        m.events.max_count = 1_000_000_001;
+        assert_eq!(m.validate().unwrap_err().key, "events.max_count");
     }
 
     #[test]

@@ -22,7 +22,9 @@ use serde::Deserialize;
 
 use super::applications::{AppPage, AppQuery};
 use super::enrol::{CreatedToken, NewToken, TokenView};
-use super::events::{EventPage, EventQuery, NoticePage, NoticeQuery};
+use super::events::{
+    AckError, AckedAll, EventPage, EventQuery, NoticePage, NoticeQuery, Notification,
+};
 use super::publish;
 use super::registry::{ClientPage, ClientQuery, ClientRecord};
 use super::Manager;
@@ -108,6 +110,8 @@ pub fn routes(m: Arc<Manager>) -> Router {
         .route("/v1/admin/users/{user}", put(put_user))
         .route("/v1/admin/events", get(admin_events))
         .route("/v1/admin/notifications", get(admin_notifications))
+        .route("/v1/admin/notifications/ack", post(ack_all_notifications))
+        .route("/v1/admin/notifications/{id}/ack", post(ack_notification))
         .route("/v1/admin/nodes", get(super::nodes::admin_nodes))
         .route("/v1/admin/backup", get(super::backup::backup))
         .route("/v1/admin/applications", get(admin_applications))
@@ -404,12 +408,54 @@ async fn admin_events(
     Ok(Json(m.events.query(&q)?))
 }
 
-/// `GET /v1/admin/notifications?limit=&after=`: newest first.
+/// `GET /v1/admin/notifications?limit=&after=&unacked=`: newest first.
 async fn admin_notifications(
     State(m): State<Arc<Manager>>,
     Query(q): Query<NoticeQuery>,
 ) -> Result<Json<NoticePage>, ApiError> {
     Ok(Json(m.events.notifications(&q)?))
+}
+
+/// `POST /v1/admin/notifications/{id}/ack`: the notification, acknowledged (durably); one
+/// acknowledged before is answered as it is. 404 `no_such_notification` naming the id.
+async fn ack_notification(
+    State(m): State<Arc<Manager>>,
+    Path(id): Path<String>,
+) -> Result<Json<Notification>, ApiError> {
+    let n = m.events.ack(&id, Utc::now())?;
+    m.events.flush().await?;
+    Ok(Json(n))
+}
+
+/// The body of `POST /v1/admin/notifications/ack`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AckAllBody {
+    /// Must be true: a body that does not say "all" acknowledges nothing.
+    all: bool,
+    /// Only the notifications with an id up to this one (the newest the admin saw), so that
+    /// one raised since is not cleared unseen.
+    #[serde(default)]
+    up_to: Option<u64>,
+}
+
+/// `POST /v1/admin/notifications/ack` `{"all": true, "up_to"?: ID}`: acknowledges every
+/// notification (up to `up_to`) → `{acked, through, acked_at}`.
+async fn ack_all_notifications(
+    State(m): State<Arc<Manager>>,
+    JsonBody(body): JsonBody<AckAllBody>,
+) -> Result<Json<AckedAll>, ApiError> {
+    if !body.all {
+        return Err(AckError::NotAll.into());
+    }
+    // Possibly many batches of sled work: off the serving threads.
+    let events = m.events.clone();
+    let up_to = body.up_to;
+    let done = tokio::task::spawn_blocking(move || events.ack_all(up_to, Utc::now()))
+        .await
+        .map_err(|e| crate::core::fault::Internal(format!("acknowledging: {e}")))??;
+    m.events.flush().await?;
+    Ok(Json(done))
 }
 
 /// `GET /v1/admin/applications?q=&limit=&after=`: applications with their client counts.

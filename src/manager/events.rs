@@ -26,16 +26,19 @@
 //! | `i/{client}\0{id}` | the seq of the id's first record: the dedupe key |
 //! | `x/{client}\0{id}\0{content sha256}` | the seq of a conflict with that content |
 //! | `s/conflicts` | how many conflicts are stored |
+//! | `s/expired_through` | the greatest seq retention deleted (`retention`): seqs continue after it |
 //! | `c/{client}\0{seq:020}`, `g/{group}\0{seq:020}`, `k/{kind}\0{seq:020}` | the event's time, so `since` needs no record |
 //! | `t/{seq:020}` | the event's time: a `since` alone walks these small entries, not the records |
 //!
 //! Notifications live in [`NOTICES_TREE`] (see `notices`). Free text in a key is escaped
 //! (`page::part`).
-//! Nothing is loaded whole: the next seq is the last record's at open, a query walks the
+//! Nothing is loaded whole: the next seq is the last record's at open (or after the last
+//! one retention deleted), a query walks the
 //! most selective index it is given and visits at most [`SCAN_LIMIT`] entries. Persistence
 //! is through `store::Kv`. It must never decide where a client belongs.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
@@ -49,7 +52,9 @@ use crate::core::proto::{Event, EventUpload, Placement};
 use crate::store::{Batch, Kv, Store, StoreError};
 
 pub(super) use super::notices::put_notice;
-pub use super::notices::{deliver_webhook, NoticePage, NoticeQuery, Notification};
+pub use super::notices::{
+    deliver_webhook, AckError, AckedAll, NoticePage, NoticeQuery, Notification,
+};
 pub use super::page::SCAN_LIMIT;
 
 /// The one tree of event records, dedupe keys and index entries.
@@ -66,6 +71,8 @@ pub enum EventsError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Internal(#[from] Internal),
+    #[error(transparent)]
+    Ack(#[from] AckError),
 }
 
 impl Fault for EventsError {
@@ -74,6 +81,7 @@ impl Fault for EventsError {
             EventsError::Limit(e) => e.kind(),
             EventsError::Store(e) => e.kind(),
             EventsError::Internal(e) => e.kind(),
+            EventsError::Ack(e) => e.kind(),
         }
     }
 
@@ -82,6 +90,7 @@ impl Fault for EventsError {
             EventsError::Limit(e) => e.code(),
             EventsError::Store(e) => e.code(),
             EventsError::Internal(e) => e.code(),
+            EventsError::Ack(e) => e.code(),
         }
     }
 }
@@ -157,31 +166,49 @@ fn stamp(t: &DateTime<Utc>) -> Stamp {
     (t.timestamp(), t.timestamp_subsec_nanos())
 }
 
-fn record_key(seq: u64) -> String {
+pub(super) fn record_key(seq: u64) -> String {
     format!("r/{}", seq_part(seq))
 }
 
-fn dedupe_key(client: &str, id: &str) -> String {
+pub(super) fn dedupe_key(client: &str, id: &str) -> String {
     format!("i/{}\0{}", part(client), part(id))
 }
 
-fn conflict_key(client: &str, id: &str, content: &str) -> String {
+pub(super) fn conflict_key(client: &str, id: &str, content: &str) -> String {
     format!("x/{}\0{}\0{content}", part(client), part(id))
 }
 
 /// The key of the number of conflicts stored.
-const CONFLICTS_KEY: &str = "s/conflicts";
+pub(super) const CONFLICTS_KEY: &str = "s/conflicts";
+
+/// The key of the greatest seq retention deleted (`retention`), so that the next seq
+/// continues after it even when no record is left.
+pub(super) const EXPIRED_KEY: &str = "s/expired_through";
 
 /// The SHA-256 (hex) of an event's content: kind, subkind, time as an instant and data, the
 /// data's object keys in sorted order, so that one content always gives one digest.
 fn content_digest(e: &Event, time: &DateTime<Utc>) -> String {
+    digest_of(&e.kind, e.subkind.as_deref(), time, &e.data)
+}
+
+/// [`content_digest`] of a stored record: the digest its conflict key was written under.
+pub(super) fn stored_digest(e: &StoredEvent) -> String {
+    digest_of(&e.kind, e.subkind.as_deref(), &e.time, &e.data)
+}
+
+fn digest_of(
+    kind: &str,
+    subkind: Option<&str>,
+    time: &DateTime<Utc>,
+    data: &serde_json::Value,
+) -> String {
     use sha2::Digest as _;
     let mut h = sha2::Sha256::new();
     let (secs, nanos) = stamp(time);
-    let head = serde_json::json!([e.kind, e.subkind, secs, nanos]);
+    let head = serde_json::json!([kind, subkind, secs, nanos]);
     h.update(head.to_string().as_bytes());
     h.update(b"\n");
-    canonical(&e.data, &mut h);
+    canonical(data, &mut h);
     Digest::from_hasher(h).to_hex()
 }
 
@@ -220,7 +247,7 @@ fn canonical(v: &serde_json::Value, h: &mut sha2::Sha256) {
 }
 
 /// The prefix of one index's entries for `value` (`c` client, `g` group, `k` kind).
-fn index_prefix(tag: char, value: &str) -> String {
+pub(super) fn index_prefix(tag: char, value: &str) -> String {
     format!("{tag}/{}\0", part(value))
 }
 
@@ -280,7 +307,7 @@ pub(super) struct Counters {
 /// The manager's event records.
 #[derive(Clone)]
 pub struct EventStore {
-    log: Kv,
+    pub(super) log: Kv,
     pub(super) notices: Kv,
     /// Held while an upload is checked against the dedupe keys and written with the
     /// notifications it raises or counts, so that two uploads of one id cannot both store
@@ -288,7 +315,13 @@ pub struct EventStore {
     /// only after a write succeeded.
     counters: Arc<Mutex<Counters>>,
     /// Entries one query visits at most: [`SCAN_LIMIT`], smaller in tests.
-    scan_limit: usize,
+    pub(super) scan_limit: usize,
+    /// Held by a retention step ([`EventStore::expire_step`]) from its walk to its write,
+    /// so that two steps never plan the deletion of the same records. Intake never takes
+    /// it.
+    pub(super) expiring: Arc<Mutex<()>>,
+    /// Uploads intake has begun: retention yields while this moves (`retention::Pacer`).
+    pub(super) intakes: Arc<AtomicU64>,
 }
 
 impl EventStore {
@@ -297,7 +330,11 @@ impl EventStore {
     pub fn open(store: &Store) -> Result<EventStore, EventsError> {
         let log = store.kv(LOG_TREE)?;
         let notices = store.kv(NOTICES_TREE)?;
+        // Retention may have deleted every record: its high-water mark keeps seqs from
+        // being given out twice.
+        let expired = log.get::<u64>(EXPIRED_KEY)?.unwrap_or(0);
         let next_seq = last_seq(&log, "r/")?
+            .max(expired)
             .checked_add(1)
             .ok_or_else(|| exhausted("event"))?;
         let next_id = last_seq(&notices, "n/")?
@@ -313,6 +350,8 @@ impl EventStore {
                 conflicts,
             })),
             scan_limit: SCAN_LIMIT,
+            expiring: Arc::new(Mutex::new(())),
+            intakes: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -366,6 +405,7 @@ impl EventStore {
         damper_s: Option<u64>,
         now: DateTime<Utc>,
     ) -> Result<Intake, EventsError> {
+        self.intakes.fetch_add(1, Ordering::Relaxed);
         let mut counters = self.lock()?;
         let mut next = *counters;
         let mut batch = Batch::default();

@@ -314,6 +314,7 @@ fn a_cursor_near_the_end_of_u64_does_not_wrap() {
         es.notifications(&NoticeQuery {
             limit: None,
             after: Some(after),
+            unacked: false,
         })
         .unwrap()
         .notifications
@@ -375,6 +376,7 @@ fn notifications_page_newest_first_and_the_damper_finds_the_latest() {
     let mut q = NoticeQuery {
         limit: Some(3),
         after: None,
+        unacked: false,
     };
     for _ in 0..10 {
         let page = es.notifications(&q).unwrap();
@@ -434,6 +436,8 @@ fn the_previous_format_is_moved_once_and_a_lost_record_can_be_sent_again() {
             item: None,
             version: None,
             sha256: None,
+            event_ids: Vec::new(),
+            acked_at: None,
         };
         notices
             .put(&format!("lab\0risk\0{}", seq_part(n.id)), &n)
@@ -685,4 +689,139 @@ fn a_dedupe_key_without_its_record_does_not_drop_the_event() {
         .unwrap();
     assert_eq!(astray.len(), 1);
     assert_eq!(astray[0].conflict_of, None);
+}
+
+#[test]
+fn a_notification_lists_its_event_ids_up_to_the_bound_and_counts_on() {
+    let (_t, _s, es) = open();
+    let now = Utc::now();
+    let up = EventUpload {
+        client_id: "pc".into(),
+        events: (0..150)
+            .map(|i| ev(&format!("e{i}"), "intrusion", None))
+            .collect(),
+    };
+    let intake = es.accept(&up, &placed("lab"), 3600, now).unwrap();
+    assert_eq!(intake.created.len(), 1);
+    let n = &es
+        .notifications(&NoticeQuery::default())
+        .unwrap()
+        .notifications[0];
+    assert_eq!(n.count, 150);
+    assert_eq!(n.event_ids.len(), super::super::notices::MAX_EVENT_IDS);
+    assert_eq!(n.event_ids[0], "e0");
+    assert_eq!(n.event_ids[99], "e99");
+    assert_eq!(n.acked_at, None);
+    // A record of before these fields decodes, with none of them.
+    let old = serde_json::json!({"id": 7, "group": "g", "kind": "risk", "first_at": now,
+        "last_at": now, "count": 2, "client_id": "pc", "event_id": "x"});
+    let old: Notification = serde_json::from_value(old).unwrap();
+    assert!(old.event_ids.is_empty() && old.acked_at.is_none());
+}
+
+#[test]
+fn an_acked_notification_counts_no_more_and_acking_again_changes_nothing() {
+    let (_t, _s, es) = open();
+    let now = Utc::now();
+    let send = |id: &str, at| {
+        let up = EventUpload {
+            client_id: "pc".into(),
+            events: vec![ev(id, "intrusion", None)],
+        };
+        es.accept(&up, &placed("lab"), 3600, at).unwrap().created
+    };
+    assert_eq!(send("a", now).len(), 1);
+    assert!(send("b", now).is_empty(), "damped: counted onto the first");
+    let acked = es.ack("1", now + Duration::seconds(5)).unwrap();
+    assert_eq!(acked.acked_at, Some(now + Duration::seconds(5)));
+    assert_eq!(acked.event_ids, vec!["a", "b"]);
+    let again = es.ack("1", now + Duration::seconds(60)).unwrap();
+    assert_eq!(again, acked, "idempotent: the first acknowledgement stays");
+    // Within the damper period, yet a new notification: the admin cleared the old one.
+    let created = send("c", now + Duration::seconds(10));
+    assert_eq!(created.len(), 1);
+    assert_eq!(created[0].event_ids, vec!["c"]);
+    assert!(send("d", now + Duration::seconds(11)).is_empty());
+    let first = &es
+        .notifications(&NoticeQuery::default())
+        .unwrap()
+        .notifications[1];
+    assert_eq!(first.count, 2, "the acknowledged one counted nothing more");
+    for unknown in ["3", "0", "x", "18446744073709551616"] {
+        let e = es.ack(unknown, now).unwrap_err();
+        assert_eq!(e.code(), "no_such_notification");
+        assert!(e.to_string().contains(unknown), "{e}");
+    }
+    // A node gone overdue again after its notification was acknowledged is notified again.
+    assert!(es
+        .raise_node("n1", "node_overdue", 3600, now)
+        .unwrap()
+        .is_some());
+    assert!(es
+        .raise_node("n1", "node_overdue", 3600, now)
+        .unwrap()
+        .is_none());
+    es.ack("3", now).unwrap();
+    assert!(es
+        .raise_node("n1", "node_overdue", 3600, now)
+        .unwrap()
+        .is_some());
+}
+
+#[test]
+fn acking_all_covers_what_was_raised_up_to_a_bound_and_the_unacked_list_shrinks() {
+    let (_t, _s, es) = open();
+    let es = es.with_scan_limit(4);
+    let now = Utc::now();
+    // Ten notifications (damper 0: each critical event raises one).
+    let up = EventUpload {
+        client_id: "pc".into(),
+        events: (0..10)
+            .map(|i| ev(&format!("e{i}"), "risk", None))
+            .collect(),
+    };
+    es.accept(&up, &placed("lab"), 0, now).unwrap();
+    es.ack("9", now).unwrap();
+    let unacked = |es: &EventStore| {
+        let mut q = NoticeQuery {
+            unacked: true,
+            limit: Some(3),
+            ..Default::default()
+        };
+        let mut ids = Vec::new();
+        for _ in 0..100 {
+            let page = es.notifications(&q).unwrap();
+            ids.extend(page.notifications.iter().map(|n| n.id));
+            match page.next {
+                Some(n) => q.after = Some(n),
+                None => return ids,
+            }
+        }
+        panic!("the pages did not end");
+    };
+    assert_eq!(unacked(&es), vec![10, 8, 7, 6, 5, 4, 3, 2, 1]);
+    // Up to 6: the newer ones stay open; 9 keeps its own time.
+    let later = now + Duration::seconds(30);
+    let done = es.ack_all(Some(6), later).unwrap();
+    assert_eq!((done.acked, done.through), (6, 6));
+    assert_eq!(unacked(&es), vec![10, 8, 7]);
+    let done = es.ack_all(None, later).unwrap();
+    assert_eq!((done.acked, done.through), (3, 10));
+    assert!(unacked(&es).is_empty());
+    assert_eq!(es.ack_all(None, later).unwrap().acked, 0);
+    let all = es
+        .notifications(&NoticeQuery::default())
+        .unwrap()
+        .notifications;
+    assert_eq!(all.len(), 10);
+    assert!(all.iter().all(|n| n.acked_at.is_some()));
+    assert_eq!(all[1].acked_at, Some(now), "9 was acknowledged first");
+    // One raised after is open, and the next ack of all reaches it.
+    let up = EventUpload {
+        client_id: "pc".into(),
+        events: vec![ev("late", "risk", None)],
+    };
+    es.accept(&up, &placed("lab"), 0, later).unwrap();
+    assert_eq!(unacked(&es), vec![11]);
+    assert_eq!(es.ack_all(None, later).unwrap().acked, 1);
 }

@@ -4,7 +4,7 @@
 //! directory, the client registry, the node table, the event records, the application
 //! inventory, tokens, the catalog signing key), its [`Role`] behind the shared client API
 //! (heartbeats resolve groups in the registry, node reports go to the node table, uploads
-//! are stored and raise notifications), the admin API
+//! are stored and raise notifications, and are deleted past their retention), the admin API
 //! behind the admin token, and the bound on what a directory change may make of the
 //! `/v1/sync` snapshot. It must never fetch from anywhere: nothing is upstream of the
 //! manager.
@@ -21,6 +21,7 @@ pub mod page;
 mod publish;
 pub mod registry;
 mod reload;
+pub mod retention;
 pub mod session;
 pub mod status_page;
 mod upkeep;
@@ -106,6 +107,9 @@ pub struct Manager {
     nodes: nodes::NodeTable,
     enrolment: enrol::Enrolment,
     events: EventStore,
+    /// How long and how many events are kept (`[events]`), enforced by
+    /// [`Manager::expire_loop`].
+    retention: retention::Retention,
     apps: Inventory,
     http: reqwest::Client,
     webhook: Option<String>,
@@ -208,6 +212,7 @@ impl Manager {
             nodes: node_table,
             enrolment,
             events,
+            retention: retention::Retention::from(&config.events),
             apps,
             http: reqwest::Client::new(),
             webhook: (!config.notifications.webhook_url.is_empty())
@@ -272,6 +277,7 @@ impl Manager {
             tokio::spawn(self.clone().overdue_loop()),
             tokio::spawn(self.clone().sample_loop()),
             tokio::spawn(self.clone().tally_loop()),
+            tokio::spawn(self.clone().expire_loop()),
         ];
         server::run(
             listener,

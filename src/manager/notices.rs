@@ -1,14 +1,26 @@
 //! The admin notifications: at most one per (group, kind) per damper period, counting what
-//! it held back, listed newest first, and delivered once to the admin's webhook.
+//! it held back and listing the first [`MAX_EVENT_IDS`] ids of the events it counts, listed
+//! newest first, acknowledged by an admin, and delivered once to the admin's webhook.
 //!
 //! Owns the [`Notification`] records in [`NOTICES_TREE`] (`n/{id:020}` each,
 //! `p/{group}\0{kind}\0{id:020}` the latest of a (group, kind)), how critical events raise or
 //! count them (planned into the same atomic step as the events, see
-//! [`EventStore::accept`]), their pages, and the webhook call. Notification ids come from the
-//! event store's counters, so they are numbered under the same lock as the events that raise
-//! them. A node gone overdue raises one too ([`EventStore::raise_node`], damped per node:
-//! `d/{node}\0{kind}\0{id:020}` finds the latest about a node). It must never store events
-//! or decide where a client belongs.
+//! [`EventStore::accept`]), their pages, acknowledging them, and the webhook call.
+//! Notification ids come from the event store's counters, so they are numbered under the
+//! same lock as the events that raise them. A node gone overdue raises one too
+//! ([`EventStore::raise_node`], damped per node: `d/{node}\0{kind}\0{id:020}` finds the
+//! latest about a node).
+//!
+//! **Acknowledging** sets `acked_at` on the record, once (again is a no-op that answers the
+//! record as it is). An acknowledged notification is closed: it counts no further event, so
+//! the next critical event of its (group, kind) raises a new one within the damper period
+//! rather than vanishing into a notification the admin has cleared (so at most one more per
+//! acknowledgement). Acknowledging them all walks newest first in atomic batches of
+//! [`ACK_BATCH`], each under the intake lock (intake counts onto a notification with a read
+//! and a write under that lock), and then records the highest id it covered
+//! (`s/acked_through`): the next one stops there, and so does the listing of unacknowledged
+//! ones, so neither walks the history again. It must never store events or decide where a
+//! client belongs.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -19,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use super::events::NOTICES_TREE;
 use super::events::{exhausted, Counters, EventStore, EventsError, StoredEvent};
 use super::page::{self, part, seq_part, DEFAULT_LIMIT, MAX_LIMIT};
+use crate::core::fault::{Fault, Kind};
 use crate::core::proto::is_critical;
 use crate::store::{Batch, StoreError};
 
@@ -48,6 +61,16 @@ pub struct Notification {
     pub version: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
+    /// The ids of the events it counts, in arrival order, the first [`MAX_EVENT_IDS`] of
+    /// them (`count` goes on beyond): so an admin finds the events, not only the first.
+    /// Empty for `node_overdue`, and on notifications stored before this field was.
+    #[serde(default)]
+    pub event_ids: Vec<String>,
+    /// When an admin acknowledged it (`POST /v1/admin/notifications/{id}/ack`); null while
+    /// it is open. An acknowledged notification counts no further events: the next one of
+    /// its (group, kind), or node, raises a new notification.
+    #[serde(default)]
+    pub acked_at: Option<DateTime<Utc>>,
 }
 
 impl Notification {
@@ -67,8 +90,57 @@ impl Notification {
             item: None,
             version: None,
             sha256: None,
+            event_ids: Vec::new(),
+            acked_at: None,
         }
     }
+}
+
+/// Event ids a notification lists at most (its `count` counts them all): a bound on the
+/// record, which is rewritten at every event it counts.
+pub const MAX_EVENT_IDS: usize = 100;
+
+/// Notifications one ack of them all rewrites per atomic batch (with the intake lock held
+/// for that batch only).
+pub const ACK_BATCH: usize = 1_000;
+
+/// Every notification with an id at or below the value at this key is acknowledged: where
+/// the next acknowledgement of them all stops walking, and where `unacked` listing stops.
+const ACKED_THROUGH_KEY: &str = "s/acked_through";
+
+/// What acknowledging refuses.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AckError {
+    #[error("no notification {0:?}")]
+    NoSuch(String),
+    #[error("all: must be true to acknowledge every notification (use /v1/admin/notifications/{{id}}/ack for one)")]
+    NotAll,
+}
+
+impl Fault for AckError {
+    fn kind(&self) -> Kind {
+        match self {
+            AckError::NoSuch(_) => Kind::NotFound,
+            AckError::NotAll => Kind::BadInput,
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            AckError::NoSuch(_) => "no_such_notification",
+            AckError::NotAll => "bad_request",
+        }
+    }
+}
+
+/// What acknowledging every notification did.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct AckedAll {
+    /// Notifications acknowledged now (those acknowledged before are not counted).
+    pub acked: u64,
+    /// Every notification with an id up to this one is now acknowledged (0: there is none).
+    pub through: u64,
+    pub acked_at: DateTime<Utc>,
 }
 
 /// A page of `GET /v1/admin/notifications`, newest first.
@@ -77,6 +149,10 @@ pub struct NoticeQuery {
     pub limit: Option<usize>,
     /// The id of the last notification of the previous page: this page holds older ones.
     pub after: Option<u64>,
+    /// Only the notifications not acknowledged. Such a page visits at most the scan bound's
+    /// worth of notifications, so it may be short while `next` is set.
+    #[serde(default)]
+    pub unacked: bool,
 }
 
 /// One answer of `GET /v1/admin/notifications`.
@@ -163,7 +239,7 @@ impl EventStore {
         let damper = i64::try_from(damper_s).unwrap_or(i64::MAX);
         if let Some((_, id)) = self.notices.last::<u64>(prefix)? {
             if let Some(mut n) = self.notices.get::<Notification>(&notice_key(id))? {
-                if damper > 0 && (now - n.first_at).num_seconds() < damper {
+                if n.acked_at.is_none() && damper > 0 && (now - n.first_at).num_seconds() < damper {
                     n.count += 1;
                     n.last_at = now;
                     self.notices.put(&notice_key(id), &n)?;
@@ -238,15 +314,23 @@ impl EventStore {
             }
             let current = latest.get(&at).and_then(|id| touched.get_mut(id));
             match current {
-                Some((n, _)) if damper > 0 && (now - n.first_at).num_seconds() < damper => {
+                Some((n, _))
+                    if n.acked_at.is_none()
+                        && damper > 0
+                        && (now - n.first_at).num_seconds() < damper =>
+                {
                     n.count += 1;
                     n.last_at = now;
+                    if n.event_ids.len() < MAX_EVENT_IDS {
+                        n.event_ids.push(e.id.clone());
+                    }
                 }
                 _ => {
                     let n = Notification {
                         group: e.group.clone(),
                         client_id: e.client_id.clone(),
                         event_id: e.id.clone(),
+                        event_ids: vec![e.id.clone()],
                         ..Notification::new(next.notice, &e.kind, now)
                     };
                     next.notice = next
@@ -270,7 +354,10 @@ impl EventStore {
         Ok(created)
     }
 
-    /// Notifications newest first, at most `limit`, older than the id `after`.
+    /// Notifications newest first, at most `limit`, older than the id `after`; with
+    /// `unacked`, only those not acknowledged, visiting at most the scan bound's worth (the
+    /// page then ends short with `next` where it stopped) and none at or below the last
+    /// acknowledgement of them all.
     pub fn notifications(&self, q: &NoticeQuery) -> Result<NoticePage, EventsError> {
         let limit = page::limit(q.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
         let from = match q.after.map(|a| a.checked_sub(1)) {
@@ -278,21 +365,110 @@ impl EventStore {
             Some(Some(before)) => notice_key(before),
             Some(None) => return Ok(NoticePage::default()),
         };
+        let floor = if q.unacked { self.acked_through()? } else { 0 };
         let mut out: Vec<Notification> = Vec::new();
-        let mut more = false;
+        // The id to continue below when the page ends before the notifications do.
+        let mut next = None;
+        let mut visited = 0usize;
+        let mut last = None;
         self.notices
             .visit::<Notification>("n/", &from, true, |_, n| {
-                if out.len() == limit {
-                    more = true;
+                if n.id <= floor {
                     return false;
                 }
-                out.push(n);
+                if out.len() == limit {
+                    next = last;
+                    return false;
+                }
+                if q.unacked && visited == self.scan_limit {
+                    next = last;
+                    return false;
+                }
+                visited += 1;
+                last = Some(n.id);
+                if !q.unacked || n.acked_at.is_none() {
+                    out.push(n);
+                }
                 true
             })?;
-        let next = if more { out.last().map(|n| n.id) } else { None };
         Ok(NoticePage {
             notifications: out,
             next,
+        })
+    }
+
+    /// Every notification with an id at or below this is acknowledged (0: none known).
+    fn acked_through(&self) -> Result<u64, EventsError> {
+        Ok(self.notices.get::<u64>(ACKED_THROUGH_KEY)?.unwrap_or(0))
+    }
+
+    /// Acknowledges notification `id` at `now` and returns it; one acknowledged before keeps
+    /// its `acked_at` (acknowledging is idempotent). Durable after [`EventStore::flush`].
+    pub fn ack(&self, id: &str, now: DateTime<Utc>) -> Result<Notification, EventsError> {
+        let no_such = || AckError::NoSuch(id.to_string());
+        let seq: u64 = id.parse().map_err(|_| no_such())?;
+        // Under the intake lock: intake counts onto notifications with a read and a write.
+        let _counters = self.lock()?;
+        let key = notice_key(seq);
+        let mut n = self
+            .notices
+            .get::<Notification>(&key)?
+            .ok_or_else(no_such)?;
+        if n.acked_at.is_none() {
+            n.acked_at = Some(now);
+            self.notices.put(&key, &n)?;
+        }
+        Ok(n)
+    }
+
+    /// Acknowledges at `now` every notification raised so far (with `up_to`, those with an
+    /// id up to it), newest first in batches of [`ACK_BATCH`], each one atomic and under the
+    /// intake lock alone; it walks no further down than the last such acknowledgement
+    /// reached. Durable after [`EventStore::flush`].
+    pub fn ack_all(&self, up_to: Option<u64>, now: DateTime<Utc>) -> Result<AckedAll, EventsError> {
+        let newest = self.lock()?.notice.saturating_sub(1);
+        let top = up_to.map_or(newest, |u| u.min(newest));
+        let floor = self.acked_through()?;
+        let mut acked = 0u64;
+        let mut cursor = top;
+        while cursor > floor {
+            let _counters = self.lock()?;
+            let mut open = Vec::new();
+            let mut visited = 0usize;
+            let mut lowest = None;
+            self.notices
+                .visit::<Notification>("n/", &notice_key(cursor), true, |_, n| {
+                    if n.id <= floor || visited == ACK_BATCH {
+                        return false;
+                    }
+                    visited += 1;
+                    lowest = Some(n.id);
+                    if n.acked_at.is_none() {
+                        open.push(n);
+                    }
+                    true
+                })?;
+            if !open.is_empty() {
+                let mut batch = Batch::default();
+                for mut n in open {
+                    n.acked_at = Some(now);
+                    batch.put(&notice_key(n.id), &n)?;
+                    acked += 1;
+                }
+                self.notices.apply(batch)?;
+            }
+            match lowest {
+                Some(id) if id > floor + 1 && visited == ACK_BATCH => cursor = id - 1,
+                _ => break,
+            }
+        }
+        if top > floor {
+            self.notices.put(ACKED_THROUGH_KEY, &top)?;
+        }
+        Ok(AckedAll {
+            acked,
+            through: top.max(floor),
+            acked_at: now,
         })
     }
 }

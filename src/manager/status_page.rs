@@ -178,6 +178,7 @@ impl Manager {
             .notifications(&NoticeQuery {
                 limit: Some(RECENT_NOTICES),
                 after: None,
+                unacked: false,
             })?
             .notifications
             .into_iter()
@@ -188,6 +189,7 @@ impl Manager {
                 last_at: n.last_at,
                 count: n.count,
                 client_id: n.client_id,
+                acked_at: n.acked_at,
             })
             .collect();
         let (revisions, catalog, revision) = {

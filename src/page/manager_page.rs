@@ -33,6 +33,8 @@ pub struct NoticeRow {
     pub last_at: DateTime<Utc>,
     pub count: u64,
     pub client_id: String,
+    /// When an admin acknowledged it; None while open.
+    pub acked_at: Option<DateTime<Utc>>,
 }
 
 /// One retained catalog revision.
@@ -249,13 +251,25 @@ pub fn render(v: &ManagerView) -> String {
                 num(n.count),
                 cell(&time(n.last_at)),
                 cell(&n.client_id),
+                match n.acked_at {
+                    Some(at) => cell(&time(at)),
+                    None => cell_class("bad", "open"),
+                },
             ]
         })
         .collect();
     table(
         &mut out,
         "notifications",
-        &["first", "group", "kind", "count", "last", "first client"],
+        &[
+            "first",
+            "group",
+            "kind",
+            "count",
+            "last",
+            "first client",
+            "acknowledged",
+        ],
         &rows,
         "no notification",
     );
@@ -380,6 +394,25 @@ mod tests {
         let html = render(&v);
         assert!(html.contains("branch &lt;1&gt;") && html.contains("1 behind"));
         assert!(html.contains("overdue") && html.contains("direct"));
+    }
+
+    #[test]
+    fn each_notification_says_whether_it_is_open_or_when_it_was_acknowledged() {
+        let mut v = view();
+        let row = |acked_at| NoticeRow {
+            group: "lab".into(),
+            kind: "intrusion".into(),
+            first_at: v.now,
+            last_at: v.now,
+            count: 2,
+            client_id: "pc-1".into(),
+            acked_at,
+        };
+        v.notices = vec![row(None), row(Some(v.now))];
+        let html = render(&v);
+        assert!(html.contains("<th>acknowledged</th>"), "{html}");
+        assert_eq!(html.matches("<td class=\"bad\">open</td>").count(), 1);
+        assert!(html.contains(&format!("<td>{}</td>", time(v.now))));
     }
 
     #[test]

@@ -135,6 +135,8 @@ pub struct Metrics {
     /// Conflicts stored by the manager (an event id re-sent with other content); it starts
     /// from the count stored, so it agrees with the records across restarts.
     pub event_conflicts: Counter,
+    /// Events the manager deleted past `events.retain_days` or `events.max_count`.
+    pub events_expired: Counter,
     /// Blobs the scrub found no longer matching their digest (quarantined).
     pub scrub_failures: Counter,
     /// Bytes the scrub read back and found matching.
@@ -242,6 +244,12 @@ impl Metrics {
             "Events stored as conflicts: an id re-sent with other content",
             event_conflicts.clone(),
         );
+        let events_expired = Counter::default();
+        registry.register(
+            "gup_events_expired",
+            "Events the manager deleted past events.retain_days or events.max_count",
+            events_expired.clone(),
+        );
         let scrub_failures = Counter::default();
         registry.register(
             "gup_scrub_failures",
@@ -348,6 +356,7 @@ impl Metrics {
             prefetch_slot,
             refused,
             event_conflicts,
+            events_expired,
             scrub_failures,
             scrub_bytes,
             stream_clients,
