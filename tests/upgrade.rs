@@ -152,7 +152,20 @@ async fn a_data_dir_of_release_0_1_0_is_upgraded_and_serves_the_same() {
     ] {
         let (status, _, body) = get(&m.url, path, Some(&token)).await;
         assert_eq!(status, 200, "{path}");
-        let got: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let mut got: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        if file == "notifications.json" {
+            // Fields added since 0.1.0 read as their defaults on an old record (issue 20:
+            // notifications an admin can ack, with the ids of the events they count).
+            for n in got["notifications"].as_array_mut().unwrap() {
+                let n = n.as_object_mut().unwrap();
+                assert_eq!(
+                    n.remove("acked_at"),
+                    Some(serde_json::Value::Null),
+                    "{path}"
+                );
+                assert_eq!(n.remove("event_ids"), Some(serde_json::json!([])), "{path}");
+            }
+        }
         assert_eq!(got, expected_json(file), "{path}");
     }
     let (_, _, body) = get(&m.url, "/v1/admin/clients", Some(&token)).await;
