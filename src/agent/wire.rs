@@ -210,6 +210,18 @@ pub struct CatalogItem {
     pub size: Option<u64>,
     #[serde(default)]
     pub urgent: bool,
+    /// Deltas to this version from earlier ones.
+    #[serde(default)]
+    pub deltas: Vec<DeltaRef>,
+}
+
+/// One delta a catalog item lists: from the version `from_sha256`, the blob `sha256` of
+/// `size` bytes rebuilds the item.
+#[derive(Deserialize, Clone, Debug)]
+pub struct DeltaRef {
+    pub from_sha256: String,
+    pub sha256: String,
+    pub size: u64,
 }
 
 /// The `data` of a `catalog` stream event.

@@ -26,6 +26,23 @@ pub struct CatalogItem {
     /// Urgent items skip download randomization: an outbreak fix goes out at once.
     #[serde(default)]
     pub urgent: bool,
+    /// Deltas to this version from earlier ones (`deltas.from_versions`), each smaller than
+    /// half of it; left out of the JSON when there are none, so catalogs signed before deltas
+    /// existed verify as they were.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deltas: Vec<DeltaRef>,
+}
+
+/// Most deltas one catalog item may list.
+pub const MAX_DELTAS_PER_ITEM: usize = 16;
+
+/// One delta a catalog item lists: from the version with digest `from_sha256`, the delta blob
+/// `sha256` of `size` bytes rebuilds this item's bytes (see `core::delta`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DeltaRef {
+    pub from_sha256: Digest,
+    pub sha256: Digest,
+    pub size: u64,
 }
 
 /// The wire form of `GET /v1/catalog`.
@@ -307,6 +324,7 @@ impl CatalogHistory {
             size,
             published_at: now,
             urgent,
+            deltas: Vec::new(),
         });
         items.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(Published {
@@ -396,6 +414,27 @@ pub fn validate_catalog(catalog: &Catalog) -> Result<(), CatalogError> {
     for item in &catalog.items {
         validate_label("name", &item.name)?;
         validate_label("version", &item.version)?;
+        if item.deltas.len() > MAX_DELTAS_PER_ITEM {
+            return Err(CatalogError::Invalid {
+                field: "deltas",
+                reason: format!(
+                    "{} lists {} deltas (at most {MAX_DELTAS_PER_ITEM})",
+                    item.name,
+                    item.deltas.len()
+                ),
+            });
+        }
+        if let Some(d) = item.deltas.iter().find(|d| {
+            d.from_sha256 == item.sha256 || d.sha256 == item.sha256 || d.size >= item.size
+        }) {
+            return Err(CatalogError::Invalid {
+                field: "deltas",
+                reason: format!(
+                    "{}: a delta from {} that is the item itself or not smaller than it",
+                    item.name, d.from_sha256
+                ),
+            });
+        }
     }
     Ok(())
 }
@@ -531,6 +570,7 @@ mod tests {
             size: 1,
             published_at: now,
             urgent: false,
+            deltas: Vec::new(),
         };
         let c = Catalog {
             revision: 5,

@@ -11,6 +11,7 @@ pub mod backup;
 pub mod catalog;
 pub mod config;
 pub mod credential;
+pub mod delta;
 pub mod digest;
 pub mod fault;
 pub mod fleet;

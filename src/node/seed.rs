@@ -309,6 +309,7 @@ mod tests {
                     size: bytes.len() as u64,
                     published_at: now,
                     urgent: false,
+                    deltas: Vec::new(),
                 })
                 .collect(),
         };
