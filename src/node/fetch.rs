@@ -262,10 +262,10 @@ impl Fetches {
             return Ok(());
         }
         self.upstream
-            .first_that_answers(|i| {
+            .first_that_answers(|at| {
                 self.metrics.upstream_fetches.inc();
                 async move {
-                    let r = self.fetch_from(i, digest, size, attempt).await;
+                    let r = self.fetch_from(&at, digest, size, attempt).await;
                     attempt.send_replace(Attempt::Waiting);
                     if let Err(e) = &r {
                         tracing::warn!(%digest, error = %e, "blob fetch failed");
@@ -279,13 +279,13 @@ impl Fetches {
 
     async fn fetch_from(
         &self,
-        i: usize,
+        at: &super::upstream::Picked,
         digest: Digest,
         size: u64,
         attempt: &watch::Sender<Attempt>,
     ) -> Result<(), UpstreamError> {
-        let resp = self.upstream.blob(i, &digest).await?;
-        let name = self.upstream.name(i);
+        let resp = self.upstream.blob(at, &digest).await?;
+        let name = at.name();
         let mut writer = self.store.writer().await.map_err(UpstreamError::Local)?;
         let (tx, rx) = watch::channel(Progress::Running(0));
         attempt.send_replace(Attempt::Growing {

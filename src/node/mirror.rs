@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use super::upstream::Synced;
+use super::upstream::{Picked, Synced};
 use super::{Node, NodeError, CATALOG_KEY, DIRECTORY_KEY};
 use crate::core::catalog::{Catalog, CatalogItem};
 use crate::core::fault::Internal;
@@ -90,17 +90,17 @@ impl Node {
     /// streams. Returns the server that answered.
     pub async fn sync_once(&self) -> Result<String, NodeError> {
         // The snapshot was checked (catalog, signature, directory) before it came here.
-        let (index, synced) = self.upstream.snapshot().await?;
+        let (at, synced) = self.upstream.snapshot().await?;
         let (snapshot, etag) = match synced {
             Synced::New { snapshot, etag } => (*snapshot, etag),
             Synced::Unchanged { stale_since } => {
                 // Nothing changed upstream; this node is as stale as its upstream says.
                 self.served.readiness.mark_synced_as(stale_since);
-                return Ok(self.upstream.servers()[index].to_string());
+                return Ok(at.name());
             }
         };
         let stale_since = snapshot.stale_since;
-        let available_at = self.prefetch_moment(index, &snapshot.catalog).await;
+        let available_at = self.prefetch_moment(&at, &snapshot.catalog).await;
         let mut changes = Vec::new();
         let new_history = {
             let mut history = self
@@ -160,18 +160,18 @@ impl Node {
         // A node behind a stale node is as stale as it: staleness passes down the chain.
         self.served.readiness.mark_synced_as(stale_since);
         if let Some(etag) = etag {
-            self.upstream.mirrored(index, etag, stale_since);
+            self.upstream.mirrored(&at, etag, stale_since);
         }
-        Ok(self.upstream.servers()[index].to_string())
+        Ok(at.name())
     }
 
-    /// When this node may prefetch `catalog`, just synced from server `index`: now, unless it
+    /// When this node may prefetch `catalog`, just synced from the server `at`: now, unless it
     /// is a new revision with a non-urgent item the store lacks; then the slot the upstream
     /// gives this node within `upstream.prefetch_window_s` (kept inside now and now plus the
     /// window, whatever the clocks say). The revision becomes available to this node's
     /// clients at that moment: their windows start there. An ask that fails (an upstream
     /// without `/v1/node/slot`, silence) means now: no worse than before slots.
-    async fn prefetch_moment(&self, index: usize, catalog: &Catalog) -> DateTime<Utc> {
+    async fn prefetch_moment(&self, at: &Picked, catalog: &Catalog) -> DateTime<Utc> {
         let now = Utc::now();
         let have = self.served.catalog().map_or(0, |c| c.revision());
         let waits = self.prefetch
@@ -192,7 +192,7 @@ impl Node {
             catalog_revision: catalog.revision,
             window_s: self.prefetch_window_s,
         };
-        let at = match self.upstream.prefetch_slot(index, &req).await {
+        let at = match self.upstream.prefetch_slot(at, &req).await {
             Ok(Some(slot)) => {
                 let latest = now + chrono::Duration::seconds(self.prefetch_window_s as i64);
                 let at = slot.not_before.clamp(now, latest);

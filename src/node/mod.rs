@@ -142,36 +142,7 @@ impl Node {
         // No records of the node's change between formats: the outbox moves an older queue
         // itself at open (it needs the lanes' counts), as it always did.
         let store = Store::open(&n.data_dir)?;
-        let file = |f: &str| (!f.is_empty()).then(|| std::path::PathBuf::from(f));
         let node_token = auth::resolve(&n.node_token, &n.node_token_file, &n.data_dir, "node")?;
-        // The list's default token, and each server's own where it has one.
-        let token_of = |token: &str, token_file: &str| -> Result<Option<Token>, NodeError> {
-            Ok(if !token.is_empty() {
-                Some(Token::new(token))
-            } else if let Some(f) = file(token_file) {
-                Some(auth::read_token_file(&f)?)
-            } else {
-                None
-            })
-        };
-        let default_token = token_of(&config.upstream.token, &config.upstream.token_file)?;
-        let servers = config
-            .upstreams()
-            .iter()
-            .map(|s| {
-                let url =
-                    crate::core::config::validate_url(&s.url).map_err(NodeError::BadUpstream)?;
-                let token = match s.has_own_token() {
-                    true => token_of(&s.token, &s.token_file)?,
-                    false => default_token.clone(),
-                };
-                Ok(upstream::Server { url, token })
-            })
-            .collect::<Result<Vec<_>, NodeError>>()?;
-        let proxy = match config.upstream.proxy.as_str() {
-            "" => upstream::ProxyChoice::Environment,
-            url => upstream::ProxyChoice::Configured(url.to_string()),
-        };
         let catalog_kv = store.kv("catalog")?;
         let mut history: CatalogHistory = catalog_kv
             .get(CATALOG_KEY)?
@@ -200,9 +171,7 @@ impl Node {
         };
         let upstream = Arc::new(Upstream::new(
             upstream::UpstreamOptions {
-                servers,
-                proxy,
-                ca_file: file(&config.upstream.ca_file),
+                list: upstream_list(config)?,
                 idle_timeout: Duration::from_secs(config.upstream.idle_timeout_s),
                 probe_interval: Duration::from_secs(config.upstream.sync_interval_s),
                 catalog_key: catalog_key.clone(),
@@ -309,7 +278,7 @@ impl Node {
             .iter()
             .map(|u| u.to_string())
             .collect();
-        let proxy = self.upstream.proxy().unwrap_or("none");
+        let proxy = self.upstream.proxy().unwrap_or_else(|| "none".into());
         tracing::info!(node_id = %self.id, %addr, ?upstreams, %proxy, mode = ?self.mode, tls = self.serving.tls.is_some(), max_connections = self.serving.limits.max_connections, "node listening");
         // A client's miss makes room first, as a prefetch does (the node outlives neither).
         let weak = Arc::downgrade(&self);
@@ -397,6 +366,44 @@ impl Node {
             }
         }
     }
+}
+
+/// The node's upstream list as `[upstream]` and the flags give it: each server with its own
+/// token (or token file), else the list's default; the proxy; the CA file. Read at start and
+/// at every reload (token files are read here, so a bad one fails the reload whole).
+fn upstream_list(config: &NodeConfig) -> Result<upstream::ListOptions, NodeError> {
+    let file = |f: &str| (!f.is_empty()).then(|| std::path::PathBuf::from(f));
+    let token_of = |token: &str, token_file: &str| -> Result<Option<Token>, NodeError> {
+        Ok(if !token.is_empty() {
+            Some(Token::new(token))
+        } else if let Some(f) = file(token_file) {
+            Some(auth::read_token_file(&f)?)
+        } else {
+            None
+        })
+    };
+    let default_token = token_of(&config.upstream.token, &config.upstream.token_file)?;
+    let servers = config
+        .upstreams()
+        .iter()
+        .map(|s| {
+            let url = crate::core::config::validate_url(&s.url).map_err(NodeError::BadUpstream)?;
+            let token = match s.has_own_token() {
+                true => token_of(&s.token, &s.token_file)?,
+                false => default_token.clone(),
+            };
+            Ok(upstream::Server { url, token })
+        })
+        .collect::<Result<Vec<_>, NodeError>>()?;
+    let proxy = match config.upstream.proxy.as_str() {
+        "" => upstream::ProxyChoice::Environment,
+        url => upstream::ProxyChoice::Configured(url.to_string()),
+    };
+    Ok(upstream::ListOptions {
+        servers,
+        proxy,
+        ca_file: file(&config.upstream.ca_file),
+    })
 }
 
 /// The node's id from its store, made (`node-` and 16 random hex digits) and kept at the

@@ -1,12 +1,14 @@
 //! Reload: the node's part of re-reading its config file (SIGHUP, `systemctl reload`).
 //!
 //! Owns which keys take effect at once ([`LIVE`]: the node token with its previous value, the
-//! TLS certificate and key, the disk budget and its watermarks, the WAN and LAN bandwidth
-//! budgets, the log filter) and applying them: what can fail (a token file, a certificate) is
-//! read first, so a bad file changes nothing. Every other changed key keeps its running value
+//! upstream list with its tokens, proxy and CA file, the TLS certificate and key, the disk
+//! budget and its watermarks, the WAN and LAN bandwidth budgets, the log filter) and applying
+//! them: what can fail (a token file, a certificate, a proxy URL, a CA file) is read first, so
+//! a bad file changes nothing. A new upstream list is swapped whole: fetches in flight finish
+//! on the server they started with, the push stream reconnects, and a sync follows at once. Every other changed key keeps its running value
 //! until a restart, and the caller logs it by name. It must never apply half a reload.
 
-use super::{evict, Node};
+use super::{evict, upstream_list, Node, NodeError};
 use crate::core::config::{plan_reload, NodeConfig, ReloadPlan};
 use crate::http::auth::{self, Token, TokenError};
 use crate::http::tls::TlsError;
@@ -18,6 +20,11 @@ pub const LIVE: &[&str] = &[
     "node.node_token_previous",
     "node.tls_cert",
     "node.tls_key",
+    "upstream.servers",
+    "upstream.token",
+    "upstream.token_file",
+    "upstream.proxy",
+    "upstream.ca_file",
     "cache.max_bytes",
     "cache.high_watermark_percent",
     "cache.low_watermark_percent",
@@ -34,6 +41,12 @@ pub enum ReloadError {
     Token(#[from] TokenError),
     #[error("node.tls_cert / node.tls_key: {0}")]
     Tls(#[from] TlsError),
+    /// The list itself: a bad URL (`upstream.servers: ...`) or token file (`token: ...`).
+    #[error("{0}")]
+    Upstream(Box<NodeError>),
+    /// The client for it: the CA file or the proxy (the message names the key).
+    #[error("{0}")]
+    UpstreamClient(#[from] crate::node::upstream::UpstreamError),
     #[error("the running config is unreadable (a panic held its lock)")]
     Poisoned,
 }
@@ -63,6 +76,24 @@ impl Node {
             &running.node.data_dir,
             "node",
         )?;
+        let upstream_keys = [
+            "upstream.servers",
+            "upstream.token",
+            "upstream.token_file",
+            "upstream.proxy",
+            "upstream.ca_file",
+        ];
+        let new_list = match plan.live.iter().any(|k| upstream_keys.contains(&k.as_str())) {
+            true => {
+                let list = upstream_list(new).map_err(|e| ReloadError::Upstream(Box::new(e)))?;
+                let prepared = self
+                    .upstream
+                    .prepare(list)
+                    ?;
+                Some(prepared)
+            }
+            false => None,
+        };
         if let Some(certs) = swap_certs {
             certs.reload(
                 std::path::Path::new(&n.tls_cert),
@@ -70,6 +101,17 @@ impl Node {
             )?;
             running.node.tls_cert = n.tls_cert.clone();
             running.node.tls_key = n.tls_key.clone();
+        }
+        if let Some(list) = new_list {
+            self.upstream.install(list);
+            let (r, u) = (&mut running.upstream, &new.upstream);
+            r.servers = u.servers.clone();
+            r.token = u.token.clone();
+            r.token_file = u.token_file.clone();
+            r.proxy = u.proxy.clone();
+            r.ca_file = u.ca_file.clone();
+            // Sync from the new list now, not at the next interval or push event.
+            self.upstream_event.notify_one();
         }
         self.node_token
             .set(token, Token::optional(&n.node_token_previous));

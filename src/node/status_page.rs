@@ -67,9 +67,8 @@ impl Node {
         let s = &self.served;
         let upstreams = self
             .upstream
-            .servers()
-            .iter()
-            .zip(self.upstream.last_calls())
+            .last_calls()
+            .into_iter()
             .map(|(url, last)| UpstreamRow {
                 url: url.to_string(),
                 state: match last {
@@ -123,7 +122,7 @@ impl Node {
             version: env!("CARGO_PKG_VERSION").to_string(),
             now,
             upstreams,
-            proxy: self.upstream.proxy().map(str::to_string),
+            proxy: self.upstream.proxy(),
             ready: s.readiness.is_ready(),
             stale_since: s.readiness.stale_since(),
             revision,

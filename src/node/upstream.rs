@@ -10,7 +10,7 @@
 //! blamed on an upstream and never makes it try another. It must never answer clients or
 //! write to the store (`fetch` fills the store), nor show a proxy's credentials.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -32,7 +32,7 @@ use crate::serve::metrics::{
 pub use super::upstream_error::{EnrolRelayError, UpstreamError};
 
 /// The server, ETag and reported staleness of the snapshot a node last mirrored.
-type LastSync = (usize, String, Option<DateTime<Utc>>);
+type LastSync = (url::Url, String, Option<DateTime<Utc>>);
 
 /// What a sync brought.
 pub enum Synced {
@@ -102,8 +102,10 @@ fn new_backoff() -> backon::ExponentialBackoff {
         .build()
 }
 
-/// The upstream list and how each server is doing.
-pub struct Upstream {
+/// One upstream list as configured, with the HTTP client that reaches it (proxy, CA) and how
+/// each of its servers is doing: what a reload replaces whole. A call holds the list it
+/// started with, so a fetch in flight finishes on the server and client it began with.
+struct List {
     servers: Vec<url::Url>,
     /// Per server, in list order: the node token presented to it (its own, else the list's
     /// default), so that a node and a manager with different node tokens can share a list.
@@ -111,10 +113,47 @@ pub struct Upstream {
     http: reqwest::Client,
     /// Where the calls go out, for the log and the status page (credentials redacted).
     proxy: Option<String>,
-    idle_timeout: Duration,
-    metrics: std::sync::Arc<Metrics>,
     /// Per server, in list order: backoff after failures.
     health: Mutex<Vec<Health>>,
+}
+
+/// One server of one list, as a call chose it: later calls for the same job (the prefetch
+/// slot of the revision it mirrored, the body of a blob) go to the same server even when a
+/// reload replaced the list meanwhile.
+#[derive(Clone)]
+pub struct Picked {
+    list: Arc<List>,
+    i: usize,
+}
+
+impl std::fmt::Debug for Picked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Picked").field(&self.url().as_str()).finish()
+    }
+}
+
+impl Picked {
+    /// The server's name (its URL).
+    pub fn name(&self) -> String {
+        self.list.servers[self.i].to_string()
+    }
+
+    fn url(&self) -> &url::Url {
+        &self.list.servers[self.i]
+    }
+}
+
+/// A list built and checked by [`Upstream::prepare`], waiting for [`Upstream::install`].
+pub struct Prepared(List);
+
+/// The upstream list and how each server is doing.
+pub struct Upstream {
+    /// The list in force; a reload swaps it whole.
+    list: RwLock<Arc<List>>,
+    /// Bumped at every swap: a push stream held to the old list ends and reconnects.
+    replaced: tokio::sync::watch::Sender<u64>,
+    idle_timeout: Duration,
+    metrics: Arc<Metrics>,
     /// Verifies catalog signatures when configured.
     catalog_key: Option<crate::core::signing::PublicKey>,
     /// How often a node held to a lower-priority upstream checks whether a higher one is back.
@@ -140,14 +179,19 @@ pub enum ProxyChoice {
     Environment,
 }
 
-/// How a node talks to its upstreams (from `[upstream]`).
-pub struct UpstreamOptions {
+/// The upstream list of `[upstream]`: what a reload may replace.
+pub struct ListOptions {
     /// Highest priority first, each with its token.
     pub servers: Vec<Server>,
     /// Where the calls go out.
     pub proxy: ProxyChoice,
     /// CA certificates trusted for https upstreams besides the system roots.
     pub ca_file: Option<std::path::PathBuf>,
+}
+
+/// How a node talks to its upstreams (from `[upstream]`).
+pub struct UpstreamOptions {
+    pub list: ListOptions,
     /// A call or blob fetch that receives no byte this long is abandoned.
     pub idle_timeout: Duration,
     /// How often a stream held to a lower-priority upstream probes the higher ones.
@@ -156,33 +200,18 @@ pub struct UpstreamOptions {
     pub catalog_key: Option<crate::core::signing::PublicKey>,
 }
 
-impl Upstream {
-    pub fn new(
-        opts: UpstreamOptions,
-        metrics: std::sync::Arc<Metrics>,
-    ) -> Result<Upstream, UpstreamError> {
-        let UpstreamOptions {
+impl List {
+    /// Builds the client for `opts` (reads the CA file, checks the proxy); touches nothing
+    /// in force.
+    fn build(opts: ListOptions, idle_timeout: Duration) -> Result<List, UpstreamError> {
+        let ListOptions {
             servers,
             proxy,
             ca_file,
-            idle_timeout,
-            probe_interval,
-            catalog_key,
         } = opts;
         let (servers, tokens): (Vec<url::Url>, Vec<Option<Token>>) =
             servers.into_iter().map(|s| (s.url, s.token)).unzip();
-        let health = servers
-            .iter()
-            .map(|_| Health {
-                backoff: new_backoff(),
-                retry_at: None,
-                held_until: None,
-                last_ok: None,
-            })
-            .collect();
-        for s in &servers {
-            metrics.upstream_state(s.as_str(), UPSTREAM_NOT_TRIED);
-        }
+        let health = servers.iter().map(|_| Health::new()).collect();
         let mut builder = reqwest::Client::builder();
         if let Some(path) = ca_file.as_deref() {
             let ca_err = |reason: String| UpstreamError::Ca {
@@ -207,22 +236,114 @@ impl Upstream {
             .user_agent(concat!("gup-node/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(UpstreamError::Client)?;
-        Ok(Upstream {
+        Ok(List {
             servers,
             tokens,
             http,
             proxy,
+            health: Mutex::new(health),
+        })
+    }
+
+    /// Whether server `i` of this list is server `j` of `other`, token included.
+    fn same_server(&self, i: usize, other: &List, j: usize) -> bool {
+        let secret = |t: &Option<Token>| t.as_ref().map(|t| t.secret().to_string());
+        self.servers[i] == other.servers[j] && secret(&self.tokens[i]) == secret(&other.tokens[j])
+    }
+}
+
+impl Health {
+    fn new() -> Health {
+        Health {
+            backoff: new_backoff(),
+            retry_at: None,
+            held_until: None,
+            last_ok: None,
+        }
+    }
+}
+
+impl Upstream {
+    pub fn new(opts: UpstreamOptions, metrics: Arc<Metrics>) -> Result<Upstream, UpstreamError> {
+        let UpstreamOptions {
+            list,
+            idle_timeout,
+            probe_interval,
+            catalog_key,
+        } = opts;
+        let list = List::build(list, idle_timeout)?;
+        for s in &list.servers {
+            metrics.upstream_state(s.as_str(), UPSTREAM_NOT_TRIED);
+        }
+        Ok(Upstream {
+            list: RwLock::new(Arc::new(list)),
+            replaced: tokio::sync::watch::channel(0).0,
             idle_timeout,
             metrics,
-            health: Mutex::new(health),
             catalog_key,
             probe_interval,
             last_sync: Mutex::new(None),
         })
     }
 
-    pub fn servers(&self) -> &[url::Url] {
-        &self.servers
+    /// Builds and checks a new list (a reload): the CA file read, the proxy checked. Nothing
+    /// changes until [`Self::install`].
+    pub fn prepare(&self, opts: ListOptions) -> Result<Prepared, UpstreamError> {
+        List::build(opts, self.idle_timeout).map(Prepared)
+    }
+
+    /// Puts a prepared list in force. A server that stays (same URL, same token) keeps its
+    /// health; calls in flight finish on the list they started with; the push stream
+    /// reconnects, in the new order.
+    pub fn install(&self, prepared: Prepared) {
+        let new = prepared.0;
+        let old = self.current();
+        if let (Ok(old_health), Ok(mut new_health)) = (old.health.lock(), new.health.lock()) {
+            for (j, h) in new_health.iter_mut().enumerate() {
+                if let Some(i) = (0..old.servers.len()).find(|i| old.same_server(*i, &new, j)) {
+                    *h = Health {
+                        backoff: new_backoff(),
+                        retry_at: old_health[i].retry_at,
+                        held_until: old_health[i].held_until,
+                        last_ok: old_health[i].last_ok,
+                    };
+                }
+            }
+        }
+        for s in old.servers.iter().filter(|s| !new.servers.contains(s)) {
+            self.metrics.forget_upstream(s.as_str());
+        }
+        let kept: Vec<Option<bool>> = new
+            .health
+            .lock()
+            .map(|h| h.iter().map(|h| h.last_ok).collect())
+            .unwrap_or_default();
+        for (j, s) in new.servers.iter().enumerate() {
+            let state = match kept.get(j).copied().flatten() {
+                None => UPSTREAM_NOT_TRIED,
+                Some(true) => UPSTREAM_UP,
+                Some(false) => UPSTREAM_DOWN,
+            };
+            self.metrics.upstream_state(s.as_str(), state);
+        }
+        match self.list.write() {
+            Ok(mut l) => *l = Arc::new(new),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(new),
+        }
+        self.replaced.send_modify(|n| *n += 1);
+    }
+
+    /// The list in force.
+    fn current(&self) -> Arc<List> {
+        match self.list.read() {
+            Ok(l) => l.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// The servers of the list in force, highest priority first.
+    pub fn servers(&self) -> Vec<url::Url> {
+        self.current().servers.clone()
     }
 
     fn url(server: &url::Url, path: &str) -> String {
@@ -230,39 +351,48 @@ impl Upstream {
     }
 
     /// Where the calls go out (credentials redacted), None when straight to the servers.
-    pub fn proxy(&self) -> Option<&str> {
-        self.proxy.as_deref()
+    pub fn proxy(&self) -> Option<String> {
+        self.current().proxy.clone()
     }
 
-    /// `req` with the node token of server `i`.
-    fn authorized(&self, i: usize, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
-        match self.tokens.get(i).and_then(Option::as_ref) {
+    /// `req` with the node token of the server `at`.
+    fn authorized(at: &Picked, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match at.list.tokens.get(at.i).and_then(Option::as_ref) {
             Some(t) => req.bearer_auth(t.secret()),
             None => req,
         }
     }
 
-    /// A GET of `path` on server `i`, with its token.
-    fn get(&self, i: usize, path: &str) -> reqwest::RequestBuilder {
-        self.authorized(i, self.http.get(Self::url(&self.servers[i], path)))
+    /// A GET of `path` on the server `at`, with its token.
+    fn get(at: &Picked, path: &str) -> reqwest::RequestBuilder {
+        Self::authorized(at, at.list.http.get(Self::url(at.url(), path)))
+    }
+
+    /// Server `i` of the list in force.
+    #[cfg(test)]
+    fn pick(&self, i: usize) -> Picked {
+        Picked {
+            list: self.current(),
+            i,
+        }
     }
 
     /// The servers to try now, by priority: those not backing off first; when every one is
     /// backing off, all but those that said when to come back (an outage is retried at the
     /// caller's pace, a `Retry-After` is obeyed). Err: every server is held, and the seconds
     /// until the first may be asked again.
-    fn order(&self) -> Result<Vec<usize>, u64> {
+    fn order(list: &List) -> Result<Vec<usize>, u64> {
         let now = tokio::time::Instant::now();
-        let Ok(health) = self.health.lock() else {
-            return Ok((0..self.servers.len()).collect());
+        let Ok(health) = list.health.lock() else {
+            return Ok((0..list.servers.len()).collect());
         };
-        let ready: Vec<usize> = (0..self.servers.len())
+        let ready: Vec<usize> = (0..list.servers.len())
             .filter(|i| health[*i].retry_at.is_none_or(|t| t <= now))
             .collect();
         if !ready.is_empty() {
             return Ok(ready);
         }
-        let free: Vec<usize> = (0..self.servers.len())
+        let free: Vec<usize> = (0..list.servers.len())
             .filter(|i| health[*i].held_until.is_none_or(|t| t <= now))
             .collect();
         if !free.is_empty() {
@@ -274,24 +404,23 @@ impl Upstream {
         }))
     }
 
-    /// Holds server `i` for `secs` (it answered `Retry-After`).
-    fn hold(&self, i: usize, secs: u64) {
-        if let Ok(mut health) = self.health.lock() {
+    /// Holds the server `at` for `secs` (it answered `Retry-After`).
+    fn hold(&self, at: &Picked, secs: u64) {
+        if let Ok(mut health) = at.list.health.lock() {
             let until = tokio::time::Instant::now() + Duration::from_secs(secs);
-            health[i].retry_at = Some(until);
-            health[i].held_until = Some(until);
+            health[at.i].retry_at = Some(until);
+            health[at.i].held_until = Some(until);
         }
-        self.metrics
-            .upstream_state(self.servers[i].as_str(), UPSTREAM_HELD);
+        self.metrics.upstream_state(at.url().as_str(), UPSTREAM_HELD);
     }
 
-    /// Records how a call to server `i` went: success resets its backoff, failure pushes its
-    /// next try out.
+    /// Records how a call to the server `at` went: success resets its backoff, failure
+    /// pushes its next try out.
     /// Returns true when this changed the server's state (so callers log a change once).
-    fn mark(&self, i: usize, ok: bool) -> bool {
+    fn mark(&self, at: &Picked, ok: bool) -> bool {
         let mut changed = false;
-        if let Ok(mut health) = self.health.lock() {
-            let h = &mut health[i];
+        if let Ok(mut health) = at.list.health.lock() {
+            let h = &mut health[at.i];
             changed = h.last_ok != Some(ok);
             h.last_ok = Some(ok);
             if ok {
@@ -303,7 +432,11 @@ impl Upstream {
                 h.retry_at = Some(tokio::time::Instant::now() + delay);
             }
         }
-        let server = self.servers[i].as_str();
+        // A server a reload removed is not brought back into the metrics.
+        if !Arc::ptr_eq(&at.list, &self.current()) {
+            return changed;
+        }
+        let server = at.url().as_str();
         self.metrics.upstream_up(server).set(i64::from(ok));
         let state = if ok { UPSTREAM_UP } else { UPSTREAM_DOWN };
         self.metrics.upstream_state(server, state);
@@ -312,31 +445,35 @@ impl Upstream {
 
     /// Calls `op` on each server in [`Self::order`] until one succeeds. A local failure
     /// stops at once: it would fail with every server, and it is no server's fault.
-    pub async fn first_that_answers<T, F, Fut>(&self, op: F) -> Result<(usize, T), UpstreamError>
+    pub async fn first_that_answers<T, F, Fut>(&self, op: F) -> Result<(Picked, T), UpstreamError>
     where
-        F: Fn(usize) -> Fut,
+        F: Fn(Picked) -> Fut,
         Fut: std::future::Future<Output = Result<T, UpstreamError>>,
     {
         let mut failures = Vec::new();
         let mut retryable = false;
-        let order = self
-            .order()
-            .map_err(|retry_after_s| UpstreamError::Held { retry_after_s })?;
+        let list = self.current();
+        let order =
+            Self::order(&list).map_err(|retry_after_s| UpstreamError::Held { retry_after_s })?;
         for i in order {
-            match op(i).await {
+            let at = Picked {
+                list: list.clone(),
+                i,
+            };
+            match op(at.clone()).await {
                 Ok(v) => {
-                    self.mark(i, true);
-                    return Ok((i, v));
+                    self.mark(&at, true);
+                    return Ok((at, v));
                 }
                 Err(e) if e.is_local() => return Err(e),
                 Err(e) => {
                     // A blob that fails its digest is the server's fault as far as this node
                     // can tell; either way the next server is tried.
-                    if self.mark(i, false) {
-                        tracing::warn!(server = %self.servers[i], error = %e, "upstream failed; trying the next one");
+                    if self.mark(&at, false) {
+                        tracing::warn!(server = %at.url(), error = %e, "upstream failed; trying the next one");
                     }
                     if let UpstreamError::Busy { retry_after_s, .. } = &e {
-                        self.hold(i, *retry_after_s);
+                        self.hold(&at, *retry_after_s);
                     }
                     retryable |= e.retryable();
                     failures.push(e.to_string());
@@ -350,21 +487,21 @@ impl Upstream {
     }
 
     /// The snapshot of the first upstream that answers, in priority order, with its index.
-    pub async fn snapshot(&self) -> Result<(usize, Synced), UpstreamError> {
-        self.first_that_answers(|i| self.snapshot_from(i)).await
+    pub async fn snapshot(&self) -> Result<(Picked, Synced), UpstreamError> {
+        self.first_that_answers(|at| async move { self.snapshot_from(&at).await })
+            .await
     }
 
-    /// Records the snapshot the node has mirrored from server `i` (its ETag and what it said
-    /// of its own staleness), so that the next sync asks only whether it changed.
-    pub fn mirrored(&self, i: usize, etag: String, stale_since: Option<DateTime<Utc>>) {
+    /// Records the snapshot the node has mirrored from the server `at` (its ETag and what it
+    /// said of its own staleness), so that the next sync asks only whether it changed.
+    pub fn mirrored(&self, at: &Picked, etag: String, stale_since: Option<DateTime<Utc>>) {
         if let Ok(mut last) = self.last_sync.lock() {
-            *last = Some((i, etag, stale_since));
+            *last = Some((at.url().clone(), etag, stale_since));
         }
     }
 
-    async fn snapshot_from(&self, i: usize) -> Result<Synced, UpstreamError> {
-        let server = &self.servers[i];
-        let name = server.to_string();
+    async fn snapshot_from(&self, at: &Picked) -> Result<Synced, UpstreamError> {
+        let name = at.name();
         let http = |source| UpstreamError::Http {
             server: name.clone(),
             source,
@@ -374,8 +511,8 @@ impl Upstream {
             .lock()
             .ok()
             .and_then(|l| l.clone())
-            .filter(|(at, _, _)| *at == i);
-        let mut req = self.get(i, "/v1/sync").timeout(self.idle_timeout);
+            .filter(|(url, _, _)| url == at.url());
+        let mut req = Self::get(at, "/v1/sync").timeout(self.idle_timeout);
         if let Some((_, etag, _)) = &known {
             req = req.header(reqwest::header::IF_NONE_MATCH, etag.as_str());
         }
@@ -446,19 +583,18 @@ impl Upstream {
     /// an error.
     async fn post_json<B: serde::Serialize + ?Sized>(
         &self,
-        i: usize,
+        at: &Picked,
         path: &str,
         body: &B,
     ) -> Result<reqwest::Response, UpstreamError> {
-        let server = &self.servers[i];
-        let name = server.to_string();
-        let req = self
+        let name = at.name();
+        let req = at
+            .list
             .http
-            .post(Self::url(server, path))
+            .post(Self::url(at.url(), path))
             .timeout(self.idle_timeout)
             .json(body);
-        let resp = self
-            .authorized(i, req)
+        let resp = Self::authorized(at, req)
             .send()
             .await
             .map_err(|source| UpstreamError::Http {
@@ -471,16 +607,16 @@ impl Upstream {
         Ok(resp)
     }
 
-    /// Asks server `i` (the one the revision was mirrored from) when this node may prefetch
-    /// it: None to fetch at once.
+    /// Asks the server `at` (the one the revision was mirrored from) when this node may
+    /// prefetch it: None to fetch at once.
     pub async fn prefetch_slot(
         &self,
-        i: usize,
+        at: &Picked,
         req: &PrefetchSlotRequest,
     ) -> Result<Option<DownloadSlot>, UpstreamError> {
-        let resp = self.post_json(i, "/v1/node/slot", req).await?;
+        let resp = self.post_json(at, "/v1/node/slot", req).await?;
         let reply: PrefetchSlotReply = resp.json().await.map_err(|source| UpstreamError::Http {
-            server: self.servers[i].to_string(),
+            server: at.name(),
             source,
         })?;
         Ok(reply.download_slot)
@@ -491,12 +627,12 @@ impl Upstream {
         &self,
         batch: &HeartbeatBatch,
     ) -> Result<BatchReply, UpstreamError> {
-        self.first_that_answers(|i| async move {
-            let resp = self.post_json(i, "/v1/node/heartbeats", batch).await?;
+        self.first_that_answers(|at| async move {
+            let resp = self.post_json(&at, "/v1/node/heartbeats", batch).await?;
             resp.json::<BatchReply>()
                 .await
                 .map_err(|source| UpstreamError::Http {
-                    server: self.servers[i].to_string(),
+                    server: at.name(),
                     source,
                 })
         })
@@ -509,15 +645,15 @@ impl Upstream {
     /// as it is; silence or a 5xx tries the next server.
     pub async fn enroll(&self, req: &EnrollRequest) -> Result<Enrolled, EnrolRelayError> {
         let answered = self
-            .first_that_answers(|i| async move {
-                let server = &self.servers[i];
-                let name = server.to_string();
-                let call = self
+            .first_that_answers(|at| async move {
+                let name = at.name();
+                let call = at
+                    .list
                     .http
-                    .post(Self::url(server, "/v1/node/enroll"))
+                    .post(Self::url(at.url(), "/v1/node/enroll"))
                     .timeout(self.idle_timeout)
                     .json(req);
-                let resp = self.authorized(i, call).send().await.map_err(|source| {
+                let resp = Self::authorized(&at, call).send().await.map_err(|source| {
                     UpstreamError::Http {
                         server: name.clone(),
                         source,
@@ -561,8 +697,8 @@ impl Upstream {
 
     /// Forwards queued uploads (events, applications) to the first upstream that accepts them.
     pub async fn forward_uploads(&self, batch: &UploadBatch) -> Result<(), UpstreamError> {
-        self.first_that_answers(|i| async move {
-            self.post_json(i, "/v1/node/events", batch)
+        self.first_that_answers(|at| async move {
+            self.post_json(&at, "/v1/node/events", batch)
                 .await
                 .map(|_| ())
         })
@@ -577,11 +713,12 @@ impl Upstream {
         &self,
         on_event: &(dyn Fn(&str) + Send + Sync),
     ) -> Result<String, UpstreamError> {
-        let (index, resp) = self
-            .first_that_answers(|i| async move {
-                let server = &self.servers[i];
-                let name = server.to_string();
-                let resp = self.get(i, "/v1/stream").send().await.map_err(|source| {
+        // Subscribed before connecting, so a reload during the connect is not missed.
+        let mut replaced = self.replaced.subscribe();
+        let (at, resp) = self
+            .first_that_answers(|at| async move {
+                let name = at.name();
+                let resp = Self::get(&at, "/v1/stream").send().await.map_err(|source| {
                     UpstreamError::Http {
                         server: name.clone(),
                         source,
@@ -596,7 +733,7 @@ impl Upstream {
                 Ok(resp)
             })
             .await?;
-        let name = self.servers[index].to_string();
+        let name = at.name();
         tracing::info!(server = %name, "holding the upstream push stream");
         let mut parser = crate::core::proto::EventParser::default();
         let mut body = resp.bytes_stream();
@@ -614,7 +751,7 @@ impl Upstream {
                             }
                         }
                         Err(e) => {
-                            self.mark(index, false);
+                            self.mark(&at, false);
                             return Err(UpstreamError::Refused {
                                 server: name,
                                 reason: format!("push stream: {e}"),
@@ -622,29 +759,34 @@ impl Upstream {
                         }
                     },
                     Ok(Some(Err(e))) => {
-                        self.mark(index, false);
+                        self.mark(&at, false);
                         return Err(UpstreamError::Http { server: name, source: e });
                     }
                     Ok(None) => return Ok(name),
                     Err(_) => {
-                        self.mark(index, false);
+                        self.mark(&at, false);
                         return Err(UpstreamError::Idle { server: name, secs: idle.as_secs() });
                     }
                 },
-                _ = probe.tick(), if index > 0 => {
-                    if let Some(better) = self.higher_priority_answering(index).await {
+                _ = probe.tick(), if at.i > 0 => {
+                    if let Some(better) = self.higher_priority_answering(&at).await {
                         tracing::info!(from = %name, to = %better, "a higher-priority upstream answers again; moving back");
                         return Ok(name);
                     }
+                }
+                _ = replaced.changed() => {
+                    tracing::info!(server = %name, "the upstream list changed; reconnecting the push stream");
+                    return Ok(name);
                 }
             }
         }
     }
 
-    /// The first server above `index` whose `/readyz` answers 200 now.
-    async fn higher_priority_answering(&self, index: usize) -> Option<String> {
-        for (i, server) in self.servers.iter().enumerate().take(index) {
-            let ok = self
+    /// The first server of `at`'s list above it whose `/readyz` answers 200 now.
+    async fn higher_priority_answering(&self, at: &Picked) -> Option<String> {
+        for (i, server) in at.list.servers.iter().enumerate().take(at.i) {
+            let ok = at
+                .list
                 .http
                 .get(Self::url(server, "/readyz"))
                 .timeout(Duration::from_secs(5))
@@ -653,23 +795,25 @@ impl Upstream {
                 .map(|r| r.status().is_success())
                 .unwrap_or(false);
             if ok {
-                self.mark(i, true);
+                let better = Picked {
+                    list: at.list.clone(),
+                    i,
+                };
+                self.mark(&better, true);
                 return Some(server.to_string());
             }
         }
         None
     }
 
-    /// Asks server `i` for the bytes of `digest`: the response, once it answered 200.
+    /// Asks the server `at` for the bytes of `digest`: the response, once it answered 200.
     pub async fn blob(
         &self,
-        i: usize,
+        at: &Picked,
         digest: &Digest,
     ) -> Result<reqwest::Response, UpstreamError> {
-        let server = &self.servers[i];
-        let name = server.to_string();
-        let resp = self
-            .get(i, &format!("/v1/content/{digest}"))
+        let name = at.name();
+        let resp = Self::get(at, &format!("/v1/content/{digest}"))
             .send()
             .await
             .map_err(|source| UpstreamError::Http {
@@ -690,21 +834,18 @@ impl Upstream {
     /// The upstream this node mirrored from last (None before its first sync).
     pub fn in_use(&self) -> Option<String> {
         let last = self.last_sync.lock().ok()?;
-        last.as_ref().map(|(i, _, _)| self.name(*i))
+        last.as_ref().map(|(url, _, _)| url.to_string())
     }
 
     /// Sends a batch of node reports to the first upstream that accepts it.
     pub async fn post_reports(&self, batch: &ReportBatch) -> Result<(), UpstreamError> {
-        self.first_that_answers(|i| async move {
-            self.post_json(i, "/v1/node/reports", batch).await.map(drop)
+        self.first_that_answers(|at| async move {
+            self.post_json(&at, "/v1/node/reports", batch)
+                .await
+                .map(drop)
         })
         .await
         .map(drop)
-    }
-
-    /// The name of server `i` (its URL).
-    pub fn name(&self, i: usize) -> String {
-        self.servers[i].to_string()
     }
 }
 

@@ -7,11 +7,14 @@
 use super::Upstream;
 
 impl Upstream {
-    /// Per server in list order: how its last call went (None: not tried yet).
-    pub fn last_calls(&self) -> Vec<Option<bool>> {
-        match self.health.lock() {
+    /// Per server of the list in force, in list order: how its last call went (None: not
+    /// tried yet).
+    pub fn last_calls(&self) -> Vec<(url::Url, Option<bool>)> {
+        let list = self.current();
+        let calls: Vec<Option<bool>> = match list.health.lock() {
             Ok(health) => health.iter().map(|h| h.last_ok).collect(),
-            Err(_) => vec![None; self.servers.len()],
-        }
+            Err(_) => vec![None; list.servers.len()],
+        };
+        list.servers.iter().cloned().zip(calls).collect()
     }
 }

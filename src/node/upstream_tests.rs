@@ -65,9 +65,11 @@ fn upstream(servers: usize) -> Upstream {
         .collect();
     Upstream::new(
         UpstreamOptions {
-            servers,
-            proxy: ProxyChoice::Environment,
-            ca_file: None,
+            list: ListOptions {
+                servers,
+                proxy: ProxyChoice::Environment,
+                ca_file: None,
+            },
             idle_timeout: Duration::from_secs(1),
             probe_interval: Duration::from_secs(1),
             catalog_key: None,
@@ -80,21 +82,21 @@ fn upstream(servers: usize) -> Upstream {
 #[tokio::test]
 async fn a_held_server_is_not_asked_until_its_time_even_when_all_others_back_off() {
     let u = upstream(2);
-    u.hold(0, 60);
-    assert_eq!(u.order(), Ok(vec![1]), "the other server is asked");
-    u.mark(1, false);
+    u.hold(&u.pick(0), 60);
+    assert_eq!(Upstream::order(&u.current()), Ok(vec![1]), "the other server is asked");
+    u.mark(&u.pick(1), false);
     assert_eq!(
-        u.order(),
+        Upstream::order(&u.current()),
         Ok(vec![1]),
         "backing off, but not held: still asked"
     );
-    u.hold(1, 30);
-    let Err(secs) = u.order() else {
+    u.hold(&u.pick(1), 30);
+    let Err(secs) = Upstream::order(&u.current()) else {
         panic!("every server is held");
     };
     assert!((29..=30).contains(&secs), "{secs}");
     let calls = std::sync::atomic::AtomicUsize::new(0);
-    let r: Result<(usize, ()), _> = u
+    let r: Result<(Picked, ()), _> = u
         .first_that_answers(|_| {
             calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             async { Ok(()) }

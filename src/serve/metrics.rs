@@ -401,6 +401,19 @@ impl Metrics {
         }
     }
 
+    /// Drops a server a reload took off the upstream list from `gup_upstream_up` and
+    /// `gup_upstream_state`, so the metrics show only the list in force.
+    pub fn forget_upstream(&self, server: &str) {
+        self.upstream_up
+            .remove(&vec![("server".to_string(), server.to_string())]);
+        for s in UPSTREAM_STATES {
+            self.upstream_state.remove(&vec![
+                ("server".to_string(), server.to_string()),
+                ("state".to_string(), s.to_string()),
+            ]);
+        }
+    }
+
     /// Records one request to `route` (a route template) that took `seconds` to its head.
     pub fn request_took(&self, route: &str, seconds: f64) {
         self.request_duration
