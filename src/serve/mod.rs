@@ -295,7 +295,10 @@ pub fn serving(
 ) -> crate::http::server::Serving {
     let metrics = metrics.clone();
     crate::http::server::Serving {
-        limits: crate::http::limits::Limits::from_section(limits, crate::sys::open_file_limit()),
+        limits: crate::http::limits::LiveLimits::new(crate::http::limits::Limits::from_section(
+            limits,
+            crate::sys::open_file_limit(),
+        )),
         tls,
         lean: Some(lean()),
         on_refused: Some(Arc::new(move |limit| {
