@@ -2,22 +2,27 @@
 //!
 //! Owns the accept loop every role uses (`run(listener, router, shutdown, options)`, after
 //! mini-redis): one single-threaded runtime per serving thread, connections handed to the
-//! least loaded thread, the connection limit and how its slots are released, the choice
-//! between hyper and a lean push connection, and graceful shutdown with a bounded drain. It
+//! least loaded thread, the connection limits and how their slots are released, the choice
+//! between hyper and a lean push connection, and graceful shutdown with a bounded drain. The
+//! limits are live ([`LiveLimits`]): each accepted connection is admitted and served by the
+//! snapshot it took when it was accepted, so a reload changes what new connections get and
+//! never closes an open one (a lowered `max_connections` or `max_connections_per_address` only
+//! refuses new ones until enough have closed); the number of threads is fixed at start. It
 //! must never know routes or roles: which connections are push streams is the caller's
 //! predicate ([`Lean`]).
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use super::limits::Limits;
-use super::slot::{Guarded, Slot};
+use super::limits::{Limits, LiveLimits};
+use super::slot::{Connections, Guarded, PerAddress, Slot};
 use super::tls::Tls;
 
 /// How long in-flight responses get to finish after shutdown starts.
@@ -36,7 +41,8 @@ pub struct Lean {
 /// How a server serves its connections.
 #[derive(Clone)]
 pub struct Serving {
-    pub limits: Limits,
+    /// The limits in force, shared with whoever applies a reload (every clone shares them).
+    pub limits: LiveLimits,
     /// TLS: the port then speaks only TLS (and every connection goes through hyper).
     pub tls: Option<Tls>,
     pub lean: Option<Lean>,
@@ -50,7 +56,7 @@ pub type Refusals = std::sync::Arc<dyn Fn(&'static str) + Send + Sync>;
 
 /// Serves `router` on `listener` until `shutdown`, then drains for at most [`DRAIN`].
 ///
-/// Connections are served on `limits.threads` threads, each with its own single-threaded
+/// Connections are served on `limits.threads` threads (as they are at start), each with its own single-threaded
 /// runtime accepting from the shared listener (the shape of nginx's workers). The thread that
 /// accepts a connection gives it to the thread with the fewest open ones, and from then on it
 /// lives on that one thread, so a request never crosses threads and every ready connection waits
@@ -72,20 +78,20 @@ pub async fn run(
         lean,
         on_refused,
     } = serving;
-    let per_address = super::slot::PerAddress::new(limits.max_connections_per_address);
-    use std::sync::Arc;
+    // Bounds come from each connection's snapshot of the limits (`take_within`).
+    let per_address = PerAddress::new(0);
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);
     });
-    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let open = Connections::new();
     let listener = listener.into_std()?;
     // Listening again only deepens the queue of connections not yet accepted (tokio binds
     // with 128): 1,000 clients connecting at once overflowed it, and each dropped SYN cost its
     // client a 1 s retransmit (wrk's p99 at 1,000 connections went from ~15 ms to ~1.2 s).
     socket2::SockRef::from(&listener).listen(LISTEN_BACKLOG)?;
-    let threads = limits.threads.max(1);
+    let threads = limits.get().threads.max(1);
     let load: Arc<[AtomicUsize]> = (0..threads).map(|_| AtomicUsize::new(0)).collect();
     // Every thread's runtime exists before any thread accepts, so that each can hand a
     // connection to another.
@@ -107,7 +113,7 @@ pub async fn run(
             limits: limits.clone(),
             tls: tls.clone(),
             lean,
-            slots: slots.clone(),
+            open: open.clone(),
             per_address: per_address.clone(),
             on_refused: on_refused.clone(),
             stop: stop_rx.clone(),
@@ -145,20 +151,23 @@ pub async fn run(
 /// One serving thread: its runtime, its accept loop, and its share of the drain.
 struct Worker {
     router: Router,
-    limits: Limits,
+    /// Read once per accepted connection.
+    limits: LiveLimits,
     tls: Option<Tls>,
     lean: Option<Lean>,
-    /// Connections per client address, all workers together.
-    per_address: std::sync::Arc<super::slot::PerAddress>,
+    /// Connections per client address, all workers together
+    /// (`limits.max_connections_per_address`).
+    per_address: Arc<PerAddress>,
     on_refused: Option<Refusals>,
-    /// Connection slots all workers share (`limits.max_connections`).
-    slots: std::sync::Arc<tokio::sync::Semaphore>,
+    /// Open connections, all workers together (`limits.max_connections`); the drain at
+    /// shutdown waits for it to reach 0.
+    open: Arc<Connections>,
     stop: watch::Receiver<bool>,
     /// Open connections per thread, and which one is this thread's.
-    load: std::sync::Arc<[AtomicUsize]>,
+    load: Arc<[AtomicUsize]>,
     me: usize,
     /// Every serving thread's runtime, to hand a connection to the least loaded one.
-    handles: std::sync::Arc<[tokio::runtime::Handle]>,
+    handles: Arc<[tokio::runtime::Handle]>,
 }
 
 impl Worker {
@@ -180,12 +189,12 @@ impl Worker {
         let listener = crate::sys::register_listener(listener)?;
         let Worker {
             router,
-            limits,
+            limits: live,
             tls,
             lean,
             per_address,
             on_refused,
-            slots,
+            open,
             stop: stop_rx,
             load,
             me,
@@ -217,7 +226,9 @@ impl Worker {
                     count(limit);
                 }
             };
-            let Ok(permit) = slots.clone().try_acquire_owned() else {
+            // The limits this connection lives by, whatever a reload sets later.
+            let limits = live.get();
+            let Some(place) = open.take(limits.max_connections) else {
                 // Refused cleanly: closed at once; the connections already open carry on.
                 if !refused_logged {
                     tracing::warn!(
@@ -230,7 +241,9 @@ impl Worker {
                 drop(stream);
                 continue;
             };
-            let Some(address) = per_address.take(peer.ip()) else {
+            let Some(address) =
+                per_address.take_within(peer.ip(), limits.max_connections_per_address)
+            else {
                 // One address may not take every place: closed at once, others carry on.
                 tracing::debug!(%peer, "at limits.max_connections_per_address; refusing");
                 refuse("max_connections_per_address");
@@ -258,14 +271,14 @@ impl Worker {
             load[target].fetch_add(1, Ordering::Relaxed);
             let conn = Conn {
                 slot: Slot {
-                    _permit: permit,
+                    _place: place,
                     load: load.clone(),
                     me: target,
                     _address: Some(address),
                 },
                 peer,
                 router: router.clone(),
-                limits: limits.clone(),
+                limits,
                 tls: tls.clone(),
                 lean,
                 stop: stop_rx.clone(),
@@ -281,12 +294,11 @@ impl Worker {
                 }
             });
         }
-        // Stop accepting, then let this thread's connections finish (all threads' share of
-        // the slots coming back means every connection is done).
+        // Stop accepting, then let this thread's connections finish (the count of all
+        // threads' connections at 0 means every connection is done).
         drop(listener);
-        let all = limits.max_connections.max(1);
         let drained = async {
-            while slots.available_permits() < all {
+            while open.open() > 0 {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         };
@@ -302,7 +314,8 @@ struct Conn {
     slot: Slot,
     peer: std::net::SocketAddr,
     router: Router,
-    limits: Limits,
+    /// The snapshot taken when it was accepted, for its whole life.
+    limits: Arc<Limits>,
     tls: Option<Tls>,
     lean: Option<Lean>,
     stop: watch::Receiver<bool>,
@@ -531,7 +544,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let serving = Serving {
-            limits: Limits {
+            limits: LiveLimits::new(Limits {
                 max_header_bytes: 8192,
                 header_read_timeout: Duration::from_secs(5),
                 max_connections,
@@ -539,7 +552,7 @@ mod tests {
                 max_connections_per_address: 0,
                 body_read_timeout: Duration::from_secs(5),
                 stream_write_timeout: Duration::from_secs(1),
-            },
+            }),
             tls: None,
             lean,
             on_refused: None,
@@ -620,6 +633,109 @@ mod tests {
                 "connection {i} was refused after the previous one closed: {text:?}"
             );
         }
+        let _ = stop_tx.send(());
+        server.await.unwrap().unwrap();
+    }
+
+    /// One kept-alive `GET /` on `conn`: the answer's head, or None when the server closed
+    /// the connection without answering (a refused connection).
+    async fn ask(conn: &mut TcpStream) -> Option<String> {
+        // A refused connection may be reset before the request is written: its read says so.
+        let _ = conn.write_all(b"GET / HTTP/1.1\r\nhost: t\r\n\r\n").await;
+        let mut buf = Vec::new();
+        loop {
+            let mut chunk = [0u8; 1024];
+            let read = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut chunk)).await;
+            match read.expect("neither an answer nor a close within 10 s") {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+            let text = String::from_utf8_lossy(&buf);
+            if let Some((head, "ok")) = text.split_once("\r\n\r\n") {
+                return Some(head.to_string());
+            }
+        }
+    }
+
+    /// A new connection that is served: retried for at most 10 s, since a connection its
+    /// client closed is counted as gone once the server has read the close.
+    async fn admitted(addr: std::net::SocketAddr) -> TcpStream {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut conn = TcpStream::connect(addr).await.unwrap();
+            if ask(&mut conn).await.is_some() {
+                return conn;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no new connection served within 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A new connection is closed without an answer.
+    async fn refused(addr: std::net::SocketAddr, why: &str) {
+        let mut conn = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(ask(&mut conn).await, None, "{why}");
+    }
+
+    /// `max_connections` lowered while connections are open (a reload): none of them is
+    /// closed and each still answers, new ones are refused until the count falls below the
+    /// new bound, and raising it admits new ones again.
+    #[tokio::test]
+    async fn a_lowered_max_connections_keeps_open_ones_refuses_new_ones_and_a_raised_one_admits() {
+        let router = Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = |max_connections| Limits {
+            max_header_bytes: 8192,
+            header_read_timeout: Duration::from_secs(30),
+            max_connections,
+            threads: 2,
+            max_connections_per_address: 0,
+            body_read_timeout: Duration::from_secs(5),
+            stream_write_timeout: Duration::from_secs(1),
+        };
+        let live = LiveLimits::new(limits(4));
+        let serving = Serving {
+            limits: live.clone(),
+            tls: None,
+            lean: None,
+            on_refused: None,
+        };
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(run(
+            listener,
+            router,
+            async {
+                let _ = stop_rx.await;
+            },
+            serving,
+        ));
+        let mut open = Vec::new();
+        for _ in 0..4 {
+            open.push(admitted(addr).await);
+        }
+        refused(addr, "a fifth is over the bound of 4").await;
+        live.set(limits(2));
+        for conn in &mut open {
+            assert!(ask(conn).await.is_some(), "an open connection carries on");
+        }
+        refused(addr, "four open, bound 2").await;
+        // Three close: one open, room for one more.
+        open.truncate(1);
+        open.push(admitted(addr).await);
+        refused(addr, "two open, bound 2").await;
+        live.set(limits(8));
+        for _ in 0..6 {
+            open.push(admitted(addr).await);
+        }
+        refused(addr, "eight open, bound 8").await;
+        for conn in &mut open {
+            assert!(ask(conn).await.is_some());
+        }
+        drop(open);
         let _ = stop_tx.send(());
         server.await.unwrap().unwrap();
     }

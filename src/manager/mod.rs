@@ -260,7 +260,7 @@ impl Manager {
     /// Serves until `shutdown`, then flushes the store.
     pub async fn run(self: Arc<Self>, listener: TcpListener) -> Result<(), ManagerError> {
         let addr = listener.local_addr()?;
-        tracing::info!(%addr, tls = self.serving.tls.is_some(), max_connections = self.serving.limits.max_connections, "manager listening");
+        tracing::info!(%addr, tls = self.serving.tls.is_some(), max_connections = self.serving.limits.get().max_connections, "manager listening");
         let upkeep = upkeep::Upkeep(Arc::downgrade(&self));
         let tasks = [
             tokio::spawn(

@@ -2,7 +2,8 @@
 //!
 //! Owns which keys take effect at once ([`LIVE`]: the admin and node tokens with their
 //! previous values, so a rotation needs no restart, the TLS certificate and key, the log
-//! filter) and applying them: everything that can fail (a token file, a certificate) is read
+//! filter, every `[limits]` key but `limits.threads`, for connections and push streams from
+//! then on) and applying them: everything that can fail (a token file, a certificate) is read
 //! first, so a bad file changes nothing. Every other changed key keeps its running value until
 //! a restart, and the caller logs it by name. It must never apply half a reload.
 
@@ -22,6 +23,16 @@ pub const LIVE: &[&str] = &[
     "manager.tls_cert",
     "manager.tls_key",
     "log.level",
+    // [limits], each key but limits.threads (the serving threads are built at start).
+    "limits.max_header_bytes",
+    "limits.header_read_timeout_s",
+    "limits.max_connections",
+    "limits.max_connections_per_address",
+    "limits.max_streams_per_address",
+    "limits.new_clients_per_minute",
+    "limits.body_read_timeout_s",
+    "limits.stream_write_timeout_s",
+    "limits.stream_max_age_s",
 ];
 
 /// Why a reload changed nothing.
@@ -81,6 +92,27 @@ impl Manager {
         r.node_token_file = m.node_token_file.clone();
         r.node_token_previous = m.node_token_previous.clone();
         running.log.level = new.log.level.clone();
+        // === [limits]: for connections and push streams from now on ===
+        crate::serve::set_limits(
+            &self.served,
+            &self.serving,
+            &mut running.limits,
+            &new.limits,
+        );
         Ok(plan)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// A `[limits]` key added later is live or named restart-only on purpose, not by omission.
+    #[test]
+    fn every_limits_key_but_threads_is_live() {
+        let section = toml::Value::try_from(crate::core::config::LimitsSection::default());
+        let keys = section.unwrap().as_table().unwrap().clone();
+        for key in keys.keys().map(|k| format!("limits.{k}")) {
+            let live = super::LIVE.contains(&key.as_str());
+            assert_eq!(live, key != "limits.threads", "{key}");
+        }
     }
 }

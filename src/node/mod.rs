@@ -279,7 +279,7 @@ impl Node {
             .map(|u| u.to_string())
             .collect();
         let proxy = self.upstream.proxy().unwrap_or_else(|| "none".into());
-        tracing::info!(node_id = %self.id, %addr, ?upstreams, %proxy, mode = ?self.mode, tls = self.serving.tls.is_some(), max_connections = self.serving.limits.max_connections, "node listening");
+        tracing::info!(node_id = %self.id, %addr, ?upstreams, %proxy, mode = ?self.mode, tls = self.serving.tls.is_some(), max_connections = self.serving.limits.get().max_connections, "node listening");
         // A client's miss makes room first, as a prefetch does (the node outlives neither).
         let weak = Arc::downgrade(&self);
         self.fetches.set_room_maker(Arc::new(move |size| {

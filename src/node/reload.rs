@@ -2,10 +2,12 @@
 //!
 //! Owns which keys take effect at once ([`LIVE`]: the node token with its previous value, the
 //! upstream list with its tokens, proxy and CA file, the TLS certificate and key, the disk
-//! budget and its watermarks, the WAN and LAN bandwidth budgets, the log filter) and applying
-//! them: what can fail (a token file, a certificate, a proxy URL, a CA file) is read first, so
-//! a bad file changes nothing. A new upstream list is swapped whole: fetches in flight finish
-//! on the server they started with, the push stream reconnects, and a sync follows at once. Every other changed key keeps its running value
+//! budget and its watermarks, the WAN and LAN bandwidth budgets, the log filter, every
+//! `[limits]` key but `limits.threads`, for connections and push streams from then on) and
+//! applying them: what can fail (a token file, a certificate, a proxy URL, a CA file) is read
+//! first, so a bad file changes nothing. A new upstream list is swapped whole: fetches in
+//! flight finish on the server they started with, the push stream reconnects, and a sync
+//! follows at once. Every other changed key keeps its running value
 //! until a restart, and the caller logs it by name. It must never apply half a reload.
 
 use super::{evict, upstream_list, Node, NodeError};
@@ -32,6 +34,16 @@ pub const LIVE: &[&str] = &[
     "upstream.max_bytes_per_sec",
     "serve.max_bytes_per_sec",
     "log.level",
+    // [limits], each key but limits.threads (the serving threads are built at start).
+    "limits.max_header_bytes",
+    "limits.header_read_timeout_s",
+    "limits.max_connections",
+    "limits.max_connections_per_address",
+    "limits.max_streams_per_address",
+    "limits.new_clients_per_minute",
+    "limits.body_read_timeout_s",
+    "limits.stream_write_timeout_s",
+    "limits.stream_max_age_s",
 ];
 
 /// Why a reload changed nothing.
@@ -136,6 +148,27 @@ impl Node {
         running.log.level = new.log.level.clone();
         // A smaller budget evicts now, not at the next stored blob.
         self.fetches.stored.notify_one();
+        // === [limits]: for connections and push streams from now on ===
+        crate::serve::set_limits(
+            &self.served,
+            &self.serving,
+            &mut running.limits,
+            &new.limits,
+        );
         Ok(plan)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// A `[limits]` key added later is live or named restart-only on purpose, not by omission.
+    #[test]
+    fn every_limits_key_but_threads_is_live() {
+        let section = toml::Value::try_from(crate::core::config::LimitsSection::default());
+        let keys = section.unwrap().as_table().unwrap().clone();
+        for key in keys.keys().map(|k| format!("limits.{k}")) {
+            let live = super::LIVE.contains(&key.as_str());
+            assert_eq!(live, key != "limits.threads", "{key}");
+        }
     }
 }

@@ -6,7 +6,10 @@
 //! roles answer heartbeats with the same settings and the same `download_slot`, gate content
 //! with the same slot policy (`core::slots`), and file events under the same placement. It
 //! reads blobs from `store` only; when a blob in the catalog is missing it asks the role's
-//! [`content::Fetcher`] (a node's upstream) to bring it into the store. It must never write
+//! [`content::Fetcher`] (a node's upstream) to bring it into the store. The `[limits]` it
+//! enforces itself (push streams and new client ids per address, stream age) change live on
+//! a reload ([`set_limits`], which also hands the connection limits to the accept loop's
+//! [`crate::http::limits::LiveLimits`]). It must never write
 //! to the store or talk to an upstream itself, and never serve a digest that is not in a
 //! retained catalog revision.
 
@@ -112,27 +115,57 @@ pub struct Served {
 }
 
 /// How fast one address may introduce client ids this server never placed: a keyed rate
-/// limiter (governor), its idle addresses forgotten now and then so it stays small.
+/// limiter (governor), its idle addresses forgotten now and then so it stays small. Its rate
+/// can change while it is in use ([`Newcomers::set_per_minute`], a config reload).
 pub struct Newcomers {
+    rate: RwLock<NewcomerRate>,
+    checks: std::sync::atomic::AtomicU64,
+}
+
+/// One rate's limiter (None: no limit).
+struct NewcomerRate {
     limiter: Option<governor::DefaultKeyedRateLimiter<std::net::IpAddr>>,
     per_minute: u32,
-    checks: std::sync::atomic::AtomicU64,
+}
+
+impl NewcomerRate {
+    fn new(per_minute: u32) -> NewcomerRate {
+        NewcomerRate {
+            limiter: std::num::NonZeroU32::new(per_minute)
+                .map(|n| governor::RateLimiter::keyed(governor::Quota::per_minute(n))),
+            per_minute,
+        }
+    }
 }
 
 impl Newcomers {
     fn new(per_minute: u32) -> Newcomers {
-        let limiter = std::num::NonZeroU32::new(per_minute)
-            .map(|n| governor::RateLimiter::keyed(governor::Quota::per_minute(n)));
         Newcomers {
-            limiter,
-            per_minute,
+            rate: RwLock::new(NewcomerRate::new(per_minute)),
             checks: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// From now on, `per_minute` per address (0: no limit); a no-op when it is the rate
+    /// already. A new rate starts every address afresh (what each introduced under the old
+    /// one is forgotten).
+    pub fn set_per_minute(&self, per_minute: u32) {
+        let mut rate = match self.rate.write() {
+            Ok(r) => r,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if rate.per_minute != per_minute {
+            *rate = NewcomerRate::new(per_minute);
         }
     }
 
     /// Whether `addr` may introduce one more client id now.
     pub fn admit(&self, addr: std::net::IpAddr) -> Result<(), ServeError> {
-        let Some(limiter) = &self.limiter else {
+        let rate = match self.rate.read() {
+            Ok(r) => r,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let Some(limiter) = &rate.limiter else {
             return Ok(());
         };
         let n = self
@@ -144,7 +177,7 @@ impl Newcomers {
         limiter
             .check_key(&addr)
             .map_err(|_| ServeError::TooManyNewClients {
-                retry_after_s: (60 / self.per_minute.max(1) as u64).max(1),
+                retry_after_s: (60 / rate.per_minute.max(1) as u64).max(1),
             })
     }
 }
@@ -224,6 +257,40 @@ impl Served {
             .read()
             .map_err(|_| Internal::poisoned("directory"))
     }
+
+    /// Puts the `[limits]` the client API enforces itself in force (a config reload): push
+    /// streams per address and new client ids per minute for what arrives from now on, the
+    /// age of streams started from now on. Streams open keep their place and their age.
+    pub fn set_limits(&self, limits: &crate::core::config::LimitsSection) {
+        self.streams.set_max(limits.max_streams_per_address);
+        self.newcomers.set_per_minute(limits.new_clients_per_minute);
+        self.changes
+            .set_max_age(std::time::Duration::from_secs(limits.stream_max_age_s));
+    }
+}
+
+/// Puts a reloaded `[limits]` in force, all but `threads` (the serving threads are built at
+/// start), and records in `running` what now is: connections accepted from now on are
+/// admitted and served by the new values and the client API's own limits change
+/// ([`Served::set_limits`]); nothing open is closed. A `max_connections` of 0 derives again
+/// from the open-file limit now in force.
+pub fn set_limits(
+    served: &Served,
+    serving: &crate::http::server::Serving,
+    running: &mut crate::core::config::LimitsSection,
+    new: &crate::core::config::LimitsSection,
+) {
+    served.set_limits(new);
+    serving
+        .limits
+        .set(crate::http::limits::Limits::from_section(
+            new,
+            crate::sys::open_file_limit(),
+        ));
+    *running = crate::core::config::LimitsSection {
+        threads: running.threads,
+        ..new.clone()
+    };
 }
 
 /// The state every client route sees: the served data and the role behind it.
@@ -286,8 +353,8 @@ pub fn finish(router: Router, metrics: &Arc<metrics::Metrics>) -> Router {
         ))
 }
 
-/// How a role serves its connections: its `[limits]`, TLS, push streams served lean, and
-/// refused connections counted in `gup_refused_total`.
+/// How a role serves its connections: its `[limits]` (live: [`set_limits`]), TLS, push
+/// streams served lean, and refused connections counted in `gup_refused_total`.
 pub fn serving(
     limits: &crate::core::config::LimitsSection,
     tls: Option<crate::http::tls::Tls>,
@@ -295,7 +362,10 @@ pub fn serving(
 ) -> crate::http::server::Serving {
     let metrics = metrics.clone();
     crate::http::server::Serving {
-        limits: crate::http::limits::Limits::from_section(limits, crate::sys::open_file_limit()),
+        limits: crate::http::limits::LiveLimits::new(crate::http::limits::Limits::from_section(
+            limits,
+            crate::sys::open_file_limit(),
+        )),
         tls,
         lean: Some(lean()),
         on_refused: Some(Arc::new(move |limit| {
@@ -419,6 +489,21 @@ impl SlotLog for KvSlotLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_new_rate_of_newcomers_applies_at_once() {
+        let n = Newcomers::new(1);
+        let a: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+        assert!(n.admit(a).is_ok());
+        assert!(n.admit(a).is_err(), "one per minute");
+        n.set_per_minute(0);
+        assert!((0..100).all(|_| n.admit(a).is_ok()), "0: no limit");
+        n.set_per_minute(2);
+        assert!(n.admit(a).is_ok() && n.admit(a).is_ok());
+        assert!(n.admit(a).is_err(), "two per minute");
+        n.set_per_minute(2);
+        assert!(n.admit(a).is_err(), "the same rate: nothing forgotten");
+    }
 
     #[test]
     fn slot_records_survive_a_reopen_and_prune_drops_only_old_revisions() {
