@@ -95,13 +95,14 @@ impl Node {
             "upstream.proxy",
             "upstream.ca_file",
         ];
-        let new_list = match plan.live.iter().any(|k| upstream_keys.contains(&k.as_str())) {
+        let new_list = match plan
+            .live
+            .iter()
+            .any(|k| upstream_keys.contains(&k.as_str()))
+        {
             true => {
                 let list = upstream_list(new).map_err(|e| ReloadError::Upstream(Box::new(e)))?;
-                let prepared = self
-                    .upstream
-                    .prepare(list)
-                    ?;
+                let prepared = self.upstream.prepare(list)?;
                 Some(prepared)
             }
             false => None,

@@ -411,7 +411,8 @@ impl Upstream {
             health[at.i].retry_at = Some(until);
             health[at.i].held_until = Some(until);
         }
-        self.metrics.upstream_state(at.url().as_str(), UPSTREAM_HELD);
+        self.metrics
+            .upstream_state(at.url().as_str(), UPSTREAM_HELD);
     }
 
     /// Records how a call to the server `at` went: success resets its backoff, failure
@@ -594,13 +595,14 @@ impl Upstream {
             .post(Self::url(at.url(), path))
             .timeout(self.idle_timeout)
             .json(body);
-        let resp = Self::authorized(at, req)
-            .send()
-            .await
-            .map_err(|source| UpstreamError::Http {
-                server: name.clone(),
-                source,
-            })?;
+        let resp =
+            Self::authorized(at, req)
+                .send()
+                .await
+                .map_err(|source| UpstreamError::Http {
+                    server: name.clone(),
+                    source,
+                })?;
         if !resp.status().is_success() {
             return Err(status_error(name, &resp));
         }
@@ -718,12 +720,13 @@ impl Upstream {
         let (at, resp) = self
             .first_that_answers(|at| async move {
                 let name = at.name();
-                let resp = Self::get(&at, "/v1/stream").send().await.map_err(|source| {
-                    UpstreamError::Http {
+                let resp = Self::get(&at, "/v1/stream")
+                    .send()
+                    .await
+                    .map_err(|source| UpstreamError::Http {
                         server: name.clone(),
                         source,
-                    }
-                })?;
+                    })?;
                 if !resp.status().is_success() {
                     return Err(UpstreamError::Status {
                         server: name,

@@ -50,7 +50,7 @@ pub enum UpstreamError {
     },
     #[error("building the HTTP client: {0}")]
     Client(reqwest::Error),
-    #[error("upstream CA file {path}: {reason}")]
+    #[error("upstream.ca_file {path}: {reason}")]
     Ca { path: String, reason: String },
     /// `upstream.proxy` cannot be used; `shown` has its credentials redacted.
     #[error("upstream.proxy {shown}: {reason}")]

@@ -83,7 +83,11 @@ fn upstream(servers: usize) -> Upstream {
 async fn a_held_server_is_not_asked_until_its_time_even_when_all_others_back_off() {
     let u = upstream(2);
     u.hold(&u.pick(0), 60);
-    assert_eq!(Upstream::order(&u.current()), Ok(vec![1]), "the other server is asked");
+    assert_eq!(
+        Upstream::order(&u.current()),
+        Ok(vec![1]),
+        "the other server is asked"
+    );
     u.mark(&u.pick(1), false);
     assert_eq!(
         Upstream::order(&u.current()),
@@ -123,4 +127,76 @@ fn a_configured_proxy_is_shown_without_its_credentials_and_a_bad_one_is_refused(
     };
     assert!(matches!(e, UpstreamError::Proxy { .. }), "{e}");
     assert!(!e.to_string().contains("s3cret"), "{e}");
+}
+
+#[tokio::test]
+async fn a_new_list_keeps_the_state_of_a_server_that_stays_and_forgets_one_that_goes() {
+    let metrics = std::sync::Arc::new(Metrics::new());
+    let server = |port: u16, token: Option<&str>| Server {
+        url: url::Url::parse(&format!("http://127.0.0.1:{port}/")).unwrap(),
+        token: token.map(Token::new),
+    };
+    let list = |servers| ListOptions {
+        servers,
+        proxy: ProxyChoice::Environment,
+        ca_file: None,
+    };
+    let u = Upstream::new(
+        UpstreamOptions {
+            list: list(vec![server(1, Some("a")), server(2, None)]),
+            idle_timeout: Duration::from_secs(1),
+            probe_interval: Duration::from_secs(1),
+            catalog_key: None,
+        },
+        metrics.clone(),
+    )
+    .unwrap();
+    let (one, two) = (u.pick(0), u.pick(1));
+    u.hold(&one, 60);
+    u.mark(&two, true);
+    // Server 1 stays with its token (held still), server 2 goes, server 3 comes; a call
+    // that picked server 2 before the swap still names it.
+    let prepared = u
+        .prepare(list(vec![server(3, None), server(1, Some("a"))]))
+        .unwrap();
+    u.install(prepared);
+    assert_eq!(two.name(), "http://127.0.0.1:2/");
+    assert_eq!(
+        u.last_calls()
+            .into_iter()
+            .map(|(url, _)| url.port().unwrap_or(0))
+            .collect::<Vec<_>>(),
+        vec![3, 1]
+    );
+    assert_eq!(
+        Upstream::order(&u.current()),
+        Ok(vec![0]),
+        "server 1 is still held"
+    );
+    let text = metrics.render();
+    assert!(
+        !text.contains("127.0.0.1:2/"),
+        "server 2 left the metrics:\n{text}"
+    );
+    assert!(
+        text.contains("server=\"http://127.0.0.1:3/\",state=\"not_tried\"} 1"),
+        "{text}"
+    );
+    // A token changed: the same URL is another server as far as its state goes.
+    let prepared = u
+        .prepare(list(vec![server(3, None), server(1, Some("b"))]))
+        .unwrap();
+    u.install(prepared);
+    assert_eq!(Upstream::order(&u.current()), Ok(vec![0, 1]));
+    // A CA file that is not one: nothing built, nothing changed.
+    let bad = ListOptions {
+        servers: vec![server(4, None)],
+        proxy: ProxyChoice::Environment,
+        ca_file: Some("/nonexistent/ca.pem".into()),
+    };
+    let Err(e) = u.prepare(bad) else {
+        panic!("a missing CA file is refused");
+    };
+    assert!(e.to_string().starts_with("upstream.ca_file"), "{e}");
+    assert_eq!(u.servers().len(), 2);
 }
