@@ -2,19 +2,22 @@
 # Serving comparison: gup's node against nginx (sendfile on and off) and Varnish (malloc) on
 # the same bytes, in one run, loopback only, every load bounded in time.
 #
-#   bash benches/compare.sh            # all workloads (about 8 minutes, benches/push.sh included)
+#   bash benches/compare.sh            # all workloads (about 10 minutes, benches/push.sh included)
 #   DURATION=5 bash benches/compare.sh # shorter wrk runs
 #
 # Installs nginx, varnish, wrk and curl with apt when missing (idempotent), builds gup in
 # release mode, publishes identical files to a manager, waits until the node has them, serves
 # the same files from nginx (and Varnish in front of nginx, warmed), then runs each workload
-# against each server and prints a table with the ratio of gup to the best peer.
+# against each server and prints a table with the ratio of gup to the best peer. Then the same
+# over TLS 1.3 (a second node with node.tls_cert, nginx with `ssl`, one self-signed
+# certificate for both; Varnish speaks no TLS), and a new connection per request
+# (`Connection: close`). The header names the machine: CPU model, cores, THP setting.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DURATION=${DURATION:-10}
 need=()
-for tool in nginx varnishd wrk curl; do
+for tool in nginx varnishd wrk curl openssl; do
   command -v "$tool" >/dev/null 2>&1 || need+=("$tool")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -25,6 +28,7 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pkgs[@]}" >/dev/null
 fi
 source benches/lib.sh
+echo "machine: $(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) cores, THP $(sed 's/.*\[\(.*\)\].*/\1/' /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null || echo unknown)"
 bench_setup compare
 start_manager_and_node
 PX=$(free_port); PY=$(free_port); PV=$(free_port)
@@ -86,11 +90,62 @@ for port in $PN $PX $PY $PV; do
   done
 done
 
+# TLS: one self-signed certificate for localhost, served by a second node (mirroring the same
+# manager) and by nginx with ssl; both checked before measuring.
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+  -subj /CN=localhost -addext subjectAltName=DNS:localhost,IP:127.0.0.1 \
+  -keyout "$WORK/tls.key" -out "$WORK/tls.pem" 2>/dev/null
+chmod a+r "$WORK/tls.key"
+PT=$(free_port); PS=$(free_port)
+printf '[node]\ntls_cert = "%s"\ntls_key = "%s"\n' "$WORK/tls.pem" "$WORK/tls.key" > "$WORK/tls-node.toml"
+"$GUP" node --config "$WORK/tls-node.toml" --listen 127.0.0.1:$PT --data-dir "$WORK/t" --upstream $M --upstream-token n 2>"$WORK/t.log" & PIDS+=($!)
+cat > "$WORK/nginx-$PS.conf" <<NGINX
+worker_processes auto;
+daemon off;
+pid $WORK/nginx-$PS.pid;
+error_log $WORK/nginx-$PS.err;
+events { worker_connections 8192; }
+http {
+  access_log off;
+  sendfile on;
+  tcp_nopush on;
+  keepalive_requests 100000;
+  types { }
+  default_type application/octet-stream;
+  server {
+    listen 127.0.0.1:$PS ssl backlog=4096;
+    ssl_certificate $WORK/tls.pem;
+    ssl_certificate_key $WORK/tls.key;
+    ssl_protocols TLSv1.3;
+    root $WORK/www;
+  }
+}
+NGINX
+nginx -c "$WORK/nginx-$PS.conf" -p "$WORK" & PIDS+=($!)
+for name in 1k 1m; do
+  for _ in $(seq 600); do
+    [ -f "$WORK/t/blobs/${SHA[$name]:0:2}/${SHA[$name]:2:2}/${SHA[$name]}" ] && break
+    sleep 0.1
+  done
+done
+for port in $PT $PS; do
+  for _ in $(seq 100); do curl -sfk -o /dev/null https://127.0.0.1:$port/v1/content/${SHA[1k]} && break; sleep 0.1; done
+  for name in 1k 1m; do
+    got=$(curl -sk https://127.0.0.1:$port/v1/content/${SHA[$name]} | sha256sum | cut -c1-64)
+    if [ "$got" != "${SHA[$name]}" ]; then
+      echo "TLS server on port $port does not serve $name correctly; not measuring" >&2
+      exit 1
+    fi
+  done
+done
+
 declare -A SERVERS=([gup]=$PN [nginx-sendfile]=$PX [nginx-nosendfile]=$PY [varnish]=$PV)
 ORDER=(gup nginx-sendfile nginx-nosendfile varnish)
 
-wrk_run() { # port path conns -> "req/s MiB/s p99ms"
-  wrk -t2 -c"$3" -d"${DURATION}s" --latency "http://127.0.0.1:$1$2" 2>/dev/null | awk '
+wrk_run() { # port path conns [scheme [header]] -> "req/s MiB/s p99ms"
+  local scheme=${4:-http} header=()
+  [ -n "${5:-}" ] && header=(-H "$5")
+  wrk -t2 -c"$3" -d"${DURATION}s" --latency "${header[@]+"${header[@]}"}" "$scheme://127.0.0.1:$1$2" 2>/dev/null | awk '
     /Requests\/sec/ {rps=$2}
     /Transfer\/sec/ {v=$2; if (v ~ /GB/) {sub("GB","",v); mb=v*1024} else if (v ~ /MB/) {sub("MB","",v); mb=v} else if (v ~ /KB/) {sub("KB","",v); mb=v/1024} else {mb=v/1048576}}
     /^ +99%/ {l=$2; if (l ~ /ms/) {sub("ms","",l); p=l} else if (l ~ /us/) {sub("us","",l); p=l/1000} else if (l ~ /s/) {sub("s","",l); p=l*1000}}
@@ -144,6 +199,28 @@ done
 vals=()
 for s in "${ORDER[@]}"; do vals+=("${BEST8[$s]}"); done
 row "256m, 8 concurrent curl, best of 3 (MiB/s)" "${vals[@]}"
+
+# A new connection per request: every server alike, 1 KiB, 100 connections.
+vals=()
+for s in "${ORDER[@]}"; do
+  wrk -t2 -c100 -d2s -H 'Connection: close' "http://127.0.0.1:${SERVERS[$s]}/v1/content/${SHA[1k]}" >/dev/null 2>&1 || true
+  read -r rps _ _ < <(wrk_run ${SERVERS[$s]} /v1/content/${SHA[1k]} 100 http 'Connection: close')
+  vals+=("$rps")
+done
+row "1k, 100 conns, Connection: close (req/s)" "${vals[@]}"
+
+# TLS 1.3, the same certificate: gup (a node with node.tls_cert) against nginx with ssl.
+printf '\n%-34s%18s%18s%12s\n' "over TLS 1.3" gup nginx-ssl "gup/nginx"
+for spec in "1m:50:MiB/s" "1k:200:req/s"; do
+  name=${spec%%:*}; rest=${spec#*:}; conns=${rest%%:*}; unit=${rest#*:}
+  vals=()
+  for port in $PT $PS; do
+    wrk -t2 -c"$conns" -d2s "https://127.0.0.1:$port/v1/content/${SHA[$name]}" >/dev/null 2>&1 || true
+    read -r rps mib _ < <(wrk_run $port /v1/content/${SHA[$name]} $conns https)
+    if [ "$unit" = "req/s" ]; then vals+=("$rps"); else vals+=("$mib"); fi
+  done
+  row "$name, $conns conns ($unit)" "${vals[@]}"
+done
 
 # Cold miss: a fresh node with prefetch off; 200 clients ask for the 256 MiB blob at once.
 PC=$(free_port)
