@@ -18,6 +18,7 @@ pub mod comms;
 mod ctx;
 mod fetch;
 pub mod home;
+pub mod patch;
 mod servers;
 pub mod spool;
 mod stream;
