@@ -34,7 +34,7 @@ pub use stats::Heard;
 
 use crate::agent::wire::{normalize_target, parse_metric};
 use crate::agent::{
-    http_clients, Agent, Ctx, Home, Identity, Knobs, MIN_HEARTBEAT, REQUEST_TIMEOUT,
+    http_clients, Agent, Ctx, Home, Identity, Knobs, Rebuilds, MIN_HEARTBEAT, REQUEST_TIMEOUT,
 };
 use report::build_report;
 use stats::Stats;
@@ -176,6 +176,8 @@ pub async fn run(opts: Options) -> Result<Report, LoadtestError> {
         Err(_) => return Err(unreachable("no answer within 5 s".into())),
     }
     let stats = Arc::new(Stats::new(opts.clients)?);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let rebuilds = Arc::new(Rebuilds::new(cores, 1 << 30));
     let before = read_counters(&http, &base).await;
     let ramp = match opts.ramp {
         Some(r) => r,
@@ -226,7 +228,9 @@ pub async fn run(opts: Options) -> Result<Report, LoadtestError> {
                 max_item_rounds: Some(MAX_ITEM_ROUNDS),
                 make_events: opts.events_per_client,
                 first_delay: ramp.mul_f64(i as f64 / opts.clients as f64),
+                use_deltas: true,
             },
+            rebuilds: rebuilds.clone(),
             credential: std::sync::RwLock::new(None),
             enroll_token: opts.enroll_token.clone(),
         };
