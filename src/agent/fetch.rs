@@ -16,6 +16,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -81,6 +82,13 @@ pub(super) enum Kind {
     Edge,
 }
 
+impl Want<'_> {
+    /// Body bytes received so far.
+    pub(super) fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+}
+
 impl Kind {
     /// The prefix of its error kinds (`content_503`, `delta_content_cut`, `delta_4xx`).
     fn what(self) -> &'static str {
@@ -104,6 +112,8 @@ pub(super) struct Want<'a> {
     /// Keep the bytes in memory (deltas), at most `limit` of them.
     pub(super) keep: bool,
     pub(super) kind: Kind,
+    /// Body bytes received over every attempt and server (what a failed delta wasted).
+    pub(super) received: AtomicU64,
 }
 
 /// One round against `bases` (the server in use first).
@@ -179,7 +189,7 @@ pub async fn round(
                     out.deltas.no_delta += 1;
                 }
                 Err(Fail::Failed { kind, why, wasted }) => {
-                    tracing::warn!(name = %item.name, from = %held.sha256, to = %sha, via = plan.via().as_str(), reason = %why, "the delta did not give the new version; taking the full blob");
+                    tracing::warn!(name = %item.name, from = %held.sha256, to = %sha, tried = plan.via().as_str(), reason = %why, "the delta did not give the new version; taking the full blob");
                     ctx.obs.delta_fallback(kind, wasted);
                     out.deltas.fallbacks += 1;
                     out.deltas.wasted_delta_bytes += wasted;
@@ -200,6 +210,7 @@ pub async fn round(
                     limit: item.size,
                     keep: false,
                     kind: Kind::Full,
+                    received: AtomicU64::new(0),
                 };
                 let g = download(&ctx, &bases, &want, &item.name, catalog.revision).await;
                 if let Got::Ok(b) = &g {
@@ -548,6 +559,8 @@ async fn download_from(ctx: &Ctx, base: &str, want: &Want<'_>, rev: u64) -> Got 
                         ctx.obs.error(&format!("{what}_overrun"));
                         return Got::Mismatch;
                     }
+                    want.received
+                        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
                     if let Err(e) = sink.write(&bytes).await {
                         tracing::warn!(error = %e, "cannot write the download");
                         ctx.obs.error("partial_io");

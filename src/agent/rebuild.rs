@@ -14,6 +14,7 @@
 //! whose SHA-256 it did not check, never keep more than its bounds in memory, and never
 //! install or record anything itself (`fetch` installs, the loop records).
 
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use sha2::{Digest as _, Sha256};
@@ -170,6 +171,7 @@ pub async fn by_delta(
                 limit: Some(d.size),
                 keep: true,
                 kind: Kind::Delta,
+                received: AtomicU64::new(0),
             },
             Via::Delta,
         ),
@@ -180,6 +182,7 @@ pub async fn by_delta(
                 limit: Some(size / 2),
                 keep: true,
                 kind: Kind::Edge,
+                received: AtomicU64::new(0),
             },
             Via::EdgeDelta,
         ),
@@ -195,10 +198,11 @@ pub async fn by_delta(
         return Err(failed("delta_internal", "the rebuild bounds are closed", 0));
     };
     let got = download(ctx, bases, &want, &item.name, rev).await;
+    let wasted = want.received();
     let delta = match got {
         Got::Ok(body) => match body.kept {
             Some(bytes) => bytes,
-            None => return Err(failed("delta_internal", "the delta was not kept", body.len)),
+            None => return Err(failed("delta_internal", "the delta was not kept", wasted)),
         },
         Got::Stopped => return Err(Fail::Stopped),
         Got::NoDelta => return Err(Fail::NoDelta),
@@ -206,14 +210,14 @@ pub async fn by_delta(
             return Err(failed(
                 "delta_too_large",
                 format!("the delta runs past half the item ({} bytes)", size / 2),
-                0,
+                wasted,
             ))
         }
         Got::Mismatch => {
             return Err(failed(
                 "delta_digest",
                 "the delta's bytes do not match its SHA-256 on any server",
-                0,
+                wasted,
             ))
         }
         Got::Failed => {
@@ -223,7 +227,7 @@ pub async fn by_delta(
             return Err(failed(
                 "delta_download",
                 "the delta could not be downloaded",
-                0,
+                wasted,
             ));
         }
     };
@@ -236,7 +240,7 @@ pub async fn by_delta(
         return Err(failed(
             "delta_internal",
             "the rebuild bounds are closed",
-            delta_len,
+            wasted,
         ));
     };
     let (home, name, held2, want_sha) = (
@@ -248,20 +252,14 @@ pub async fn by_delta(
     let done = tokio::task::spawn_blocking(move || {
         let old = home
             .held_bytes(&name, &held2, MAX_DELTA_ITEM)
-            .map_err(|e| {
-                failed(
-                    "delta_reference",
-                    format!("the version held: {e}"),
-                    delta_len,
-                )
-            })?;
+            .map_err(|e| failed("delta_reference", format!("the version held: {e}"), wasted))?;
         let t0 = std::time::Instant::now();
         let new = patch::apply(&old, &delta, size).map_err(|e| {
             let kind = match e {
                 PatchError::WrongSize { .. } | PatchError::TooLarge(_) => "delta_size",
                 PatchError::NotAFrame | PatchError::Zstd(_) => "delta_decode",
             };
-            failed(kind, e.to_string(), delta_len)
+            failed(kind, e.to_string(), wasted)
         })?;
         drop((old, delta));
         let digest = hex::encode(Sha256::digest(&new));
@@ -270,11 +268,11 @@ pub async fn by_delta(
             return Err(failed(
                 "delta_rebuilt_digest",
                 format!("the rebuilt version's SHA-256 is {digest}, the catalog's {want_sha}"),
-                delta_len,
+                wasted,
             ));
         }
         home.write_partial(&want_sha, &new)
-            .map_err(|e| failed("delta_io", e.to_string(), delta_len))?;
+            .map_err(|e| failed("delta_io", e.to_string(), wasted))?;
         Ok(took)
     })
     .await;
@@ -285,7 +283,7 @@ pub async fn by_delta(
     }
     let took = match done {
         Ok(r) => r?,
-        Err(e) => return Err(failed("delta_internal", e.to_string(), delta_len)),
+        Err(e) => return Err(failed("delta_internal", e.to_string(), wasted)),
     };
     ctx.obs.delta_used(delta_len, via == Via::EdgeDelta, took);
     Ok(Rebuilt {

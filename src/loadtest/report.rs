@@ -230,7 +230,7 @@ impl Report {
         row(
             "full bytes",
             format!(
-                "{}, {} per client",
+                "{}; per client {}",
                 mib(self.full_bytes),
                 per_client(self.full_bytes)
             ),
@@ -239,11 +239,11 @@ impl Report {
         row(
             "delta bytes",
             format!(
-                "{} (edge {}), {} per client, {} wasted",
+                "{}, edge {}; per client {}; wasted {}",
                 mib(deltas),
-                mib(self.edge_delta_bytes),
+                self.edge_delta_bytes,
                 per_client(deltas),
-                mib(self.wasted_delta_bytes)
+                self.wasted_delta_bytes
             ),
         );
         row(
