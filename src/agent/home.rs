@@ -595,6 +595,96 @@ mod tests {
     }
 
     #[test]
+    fn the_version_held_is_read_back_to_rebuild_from_within_its_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = Home::dir(dir.path(), 2).unwrap();
+        let sha = format!("{:064}", 1);
+        std::fs::write(home.partial_path(&sha).unwrap(), b"version one").unwrap();
+        home.install("defs.bin", &sha, None).unwrap();
+        let held = Held {
+            sha256: sha.clone(),
+            version: None,
+            size: 11,
+        };
+        assert!(home.can_give("defs.bin", &held, 100));
+        assert_eq!(
+            &home.held_bytes("defs.bin", &held, 100).unwrap()[..],
+            b"version one"
+        );
+        // Over the bound, or a name not held: not given.
+        assert!(!home.can_give("defs.bin", &held, 10));
+        assert!(home.held_bytes("defs.bin", &held, 10).is_err());
+        assert!(!home.can_give("other.bin", &held, 100));
+        assert!(home.held_bytes("other.bin", &held, 100).is_err());
+        // A rebuilt version becomes the partial that installs.
+        let new = format!("{:064}", 2);
+        home.write_partial(&new, b"version two").unwrap();
+        home.install("defs.bin", &new, Some(&sha)).unwrap();
+        assert_eq!(
+            std::fs::read(dir.path().join("content/defs.bin")).unwrap(),
+            b"version two"
+        );
+    }
+
+    #[test]
+    fn a_crowd_in_memory_starts_holding_one_shared_version() {
+        let h = Arc::new(Holding::new(
+            "defs.bin".into(),
+            bytes::Bytes::from_static(b"v1"),
+        ));
+        let home = Home::memory_holding(h.clone());
+        let saved = home.load().unwrap();
+        let held = saved.items.get("defs.bin").unwrap();
+        assert_eq!(held.sha256, hex::encode(Sha256::digest(b"v1")));
+        assert_eq!(held.size, 2);
+        assert!(home.can_give("defs.bin", held, 10));
+        assert_eq!(&home.held_bytes("defs.bin", held, 10).unwrap()[..], b"v1");
+        // Once it moved on (a version it keeps no bytes of), or for another name: nothing.
+        let other = Held {
+            sha256: format!("{:064}", 7),
+            ..held.clone()
+        };
+        assert!(!home.can_give("defs.bin", &other, 10));
+        assert!(!home.can_give("x.bin", held, 10));
+        assert!(!Home::memory().can_give("defs.bin", held, 10));
+        assert!(Home::memory().load().unwrap().items.is_empty());
+        // Nothing is written anywhere.
+        home.write_partial(&held.sha256, b"v2").unwrap();
+    }
+
+    #[test]
+    fn delta_counts_add_up_and_keep_the_newest_reason() {
+        let mut total = DeltaCounts::default();
+        let round = DeltaCounts {
+            via_delta: 1,
+            delta_bytes: 10,
+            fallbacks: 1,
+            last_fallback: Some("a".into()),
+            ..DeltaCounts::default()
+        };
+        total.add(&round);
+        total.add(&DeltaCounts {
+            via_full: 1,
+            full_bytes: 100,
+            ..DeltaCounts::default()
+        });
+        assert_eq!(
+            (
+                total.via_delta,
+                total.delta_bytes,
+                total.via_full,
+                total.full_bytes,
+                total.fallbacks
+            ),
+            (1, 10, 1, 100, 1)
+        );
+        assert_eq!(total.last_fallback.as_deref(), Some("a"));
+        // An old state.json without the counts reads as zero counts.
+        let old: Saved = serde_json::from_str(r#"{"catalog_revision": 3}"#).unwrap();
+        assert_eq!(old.deltas, DeltaCounts::default());
+    }
+
+    #[test]
     fn a_state_that_does_not_decode_is_set_aside() {
         let dir = tempfile::tempdir().unwrap();
         let home = Home::dir(dir.path(), 2).unwrap();
