@@ -398,8 +398,9 @@ async fn no_listed_delta_and_an_edge_delta_from_the_server_rebuilds_version_2() 
     let (v1, v2, _) = versions();
     let d = make_delta(&v1, &v2);
     let (status, log, asked) = v1_then_v2(&[], &v1, &v2, |s| {
-        publish_v2(s, &v2, &[]);
+        // The edge delta is there before version 2 is announced.
         lock(s).edge = Some(d.clone());
+        publish_v2(s, &v2, &[]);
     })
     .await;
     let dl = deltas(&status);
@@ -415,8 +416,8 @@ async fn no_listed_delta_and_an_edge_delta_from_the_server_rebuilds_version_2() 
 async fn an_edge_delta_over_half_the_item_is_cut_off_and_the_full_blob_follows() {
     let (v1, v2, _) = versions();
     let (status, _, asked) = v1_then_v2(&[], &v1, &v2, |s| {
-        publish_v2(s, &v2, &[]);
         lock(s).edge = Some(random_bytes(v2.len() / 2 + 1, 99));
+        publish_v2(s, &v2, &[]);
     })
     .await;
     let dl = deltas(&status);
@@ -438,8 +439,8 @@ async fn with_no_deltas_the_agent_takes_the_full_blob_and_asks_for_no_delta() {
     let d = make_delta(&v1, &v2);
     let d_sha = sha256_hex(&d);
     let (status, _, asked) = v1_then_v2(&["--no-deltas"], &v1, &v2, |s| {
-        publish_v2(s, &v2, &[(&v1, d_sha.clone(), d.clone())]);
         lock(s).edge = Some(d.clone());
+        publish_v2(s, &v2, &[(&v1, d_sha.clone(), d.clone())]);
     })
     .await;
     let dl = deltas(&status);
