@@ -518,6 +518,7 @@ impl Agent {
 
     /// Records a finished round; true when a newer revision waits (heartbeat at once).
     fn finish_round(&mut self, out: Round) -> bool {
+        self.saved.deltas.add(&out.deltas);
         for (name, held) in out.installed {
             self.saved.items.insert(name, held);
         }

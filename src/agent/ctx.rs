@@ -2,8 +2,9 @@
 //!
 //! Owns [`Identity`] (what the agent says it is: install group, location, OS, version, login
 //! mode and user), [`Ctx`] (the HTTP clients, the home, the observer, the stop token, the
-//! identity and the load-test knobs), [`Observer`] (the calls a load test counts; an agent run
-//! by `gup agent` has the quiet one, [`Quiet`]), the retry backoff, and the request timeouts.
+//! identity, the knobs and the [`Rebuilds`] bounds), [`Observer`] (the calls a load test
+//! counts; an agent run by `gup agent` has the quiet one, [`Quiet`]), the retry backoff, and
+//! the request timeouts.
 //! It must never hold the agent's changing state: that belongs to the agent's loop.
 
 use std::sync::Arc;
@@ -51,8 +52,16 @@ pub trait Observer: Send + Sync {
     fn learned(&self, _revision: u64, _window_s: Option<u64>, _window_age: Option<f64>) {}
     /// A blob's download starts (its response is 200/206).
     fn download_started(&self, _revision: u64) {}
-    /// A blob arrived whole and checked.
+    /// A full blob arrived whole and checked.
     fn downloaded(&self, _bytes: u64) {}
+    /// A version was rebuilt from a delta of `bytes` (listed, or an edge delta when `edge`)
+    /// and checked; the rebuild (decoding and hashing) took `rebuild`.
+    fn delta_used(&self, _bytes: u64, _edge: bool, _rebuild: Duration) {}
+    /// A delta was tried and did not give the new version (`kind` says why: `delta_digest`,
+    /// `delta_decode`, ...); `wasted` of its bytes had arrived. The full blob follows.
+    fn delta_fallback(&self, _kind: &str, _wasted: u64) {}
+    /// A server had no edge delta (404): the full blob follows.
+    fn no_delta(&self) {}
     /// A blob was given up on for this round.
     fn download_failed(&self) {}
     /// A blob's bytes did not match its digest.
@@ -90,6 +99,9 @@ pub struct Knobs {
     pub make_events: usize,
     /// The first heartbeat waits this long.
     pub first_delay: Duration,
+    /// Whether the agent rebuilds new versions from deltas (`gup agent --no-deltas`,
+    /// `gup loadtest --no-deltas` turn it off): off, it always takes the full blob.
+    pub use_deltas: bool,
 }
 
 impl Default for Knobs {
@@ -100,7 +112,44 @@ impl Default for Knobs {
             max_item_rounds: None,
             make_events: 0,
             first_delay: Duration::ZERO,
+            use_deltas: true,
         }
+    }
+}
+
+/// The bounds on rebuilding versions from deltas, shared by every agent of a process (one for
+/// `gup agent`, one for a whole load test).
+#[derive(Debug)]
+pub struct Rebuilds {
+    /// Rebuilds running at once. A rebuild is CPU-bound (zstd decoding, then SHA-256), so a
+    /// load test gets one per core and `gup agent` one; each holds an old version and a new
+    /// one (each at most `patch::MAX_DELTA_ITEM`) in memory while it runs.
+    pub cpu: tokio::sync::Semaphore,
+    /// Delta bytes held in memory at once (while they download and until their rebuild ends),
+    /// in KiB; an agent waits for room before it downloads a delta. Its size is `memory_kib`.
+    pub memory: tokio::sync::Semaphore,
+    /// The whole of `memory`: a delta larger than this takes all of it.
+    pub memory_kib: u32,
+}
+
+impl Rebuilds {
+    /// `cpu` rebuilds at once (at least 1), `memory_bytes` of deltas in memory at once.
+    pub fn new(cpu: usize, memory_bytes: u64) -> Rebuilds {
+        let memory_kib = u32::try_from(memory_bytes.div_ceil(1024))
+            .unwrap_or(u32::MAX)
+            .max(1);
+        Rebuilds {
+            cpu: tokio::sync::Semaphore::new(cpu.max(1)),
+            memory: tokio::sync::Semaphore::new(memory_kib as usize),
+            memory_kib,
+        }
+    }
+
+    /// The permits of `memory` a delta of `bytes` takes.
+    pub fn kib_of(&self, bytes: u64) -> u32 {
+        u32::try_from(bytes.div_ceil(1024))
+            .unwrap_or(u32::MAX)
+            .clamp(1, self.memory_kib)
     }
 }
 
@@ -115,6 +164,8 @@ pub struct Ctx {
     pub client_id: String,
     pub id: Identity,
     pub knobs: Knobs,
+    /// What bounds rebuilds from deltas (shared by every agent of a load test).
+    pub rebuilds: Arc<Rebuilds>,
     /// The credential every call for this client carries (`X-Gup-Credential`), once enrolled.
     pub credential: std::sync::RwLock<Option<String>>,
     /// The enrolment token the first heartbeat sends while there is no credential.

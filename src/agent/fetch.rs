@@ -1,16 +1,22 @@
 //! An agent's download round: the catalog, then each item it lacks, at its slot, checked.
 //!
 //! Owns [`round`]: `GET /v1/catalog`, then for every item whose digest the agent does not hold
-//! under that name, a wait for the download slot (urgent items never wait), the download
-//! (`X-Gup-Client-Id` named, 429 and 503 waited out by `Retry-After`, network failures retried
-//! with backoff, a partial download resumed with `Range` and `If-Range`), the SHA-256 check
-//! while the bytes stream, and the install through the home. A body that does not match its
-//! digest (or runs past the catalog's size) is discarded and the next server is tried. It
-//! must never install bytes it has not checked, and never touch the agent's saved state: it
-//! returns what it installed and the loop records it.
+//! under that name, a wait for the download slot (urgent items never wait), then the new
+//! version: rebuilt from a delta when the agent holds an older version of that name (see
+//! `rebuild`, which says which delta and rebuilds), else, or when the delta fails in any way,
+//! the full blob in the same round. Owns every download of the agent, full blobs and deltas
+//! alike ([`download`]): `X-Gup-Client-Id` named, 429 and 503 waited out by `Retry-After`,
+//! network failures retried with backoff, a partial download resumed with `Range` and
+//! `If-Range` (blobs named by their digest: full ones and listed deltas), the SHA-256 check
+//! while the bytes stream, a body cut at its bound. A body that does not match its digest (or
+//! runs past the catalog's size) is discarded and the next server is tried. It must never
+//! install bytes it has not checked against the catalog's digest of the item (a delta is never
+//! trusted, only what it rebuilds once its SHA-256 matches), and never touch the agent's saved
+//! state: it returns what it installed and how, and the loop records it.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,13 +26,17 @@ use tokio::io::AsyncWriteExt;
 use tokio::time::{timeout, Instant};
 
 use super::ctx::{backoff, net_kind, status_kind, Ctx, IDLE_TIMEOUT, REQUEST_TIMEOUT};
-use super::home::{hash_file, safe_name, Held};
-use super::wire::{retry_after, Catalog, CatalogItem};
+use super::home::{hash_file, safe_name, DeltaCounts, Held};
+use super::rebuild::{by_delta, choose, Fail, Plan, Via};
+use super::wire::{retry_after, Catalog};
 
 /// Attempts of one item on one server before it is given up for this round.
 const MAX_ATTEMPTS: u32 = 5;
 /// A `Retry-After` longer than this is taken as this.
 const MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
+/// What a body kept in memory reserves before its first byte (it grows as bytes arrive, up to
+/// its download's bound).
+const KEEP_RESERVE: usize = 1 << 20;
 
 /// What a round did.
 #[derive(Debug, Default)]
@@ -39,15 +49,71 @@ pub struct Round {
     pub failed: Vec<String>,
     /// Whether the agent was stopped before the round ended.
     pub stopped: bool,
+    /// How this round's versions came: full blobs, deltas, fallbacks.
+    pub deltas: DeltaCounts,
 }
 
-enum Got {
-    Ok(u64),
+/// How a download ended.
+pub(super) enum Got {
+    Ok(Body),
     /// Not this round (gone from the catalog, refused, or too many failures).
     Failed,
     /// Bytes that do not match: try the next server.
     Mismatch,
+    /// The server has no such delta (404 to `GET /v1/delta/..`).
+    NoDelta,
+    /// The body ran past its bound (an edge delta over half the item).
+    TooLarge,
     Stopped,
+}
+
+/// A body that arrived whole (and matched its digest, when it has one).
+pub(super) struct Body {
+    pub(super) len: u64,
+    /// The bytes, when the download keeps them in memory (deltas).
+    pub(super) kept: Option<Vec<u8>>,
+}
+
+/// What is downloaded: a full blob, a listed delta's blob, or an edge delta.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Kind {
+    Full,
+    Delta,
+    Edge,
+}
+
+impl Want<'_> {
+    /// Body bytes received so far.
+    pub(super) fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+}
+
+impl Kind {
+    /// The prefix of its error kinds (`content_503`, `delta_content_cut`, `delta_4xx`).
+    fn what(self) -> &'static str {
+        match self {
+            Kind::Full => "content",
+            Kind::Delta => "delta_content",
+            Kind::Edge => "delta",
+        }
+    }
+}
+
+/// One download: where, what its bytes must match, and its bound.
+pub(super) struct Want<'a> {
+    /// The path after the base URL (`/v1/content/{sha}`, `/v1/delta/{from}/{to}`).
+    pub(super) path: String,
+    /// The SHA-256 the body must have (none for an edge delta: what it rebuilds is checked).
+    /// A download with a digest keeps its partial bytes under it and resumes with `Range`.
+    pub(super) digest: Option<&'a str>,
+    /// The most bytes the body may have (the catalog's size; half the item for a delta).
+    pub(super) limit: Option<u64>,
+    /// Keep the bytes in memory (deltas), at most `limit` of them.
+    pub(super) keep: bool,
+    pub(super) kind: Kind,
+    /// Body bytes received over every attempt and server (what a failed delta wasted).
+    pub(super) received: AtomicU64,
 }
 
 /// One round against `bases` (the server in use first).
@@ -73,8 +139,7 @@ pub async fn round(
         if have.get(&item.name).is_some_and(|h| h.sha256 == sha) {
             continue;
         }
-        if !safe_name(&item.name) || sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit())
-        {
+        if !safe_name(&item.name) || !is_digest(&sha) {
             tracing::warn!(name = %item.name, "skipping a catalog item whose name or digest cannot be a file");
             ctx.obs.error("bad_item");
             out.failed.push(sha);
@@ -89,18 +154,85 @@ pub async fn round(
                 }
             }
         }
-        match download(&ctx, &bases, &item, &sha, catalog.revision).await {
-            Got::Ok(size) => {
-                let old = have.get(&item.name).map(|h| h.sha256.clone());
+        let held = have.get(&item.name);
+        let plan = choose(&ctx, &item, &sha, held);
+        let mut via = Via::Full;
+        let mut rebuild_ms = None;
+        let mut got = None;
+        if let (Some(held), Plan::Listed(_) | Plan::Edge) = (held, &plan) {
+            match by_delta(&ctx, &bases, &item, &sha, catalog.revision, held, &plan).await {
+                Ok(d) => {
+                    via = d.via;
+                    rebuild_ms = Some(d.took.as_millis() as u64);
+                    match via {
+                        Via::EdgeDelta => {
+                            out.deltas.via_edge_delta += 1;
+                            out.deltas.edge_delta_bytes += d.delta_len;
+                        }
+                        _ => {
+                            out.deltas.via_delta += 1;
+                            out.deltas.delta_bytes += d.delta_len;
+                        }
+                    }
+                    got = Some(Got::Ok(Body {
+                        len: d.size,
+                        kept: None,
+                    }));
+                }
+                Err(Fail::Stopped) => {
+                    out.stopped = true;
+                    return out;
+                }
+                Err(Fail::NoDelta) => {
+                    tracing::info!(name = %item.name, from = %held.sha256, to = %sha, "the server has no delta from the version held; taking the full blob");
+                    ctx.obs.no_delta();
+                    out.deltas.no_delta += 1;
+                }
+                Err(Fail::Failed { kind, why, wasted }) => {
+                    tracing::warn!(name = %item.name, from = %held.sha256, to = %sha, tried = plan.via().as_str(), reason = %why, "the delta did not give the new version; taking the full blob");
+                    ctx.obs.delta_fallback(kind, wasted);
+                    out.deltas.fallbacks += 1;
+                    out.deltas.wasted_delta_bytes += wasted;
+                    out.deltas.last_fallback = Some(format!(
+                        "{} {}: {why}",
+                        item.name,
+                        item.version.as_deref().unwrap_or(&sha)
+                    ));
+                }
+            }
+        }
+        let got = match got {
+            Some(g) => g,
+            None => {
+                let want = Want {
+                    path: format!("/v1/content/{sha}"),
+                    digest: Some(&sha),
+                    limit: item.size,
+                    keep: false,
+                    kind: Kind::Full,
+                    received: AtomicU64::new(0),
+                };
+                let g = download(&ctx, &bases, &want, &item.name, catalog.revision).await;
+                if let Got::Ok(b) = &g {
+                    ctx.obs.downloaded(b.len);
+                    out.deltas.via_full += 1;
+                    out.deltas.full_bytes += b.len;
+                }
+                g
+            }
+        };
+        match got {
+            Got::Ok(body) => {
+                let old = held.map(|h| h.sha256.clone());
                 match ctx.home.install(&item.name, &sha, old.as_deref()) {
                     Ok(()) => {
-                        tracing::info!(name = %item.name, sha256 = %sha, size, "installed");
+                        tracing::info!(name = %item.name, sha256 = %sha, size = body.len, via = via.as_str(), rebuild_ms, "installed");
                         out.installed.push((
                             item.name.clone(),
                             Held {
                                 sha256: sha,
                                 version: item.version.clone(),
-                                size,
+                                size: body.len,
                             },
                         ));
                     }
@@ -111,7 +243,7 @@ pub async fn round(
                     }
                 }
             }
-            Got::Failed | Got::Mismatch => {
+            Got::Failed | Got::Mismatch | Got::NoDelta | Got::TooLarge => {
                 ctx.obs.download_failed();
                 out.failed.push(sha);
             }
@@ -122,6 +254,11 @@ pub async fn round(
         }
     }
     out
+}
+
+/// Whether `s` is a SHA-256 in lower-case hex (what a file under `partial/` may be named).
+pub(super) fn is_digest(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 async fn fetch_catalog(ctx: &Ctx, bases: &[String]) -> Option<Catalog> {
@@ -163,30 +300,55 @@ async fn fetch_catalog(ctx: &Ctx, bases: &[String]) -> Option<Catalog> {
     None
 }
 
-/// Where the bytes of a download go while they arrive.
+/// Where the bytes of a download go while they arrive: the partial file (a download with a
+/// digest, in a data dir), memory (a delta: at most its download's bound), both, or neither
+/// (a load-test agent's full blob: hashed and dropped).
 struct Sink {
     path: Option<PathBuf>,
     file: Option<tokio::fs::File>,
+    kept: Option<Vec<u8>>,
     hasher: Sha256,
     len: u64,
 }
 
 impl Sink {
-    /// Opens the partial download of `sha` (resuming what is there) or a sink in memory.
-    async fn open(ctx: &Ctx, sha: &str) -> std::io::Result<Sink> {
-        let Some(path) = ctx.home.partial_path(sha) else {
+    /// Opens the partial download of `want` (resuming what is there) or a sink in memory.
+    async fn open(ctx: &Ctx, want: &Want<'_>) -> std::io::Result<Sink> {
+        let reserve = want
+            .limit
+            .map_or(KEEP_RESERVE, |l| (l as usize).min(KEEP_RESERVE));
+        let kept = want.keep.then(|| Vec::with_capacity(reserve));
+        let Some(path) = want.digest.and_then(|d| ctx.home.partial_path(d)) else {
             return Ok(Sink {
                 path: None,
                 file: None,
+                kept,
                 hasher: Sha256::new(),
                 len: 0,
             });
         };
-        let p = path.clone();
-        // The bytes already there are hashed again on a blocking thread.
-        let (hasher, len) = tokio::task::spawn_blocking(move || match hash_file(&p) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok((Sha256::new(), 0)),
-            other => other,
+        let (p, keep, limit) = (path.clone(), want.keep, want.limit);
+        // The bytes already there are hashed again (and read back, when kept) on a blocking
+        // thread; a partial longer than the bound starts over.
+        let (hasher, len, kept) = tokio::task::spawn_blocking(move || {
+            let fresh = (Sha256::new(), 0, kept);
+            let len = match std::fs::metadata(&p) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(fresh),
+                Err(e) => return Err(e),
+                Ok(m) => m.len(),
+            };
+            if limit.is_some_and(|l| len > l) {
+                std::fs::remove_file(&p)?;
+                return Ok(fresh);
+            }
+            if keep {
+                let bytes = std::fs::read(&p)?;
+                let hasher = Sha256::new_with_prefix(&bytes);
+                Ok((hasher, bytes.len() as u64, Some(bytes)))
+            } else {
+                let (hasher, len) = hash_file(&p)?;
+                Ok((hasher, len, None))
+            }
         })
         .await
         .map_err(std::io::Error::other)??;
@@ -198,6 +360,7 @@ impl Sink {
         Ok(Sink {
             path: Some(path),
             file: Some(file),
+            kept,
             hasher,
             len,
         })
@@ -207,6 +370,9 @@ impl Sink {
     async fn reset(&mut self) -> std::io::Result<()> {
         self.hasher = Sha256::new();
         self.len = 0;
+        if let Some(k) = &mut self.kept {
+            k.clear();
+        }
         if let Some(f) = &mut self.file {
             f.set_len(0).await?;
         }
@@ -216,6 +382,9 @@ impl Sink {
     async fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         self.hasher.update(bytes);
         self.len += bytes.len() as u64;
+        if let Some(k) = &mut self.kept {
+            k.extend_from_slice(bytes);
+        }
         if let Some(f) = &mut self.file {
             f.write_all(bytes).await?;
         }
@@ -250,12 +419,18 @@ fn next_try(failures: &mut u32) -> Option<Duration> {
     (*failures < MAX_ATTEMPTS).then(|| backoff(*failures))
 }
 
-/// Downloads one item, trying the servers in order after a mismatch.
-async fn download(ctx: &Ctx, bases: &[String], item: &CatalogItem, sha: &str, rev: u64) -> Got {
+/// Downloads `want` for the item `name`, trying the servers in order after a mismatch.
+pub(super) async fn download(
+    ctx: &Ctx,
+    bases: &[String],
+    want: &Want<'_>,
+    name: &str,
+    rev: u64,
+) -> Got {
     for base in bases {
-        match download_from(ctx, base, item, sha, rev).await {
+        match download_from(ctx, base, want, rev).await {
             Got::Mismatch => {
-                tracing::warn!(server = %base, name = %item.name, sha256 = %sha, "bytes do not match their digest; discarded, trying the next server");
+                tracing::warn!(server = %base, name = %name, path = %want.path, "bytes do not match their digest; discarded, trying the next server");
                 continue;
             }
             other => return other,
@@ -264,28 +439,31 @@ async fn download(ctx: &Ctx, bases: &[String], item: &CatalogItem, sha: &str, re
     Got::Mismatch
 }
 
-async fn download_from(ctx: &Ctx, base: &str, item: &CatalogItem, sha: &str, rev: u64) -> Got {
-    let url = format!("{base}/v1/content/{sha}");
+async fn download_from(ctx: &Ctx, base: &str, want: &Want<'_>, rev: u64) -> Got {
+    let url = format!("{base}{}", want.path);
+    let what = want.kind.what();
     let mut failures = 0u32;
     loop {
         if ctx.stop.is_cancelled() {
             return Got::Stopped;
         }
-        let mut sink = match Sink::open(ctx, sha).await {
+        let mut sink = match Sink::open(ctx, want).await {
             Ok(s) => s,
             Err(e) => {
-                tracing::warn!(sha256 = %sha, error = %e, "cannot open the partial download");
+                tracing::warn!(path = %want.path, error = %e, "cannot open the partial download");
                 ctx.obs.error("partial_io");
-                ctx.home.discard_partial(sha);
+                if let Some(d) = want.digest {
+                    ctx.home.discard_partial(d);
+                }
                 return Got::Failed;
             }
         };
         let resume_from = sink.len;
         let mut req = ctx.http.get(&url).header("X-Gup-Client-Id", &ctx.client_id);
-        if resume_from > 0 {
+        if let (true, Some(d)) = (resume_from > 0, want.digest) {
             req = req
                 .header(reqwest::header::RANGE, format!("bytes={resume_from}-"))
-                .header(reqwest::header::IF_RANGE, format!("\"{sha}\""));
+                .header(reqwest::header::IF_RANGE, format!("\"{d}\""));
         }
         let t0 = Instant::now();
         let mut resp = match timeout(IDLE_TIMEOUT, req.send()).await {
@@ -324,17 +502,18 @@ async fn download_from(ctx: &Ctx, base: &str, item: &CatalogItem, sha: &str, rev
                 // A range the agent did not ask for, or a partial longer than the blob.
                 drop(resp);
                 sink.discard();
-                ctx.obs.error(&format!("content_{status}"));
+                ctx.obs.error(&format!("{what}_{status}"));
                 match next_try(&mut failures) {
                     Some(_) => continue,
                     None => return Got::Failed,
                 }
             }
+            404 if want.kind == Kind::Edge => return Got::NoDelta,
             429 | 503 => {
                 if status == 429 {
                     ctx.obs.deferred();
                 } else {
-                    ctx.obs.error("content_503");
+                    ctx.obs.error(&format!("{what}_503"));
                 }
                 let wait = retry_after(resp.headers()).unwrap_or(1.0);
                 let jitter: f64 = rand::rng().random_range(0.0..=0.1);
@@ -346,7 +525,7 @@ async fn download_from(ctx: &Ctx, base: &str, item: &CatalogItem, sha: &str, rev
                 continue;
             }
             _ => {
-                ctx.obs.error(&status_kind("content", resp.status()));
+                ctx.obs.error(&status_kind(what, resp.status()));
                 if resp.status().is_server_error() {
                     match next_try(&mut failures) {
                         Some(d) if ctx.nap(d).await => continue,
@@ -358,7 +537,6 @@ async fn download_from(ctx: &Ctx, base: &str, item: &CatalogItem, sha: &str, rev
             }
         }
         ctx.obs.download_started(rev);
-        let limit = item.size;
         let complete = loop {
             let chunk = tokio::select! {
                 _ = ctx.stop.cancelled() => {
@@ -369,11 +547,20 @@ async fn download_from(ctx: &Ctx, base: &str, item: &CatalogItem, sha: &str, rev
             };
             match chunk {
                 Ok(Ok(Some(bytes))) => {
-                    if limit.is_some_and(|l| sink.len + bytes.len() as u64 > l) {
-                        ctx.obs.error("content_overrun");
+                    if want
+                        .limit
+                        .is_some_and(|l| sink.len + bytes.len() as u64 > l)
+                    {
                         sink.discard();
+                        if want.kind == Kind::Edge {
+                            // Cut off: a delta this large is not worth having.
+                            return Got::TooLarge;
+                        }
+                        ctx.obs.error(&format!("{what}_overrun"));
                         return Got::Mismatch;
                     }
+                    want.received
+                        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
                     if let Err(e) = sink.write(&bytes).await {
                         tracing::warn!(error = %e, "cannot write the download");
                         ctx.obs.error("partial_io");
@@ -382,17 +569,18 @@ async fn download_from(ctx: &Ctx, base: &str, item: &CatalogItem, sha: &str, rev
                 }
                 Ok(Ok(None)) => break true,
                 Ok(Err(_)) => {
-                    ctx.obs.error("content_cut");
+                    ctx.obs.error(&format!("{what}_cut"));
                     break false;
                 }
                 Err(_) => {
-                    ctx.obs.error("content_idle");
+                    ctx.obs.error(&format!("{what}_idle"));
                     break false;
                 }
             }
         };
         if !complete {
-            // What arrived stays for the next attempt to resume from.
+            // What arrived stays for the next attempt to resume from (a download named by
+            // its digest; the others start over).
             let _ = sink.sync().await;
             match next_try(&mut failures) {
                 Some(d) if ctx.nap(d).await => continue,
@@ -400,10 +588,16 @@ async fn download_from(ctx: &Ctx, base: &str, item: &CatalogItem, sha: &str, rev
                 None => return Got::Failed,
             }
         }
-        if sink.digest() != sha {
-            ctx.obs.digest_mismatch();
-            sink.discard();
-            return Got::Mismatch;
+        if let Some(d) = want.digest {
+            if sink.digest() != d {
+                if want.kind == Kind::Full {
+                    ctx.obs.digest_mismatch();
+                } else {
+                    ctx.obs.error("delta_digest");
+                }
+                sink.discard();
+                return Got::Mismatch;
+            }
         }
         if let Err(e) = sink.sync().await {
             tracing::warn!(error = %e, "cannot sync the download");
@@ -411,8 +605,10 @@ async fn download_from(ctx: &Ctx, base: &str, item: &CatalogItem, sha: &str, rev
             sink.discard();
             return Got::Failed;
         }
-        ctx.obs.downloaded(sink.len);
-        return Got::Ok(sink.len);
+        return Got::Ok(Body {
+            len: sink.len,
+            kept: sink.kept.take(),
+        });
     }
 }
 

@@ -5,8 +5,11 @@
 //! `state.json` (the [`Saved`] state: group, settings and serials, catalog revision, slot,
 //! items, the server in use and why), `policy.json`, `content/<name>` (the current version of
 //! each item), `versions/<name>/<sha256>` (the previous ones, `--keep-versions` of them),
-//! `partial/<sha256>` (a download in progress, resumed with `Range` after a restart) and
-//! `spool/` (events waiting, see `spool`). Every file is replaced atomically (written beside
+//! `partial/<sha256>` (a download in progress, resumed with `Range` after a restart; a listed
+//! delta's blob too, and a version rebuilt from a delta before it is installed) and
+//! `spool/` (events waiting, see `spool`). It also gives the current version's bytes to
+//! rebuild from ([`Home::held_bytes`]: read from `content/<name>`, or, for the agents of a
+//! load test, one [`Holding`] in memory that the whole crowd shares). Every file is replaced atomically (written beside
 //! it, synced, renamed, the directory synced), so a kill -9 at any moment leaves the old
 //! version or the new one, never a mix. It must never write a content file whose SHA-256 it
 //! has not checked, and never a path built from a name it did not check ([`safe_name`]).
@@ -14,6 +17,7 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
@@ -81,6 +85,82 @@ pub struct Saved {
     pub apps_reported: Option<String>,
     /// When this state was written (RFC 3339).
     pub updated_at: String,
+    /// How the agent got its versions: full blobs or deltas, and the deltas that failed.
+    pub deltas: DeltaCounts,
+}
+
+/// How an agent got the versions it installed (`gup agent status`), added up over its life.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DeltaCounts {
+    /// Versions installed from their full blob.
+    pub via_full: u64,
+    /// Versions rebuilt from a delta the catalog listed.
+    pub via_delta: u64,
+    /// Versions rebuilt from a delta the server made on request (`GET /v1/delta/..`).
+    pub via_edge_delta: u64,
+    /// Bytes of full blobs received (verified).
+    pub full_bytes: u64,
+    /// Bytes of listed deltas that rebuilt an installed version.
+    pub delta_bytes: u64,
+    /// Bytes of edge deltas that rebuilt an installed version.
+    pub edge_delta_bytes: u64,
+    /// Bytes of deltas received that rebuilt nothing (a fallback followed).
+    pub wasted_delta_bytes: u64,
+    /// Deltas tried that failed (download, decoding, size, digest): the full blob was taken.
+    pub fallbacks: u64,
+    /// Edge deltas the server had none of (404): the full blob was taken.
+    pub no_delta: u64,
+    /// Why the last fallback happened.
+    pub last_fallback: Option<String>,
+}
+
+impl DeltaCounts {
+    /// Adds `other` (one round's counts) to these; the last fallback's reason is the newest.
+    pub fn add(&mut self, other: &DeltaCounts) {
+        self.via_full += other.via_full;
+        self.via_delta += other.via_delta;
+        self.via_edge_delta += other.via_edge_delta;
+        self.full_bytes += other.full_bytes;
+        self.delta_bytes += other.delta_bytes;
+        self.edge_delta_bytes += other.edge_delta_bytes;
+        self.wasted_delta_bytes += other.wasted_delta_bytes;
+        self.fallbacks += other.fallbacks;
+        self.no_delta += other.no_delta;
+        if other.last_fallback.is_some() {
+            self.last_fallback = other.last_fallback.clone();
+        }
+    }
+}
+
+/// One version of an item held in memory, for the agents of a load test to start from
+/// (`gup loadtest --holding FILE`): one copy shared by the whole crowd, never written.
+pub struct Holding {
+    pub name: String,
+    pub sha256: String,
+    pub bytes: bytes::Bytes,
+}
+
+impl Holding {
+    /// `bytes` held under `name` (its SHA-256 computed here).
+    pub fn new(name: String, bytes: bytes::Bytes) -> Holding {
+        let sha256 = hex::encode(Sha256::digest(&bytes));
+        Holding {
+            name,
+            sha256,
+            bytes,
+        }
+    }
+}
+
+impl std::fmt::Debug for Holding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Holding")
+            .field("name", &self.name)
+            .field("sha256", &self.sha256)
+            .field("len", &self.bytes.len())
+            .finish()
+    }
 }
 
 /// Whether `name` can be a file name under `content/`: not empty, at most 200 bytes, no path
@@ -166,6 +246,8 @@ pub fn valid_client_id(id: &str) -> bool {
 pub struct Home {
     root: Option<PathBuf>,
     keep_versions: usize,
+    /// In memory only: the version every agent of a load test starts holding.
+    holding: Option<Arc<Holding>>,
 }
 
 impl Home {
@@ -174,6 +256,16 @@ impl Home {
         Home {
             root: None,
             keep_versions: 0,
+            holding: None,
+        }
+    }
+
+    /// In memory, starting with `holding` as the current version of its name (the agent's
+    /// first round then wants only what is newer, and may rebuild it from a delta).
+    pub fn memory_holding(holding: Arc<Holding>) -> Home {
+        Home {
+            holding: Some(holding),
+            ..Home::memory()
         }
     }
 
@@ -185,6 +277,7 @@ impl Home {
         Ok(Home {
             root: Some(root.to_path_buf()),
             keep_versions,
+            holding: None,
         })
     }
 
@@ -260,7 +353,18 @@ impl Home {
     /// `state.json.bad` (logged) and the agent starts afresh: it only costs downloads again.
     pub fn load(&self) -> Result<Saved, HomeError> {
         let Some(root) = &self.root else {
-            return Ok(Saved::default());
+            let mut saved = Saved::default();
+            if let Some(h) = &self.holding {
+                saved.items.insert(
+                    h.name.clone(),
+                    Held {
+                        sha256: h.sha256.clone(),
+                        version: None,
+                        size: h.bytes.len() as u64,
+                    },
+                );
+            }
+            return Ok(saved);
         };
         load_state(root, true)
     }
@@ -290,6 +394,70 @@ impl Home {
     /// The partial download of `sha256`, if kept on disk.
     pub fn partial_path(&self, sha256: &str) -> Option<PathBuf> {
         self.root.as_ref().map(|r| r.join("partial").join(sha256))
+    }
+
+    /// Whether the bytes of `held`, the current version of `name`, can be had to rebuild from
+    /// (at most `max` bytes): a cheap look before a delta is downloaded.
+    pub fn can_give(&self, name: &str, held: &Held, max: u64) -> bool {
+        match &self.root {
+            None => self.holding.as_ref().is_some_and(|h| {
+                h.name == name && h.sha256 == held.sha256 && h.bytes.len() as u64 <= max
+            }),
+            Some(root) => std::fs::metadata(root.join("content").join(name))
+                .is_ok_and(|m| m.is_file() && m.len() <= max),
+        }
+    }
+
+    /// The bytes of `held`, the current version of `name`, to rebuild from: at most `max`
+    /// bytes, read whole into memory (blocking: call it off the async threads). Its digest is
+    /// not checked here: a reference that changed on disk rebuilds bytes whose SHA-256 fails.
+    pub fn held_bytes(&self, name: &str, held: &Held, max: u64) -> Result<bytes::Bytes, HomeError> {
+        let Some(root) = &self.root else {
+            return match &self.holding {
+                Some(h) if h.name == name && h.sha256 == held.sha256 => Ok(h.bytes.clone()),
+                _ => Err(HomeError::Bad {
+                    path: PathBuf::from(name),
+                    reason: "this agent keeps no content in memory".into(),
+                }),
+            };
+        };
+        let path = root.join("content").join(name);
+        let f = std::fs::File::open(&path).map_err(io(&path))?;
+        let len = f.metadata().map_err(io(&path))?.len();
+        if len > max {
+            return Err(HomeError::Bad {
+                path,
+                reason: format!("{len} bytes, more than the {max} rebuilt from"),
+            });
+        }
+        let mut bytes = Vec::with_capacity(len as usize);
+        // One byte more than expected shows a file that grew meanwhile.
+        std::io::Read::read_to_end(&mut std::io::Read::take(f, len + 1), &mut bytes)
+            .map_err(io(&path))?;
+        if bytes.len() as u64 != len {
+            return Err(HomeError::Bad {
+                path,
+                reason: "changed while it was read".into(),
+            });
+        }
+        Ok(bytes.into())
+    }
+
+    /// Writes a version rebuilt from a delta (its SHA-256 checked) as the partial of `sha256`,
+    /// synced, ready for [`Home::install`] (memory: nothing).
+    pub fn write_partial(&self, sha256: &str, bytes: &[u8]) -> Result<(), HomeError> {
+        let Some(path) = self.partial_path(sha256) else {
+            return Ok(());
+        };
+        let result = (|| {
+            let mut f = std::fs::File::create(&path).map_err(io(&path))?;
+            f.write_all(bytes).map_err(io(&path))?;
+            f.sync_data().map_err(io(&path))
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&path);
+        }
+        result
     }
 
     /// Drops a partial download.
@@ -424,6 +592,96 @@ mod tests {
             .collect();
         kept.sort();
         assert_eq!(kept, vec![format!("{:064}", 1), format!("{:064}", 2)]);
+    }
+
+    #[test]
+    fn the_version_held_is_read_back_to_rebuild_from_within_its_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = Home::dir(dir.path(), 2).unwrap();
+        let sha = format!("{:064}", 1);
+        std::fs::write(home.partial_path(&sha).unwrap(), b"version one").unwrap();
+        home.install("defs.bin", &sha, None).unwrap();
+        let held = Held {
+            sha256: sha.clone(),
+            version: None,
+            size: 11,
+        };
+        assert!(home.can_give("defs.bin", &held, 100));
+        assert_eq!(
+            &home.held_bytes("defs.bin", &held, 100).unwrap()[..],
+            b"version one"
+        );
+        // Over the bound, or a name not held: not given.
+        assert!(!home.can_give("defs.bin", &held, 10));
+        assert!(home.held_bytes("defs.bin", &held, 10).is_err());
+        assert!(!home.can_give("other.bin", &held, 100));
+        assert!(home.held_bytes("other.bin", &held, 100).is_err());
+        // A rebuilt version becomes the partial that installs.
+        let new = format!("{:064}", 2);
+        home.write_partial(&new, b"version two").unwrap();
+        home.install("defs.bin", &new, Some(&sha)).unwrap();
+        assert_eq!(
+            std::fs::read(dir.path().join("content/defs.bin")).unwrap(),
+            b"version two"
+        );
+    }
+
+    #[test]
+    fn a_crowd_in_memory_starts_holding_one_shared_version() {
+        let h = Arc::new(Holding::new(
+            "defs.bin".into(),
+            bytes::Bytes::from_static(b"v1"),
+        ));
+        let home = Home::memory_holding(h.clone());
+        let saved = home.load().unwrap();
+        let held = saved.items.get("defs.bin").unwrap();
+        assert_eq!(held.sha256, hex::encode(Sha256::digest(b"v1")));
+        assert_eq!(held.size, 2);
+        assert!(home.can_give("defs.bin", held, 10));
+        assert_eq!(&home.held_bytes("defs.bin", held, 10).unwrap()[..], b"v1");
+        // Once it moved on (a version it keeps no bytes of), or for another name: nothing.
+        let other = Held {
+            sha256: format!("{:064}", 7),
+            ..held.clone()
+        };
+        assert!(!home.can_give("defs.bin", &other, 10));
+        assert!(!home.can_give("x.bin", held, 10));
+        assert!(!Home::memory().can_give("defs.bin", held, 10));
+        assert!(Home::memory().load().unwrap().items.is_empty());
+        // Nothing is written anywhere.
+        home.write_partial(&held.sha256, b"v2").unwrap();
+    }
+
+    #[test]
+    fn delta_counts_add_up_and_keep_the_newest_reason() {
+        let mut total = DeltaCounts::default();
+        let round = DeltaCounts {
+            via_delta: 1,
+            delta_bytes: 10,
+            fallbacks: 1,
+            last_fallback: Some("a".into()),
+            ..DeltaCounts::default()
+        };
+        total.add(&round);
+        total.add(&DeltaCounts {
+            via_full: 1,
+            full_bytes: 100,
+            ..DeltaCounts::default()
+        });
+        assert_eq!(
+            (
+                total.via_delta,
+                total.delta_bytes,
+                total.via_full,
+                total.full_bytes,
+                total.fallbacks
+            ),
+            (1, 10, 1, 100, 1)
+        );
+        assert_eq!(total.last_fallback.as_deref(), Some("a"));
+        // An old state.json without the counts reads as zero counts.
+        let old: Saved = serde_json::from_str(r#"{"catalog_revision": 3}"#).unwrap();
+        assert_eq!(old.deltas, DeltaCounts::default());
     }
 
     #[test]

@@ -5,8 +5,9 @@
 //! checks, [`run`] (an agent on a data dir until SIGTERM/SIGINT or the stop token),
 //! [`status`] and [`add_event`] (the `status` and `event` subcommands). The parts, one concept
 //! a file: `client` is the loop and what each setting does; `servers` which server it talks
-//! to; `fetch` a download round; `stream` the push stream; `home` the data dir and its atomic
-//! writes; `spool` the events waiting; `apps` the applications it reports; `comms` its
+//! to; `fetch` a download round and every download; `rebuild` which delta to use and the
+//! rebuild of a new version from it; `patch` the delta decoder; `stream` the push stream;
+//! `home` the data dir and its atomic writes; `spool` the events waiting; `apps` the applications it reports; `comms` its
 //! reading of the settings; `ctx` what its tasks share and the [`Observer`] a load test
 //! counts through; `wire` its own copy of the wire contract. Like every client it speaks only
 //! the public client API, never imports the servers' code (`core::proto`, `serve`), and sends
@@ -18,6 +19,8 @@ pub mod comms;
 mod ctx;
 mod fetch;
 pub mod home;
+pub mod patch;
+mod rebuild;
 mod servers;
 pub mod spool;
 mod stream;
@@ -28,8 +31,8 @@ use std::sync::Arc;
 
 pub use client::{Agent, MIN_HEARTBEAT};
 pub use comms::ConnectionMode;
-pub use ctx::{http_clients, Ctx, Identity, Knobs, Observer, Quiet, REQUEST_TIMEOUT};
-pub use home::Home;
+pub use ctx::{http_clients, Ctx, Identity, Knobs, Observer, Quiet, Rebuilds, REQUEST_TIMEOUT};
+pub use home::{DeltaCounts, Holding, Home};
 
 use home::{load_state, valid_client_id};
 use spool::{Spool, SpoolError};
@@ -57,6 +60,9 @@ pub struct Options {
     pub keep_versions: usize,
     /// Sent on the first heartbeat while the data dir holds no credential.
     pub enroll_token: Option<String>,
+    /// Rebuild new versions from deltas when an older version is held (default true;
+    /// `--no-deltas` turns it off: always the full blob).
+    pub use_deltas: bool,
 }
 
 /// Why an agent cannot start, or a subcommand cannot do what it was asked.
@@ -164,7 +170,13 @@ pub async fn run(opts: Options, stop: CancellationToken) -> Result<(), AgentErro
             login_mode: opts.login_mode.clone(),
             user: opts.user.clone(),
         },
-        knobs: Knobs::default(),
+        knobs: Knobs {
+            use_deltas: opts.use_deltas,
+            ..Knobs::default()
+        },
+        // One rebuild at a time; room for the largest delta worth listing (half the largest
+        // item rebuilt), so one agent never waits on itself.
+        rebuilds: Arc::new(Rebuilds::new(1, patch::MAX_DELTA_ITEM / 2)),
         credential: std::sync::RwLock::new(credential),
         enroll_token: opts.enroll_token.clone(),
     };
@@ -199,6 +211,8 @@ pub struct Status {
     pub events_waiting: usize,
     /// Whether the data dir holds a credential (the client enrolled).
     pub enrolled: bool,
+    /// How the versions it installed came: full blobs or deltas, bytes of each, fallbacks.
+    pub deltas: DeltaCounts,
     pub updated_at: String,
 }
 
@@ -239,6 +253,7 @@ pub fn status(dir: &Path) -> Result<Status, AgentError> {
         items: saved.items,
         events_waiting,
         enrolled: dir.join("credential").exists(),
+        deltas: saved.deltas,
         updated_at: saved.updated_at,
     })
 }
@@ -319,6 +334,28 @@ impl Status {
                 &h.sha256[..h.sha256.len().min(12)]
             );
         }
+        let d = &self.deltas;
+        let _ = writeln!(
+            s,
+            "installed via    full {} ({} bytes), delta {} ({} bytes), edge delta {} ({} bytes)",
+            d.via_full,
+            d.full_bytes,
+            d.via_delta,
+            d.delta_bytes,
+            d.via_edge_delta,
+            d.edge_delta_bytes
+        );
+        let _ = writeln!(
+            s,
+            "delta fallbacks  {} ({} delta bytes wasted), no edge delta {}{}",
+            d.fallbacks,
+            d.wasted_delta_bytes,
+            d.no_delta,
+            d.last_fallback
+                .as_ref()
+                .map(|w| format!("; last: {w}"))
+                .unwrap_or_default()
+        );
         let _ = writeln!(s, "state written    {}", self.updated_at);
         s
     }

@@ -217,7 +217,7 @@ pub struct CatalogItem {
 
 /// One delta a catalog item lists: from the version `from_sha256`, the blob `sha256` of
 /// `size` bytes rebuilds the item.
-#[derive(Deserialize, Clone, Debug)]
+#[derive(Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct DeltaRef {
     pub from_sha256: String,
     pub sha256: String,

@@ -66,6 +66,11 @@ struct AgentRunArgs {
     /// The enrolment token read from a file (not visible in `ps`).
     #[arg(long, conflicts_with = "enroll_token")]
     enroll_token_file: Option<PathBuf>,
+    /// Always download the full blob of a new version [default: deltas on: a new version of
+    /// an item the agent holds an older version of is rebuilt from a delta, listed in the
+    /// catalog or asked of the server, and checked; any failure takes the full blob].
+    #[arg(long)]
+    no_deltas: bool,
 }
 
 #[derive(Subcommand)]
@@ -160,6 +165,7 @@ pub(super) fn run(args: AgentArgs, log_format: LogFormat) -> Result<(), Failure>
                 apps_dirs: a.apps_dirs,
                 keep_versions: a.keep_versions,
                 enroll_token,
+                use_deltas: !a.no_deltas,
             };
             opts.check().map_err(agent_failure)?;
             init_logging(log_format);

@@ -121,6 +121,20 @@ struct LoadtestArgs {
     /// An enrolment token every client enrols with (`gup admin enroll create`).
     #[arg(long, env = "GUP_ENROLL_TOKEN", hide_env_values = true)]
     enroll_token: Option<String>,
+    /// Every client starts holding this file (at most 1 GiB; one copy in memory for all) as
+    /// the current version of its item, so that its first round wants only the newer one
+    /// and rebuilds it from a delta.
+    #[arg(long)]
+    holding: Option<PathBuf>,
+    /// The item name the --holding file is a version of [default: the file's name].
+    #[arg(long, requires = "holding")]
+    holding_name: Option<String>,
+    /// Clients always download full blobs (to compare a run with deltas against one without).
+    #[arg(long)]
+    no_deltas: bool,
+    /// Rebuilds from deltas running at once across all clients [default: one per core].
+    #[arg(long)]
+    rebuilds: Option<usize>,
 }
 
 #[derive(Args, Clone)]
@@ -760,6 +774,18 @@ fn loadtest(args: LoadtestArgs, log_format: LogFormat) -> Result<(), Failure> {
     };
     opts.enroll_token = args.enroll_token;
     opts.events_per_client = args.events;
+    opts.use_deltas = !args.no_deltas;
+    opts.rebuilds = args.rebuilds;
+    if let Some(file) = &args.holding {
+        let holding =
+            crate::loadtest::holding_from_file(file, args.holding_name).map_err(|e| match e {
+                crate::loadtest::LoadtestError::BadOption { reason, .. } => {
+                    usage(format!("--holding {reason}"))
+                }
+                other => usage(other.to_string()),
+            })?;
+        opts.holding = Some(std::sync::Arc::new(holding));
+    }
     opts.progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let rt = runtime_env()?;
     let report = rt

@@ -7,7 +7,12 @@
 //! [`Stats`]; ending the run; and the [`Report`], whose counters are this run's: the
 //! target's `/metrics` counters are read before and after and the difference reported. What
 //! the agents do is what the settings say (mode, slots, critical events), unless `--mode`
-//! overrides the settings' mode. It must never send anything to any host but the target URL
+//! overrides the settings' mode. With `--holding FILE` every agent starts holding that file as
+//! the current version of its item (one copy in memory for the whole crowd), so that its
+//! first round wants only the newer version and rebuilds it from a delta as `gup agent`
+//! would (`--no-deltas`: the full blob, to compare); the rebuilds of the crowd run at most
+//! one per core at a time, on blocking threads, with at most [`DELTA_MEMORY`] bytes of deltas
+//! in memory at once. It must never send anything to any host but the target URL
 //! (no proxies, no redirects followed), every loop in it is bounded in count or by the run's
 //! deadline, and nothing in the report is ever hard-coded: every figure is counted from what
 //! the agents saw, or read from the target's `/metrics`.
@@ -32,18 +37,30 @@ pub use crate::agent::ConnectionMode as Mode;
 pub use report::{Latency, Report, BUCKETS};
 pub use stats::Heard;
 
+use crate::agent::patch::MAX_DELTA_ITEM;
 use crate::agent::wire::{normalize_target, parse_metric};
 use crate::agent::{
-    http_clients, Agent, Ctx, Home, Identity, Knobs, MIN_HEARTBEAT, REQUEST_TIMEOUT,
+    http_clients, Agent, Ctx, Holding, Home, Identity, Knobs, Rebuilds, MIN_HEARTBEAT,
+    REQUEST_TIMEOUT,
 };
-use report::build_report;
+use report::{build_report, Target};
 use stats::Stats;
 use watch::Watch;
 
 /// Rounds in which a load-test agent tries a blob before giving it up (a run must end).
 pub const MAX_ITEM_ROUNDS: u32 = 3;
-/// The counters of the target read before and after a run.
-const RUN_COUNTERS: [&str; 1] = ["gup_upstream_fetches_total"];
+/// The counters of the target read before and after a run: blob fetches started upstream,
+/// bytes received from upstream (a node's WAN), content bytes sent to clients (its LAN).
+const RUN_COUNTERS: [&str; 3] = [
+    "gup_upstream_fetches_total",
+    "gup_upstream_bytes_total",
+    "gup_served_bytes_total",
+];
+/// Delta bytes the whole crowd holds in memory at once (downloading, or waiting for and in
+/// their rebuild): 1 GiB. An agent waits for room before it downloads a delta, so a crowd of
+/// thousands rebuilding a 100 MiB item never holds thousands of deltas while the cores
+/// rebuild a few at a time.
+pub const DELTA_MEMORY: u64 = 1 << 30;
 
 /// What one run does.
 #[derive(Debug, Clone)]
@@ -76,6 +93,12 @@ pub struct Options {
     /// Every client enrols with this token on its first heartbeat (a site whose
     /// `client_auth` is `required` admits no client without one).
     pub enroll_token: Option<String>,
+    /// Whether the agents rebuild new versions from deltas (`--no-deltas`: full blobs).
+    pub use_deltas: bool,
+    /// The version every agent starts holding (`--holding FILE`), shared in memory.
+    pub holding: Option<Arc<Holding>>,
+    /// Rebuilds running at once across the crowd (none: one per core).
+    pub rebuilds: Option<usize>,
 }
 
 impl Options {
@@ -95,8 +118,51 @@ impl Options {
             progress: false,
             events_per_client: 2,
             enroll_token: None,
+            use_deltas: true,
+            holding: None,
+            rebuilds: None,
         }
     }
+}
+
+/// Reads `path` (at most [`MAX_DELTA_ITEM`] bytes: larger items are never rebuilt from
+/// deltas) as the version every agent holds of the item `name` (none: the file's name).
+pub fn holding_from_file(
+    path: &std::path::Path,
+    name: Option<String>,
+) -> Result<Holding, LoadtestError> {
+    let bad = |reason: String| LoadtestError::BadOption {
+        option: "holding",
+        reason: format!("{}: {reason}", path.display()),
+    };
+    let name = match name {
+        Some(n) => n,
+        None => path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .map(str::to_string)
+            .ok_or_else(|| bad("no file name to use as the item's name".into()))?,
+    };
+    if !crate::agent::home::safe_name(&name) {
+        return Err(bad(format!("{name:?} cannot be an item name")));
+    }
+    let file = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
+    let len = file.metadata().map_err(|e| bad(e.to_string()))?.len();
+    if len > MAX_DELTA_ITEM {
+        return Err(bad(format!(
+            "{len} bytes; agents rebuild only items of at most {MAX_DELTA_ITEM} bytes from deltas"
+        )));
+    }
+    let mut bytes = Vec::with_capacity(len as usize);
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(file, MAX_DELTA_ITEM + 1),
+        &mut bytes,
+    )
+    .map_err(|e| bad(e.to_string()))?;
+    if bytes.len() as u64 > MAX_DELTA_ITEM {
+        return Err(bad("grew past the bound while it was read".into()));
+    }
+    Ok(Holding::new(name, bytes.into()))
 }
 
 /// Why a run could not start. Once started, a run always ends with a report: network trouble
@@ -137,6 +203,9 @@ fn validate(opts: &Options) -> Result<String, LoadtestError> {
     if !matches!(opts.os.as_str(), "windows" | "mac" | "linux") {
         return Err(bad("os", "must be windows, mac or linux"));
     }
+    if opts.rebuilds == Some(0) {
+        return Err(bad("rebuilds", "must be at least 1"));
+    }
     Ok(base)
 }
 
@@ -176,6 +245,8 @@ pub async fn run(opts: Options) -> Result<Report, LoadtestError> {
         Err(_) => return Err(unreachable("no answer within 5 s".into())),
     }
     let stats = Arc::new(Stats::new(opts.clients)?);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let rebuilds = Arc::new(Rebuilds::new(opts.rebuilds.unwrap_or(cores), DELTA_MEMORY));
     let before = read_counters(&http, &base).await;
     let ramp = match opts.ramp {
         Some(r) => r,
@@ -205,7 +276,10 @@ pub async fn run(opts: Options) -> Result<Report, LoadtestError> {
         let ctx = Ctx {
             http: http.clone(),
             stream_http: stream_http.clone(),
-            home: Home::memory(),
+            home: match &opts.holding {
+                Some(h) => Home::memory_holding(h.clone()),
+                None => Home::memory(),
+            },
             obs: Arc::new(Watch {
                 stats: stats.clone(),
                 idx: i,
@@ -226,7 +300,9 @@ pub async fn run(opts: Options) -> Result<Report, LoadtestError> {
                 max_item_rounds: Some(MAX_ITEM_ROUNDS),
                 make_events: opts.events_per_client,
                 first_delay: ramp.mul_f64(i as f64 / opts.clients as f64),
+                use_deltas: opts.use_deltas,
             },
+            rebuilds: rebuilds.clone(),
             credential: std::sync::RwLock::new(None),
             enroll_token: opts.enroll_token.clone(),
         };
@@ -281,11 +357,11 @@ pub async fn run(opts: Options) -> Result<Report, LoadtestError> {
     let elapsed = start.elapsed();
 
     let after = read_counters(&http, &base).await;
-    let upstream_fetches = match (before, after) {
-        (Some(b), Some(a)) => a[0].saturating_sub(b[0]),
+    let counters = match (before, after) {
+        (Some(b), Some(a)) => std::array::from_fn(|i| a[i].saturating_sub(b[i])),
         _ => {
             stats.error("metrics");
-            0
+            [0; 3]
         }
     };
     Ok(build_report(
@@ -295,7 +371,11 @@ pub async fn run(opts: Options) -> Result<Report, LoadtestError> {
         elapsed,
         ended_early,
         clients_done,
-        upstream_fetches,
+        Target {
+            upstream_fetches: counters[0],
+            wan_bytes: counters[1],
+            lan_bytes: counters[2],
+        },
     ))
 }
 
@@ -320,7 +400,7 @@ async fn group_interval(http: &reqwest::Client, base: &str, group: Option<&str>)
 }
 
 /// The target's [`RUN_COUNTERS`], or none when its `/metrics` does not answer.
-async fn read_counters(http: &reqwest::Client, base: &str) -> Option<[u64; 1]> {
+async fn read_counters(http: &reqwest::Client, base: &str) -> Option<[u64; 3]> {
     let resp = http
         .get(format!("{base}/metrics"))
         .timeout(REQUEST_TIMEOUT)

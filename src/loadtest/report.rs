@@ -36,7 +36,21 @@ pub struct Latency {
 ///   `downloads_failed`. A download still waiting on a 429/503 when the run ends counts in
 ///   `errors["gave_up"]`, not in `downloads_failed`; one still waiting for its slot counts
 ///   nowhere (see `clients_done`).
-/// - `bytes` are the bytes of verified downloads.
+/// - `bytes` are the bytes of verified downloads: full blobs, and the deltas that rebuilt a
+///   version whose SHA-256 then matched. A version rebuilt from a delta counts as one
+///   download in `downloads_ok`; a delta that failed (a fallback) is not a failed download:
+///   the full blob that follows is the download.
+/// - Deltas: `full_bytes` (full blobs), `delta_bytes` (listed deltas that rebuilt a checked
+///   version), `edge_delta_bytes` (the same for deltas asked of the target), over all
+///   clients, and `wasted_delta_bytes` (delta bytes that arrived and rebuilt nothing);
+///   `installs` counts versions by how they came (`full`, `delta`, `edge_delta`);
+///   `delta_fallbacks` counts the deltas that failed by why (`delta_digest`, `delta_decode`,
+///   `delta_size`, `delta_rebuilt_digest`, `delta_too_large`, `delta_download`, ...), each
+///   followed by the full blob; `no_delta` the edge deltas the target had none of (404);
+///   `rebuild_ms` the time of each rebuild (decoding and hashing, not the wait for a core).
+/// - `wan_bytes` and `lan_bytes`: `gup_upstream_bytes_total` (bytes the target received
+///   from its upstream: a node's WAN; 0 at a manager) and `gup_served_bytes_total` (content
+///   bytes it sent its clients: the LAN) from its `/metrics`, after the run less before.
 /// - `start_histogram` counts download starts (the moment a 200's headers arrived) of the
 ///   newest catalog revision any client downloaded (`histogram_revision`), per bucket of
 ///   `bucket_s` seconds from the window start: when the server says the window opened (the
@@ -116,6 +130,59 @@ pub struct Report {
     /// The largest bucket of `start_histogram` over the mean bucket.
     #[serde(default)]
     pub bucket_peak_to_mean: f64,
+    /// Whether the clients used deltas (`--no-deltas`: false).
+    #[serde(default)]
+    pub use_deltas: bool,
+    /// The SHA-256 of the version every client started holding (`--holding FILE`).
+    #[serde(default)]
+    pub holding_sha256: Option<String>,
+    #[serde(default)]
+    pub full_bytes: u64,
+    #[serde(default)]
+    pub delta_bytes: u64,
+    #[serde(default)]
+    pub edge_delta_bytes: u64,
+    #[serde(default)]
+    pub wasted_delta_bytes: u64,
+    #[serde(default)]
+    pub installs: Installs,
+    /// Deltas that failed, by why; the full blob followed each.
+    #[serde(default)]
+    pub delta_fallbacks: BTreeMap<String, u64>,
+    #[serde(default)]
+    pub no_delta: u64,
+    /// Rebuilds from deltas (decoding and hashing), in milliseconds.
+    #[serde(default)]
+    pub rebuild_ms: Latency,
+    #[serde(default)]
+    pub rebuilds: u64,
+    /// `gup_upstream_bytes_total` of the target over the run (a node's WAN bytes).
+    #[serde(default)]
+    pub wan_bytes: u64,
+    /// `gup_served_bytes_total` of the target over the run (the LAN bytes).
+    #[serde(default)]
+    pub lan_bytes: u64,
+}
+
+/// Versions the clients installed, by how they came.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Installs {
+    pub full: u64,
+    pub delta: u64,
+    pub edge_delta: u64,
+}
+
+/// What `run` read from the target's `/metrics`: after the run less before.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Target {
+    pub(super) upstream_fetches: u64,
+    pub(super) wan_bytes: u64,
+    pub(super) lan_bytes: u64,
+}
+
+/// `n` bytes as a reader wants them: `1234 (1.2 MiB)`.
+fn mib(n: u64) -> String {
+    format!("{n} ({:.1} MiB)", n as f64 / (1024.0 * 1024.0))
 }
 
 impl Report {
@@ -148,14 +215,62 @@ impl Report {
         row("downloads ok", self.downloads_ok.to_string());
         row("downloads failed", self.downloads_failed.to_string());
         row("digest mismatches", self.digest_mismatches.to_string());
+        row("bytes", mib(self.bytes));
+        let per_client = |n: u64| mib(n / self.clients.max(1) as u64);
         row(
-            "bytes",
+            "installed via",
             format!(
-                "{} ({:.1} MiB)",
-                self.bytes,
-                self.bytes as f64 / (1024.0 * 1024.0)
+                "full {}, delta {}, edge delta {} (deltas {})",
+                self.installs.full,
+                self.installs.delta,
+                self.installs.edge_delta,
+                if self.use_deltas { "on" } else { "off" }
             ),
         );
+        row(
+            "full bytes",
+            format!(
+                "{}; per client {}",
+                mib(self.full_bytes),
+                per_client(self.full_bytes)
+            ),
+        );
+        let deltas = self.delta_bytes + self.edge_delta_bytes;
+        row(
+            "delta bytes",
+            format!(
+                "{}, edge {}; per client {}; wasted {}",
+                mib(deltas),
+                self.edge_delta_bytes,
+                per_client(deltas),
+                self.wasted_delta_bytes
+            ),
+        );
+        row(
+            "delta fallbacks",
+            if self.delta_fallbacks.is_empty() {
+                format!("none; no edge delta {}", self.no_delta)
+            } else {
+                format!(
+                    "{}; no edge delta {}",
+                    self.delta_fallbacks
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                    self.no_delta
+                )
+            },
+        );
+        row(
+            "rebuild ms",
+            format!(
+                "p50 {:.2}  p99 {:.2}  max {:.2}  ({} rebuilds)",
+                self.rebuild_ms.p50, self.rebuild_ms.p99, self.rebuild_ms.max, self.rebuilds
+            ),
+        );
+        row("target WAN bytes", mib(self.wan_bytes));
+        row("target LAN bytes", mib(self.lan_bytes));
         row("heartbeats", self.heartbeats.to_string());
         row("deferrals (429)", self.deferrals.to_string());
         row("events sent", self.events_sent.to_string());
@@ -314,7 +429,7 @@ pub(super) fn build_report(
     elapsed: Duration,
     ended_early: bool,
     clients_done: usize,
-    upstream_fetches: u64,
+    target: Target,
 ) -> Report {
     let starts = lock(&st.starts).clone();
     let settings_window = *lock(&st.settings_window_s);
@@ -344,16 +459,20 @@ pub(super) fn build_report(
     let (bucket_s, n) = layout(window_s as f64);
     let start_histogram = bucketize(&offsets, bucket_s, n);
     let latency = lock(&st.latency);
+    let rebuild = lock(&st.rebuild);
     let ms = |us: u64| us as f64 / 1000.0;
-    let latency_ms = if latency.is_empty() {
-        Latency::default()
-    } else {
-        Latency {
-            p50: ms(latency.value_at_quantile(0.5)),
-            p99: ms(latency.value_at_quantile(0.99)),
-            max: ms(latency.max()),
+    let quantiles = |h: &hdrhistogram::Histogram<u64>| {
+        if h.is_empty() {
+            Latency::default()
+        } else {
+            Latency {
+                p50: ms(h.value_at_quantile(0.5)),
+                p99: ms(h.value_at_quantile(0.99)),
+                max: ms(h.max()),
+            }
         }
     };
+    let latency_ms = quantiles(&latency);
     Report {
         clients: opts.clients,
         downloads_ok: Stats::get(&st.downloads_ok),
@@ -365,7 +484,7 @@ pub(super) fn build_report(
         download_starts: offsets.len() as u64,
         start_histogram,
         latency_ms,
-        upstream_fetches,
+        upstream_fetches: target.upstream_fetches,
         errors: lock(&st.errors).clone(),
         target: base.to_string(),
         mode: opts.mode.or(*lock(&st.mode)).unwrap_or_default(),
@@ -385,6 +504,23 @@ pub(super) fn build_report(
             .map(|h| h.values().cloned().collect())
             .unwrap_or_default(),
         latency_samples: latency.len(),
+        use_deltas: opts.use_deltas,
+        holding_sha256: opts.holding.as_ref().map(|h| h.sha256.clone()),
+        full_bytes: Stats::get(&st.full_bytes),
+        delta_bytes: Stats::get(&st.delta_bytes),
+        edge_delta_bytes: Stats::get(&st.edge_delta_bytes),
+        wasted_delta_bytes: Stats::get(&st.wasted_delta_bytes),
+        installs: Installs {
+            full: Stats::get(&st.via_full),
+            delta: Stats::get(&st.via_delta),
+            edge_delta: Stats::get(&st.via_edge_delta),
+        },
+        delta_fallbacks: lock(&st.fallbacks).clone(),
+        no_delta: Stats::get(&st.no_delta),
+        rebuild_ms: quantiles(&rebuild),
+        rebuilds: rebuild.len(),
+        wan_bytes: target.wan_bytes,
+        lan_bytes: target.lan_bytes,
     }
 }
 

@@ -1,6 +1,6 @@
-//! What the agents of a run count while they run: outcomes, bytes, latencies, download
-//! starts, when a revision was first learned and heard of, errors by kind, and which agents
-//! are done.
+//! What the agents of a run count while they run: outcomes, bytes (full blobs and deltas),
+//! latencies, rebuild times, download starts, when a revision was first learned and heard of,
+//! errors and delta fallbacks by kind, and which agents are done.
 //!
 //! Owns [`Stats`] (one per run, shared by every agent through its `Watch`: atomic counters
 //! and short-held mutexes) and `lock` (a mutex guard that ignores poisoning). It only records
@@ -37,6 +37,23 @@ pub(super) struct Stats {
     pub(super) deferrals: AtomicU64,
     pub(super) events_sent: AtomicU64,
     pub(super) stream_connects: AtomicU64,
+    /// Bytes of full blobs verified.
+    pub(super) full_bytes: AtomicU64,
+    /// Bytes of listed deltas that rebuilt a checked version.
+    pub(super) delta_bytes: AtomicU64,
+    /// Bytes of edge deltas that rebuilt a checked version.
+    pub(super) edge_delta_bytes: AtomicU64,
+    /// Bytes of deltas that arrived and rebuilt nothing.
+    pub(super) wasted_delta_bytes: AtomicU64,
+    pub(super) via_full: AtomicU64,
+    pub(super) via_delta: AtomicU64,
+    pub(super) via_edge_delta: AtomicU64,
+    /// Edge deltas the target had none of (404).
+    pub(super) no_delta: AtomicU64,
+    /// Deltas that failed, by kind (`delta_digest`, `delta_decode`, ...).
+    pub(super) fallbacks: Mutex<BTreeMap<String, u64>>,
+    /// Microseconds of each rebuild (decoding and hashing).
+    pub(super) rebuild: Mutex<Histogram<u64>>,
     /// When clients heard of each revision, by revision.
     pub(super) heard: Mutex<BTreeMap<u64, Heard>>,
     pub(super) errors: Mutex<BTreeMap<String, u64>>,
@@ -82,6 +99,7 @@ impl Stats {
     pub(super) fn new(clients: usize) -> Result<Stats, LoadtestError> {
         let latency = Histogram::new_with_bounds(1, 3_600_000_000, 3)
             .map_err(|e| LoadtestError::Http(format!("histogram: {e}")))?;
+        let rebuild = latency.clone();
         Ok(Stats {
             downloads_ok: AtomicU64::new(0),
             downloads_failed: AtomicU64::new(0),
@@ -91,6 +109,16 @@ impl Stats {
             deferrals: AtomicU64::new(0),
             events_sent: AtomicU64::new(0),
             stream_connects: AtomicU64::new(0),
+            full_bytes: AtomicU64::new(0),
+            delta_bytes: AtomicU64::new(0),
+            edge_delta_bytes: AtomicU64::new(0),
+            wasted_delta_bytes: AtomicU64::new(0),
+            via_full: AtomicU64::new(0),
+            via_delta: AtomicU64::new(0),
+            via_edge_delta: AtomicU64::new(0),
+            no_delta: AtomicU64::new(0),
+            fallbacks: Mutex::new(BTreeMap::new()),
+            rebuild: Mutex::new(rebuild),
             heard: Mutex::new(BTreeMap::new()),
             errors: Mutex::new(BTreeMap::new()),
             latency: Mutex::new(latency),

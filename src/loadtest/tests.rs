@@ -22,11 +22,47 @@ fn options_are_checked() {
     let mut o = ok.clone();
     o.clients = 0;
     assert!(validate(&o).is_err());
-    let mut o = ok;
+    let mut o = ok.clone();
     o.os = "beos".into();
     assert!(validate(&o).is_err());
+    let mut o = ok;
+    o.rebuilds = Some(0);
+    assert!(matches!(
+        validate(&o),
+        Err(LoadtestError::BadOption {
+            option: "rebuilds",
+            ..
+        })
+    ));
     assert_eq!("push".parse::<Mode>(), Ok(Mode::Push));
     assert!("both".parse::<Mode>().is_err());
+}
+
+#[test]
+fn the_holding_file_is_read_whole_under_its_name_or_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("defs.bin");
+    std::fs::write(&path, b"version one").unwrap();
+    let h = holding_from_file(&path, None).unwrap();
+    assert_eq!(h.name, "defs.bin");
+    assert_eq!(h.sha256, hex::encode(Sha256::digest(b"version one")));
+    assert_eq!(&h.bytes[..], b"version one");
+    assert_eq!(
+        holding_from_file(&path, Some("other".into())).unwrap().name,
+        "other"
+    );
+    for bad in [
+        holding_from_file(&dir.path().join("missing"), None),
+        holding_from_file(&path, Some("../escape".into())),
+    ] {
+        assert!(matches!(
+            bad,
+            Err(LoadtestError::BadOption {
+                option: "holding",
+                ..
+            })
+        ));
+    }
 }
 
 /// Event batches a fake target received: (client id, ["id:kind"]).

@@ -70,6 +70,33 @@ impl Observer for Watch {
     fn downloaded(&self, bytes: u64) {
         Stats::inc(&self.stats.downloads_ok, 1);
         Stats::inc(&self.stats.bytes, bytes);
+        Stats::inc(&self.stats.via_full, 1);
+        Stats::inc(&self.stats.full_bytes, bytes);
+    }
+
+    fn delta_used(&self, bytes: u64, edge: bool, rebuild: Duration) {
+        Stats::inc(&self.stats.downloads_ok, 1);
+        Stats::inc(&self.stats.bytes, bytes);
+        if edge {
+            Stats::inc(&self.stats.via_edge_delta, 1);
+            Stats::inc(&self.stats.edge_delta_bytes, bytes);
+        } else {
+            Stats::inc(&self.stats.via_delta, 1);
+            Stats::inc(&self.stats.delta_bytes, bytes);
+        }
+        let us = u64::try_from(rebuild.as_micros()).unwrap_or(u64::MAX);
+        lock(&self.stats.rebuild).saturating_record(us.max(1));
+    }
+
+    fn delta_fallback(&self, kind: &str, wasted: u64) {
+        Stats::inc(&self.stats.wasted_delta_bytes, wasted);
+        *lock(&self.stats.fallbacks)
+            .entry(kind.to_string())
+            .or_insert(0) += 1;
+    }
+
+    fn no_delta(&self) {
+        Stats::inc(&self.stats.no_delta, 1);
     }
 
     fn download_failed(&self) {
