@@ -503,6 +503,13 @@ impl Slots {
         if !settings.randomization.enabled || window_s == 0 {
             return Ok(());
         }
+        // A listed delta waits for the slot of the item it rebuilds, as that item would.
+        let digest = match history.find(digest) {
+            Some(_) => digest,
+            None => history
+                .find_delta(digest)
+                .map_or(digest, |(_, item, _)| &item.sha256),
+        };
         // (revision, available_at) of every retained revision holding the blob, oldest first.
         let mut holding = Vec::new();
         for rev in history.revisions() {
