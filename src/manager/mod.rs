@@ -202,6 +202,7 @@ impl Manager {
                 memory_item_max_bytes: crate::core::config::DEFAULT_MEMORY_ITEM_MAX_BYTES,
                 limits: config.limits.clone(),
                 credential_key: Some(catalog_key.public()),
+                deltas: config.deltas.limits(),
             },
         )?;
         Ok(Arc::new(Manager {
