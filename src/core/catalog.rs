@@ -252,7 +252,7 @@ impl CatalogHistory {
     }
 
     /// The retained revisions, oldest first.
-    pub fn revisions(&self) -> impl Iterator<Item = &Revision> {
+    pub fn revisions(&self) -> impl DoubleEndedIterator<Item = &Revision> {
         self.revisions.iter()
     }
 

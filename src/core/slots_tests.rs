@@ -333,6 +333,24 @@ fn a_listed_delta_waits_for_the_slot_of_the_item_it_rebuilds() {
     assert_eq!(of_item.0, 1);
     assert_eq!(slot(&delta), Some(of_item));
     assert!(s.admit(&waiting, &delta, &set, &h, t0 + secs(60)).is_ok());
+    // Its heartbeat names the same slot under the new revision, and so does the next one.
+    for t in [t0, t0 + secs(1)] {
+        let hb = s
+            .for_heartbeat(&waiting, Some(0), &set, &h, t)
+            .unwrap()
+            .unwrap();
+        assert_eq!((hb.catalog_revision, hb.not_before), (2, of_item.1));
+    }
+    // A client first seen after the delta revision gets one slot, which the door agrees with.
+    let late = s
+        .for_heartbeat("late", Some(0), &set, &h, t0)
+        .unwrap()
+        .unwrap();
+    match s.admit("late", &delta, &set, &h, t0) {
+        Err(SlotError::BeforeSlot { not_before, .. }) => assert_eq!(not_before, late.not_before),
+        Ok(()) => assert!(late.not_before <= t0),
+        Err(e) => panic!("{e}"),
+    }
 }
 
 #[test]
