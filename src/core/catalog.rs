@@ -36,6 +36,39 @@ pub struct CatalogItem {
 /// Most deltas one catalog item may list.
 pub const MAX_DELTAS_PER_ITEM: usize = 16;
 
+impl CatalogItem {
+    /// Every blob this item brings into the catalog with its size: its own bytes first, then
+    /// each delta it lists. What "in the catalog" means for serving, fetching, prefetching,
+    /// eviction and collection is decided from this one list.
+    pub fn blobs(&self) -> impl Iterator<Item = (Digest, u64)> + '_ {
+        std::iter::once((self.sha256, self.size))
+            .chain(self.deltas.iter().map(|d| (d.sha256, d.size)))
+    }
+
+    /// Whether `digest` is this item's bytes or one of its deltas.
+    pub fn holds(&self, digest: &Digest) -> bool {
+        self.sha256 == *digest || self.deltas.iter().any(|d| d.sha256 == *digest)
+    }
+}
+
+impl Catalog {
+    /// Whether `self` holds the same items as `before` (names, versions, digests, sizes,
+    /// publication times, urgency) and differs from it at most in the deltas they list: a
+    /// revision that only adds deltas. It offers nothing new to download, so it keeps the
+    /// moment its items became available (download slots, prefetch slots).
+    pub fn only_deltas_differ(&self, before: &Catalog) -> bool {
+        self.items.len() == before.items.len()
+            && self.items.iter().zip(&before.items).all(|(a, b)| {
+                a.name == b.name
+                    && a.version == b.version
+                    && a.sha256 == b.sha256
+                    && a.size == b.size
+                    && a.published_at == b.published_at
+                    && a.urgent == b.urgent
+            })
+    }
+}
+
 /// One delta a catalog item lists: from the version with digest `from_sha256`, the delta blob
 /// `sha256` of `size` bytes rebuilds this item's bytes (see `core::delta`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -121,9 +154,18 @@ pub struct CatalogHistory {
     index: FindIndex,
 }
 
-/// digest -> (revision number, position of the item in it) of its earliest revision.
+/// Where each digest first appears in the retained revisions, items and deltas apart.
 #[derive(Default)]
-struct FindIndex(std::sync::OnceLock<std::collections::HashMap<Digest, (u64, usize)>>);
+struct Lookup {
+    /// An item's digest -> (revision number, position of the item in it).
+    items: std::collections::HashMap<Digest, (u64, usize)>,
+    /// A listed delta's digest -> (revision number, item position, delta position).
+    deltas: std::collections::HashMap<Digest, (u64, usize, usize)>,
+}
+
+/// The [`Lookup`] of the earliest revision of each digest, built on first use.
+#[derive(Default)]
+struct FindIndex(std::sync::OnceLock<Lookup>);
 
 impl Clone for FindIndex {
     fn clone(&self) -> Self {
@@ -210,44 +252,160 @@ impl CatalogHistory {
     }
 
     /// The retained revisions, oldest first.
-    pub fn revisions(&self) -> impl Iterator<Item = &Revision> {
+    pub fn revisions(&self) -> impl DoubleEndedIterator<Item = &Revision> {
         self.revisions.iter()
     }
 
-    /// Whether `digest` is in any retained revision.
+    /// Whether `digest` is in any retained revision: an item's bytes or a delta an item
+    /// lists ([`CatalogItem::blobs`]).
     pub fn contains(&self, digest: &Digest) -> bool {
-        self.find(digest).is_some()
+        let index = self.lookup();
+        index.items.contains_key(digest) || index.deltas.contains_key(digest)
     }
 
-    /// The earliest retained revision holding `digest`, with the item.
-    pub fn find(&self, digest: &Digest) -> Option<(&Revision, &CatalogItem)> {
-        let index = self.index.0.get_or_init(|| {
-            let mut index = std::collections::HashMap::new();
+    /// The size of a blob in any retained revision (an item's or a listed delta's).
+    pub fn size_of(&self, digest: &Digest) -> Option<u64> {
+        if let Some((_, item)) = self.find(digest) {
+            return Some(item.size);
+        }
+        self.find_delta(digest).map(|(_, _, d)| d.size)
+    }
+
+    fn lookup(&self) -> &Lookup {
+        self.index.0.get_or_init(|| {
+            let mut index = Lookup::default();
             for r in &self.revisions {
                 for (at, item) in r.catalog.items.iter().enumerate() {
-                    index.entry(item.sha256).or_insert((r.catalog.revision, at));
+                    index
+                        .items
+                        .entry(item.sha256)
+                        .or_insert((r.catalog.revision, at));
+                    for (k, d) in item.deltas.iter().enumerate() {
+                        index
+                            .deltas
+                            .entry(d.sha256)
+                            .or_insert((r.catalog.revision, at, k));
+                    }
                 }
             }
             index
-        });
-        let (revision, at) = *index.get(digest)?;
-        let r = self
-            .revisions
+        })
+    }
+
+    fn revision_numbered(&self, revision: u64) -> Option<&Revision> {
+        self.revisions
             .iter()
-            .find(|r| r.catalog.revision == revision)?;
+            .find(|r| r.catalog.revision == revision)
+    }
+
+    /// The earliest retained revision holding an item whose bytes are `digest`, with the
+    /// item (never a delta: see [`CatalogHistory::find_delta`]).
+    pub fn find(&self, digest: &Digest) -> Option<(&Revision, &CatalogItem)> {
+        let (revision, at) = *self.lookup().items.get(digest)?;
+        let r = self.revision_numbered(revision)?;
         r.catalog.items.get(at).map(|i| (r, i))
     }
 
-    /// Every digest in any retained revision.
+    /// The earliest retained revision listing the delta blob `digest`, with the item it
+    /// rebuilds and the delta.
+    pub fn find_delta(&self, digest: &Digest) -> Option<(&Revision, &CatalogItem, &DeltaRef)> {
+        let (revision, at, k) = *self.lookup().deltas.get(digest)?;
+        let r = self.revision_numbered(revision)?;
+        let item = r.catalog.items.get(at)?;
+        item.deltas.get(k).map(|d| (r, item, d))
+    }
+
+    /// A delta some retained revision lists from the bytes `from` to the item bytes `to`.
+    pub fn delta_between(&self, from: &Digest, to: &Digest) -> Option<&DeltaRef> {
+        self.revisions
+            .iter()
+            .rev()
+            .flat_map(|r| r.catalog.items.iter())
+            .filter(|i| i.sha256 == *to)
+            .find_map(|i| i.deltas.iter().find(|d| d.from_sha256 == *from))
+    }
+
+    /// Every digest in any retained revision: items and the deltas they list.
     pub fn digests(&self) -> Vec<Digest> {
         let mut out: Vec<Digest> = self
             .revisions
             .iter()
-            .flat_map(|r| r.catalog.items.iter().map(|i| i.sha256))
+            .flat_map(|r| {
+                r.catalog
+                    .items
+                    .iter()
+                    .flat_map(|i| i.blobs().map(|(d, _)| d))
+            })
             .collect();
         out.sort();
         out.dedup();
         out
+    }
+
+    /// Up to `n` earlier versions of `name` in the retained revisions (digest and size),
+    /// newest first, without `sha256` itself: what a new version's deltas are computed from.
+    pub fn previous_versions(&self, name: &str, sha256: &Digest, n: usize) -> Vec<(Digest, u64)> {
+        let mut out: Vec<(Digest, u64)> = Vec::new();
+        for r in self.revisions.iter().rev() {
+            if out.len() >= n {
+                break;
+            }
+            for i in &r.catalog.items {
+                if i.name == name && i.sha256 != *sha256 && !out.iter().any(|(d, _)| *d == i.sha256)
+                {
+                    out.push((i.sha256, i.size));
+                }
+            }
+        }
+        out.truncate(n);
+        out
+    }
+
+    /// Lists `deltas` on the current item `name` whose bytes are `sha256`, in a new revision
+    /// (manager only; the caller signs and persists it). Deltas that are the item itself, not
+    /// smaller than it, or from a version listed already are left out, and at most
+    /// [`MAX_DELTAS_PER_ITEM`] are kept. None, and nothing changes, when the item moved on
+    /// meanwhile (another version published, or unpublished) or it lists exactly these
+    /// already. The new revision keeps the moment the item became available: it offers
+    /// nothing new to download, so it must not restart anyone's download window.
+    pub fn set_deltas(
+        &mut self,
+        name: &str,
+        sha256: &Digest,
+        deltas: Vec<DeltaRef>,
+    ) -> Option<u64> {
+        let last = self.revisions.back()?;
+        let at = last
+            .catalog
+            .items
+            .iter()
+            .position(|i| i.name == name && i.sha256 == *sha256)?;
+        let item = &last.catalog.items[at];
+        let mut kept: Vec<DeltaRef> = Vec::new();
+        for d in deltas {
+            let fits =
+                d.from_sha256 != item.sha256 && d.sha256 != item.sha256 && d.size < item.size;
+            if fits
+                && kept.len() < MAX_DELTAS_PER_ITEM
+                && !kept.iter().any(|k| k.from_sha256 == d.from_sha256)
+            {
+                kept.push(d);
+            }
+        }
+        if kept == item.deltas {
+            return None;
+        }
+        let available_at = last.available_at;
+        let mut items = last.catalog.items.clone();
+        items[at].deltas = kept;
+        let revision = self.revision() + 1;
+        self.revisions.push_back(Revision {
+            catalog: Catalog { revision, items },
+            available_at,
+            signature: None,
+        });
+        self.trim();
+        Some(revision)
     }
 
     fn push(&mut self, items: Vec<CatalogItem>, now: DateTime<Utc>) -> u64 {
@@ -367,9 +525,14 @@ impl CatalogHistory {
                 got: catalog.revision,
             });
         }
+        // A revision that only adds deltas keeps the moment its items became available here.
+        let available_at = match self.revisions.back() {
+            Some(last) if catalog.only_deltas_differ(&last.catalog) => last.available_at,
+            _ => now,
+        };
         self.revisions.push_back(Revision {
             catalog,
-            available_at: now,
+            available_at,
             signature,
         });
         self.trim();
@@ -595,6 +758,139 @@ mod tests {
             Err(CatalogError::Backwards { .. })
         ));
         assert_eq!(h.revision(), 5);
+    }
+
+    fn delta(from: &str, blob: &str, size: u64) -> DeltaRef {
+        DeltaRef {
+            from_sha256: d(from),
+            sha256: d(blob),
+            size,
+        }
+    }
+
+    #[test]
+    fn set_deltas_lists_them_in_a_new_revision_only_while_the_item_is_current() {
+        let t0 = Utc::now();
+        let later = t0 + chrono::Duration::seconds(30);
+        let mut h = CatalogHistory::new(10);
+        h.publish("defs", Some("1"), d("v1"), 100, false, t0)
+            .unwrap();
+        h.publish("defs", Some("2"), d("v2"), 100, false, t0)
+            .unwrap();
+        h.publish("engine", Some("1"), d("e1"), 100, false, later)
+            .unwrap();
+        let before = h.revisions().last().unwrap().available_at;
+        let r = h.set_deltas("defs", &d("v2"), vec![delta("v1", "v1-v2", 10)]);
+        assert_eq!(r, Some(4));
+        let current = h.current();
+        let item = current.items.iter().find(|i| i.name == "defs").unwrap();
+        assert_eq!(item.deltas, vec![delta("v1", "v1-v2", 10)]);
+        // Nothing new to download: the revision keeps the moment its items were available.
+        assert_eq!(h.revisions().last().unwrap().available_at, before);
+        assert!(h
+            .current()
+            .only_deltas_differ(&h.revisions().nth(2).unwrap().catalog));
+        // The delta is in the catalog now, with its own size; `find` stays for items.
+        assert!(h.contains(&d("v1-v2")));
+        assert_eq!(h.size_of(&d("v1-v2")), Some(10));
+        assert!(h.find(&d("v1-v2")).is_none());
+        let (rev, of, listed) = h.find_delta(&d("v1-v2")).unwrap();
+        assert_eq!(
+            (rev.catalog.revision, of.sha256, listed.size),
+            (4, d("v2"), 10)
+        );
+        assert_eq!(
+            h.delta_between(&d("v1"), &d("v2")).map(|x| x.size),
+            Some(10)
+        );
+        assert!(h.delta_between(&d("v2"), &d("v1")).is_none());
+        assert!(h.digests().contains(&d("v1-v2")));
+        // The same list again is no change.
+        assert_eq!(
+            h.set_deltas("defs", &d("v2"), vec![delta("v1", "v1-v2", 10)]),
+            None
+        );
+        // Deltas that are the item, not smaller than it, or a second one from the same
+        // version are left out; so is the 17th.
+        let mut many = vec![
+            delta("v2", "x", 1),
+            delta("v0", "big", 100),
+            delta("v1", "v1-v2", 10),
+            delta("v1", "again", 9),
+        ];
+        many.extend((0..20).map(|k| delta(&format!("old{k}"), &format!("dk{k}"), 5)));
+        h.set_deltas("defs", &d("v2"), many).unwrap();
+        let listed = h.current().items[0].deltas.clone();
+        assert_eq!(listed.len(), MAX_DELTAS_PER_ITEM);
+        assert_eq!(listed[0], delta("v1", "v1-v2", 10));
+        assert!(validate_catalog(&h.current()).is_ok());
+        // The item moved on: nothing changes.
+        h.publish("defs", Some("3"), d("v3"), 100, false, later)
+            .unwrap();
+        let rev = h.revision();
+        assert_eq!(
+            h.set_deltas("defs", &d("v2"), vec![delta("v1", "late", 1)]),
+            None
+        );
+        assert_eq!(h.set_deltas("nothing", &d("v2"), vec![]), None);
+        assert_eq!(h.revision(), rev);
+        h.unpublish("defs", later).unwrap();
+        assert_eq!(
+            h.set_deltas("defs", &d("v3"), vec![delta("v2", "v2-v3", 1)]),
+            None
+        );
+    }
+
+    #[test]
+    fn previous_versions_are_the_retained_ones_of_that_name_newest_first() {
+        let now = Utc::now();
+        let mut h = CatalogHistory::new(4);
+        for v in 1..=5 {
+            h.publish(
+                "defs",
+                Some(&v.to_string()),
+                d(&format!("v{v}")),
+                v,
+                false,
+                now,
+            )
+            .unwrap();
+        }
+        h.publish("engine", Some("1"), d("e1"), 1, false, now)
+            .unwrap();
+        // Retained: revisions 3 to 6 (v3, v4, v5, v5 + engine).
+        assert_eq!(
+            h.previous_versions("defs", &d("v5"), 3),
+            vec![(d("v4"), 4), (d("v3"), 3)]
+        );
+        assert_eq!(h.previous_versions("defs", &d("v5"), 1), vec![(d("v4"), 4)]);
+        assert!(h.previous_versions("defs", &d("v5"), 0).is_empty());
+        assert!(h.previous_versions("engine", &d("e1"), 3).is_empty());
+    }
+
+    #[test]
+    fn a_mirrored_revision_that_only_adds_deltas_keeps_its_available_at() {
+        let t0 = Utc::now();
+        let later = t0 + chrono::Duration::seconds(60);
+        let mut manager = CatalogHistory::new(5);
+        manager
+            .publish("defs", Some("1"), d("v1"), 100, false, t0)
+            .unwrap();
+        manager
+            .publish("defs", Some("2"), d("v2"), 100, false, t0)
+            .unwrap();
+        let mut node = CatalogHistory::new(5);
+        node.mirror(manager.current(), None, t0).unwrap();
+        manager.set_deltas("defs", &d("v2"), vec![delta("v1", "v1-v2", 10)]);
+        assert!(node.mirror(manager.current(), None, later).unwrap());
+        assert_eq!(node.revisions().last().unwrap().available_at, t0);
+        assert!(node.contains(&d("v1-v2")));
+        // A revision with new bytes is available from when it arrived.
+        manager
+            .publish("defs", Some("3"), d("v3"), 100, false, later)
+            .unwrap();
+        node.mirror(manager.current(), None, later).unwrap();
+        assert_eq!(node.revisions().last().unwrap().available_at, later);
     }
 
     #[test]

@@ -307,6 +307,158 @@ impl StoreSection {
     }
 }
 
+// === deltas (both roles) ===
+
+/// Default `deltas.from_versions` of the manager.
+pub const DEFAULT_DELTA_FROM_VERSIONS: usize = 3;
+/// Default (and largest) `deltas.max_item_bytes`: two versions of at most 1 GiB together fit
+/// the widest window zstd decodes (2 GiB, `core::delta::MAX_WINDOW_LOG`).
+pub const DEFAULT_DELTA_MAX_ITEM_BYTES: u64 = 1 << 30;
+/// Default `deltas.max_waiting`.
+pub const DEFAULT_DELTA_MAX_WAITING: usize = 16;
+/// The keys only a manager's `[deltas]` has, for telling the role of a file.
+const MANAGER_DELTAS_KEYS: [&str; 1] = ["from_versions"];
+
+/// How a server computes deltas, whichever role it has (see `serve::delta`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeltaLimits {
+    /// No delta is computed from or to a blob larger than this (0: none at all).
+    pub max_item_bytes: u64,
+    /// Computations at once; 0 is one per core.
+    pub max_concurrent: usize,
+    /// Edge computations that may wait for one of those; beyond, 503 with a Retry-After.
+    pub max_waiting: usize,
+}
+
+impl Default for DeltaLimits {
+    fn default() -> Self {
+        DeltaLimits {
+            max_item_bytes: DEFAULT_DELTA_MAX_ITEM_BYTES,
+            max_concurrent: 0,
+            max_waiting: DEFAULT_DELTA_MAX_WAITING,
+        }
+    }
+}
+
+impl DeltaLimits {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_item_bytes > DEFAULT_DELTA_MAX_ITEM_BYTES {
+            return Err(bad(
+                "deltas.max_item_bytes",
+                format!(
+                    "must be 0 (no deltas) to {DEFAULT_DELTA_MAX_ITEM_BYTES} (1 GiB: two versions together must fit zstd's 2 GiB window), got {}",
+                    self.max_item_bytes
+                ),
+            ));
+        }
+        if self.max_concurrent > 1024 {
+            return Err(bad(
+                "deltas.max_concurrent",
+                format!(
+                    "must be 0 (one per core) to 1024, got {}",
+                    self.max_concurrent
+                ),
+            ));
+        }
+        if self.max_waiting > 10_000 {
+            return Err(bad(
+                "deltas.max_waiting",
+                format!("must be 0 to 10000, got {}", self.max_waiting),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `[deltas]` of the manager: the deltas it lists on catalog items, and those it computes
+/// at the edge (`GET /v1/delta/{from}/{to}`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ManagerDeltasSection {
+    /// A new version of an item gets a delta from each of this many earlier versions (those
+    /// the retained revisions name and the store holds); 0 lists none.
+    pub from_versions: usize,
+    /// No delta is computed from or to a blob larger than this, in bytes (0: none at all,
+    /// not at the edge either).
+    pub max_item_bytes: u64,
+    /// Delta computations at once (listed and edge together); 0 is one per core.
+    pub max_concurrent: usize,
+    /// Edge computations that may wait for a free one; beyond, 503 with a Retry-After.
+    pub max_waiting: usize,
+}
+
+impl Default for ManagerDeltasSection {
+    fn default() -> Self {
+        let limits = DeltaLimits::default();
+        ManagerDeltasSection {
+            from_versions: DEFAULT_DELTA_FROM_VERSIONS,
+            max_item_bytes: limits.max_item_bytes,
+            max_concurrent: limits.max_concurrent,
+            max_waiting: limits.max_waiting,
+        }
+    }
+}
+
+impl ManagerDeltasSection {
+    /// The computing limits of this section.
+    pub fn limits(&self) -> DeltaLimits {
+        DeltaLimits {
+            max_item_bytes: self.max_item_bytes,
+            max_concurrent: self.max_concurrent,
+            max_waiting: self.max_waiting,
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let most = super::catalog::MAX_DELTAS_PER_ITEM;
+        if self.from_versions > most {
+            return Err(bad(
+                "deltas.from_versions",
+                format!(
+                    "must be 0 (no deltas listed) to {most} (the most an item lists), got {}",
+                    self.from_versions
+                ),
+            ));
+        }
+        self.limits().validate()
+    }
+}
+
+/// `[deltas]` of a node: the deltas it computes at the edge (`GET /v1/delta/{from}/{to}`).
+/// The deltas the catalog lists it mirrors like any blob.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeDeltasSection {
+    /// No delta is computed from or to a blob larger than this, in bytes (0: none).
+    pub max_item_bytes: u64,
+    /// Delta computations at once; 0 is one per core.
+    pub max_concurrent: usize,
+    /// Computations that may wait for a free one; beyond, 503 with a Retry-After.
+    pub max_waiting: usize,
+}
+
+impl Default for NodeDeltasSection {
+    fn default() -> Self {
+        let limits = DeltaLimits::default();
+        NodeDeltasSection {
+            max_item_bytes: limits.max_item_bytes,
+            max_concurrent: limits.max_concurrent,
+            max_waiting: limits.max_waiting,
+        }
+    }
+}
+
+impl NodeDeltasSection {
+    /// The computing limits of this section.
+    pub fn limits(&self) -> DeltaLimits {
+        DeltaLimits {
+            max_item_bytes: self.max_item_bytes,
+            max_concurrent: self.max_concurrent,
+            max_waiting: self.max_waiting,
+        }
+    }
+}
+
 // === manager ===
 
 /// `config/manager.toml`
@@ -317,6 +469,7 @@ pub struct ManagerConfig {
     pub store: StoreSection,
     pub events: ManagerEventsSection,
     pub notifications: NotificationsSection,
+    pub deltas: ManagerDeltasSection,
     pub limits: LimitsSection,
     pub log: LogSection,
 }
@@ -450,6 +603,7 @@ impl ManagerConfig {
         )?;
         self.limits.validate()?;
         self.events.validate()?;
+        self.deltas.validate()?;
         let hook = &self.notifications.webhook_url;
         if !hook.is_empty() {
             validate_url(hook).map_err(|e| bad("notifications.webhook_url", e))?;
@@ -470,6 +624,7 @@ pub struct NodeConfig {
     pub store: StoreSection,
     pub serve: ServeSection,
     pub events: NodeEventsSection,
+    pub deltas: NodeDeltasSection,
     pub limits: LimitsSection,
     pub log: LogSection,
 }
@@ -819,6 +974,7 @@ impl NodeConfig {
                 format!("must be 1 to 1000 (got {})", self.cache.retain_revisions),
             ));
         }
+        self.deltas.limits().validate()?;
         Ok(())
     }
 }
@@ -860,25 +1016,38 @@ impl std::fmt::Display for Role {
 /// is parsed for its role).
 pub fn infer_role(text: &str) -> Result<Role, ConfigError> {
     let table: toml::Table = toml::from_str(text).map_err(|e| toml_error(text, &e))?;
-    let events = table.get("events").and_then(|v| v.as_table());
-    // What in the file belongs to each role, named as a message would name it.
-    let said = |sections: &[&str], event_keys: &[&str]| -> Vec<String> {
+    // What in the file belongs to each role, named as a message would name it: its own
+    // sections, and its own keys of the sections both roles have.
+    let said = |sections: &[&str], keys: &[(&str, &[&str])]| -> Vec<String> {
         let mut out: Vec<String> = sections
             .iter()
             .filter(|k| table.contains_key(**k))
             .map(|k| format!("[{k}]"))
             .collect();
-        out.extend(
-            event_keys
-                .iter()
-                .filter(|k| events.is_some_and(|t| t.contains_key(**k)))
-                .map(|k| format!("events.{k}")),
-        );
+        for (section, names) in keys {
+            let within = table.get(*section).and_then(|v| v.as_table());
+            out.extend(
+                names
+                    .iter()
+                    .filter(|k| within.is_some_and(|t| t.contains_key(**k)))
+                    .map(|k| format!("{section}.{k}")),
+            );
+        }
         out
     };
-    let manager = said(&["manager", "notifications"], &MANAGER_EVENTS_KEYS);
-    // `[limits]` and `[log]` belong to both roles and decide nothing.
-    let node = said(&["node", "upstream", "cache", "serve"], &NODE_EVENTS_KEYS);
+    let manager = said(
+        &["manager", "notifications"],
+        &[
+            ("events", &MANAGER_EVENTS_KEYS),
+            ("deltas", &MANAGER_DELTAS_KEYS),
+        ],
+    );
+    // `[limits]`, `[log]`, `[store]` and the rest of `[deltas]` belong to both roles and
+    // decide nothing.
+    let node = said(
+        &["node", "upstream", "cache", "serve"],
+        &[("events", &NODE_EVENTS_KEYS)],
+    );
     match (manager.is_empty(), node.is_empty()) {
         (false, true) => Ok(Role::Manager),
         (true, false) => Ok(Role::Node),
@@ -1233,6 +1402,40 @@ mod tests {
         assert_eq!(m.events.retain_days, 30);
         assert_eq!(m.events.max_count, DEFAULT_MAX_EVENTS);
         m.validate().unwrap();
+    }
+
+    #[test]
+    fn delta_bounds_are_checked_naming_the_key() {
+        let mut m = ManagerConfig::default();
+        assert_eq!(m.deltas.from_versions, 3);
+        m.deltas.from_versions = 0;
+        m.validate().unwrap();
+        m.deltas.from_versions = 17;
+        let e = m.validate().unwrap_err();
+        assert_eq!(e.key, "deltas.from_versions");
+        assert!(e.message.contains("16"), "{e}");
+        m = ManagerConfig::default();
+        m.deltas.max_item_bytes = (1 << 30) + 1;
+        assert_eq!(m.validate().unwrap_err().key, "deltas.max_item_bytes");
+        let mut n = NodeConfig::default();
+        n.deltas.max_concurrent = 2000;
+        assert_eq!(n.validate().unwrap_err().key, "deltas.max_concurrent");
+        n = NodeConfig::default();
+        n.deltas.max_waiting = 10_001;
+        assert_eq!(n.validate().unwrap_err().key, "deltas.max_waiting");
+        // `from_versions` is the manager's: it tells the role, and a node refuses it.
+        assert_eq!(
+            infer_role("[deltas]\nfrom_versions = 1\n"),
+            Ok(Role::Manager)
+        );
+        assert_eq!(
+            infer_role("[node]\n[deltas]\nmax_waiting = 1\n"),
+            Ok(Role::Node)
+        );
+        let e = parse::<NodeConfig>("[deltas]\nfrom_versions = 1\n").unwrap_err();
+        assert_eq!(e.key, "deltas.from_versions");
+        let e = infer_role("[node]\n[deltas]\nfrom_versions = 1\n").unwrap_err();
+        assert!(e.message.contains("deltas.from_versions"), "{e}");
     }
 
     #[test]

@@ -444,7 +444,24 @@ impl Slots {
             self.assign(client, revision, current.available_at, window_s, now, true)?;
             return Ok(None);
         }
-        let slot = self.slot(client, revision, current.available_at, window_s, now)?;
+        // A revision that only lists deltas keeps the slots of the ones it amends: a client
+        // given one there keeps it (the door, `admit`, uses the earliest revision's too).
+        let mut kept = None;
+        for earlier in history
+            .revisions()
+            .rev()
+            .skip(1)
+            .take_while(|r| current.catalog.only_deltas_differ(&r.catalog))
+        {
+            let (rev, at) = (earlier.catalog.revision, earlier.available_at);
+            if let Some(t) = self.held(client, rev, at, window_s, now)? {
+                kept = Some(t);
+            }
+        }
+        let slot = match kept {
+            Some(t) => (t > now).then_some(t),
+            None => self.slot(client, revision, current.available_at, window_s, now)?,
+        };
         Ok(slot.map(|not_before| DownloadSlot {
             catalog_revision: revision,
             not_before,
@@ -503,6 +520,13 @@ impl Slots {
         if !settings.randomization.enabled || window_s == 0 {
             return Ok(());
         }
+        // A listed delta waits for the slot of the item it rebuilds, as that item would.
+        let digest = match history.find(digest) {
+            Some(_) => digest,
+            None => history
+                .find_delta(digest)
+                .map_or(digest, |(_, item, _)| &item.sha256),
+        };
         // (revision, available_at) of every retained revision holding the blob, oldest first.
         let mut holding = Vec::new();
         for rev in history.revisions() {

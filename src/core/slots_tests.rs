@@ -306,6 +306,54 @@ fn the_door_makes_a_client_wait_for_its_slot_and_then_lets_it_in() {
 }
 
 #[test]
+fn a_listed_delta_waits_for_the_slot_of_the_item_it_rebuilds() {
+    let (d, mut h) = world();
+    let set = d.effective("default", None);
+    let s = slots(&MemoryLog::default());
+    let t0 = Utc::now();
+    let defs = publish(&mut h, "defs", false, t0);
+    let waiting = a_waiting_client(&s, &set, &h, t0);
+    let delta = Digest::of(b"a delta to defs");
+    let listed = crate::core::catalog::DeltaRef {
+        from_sha256: Digest::of(b"defs 0"),
+        sha256: delta,
+        size: 1,
+    };
+    h.set_deltas("defs", &defs, vec![listed]).unwrap();
+    // The client's slot is the one revision 1 gave it, for the item and its delta alike.
+    let slot = |digest: &Digest| match s.admit(&waiting, digest, &set, &h, t0) {
+        Err(SlotError::BeforeSlot {
+            revision,
+            not_before,
+            ..
+        }) => Some((revision, not_before)),
+        _ => None,
+    };
+    let of_item = slot(&defs).unwrap();
+    assert_eq!(of_item.0, 1);
+    assert_eq!(slot(&delta), Some(of_item));
+    assert!(s.admit(&waiting, &delta, &set, &h, t0 + secs(60)).is_ok());
+    // Its heartbeat names the same slot under the new revision, and so does the next one.
+    for t in [t0, t0 + secs(1)] {
+        let hb = s
+            .for_heartbeat(&waiting, Some(0), &set, &h, t)
+            .unwrap()
+            .unwrap();
+        assert_eq!((hb.catalog_revision, hb.not_before), (2, of_item.1));
+    }
+    // A client first seen after the delta revision gets one slot, which the door agrees with.
+    let late = s
+        .for_heartbeat("late", Some(0), &set, &h, t0)
+        .unwrap()
+        .unwrap();
+    match s.admit("late", &delta, &set, &h, t0) {
+        Err(SlotError::BeforeSlot { not_before, .. }) => assert_eq!(not_before, late.not_before),
+        Ok(()) => assert!(late.not_before <= t0),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+#[test]
 fn urgent_items_never_wait_and_give_no_slot() {
     let (d, mut h) = world();
     let set = d.effective("default", None);

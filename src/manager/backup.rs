@@ -58,6 +58,10 @@ use crate::store::{ReadGuard, Store, StoreError, FORMAT};
 /// The tree of the catalog history: `catalog.json` in a backup, not among its records.
 pub const CATALOG_TREE: &str = "catalog";
 
+/// The delta engine's records, left out of a backup: they are cache, and the edge deltas they
+/// name are not in it (the deltas the catalog lists are, with the catalog's blobs).
+const DELTAS_TREE: &str = crate::serve::delta::TREE;
+
 /// Bytes per chunk of the streamed archive.
 const CHUNK: usize = 256 << 10;
 /// Chunks queued for the client at most.
@@ -191,7 +195,7 @@ async fn capture(m: &Arc<Manager>, with_content: bool) -> Result<Captured, ApiEr
     let scratch = store.scratch_file()?;
     let (export, out, first) = tokio::task::spawn_blocking(move || {
         let mut out = BufWriter::with_capacity(CHUNK, scratch);
-        let n = export.write_records(&mut out, &[CATALOG_TREE]);
+        let n = export.write_records(&mut out, &[CATALOG_TREE, DELTAS_TREE]);
         (export, out, n)
     })
     .await
@@ -212,7 +216,7 @@ async fn capture(m: &Arc<Manager>, with_content: bool) -> Result<Captured, ApiEr
     };
     let (records, records_len, record_count) = tokio::task::spawn_blocking(move || {
         let mut out = out;
-        let journal = recorded.write(&mut out, &[CATALOG_TREE])?;
+        let journal = recorded.write(&mut out, &[CATALOG_TREE, DELTAS_TREE])?;
         let mut file = out
             .into_inner()
             .map_err(|e| BackupFailure::Scratch(e.into_error()))?;

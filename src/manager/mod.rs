@@ -12,6 +12,7 @@
 mod admin;
 pub mod applications;
 pub mod backup;
+mod deltas;
 pub mod enrol;
 pub mod events;
 mod migrate;
@@ -131,6 +132,10 @@ pub struct Manager {
     tally: RwLock<status_page::Tally>,
     /// Wakes the garbage collection after a catalog change (`upkeep`).
     catalog_changed: tokio::sync::Notify,
+    /// Wakes the listing of deltas after a publish (`deltas`).
+    deltas_wanted: tokio::sync::Notify,
+    /// `deltas.from_versions`: the earlier versions a new one gets a delta from.
+    delta_from_versions: usize,
     /// `[store]`: the background scrub.
     scrub: crate::store::scrub::ScrubOptions,
     /// TLS of the port, when it speaks TLS (a reload swaps the certificate).
@@ -202,6 +207,7 @@ impl Manager {
                 memory_item_max_bytes: crate::core::config::DEFAULT_MEMORY_ITEM_MAX_BYTES,
                 limits: config.limits.clone(),
                 credential_key: Some(catalog_key.public()),
+                deltas: config.deltas.limits(),
             },
         )?;
         Ok(Arc::new(Manager {
@@ -228,6 +234,8 @@ impl Manager {
             history: Default::default(),
             tally: Default::default(),
             catalog_changed: tokio::sync::Notify::new(),
+            deltas_wanted: tokio::sync::Notify::new(),
+            delta_from_versions: config.deltas.from_versions,
             scrub: crate::store::scrub::ScrubOptions {
                 interval: std::time::Duration::from_secs(config.store.scrub_interval_s),
                 bytes_per_sec: config.store.scrub_bytes_per_sec,
@@ -270,6 +278,7 @@ impl Manager {
                     .scrub_loop(self.scrub, Arc::new(upkeep)),
             ),
             tokio::spawn(self.clone().collect_loop()),
+            tokio::spawn(self.clone().deltas_loop()),
             tokio::spawn(match self.certs.clone() {
                 Some(c) => futures_util::future::Either::Left(tls::watch(c, tls::WATCH_INTERVAL)),
                 None => futures_util::future::Either::Right(std::future::ready(())),

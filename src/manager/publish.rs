@@ -122,6 +122,8 @@ pub async fn publish(
         });
         // A blob may have left the retained revisions.
         m.catalog_changed.notify_one();
+        // The new version's deltas are computed in the background: this answer does not wait.
+        m.deltas_wanted.notify_one();
     }
     let version = q
         .version

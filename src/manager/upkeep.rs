@@ -1,5 +1,5 @@
-//! Upkeep of the manager's store: garbage collection of blobs no retained revision lists, and
-//! what follows when the scrub finds a blob rotten.
+//! Upkeep of the manager's store: garbage collection of blobs no retained revision lists (nor
+//! an edge delta to an item of one), and what follows when the scrub finds a blob rotten.
 //!
 //! Owns the collection ([`Manager::collect`]: under the publish lock, so a blob stored for a
 //! publish that has not reached the catalog yet is never taken; a blob some response is
@@ -9,7 +9,8 @@
 //! is dropped from the hot cache, counted (`gup_scrub_failures_total`), and raises one admin
 //! notification of kind `content_corrupt` naming the item, damped per blob. The cure is to
 //! publish the same bytes again, which stores the blob again under the same revision. It must
-//! never remove a blob a retained revision lists.
+//! never remove a blob a retained revision lists (an item's or a delta's), nor an edge delta whose
+//! `to` is in one.
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -37,19 +38,38 @@ impl Manager {
         }
     }
 
-    /// Removes every stored blob no retained revision lists and no response reads; returns
-    /// how many blobs and bytes went.
+    /// Removes every stored blob no retained revision lists, that is no edge delta to an
+    /// item of one, and that no response reads; returns how many blobs and bytes went.
     pub(super) async fn collect(&self) -> (usize, u64) {
         let _guard = self.publish_lock.lock().await;
         let store = &self.served.store;
+        // Listed before asking what is in use: a blob made visible under a reservation (a
+        // delta on its way to its record) is then always seen in use.
+        let blobs = store.list();
         let in_use = store.in_use();
+        let deltas = &self.served.deltas;
         let victims: Vec<(Digest, u64)> = match self.served.catalog() {
-            Ok(history) => store
-                .list()
-                .into_iter()
-                .filter(|(d, _)| !history.contains(d) && !in_use.contains(d))
-                .map(|(d, m)| (d, m.size))
-                .collect(),
+            Ok(history) => {
+                // Edge deltas whose `to` left the retained revisions go with their records;
+                // the others are kept like the catalog's blobs.
+                let edge = deltas
+                    .prune(|to| history.contains(to))
+                    .and_then(|_| deltas.recorded_blobs());
+                let edge: std::collections::HashSet<Digest> = match edge {
+                    Ok(recorded) => recorded.into_iter().map(|(d, _)| d).collect(),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not read the delta records; nothing collected");
+                        return (0, 0);
+                    }
+                };
+                blobs
+                    .into_iter()
+                    .filter(|(d, _)| {
+                        !history.contains(d) && !edge.contains(d) && !in_use.contains(d)
+                    })
+                    .map(|(d, m)| (d, m.size))
+                    .collect()
+            }
             Err(_) => return (0, 0),
         };
         let (mut blobs, mut bytes) = (0, 0);
@@ -135,6 +155,8 @@ impl ScrubSink for Upkeep {
         };
         m.served.metrics.scrub_failures.inc();
         m.served.hot.remove(&c.digest);
+        // A listed delta that was rotten is computed again (the same bytes).
+        m.deltas_wanted.notify_one();
         tokio::spawn(async move { m.corrupt_found(c).await });
     }
 }

@@ -1,10 +1,13 @@
 //! Eviction: which blobs leave the store when it is over its disk budget, and when.
 //!
 //! Owns the ranking ([`plan`]: blobs in no retained catalog revision go first, least recently
-//! read first, then blobs only the older retained revisions hold, oldest revision first;
-//! items of the current revision and blobs a response is reading are never chosen) and the
-//! node's loop that removes what the plan names, through `store`, after every stored blob and
-//! catalog change. It must never remove a blob the plan did not name.
+//! read first (edge deltas among them: they are cache), then blobs only the older retained
+//! revisions hold, oldest revision first; items of the current revision, the deltas they list
+//! and blobs a response is reading are never chosen) and the node's loop that removes what
+//! the plan names, through `store`, after every stored blob and catalog change, and with them
+//! the records of the edge deltas that went (and the edge deltas whose `to` left the catalog).
+//! It must never remove a blob the plan did not name, except an edge delta no client may ask
+//! for any more.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -74,14 +77,22 @@ pub fn plan(
     if total <= target {
         return Vec::new();
     }
-    // digest -> position of the newest retained revision holding it (higher = newer).
+    // digest -> position of the newest retained revision holding it (higher = newer). An
+    // item's listed deltas rank with it.
     let mut newest: HashMap<Digest, usize> = HashMap::new();
     for (i, rev) in history.revisions().enumerate() {
         for item in &rev.catalog.items {
-            newest.insert(item.sha256, i);
+            for (d, _) in item.blobs() {
+                newest.insert(d, i);
+            }
         }
     }
-    let current: HashSet<Digest> = history.current().items.iter().map(|i| i.sha256).collect();
+    let current: HashSet<Digest> = history
+        .current()
+        .items
+        .iter()
+        .flat_map(|i| i.blobs().map(|(d, _)| d))
+        .collect();
     let mut candidates: Vec<(u8, usize, i64, Digest, u64)> = blobs
         .iter()
         .filter(|(d, _)| !current.contains(d) && !in_use.contains(d))
@@ -118,12 +129,44 @@ impl Node {
     pub(super) async fn evict_loop(self: Arc<Self>) {
         let mut changed = self.catalog_changed.subscribe();
         loop {
+            self.drop_stale_deltas().await;
             self.enforce_budget(0).await;
             tokio::select! {
                 _ = self.fetches.stored.notified() => {}
                 _ = changed.changed() => {}
                 _ = tokio::time::sleep(self.sync_interval) => {}
                 _ = self.shutdown.clone().wait() => return,
+            }
+        }
+    }
+
+    /// Removes the edge deltas whose `to` left the retained catalog, with their records: no
+    /// client may ask for them any more.
+    async fn drop_stale_deltas(&self) {
+        let stale = match self.served.catalog.read() {
+            Ok(history) => self.served.deltas.prune(|to| history.contains(to)),
+            Err(_) => return,
+        };
+        let stale = match stale {
+            Ok(stale) => stale,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not prune the delta records");
+                return;
+            }
+        };
+        for digest in stale {
+            // Never one the catalog lists (a delta an item lists is fetched, not computed),
+            // nor one a response reads (it stays an orphan, evicted later).
+            let listed = self.served.catalog().is_ok_and(|h| h.contains(&digest));
+            if listed || self.served.store.in_use().contains(&digest) {
+                continue;
+            }
+            self.served.hot.remove(&digest);
+            match self.served.store.remove(&digest).await {
+                Ok(()) => tracing::debug!(%digest, "edge delta removed: its `to` left the catalog"),
+                Err(e) => {
+                    tracing::warn!(%digest, error = %e, "could not remove a stale edge delta")
+                }
             }
         }
     }
@@ -145,6 +188,10 @@ impl Node {
                 Ok(()) => {
                     // A cached mapping would keep the unlinked file's space until dropped.
                     self.served.hot.remove(&digest);
+                    // An edge delta that went is computed again when next asked for.
+                    if let Err(e) = self.served.deltas.forget_blob(&digest) {
+                        tracing::warn!(%digest, error = %e, "could not drop an evicted delta's record");
+                    }
                     evicted += 1;
                     tracing::debug!(%digest, "evicted");
                 }
@@ -224,6 +271,39 @@ mod tests {
         // A blob being read is skipped.
         let busy: HashSet<Digest> = [d("orphan-old")].into_iter().collect();
         assert!(!plan(&blobs, &h, &busy, 30).contains(&d("orphan-old")));
+    }
+
+    #[test]
+    fn listed_deltas_rank_with_their_item_and_edge_deltas_go_first() {
+        let now = Utc::now();
+        let d = |s: &str| Digest::of(s.as_bytes());
+        let delta = |from: &str, blob: &str| crate::core::catalog::DeltaRef {
+            from_sha256: d(from),
+            sha256: d(blob),
+            size: 5,
+        };
+        let mut h = CatalogHistory::new(3);
+        h.publish("a", Some("1"), d("a1"), 10, false, now).unwrap();
+        h.publish("a", Some("2"), d("a2"), 10, false, now).unwrap();
+        h.set_deltas("a", &d("a2"), vec![delta("a1", "a1-a2")])
+            .unwrap();
+        h.publish("a", Some("3"), d("a3"), 10, false, now).unwrap();
+        h.set_deltas("a", &d("a3"), vec![delta("a2", "a2-a3")])
+            .unwrap();
+        let blobs = vec![
+            (d("a2"), meta(10, 100)),
+            (d("a1-a2"), meta(5, 100)),
+            (d("a3"), meta(10, 100)),
+            (d("a2-a3"), meta(5, 100)),
+            (d("edge"), meta(5, 1)),
+        ];
+        let none = HashSet::new();
+        let all = plan(&blobs, &h, &none, 0);
+        // The edge delta (in no revision) goes first, though read most recently; the current
+        // item's delta never goes; the older item's delta ranks with it.
+        assert_eq!(all[0], d("edge"));
+        assert!(!all.contains(&d("a2-a3")) && !all.contains(&d("a3")));
+        assert!(all.contains(&d("a1-a2")) && all.contains(&d("a2")));
     }
 
     #[test]

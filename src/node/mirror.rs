@@ -4,7 +4,8 @@
 //! holds to its upstream, or every `upstream.sync_interval_s` in pull mode), persisting the
 //! mirror so a restart serves what it had, telling the node's own push clients what changed,
 //! and prefetching new catalog items at the prefetch slot the upstream gives this node (the
-//! moment a new revision becomes available to the node's own clients). It must never accept a
+//! moment a new revision becomes available to the node's own clients), with the deltas they
+//! list (a revision that only lists deltas asks for no new slot). It must never accept a
 //! directory that fails its checks or a catalog that goes backwards, and never prefetch a
 //! non-urgent item before its slot.
 
@@ -16,6 +17,7 @@ use chrono::{DateTime, Utc};
 use super::upstream::{Picked, Synced};
 use super::{Node, NodeError, CATALOG_KEY, DIRECTORY_KEY};
 use crate::core::catalog::{Catalog, CatalogItem};
+use crate::core::digest::Digest;
 use crate::core::fault::Internal;
 use crate::core::proto::{directory_changes, Change, PrefetchSlotRequest};
 
@@ -173,7 +175,15 @@ impl Node {
     /// without `/v1/node/slot`, silence) means now: no worse than before slots.
     async fn prefetch_moment(&self, at: &Picked, catalog: &Catalog) -> DateTime<Utc> {
         let now = Utc::now();
-        let have = self.served.catalog().map_or(0, |c| c.revision());
+        let (have, only_deltas) = self.served.catalog().map_or((0, false), |c| {
+            let current = c.current();
+            (c.revision(), catalog.only_deltas_differ(&current))
+        });
+        if only_deltas && have > 0 {
+            // A revision that only lists deltas keeps the moment of the one it amends (the
+            // history does that itself): no new slot to ask for.
+            return now;
+        }
         let waits = self.prefetch
             && self.prefetch_window_s > 0
             && catalog.revision > have
@@ -214,8 +224,9 @@ impl Node {
         at
     }
 
-    /// Fetches every item of the current catalog the store lacks, whenever it changes: urgent
-    /// items at once, the others from the revision's prefetch slot (its `available_at`) on.
+    /// Fetches every blob of the current catalog the store lacks (each item's bytes, then the
+    /// deltas it lists), whenever it changes: those of urgent items at once, the others from
+    /// the revision's prefetch slot (its `available_at`) on.
     pub(super) async fn prefetch_loop(self: Arc<Self>) {
         if !self.prefetch {
             return;
@@ -224,28 +235,28 @@ impl Node {
         loop {
             let (wanted, slot) = match self.served.catalog.read() {
                 Ok(c) => (
-                    c.current()
-                        .items
-                        .into_iter()
-                        .filter(|i| !self.served.store.contains(&i.sha256))
-                        .collect(),
+                    c.current().items.iter().flat_map(Wanted::of).collect(),
                     c.revisions().last().map(|r| r.available_at),
                 ),
                 Err(_) => (Vec::new(), None),
             };
+            let wanted: Vec<Wanted> = wanted
+                .into_iter()
+                .filter(|w: &Wanted| !self.served.store.contains(&w.sha256))
+                .collect();
             let early = slot.is_some_and(|t| t > Utc::now());
-            let (now, later): (Vec<CatalogItem>, Vec<CatalogItem>) =
-                wanted.into_iter().partition(|i| i.urgent || !early);
+            let (now, later): (Vec<Wanted>, Vec<Wanted>) =
+                wanted.into_iter().partition(|w| w.urgent || !early);
             for item in now {
-                tracing::debug!(sha256 = %item.sha256, "prefetching");
+                tracing::debug!(sha256 = %item.sha256, delta = item.delta, "prefetching");
                 self.enforce_budget(item.size).await;
                 // Whatever the budget says, the filesystem keeps cache.min_free_bytes.
                 if let Some(e) = self.fetches.below_min_free(&item.sha256, item.size) {
-                    tracing::warn!(name = %item.name, sha256 = %item.sha256, error = %e, "not prefetched: no room on the disk; will retry");
+                    tracing::warn!(name = %item.name, sha256 = %item.sha256, delta = item.delta, error = %e, "not prefetched: no room on the disk; will retry");
                     continue;
                 }
                 if let Err(e) = self.fetches.fetch(item.sha256, item.size).await {
-                    tracing::warn!(name = %item.name, sha256 = %item.sha256, error = %e, "prefetch failed; will retry");
+                    tracing::warn!(name = %item.name, sha256 = %item.sha256, delta = item.delta, error = %e, "prefetch failed; will retry");
                 }
             }
             let wait = match (later.is_empty(), slot) {
@@ -258,5 +269,30 @@ impl Node {
                 _ = self.shutdown.clone().wait() => return,
             }
         }
+    }
+}
+
+/// One blob the prefetch wants: an item's bytes or a delta it lists, with the item's urgency.
+struct Wanted {
+    name: String,
+    sha256: Digest,
+    size: u64,
+    urgent: bool,
+    /// A delta the item lists (for the logs).
+    delta: bool,
+}
+
+impl Wanted {
+    /// The blobs `item` brings into the catalog, its own first.
+    fn of(item: &CatalogItem) -> Vec<Wanted> {
+        item.blobs()
+            .map(|(sha256, size)| Wanted {
+                name: item.name.clone(),
+                sha256,
+                size,
+                urgent: item.urgent,
+                delta: sha256 != item.sha256,
+            })
+            .collect()
     }
 }

@@ -215,6 +215,7 @@ impl Node {
                 memory_item_max_bytes: config.cache.memory_item_max_bytes,
                 limits: config.limits.clone(),
                 credential_key: catalog_key.clone(),
+                deltas: config.deltas.limits(),
             },
         )?;
         Ok(Arc::new(Node {

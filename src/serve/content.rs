@@ -122,7 +122,7 @@ pub trait Fetcher: Send + Sync + 'static {
 
 impl Served {
     /// The slot gate: a named client asking before its slot gets 429 (counted).
-    fn admit_download(
+    pub(super) fn admit_download(
         &self,
         client: &str,
         placement: Option<Placement>,
@@ -187,19 +187,39 @@ pub async fn content(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let s = &api.served;
-    let digest: Digest = sha256.parse().map_err(|reason| ServeError::BadDigest {
-        given: sha256.clone(),
-        reason,
-    })?;
-    let size = match s.catalog()?.find(&digest) {
-        Some((_, item)) => item.size,
-        None => return Err(ServeError::NotInCatalog(digest).into()),
+    let digest = parse_digest(&sha256)?;
+    // An item's bytes or a delta an item lists: both are in the catalog.
+    let Some(size) = s.catalog()?.size_of(&digest) else {
+        return Err(ServeError::NotInCatalog(digest).into());
     };
     let etag = format!("\"{digest}\"");
     // Conditionals are decided before any byte is fetched: a client that has it needs nothing.
     if if_none_match(&headers, &etag) {
         return Ok(not_modified(&etag, BLOB_CACHE));
     }
+    let permit = admit_download(&api, peer, &method, &headers, &digest)?;
+    send_blob(s, digest, size, Fetch::Allowed, permit, &method, &headers).await
+}
+
+/// A digest from a path: 64 lower-case hex, else 400 naming what is wrong with it.
+pub(super) fn parse_digest(given: &str) -> Result<Digest, ServeError> {
+    given.parse().map_err(|reason| ServeError::BadDigest {
+        given: given.to_string(),
+        reason,
+    })
+}
+
+/// The door of a download of `gate`'s bytes (or of a delta to them): a named client asking
+/// before its slot gets 429, and beyond `serve.max_concurrent_downloads` a GET gets 503. The
+/// permit it returns is the response's to hold.
+pub(super) fn admit_download(
+    api: &Api,
+    peer: std::net::SocketAddr,
+    method: &Method,
+    headers: &HeaderMap,
+    gate: &Digest,
+) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, ApiError> {
+    let s = &api.served;
     if let Some(value) = headers.get("x-gup-client-id") {
         let client = value.to_str().map_err(|_| Invalid {
             field: "x-gup-client-id".into(),
@@ -213,21 +233,40 @@ pub async fn content(
             // A client never seen gets a slot recorded now: that costs its address one of
             // its new client ids.
             let placement = api.admit(client, peer.ip())?;
-            s.admit_download(client, placement, &digest)?;
+            s.admit_download(client, placement, gate)?;
         }
     }
-    let permit = match (&s.downloads, method == Method::GET) {
+    match (&s.downloads, method == Method::GET) {
         (Some(sem), true) => match sem.clone().try_acquire_owned() {
-            Ok(p) => Some(p),
-            Err(_) => {
-                return Err(ServeError::AtCapacity {
-                    retry_after_s: rand::random_range(1..=5),
-                }
-                .into())
+            Ok(p) => Ok(Some(p)),
+            Err(_) => Err(ServeError::AtCapacity {
+                retry_after_s: rand::random_range(1..=5),
             }
+            .into()),
         },
-        _ => None,
-    };
+        _ => Ok(None),
+    }
+}
+
+/// Whether a blob missing from the store may be fetched through the role's [`Fetcher`]:
+/// only one the catalog lists (an edge delta is this server's own and never upstream's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Fetch {
+    Allowed,
+    Never,
+}
+
+/// Answers with the blob `digest` of `size` bytes: from the hot cache, the store, or (with
+/// [`Fetch::Allowed`]) a fetch still arriving.
+pub(super) async fn send_blob(
+    s: &Arc<Served>,
+    digest: Digest,
+    size: u64,
+    fetch: Fetch,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    method: &Method,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
     if let Some((body, stored_at)) = s.hot.get(&digest) {
         // The eviction order learns of the read, and the store says the copy is of the blob
         // it holds now: a copy of a blob the scrub found rotten (or that left the store, or
@@ -238,7 +277,7 @@ pub async fn content(
         {
             s.metrics.cache_hits.inc();
             let source = Source::Stored(body, ServedFrom::Memory, permit);
-            return blob_response(s, source, size, &digest, &method, &headers).await;
+            return blob_response(s, source, size, &digest, method, headers).await;
         }
         s.hot.remove(&digest);
     }
@@ -251,7 +290,7 @@ pub async fn content(
             found
         }
         None => {
-            let Some(fetcher) = &s.fetcher else {
+            let (Some(fetcher), Fetch::Allowed) = (&s.fetcher, fetch) else {
                 return Err(ServeError::NotStored(digest).into());
             };
             s.metrics.cache_misses.inc();
@@ -267,7 +306,7 @@ pub async fn content(
                         progress,
                         permit,
                     };
-                    return blob_response(s, source, size, &digest, &method, &headers).await;
+                    return blob_response(s, source, size, &digest, method, headers).await;
                 }
             }
         }
@@ -277,7 +316,7 @@ pub async fn content(
     }
     let size = open.meta.size;
     let source = Source::Stored(open.bytes, ServedFrom::Disk, permit);
-    blob_response(s, source, size, &digest, &method, &headers).await
+    blob_response(s, source, size, &digest, method, headers).await
 }
 
 /// The bytes behind a content response.

@@ -33,6 +33,36 @@ fn duration_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 16))
 }
 
+/// Buckets of `gup_delta_seconds`: 10 ms doubling to about 80 s (14 buckets): a delta of a
+/// few MiB takes milliseconds, one between two 1 GiB versions tens of seconds.
+fn delta_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.01, 2.0, 14))
+}
+
+/// How `GET /v1/delta/{from}/{to}` was answered (`gup_delta_answers_total{answer}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeltaAnswer {
+    /// With a delta the catalog lists.
+    Listed = 0,
+    /// With a delta this server computed (or had computed before) at the edge.
+    Edge = 1,
+    /// 404 `no_delta`.
+    None = 2,
+}
+
+impl DeltaAnswer {
+    const ALL: [DeltaAnswer; 3] = [DeltaAnswer::Listed, DeltaAnswer::Edge, DeltaAnswer::None];
+
+    /// The `answer` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeltaAnswer::Listed => "listed",
+            DeltaAnswer::Edge => "edge",
+            DeltaAnswer::None => "none",
+        }
+    }
+}
+
 /// `gup_request_duration_seconds`: one histogram per route.
 type Durations = Family<Vec<(String, String)>, Histogram, fn() -> Histogram>;
 
@@ -141,6 +171,20 @@ pub struct Metrics {
     pub scrub_failures: Counter,
     /// Bytes the scrub read back and found matching.
     pub scrub_bytes: Counter,
+    /// Deltas computed and stored (listed on the catalog by a manager, or at the edge).
+    pub deltas_computed: Counter,
+    /// Delta computations whose delta would have been larger than half the new version.
+    pub deltas_unworthy: Counter,
+    /// Seconds each delta computation took (its time waiting for a turn not counted).
+    pub delta_seconds: Histogram,
+    /// Delta computations waiting for a turn (`deltas.max_concurrent`).
+    pub deltas_waiting: Gauge,
+    /// Edge delta requests refused with 503 because `deltas.max_waiting` were waiting.
+    pub deltas_busy: Counter,
+    /// Deltas a manager listed on catalog items.
+    pub deltas_listed: Counter,
+    /// `GET /v1/delta` answers by [`DeltaAnswer`].
+    delta_answers: [Counter; 3],
 }
 
 impl Default for Metrics {
@@ -262,6 +306,53 @@ impl Metrics {
             "Bytes the scrub read back and found matching",
             scrub_bytes.clone(),
         );
+        let deltas_computed = Counter::default();
+        registry.register(
+            "gup_deltas_computed",
+            "Deltas computed and stored (listed on the catalog, or at the edge)",
+            deltas_computed.clone(),
+        );
+        let deltas_unworthy = Counter::default();
+        registry.register(
+            "gup_deltas_unworthy",
+            "Delta computations whose delta would have been larger than half the new version",
+            deltas_unworthy.clone(),
+        );
+        let delta_seconds = delta_histogram();
+        registry.register(
+            "gup_delta_seconds",
+            "Seconds each delta computation took",
+            delta_seconds.clone(),
+        );
+        let deltas_waiting = Gauge::default();
+        registry.register(
+            "gup_deltas_waiting",
+            "Delta computations waiting for a turn (deltas.max_concurrent)",
+            deltas_waiting.clone(),
+        );
+        let deltas_busy = Counter::default();
+        registry.register(
+            "gup_deltas_busy",
+            "Edge delta requests refused with 503: deltas.max_waiting were waiting",
+            deltas_busy.clone(),
+        );
+        let deltas_listed = Counter::default();
+        registry.register(
+            "gup_deltas_listed",
+            "Deltas the manager listed on catalog items",
+            deltas_listed.clone(),
+        );
+        let answers = Family::<Vec<(String, String)>, Counter>::default();
+        registry.register(
+            "gup_delta_answers",
+            "GET /v1/delta answers: with a listed delta, an edge delta, or none (404)",
+            answers.clone(),
+        );
+        let delta_answers = DeltaAnswer::ALL.map(|a| {
+            answers
+                .get_or_create(&vec![("answer".to_string(), a.as_str().to_string())])
+                .clone()
+        });
         let upstream_up = Family::<Vec<(String, String)>, Gauge>::default();
         registry.register(
             "gup_upstream_up",
@@ -359,6 +450,13 @@ impl Metrics {
             events_expired,
             scrub_failures,
             scrub_bytes,
+            deltas_computed,
+            deltas_unworthy,
+            delta_seconds,
+            deltas_waiting,
+            deltas_busy,
+            deltas_listed,
+            delta_answers,
             stream_clients,
             slot_deferrals,
             events_queued,
@@ -428,6 +526,11 @@ impl Metrics {
             total: self.served_bytes.clone(),
             source: self.bytes_from[from as usize].clone(),
         }
+    }
+
+    /// Counts one `GET /v1/delta` answer.
+    pub fn delta_answered(&self, answer: DeltaAnswer) {
+        self.delta_answers[answer as usize].inc();
     }
 
     /// The `gup_outbox_bytes` gauge of one lane.

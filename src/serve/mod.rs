@@ -1,21 +1,22 @@
 //! Layer 4: the one client API that manager and node both serve.
 //!
-//! Owns every client endpoint — heartbeat, catalog, content, settings, policy, stream, events,
-//! applications, `/v1/sync` and the node-token batches — written once over a [`Role`], the
-//! narrow interface that says where a role places clients and where accepted uploads go. Both
-//! roles answer heartbeats with the same settings and the same `download_slot`, gate content
-//! with the same slot policy (`core::slots`), and file events under the same placement. It
-//! reads blobs from `store` only; when a blob in the catalog is missing it asks the role's
-//! [`content::Fetcher`] (a node's upstream) to bring it into the store. The `[limits]` it
-//! enforces itself (push streams and new client ids per address, stream age) change live on
-//! a reload ([`set_limits`], which also hands the connection limits to the accept loop's
-//! [`crate::http::limits::LiveLimits`]). It must never write
-//! to the store or talk to an upstream itself, and never serve a digest that is not in a
-//! retained catalog revision.
+//! Owns every client endpoint — heartbeat, catalog, content, deltas, settings, policy, stream,
+//! events, applications, `/v1/sync` and the node-token batches — written once over a
+//! [`Role`], the narrow interface that says where a role places clients and where accepted
+//! uploads go. Both roles answer heartbeats with the same settings and the same
+//! `download_slot`, gate content with the same slot policy (`core::slots`), and file events
+//! under the same placement. It reads blobs from `store` only; when a blob in the catalog is
+//! missing it asks the role's [`content::Fetcher`] (a node's upstream) to bring it into the
+//! store. The `[limits]` it enforces itself (push streams and new client ids per address,
+//! stream age) change live on a reload ([`set_limits`], which also hands the connection limits
+//! to the accept loop's [`crate::http::limits::LiveLimits`]). It must never talk to an
+//! upstream itself, never write to the store but the deltas it computes (`delta`), and never
+//! serve a digest that is neither in a retained catalog revision nor a delta to an item of one.
 
 pub mod clients;
 pub mod conditional;
 pub mod content;
+pub mod delta;
 pub mod documents;
 pub mod health;
 pub mod identity;
@@ -112,6 +113,8 @@ pub struct Served {
     pub identity: identity::Gate,
     /// Download starts of the current revision, for the status page.
     pub starts: crate::core::starts::Starts,
+    /// The delta engine (`deltas.*`): edge deltas, and the manager's listed ones.
+    pub deltas: Arc<delta::Deltas>,
 }
 
 /// How fast one address may introduce client ids this server never placed: a keyed rate
@@ -196,6 +199,8 @@ pub struct ServedOptions {
     /// The key client credentials verify with, when this server was given one (None: the
     /// one the mirrored directory names).
     pub credential_key: Option<crate::core::signing::PublicKey>,
+    /// How deltas are computed here (`[deltas]`).
+    pub deltas: crate::core::config::DeltaLimits,
 }
 
 impl Served {
@@ -211,7 +216,13 @@ impl Served {
         let slots = Slots::new(Box::new(KvSlotLog(store.kv("slots")?)));
         let node_slots = Slots::new(Box::new(KvSlotLog(store.kv("node_slots")?)));
         let limits = &opts.limits;
+        let deltas = Arc::new(delta::Deltas::new(
+            store.clone(),
+            opts.deltas,
+            metrics.clone(),
+        )?);
         Ok(Served {
+            deltas,
             streams: crate::http::slot::PerAddress::new(limits.max_streams_per_address),
             newcomers: Newcomers::new(limits.new_clients_per_minute),
             identity: identity::Gate::new(opts.credential_key.clone()),
@@ -310,6 +321,7 @@ pub fn router(api: Api, node_token: auth::Accepted) -> Router {
         .route("/metrics", get(health::metrics))
         .route("/v1/catalog", get(documents::catalog))
         .route("/v1/content/{sha256}", get(content::content))
+        .route("/v1/delta/{from}/{to}", get(delta::delta))
         .route("/v1/groups/{group}/settings", get(documents::settings))
         .route("/v1/groups/{group}/policy", get(documents::policy))
         .route("/v1/heartbeat", post(clients::heartbeat))

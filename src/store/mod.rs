@@ -521,6 +521,20 @@ impl Store {
         })
     }
 
+    /// Marks `digest` as in use before it is stored, until the guard drops: a blob this
+    /// process is about to store and then record elsewhere (a computed delta) must not be
+    /// collected or evicted in the moment between. Callers that choose what to remove list
+    /// the blobs before they ask [`Store::in_use`], so a blob that became visible under a
+    /// reservation is always seen in use.
+    pub fn reserve(&self, digest: &Digest) -> Option<ReadGuard> {
+        let mut r = self.inner.readers.lock().ok()?;
+        *r.entry(*digest).or_insert(0) += 1;
+        Some(ReadGuard {
+            store: self.clone(),
+            digest: *digest,
+        })
+    }
+
     /// A stored blob's file, opened for reading, with its size (checked against the
     /// index). Blocking.
     pub fn blob_file(&self, digest: &Digest) -> Result<(std::fs::File, u64), StoreError> {
@@ -541,6 +555,32 @@ impl Store {
             });
         }
         Ok((file, len))
+    }
+
+    /// The whole of a stored blob mapped read-only (never copied into memory), held in use
+    /// (safe from collection and eviction) while any slice of it lives; None when it is not
+    /// stored. Blocking. What a delta is computed from: both versions as slices.
+    pub fn map_blob(&self, digest: &Digest) -> Result<Option<bytes::Bytes>, StoreError> {
+        let Some(guard) = self.hold(digest) else {
+            return Ok(None);
+        };
+        let (file, len) = match self.blob_file(digest) {
+            Ok(found) => found,
+            Err(StoreError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(None)
+            }
+            Err(e) => return Err(e),
+        };
+        let len = usize::try_from(len).map_err(|_| StoreError::SizeMismatch {
+            expected: len,
+            actual: usize::MAX as u64,
+        })?;
+        // Blob files are never written after they are renamed into place: the contract of
+        // `zerocopy::map`.
+        let hold: Box<dyn Send> = Box::new(guard);
+        crate::sys::zerocopy::map(Arc::new(file), 0, len, Some(hold), false)
+            .map(Some)
+            .map_err(io(format!("mapping blob {digest}")))
     }
 
     /// A new temp file under `tmp/`, already unlinked: it is gone once the handle drops,
