@@ -102,6 +102,26 @@ fn sample_package() -> Vec<u8> {
     out
 }
 
+/// 4 KiB blocks of the sample that version 2 rewrites (of 1,024: 2%).
+const REWRITTEN_BLOCKS: usize = 20;
+/// Bytes version 2 appends.
+const APPENDED_BYTES: usize = 64 << 10;
+
+/// Version 2 of the sample: [`REWRITTEN_BLOCKS`] of its 4 KiB blocks rewritten at random
+/// places and [`APPENDED_BYTES`] appended, as a day's definitions change.
+fn second_version(v1: &[u8]) -> Vec<u8> {
+    let mut v2 = v1.to_vec();
+    let blocks = v1.len() / 4096;
+    for _ in 0..REWRITTEN_BLOCKS {
+        let at = rand::random_range(0..blocks) * 4096;
+        rand::fill(&mut v2[at..at + 4096]);
+    }
+    let mut tail = vec![0u8; APPENDED_BYTES];
+    rand::fill(&mut tail[..]);
+    v2.extend_from_slice(&tail);
+    v2
+}
+
 /// Runs the demo until `shutdown`; prints what happens on stdout.
 pub async fn run(opts: &DemoOptions, shutdown: Shutdown) -> Result<(), DemoError> {
     let data_dir = &opts.data_dir;
@@ -298,10 +318,11 @@ impl Story<'_> {
                 Some(&serde_json::json!({"group": "default", "expires": "1h"})),
             )
             .await?;
-        lt.enroll_token = enrolment
+        let enroll_token = enrolment
             .get("token")
             .and_then(|t| t.as_str())
             .map(str::to_string);
+        lt.enroll_token = enroll_token.clone();
         lt.progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
         let report = crate::loadtest::run(lt)
             .await
@@ -355,7 +376,108 @@ impl Story<'_> {
                 }
             }
         }
+        self.delta_round(&admin, bytes, &version, enroll_token)
+            .await?;
         Ok(digest.to_hex())
+    }
+
+    /// The second act: a version 2 that changes a few percent of the first; the manager
+    /// computes a delta, the node mirrors both, and a crowd of agents holding version 1 moves
+    /// only the delta. Prints the bytes against full downloads.
+    async fn delta_round(
+        &self,
+        admin: &AdminClient,
+        v1: Vec<u8>,
+        version: &str,
+        enroll_token: Option<String>,
+    ) -> Result<(), DemoError> {
+        let (opts, node_url) = (self.opts, self.node_url);
+        let v2 = second_version(&v1);
+        let (d1, d2) = (Digest::of(&v1), Digest::of(&v2));
+        let file: PathBuf = opts.data_dir.join("sample-definitions-2.bin");
+        tokio::fs::write(&file, &v2).await?;
+        let v2_version = format!("{version}.2");
+        let http = reqwest::Client::new();
+        let wan_before = metric(&http, node_url, "gup_upstream_bytes_total").await?;
+        let (_, published) = admin
+            .publish(&file, "sample-definitions", Some(&v2_version), false)
+            .await?;
+        say!(
+            "deltas: published {} {} ({} bytes), {} of its 4 KiB blocks rewritten and {} KiB appended",
+            published.name,
+            published.version,
+            published.size,
+            REWRITTEN_BLOCKS,
+            APPENDED_BYTES / 1024
+        );
+        let start = Instant::now();
+        let delta_size = loop {
+            let catalog: crate::core::catalog::Catalog = http
+                .get(format!("{node_url}/v1/catalog"))
+                .send()
+                .await?
+                .json()
+                .await?;
+            let listed = catalog
+                .items
+                .iter()
+                .find(|i| i.sha256 == d2)
+                .and_then(|i| i.deltas.iter().find(|d| d.from_sha256 == d1));
+            if let Some(d) = listed {
+                break d.size;
+            }
+            if start.elapsed() > Duration::from_secs(60) {
+                return Err(DemoError::Failed(
+                    "the manager listed no delta for version 2 in 60 s".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        say!(
+            "the manager computed a delta from version 1 ({delta_size} bytes, {:.1}% of the version) and listed it; the node mirrored it after {} ms",
+            delta_size as f64 * 100.0 / v2.len() as f64,
+            start.elapsed().as_millis()
+        );
+        let mut lt = crate::loadtest::Options::new(node_url, opts.clients);
+        lt.duration = Duration::from_secs(opts.window_s + 4 * DEMO_HEARTBEAT_S);
+        lt.id_prefix = format!("demo-{version}-v2-");
+        lt.enroll_token = enroll_token;
+        lt.events_per_client = 0;
+        lt.holding = Some(std::sync::Arc::new(crate::agent::home::Holding::new(
+            "sample-definitions".into(),
+            bytes::Bytes::from(v1),
+        )));
+        lt.progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        say!(
+            "{} agents holding version 1 update at their slots: each takes the delta, rebuilds version 2 and checks its sha256",
+            opts.clients
+        );
+        let report = crate::loadtest::run(lt)
+            .await
+            .map_err(|e| DemoError::Failed(format!("agents: {e}")))?;
+        let wan = metric(&http, node_url, "gup_upstream_bytes_total").await? - wan_before;
+        let full = (v2.len() * opts.clients) as f64;
+        let mib = |b: f64| b / 1048576.0;
+        say!(
+            "WAN (node <- manager): {:.1} MiB, version 2 once (for clients without version 1) and its delta once",
+            mib(wan)
+        );
+        say!(
+            "LAN (node -> clients): {:.2} MiB for {} clients ({} rebuilt from the delta, {} full), against {:.1} MiB had each downloaded version 2: {:.1}% of it",
+            mib(report.lan_bytes as f64),
+            opts.clients,
+            report.installs.delta + report.installs.edge_delta,
+            report.installs.full,
+            mib(full),
+            report.lan_bytes as f64 * 100.0 / full
+        );
+        if report.downloads_ok < opts.clients as u64 || report.digest_mismatches > 0 {
+            return Err(DemoError::Failed(format!(
+                "{} of {} clients verified version 2 ({} digest mismatches)",
+                report.downloads_ok, opts.clients, report.digest_mismatches
+            )));
+        }
+        Ok(())
     }
 
     /// Three commands to paste into another shell while the demo serves: the clients, the

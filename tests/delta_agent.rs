@@ -75,10 +75,26 @@ async fn wait_content(dir: &Path, data: &[u8]) {
     .await;
 }
 
+/// Waits until the agent of `dir` has counted `n` installs (its counters are saved just after
+/// the file is in place) and returns its status.
+async fn wait_installs(dir: &Path, n: u64) -> Value {
+    wait_for(30, &format!("the agent counted {n} installs"), || {
+        let status = agent_status(dir);
+        let d = &status["deltas"];
+        let count: u64 = ["via_full", "via_delta", "via_edge_delta"]
+            .iter()
+            .map(|k| d[*k].as_u64().unwrap_or(0))
+            .sum();
+        async move { (count >= n).then_some(status) }
+    })
+    .await
+}
+
 /// Starts an agent on `node` that installs `v1`, and stops it.
 async fn agent_holding(dir: &Path, node: &str, v1: &[u8]) {
     let agent = start_agent(dir, &[node], "default", &["--client-id", "pc-delta-e2e"]);
     wait_content(dir, v1).await;
+    wait_installs(dir, 1).await;
     agent.stop();
 }
 
@@ -106,7 +122,7 @@ async fn an_agent_with_version_1_reaches_version_2_through_the_managers_delta() 
         &["--client-id", "pc-delta-e2e"],
     );
     wait_content(&a, &v2).await;
-    let status = agent_status(&a);
+    let status = wait_installs(&a, 2).await;
     let d = &status["deltas"];
     assert_eq!(d["via_delta"], 1, "{status}");
     assert_eq!(d["via_full"], 1, "version 1 only came full: {status}");
@@ -160,7 +176,7 @@ async fn an_agent_older_than_every_listed_delta_gets_an_edge_delta_from_its_node
         &["--client-id", "pc-delta-e2e"],
     );
     wait_content(&a, &v3).await;
-    let status = agent_status(&a);
+    let status = wait_installs(&a, 2).await;
     let d = &status["deltas"];
     assert_eq!(d["via_edge_delta"], 1, "{status}");
     assert_eq!(d["via_delta"], 0, "no delta from v1 is listed: {status}");
