@@ -5,7 +5,9 @@
 //! and a short randomization window, a new sample package published, and `--clients`
 //! agents (the `loadtest` crowd, the same code as `gup agent`) downloading it through the node
 //! at their slots; then the spread, WAN against LAN bytes and latencies, the admin notification
-//! their critical events raised, and three commands to paste next. The screen shows the story
+//! their critical events raised; then a second version that changes a few percent of the first,
+//! which the agents (holding the first) take as the manager's delta, with its WAN and LAN bytes
+//! against full downloads; and three commands to paste next. The screen shows the story
 //! only (the servers log to `DIR/demo.log`, see [`log_path`]); Ctrl-C at any moment stops it
 //! within [`STOP_WITHIN`] with exit 0. It must never listen on or send to anything but
 //! loopback, and it reuses the real roles: nothing here is a stand-in.
