@@ -17,6 +17,7 @@ mod apps;
 mod client;
 pub mod comms;
 mod ctx;
+mod download;
 mod fetch;
 pub mod home;
 pub mod patch;

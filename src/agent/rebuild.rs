@@ -4,7 +4,7 @@
 //! Owns [`choose`] (the catalog's delta from the version held, else an edge delta asked of the
 //! server, `GET /v1/delta/{held}/{new}`, else the full blob; always the full blob with deltas
 //! off, for items over `patch::MAX_DELTA_ITEM`, or when the version held cannot be read) and
-//! [`by_delta`]: the delta's download (through `fetch::download`, like any blob: a listed
+//! [`by_delta`]: the delta's download (through `download::download`, like any blob: a listed
 //! delta is checked against its own SHA-256 and resumed with `Range`; an edge delta is cut off
 //! past half the item's size), then the rebuild on a blocking thread under the process's
 //! [`Rebuilds`](super::ctx::Rebuilds) bounds (so many at once, so many delta bytes in memory),
@@ -20,7 +20,7 @@ use std::time::Duration;
 use sha2::{Digest as _, Sha256};
 
 use super::ctx::Ctx;
-use super::fetch::{download, is_digest, Got, Kind, Want};
+use super::download::{download, is_digest, Got, Kind, Want};
 use super::home::Held;
 use super::patch::{self, PatchError, MAX_DELTA_ITEM};
 use super::wire::{CatalogItem, DeltaRef};
