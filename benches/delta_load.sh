@@ -72,7 +72,7 @@ print([d['size'] for i in c['items'] if i['sha256'] == '$SHA2' for d in i.get('d
     [ -f "$WORK/$name/n/blobs/${SHA2:0:2}/${SHA2:2:2}/$SHA2" ] && break
     sleep 0.1
   done
-  "$GUP" loadtest --target "$N" --clients "$CLIENTS" --duration $((WINDOW_S + 120)) --events 0 \
+  "$GUP" loadtest --target "$N" --clients "$CLIENTS" --duration $((WINDOW_S + 600)) --events 0 \
     --holding "$WORK/defs-1.bin" --holding-name defs --report "$WORK/$name.json" "$@" \
     >"$WORK/$name.out" 2>"$WORK/$name.err"
   local wan1; wan1=$(metric "$N" gup_upstream_bytes_total)
