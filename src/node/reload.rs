@@ -95,18 +95,19 @@ impl Node {
             "upstream.proxy",
             "upstream.ca_file",
         ];
-        let new_list = match plan
+        // Built at every reload, since a token file may hold a new token under the same path
+        // (a rotation); put in force when a key changed or a token did.
+        let keys_changed = plan
             .live
             .iter()
-            .any(|k| upstream_keys.contains(&k.as_str()))
-        {
-            true => {
-                let list = upstream_list(new).map_err(|e| ReloadError::Upstream(Box::new(e)))?;
-                let prepared = self.upstream.prepare(list)?;
-                Some(prepared)
-            }
-            false => None,
-        };
+            .any(|k| upstream_keys.contains(&k.as_str()));
+        let list = upstream_list(new).map_err(|e| ReloadError::Upstream(Box::new(e)))?;
+        let prepared = self.upstream.prepare(list)?;
+        let tokens_changed = self.upstream.tokens_differ(&prepared);
+        if tokens_changed && !keys_changed {
+            plan.live.push("upstream token file contents".into());
+        }
+        let new_list = (keys_changed || tokens_changed).then_some(prepared);
         if let Some(certs) = swap_certs {
             certs.reload(
                 std::path::Path::new(&n.tls_cert),

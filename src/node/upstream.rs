@@ -292,6 +292,14 @@ impl Upstream {
         List::build(opts, self.idle_timeout).map(Prepared)
     }
 
+    /// Whether `prepared` presents another token to any server than the list in force does
+    /// (a token file rewritten under the same path).
+    pub fn tokens_differ(&self, prepared: &Prepared) -> bool {
+        let (old, new) = (self.current(), &prepared.0);
+        old.servers.len() != new.servers.len()
+            || (0..new.servers.len()).any(|i| !old.same_server(i, new, i))
+    }
+
     /// Puts a prepared list in force. A server that stays (same URL, same token) keeps its
     /// health; calls in flight finish on the list they started with; the push stream
     /// reconnects, in the new order.

@@ -182,10 +182,17 @@ async fn a_new_list_keeps_the_state_of_a_server_that_stays_and_forgets_one_that_
         text.contains("server=\"http://127.0.0.1:3/\",state=\"not_tried\"} 1"),
         "{text}"
     );
-    // A token changed: the same URL is another server as far as its state goes.
+    // The same list again: nothing to put in force.
+    let same = u
+        .prepare(list(vec![server(3, None), server(1, Some("a"))]))
+        .unwrap();
+    assert!(!u.tokens_differ(&same));
+    // A token changed (a token file rewritten): the same URL is another server as far as
+    // its state goes.
     let prepared = u
         .prepare(list(vec![server(3, None), server(1, Some("b"))]))
         .unwrap();
+    assert!(u.tokens_differ(&prepared));
     u.install(prepared);
     assert_eq!(Upstream::order(&u.current()), Ok(vec![0, 1]));
     // A CA file that is not one: nothing built, nothing changed.
