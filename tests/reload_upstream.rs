@@ -1,4 +1,4 @@
-//! End to end through real processes: SIGHUP swaps a node's upstream list.
+//! End to end through real processes: SIGHUP swaps a node's upstream list and its tokens.
 //!
 //! A node mirrors another node (N1) in front of the manager; its config file then names the
 //! manager instead and it gets SIGHUP while a client's download is being fetched through N1:
@@ -8,7 +8,9 @@
 //!   publication reaches it (its push stream reconnected to the new list), and its metrics
 //!   show the manager and no longer N1;
 //! - a reload with a CA file that holds no certificate is refused naming `upstream.ca_file`,
-//!   and the list in force stays.
+//!   and the list in force stays;
+//! - a node token rotated through the node's token file (rewritten under the same path) is put
+//!   in force by SIGHUP, with no outage while the manager moves from the old token to the new.
 
 mod common;
 
@@ -159,6 +161,108 @@ async fn sighup_swaps_the_upstream_list_without_dropping_a_download() {
     let third = random_bytes(4096, 23);
     let sha3 = publish_and_wait(&manager.url, &[], "extra", "1", &third).await;
     wait_mirrored(&node.url, &sha3).await;
+    assert_eq!(
+        upstream_state(&client, &node.url, &manager.url)
+            .await
+            .as_deref(),
+        Some("up")
+    );
+    node.stop();
+    manager.stop();
+}
+
+/// A token rotation through a token file: the manager accepts the new node token beside the
+/// old, the node's token file is rewritten under the same path and SIGHUP puts it in force,
+/// the manager drops the old one, and the node goes on syncing (with the old token refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_puts_a_rewritten_upstream_token_file_in_force() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m_cfg = tmp.path().join("manager.toml");
+    let manager_toml = |extra: &str| {
+        std::fs::write(
+            &m_cfg,
+            format!("[manager]\nadmin_token = {ADMIN_TOKEN:?}\n{extra}\n"),
+        )
+        .unwrap()
+    };
+    manager_toml("node_token = \"old-node-token\"");
+    let m_dir = tmp.path().join("m");
+    let manager = Proc::start(
+        &[
+            "manager",
+            "--config",
+            m_cfg.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            m_dir.to_str().unwrap(),
+        ],
+        tmp.path().join("m.log"),
+    );
+    let token_file = tmp.path().join("upstream.token");
+    std::fs::write(&token_file, "old-node-token\n").unwrap();
+    let config = tmp.path().join("node.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[upstream]\nservers = [{:?}]\ntoken_file = {:?}\nsync_interval_s = 1\n",
+            manager.url,
+            token_file.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let dd = tmp.path().join("node");
+    let node = Proc::start(
+        &[
+            "node",
+            "--config",
+            config.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            dd.to_str().unwrap(),
+        ],
+        tmp.path().join("node.log"),
+    );
+    let first = random_bytes(4096, 31);
+    publish_and_wait(&manager.url, &[&node.url], "one", "1", &first).await;
+
+    // The manager takes the new token beside the old; then the node moves over.
+    manager_toml("node_token = \"new-node-token\"\nnode_token_previous = \"old-node-token\"");
+    hangup(&manager);
+    logged(&manager, "in force key=manager.node_token_previous", 1).await;
+    std::fs::write(&token_file, "new-node-token\n").unwrap();
+    hangup(&node);
+    logged(
+        &node,
+        "config reloaded: the new value is in force key=upstream token file contents",
+        1,
+    )
+    .await;
+    // The old token retired: the node still syncs, with the new one.
+    manager_toml("node_token = \"new-node-token\"");
+    hangup(&manager);
+    logged(&manager, "in force key=manager.node_token_previous", 2).await;
+    let client = reqwest::Client::new();
+    let status = |token: &'static str| {
+        let (c, url) = (client.clone(), format!("{}/v1/sync", manager.url));
+        async move {
+            c.get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0)
+        }
+    };
+    assert_eq!(
+        status("old-node-token").await,
+        401,
+        "the old token is refused"
+    );
+    assert_eq!(status("new-node-token").await, 200);
+    let second = random_bytes(4096, 32);
+    publish_and_wait(&manager.url, &[&node.url], "two", "1", &second).await;
     assert_eq!(
         upstream_state(&client, &node.url, &manager.url)
             .await
