@@ -21,6 +21,7 @@ use axum::Router;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use super::fastconn::FastPath;
 use super::limits::{Limits, LiveLimits};
 use super::slot::{Connections, Guarded, PerAddress, Slot};
 use super::tls::Tls;
@@ -46,6 +47,9 @@ pub struct Serving {
     /// TLS: the port then speaks only TLS (and every connection goes through hyper).
     pub tls: Option<Tls>,
     pub lean: Option<Lean>,
+    /// Requests the layer above answers without its router on plain connections
+    /// ([`super::fastconn`]); the first one it declines hands the connection to hyper.
+    pub fast: Option<Arc<dyn FastPath>>,
     /// Told of every connection refused by a limit (`max_connections` or
     /// `max_connections_per_address`), to count it.
     pub on_refused: Option<Refusals>,
@@ -76,6 +80,7 @@ pub async fn run(
         limits,
         tls,
         lean,
+        fast,
         on_refused,
     } = serving;
     // Bounds come from each connection's snapshot of the limits (`take_within`).
@@ -113,6 +118,7 @@ pub async fn run(
             limits: limits.clone(),
             tls: tls.clone(),
             lean,
+            fast: fast.clone(),
             open: open.clone(),
             per_address: per_address.clone(),
             on_refused: on_refused.clone(),
@@ -155,6 +161,7 @@ struct Worker {
     limits: LiveLimits,
     tls: Option<Tls>,
     lean: Option<Lean>,
+    fast: Option<Arc<dyn FastPath>>,
     /// Connections per client address, all workers together
     /// (`limits.max_connections_per_address`).
     per_address: Arc<PerAddress>,
@@ -192,6 +199,7 @@ impl Worker {
             limits: live,
             tls,
             lean,
+            fast,
             per_address,
             on_refused,
             open,
@@ -281,6 +289,7 @@ impl Worker {
                 limits,
                 tls: tls.clone(),
                 lean,
+                fast: fast.clone(),
                 stop: stop_rx.clone(),
             };
             // Registered with the serving thread's reactor once it runs there.
@@ -318,6 +327,7 @@ struct Conn {
     limits: Arc<Limits>,
     tls: Option<Tls>,
     lean: Option<Lean>,
+    fast: Option<Arc<dyn FastPath>>,
     stop: watch::Receiver<bool>,
 }
 
@@ -331,6 +341,7 @@ impl Conn {
             limits,
             tls,
             lean,
+            fast,
             mut stop,
         } = self;
         let stream = Guarded::new(slot, stream);
@@ -345,13 +356,15 @@ impl Conn {
                     Box::pin(serve_hyper(*stream, peer, router, &limits, &mut stop))
                 }
                 // Plain TCP: mapped blob bytes go out with sendfile.
-                Way::Plain(stream) => Box::pin(serve_hyper(
-                    stream.map(crate::sys::zerocopy::Stream::new),
-                    peer,
-                    router,
-                    &limits,
-                    &mut stop,
-                )),
+                Way::Plain(stream) => {
+                    let stream = stream.map(crate::sys::zerocopy::Stream::new);
+                    match fast {
+                        Some(fast) => {
+                            Box::pin(serve_fast(stream, fast, peer, router, &limits, &mut stop))
+                        }
+                        None => Box::pin(serve_hyper(stream, peer, router, &limits, &mut stop)),
+                    }
+                }
                 Way::Push(stream) => Box::pin(serve_push(stream, peer, router, &limits, &mut stop)),
             }
         };
@@ -425,6 +438,29 @@ async fn serve_push(
             // Boxed: a timer in every idle stream's state would cost more than the stream.
             let _ = Box::pin(tokio::time::timeout(DRAIN, serve)).await;
         }
+    }
+}
+
+/// Serves a plain connection's requests that `fast` answers itself, then (at the first it
+/// declines) the rest of the connection with hyper.
+async fn serve_fast(
+    stream: Guarded<crate::sys::zerocopy::Stream>,
+    fast: Arc<dyn FastPath>,
+    peer: std::net::SocketAddr,
+    router: Router,
+    limits: &Limits,
+    stop: &mut watch::Receiver<bool>,
+) {
+    let ended = super::fastconn::serve(
+        stream,
+        &*fast,
+        limits.max_header_bytes,
+        limits.header_read_timeout,
+        stop,
+    )
+    .await;
+    if let super::fastconn::Ended::ToHyper(stream) = ended {
+        serve_hyper(stream, peer, router, limits, stop).await;
     }
 }
 
@@ -555,6 +591,7 @@ mod tests {
             }),
             tls: None,
             lean,
+            fast: None,
             on_refused: None,
         };
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -702,6 +739,7 @@ mod tests {
             limits: live.clone(),
             tls: None,
             lean: None,
+            fast: None,
             on_refused: None,
         };
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
