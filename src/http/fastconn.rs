@@ -70,10 +70,17 @@ pub trait FastPath: Send + Sync + 'static {
     fn answer(&self, req: &FastRequest<'_>, fields: &mut Vec<u8>) -> Option<FastAnswer>;
 }
 
+/// Which connections are push streams: how many first bytes the test looks at, and the
+/// test (`server::Lean`'s).
+pub type LeanTest = (usize, fn(&[u8]) -> bool);
+
 /// How a fast connection ended.
 pub enum Ended<I> {
     /// Closed (by either side, a timeout, or shutdown).
     Closed,
+    /// Its first bytes are a push stream's (the `lean` test of [`serve`]): the stream and
+    /// the bytes read from it, for `pushconn`.
+    Lean(Vec<u8>, I),
     /// A request the fast path does not answer: the stream, with the bytes read but not
     /// answered in front of it, for hyper.
     ToHyper(Rewind<I>),
@@ -92,10 +99,13 @@ enum Step {
 }
 
 /// Serves `io` while its requests are ones `fast` answers; hands it to hyper at the first
-/// that is not (or that it cannot frame exactly as hyper would).
+/// that is not (or that it cannot frame exactly as hyper would). A connection whose first
+/// read bytes `lean` matches (on at most `peek` of them, as the accept loop's peek would see
+/// them) is handed back untouched for `pushconn`: no peek, no second wait for its first bytes.
 pub async fn serve<I>(
     mut io: I,
     fast: &dyn FastPath,
+    lean: Option<LeanTest>,
     max_header_bytes: usize,
     header_read_timeout: Duration,
     stop: &mut watch::Receiver<bool>,
@@ -114,7 +124,17 @@ where
     // tokio timer later does not touch the timer wheel).
     let mut sleep = Box::pin(tokio::time::sleep(header_read_timeout));
     let mut waiting_since: Option<Instant> = None;
+    let mut first = true;
     loop {
+        if first && end > 0 {
+            first = false;
+            if let Some((peek, matches)) = lean {
+                if matches(&buf[..end.min(peek)]) {
+                    buf.truncate(end);
+                    return Ended::Lean(buf, io);
+                }
+            }
+        }
         // Answer every complete head buffered, in order.
         while start < end {
             let step = {
@@ -146,7 +166,8 @@ where
                         return Ended::Closed;
                     }
                     if !keep_alive {
-                        let _ = io.shutdown().await;
+                        // Dropped: the slot goes first, then the socket closes (a FIN, as
+                        // hyper's shutdown sends, one system call fewer).
                         return Ended::Closed;
                     }
                 }
@@ -441,7 +462,8 @@ mod tests {
 
     async fn run(server: DuplexStream, max: usize, timeout: Duration) -> Ended<DuplexStream> {
         let (_tx, mut rx) = watch::channel(false);
-        serve(server, &Ok2, max, timeout, &mut rx).await
+        let lean: fn(&[u8]) -> bool = |b| b.starts_with(b"GET /stream");
+        serve(server, &Ok2, Some((11, lean)), max, timeout, &mut rx).await
     }
 
     /// What the server wrote, with every `date` value blanked.
@@ -535,6 +557,17 @@ mod tests {
         assert!(!serving.is_finished(), "within the timeout");
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert!(matches!(serving.await.unwrap(), Ended::Closed));
+    }
+
+    #[tokio::test]
+    async fn a_push_stream_is_handed_back_with_its_bytes() {
+        let (mut client, server) = duplex(1 << 16);
+        let req = b"GET /stream HTTP/1.1\r\n\r\n";
+        client.write_all(req).await.unwrap();
+        let Ended::Lean(read, _) = run(server, 8192, Duration::from_secs(5)).await else {
+            panic!("a push stream goes to pushconn");
+        };
+        assert_eq!(read, req);
     }
 
     #[tokio::test]

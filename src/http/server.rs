@@ -348,7 +348,7 @@ impl Conn {
         // The task holds only boxes: an idle connection costs what its way of being served
         // needs, not what the largest way (or the TLS handshake) needs.
         let serving: Pin<Box<dyn Future<Output = ()> + Send + '_>> = {
-            let Some(way) = Box::pin(classify(stream, tls, lean, &limits)).await else {
+            let Some(way) = Box::pin(classify(stream, tls, lean, fast, &limits)).await else {
                 return;
             };
             match way {
@@ -356,15 +356,16 @@ impl Conn {
                     Box::pin(serve_hyper(*stream, peer, router, &limits, &mut stop))
                 }
                 // Plain TCP: mapped blob bytes go out with sendfile.
-                Way::Plain(stream) => {
-                    let stream = stream.map(crate::sys::zerocopy::Stream::new);
-                    match fast {
-                        Some(fast) => {
-                            Box::pin(serve_fast(stream, fast, peer, router, &limits, &mut stop))
-                        }
-                        None => Box::pin(serve_hyper(stream, peer, router, &limits, &mut stop)),
-                    }
-                }
+                Way::Plain(stream) => Box::pin(serve_hyper(
+                    stream.map(crate::sys::zerocopy::Stream::new),
+                    peer,
+                    router,
+                    &limits,
+                    &mut stop,
+                )),
+                Way::Fast(stream, fast) => Box::pin(serve_fast(
+                    stream, fast, lean, peer, router, &limits, &mut stop,
+                )),
                 Way::Push(stream) => Box::pin(serve_push(stream, peer, router, &limits, &mut stop)),
             }
         };
@@ -386,6 +387,9 @@ enum Way {
     /// Plain TCP whose first bytes the [`Lean`] test matched: served by [`super::pushconn`],
     /// without hyper's per-connection buffers.
     Push(Guarded<TcpStream>),
+    /// Plain TCP with a [`FastPath`]: [`super::fastconn`] reads the first bytes itself and
+    /// tells push streams apart from them (no peek, no timer of its own).
+    Fast(Guarded<TcpStream>, Arc<dyn FastPath>),
 }
 
 /// Finishes the TLS handshake, or peeks at the first bytes of a plain connection, within
@@ -394,6 +398,7 @@ async fn classify(
     stream: Guarded<TcpStream>,
     tls: Option<Tls>,
     lean: Option<Lean>,
+    fast: Option<Arc<dyn FastPath>>,
     limits: &Limits,
 ) -> Option<Way> {
     if let Some(acceptor) = tls {
@@ -403,6 +408,9 @@ async fn classify(
             Ok(Ok(tls_stream)) => Some(Way::Tls(Box::new(tls_stream))),
             _ => None,
         };
+    }
+    if let Some(fast) = fast {
+        return Some(Way::Fast(stream, fast));
     }
     let Some(lean) = lean else {
         return Some(Way::Plain(stream));
@@ -430,7 +438,19 @@ async fn serve_push(
     limits: &Limits,
     stop: &mut watch::Receiver<bool>,
 ) {
-    let serve = super::pushconn::serve(stream, peer, router, limits);
+    serve_push_read(stream, Vec::new(), peer, router, limits, stop).await
+}
+
+/// As [`serve_push`], for a stream whose first bytes `read` were already read from it.
+async fn serve_push_read(
+    stream: Guarded<TcpStream>,
+    read: Vec<u8>,
+    peer: std::net::SocketAddr,
+    router: Router,
+    limits: &Limits,
+    stop: &mut watch::Receiver<bool>,
+) {
+    let serve = super::pushconn::serve(stream, read, peer, router, limits);
     tokio::pin!(serve);
     tokio::select! {
         _ = &mut serve => {}
@@ -442,25 +462,35 @@ async fn serve_push(
 }
 
 /// Serves a plain connection's requests that `fast` answers itself, then (at the first it
-/// declines) the rest of the connection with hyper.
+/// declines) the rest of the connection with hyper; a push stream (`lean`) as a push stream.
 async fn serve_fast(
-    stream: Guarded<crate::sys::zerocopy::Stream>,
+    stream: Guarded<TcpStream>,
     fast: Arc<dyn FastPath>,
+    lean: Option<Lean>,
     peer: std::net::SocketAddr,
     router: Router,
     limits: &Limits,
     stop: &mut watch::Receiver<bool>,
 ) {
+    use super::fastconn::Ended;
     let ended = super::fastconn::serve(
-        stream,
+        stream.map(crate::sys::zerocopy::Stream::new),
         &*fast,
+        lean.map(|l| (l.peek, l.matches)),
         limits.max_header_bytes,
         limits.header_read_timeout,
         stop,
     )
     .await;
-    if let super::fastconn::Ended::ToHyper(stream) = ended {
-        serve_hyper(stream, peer, router, limits, stop).await;
+    match ended {
+        Ended::Closed => {}
+        // Boxed, as the push stream below: what an idle connection holds is what its way of
+        // being served needs.
+        Ended::ToHyper(stream) => Box::pin(serve_hyper(stream, peer, router, limits, stop)).await,
+        Ended::Lean(read, stream) => {
+            let stream = stream.map(crate::sys::zerocopy::Stream::into_inner);
+            Box::pin(serve_push_read(stream, read, peer, router, limits, stop)).await
+        }
     }
 }
 
