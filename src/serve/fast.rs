@@ -80,8 +80,7 @@ impl FastPath for ContentFast {
         }
         // As the handler: the copy is good only while the store holds that very blob (a stale
         // one the router removes from the hot cache, after this same check).
-        if s
-            .store
+        if s.store
             .mark_read(&digest)
             .is_none_or(|m| m.stored_at != stored_at)
         {
