@@ -251,9 +251,12 @@ print(f"  the same 200 downloads from a warm node {warm:.2f} s + one upstream tr
 PY
 
 # Push streams (memory per idle stream, publish to the last stream hearing of it) have their
-# own harness, run here on a fresh manager and node so that the blobs above do not interfere.
+# own harness, run here on a fresh manager and node so that the blobs above do not interfere
+# (PUSH=0 leaves it out).
 for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-echo
-bash benches/push.sh
+if [ "${PUSH:-1}" != 0 ]; then
+  echo
+  bash benches/push.sh
+fi
 echo
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r); nginx $(nginx -v 2>&1 | sed 's/.*\///'), $(varnishd -V 2>&1 | head -1 | sed 's/varnishd //')"

@@ -6,7 +6,8 @@
 # it is killed on exit, then WORK is removed).
 bench_setup() {
   cargo build --release -q
-  GUP=$PWD/target/release/gup
+  # The binary cargo just built, wherever CARGO_TARGET_DIR puts it.
+  GUP=${CARGO_TARGET_DIR:-$PWD/target}/release/gup
   WORK=$(mktemp -d "/tmp/gup-$1.XXXXXX")
   PIDS=()
   trap bench_cleanup EXIT INT TERM

@@ -40,16 +40,18 @@ enum Framing {
     UntilClose,
 }
 
-/// Serves the one request on `stream` and closes it.
+/// Serves the one request on `stream` (whose first bytes, `read`, were already read from
+/// it) and closes it.
 pub async fn serve(
     mut stream: Guarded<TcpStream>,
+    read: Vec<u8>,
     peer: SocketAddr,
     router: Router,
     limits: &Limits,
 ) {
     // Boxed: the head's buffers, the router's future and the response head are gone once
     // the exchange is down to relaying the body, which is all an idle stream holds.
-    let started = Box::pin(respond(&mut stream, peer, router, limits)).await;
+    let started = Box::pin(respond(&mut stream, read, peer, router, limits)).await;
     if let Some((body, framing)) = started {
         relay(stream, body, framing, limits.stream_write_timeout).await;
     }
@@ -59,11 +61,12 @@ pub async fn serve(
 /// and how it is framed; `None` when the exchange is already over.
 async fn respond(
     stream: &mut Guarded<TcpStream>,
+    already: Vec<u8>,
     peer: SocketAddr,
     router: Router,
     limits: &Limits,
 ) -> Option<(Body, Framing)> {
-    let read = read_head(stream, limits.max_header_bytes);
+    let read = read_head(stream, already, limits.max_header_bytes);
     let head = match tokio::time::timeout(limits.header_read_timeout, read).await {
         Ok(Ok(head)) => head,
         Ok(Err(Refuse(status))) => {
@@ -155,9 +158,13 @@ async fn relay(
 struct Refuse(StatusCode);
 
 /// Reads and parses the request head. The bytes after it (a GET has no body) are ignored.
-async fn read_head(stream: &mut Guarded<TcpStream>, max: usize) -> Result<Request<Body>, Refuse> {
+async fn read_head(
+    stream: &mut Guarded<TcpStream>,
+    mut buf: Vec<u8>,
+    max: usize,
+) -> Result<Request<Body>, Refuse> {
     use tokio::io::AsyncReadExt;
-    let mut buf = Vec::with_capacity(1024);
+    buf.reserve(1024);
     loop {
         if let Some(req) = parse_head(&buf)? {
             return Ok(req);

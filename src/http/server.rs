@@ -21,6 +21,7 @@ use axum::Router;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use super::fastconn::FastPath;
 use super::limits::{Limits, LiveLimits};
 use super::slot::{Connections, Guarded, PerAddress, Slot};
 use super::tls::Tls;
@@ -46,6 +47,9 @@ pub struct Serving {
     /// TLS: the port then speaks only TLS (and every connection goes through hyper).
     pub tls: Option<Tls>,
     pub lean: Option<Lean>,
+    /// Requests the layer above answers without its router on plain connections
+    /// ([`super::fastconn`]); the first one it declines hands the connection to hyper.
+    pub fast: Option<Arc<dyn FastPath>>,
     /// Told of every connection refused by a limit (`max_connections` or
     /// `max_connections_per_address`), to count it.
     pub on_refused: Option<Refusals>,
@@ -76,6 +80,7 @@ pub async fn run(
         limits,
         tls,
         lean,
+        fast,
         on_refused,
     } = serving;
     // Bounds come from each connection's snapshot of the limits (`take_within`).
@@ -113,6 +118,7 @@ pub async fn run(
             limits: limits.clone(),
             tls: tls.clone(),
             lean,
+            fast: fast.clone(),
             open: open.clone(),
             per_address: per_address.clone(),
             on_refused: on_refused.clone(),
@@ -155,6 +161,7 @@ struct Worker {
     limits: LiveLimits,
     tls: Option<Tls>,
     lean: Option<Lean>,
+    fast: Option<Arc<dyn FastPath>>,
     /// Connections per client address, all workers together
     /// (`limits.max_connections_per_address`).
     per_address: Arc<PerAddress>,
@@ -192,6 +199,7 @@ impl Worker {
             limits: live,
             tls,
             lean,
+            fast,
             per_address,
             on_refused,
             open,
@@ -281,6 +289,7 @@ impl Worker {
                 limits,
                 tls: tls.clone(),
                 lean,
+                fast: fast.clone(),
                 stop: stop_rx.clone(),
             };
             // Registered with the serving thread's reactor once it runs there.
@@ -318,6 +327,7 @@ struct Conn {
     limits: Arc<Limits>,
     tls: Option<Tls>,
     lean: Option<Lean>,
+    fast: Option<Arc<dyn FastPath>>,
     stop: watch::Receiver<bool>,
 }
 
@@ -331,13 +341,14 @@ impl Conn {
             limits,
             tls,
             lean,
+            fast,
             mut stop,
         } = self;
         let stream = Guarded::new(slot, stream);
         // The task holds only boxes: an idle connection costs what its way of being served
         // needs, not what the largest way (or the TLS handshake) needs.
         let serving: Pin<Box<dyn Future<Output = ()> + Send + '_>> = {
-            let Some(way) = Box::pin(classify(stream, tls, lean, &limits)).await else {
+            let Some(way) = Box::pin(classify(stream, tls, lean, fast, &limits)).await else {
                 return;
             };
             match way {
@@ -351,6 +362,9 @@ impl Conn {
                     router,
                     &limits,
                     &mut stop,
+                )),
+                Way::Fast(stream, fast) => Box::pin(serve_fast(
+                    stream, fast, lean, peer, router, &limits, &mut stop,
                 )),
                 Way::Push(stream) => Box::pin(serve_push(stream, peer, router, &limits, &mut stop)),
             }
@@ -373,6 +387,9 @@ enum Way {
     /// Plain TCP whose first bytes the [`Lean`] test matched: served by [`super::pushconn`],
     /// without hyper's per-connection buffers.
     Push(Guarded<TcpStream>),
+    /// Plain TCP with a [`FastPath`]: [`super::fastconn`] reads the first bytes itself and
+    /// tells push streams apart from them (no peek, no timer of its own).
+    Fast(Guarded<TcpStream>, Arc<dyn FastPath>),
 }
 
 /// Finishes the TLS handshake, or peeks at the first bytes of a plain connection, within
@@ -381,6 +398,7 @@ async fn classify(
     stream: Guarded<TcpStream>,
     tls: Option<Tls>,
     lean: Option<Lean>,
+    fast: Option<Arc<dyn FastPath>>,
     limits: &Limits,
 ) -> Option<Way> {
     if let Some(acceptor) = tls {
@@ -390,6 +408,9 @@ async fn classify(
             Ok(Ok(tls_stream)) => Some(Way::Tls(Box::new(tls_stream))),
             _ => None,
         };
+    }
+    if let Some(fast) = fast {
+        return Some(Way::Fast(stream, fast));
     }
     let Some(lean) = lean else {
         return Some(Way::Plain(stream));
@@ -417,13 +438,58 @@ async fn serve_push(
     limits: &Limits,
     stop: &mut watch::Receiver<bool>,
 ) {
-    let serve = super::pushconn::serve(stream, peer, router, limits);
+    serve_push_read(stream, Vec::new(), peer, router, limits, stop).await
+}
+
+/// As [`serve_push`], for a stream whose first bytes `read` were already read from it.
+async fn serve_push_read(
+    stream: Guarded<TcpStream>,
+    read: Vec<u8>,
+    peer: std::net::SocketAddr,
+    router: Router,
+    limits: &Limits,
+    stop: &mut watch::Receiver<bool>,
+) {
+    let serve = super::pushconn::serve(stream, read, peer, router, limits);
     tokio::pin!(serve);
     tokio::select! {
         _ = &mut serve => {}
         _ = async { stop.wait_for(|s| *s).await.is_ok() } => {
             // Boxed: a timer in every idle stream's state would cost more than the stream.
             let _ = Box::pin(tokio::time::timeout(DRAIN, serve)).await;
+        }
+    }
+}
+
+/// Serves a plain connection's requests that `fast` answers itself, then (at the first it
+/// declines) the rest of the connection with hyper; a push stream (`lean`) as a push stream.
+async fn serve_fast(
+    stream: Guarded<TcpStream>,
+    fast: Arc<dyn FastPath>,
+    lean: Option<Lean>,
+    peer: std::net::SocketAddr,
+    router: Router,
+    limits: &Limits,
+    stop: &mut watch::Receiver<bool>,
+) {
+    use super::fastconn::Ended;
+    let ended = super::fastconn::serve(
+        stream.map(crate::sys::zerocopy::Stream::new),
+        &*fast,
+        lean.map(|l| (l.peek, l.matches)),
+        limits.max_header_bytes,
+        limits.header_read_timeout,
+        stop,
+    )
+    .await;
+    match ended {
+        Ended::Closed => {}
+        // Boxed, as the push stream below: what an idle connection holds is what its way of
+        // being served needs.
+        Ended::ToHyper(stream) => Box::pin(serve_hyper(stream, peer, router, limits, stop)).await,
+        Ended::Lean(read, stream) => {
+            let stream = stream.map(crate::sys::zerocopy::Stream::into_inner);
+            Box::pin(serve_push_read(stream, read, peer, router, limits, stop)).await
         }
     }
 }
@@ -555,6 +621,7 @@ mod tests {
             }),
             tls: None,
             lean,
+            fast: None,
             on_refused: None,
         };
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -702,6 +769,7 @@ mod tests {
             limits: live.clone(),
             tls: None,
             lean: None,
+            fast: None,
             on_refused: None,
         };
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

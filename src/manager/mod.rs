@@ -288,11 +288,16 @@ impl Manager {
             tokio::spawn(self.clone().tally_loop()),
             tokio::spawn(self.clone().expire_loop()),
         ];
+        // Hot blobs on plain connections are answered without the router (issue 23).
+        let serving = Serving {
+            fast: Some(serve::fast::fast_path(self.served.clone())),
+            ..self.serving.clone()
+        };
         server::run(
             listener,
             self.router(),
             self.shutdown.clone().wait(),
-            self.serving.clone(),
+            serving,
         )
         .await?;
         for t in tasks {

@@ -318,11 +318,16 @@ impl Node {
         if self.mode == ConnectionMode::Push {
             tasks.push(tokio::spawn(self.clone().push_loop()));
         }
+        // Hot blobs on plain connections are answered without the router (issue 23).
+        let serving = Serving {
+            fast: Some(serve::fast::fast_path(self.served.clone())),
+            ..self.serving.clone()
+        };
         server::run(
             listener,
             self.router(),
             self.shutdown.clone().wait(),
-            self.serving.clone(),
+            serving,
         )
         .await?;
         // One last relay so heartbeats received just before shutdown are not lost (events

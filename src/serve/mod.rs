@@ -18,6 +18,7 @@ pub mod conditional;
 pub mod content;
 pub mod delta;
 pub mod documents;
+pub mod fast;
 pub mod health;
 pub mod identity;
 pub mod limit;
@@ -380,6 +381,8 @@ pub fn serving(
         )),
         tls,
         lean: Some(lean()),
+        // Set by the role once its served state exists (`fast::fast_path`).
+        fast: None,
         on_refused: Some(Arc::new(move |limit| {
             metrics.refused(limit).inc();
         })),

@@ -152,6 +152,11 @@ impl Stream {
         Stream { inner }
     }
 
+    /// The connection itself.
+    pub fn into_inner(self) -> TcpStream {
+        self.inner
+    }
+
     /// Sends up to `len` bytes of `file` from `offset`; how many went out.
     fn poll_sendfile(
         &mut self,
