@@ -67,26 +67,6 @@ fn write_config(path: &Path, tls: &Pair, extra: &str) {
     .unwrap();
 }
 
-fn hangup(p: &Proc) {
-    // SAFETY: kill has no memory preconditions; the pid is our own child's.
-    unsafe {
-        libc::kill(p.pid(), libc::SIGHUP);
-    }
-}
-
-/// Waits until the log of `p` holds `needle` at least `times` times.
-async fn logged(p: &Proc, needle: &str, times: usize) {
-    wait_for(
-        30,
-        &format!("the log says {needle:?} {times} times"),
-        || {
-            let n = p.log_text().matches(needle).count();
-            async move { (n >= times).then_some(()) }
-        },
-    )
-    .await;
-}
-
 async fn sync_status(client: &reqwest::Client, https: &str, token: &str) -> u16 {
     client
         .get(format!("{https}/v1/sync"))

@@ -20,26 +20,6 @@ use std::time::Duration;
 use common::*;
 use futures_util::StreamExt;
 
-fn hangup(p: &Proc) {
-    // SAFETY: kill has no memory preconditions; the pid is our own child's.
-    unsafe {
-        libc::kill(p.pid(), libc::SIGHUP);
-    }
-}
-
-/// Waits until the log of `p` holds `needle` at least `times` times.
-async fn logged(p: &Proc, needle: &str, times: usize) {
-    wait_for(
-        30,
-        &format!("the log says {needle:?} {times} times"),
-        || {
-            let n = p.log_text().matches(needle).count();
-            async move { (n >= times).then_some(()) }
-        },
-    )
-    .await;
-}
-
 /// The node's config file: `servers`, a sync interval of an hour (only the push stream
 /// brings news quickly), a WAN budget that makes a 16 MiB fetch take seconds, no prefetch.
 fn write_config(path: &Path, servers: &[&str], extra: &str) {

@@ -181,6 +181,27 @@ pub fn start_manager(data_dir: &Path, extra: &[&str]) -> Proc {
     start_manager_on(data_dir, "127.0.0.1:0", extra)
 }
 
+/// SIGHUP to `p`: a config reload.
+pub fn hangup(p: &Proc) {
+    // SAFETY: kill has no memory preconditions; the pid is our own child's.
+    unsafe {
+        libc::kill(p.pid(), libc::SIGHUP);
+    }
+}
+
+/// Waits until the log of `p` holds `needle` at least `times` times.
+pub async fn logged(p: &Proc, needle: &str, times: usize) {
+    wait_for(
+        30,
+        &format!("the log says {needle:?} {times} times"),
+        || {
+            let n = p.log_text().matches(needle).count();
+            async move { (n >= times).then_some(()) }
+        },
+    )
+    .await;
+}
+
 /// A free loopback port (for a server that must come back on the same address).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
