@@ -355,9 +355,9 @@ impl Conn {
                 Way::Tls(stream) => {
                     Box::pin(serve_hyper(*stream, peer, router, &limits, &mut stop))
                 }
-                // Plain TCP: mapped blob bytes go out with sendfile.
+                // Plain TCP: mapped blob bytes go out with sendfile, or by copy to loopback.
                 Way::Plain(stream) => Box::pin(serve_hyper(
-                    stream.map(crate::sys::zerocopy::Stream::new),
+                    stream.map(|s| crate::sys::zerocopy::Stream::to_peer(s, &peer)),
                     peer,
                     router,
                     &limits,
@@ -474,7 +474,7 @@ async fn serve_fast(
 ) {
     use super::fastconn::Ended;
     let ended = super::fastconn::serve(
-        stream.map(crate::sys::zerocopy::Stream::new),
+        stream.map(|s| crate::sys::zerocopy::Stream::to_peer(s, &peer)),
         &*fast,
         lean.map(|l| (l.peek, l.matches)),
         limits.max_header_bytes,

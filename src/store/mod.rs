@@ -207,6 +207,12 @@ struct Inner {
     bytes: AtomicU64,
     /// How many responses are reading each blob now; eviction never removes those.
     readers: std::sync::Mutex<HashMap<Digest, usize>>,
+    /// The held mappings of large blobs being served, by digest, with the `stored_at` of the
+    /// copy mapped: a reader of a blob already mapped takes a slice of that mapping
+    /// ([`crate::sys::zerocopy::map_shared`]). At most one entry per blob; entries whose
+    /// mapping has ended are dropped at the next insert, so it is bounded by the blobs in
+    /// use plus those ended since.
+    mapped: std::sync::Mutex<HashMap<Digest, (DateTime<Utc>, crate::sys::zerocopy::Shared)>>,
 }
 
 /// A stored blob's bytes, ready to serve: read into memory when small, mapped when large.
@@ -407,6 +413,7 @@ impl Store {
                 memory: RwLock::new(HashMap::new()),
                 bytes: AtomicU64::new(0),
                 readers: std::sync::Mutex::new(HashMap::new()),
+                mapped: std::sync::Mutex::new(HashMap::new()),
             }),
         };
         store.reconcile()?;
@@ -577,7 +584,7 @@ impl Store {
         })?;
         // Blob files are never written after they are renamed into place: the contract of
         // `zerocopy::map`.
-        let hold: Box<dyn Send> = Box::new(guard);
+        let hold: crate::sys::zerocopy::Hold = Box::new(guard);
         crate::sys::zerocopy::map(Arc::new(file), 0, len, Some(hold), false)
             .map(Some)
             .map_err(io(format!("mapping blob {digest}")))
@@ -641,6 +648,14 @@ impl Store {
         let Some(meta) = self.touch(digest)? else {
             return Ok(None);
         };
+        // A held mapping of this very copy already serving: one more slice of it (its own
+        // guard keeps the blob in use; this one's is dropped).
+        let share = hold && meta.size > read_max;
+        if share {
+            if let Some(bytes) = self.shared_mapping(digest, meta.stored_at) {
+                return Ok(Some(OpenBlob { bytes, meta }));
+            }
+        }
         let path = self.blob_path(digest);
         let loaded = tokio::task::spawn_blocking(move || {
             load_blob(&path, meta.size, read_max, hold.then_some(guard))
@@ -648,7 +663,15 @@ impl Store {
         .await
         .map_err(|e| StoreError::Join(e.to_string()))?;
         match loaded {
-            Ok(bytes) => Ok(Some(OpenBlob { bytes, meta })),
+            Ok((bytes, shared)) => {
+                if let (true, Some(shared)) = (share, shared) {
+                    if let Ok(mut m) = self.inner.mapped.lock() {
+                        m.retain(|_, (_, s)| s.is_live());
+                        m.insert(*digest, (meta.stored_at, shared));
+                    }
+                }
+                Ok(Some(OpenBlob { bytes, meta }))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 tracing::error!(%digest, "indexed blob file is missing; dropping the entry");
                 self.forget(digest)?;
@@ -656,6 +679,13 @@ impl Store {
             }
             Err(e) => Err(io(format!("opening blob {digest}"))(e)),
         }
+    }
+
+    /// The whole of the held mapping of `digest`'s copy stored at `stored_at`, while one lives.
+    fn shared_mapping(&self, digest: &Digest, stored_at: DateTime<Utc>) -> Option<bytes::Bytes> {
+        let m = self.inner.mapped.lock().ok()?;
+        let (at, shared) = m.get(digest)?;
+        (*at == stored_at).then(|| shared.bytes()).flatten()
     }
 
     /// Marks a blob as read now (the eviction order), for a read served without the store,
@@ -807,12 +837,14 @@ fn is_disk_failure(e: &std::io::Error) -> bool {
 }
 
 /// Reads (`size <= read_max`) or maps a blob file of `size` bytes.
+/// A blob's bytes: read into memory up to `read_max` bytes, else mapped, with the handle
+/// that shares the mapping.
 fn load_blob(
     path: &Path,
     size: u64,
     read_max: u64,
     guard: Option<ReadGuard>,
-) -> std::io::Result<bytes::Bytes> {
+) -> std::io::Result<(bytes::Bytes, Option<crate::sys::zerocopy::Shared>)> {
     use std::io::Read;
     let file = std::fs::File::open(path)?;
     let on_disk = file.metadata()?.len();
@@ -827,13 +859,15 @@ fn load_blob(
         if buf.len() as u64 != size {
             return Err(std::io::Error::other("the blob file shrank while read"));
         }
-        return Ok(bytes::Bytes::from(buf));
+        return Ok((bytes::Bytes::from(buf), None));
     }
     // Blob files are never written after they are renamed into place (see
     // `Store::open_blob`): the contract of `zerocopy::map`.
-    let hold = guard.map(|g| Box::new(g) as Box<dyn Send>);
-    let zero_copy = crate::sys::zerocopy::sendfile_pays(size);
-    crate::sys::zerocopy::map(std::sync::Arc::new(file), 0, size as usize, hold, zero_copy)
+    let hold = guard.map(|g| Box::new(g) as crate::sys::zerocopy::Hold);
+    // Registered for sendfile: the connection decides whether it pays (`zerocopy::Stream`).
+    let (bytes, shared) =
+        crate::sys::zerocopy::map_shared(std::sync::Arc::new(file), size as usize, hold, true)?;
+    Ok((bytes, Some(shared)))
 }
 
 fn clean_dir(dir: &Path) -> Result<usize, StoreError> {

@@ -172,6 +172,41 @@ async fn crash_leftovers_are_cleaned_and_index_reopens() {
 }
 
 #[tokio::test]
+async fn concurrent_readers_of_a_large_blob_share_one_mapping_of_that_very_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let content: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let d = ingest(&store, &content, None).await.unwrap();
+    let a = store.open_blob(&d, 0, true).await.unwrap().unwrap();
+    let b = store.open_blob(&d, 0, true).await.unwrap().unwrap();
+    assert_eq!(a.bytes.as_ptr(), b.bytes.as_ptr(), "a second reader maps again");
+    assert!(b.bytes[..] == content[..]);
+    // Unheld readers (cache entries) map on their own: they must not pin the blob.
+    let unheld = store.open_blob(&d, 0, false).await.unwrap().unwrap();
+    assert_ne!(unheld.bytes.as_ptr(), a.bytes.as_ptr());
+    drop(unheld);
+    // In use while either lives, and only while.
+    drop(a);
+    assert!(store.in_use().contains(&d));
+    drop(b);
+    assert!(store.in_use().is_empty());
+    // Ended: the next reader maps anew, and is in use again.
+    let c = store.open_blob(&d, 0, true).await.unwrap().unwrap();
+    assert!(c.bytes[..] == content[..]);
+    assert!(store.in_use().contains(&d));
+    // The same digest stored again (after its removal) is another copy: never the old
+    // mapping, which its reader still holds.
+    let held = c.bytes.clone();
+    drop(c);
+    store.forget(&d).unwrap();
+    let again = ingest(&store, &content, None).await.unwrap();
+    assert_eq!(again, d);
+    let fresh = store.open_blob(&d, 0, true).await.unwrap().unwrap();
+    assert_ne!(fresh.bytes.as_ptr(), held.as_ptr(), "a new copy took the old mapping");
+    assert!(fresh.bytes[..] == content[..]);
+}
+
+#[tokio::test]
 async fn a_blob_renamed_before_indexing_is_indexed_and_a_lost_file_is_dropped() {
     let dir = tempfile::tempdir().unwrap();
     let (kept, lost) = {

@@ -39,9 +39,12 @@ static REGISTRY: RwLock<BTreeMap<usize, Region>> = RwLock::new(BTreeMap::new());
 /// as a store read guard).
 struct Mapping {
     map: memmap2::Mmap,
-    _hold: Option<Box<dyn Send>>,
+    _hold: Option<Hold>,
     registered: bool,
 }
+
+/// What a mapping keeps alive until its last slice is dropped (a store read guard).
+pub type Hold = Box<dyn Send + Sync>;
 
 impl AsRef<[u8]> for Mapping {
     fn as_ref(&self) -> &[u8] {
@@ -61,22 +64,6 @@ impl Drop for Mapping {
     }
 }
 
-/// Blobs up to this size are sent with sendfile; larger ones are copied from their mapping.
-///
-/// Measured on loopback (`benches/compare.sh`, 2 cores): for 1 MiB responses at 50
-/// connections, sendfile gave 5.7 GB/s against 4.1 to 4.4 GB/s by copy; for eight concurrent
-/// 256 MiB downloads of one blob it gave 3.0 to 3.4 GB/s against 3.8 to 4.3 GB/s by copy.
-/// Long streams of one file from many connections pay for sendfile's per-page reference
-/// counting on the shared page-cache pages (and the receiver for 4 KiB fragments) more than
-/// the copy costs; short responses gain more from skipping the copy.
-const SENDFILE_MAX_BYTES: u64 = 16 << 20;
-
-/// Whether a blob of `size` bytes is worth sending with sendfile (see [`SENDFILE_MAX_BYTES`]):
-/// the `zero_copy` argument of [`map`] for its slices.
-pub fn sendfile_pays(size: u64) -> bool {
-    size <= SENDFILE_MAX_BYTES
-}
-
 /// Maps `len` bytes of `file` at `offset` read-only; with `zero_copy`, registered so that a
 /// [`Stream`] sends them with sendfile (else they are ordinary memory to it).
 ///
@@ -88,14 +75,76 @@ pub fn map(
     file: Arc<std::fs::File>,
     offset: u64,
     len: usize,
-    hold: Option<Box<dyn Send>>,
+    hold: Option<Hold>,
     zero_copy: bool,
 ) -> std::io::Result<Bytes> {
-    /// Mapping offsets must be page-aligned; 64 KiB is a multiple of every page size in use.
-    const ALIGN: u64 = 64 << 10;
     if len == 0 {
         return Ok(Bytes::new());
     }
+    let (mapping, skip) = mapping(file, offset, len, hold, zero_copy)?;
+    Ok(Bytes::from_owner(mapping).slice(skip..))
+}
+
+/// As [`map`] for the whole of a file of `len` bytes (not empty), with a [`Shared`] handle
+/// through which later readers of the same file take slices of this one mapping while it
+/// lives, instead of mapping it again.
+///
+/// Why: every mapping of a large blob pays a page fault per 64 KiB it reads and an unmap
+/// of every page at its end, per response. Eight concurrent downloads of one 256 MiB blob
+/// spent about 15% of the node's CPU there (`perf record`, page faults and
+/// `unmap_page_range`); a release is many clients reading one blob at once, so they share
+/// one mapping, whose pages are faulted in once.
+pub fn map_shared(
+    file: Arc<std::fs::File>,
+    len: usize,
+    hold: Option<Hold>,
+    zero_copy: bool,
+) -> std::io::Result<(Bytes, Shared)> {
+    if len == 0 {
+        return Err(std::io::Error::other("an empty file has no mapping to share"));
+    }
+    let (mapping, _) = mapping(file, 0, len, hold, zero_copy)?;
+    let mapping = Arc::new(mapping);
+    let shared = Shared(Arc::downgrade(&mapping));
+    Ok((Bytes::from_owner(Owner(mapping)), shared))
+}
+
+/// A mapping made by [`map_shared`], without keeping it alive.
+#[derive(Clone)]
+pub struct Shared(std::sync::Weak<Mapping>);
+
+impl Shared {
+    /// The whole mapping again, while any of its slices lives.
+    pub fn bytes(&self) -> Option<Bytes> {
+        self.0.upgrade().map(|m| Bytes::from_owner(Owner(m)))
+    }
+
+    /// Whether any slice of the mapping lives.
+    pub fn is_live(&self) -> bool {
+        self.0.strong_count() > 0
+    }
+}
+
+/// One shared mapping as the owner of a `Bytes`.
+struct Owner(Arc<Mapping>);
+
+impl AsRef<[u8]> for Owner {
+    fn as_ref(&self) -> &[u8] {
+        &self.0.map
+    }
+}
+
+/// The mapping behind [`map`] and [`map_shared`], and how many bytes of it come before
+/// `offset` (mappings start page-aligned).
+fn mapping(
+    file: Arc<std::fs::File>,
+    offset: u64,
+    len: usize,
+    hold: Option<Hold>,
+    zero_copy: bool,
+) -> std::io::Result<(Mapping, usize)> {
+    /// Mapping offsets must be page-aligned; 64 KiB is a multiple of every page size in use.
+    const ALIGN: u64 = 64 << 10;
     let start = offset - offset % ALIGN;
     let skip = (offset - start) as usize;
     // The contract above is `sys::map_written`'s.
@@ -122,7 +171,7 @@ pub fn map(
             Err(_) => tracing::warn!("mapping registry poisoned; sending by copy"),
         }
     }
-    Ok(Bytes::from_owner(mapping).slice(skip..))
+    Ok((mapping, skip))
 }
 
 /// The file region holding `slice`, when it lies wholly inside a live mapping.
@@ -142,14 +191,43 @@ pub fn live_mappings() -> usize {
     REGISTRY.read().map(|r| r.len()).unwrap_or(0)
 }
 
-/// A plain TCP connection that sends mapped file bytes with sendfile(2).
+/// A plain TCP connection that sends mapped file bytes with sendfile(2), or (to a peer on
+/// this machine) copies them.
+///
+/// The rule, per connection, from what was measured on both machine kinds this project has
+/// (`benches/compare.sh`, loopback): to a loopback peer a copy from the mapping wins at every
+/// size. The receiver copies the bytes out either way, and sendfile adds a reference count
+/// per page on pages that every concurrent download of the blob shares: on an AMD EPYC
+/// (THP madvise) eight concurrent 256 MiB downloads of one blob ran at 3,600-4,800 MiB/s by
+/// copy against 3,000-3,400 by sendfile (nginx's `sendfile on` 3,000-3,500), 8 MiB at 50
+/// connections at 3.2-3.6 GB/s against 2.8 (wrk's figures); on an Intel Xeon (THP madvise) copying gup beat nginx's sendfile at 1 MiB
+/// and 256 MiB alike (the issue 23 table). To a peer on another machine sendfile is kept: a
+/// network card gathers the page-cache pages itself, so nothing is copied by a CPU at all
+/// (what nginx's `sendfile on` is for); tests and benches here may only use loopback, so that
+/// case is the kernel's documented behaviour, not a figure of ours. The old rule (sendfile up
+/// to 16 MiB, copy above) was one machine's threshold.
 pub struct Stream {
     inner: TcpStream,
+    /// Whether mapped bytes go out with sendfile (else they are written as memory).
+    sendfile: bool,
 }
 
 impl Stream {
+    /// A stream that sends mapped bytes with sendfile.
     pub fn new(inner: TcpStream) -> Stream {
-        Stream { inner }
+        Stream {
+            inner,
+            sendfile: true,
+        }
+    }
+
+    /// A stream to `peer`: mapped bytes go out by copy to a loopback peer, with sendfile to
+    /// any other (see [`Stream`]).
+    pub fn to_peer(inner: TcpStream, peer: &std::net::SocketAddr) -> Stream {
+        Stream {
+            inner,
+            sendfile: !is_loopback(peer.ip()),
+        }
     }
 
     /// The connection itself.
@@ -205,6 +283,16 @@ impl Stream {
     }
 }
 
+/// Whether `ip` is this machine's loopback (an IPv4 one written as IPv6 too).
+fn is_loopback(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.is_loopback(),
+        std::net::IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+    }
+}
+
 impl AsyncRead for Stream {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -233,6 +321,9 @@ impl AsyncWrite for Stream {
         bufs: &[IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
+        if !this.sendfile {
+            return Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        }
         let Some(first) = bufs.iter().position(|b| !b.is_empty()) else {
             return Poll::Ready(Ok(0));
         };
@@ -280,6 +371,27 @@ mod tests {
 
     #[tokio::test]
     async fn sends_mapped_slices_from_the_file_and_the_rest_from_memory() {
+        sends_mapped_and_memory_slices(true).await;
+    }
+
+    #[tokio::test]
+    async fn to_a_loopback_peer_mapped_slices_are_copied_byte_for_byte() {
+        sends_mapped_and_memory_slices(false).await;
+    }
+
+    #[test]
+    fn loopback_is_127_8_and_1_in_both_spellings() {
+        for ip in ["127.0.0.1", "127.9.8.7", "::1", "::ffff:127.0.0.1"] {
+            assert!(is_loopback(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["10.0.0.1", "192.168.1.2", "::ffff:10.0.0.1", "fe80::1"] {
+            assert!(!is_loopback(ip.parse().unwrap()), "{ip}");
+        }
+    }
+
+    /// Writes memory, mapping, mapping, memory through a [`Stream`] (with sendfile or not)
+    /// and checks every byte the peer reads.
+    async fn sends_mapped_and_memory_slices(sendfile: bool) {
         let content: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
         let (_tmp, file) = file_of(&content);
         // An unaligned offset, as a range request makes.
@@ -296,7 +408,13 @@ mod tests {
             s.read_to_end(&mut got).await.unwrap();
             got
         });
-        let mut out = Stream::new(TcpStream::connect(addr).await.unwrap());
+        let socket = TcpStream::connect(addr).await.unwrap();
+        let mut out = if sendfile {
+            Stream::new(socket)
+        } else {
+            Stream::to_peer(socket, &addr)
+        };
+        assert_eq!(out.sendfile, sendfile);
         let head = b"HEAD BYTES|".to_vec();
         let tail = b"|TAIL".to_vec();
         let (a, b) = mapped.split_at(123_457);
