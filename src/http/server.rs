@@ -214,7 +214,7 @@ impl Worker {
             let (stream, peer) = tokio::select! {
                 ready = listener.readable() => {
                     let mut ready = ready?;
-                    match ready.try_io(|l| l.get_ref().accept()) {
+                    match ready.try_io(|l| crate::sys::accept_nonblocking(l.get_ref())) {
                         Ok(Ok(a)) => a,
                         Ok(Err(e)) => {
                             // Out of file descriptors and the like: back off instead of
@@ -292,11 +292,8 @@ impl Worker {
                 fast: fast.clone(),
                 stop: stop_rx.clone(),
             };
-            // Registered with the serving thread's reactor once it runs there.
-            if let Err(e) = stream.set_nonblocking(true) {
-                tracing::debug!(error = %e, "setting up an accepted connection failed");
-                continue;
-            }
+            // Accepted non-blocking; registered with the serving thread's reactor once it runs
+            // there.
             handles[target].spawn(async move {
                 if let Ok(stream) = TcpStream::from_std(stream) {
                     conn.serve(stream).await;
