@@ -377,3 +377,101 @@ async fn requests_the_fast_path_does_not_answer_get_the_routers_answer() {
         "{fast}"
     );
 }
+
+/// The fields of a reqwest answer but `date`, in order, and its body.
+async fn seen(r: reqwest::Response) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    let status = r.status().as_u16();
+    let fields = r
+        .headers()
+        .iter()
+        .filter(|(n, _)| n.as_str() != "date")
+        .map(|(n, v)| (n.to_string(), v.to_str().unwrap_or("?").to_string()))
+        .collect();
+    (status, fields, r.bytes().await.unwrap().to_vec())
+}
+
+#[tokio::test]
+async fn over_tls_the_fast_path_answers_inside_the_session_as_the_router_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let manager = start_manager(&dir.path().join("m"), &[]);
+    let data = random_bytes(1024, 29);
+    let sha = publish_and_wait(&manager.url, &[], "small", "1", &data).await;
+    let tls = pair(dir.path(), "node");
+    let toml = format!(
+        "\n[node]\ntls_cert = {:?}\ntls_key = {:?}\n",
+        tls.cert.display().to_string(),
+        tls.key.display().to_string()
+    );
+    let node = start_node_toml(&dir.path().join("n"), &[&manager.url], &toml, &[]);
+    let port = node.url.rsplit(':').next().unwrap().to_string();
+    let base = format!("https://localhost:{port}");
+    let url = format!("{base}/v1/content/{sha}");
+    // One session for everything: the pool keeps one connection.
+    let client = reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(tls.pem.as_bytes()).unwrap())
+        .resolve("localhost", format!("127.0.0.1:{port}").parse().unwrap())
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let fresh = trusting(&tls.pem, &port);
+    wait_for(
+        30,
+        "the TLS node answers the blob from its hot cache",
+        || {
+            let (c, u, b) = (fresh.clone(), url.clone(), base.clone());
+            async move {
+                let r = c.get(&u).send().await.ok()?;
+                if r.status() != 200 {
+                    return None;
+                }
+                (metric(&c, &b, "gup_fast_responses_total").await > 0.0).then_some(())
+            }
+        },
+    )
+    .await;
+
+    // Kept alive: each GET answered by the fast path, with the router's fields and the bytes.
+    let before = metric(&fresh, &base, "gup_fast_responses_total").await;
+    let fast = seen(client.get(&url).send().await.unwrap()).await;
+    let again = seen(client.get(&url).send().await.unwrap()).await;
+    let after = metric(&fresh, &base, "gup_fast_responses_total").await;
+    assert_eq!(after - before, 2.0, "both GETs took the fast path");
+    assert_eq!(fast, again);
+    assert_eq!(fast.2, data);
+    let router = seen(
+        client
+            .get(&url)
+            .header("if-modified-since", "Thu, 01 Jan 1970 00:00:00 GMT")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(fast, router, "the fast answer differs from the router's");
+
+    // The same session then goes to the router for a range, and stays correct.
+    let ranged = client
+        .get(&url)
+        .header("range", "bytes=10-19")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ranged.status(), 206);
+    assert_eq!(ranged.bytes().await.unwrap(), data[10..20]);
+    assert_eq!(seen(client.get(&url).send().await.unwrap()).await.2, data);
+
+    // `Connection: close` on a fresh session: the whole answer, then a clean end.
+    let before = metric(&fresh, &base, "gup_fast_responses_total").await;
+    let closed = fresh
+        .get(&url)
+        .header("connection", "close")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(closed.headers()["connection"], "close");
+    assert_eq!(closed.bytes().await.unwrap(), data);
+    let after = metric(&fresh, &base, "gup_fast_responses_total").await;
+    assert_eq!(after - before, 1.0, "the closing GET took the fast path");
+    drop((node, manager));
+}

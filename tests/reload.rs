@@ -12,48 +12,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use common::*;
 use futures_util::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-struct Pair {
-    pem: String,
-    cert: PathBuf,
-    key: PathBuf,
-}
-
-/// A fresh self-signed certificate for `localhost`, written as `NAME.pem` and `NAME.key`.
-fn pair(dir: &Path, name: &str) -> Pair {
-    let c = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-    let (cert, key) = (
-        dir.join(format!("{name}.pem")),
-        dir.join(format!("{name}.key")),
-    );
-    std::fs::write(&cert, c.cert.pem()).unwrap();
-    std::fs::write(&key, c.key_pair.serialize_pem()).unwrap();
-    Pair {
-        pem: c.cert.pem(),
-        cert,
-        key,
-    }
-}
-
-/// A client that trusts only `pem` and reaches `localhost` at 127.0.0.1:`port`, with no
-/// pooled connections (each request shakes hands anew).
-fn trusting(pem: &str, port: &str) -> reqwest::Client {
-    reqwest::Client::builder()
-        .tls_built_in_root_certs(false)
-        .add_root_certificate(reqwest::Certificate::from_pem(pem.as_bytes()).unwrap())
-        .resolve("localhost", format!("127.0.0.1:{port}").parse().unwrap())
-        .pool_max_idle_per_host(0)
-        .timeout(Duration::from_secs(20))
-        .build()
-        .unwrap()
-}
 
 fn write_config(path: &Path, tls: &Pair, extra: &str) {
     std::fs::write(

@@ -78,6 +78,10 @@ pub type LeanTest = (usize, fn(&[u8]) -> bool);
 pub enum Ended<I> {
     /// Closed (by either side, a timeout, or shutdown).
     Closed,
+    /// The last answer was written and the connection ends after it (`Connection: close`,
+    /// HTTP/1.0): the stream, for the caller to close as its transport wants (a plain socket
+    /// is dropped, a TLS session sends its `close_notify` first, as hyper's shutdown does).
+    Done(I),
     /// Its first bytes are a push stream's (the `lean` test of [`serve`]): the stream and
     /// the bytes read from it, for `pushconn`.
     Lean(Vec<u8>, I),
@@ -166,9 +170,7 @@ where
                         return Ended::Closed;
                     }
                     if !keep_alive {
-                        // Dropped: the slot goes first, then the socket closes (a FIN, as
-                        // hyper's shutdown sends, one system call fewer).
-                        return Ended::Closed;
+                        return Ended::Done(io);
                     }
                 }
                 Step::Decline => {
@@ -519,7 +521,9 @@ mod tests {
             let (mut client, server) = duplex(1 << 16);
             client.write_all(req.as_bytes()).await.unwrap();
             let ended = run(server, 8192, Duration::from_secs(5)).await;
-            assert!(matches!(ended, Ended::Closed), "{req}");
+            assert!(matches!(ended, Ended::Done(_)), "{req}");
+            // The caller closes it.
+            drop(ended);
             assert_eq!(written(&mut client).await, want);
         }
     }

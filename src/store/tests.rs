@@ -179,7 +179,11 @@ async fn concurrent_readers_of_a_large_blob_share_one_mapping_of_that_very_copy(
     let d = ingest(&store, &content, None).await.unwrap();
     let a = store.open_blob(&d, 0, true).await.unwrap().unwrap();
     let b = store.open_blob(&d, 0, true).await.unwrap().unwrap();
-    assert_eq!(a.bytes.as_ptr(), b.bytes.as_ptr(), "a second reader maps again");
+    assert_eq!(
+        a.bytes.as_ptr(),
+        b.bytes.as_ptr(),
+        "a second reader maps again"
+    );
     assert!(b.bytes[..] == content[..]);
     // Unheld readers (cache entries) map on their own: they must not pin the blob.
     let unheld = store.open_blob(&d, 0, false).await.unwrap().unwrap();
@@ -202,7 +206,11 @@ async fn concurrent_readers_of_a_large_blob_share_one_mapping_of_that_very_copy(
     let again = ingest(&store, &content, None).await.unwrap();
     assert_eq!(again, d);
     let fresh = store.open_blob(&d, 0, true).await.unwrap().unwrap();
-    assert_ne!(fresh.bytes.as_ptr(), held.as_ptr(), "a new copy took the old mapping");
+    assert_ne!(
+        fresh.bytes.as_ptr(),
+        held.as_ptr(),
+        "a new copy took the old mapping"
+    );
     assert!(fresh.bytes[..] == content[..]);
 }
 

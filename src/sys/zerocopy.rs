@@ -101,7 +101,9 @@ pub fn map_shared(
     zero_copy: bool,
 ) -> std::io::Result<(Bytes, Shared)> {
     if len == 0 {
-        return Err(std::io::Error::other("an empty file has no mapping to share"));
+        return Err(std::io::Error::other(
+            "an empty file has no mapping to share",
+        ));
     }
     let (mapping, _) = mapping(file, 0, len, hold, zero_copy)?;
     let mapping = Arc::new(mapping);

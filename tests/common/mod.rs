@@ -691,3 +691,39 @@ pub async fn all_events(manager: &str) -> Vec<serde_json::Value> {
     }
     panic!("more than 1000 pages of events");
 }
+
+/// A certificate and its key, as PEM text and as files.
+pub struct Pair {
+    pub pem: String,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// A fresh self-signed certificate for `localhost`, written as `NAME.pem` and `NAME.key`.
+pub fn pair(dir: &Path, name: &str) -> Pair {
+    let c = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert, key) = (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}.key")),
+    );
+    std::fs::write(&cert, c.cert.pem()).unwrap();
+    std::fs::write(&key, c.key_pair.serialize_pem()).unwrap();
+    Pair {
+        pem: c.cert.pem(),
+        cert,
+        key,
+    }
+}
+
+/// A client that trusts only `pem` and reaches `localhost` at 127.0.0.1:`port`, with no
+/// pooled connections (each request shakes hands anew).
+pub fn trusting(pem: &str, port: &str) -> reqwest::Client {
+    reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(pem.as_bytes()).unwrap())
+        .resolve("localhost", format!("127.0.0.1:{port}").parse().unwrap())
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
