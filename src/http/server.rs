@@ -357,9 +357,9 @@ impl Conn {
                     )),
                     None => Box::pin(serve_hyper(*stream, peer, router, &limits, &mut stop)),
                 },
-                // Plain TCP: mapped blob bytes go out with sendfile, or by copy to loopback.
+                // Plain TCP: mapped blob bytes go out with sendfile.
                 Way::Plain(stream) => Box::pin(serve_hyper(
-                    stream.map(|s| crate::sys::zerocopy::Stream::to_peer(s, &peer)),
+                    stream.map(crate::sys::zerocopy::Stream::new),
                     peer,
                     router,
                     &limits,
@@ -476,7 +476,7 @@ async fn serve_fast(
 ) {
     use super::fastconn::Ended;
     let ended = super::fastconn::serve(
-        stream.map(|s| crate::sys::zerocopy::Stream::to_peer(s, &peer)),
+        stream.map(crate::sys::zerocopy::Stream::new),
         &*fast,
         lean.map(|l| (l.peek, l.matches)),
         limits.max_header_bytes,

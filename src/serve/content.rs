@@ -371,13 +371,13 @@ fn growing_body(g: GrowingRead) -> Body {
             let limit = available.min(g.end);
             if g.pos < limit {
                 let want = (limit - g.pos).min(FRAME as u64) as usize;
-                // Only bytes the fetch has written are mapped: nothing here can fault. The
-                // connection decides whether they go out with sendfile (`zerocopy::Stream`).
-                let frame = match crate::sys::zerocopy::map(g.file.clone(), g.pos, want, None, true)
-                {
-                    Ok(f) => f,
-                    Err(e) => return Some((Err(e), None)),
-                };
+                // Only bytes the fetch has written are mapped: nothing here can fault.
+                let zero_copy = crate::sys::zerocopy::sendfile_pays(g.len);
+                let frame =
+                    match crate::sys::zerocopy::map(g.file.clone(), g.pos, want, None, zero_copy) {
+                        Ok(f) => f,
+                        Err(e) => return Some((Err(e), None)),
+                    };
                 g.pos += want as u64;
                 g.by.lan.take(want).await;
                 g.served.inc_by(want as u64);

@@ -628,7 +628,9 @@ impl Store {
     /// With `hold`, a mapping keeps the blob marked in use (safe from eviction) while any
     /// slice of it lives, as a response needs. Without, eviction may unlink the file while it
     /// is mapped; the bytes stay readable and the disk space returns when the mapping goes,
-    /// as a long-lived cache entry needs (the evicting node drops the entry too).
+    /// as a long-lived cache entry needs (the evicting node drops the entry too). Held
+    /// mappings are shared: a reader of a copy already mapped and held gets that mapping
+    /// (`mapped`), so concurrent downloads of one blob fault its pages in once.
     pub async fn open_blob(
         &self,
         digest: &Digest,
@@ -864,9 +866,13 @@ fn load_blob(
     // Blob files are never written after they are renamed into place (see
     // `Store::open_blob`): the contract of `zerocopy::map`.
     let hold = guard.map(|g| Box::new(g) as crate::sys::zerocopy::Hold);
-    // Registered for sendfile: the connection decides whether it pays (`zerocopy::Stream`).
-    let (bytes, shared) =
-        crate::sys::zerocopy::map_shared(std::sync::Arc::new(file), size as usize, hold, true)?;
+    let zero_copy = crate::sys::zerocopy::sendfile_pays(size);
+    let (bytes, shared) = crate::sys::zerocopy::map_shared(
+        std::sync::Arc::new(file),
+        size as usize,
+        hold,
+        zero_copy,
+    )?;
     Ok((bytes, Some(shared)))
 }
 

@@ -1,11 +1,12 @@
 //! Zero-copy sending: read-only file mappings whose bytes a plain-TCP connection hands to the
 //! kernel with sendfile(2) instead of copying them through user space.
 //!
-//! Owns the registry of live mappings (address range -> file and offset) and [`Stream`], the
-//! TCP stream wrapper hyper writes through. A response body stays an ordinary `Bytes` (so
-//! ranges, pacing, HEAD and TLS work unchanged); when a slice hyper asks to write lies wholly
-//! inside a registered mapping, the stream sends that file region with sendfile, which on
-//! Linux passes page-cache pages to the socket by reference, as nginx's `sendfile on` does.
+//! Owns the registry of live mappings (address range -> file and offset), mappings shared by
+//! concurrent readers of one file ([`map_shared`]), and [`Stream`], the TCP stream wrapper
+//! hyper writes through. A response body stays an ordinary `Bytes` (so ranges, pacing, HEAD
+//! and TLS work unchanged); when a slice hyper asks to write lies wholly inside a registered
+//! mapping, the stream sends that file region with sendfile, which on Linux passes page-cache
+//! pages to the socket by reference, as nginx's `sendfile on` does.
 //! It must never change which bytes go out: only mappings of files that are never rewritten
 //! (verified blobs, and the written part of a fetch's temp file) are registered, so the file
 //! region holds exactly the bytes of the mapping.
@@ -62,6 +63,26 @@ impl Drop for Mapping {
             }
         }
     }
+}
+
+/// Blobs up to this size are sent with sendfile; larger ones are copied from their mapping.
+///
+/// Measured on loopback (`benches/compare.sh`, 2 cores, AMD EPYC): for 1 MiB responses at 50
+/// connections, sendfile gave 5.7 GB/s against 4.1 to 4.4 GB/s by copy (and on 2026-12-05,
+/// `benches/ab.sh`, 5,516 against 3,828 MiB/s); for eight concurrent 256 MiB downloads of one
+/// blob copying wins (3.0 to 3.4 GB/s by sendfile against 3.8 to 4.3 by copy, before
+/// mappings were shared; with one shared mapping, copies 3,600-4,800 MiB/s against sendfile
+/// 3,000-3,400). Long streams of one file from many connections pay for sendfile's per-page
+/// reference counting on the shared page-cache pages more than the copy costs; short
+/// responses gain more from skipping the copy. On an Intel Xeon (THP madvise) nginx's copy
+/// beat its own sendfile at 1 MiB as well (issue 23): this threshold is one machine's, and a
+/// rule measured at start-up is still to be built.
+const SENDFILE_MAX_BYTES: u64 = 16 << 20;
+
+/// Whether a blob of `size` bytes is worth sending with sendfile (see [`SENDFILE_MAX_BYTES`]):
+/// the `zero_copy` argument of [`map`] for its slices.
+pub fn sendfile_pays(size: u64) -> bool {
+    size <= SENDFILE_MAX_BYTES
 }
 
 /// Maps `len` bytes of `file` at `offset` read-only; with `zero_copy`, registered so that a
@@ -193,43 +214,14 @@ pub fn live_mappings() -> usize {
     REGISTRY.read().map(|r| r.len()).unwrap_or(0)
 }
 
-/// A plain TCP connection that sends mapped file bytes with sendfile(2), or (to a peer on
-/// this machine) copies them.
-///
-/// The rule, per connection, from what was measured on both machine kinds this project has
-/// (`benches/compare.sh`, loopback): to a loopback peer a copy from the mapping wins at every
-/// size. The receiver copies the bytes out either way, and sendfile adds a reference count
-/// per page on pages that every concurrent download of the blob shares: on an AMD EPYC
-/// (THP madvise) eight concurrent 256 MiB downloads of one blob ran at 3,600-4,800 MiB/s by
-/// copy against 3,000-3,400 by sendfile (nginx's `sendfile on` 3,000-3,500), 8 MiB at 50
-/// connections at 3.2-3.6 GB/s against 2.8 (wrk's figures); on an Intel Xeon (THP madvise) copying gup beat nginx's sendfile at 1 MiB
-/// and 256 MiB alike (the issue 23 table). To a peer on another machine sendfile is kept: a
-/// network card gathers the page-cache pages itself, so nothing is copied by a CPU at all
-/// (what nginx's `sendfile on` is for); tests and benches here may only use loopback, so that
-/// case is the kernel's documented behaviour, not a figure of ours. The old rule (sendfile up
-/// to 16 MiB, copy above) was one machine's threshold.
+/// A plain TCP connection that sends mapped file bytes with sendfile(2).
 pub struct Stream {
     inner: TcpStream,
-    /// Whether mapped bytes go out with sendfile (else they are written as memory).
-    sendfile: bool,
 }
 
 impl Stream {
-    /// A stream that sends mapped bytes with sendfile.
     pub fn new(inner: TcpStream) -> Stream {
-        Stream {
-            inner,
-            sendfile: true,
-        }
-    }
-
-    /// A stream to `peer`: mapped bytes go out by copy to a loopback peer, with sendfile to
-    /// any other (see [`Stream`]).
-    pub fn to_peer(inner: TcpStream, peer: &std::net::SocketAddr) -> Stream {
-        Stream {
-            inner,
-            sendfile: !is_loopback(peer.ip()),
-        }
+        Stream { inner }
     }
 
     /// The connection itself.
@@ -285,16 +277,6 @@ impl Stream {
     }
 }
 
-/// Whether `ip` is this machine's loopback (an IPv4 one written as IPv6 too).
-fn is_loopback(ip: std::net::IpAddr) -> bool {
-    match ip {
-        std::net::IpAddr::V4(v4) => v4.is_loopback(),
-        std::net::IpAddr::V6(v6) => {
-            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
-        }
-    }
-}
-
 impl AsyncRead for Stream {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -323,9 +305,6 @@ impl AsyncWrite for Stream {
         bufs: &[IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
-        if !this.sendfile {
-            return Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        }
         let Some(first) = bufs.iter().position(|b| !b.is_empty()) else {
             return Poll::Ready(Ok(0));
         };
@@ -373,27 +352,6 @@ mod tests {
 
     #[tokio::test]
     async fn sends_mapped_slices_from_the_file_and_the_rest_from_memory() {
-        sends_mapped_and_memory_slices(true).await;
-    }
-
-    #[tokio::test]
-    async fn to_a_loopback_peer_mapped_slices_are_copied_byte_for_byte() {
-        sends_mapped_and_memory_slices(false).await;
-    }
-
-    #[test]
-    fn loopback_is_127_8_and_1_in_both_spellings() {
-        for ip in ["127.0.0.1", "127.9.8.7", "::1", "::ffff:127.0.0.1"] {
-            assert!(is_loopback(ip.parse().unwrap()), "{ip}");
-        }
-        for ip in ["10.0.0.1", "192.168.1.2", "::ffff:10.0.0.1", "fe80::1"] {
-            assert!(!is_loopback(ip.parse().unwrap()), "{ip}");
-        }
-    }
-
-    /// Writes memory, mapping, mapping, memory through a [`Stream`] (with sendfile or not)
-    /// and checks every byte the peer reads.
-    async fn sends_mapped_and_memory_slices(sendfile: bool) {
         let content: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
         let (_tmp, file) = file_of(&content);
         // An unaligned offset, as a range request makes.
@@ -410,13 +368,7 @@ mod tests {
             s.read_to_end(&mut got).await.unwrap();
             got
         });
-        let socket = TcpStream::connect(addr).await.unwrap();
-        let mut out = if sendfile {
-            Stream::new(socket)
-        } else {
-            Stream::to_peer(socket, &addr)
-        };
-        assert_eq!(out.sendfile, sendfile);
+        let mut out = Stream::new(TcpStream::connect(addr).await.unwrap());
         let head = b"HEAD BYTES|".to_vec();
         let tail = b"|TAIL".to_vec();
         let (a, b) = mapped.split_at(123_457);
