@@ -838,7 +838,6 @@ fn is_disk_failure(e: &std::io::Error) -> bool {
     )
 }
 
-/// Reads (`size <= read_max`) or maps a blob file of `size` bytes.
 /// A blob's bytes: read into memory up to `read_max` bytes, else mapped, with the handle
 /// that shares the mapping.
 fn load_blob(
